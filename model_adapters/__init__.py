@@ -5,7 +5,7 @@
 <function get_adapter at ...>
 """
 
-from .detect import detect_adapter, find_ffn
+from .detect import detect_adapter, find_ffn, linear_dims
 from .registry import get_adapter, lookup_keys, register_adapter, supported_types
 from .resolve import ResolvedSite, resolve_sites
 from .spec import Adapter, FFNSite
@@ -18,6 +18,7 @@ __all__ = [
     "detect_adapter",
     "find_ffn",
     "get_adapter",
+    "linear_dims",
     "lookup_keys",
     "register_adapter",
     "resolve_sites",

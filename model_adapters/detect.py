@@ -18,7 +18,7 @@ from .unwrap import module_index, unwrap_model
 _ACTIVATION_NAME = re.compile(r"gelu|relu|silu|swish|mish|tanh|sigmoid|activation|softplus|elu", re.IGNORECASE)
 
 
-def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of a Linear or a GPT-2 style Conv1D, else None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
@@ -44,7 +44,7 @@ def find_ffn(module: nn.Module) -> tuple[str, str, bool] | None:
     children = list(module.named_children())
     if not any(_is_activation(child) for _, child in children):
         return None
-    linears = [(name, dims) for name, child in children if (dims := _linear_dims(child)) is not None]
+    linears = [(name, dims) for name, child in children if (dims := linear_dims(child)) is not None]
     for j in range(len(linears) - 1, 0, -1):  # down projection candidates, last registered first
         down_name, (h, d) = linears[j]
         ups = [name for name, dims in linears[:j] if dims == (d, h)]
