@@ -27,7 +27,7 @@ cmd=${1:-}
 case "$cmd" in
     demo)
         setup
-        exec "$PY" -m nerve_hf.demo "$@"
+        exec "$PY" scripts/demo.py "$@"
         ;;
     test)
         setup

@@ -1,0 +1,364 @@
+"""Streaming covariance of activations with exact merging across batches and processes.
+
+Each batch is centred on its own mean and its scatter matrix is formed in the activation's working
+precision (fp32; fp16/bf16 are centred exactly and multiplied with fp32 accumulation), then merged
+into float64 running moments with the parallel update of Chan, Golub & LeVeque (1979)::
+
+    n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ n_b / n,  M2 = M2_a + M2_b + δδᵀ n_a n_b / n
+
+Raw Σxxᵀ is never accumulated: post-activation values have large means and Σxxᵀ − nμμᵀ cancels.
+Memory is one float64 ``[D, D]`` matrix and one ``[D]`` vector per accumulator, whatever the number
+of tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .distributed import all_reduce_sum, is_distributed
+
+__all__ = [
+    "CovarianceAccumulator",
+    "sync_accumulators",
+    "eigenvalues_batched",
+    "participation_ratio_from_covariance",
+]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def exact_fp32_matmul(device: torch.device) -> Iterator[None]:
+    """Keep TF32 away from fp32 matrix products on CUDA for the duration of the block."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        previous, matmul.fp32_precision = matmul.fp32_precision, "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:
+        previous, matmul.allow_tf32 = matmul.allow_tf32, False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+
+
+def _scatter(xc: Tensor) -> Tensor:
+    """Scatter matrix xcᵀ xc with at least fp32 accumulation and output.  [N, D] -> [D, D]"""
+    with exact_fp32_matmul(xc.device):
+        if xc.dtype in _HALF_DTYPES:  # only reached on CUDA: multiply in half, accumulate in fp32
+            return torch.mm(xc.T, xc, out_dtype=torch.float32)
+        return xc.T @ xc
+
+
+class CovarianceAccumulator:
+    """Running mean and covariance of ``dim``-wide rows, streamed batch by batch.
+
+    Args:
+        dim: width D of each row (the FFN hidden width).
+        device: where the float64 state lives; ``None`` takes the device of the first batch.
+
+    >>> acc = CovarianceAccumulator(2)
+    >>> acc.update(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    >>> acc.update(torch.tensor([[5.0, 10.0]]))
+    >>> acc.count, acc.mean().tolist(), acc.covariance().tolist()
+    (3, [3.0, 6.0], [[4.0, 8.0], [8.0, 16.0]])
+    """
+
+    def __init__(self, dim: int, device: Optional[torch.device | str] = None) -> None:
+        if int(dim) < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim}")
+        self.dim = int(dim)
+        self._device = torch.device(device) if device is not None else None
+        self._warned_nonfinite = False
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Forget every row seen so far (keeps dim and device)."""
+        self._n = 0  # rows merged on this process
+        self._skipped = 0  # non-finite rows dropped on this process
+        self._mean: Optional[Tensor] = None  # [D] float64, allocated on first use
+        self._m2: Optional[Tensor] = None  # [D, D] float64: Σ (x − μ)(x − μ)ᵀ
+        self._global: Optional[tuple[int, int, Tensor, Tensor]] = None  # state after sync()
+
+    def _allocate(self, device: torch.device) -> None:
+        if self._device is None:
+            self._device = device
+        self._mean = torch.zeros(self.dim, dtype=torch.float64, device=self._device)
+        self._m2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self._device)
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self._device
+
+    def _state(self) -> tuple[int, int, Optional[Tensor], Optional[Tensor]]:
+        """(count, skipped, mean, m2): the synced totals after :meth:`sync`, else this process's."""
+        return self._global if self._global is not None else (self._n, self._skipped, self._mean, self._m2)
+
+    @property
+    def count(self) -> int:
+        """Number of rows in the covariance (all processes after :meth:`sync`)."""
+        return self._state()[0]
+
+    @property
+    def skipped(self) -> int:
+        """Number of rows dropped because they held NaN or Inf."""
+        return self._state()[1]
+
+    # ---------------------------------------------------------------- update
+    def update(self, x: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Add the rows of ``x`` (``[..., D]``); ``mask`` (bool ``[...]``) keeps only True positions.
+
+        Any float dtype is accepted. Rows holding NaN or Inf are skipped and counted in ``skipped``.
+        """
+        x = torch.as_tensor(x)
+        if x.ndim == 0 or x.shape[-1] != self.dim:
+            got = "a scalar" if x.ndim == 0 else f"last dimension {x.shape[-1]} (shape {tuple(x.shape)})"
+            raise ValueError(f"CovarianceAccumulator(dim={self.dim}) expects rows of width {self.dim}, got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"activations must be floating point, got {x.dtype}")
+        x = x.detach()
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=x.device)
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"mask shape {tuple(mask.shape)} must equal the leading shape of x {tuple(x.shape[:-1])}"
+                )
+            rows = x[mask.to(torch.bool)]  # [N, D]
+        else:
+            rows = x.reshape(-1, self.dim)  # [N, D]
+        if rows.dtype in _HALF_DTYPES and rows.device.type != "cuda":
+            rows = rows.float()  # CPU half GEMMs are neither fast nor fp32-accumulating
+        self._update_rows(rows)
+
+    def _update_rows(self, rows: Tensor) -> None:
+        if rows.shape[0] == 0:
+            return
+        column_sum = rows.sum(dim=0, dtype=torch.float64)  # [D]
+        if not bool(torch.isfinite(column_sum).all()):
+            rows, column_sum = self._drop_nonfinite(rows)
+            if rows.shape[0] == 0:
+                return
+        n = rows.shape[0]
+        shift = (column_sum / n).to(rows.dtype)  # [D] batch mean, rounded to working precision
+        centred = rows - shift  # [N, D] exact where rows are close to their mean
+        residual = centred.sum(dim=0, dtype=torch.float64) / n  # [D] what the rounding of shift left
+        m2 = _scatter(centred).to(torch.float64)  # [D, D]
+        m2.addr_(residual, residual, alpha=-n)
+        self._merge_moments(n, shift.to(torch.float64) + residual, m2)
+
+    def _drop_nonfinite(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        finite = torch.isfinite(rows).all(dim=-1)  # [N]
+        bad = int((~finite).sum())
+        self._skipped += bad
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"CovarianceAccumulator(dim={self.dim}): skipped {bad} of {rows.shape[0]} rows holding NaN "
+                f"or Inf (further skips are counted in .skipped without a warning)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        rows = rows[finite]
+        return rows, rows.sum(dim=0, dtype=torch.float64)
+
+    def _merge_moments(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
+        """Chan et al.'s parallel update of (n, μ, M2) with a batch's (n_b, μ_b, M2_b)."""
+        self._global = None
+        if self._mean is None:
+            self._allocate(mean_b.device)
+        mean_b, m2_b = mean_b.to(self._device), m2_b.to(self._device)
+        n_a = self._n
+        n = n_a + n_b
+        delta = mean_b - self._mean  # [D]
+        self._mean.add_(delta, alpha=n_b / n)
+        self._m2.add_(m2_b).addr_(delta, delta, alpha=n_a * n_b / n)
+        self._n = n
+
+    def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+        """Fold another accumulator's rows into this one (as if they had been updated here)."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge accumulators of different widths: {self.dim} and {other.dim}")
+        n, skipped, mean, m2 = other._n, other._skipped, other._mean, other._m2
+        self._skipped += skipped
+        if n > 0:
+            self._merge_moments(n, mean, m2)
+        return self
+
+    # ------------------------------------------------------------------ sync
+    def sync(self) -> None:
+        """Sum the statistics of all processes (exactly); a no-op on one process.
+
+        This process's own rows stay as they were, so calling ``sync`` again, or updating and
+        syncing later, never counts a row twice.
+        """
+        sync_accumulators([self])
+
+    # --------------------------------------------------------------- results
+    def mean(self) -> Tensor:
+        """Mean row, float64 ``[D]`` (NaN before any row)."""
+        n, _, mean, _ = self._state()
+        if n == 0:
+            return torch.full((self.dim,), float("nan"), dtype=torch.float64, device=self._device)
+        return mean.clone()
+
+    def covariance(self) -> Tensor:
+        """Unbiased covariance Σ = M2 / (n − 1), float64 ``[D, D]`` (NaN with fewer than 2 rows)."""
+        n, _, _, m2 = self._state()
+        if n < 2:
+            return torch.full((self.dim, self.dim), float("nan"), dtype=torch.float64, device=self._device)
+        return m2 / (n - 1)
+
+    def eigenvalues(self) -> Tensor:
+        """Eigenvalues of :meth:`covariance`, float64 ``[D]``, descending (NaN with fewer than 2 rows)."""
+        return eigenvalues_batched([self.covariance()])[0]
+
+    # ----------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """This process's own statistics (never the synced totals), as CPU tensors."""
+        mean = self._mean if self._mean is not None else torch.zeros(self.dim, dtype=torch.float64)
+        m2 = self._m2 if self._m2 is not None else torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        return {
+            "dim": self.dim,
+            "count": self._n,
+            "skipped": self._skipped,
+            "mean": mean.detach().cpu().clone(),
+            "m2": m2.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["dim"]) != self.dim:
+            raise ValueError(f"state is for dim={state['dim']}, this accumulator has dim={self.dim}")
+        self.reset()
+        self._skipped = int(state["skipped"])
+        if int(state["count"]) > 0:
+            self._allocate(self._device or torch.device("cpu"))
+            self._n = int(state["count"])
+            self._mean.copy_(state["mean"])
+            self._m2.copy_(state["m2"])
+
+    def __repr__(self) -> str:
+        return f"CovarianceAccumulator(dim={self.dim}, count={self.count}, skipped={self.skipped}, device={self._device})"
+
+
+def sync_accumulators(accumulators: Sequence[CovarianceAccumulator]) -> None:
+    """Exact cross-process sync of many accumulators with two packed all-reduces.
+
+    With ``k`` processes holding (n_i, μ_i, M2_i), the totals are n = Σn_i, μ = Σ n_i μ_i / n and
+    M2 = Σ [M2_i + n_i (μ_i − μ)(μ_i − μ)ᵀ]: pure sums, so every process ends with the moments of all
+    rows, equal to one process having seen them. A no-op on one process.
+    """
+    if not is_distributed() or not accumulators:
+        return
+    device = _common_device(accumulators)
+    dims = [acc.dim for acc in accumulators]
+    # Reduction 1: [n, skipped, n·μ (D)] per accumulator.
+    first = torch.cat(
+        [
+            torch.cat(
+                [
+                    torch.tensor([acc._n, acc._skipped], dtype=torch.float64, device=device),
+                    _local_mean(acc, device) * acc._n,
+                ]
+            )
+            for acc in accumulators
+        ]
+    )
+    all_reduce_sum(first)
+    counts = first.cpu()  # one device-to-host copy for all the counts
+    totals = []
+    offset = 0
+    for dim in dims:
+        n, skipped = int(counts[offset]), int(counts[offset + 1])
+        weighted_mean = first[offset + 2 : offset + 2 + dim]
+        totals.append((n, skipped, weighted_mean / max(n, 1)))
+        offset += dim + 2
+    # Reduction 2: each process's M2 moved to the global mean, flattened and packed.
+    second = torch.cat(
+        [
+            _local_m2_about(acc, global_mean, device).reshape(-1)
+            for acc, (_, _, global_mean) in zip(accumulators, totals)
+        ]
+    )
+    all_reduce_sum(second)
+    offset = 0
+    for acc, (n, skipped, global_mean) in zip(accumulators, totals):
+        m2 = second[offset : offset + acc.dim * acc.dim].view(acc.dim, acc.dim)
+        offset += acc.dim * acc.dim
+        acc._global = (n, skipped, global_mean.to(acc._device or device), m2.to(acc._device or device))
+
+
+def _common_device(accumulators: Iterable[CovarianceAccumulator]) -> torch.device:
+    devices = {acc.device for acc in accumulators if acc.device is not None}
+    if len(devices) > 1:
+        raise ValueError(f"accumulators synced together must share one device, got {sorted(map(str, devices))}")
+    if devices:
+        return devices.pop()
+    # No process-local rows anywhere: NCCL needs CUDA tensors, gloo takes CPU ones.
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _local_mean(acc: CovarianceAccumulator, device: torch.device) -> Tensor:
+    if acc._mean is None:
+        return torch.zeros(acc.dim, dtype=torch.float64, device=device)
+    return acc._mean.to(device)
+
+
+def _local_m2_about(acc: CovarianceAccumulator, global_mean: Tensor, device: torch.device) -> Tensor:
+    """M2_i + n_i (μ_i − μ)(μ_i − μ)ᵀ: this process's scatter about the global mean.  -> [D, D]"""
+    if acc._n == 0:
+        return torch.zeros(acc.dim, acc.dim, dtype=torch.float64, device=device)
+    delta = acc._mean.to(device) - global_mean  # [D]
+    return torch.addr(acc._m2.to(device), delta, delta, alpha=acc._n)
+
+
+def eigenvalues_batched(covariances: Sequence[Tensor]) -> list[Tensor]:
+    """Descending float64 eigenvalues of symmetric matrices, one batched ``eigvalsh`` per shape.
+
+    Matrices of equal size on the same device are stacked into ``[L, D, D]`` and decomposed together;
+    a matrix holding NaN/Inf (e.g. fewer than two rows seen) gets an all-NaN spectrum.
+    """
+    results: list[Optional[Tensor]] = [None] * len(covariances)
+    groups: dict[tuple, list[int]] = {}
+    for index, cov in enumerate(covariances):
+        if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+            raise ValueError(f"expected square matrices, got shape {tuple(cov.shape)}")
+        groups.setdefault((cov.shape[0], cov.device), []).append(index)
+    for (dim, device), indices in groups.items():
+        stack = torch.stack([covariances[i].to(torch.float64) for i in indices])  # [L, D, D]
+        finite = torch.isfinite(stack).flatten(1).all(dim=1)  # [L]
+        spectra = torch.full((len(indices), dim), float("nan"), dtype=torch.float64, device=device)
+        if bool(finite.any()):
+            ascending = torch.linalg.eigvalsh(stack[finite])  # [L', D]
+            spectra[finite] = ascending.flip(-1)
+        for position, index in enumerate(indices):
+            results[index] = spectra[position]
+    return results  # type: ignore[return-value]
+
+
+def participation_ratio_from_covariance(covariance: Tensor) -> Tensor:
+    """PR = tr(Σ)² / ‖Σ‖_F², without an eigendecomposition.  [..., D, D] -> [...]
+
+    Equal to :func:`nerve_hf.metrics.participation_ratio` of Σ's eigenvalues for symmetric Σ;
+    NaN when tr(Σ) = 0.
+
+    >>> participation_ratio_from_covariance(torch.eye(3)).item()
+    3.0
+    """
+    covariance = covariance.to(torch.float64)
+    trace = covariance.diagonal(dim1=-2, dim2=-1).sum(-1)
+    frobenius_sq = covariance.square().sum(dim=(-2, -1))
+    ratio = trace.square() / frobenius_sq
+    return ratio.masked_fill(~(trace > 0), float("nan"))

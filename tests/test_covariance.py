@@ -1,0 +1,195 @@
+"""CovarianceAccumulator against a one-shot float64 two-pass covariance."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_helpers import torchrun
+from nerve_hf.covariance import (
+    CovarianceAccumulator,
+    eigenvalues_batched,
+    participation_ratio_from_covariance,
+    sync_accumulators,
+)
+from nerve_hf.metrics import participation_ratio
+
+
+def two_pass(rows) -> np.ndarray:
+    """Reference: float64 NumPy, mean first, then the centred products."""
+    rows = np.asarray(torch.as_tensor(rows).double().reshape(-1, np.shape(rows)[-1]))
+    centred = rows - rows.mean(axis=0)
+    return centred.T @ centred / (rows.shape[0] - 1)
+
+
+def rel_err(got: torch.Tensor, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got.cpu().numpy() - ref) / np.linalg.norm(ref))
+
+
+def test_chunked_fp32_with_large_offset_matches_two_pass():
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(37, 37, generator=generator)
+    rows = (1e4 + 1e-2 * torch.randn(5000, 37, generator=generator) @ mixing).float()  # [N, 37] fp32
+    acc = CovarianceAccumulator(37)
+    for chunk in rows.split(333):  # uneven last chunk
+        acc.update(chunk)
+    assert acc.count == 5000 and acc.skipped == 0
+    assert rel_err(acc.covariance(), two_pass(rows)) < 1e-6
+    np.testing.assert_allclose(acc.mean().numpy(), rows.double().mean(0).numpy(), rtol=1e-12)
+
+
+def test_naive_fp32_moments_would_fail_this_data():
+    """The data of the test above really does defeat Σxxᵀ − nμμᵀ in fp32 (the test can fail)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = (1e4 + 1e-2 * torch.randn(5000, 37, generator=generator)).float()
+    n = rows.shape[0]
+    mean = rows.mean(0)
+    naive = (rows.T @ rows - n * torch.outer(mean, mean)) / (n - 1)
+    assert rel_err(naive.double(), two_pass(rows)) > 1.0
+
+
+def test_update_shapes_and_mask():
+    torch.manual_seed(1)
+    x = torch.randn(3, 11, 19, dtype=torch.float64)  # [batch, seq, D]
+    mask = torch.rand(3, 11) > 0.4
+    acc = CovarianceAccumulator(19)
+    acc.update(x, mask=mask)
+    assert acc.count == int(mask.sum())
+    assert rel_err(acc.covariance(), two_pass(x[mask])) < 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_precisions_agree_with_float64_of_same_values(dtype):
+    torch.manual_seed(2)
+    rows = (3.0 + torch.randn(2000, 29) * torch.linspace(0.1, 2, 29)).to(dtype)
+    acc = CovarianceAccumulator(29)
+    for chunk in rows.split(512):
+        acc.update(chunk)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(acc.covariance(), two_pass(rows)) < tolerance
+    assert acc.covariance().dtype == torch.float64
+
+
+def test_nonfinite_rows_skipped_counted_warned_once():
+    torch.manual_seed(3)
+    rows = torch.randn(100, 13)
+    rows[5, 2] = float("nan")
+    rows[50, 0] = float("inf")
+    rows[51, 12] = -float("inf")
+    acc = CovarianceAccumulator(13)
+    with pytest.warns(RuntimeWarning, match="skipped 1 of 50 rows") as record:
+        acc.update(rows[:50])  # 1 bad row here
+        acc.update(rows[50:])  # 2 bad rows here: counted, no second warning
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    good = torch.isfinite(rows).all(1)
+    assert acc.skipped == 3 and acc.count == 97
+    assert rel_err(acc.covariance(), two_pass(rows[good])) < 1e-6
+
+
+def test_first_warning_message_counts_its_own_batch():
+    acc = CovarianceAccumulator(2)
+    with pytest.warns(RuntimeWarning, match="skipped 2 of 3 rows"):
+        acc.update(torch.tensor([[1.0, float("nan")], [float("inf"), 0.0], [1.0, 2.0]]))
+    assert acc.count == 1 and torch.isnan(acc.covariance()).all()
+
+
+def test_all_nonfinite_batch_leaves_state_empty():
+    acc = CovarianceAccumulator(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acc.update(torch.full((6, 4), float("nan")))
+    assert acc.count == 0 and acc.skipped == 6
+    assert torch.isnan(acc.mean()).all() and torch.isnan(acc.eigenvalues()).all()
+
+
+def test_wrong_width_and_dtype_raise():
+    acc = CovarianceAccumulator(8)
+    with pytest.raises(ValueError, match=r"width 8.*last dimension 9"):
+        acc.update(torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="mask shape"):
+        acc.update(torch.zeros(4, 8), mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="floating point"):
+        acc.update(torch.zeros(4, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="positive"):
+        CovarianceAccumulator(0)
+    assert acc.count == 0
+
+
+def test_merge_equals_single_stream():
+    torch.manual_seed(4)
+    a_rows = torch.randn(70, 10, dtype=torch.float64) + 5
+    b_rows = torch.randn(31, 10, dtype=torch.float64) * 3 - 2
+    a, b, whole = CovarianceAccumulator(10), CovarianceAccumulator(10), CovarianceAccumulator(10)
+    a.update(a_rows)
+    b.update(b_rows)
+    whole.update(torch.cat([a_rows, b_rows]))
+    a.merge(b)
+    assert a.count == 101
+    torch.testing.assert_close(a.covariance(), whole.covariance(), rtol=1e-10, atol=1e-12)
+    empty = CovarianceAccumulator(10)
+    empty.merge(a)
+    torch.testing.assert_close(empty.covariance(), whole.covariance(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="different widths"):
+        a.merge(CovarianceAccumulator(3))
+
+
+def test_state_dict_round_trip_and_reset():
+    torch.manual_seed(5)
+    rows = torch.randn(40, 6, dtype=torch.float64)
+    acc = CovarianceAccumulator(6)
+    acc.update(rows[:25])
+    restored = CovarianceAccumulator(6)
+    restored.load_state_dict(acc.state_dict())
+    restored.update(rows[25:])
+    assert restored.count == 40
+    assert rel_err(restored.covariance(), two_pass(rows)) < 1e-12
+    restored.reset()
+    assert restored.count == 0 and torch.isnan(restored.covariance()).all()
+    with pytest.raises(ValueError, match="dim=6"):
+        CovarianceAccumulator(7).load_state_dict(acc.state_dict())
+
+
+def test_eigenvalues_descending_and_batched():
+    torch.manual_seed(6)
+    covs = []
+    for dim in (5, 5, 8):
+        m = torch.randn(dim, dim, dtype=torch.float64)
+        covs.append(m @ m.T)
+    covs.insert(1, torch.full((5, 5), float("nan"), dtype=torch.float64))
+    spectra = eigenvalues_batched(covs)
+    assert torch.isnan(spectra[1]).all()
+    for cov, spectrum in zip(covs[:1] + covs[2:], spectra[:1] + spectra[2:]):
+        ref = np.sort(np.linalg.eigvalsh(cov.numpy()))[::-1]
+        np.testing.assert_allclose(spectrum.numpy(), ref, rtol=1e-10, atol=1e-10)
+        assert (spectrum[:-1] >= spectrum[1:]).all()
+        pr_trace = participation_ratio_from_covariance(cov).item()
+        assert pr_trace == pytest.approx(participation_ratio(spectrum).item(), rel=1e-10)
+    assert torch.isnan(participation_ratio_from_covariance(torch.zeros(3, 3)))
+
+
+def test_single_process_sync_is_a_no_op():
+    acc = CovarianceAccumulator(3)
+    acc.update(torch.randn(10, 3))
+    before = acc.covariance()
+    acc.sync()
+    sync_accumulators([acc])
+    assert acc.count == 10
+    torch.testing.assert_close(acc.covariance(), before, rtol=0, atol=0)
+
+
+def test_two_processes_gloo_sync_exact(tmp_path):
+    out = tmp_path / "synced.pt"
+    torchrun("covariance_sync.py", str(out))
+    result = torch.load(out)
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(1001, 23, generator=generator, dtype=torch.float64) * 0.5 + 7.0
+    wide = torch.randn(640, 40, generator=generator)
+    assert result["world"] == 2
+    assert result["count"] == 1001
+    assert rel_err(result["cov"], two_pass(rows)) < 1e-10
+    np.testing.assert_allclose(result["mean"].numpy(), rows.mean(0).numpy(), rtol=1e-13)
+    assert result["count_wide"] == 640
+    assert rel_err(result["cov_wide"], two_pass(wide)) < 1e-6
+    assert result["empty_count"] == 0 and result["empty_eig_nan"]
+    assert result["local_count_kept"]
