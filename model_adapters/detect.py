@@ -1,0 +1,97 @@
+"""Fallback for models not in the table: find FFN-shaped modules by their structure.
+
+An FFN-shaped module has, among its direct children, a linear up projection ``d -> h``, an activation
+module and, registered after the up projection, a linear down projection ``h -> d``. A second ``d -> h``
+projection makes it gated (pre = the one whose name contains "gate", else the first registered).
+Only FFNs inside an indexed block container (``ModuleList``/``Sequential``) are sites.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .spec import Adapter, FFNSite
+from .unwrap import module_index, unwrap_model
+
+_ACTIVATION_NAME = re.compile(r"gelu|relu|silu|swish|mish|tanh|sigmoid|activation|softplus|elu", re.IGNORECASE)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear or a GPT-2 style Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
+        return module.nx, module.nf  # transformers.pytorch_utils.Conv1D: weight [in, out]
+    return None
+
+
+def _is_activation(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__ in ("torch.nn.modules.activation", "transformers.activations") or bool(
+        _ACTIVATION_NAME.search(cls.__name__)
+    )
+
+
+def find_ffn(module: nn.Module) -> tuple[str, str, bool] | None:
+    """(pre child name, post child name, gated) when ``module`` is FFN-shaped, else None.
+
+    >>> from torch import nn
+    >>> find_ffn(nn.Sequential(nn.Linear(4, 9), nn.GELU(), nn.Linear(9, 4)))
+    ('0', '2', False)
+    """
+    children = list(module.named_children())
+    if not any(_is_activation(child) for _, child in children):
+        return None
+    linears = [(name, dims) for name, child in children if (dims := linear_dims(child)) is not None]
+    for j in range(len(linears) - 1, 0, -1):  # down projection candidates, last registered first
+        down_name, (h, d) = linears[j]
+        ups = [name for name, dims in linears[:j] if dims == (d, h)]
+        if ups:
+            pre = next((name for name in ups if "gate" in name.lower()), ups[0])
+            return pre, down_name, len(ups) > 1
+    return None
+
+
+def _split_block_path(path: str, index: dict[str, nn.Module]) -> tuple[str, int, str] | None:
+    """Split ``a.layers.3.mlp`` into (``a.layers``, 3, ``mlp``) at the innermost block container."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        container = ".".join(parts[:i])
+        if parts[i].isdigit() and isinstance(index.get(container), (nn.ModuleList, nn.Sequential)):
+            return container, int(parts[i]), ".".join(parts[i + 1 :])
+    return None
+
+
+def detect_adapter(model: nn.Module) -> Adapter | None:
+    """Build an adapter from the structure of ``model``; None when no FFN-shaped block is found."""
+    index = module_index(unwrap_model(model))
+    patterns: dict[tuple[str, str, str, str], bool] = {}  # (container, in-block path, pre, post) -> gated
+    for path, module in index.items():
+        ffn = find_ffn(module)
+        split = _split_block_path(path, index) if ffn else None
+        if split is None:
+            continue
+        container, _, inner = split
+        pre, post, gated = ffn
+        key = (container, inner, ".".join(p for p in (inner, pre) if p), ".".join(p for p in (inner, post) if p))
+        patterns[key] = patterns.get(key, False) or gated
+    if not patterns:
+        return None
+    names = _site_names(list(patterns))
+    sites = tuple(
+        FFNSite(name=name, blocks=container, pre=pre, post=post)
+        for name, (container, _, pre, post) in zip(names, patterns)
+    )
+    return Adapter(sites=sites, gated=any(patterns.values()))
+
+
+def _site_names(keys: list[tuple[str, str, str, str]]) -> list[str]:
+    """``ffn`` for a single pattern; else the in-block path, qualified by the container if ambiguous."""
+    if len(keys) == 1:
+        return ["ffn"]
+    short = [inner.replace(".", "_") or "ffn" for _, inner, _, _ in keys]
+    if len(set(short)) == len(short):
+        return short
+    return [f"{container}.{inner}".strip(".").replace(".", "_") for container, inner, _, _ in keys]

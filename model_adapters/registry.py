@@ -1,0 +1,75 @@
+"""The architecture table and its lookup: user argument, then table, then structure, then an error."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import bert, gpt, llama, timm_mixer
+from .detect import detect_adapter
+from .spec import Adapter
+from .unwrap import unwrap_model
+
+# key -> Adapter. Keys are `config.model_type` for transformers models and the class name for others
+# (timm). A fresh dict per import; `register_adapter` adds to it.
+_REGISTRY: dict[str, Adapter] = {**gpt.ADAPTERS, **llama.ADAPTERS, **bert.ADAPTERS, **timm_mixer.ADAPTERS}
+
+
+def register_adapter(key: str, adapter: Adapter, *, overwrite: bool = False) -> None:
+    """Teach the registry a new architecture.
+
+    Args:
+        key: ``config.model_type`` of a transformers model, or the model's class name.
+        adapter: where its FFNs are.
+        overwrite: replace an existing entry instead of raising.
+    """
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"adapter must be a model_adapters.Adapter, got {type(adapter).__name__}")
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"an adapter for {key!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[key] = adapter
+
+
+def supported_types() -> list[str]:
+    """Every key the registry knows, sorted."""
+    return sorted(_REGISTRY)
+
+
+def lookup_keys(model: nn.Module) -> list[str]:
+    """Registry keys that could describe ``model``: its ``config.model_type``, then its class names (MRO)."""
+    model = unwrap_model(model)
+    keys = []
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if isinstance(model_type, str) and model_type:
+        keys.append(model_type)
+    keys.extend(cls.__name__ for cls in type(model).__mro__ if issubclass(cls, nn.Module) and cls is not nn.Module)
+    return keys
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model`` (wrappers are looked through): table entry, else structural detection.
+
+    Raises:
+        ValueError: nothing in the table and no FFN-shaped blocks; the message shows how to register one.
+    """
+    for key in lookup_keys(model):
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+    detected = detect_adapter(model)
+    if detected is not None:
+        return detected
+    inner = unwrap_model(model)
+    key = lookup_keys(inner)[0]
+    raise ValueError(
+        f"No FFN adapter for {type(inner).__name__} (key {key!r}) and no FFN-shaped blocks "
+        f"(Linear d->h, activation, Linear h->d inside a ModuleList of blocks) were found.\n"
+        f"Supported types: {', '.join(supported_types())}.\n"
+        f"Register one, for example:\n"
+        f"    import model_adapters\n"
+        f"    model_adapters.register_adapter(\n"
+        f"        {key!r},\n"
+        f"        model_adapters.Adapter(sites=(model_adapters.FFNSite(\n"
+        f"            name='ffn', blocks='layers', pre='mlp.up_proj', post='mlp.down_proj'),)),\n"
+        f"    )\n"
+        f"where `blocks` is the path of the ModuleList of blocks, `pre` the module (inside a block) whose "
+        f"output is the pre-activation and `post` the module whose input is the post-activation."
+    )

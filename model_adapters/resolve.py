@@ -1,0 +1,105 @@
+"""Turn an adapter's paths into the concrete pre/post modules of one model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from torch import nn
+
+from .spec import Adapter, FFNSite
+from .unwrap import module_index, unwrap_model
+
+
+@dataclass(frozen=True)
+class ResolvedSite:
+    """One FFN of one model: the modules to hook and how to read them."""
+
+    site: str  # report name, f"{family}.{layer}", e.g. "ffn.3"
+    family: str  # FFNSite.name
+    layer: int  # block index
+    pre_path: str  # clean dotted path of the pre module (wrappers removed)
+    post_path: str
+    pre: nn.Module  # its OUTPUT is pre (chunked by pre_chunk)
+    post: nn.Module  # its first positional INPUT is post
+    pre_chunk: tuple[int, int] | None = None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _containers(index: dict[str, nn.Module], suffix: str) -> list[str]:
+    """Clean paths of the ModuleList/Sequential containers whose path ends with ``suffix``."""
+    return [
+        path
+        for path, module in index.items()
+        if isinstance(module, (nn.ModuleList, nn.Sequential))
+        and (path == suffix or path.endswith("." + suffix))
+    ]
+
+
+def _resolve_family(index: dict[str, nn.Module], site: FFNSite) -> list[ResolvedSite]:
+    """All blocks of one site family, or [] when no container has the pre and post modules."""
+    found: dict[str, list[ResolvedSite]] = {}
+    for cpath in _containers(index, site.blocks):
+        rows = []
+        for layer in range(len(index[cpath])):
+            pre_path = _join(cpath, str(layer), site.pre)
+            post_path = _join(cpath, str(layer), site.post)
+            if pre_path in index and post_path in index:
+                rows.append(
+                    ResolvedSite(
+                        site=f"{site.name}.{layer}",
+                        family=site.name,
+                        layer=layer,
+                        pre_path=pre_path,
+                        post_path=post_path,
+                        pre=index[pre_path],
+                        post=index[post_path],
+                        pre_chunk=site.pre_chunk,
+                    )
+                )
+        if rows:
+            found[cpath] = rows
+    if len(found) > 1:
+        raise ValueError(
+            f"FFN site {site.name!r}: blocks suffix {site.blocks!r} matches several containers "
+            f"{sorted(found)}; register an adapter whose `blocks` names one of them exactly."
+        )
+    return next(iter(found.values()), [])
+
+
+def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | None = None) -> list[ResolvedSite]:
+    """Resolve every site of ``adapter`` on ``model`` (wrappers are looked through).
+
+    Args:
+        model: the model, possibly wrapped.
+        adapter: where the FFNs are.
+        layers: block indices to keep (negative indices count from the end); None keeps all.
+
+    Returns:
+        Sites ordered by family (adapter order), then by layer.
+
+    Raises:
+        ValueError: a family resolves to nothing, or ``layers`` names a block that does not exist.
+    """
+    index = module_index(unwrap_model(model))
+    sites: list[ResolvedSite] = []
+    for family in adapter.sites:
+        rows = _resolve_family(index, family)
+        if not rows:
+            raise ValueError(
+                f"{type(unwrap_model(model)).__name__}: no blocks matching {family.blocks!r} contain "
+                f"both {family.pre!r} and {family.post!r}; the adapter does not fit this model."
+            )
+        sites.extend(rows)
+    if layers is None:
+        return sites
+    n_blocks = 1 + max(s.layer for s in sites)
+    wanted = set()
+    for layer in layers:
+        if not -n_blocks <= layer < n_blocks:
+            raise ValueError(f"layer {layer} out of range: the model has {n_blocks} blocks")
+        wanted.add(layer % n_blocks)
+    return [s for s in sites if s.layer in wanted]

@@ -1,0 +1,50 @@
+"""What an adapter says about a model: where its FFN blocks are and which tensor is pre, which is post.
+
+An adapter is pure data. ``FFNSite`` names one family of FFN sites repeated over the model's blocks
+(a transformer has one, ``ffn``; an MLP-Mixer has two, ``token_mlp`` and ``channel_mlp``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """One FFN per block, located by module paths.
+
+    Attributes:
+        name: site family name; rows of a report are named ``f"{name}.{layer}"`` (``ffn.3``).
+        blocks: dotted suffix of the path of the ``ModuleList``/``Sequential`` holding the blocks
+            (``"h"`` matches ``transformer.h`` in ``GPT2LMHeadModel`` and ``h`` in ``GPT2Model``).
+        pre: path inside a block of the module whose OUTPUT is the pre-activation
+            (the up projection, or the gate projection of a gated FFN).
+        post: path inside a block of the module whose INPUT (first positional argument) is the
+            post-activation (the down projection).
+        pre_chunk: ``(index, chunks)`` when ``pre`` is a fused projection: pre is
+            ``output.chunk(chunks, dim=-1)[index]`` (Phi-3 ``gate_up_proj``: gate = ``(0, 2)``).
+    """
+
+    name: str
+    blocks: str
+    pre: str
+    post: str
+    pre_chunk: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Every FFN site family of one architecture.
+
+    Attributes:
+        sites: the site families; most transformers have exactly one.
+        gated: True for GLU-style FFNs (post = act(gate) * up), informational.
+    """
+
+    sites: tuple[FFNSite, ...]
+    gated: bool = False
+
+
+def ffn(blocks: str, pre: str, post: str, *, gated: bool = False, pre_chunk=None) -> Adapter:
+    """Shorthand for the common case: one site family named ``ffn``."""
+    return Adapter(sites=(FFNSite("ffn", blocks, pre, post, pre_chunk),), gated=gated)

@@ -1,0 +1,328 @@
+"""FFNTracker: hook the pre- and post-activations of every FFN into streaming covariance accumulators.
+
+Token accounting, the part that is easy to get wrong:
+
+* Only rows of a *top-level* forward of the (unwrapped) model are counted. A pre/post hook pair on the
+  model marks when such a forward is running; FFN hooks firing outside it (the forward that gradient
+  checkpointing re-runs during backward) are ignored, so every token is counted once.
+* The ``attention_mask`` the model was called with selects the real tokens once per top-level forward;
+  that same selection is applied to pre and post of every site whose activation is ``[B, T, d_ff]``
+  (or ``[B*T, d_ff]``, row-major, as OPT flattens tokens before its FFN).
+* ``max_tokens`` takes, per site and side, the first rows until the cap: pre and post see the same
+  activations in the same order, so they keep the same tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+import model_adapters
+from model_adapters import Adapter, ResolvedSite
+
+from .covariance import CovarianceAccumulator, eigenvalues_batched, sync_accumulators
+from .metrics import METRIC_NAMES, spectrum_metrics
+from .spectral_report import SpectralReport
+
+__all__ = ["FFNTracker"]
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs (where checkpointing recomputes forwards)."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
+def _first_tensor(value) -> Tensor | None:
+    """The tensor itself, or the first tensor of a tuple/list/dict output."""
+    if isinstance(value, Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return next((item for item in items if isinstance(item, Tensor)), None)
+
+
+def _mask_position(model: nn.Module) -> int | None:
+    """Positional index of ``attention_mask`` in ``model.forward``, or None."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional.index("attention_mask") if "attention_mask" in positional else None
+
+
+class _SiteState:
+    """Accumulators and token counters of one site."""
+
+    def __init__(self, site: ResolvedSite, dim: int | None) -> None:
+        self.site = site
+        self.dim = dim  # d_ff; None until the first activation when the modules do not say
+        self.pre: CovarianceAccumulator | None = None
+        self.post: CovarianceAccumulator | None = None
+        self.offered = {"pre": 0, "post": 0}  # rows offered this window (for max_tokens)
+        if dim is not None:
+            self.pre, self.post = CovarianceAccumulator(dim), CovarianceAccumulator(dim)
+
+    def accumulator(self, side: str, width: int) -> CovarianceAccumulator:
+        if self.dim is None:  # modules whose widths could not be read at construction
+            self.dim = width
+            self.pre, self.post = CovarianceAccumulator(width), CovarianceAccumulator(width)
+        return self.pre if side == "pre" else self.post
+
+    def reset(self) -> None:
+        for acc in (self.pre, self.post):
+            if acc is not None:
+                acc.reset()
+        self.offered = {"pre": 0, "post": 0}
+
+
+class FFNTracker:
+    """Covariance eigenspectra of FFN pre/post-activations over a measurement window.
+
+    Args:
+        model: any model the adapters understand, possibly wrapped (DDP, ``torch.compile``, FSDP,
+            checkpoint wrappers): sites are resolved on the unwrapped model.
+        adapter: where the FFNs are; ``None`` asks :func:`model_adapters.get_adapter`.
+        layers: block indices to track (negative counts from the end); ``None`` tracks all.
+        max_tokens: per site, count at most this many tokens per window (first come); ``None``: all.
+
+    Use as a context manager; hooks exist only inside ``with tracker:`` and are removed on exit, also
+    when an exception leaves the block. Accumulated statistics persist across ``with`` blocks until
+    :meth:`reset`. :meth:`compute` is collective under ``torch.distributed``: call it on every rank.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 4)
+    ...     def forward(self, x):
+    ...         return x + self.fc2(self.act(self.fc1(x)))
+    >>> model = nn.Sequential(Block(), Block())
+    >>> tracker = FFNTracker(model)
+    >>> with tracker:
+    ...     _ = model(torch.randn(2, 5, 4))
+    >>> [(row["site"], row["tokens"]) for row in tracker.compute().rows]
+    [('ffn.0', 10), ('ffn.1', 10)]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter | None = None,
+        layers: Iterable[int] | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
+        self.model = model
+        self.root = model_adapters.unwrap_model(model)  # hooks and the attention mask live here
+        self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
+        self.max_tokens = max_tokens
+        sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
+        self._states = [_SiteState(site, self._site_dim(site)) for site in sites]
+        self._mask_position = _mask_position(self.root)
+        self._handles: list = []
+        self._depth = 0  # nesting of top-level forwards currently running
+        self._mask: Tensor | None = None  # [B, T] bool of the running top-level forward
+        self._rows: dict[torch.device, Tensor] = {}  # device -> flat indices of the mask's True rows
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ sites
+    @staticmethod
+    def _site_dim(site: ResolvedSite) -> int | None:
+        """d_ff from the module shapes; ValueError when pre and post disagree; None if unreadable."""
+        pre_dims, post_dims = model_adapters.linear_dims(site.pre), model_adapters.linear_dims(site.post)
+        if pre_dims is None or post_dims is None:
+            return None
+        pre_width = pre_dims[1]
+        if site.pre_chunk is not None:
+            index, chunks = site.pre_chunk
+            if pre_width % chunks:
+                raise ValueError(f"{site.site}: {site.pre_path} width {pre_width} is not divisible by {chunks}")
+            pre_width //= chunks
+        if pre_width != post_dims[0]:
+            raise ValueError(
+                f"{site.site}: pre ({site.pre_path}, width {pre_width}) and post ({site.post_path}, width "
+                f"{post_dims[0]}) differ; the adapter does not describe one FFN (fused projection? set pre_chunk)"
+            )
+        return pre_width
+
+    @property
+    def sites(self) -> list[ResolvedSite]:
+        """The tracked sites, in report order."""
+        return [state.site for state in self._states]
+
+    @property
+    def active(self) -> bool:
+        """True while the hooks are attached."""
+        return bool(self._handles)
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> "FFNTracker":
+        """Register the hooks (what ``__enter__`` does)."""
+        if self._handles:
+            raise RuntimeError("FFNTracker is already attached; exit the previous `with` block first")
+        try:
+            self._handles.append(self.root.register_forward_pre_hook(self._forward_begins, with_kwargs=True))
+            self._handles.append(self.root.register_forward_hook(self._forward_ends, always_call=True))
+            for state in self._states:
+                self._handles.append(state.site.pre.register_forward_hook(self._pre_hook(state)))
+                self._handles.append(
+                    state.site.post.register_forward_pre_hook(self._post_hook(state), with_kwargs=True)
+                )
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook (what ``__exit__`` does); safe to call twice."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._depth, self._mask, self._rows = 0, None, {}
+
+    def __enter__(self) -> "FFNTracker":
+        return self.attach()
+
+    def __exit__(self, *exc_info) -> None:
+        self.detach()
+
+    def _forward_begins(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self._mask = self._find_mask(args, kwargs)
+            self._rows = {}
+
+    def _forward_ends(self, module: nn.Module, args: tuple, output) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self._mask, self._rows = None, {}
+
+    def _pre_hook(self, state: _SiteState):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            x = _first_tensor(output)
+            if x is not None and state.site.pre_chunk is not None:
+                index, chunks = state.site.pre_chunk
+                x = x.chunk(chunks, dim=-1)[index]  # Phi-3: the gate half of gate_up_proj
+            self._record(state, "pre", x)
+
+        return hook
+
+    def _post_hook(self, state: _SiteState):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(kwargs)
+            self._record(state, "post", x)
+
+        return hook
+
+    # --------------------------------------------------------------- tokens
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _find_mask(self, args: tuple, kwargs: dict) -> Tensor | None:
+        """The ``attention_mask`` of this call as ``[B, T]`` bool, or None."""
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
+            mask = args[self._mask_position]
+        if not isinstance(mask, Tensor):
+            return None
+        if mask.ndim != 2:
+            self._warn_once(
+                "mask-ndim",
+                f"FFNTracker: attention_mask of shape {tuple(mask.shape)} is not [batch, seq]; counting all tokens",
+            )
+            return None
+        return mask.detach() != 0  # [B, T]
+
+    def _select(self, x: Tensor) -> Tensor:
+        """The rows of ``x`` ([..., D]) that are real tokens, flattened to [N, D]."""
+        flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
+        if self._mask is None:
+            return flat
+        # [B, T, D], or [B*T, D] for models that flatten tokens before the FFN (OPT)
+        if tuple(x.shape[:-1]) not in (tuple(self._mask.shape), (self._mask.numel(),)):
+            self._warn_once(
+                "mask-shape",
+                f"FFNTracker: attention_mask {tuple(self._mask.shape)} does not match activations "
+                f"{tuple(x.shape)}; counting all their rows",
+            )
+            return flat
+        rows = self._rows.get(x.device)
+        if rows is None:
+            rows = self._rows[x.device] = self._mask.reshape(-1).nonzero().squeeze(1).to(x.device)  # [N]
+        return flat.index_select(0, rows)  # [N, D]
+
+    def _record(self, state: _SiteState, side: str, x: Tensor | None) -> None:
+        if x is None or not self._handles:
+            return
+        if self._depth == 0:
+            if not _in_backward():  # a recompute under gradient checkpointing is silently ignored
+                self._warn_once(
+                    "outside",
+                    f"FFNTracker: an FFN ran outside a forward of {type(self.root).__name__}; not counted "
+                    f"(call the model passed to FFNTracker, not one of its submodules)",
+                )
+            return
+        with torch.no_grad(), torch.inference_mode(False), torch.autocast(x.device.type, enabled=False):
+            rows = self._select(x.detach())  # [N, D]
+            if self.max_tokens is not None:
+                room = max(self.max_tokens - state.offered[side], 0)
+                state.offered[side] += rows.shape[0]
+                rows = rows[:room]
+            state.accumulator(side, rows.shape[-1]).update(rows)
+
+    # ---------------------------------------------------------------- results
+    def reset(self) -> None:
+        """Start a new measurement window (hooks stay as they are)."""
+        for state in self._states:
+            state.reset()
+
+    def compute(self) -> SpectralReport:
+        """Metrics of every site over the window so far (synced across processes)."""
+        for state in self._states:
+            if state.dim is None:  # never saw an activation and cannot tell its width: report NaN
+                state.accumulator("pre", 1)
+        accs = [acc for state in self._states for acc in (state.pre, state.post)]
+        sync_accumulators(accs)
+        spectra = eigenvalues_batched([acc.covariance() for acc in accs])  # [D] each, descending
+        pre_eigs, post_eigs = spectra[0::2], spectra[1::2]
+
+        # One batched metrics call per width.
+        by_dim: dict[int, list[int]] = {}
+        for i, state in enumerate(self._states):
+            by_dim.setdefault(state.dim, []).append(i)
+        values: list[dict[str, float]] = [{} for _ in self._states]
+        eigenvalues = {}
+        for indices in by_dim.values():
+            pre = torch.stack([pre_eigs[i] for i in indices]).cpu()  # [S, D]
+            post = torch.stack([post_eigs[i] for i in indices]).cpu()  # [S, D]
+            metrics = spectrum_metrics(pre, post)  # name -> [S]
+            for j, i in enumerate(indices):
+                values[i] = {name: float(metrics[name][j]) for name in METRIC_NAMES}
+                eigenvalues[self._states[i].site.site] = (pre[j], post[j])
+
+        rows = [
+            {
+                "site": state.site.site,
+                "layer": state.site.layer,
+                "dim": int(state.dim),
+                "tokens": int(state.pre.count),
+                **values[i],
+            }
+            for i, state in enumerate(self._states)
+        ]
+        return SpectralReport(rows=rows, eigenvalues=eigenvalues)
+
+    def __repr__(self) -> str:
+        return (
+            f"FFNTracker({type(self.root).__name__}, sites={len(self._states)}, "
+            f"max_tokens={self.max_tokens}, active={self.active})"
+        )
