@@ -6,8 +6,7 @@ Token accounting, the part that is easy to get wrong:
   model marks when such a forward is running; FFN hooks firing outside it (the forward that gradient
   checkpointing re-runs during backward) are ignored, so every token is counted once.
 * The ``attention_mask`` the model was called with selects the real tokens once per top-level forward;
-  that same selection is applied to pre and post of every site whose activation is ``[B, T, d_ff]``
-  (or ``[B*T, d_ff]``, row-major, as OPT flattens tokens before its FFN).
+  that same selection is applied to pre and post of every site whose activation is ``[B, T, d_ff]``.
 * ``max_tokens`` takes, per site and side, the first rows until the cap: pre and post see the same
   activations in the same order, so they keep the same tokens.
 """
@@ -16,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +88,8 @@ class FFNTracker:
         adapter: where the FFNs are; ``None`` asks :func:`model_adapters.get_adapter`.
         layers: block indices to track (negative counts from the end); ``None`` tracks all.
         max_tokens: per site, count at most this many tokens per window (first come); ``None``: all.
+        when: called with the unwrapped model at the start of each top-level forward; that forward is
+            recorded only if it returns True (e.g. ``lambda m: not m.training`` for evaluation only).
 
     Use as a context manager; hooks exist only inside ``with tracker:`` and are removed on exit, also
     when an exception leaves the block. Accumulated statistics persist across ``with`` blocks until
@@ -116,6 +117,7 @@ class FFNTracker:
         adapter: Adapter | None = None,
         layers: Iterable[int] | None = None,
         max_tokens: int | None = None,
+        when: Callable[[nn.Module], bool] | None = None,
     ) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
@@ -123,6 +125,8 @@ class FFNTracker:
         self.root = model_adapters.unwrap_model(model)  # hooks and the attention mask live here
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
         self.max_tokens = max_tokens
+        self.when = when  # predicate on the unwrapped model: record this top-level forward?
+        self._recording = False  # whether the running top-level forward is recorded
         sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
         self._states = [_SiteState(site, self._site_dim(site)) for site in sites]
         self._mask_position = _mask_position(self.root)
@@ -196,7 +200,8 @@ class FFNTracker:
     def _forward_begins(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._depth += 1
         if self._depth == 1:
-            self._mask = self._find_mask(args, kwargs)
+            self._recording = self.when is None or bool(self.when(module))
+            self._mask = self._find_mask(args, kwargs) if self._recording else None
             self._rows = {}
 
     def _forward_ends(self, module: nn.Module, args: tuple, output) -> None:
@@ -247,8 +252,7 @@ class FFNTracker:
         flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
         if self._mask is None:
             return flat
-        # [B, T, D], or [B*T, D] for models that flatten tokens before the FFN (OPT)
-        if tuple(x.shape[:-1]) not in (tuple(self._mask.shape), (self._mask.numel(),)):
+        if tuple(x.shape[:-1]) != tuple(self._mask.shape):
             self._warn_once(
                 "mask-shape",
                 f"FFNTracker: attention_mask {tuple(self._mask.shape)} does not match activations "
@@ -261,7 +265,7 @@ class FFNTracker:
         return flat.index_select(0, rows)  # [N, D]
 
     def _record(self, state: _SiteState, side: str, x: Tensor | None) -> None:
-        if x is None or not self._handles:
+        if x is None or not self._handles or (self._depth > 0 and not self._recording):
             return
         if self._depth == 0:
             if not _in_backward():  # a recompute under gradient checkpointing is silently ignored
