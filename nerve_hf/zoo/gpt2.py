@@ -75,19 +75,14 @@ def gpt2_config(
         raise ValueError(f"unknown GPT-2 size {size!r}; choose one of {sorted(GPT2_SIZES)}")
     if activation not in CONFIG_ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(CONFIG_ACTIVATIONS)}")
-    shape = asdict(GPT2_SIZES[size])
+    fields = {**asdict(GPT2_SIZES[size]), **overrides}  # overrides may replace preset fields (n_layer=...)
     if vocab_size is not None:
-        shape["vocab_size"] = vocab_size
+        fields["vocab_size"] = vocab_size
     # GPT-2 uses its last token (50256) as <|endoftext|>; keep that convention for any vocabulary
-    overrides.setdefault("bos_token_id", shape["vocab_size"] - 1)
-    overrides.setdefault("eos_token_id", shape["vocab_size"] - 1)
-    n_inner = int(round(width_mult * shape["n_embd"]))  # FFN width D
-    return GPT2Config(
-        **shape,
-        n_inner=n_inner,
-        activation_function=CONFIG_ACTIVATIONS[activation],
-        **overrides,
-    )
+    fields.setdefault("bos_token_id", fields["vocab_size"] - 1)
+    fields.setdefault("eos_token_id", fields["vocab_size"] - 1)
+    fields.setdefault("n_inner", int(round(width_mult * fields["n_embd"])))  # FFN width D
+    return GPT2Config(activation_function=CONFIG_ACTIVATIONS[activation], **fields)
 
 
 def set_ffn_activation(model: nn.Module, factory: Callable[[], nn.Module]) -> int:

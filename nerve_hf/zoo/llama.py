@@ -88,13 +88,13 @@ POSITIONAL_ENCODINGS: dict[str, Callable[[nn.Module], Any]] = {
 def llama_config(size: str = "tiny", vocab_size: int | None = None, **overrides: Any) -> LlamaConfig:
     if size not in LLAMA_SIZES:
         raise ValueError(f"unknown LLaMA size {size!r}; choose one of {sorted(LLAMA_SIZES)}")
-    shape = asdict(LLAMA_SIZES[size])
+    fields = {**asdict(LLAMA_SIZES[size]), **overrides}  # overrides may replace preset fields
     if vocab_size is not None:
-        shape["vocab_size"] = vocab_size
-    overrides.setdefault("bos_token_id", 0)
-    overrides.setdefault("eos_token_id", 1)
-    overrides.setdefault("pad_token_id", None)
-    return LlamaConfig(**shape, **overrides)
+        fields["vocab_size"] = vocab_size
+    fields.setdefault("bos_token_id", 0)
+    fields.setdefault("eos_token_id", 1)
+    fields.setdefault("pad_token_id", None)
+    return LlamaConfig(**fields)
 
 
 def build_llama(
