@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +66,19 @@ def test_registry_rejects_unknown_names():
     with pytest.raises(ValueError, match="tiny"):
         zoo.build_model("gpt2-gelu", size="huge")
     assert set(zoo.list_variants("llama")) == {"llama-rope", "llama-nope"}
+
+
+def test_listing_variants_imports_neither_transformers_nor_timm_and_builds_record_provenance():
+    code = (
+        "import sys; from nerve_hf import zoo; names = list(zoo.VARIANTS);"
+        "assert 'transformers' not in sys.modules and 'timm' not in sys.modules, 'heavy import';"
+        "print(len(names))"
+    )
+    repo_root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo_root)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == len(zoo.VARIANTS) == 21
+    assert zoo.build_model("gpt2-mixln").config.nerve_zoo_variant == "gpt2-mixln"
 
 
 # --------------------------------------------------------------------------- GPT-2 transformations
