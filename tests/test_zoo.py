@@ -142,11 +142,16 @@ def test_weight_norm_has_one_gain_per_output_unit():
 
 
 def test_spectral_norm_gives_unit_top_singular_value():
-    model = zoo.build_model("gpt2-snorm")
+    torch.manual_seed(0)
+    model = zoo.build_model("gpt2-snorm").train()
     for block in model.transformer.h:
         for projection in (block.mlp.c_fc, block.mlp.c_proj):
-            sigma = torch.linalg.matrix_norm(projection.weight.detach(), ord=2)
-            assert sigma == pytest.approx(1.0, rel=0.02)
+            # sigma is estimated by power iteration (15 steps at registration, one per access in training
+            # mode); random matrices have close top singular values, so let it converge first
+            for _ in range(200):
+                weight = projection.weight
+            sigma = torch.linalg.matrix_norm(weight.detach(), ord=2)
+            assert sigma == pytest.approx(1.0, rel=1e-3)
 
 
 def test_hnorm_output_unit_weight_vectors_have_unit_norm_also_after_a_step():
