@@ -37,6 +37,12 @@ def _in_backward() -> bool:
     return graph_task_id is not None and graph_task_id() != -1
 
 
+def _eager(hook):
+    """Run ``hook`` eagerly under ``torch.compile``: dynamo breaks the graph around it instead of
+    tracing the tracker's Python state and the accumulator's data-dependent checks."""
+    return torch.compiler.disable(hook)
+
+
 def _first_tensor(value) -> Tensor | None:
     """The tensor itself, or the first tensor of a tuple/list/dict output."""
     if isinstance(value, Tensor):
@@ -131,6 +137,13 @@ class FFNTracker:
         self._mask: Tensor | None = None  # [B, T] bool of the running top-level forward
         self._rows: dict[torch.device, Tensor] = {}  # device -> flat indices of the mask's True rows
         self._warned: set[str] = set()
+        self._recorded = False  # did any site record during the running top-level forward?
+        self._compiled = any("_orig_mod" in module._modules for module in model.modules())
+        # Hook callables are made once: a compiled graph that baked them in keeps calling the same
+        # functions, which record only while attached.
+        self._begin_hook = _eager(self._forward_begins)
+        self._end_hook = _eager(self._forward_ends)
+        self._site_hooks = [(_eager(self._pre_hook(st)), _eager(self._post_hook(st))) for st in self._states]
 
     # ------------------------------------------------------------------ sites
     @staticmethod
@@ -168,13 +181,14 @@ class FFNTracker:
         if self._handles:
             raise RuntimeError("FFNTracker is already attached; exit the previous `with` block first")
         try:
-            self._handles.append(self.root.register_forward_pre_hook(self._forward_begins, with_kwargs=True))
-            self._handles.append(self.root.register_forward_hook(self._forward_ends, always_call=True))
-            for state in self._states:
-                self._handles.append(state.site.pre.register_forward_hook(self._pre_hook(state)))
-                self._handles.append(
-                    state.site.post.register_forward_pre_hook(self._post_hook(state), with_kwargs=True)
-                )
+            # The outermost module's hooks run eagerly even when the model inside is compiled; the
+            # root's catch calls that bypass the wrappers. Nested calls just deepen the forward count.
+            for module in dict.fromkeys((self.model, self.root)):  # distinct, in order
+                self._handles.append(module.register_forward_pre_hook(self._begin_hook, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._end_hook, always_call=True))
+            for state, (pre_hook, post_hook) in zip(self._states, self._site_hooks):
+                self._handles.append(state.site.pre.register_forward_hook(pre_hook))
+                self._handles.append(state.site.post.register_forward_pre_hook(post_hook, with_kwargs=True))
         except BaseException:
             self.detach()
             raise
@@ -197,12 +211,20 @@ class FFNTracker:
         self._depth += 1
         if self._depth == 1:
             self._mask = self._find_mask(args, kwargs)
-            self._rows = {}
+            self._rows, self._recorded = {}, False
 
     def _forward_ends(self, module: nn.Module, args: tuple, output) -> None:
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self._mask, self._rows = None, {}
+            if self._compiled and self._handles and not self._recorded and self._states:
+                self._warn_once(
+                    "compiled",
+                    "FFNTracker: a forward of the compiled model ran without reaching any FFN hook. "
+                    "torch.compile does not see hooks added after it traced the model "
+                    "(torch._dynamo.config.skip_nnmodule_hook_guards): enter the tracker before the first "
+                    "compiled call, or set torch._dynamo.config.skip_nnmodule_hook_guards = False.",
+                )
 
     def _pre_hook(self, state: _SiteState):
         def hook(module: nn.Module, args: tuple, output) -> None:
@@ -278,6 +300,7 @@ class FFNTracker:
                 state.offered[side] += rows.shape[0]
                 rows = rows[:room]
             state.accumulator(side, rows.shape[-1]).update(rows)
+            self._recorded = True
 
     # ---------------------------------------------------------------- results
     def reset(self) -> None:
