@@ -309,25 +309,33 @@ class FFNTracker:
             state.reset()
 
     def compute(self) -> SpectralReport:
-        """Metrics of every site over the window so far (synced across processes)."""
-        for state in self._states:
-            if state.dim is None:  # never saw an activation and cannot tell its width: report NaN
-                state.accumulator("pre", 1)
-        accs = [acc for state in self._states for acc in (state.pre, state.post)]
+        """Metrics of every site over the window so far, synced across processes.
+
+        Collective under ``torch.distributed``: every rank must call it. Sites keep their statistics;
+        call :meth:`reset` to start a new window.
+        """
+        # A site whose width is still unknown (modules not Linear-like, no activation seen yet) gets
+        # empty width-1 stand-ins: NaN metrics and 0 tokens, and nothing is stored on the site.
+        pairs = [
+            (state.pre, state.post) if state.dim is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1))
+            for state in self._states
+        ]
+        accs = [acc for pair in pairs for acc in pair]
         sync_accumulators(accs)
         spectra = eigenvalues_batched([acc.covariance() for acc in accs])  # [D] each, descending
+        spectra = [eig.cpu() for eig in spectra]  # sites may live on different devices
         pre_eigs, post_eigs = spectra[0::2], spectra[1::2]
 
         # One batched metrics call per width.
         by_dim: dict[int, list[int]] = {}
-        for i, state in enumerate(self._states):
-            by_dim.setdefault(state.dim, []).append(i)
-        values: list[dict[str, float]] = [{} for _ in self._states]
+        for i, (pre_acc, _) in enumerate(pairs):
+            by_dim.setdefault(pre_acc.dim, []).append(i)
+        values: list[dict[str, float]] = [{} for _ in pairs]
         eigenvalues = {}
         for indices in by_dim.values():
-            pre = torch.stack([pre_eigs[i] for i in indices]).cpu()  # [S, D]
-            post = torch.stack([post_eigs[i] for i in indices]).cpu()  # [S, D]
-            metrics = spectrum_metrics(pre, post)  # name -> [S]
+            pre = torch.stack([pre_eigs[i] for i in indices])  # [S, D]
+            post = torch.stack([post_eigs[i] for i in indices])  # [S, D]
+            metrics = {name: value.tolist() for name, value in spectrum_metrics(pre, post).items()}  # name -> [S]
             for j, i in enumerate(indices):
                 values[i] = {name: float(metrics[name][j]) for name in METRIC_NAMES}
                 eigenvalues[self._states[i].site.site] = (pre[j], post[j])
@@ -336,11 +344,11 @@ class FFNTracker:
             {
                 "site": state.site.site,
                 "layer": state.site.layer,
-                "dim": int(state.dim),
-                "tokens": int(state.pre.count),
+                "dim": int(state.dim or 0),
+                "tokens": int(pre_acc.count),
                 **values[i],
             }
-            for i, state in enumerate(self._states)
+            for i, (state, (pre_acc, _)) in enumerate(zip(self._states, pairs))
         ]
         return SpectralReport(rows=rows, eigenvalues=eigenvalues)
 
