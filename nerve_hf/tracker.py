@@ -2,9 +2,9 @@
 
 Token accounting, the part that is easy to get wrong:
 
-* Only rows of a *top-level* forward of the (unwrapped) model are counted. A pre/post hook pair on the
-  model marks when such a forward is running; FFN hooks firing outside it (the forward that gradient
-  checkpointing re-runs during backward) are ignored, so every token is counted once.
+* Only rows of a *top-level* forward of the model are counted. Pre/post hook pairs on the model passed
+  in and on its unwrapped root mark when such a forward is running; FFN hooks firing outside it (the
+  forward that gradient checkpointing re-runs during backward) are ignored, so every token counts once.
 * The ``attention_mask`` the model was called with selects the real tokens once per top-level forward;
   that same selection is applied to pre and post of every site whose activation is ``[B, T, d_ff]``
   (or ``[B*T, d_ff]``, row-major, as OPT flattens tokens before its FFN).
@@ -126,7 +126,7 @@ class FFNTracker:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
         self.model = model
-        self.root = model_adapters.unwrap_model(model)  # hooks and the attention mask live here
+        self.root = model_adapters.unwrap_model(model)  # sites are resolved here
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
         self.max_tokens = max_tokens
         sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
