@@ -2,9 +2,9 @@
 
 Token accounting, the part that is easy to get wrong:
 
-* Only rows of a *top-level* forward of the (unwrapped) model are counted. A pre/post hook pair on the
-  model marks when such a forward is running; FFN hooks firing outside it (the forward that gradient
-  checkpointing re-runs during backward) are ignored, so every token is counted once.
+* Only rows of a *top-level* forward of the model are counted. Pre/post hook pairs on the model passed
+  in and on its unwrapped root mark when such a forward is running; FFN hooks firing outside it (the
+  forward that gradient checkpointing re-runs during backward) are ignored, so every token counts once.
 * The ``attention_mask`` the model was called with selects the real tokens once per top-level forward;
   that same selection is applied to pre and post of every site whose activation is ``[B, T, d_ff]``.
 * ``max_tokens`` takes, per site and side, the first rows until the cap: pre and post see the same
@@ -34,6 +34,12 @@ def _in_backward() -> bool:
     """True while the autograd engine runs (where checkpointing recomputes forwards)."""
     graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
     return graph_task_id is not None and graph_task_id() != -1
+
+
+def _eager(hook):
+    """Run ``hook`` eagerly under ``torch.compile``: dynamo breaks the graph around it instead of
+    tracing the tracker's Python state and the accumulator's data-dependent checks."""
+    return torch.compiler.disable(hook)
 
 
 def _first_tensor(value) -> Tensor | None:
@@ -122,7 +128,7 @@ class FFNTracker:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
         self.model = model
-        self.root = model_adapters.unwrap_model(model)  # hooks and the attention mask live here
+        self.root = model_adapters.unwrap_model(model)  # sites are resolved here
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
         self.max_tokens = max_tokens
         self.when = when  # predicate on the unwrapped model: record this top-level forward?
@@ -135,6 +141,13 @@ class FFNTracker:
         self._mask: Tensor | None = None  # [B, T] bool of the running top-level forward
         self._rows: dict[torch.device, Tensor] = {}  # device -> flat indices of the mask's True rows
         self._warned: set[str] = set()
+        self._recorded = False  # did any site record during the running top-level forward?
+        self._compiled = any("_orig_mod" in module._modules for module in model.modules())
+        # Hook callables are made once: a compiled graph that baked them in keeps calling the same
+        # functions, which record only while attached.
+        self._begin_hook = _eager(self._forward_begins)
+        self._end_hook = _eager(self._forward_ends)
+        self._site_hooks = [(_eager(self._pre_hook(st)), _eager(self._post_hook(st))) for st in self._states]
 
     # ------------------------------------------------------------------ sites
     @staticmethod
@@ -172,13 +185,14 @@ class FFNTracker:
         if self._handles:
             raise RuntimeError("FFNTracker is already attached; exit the previous `with` block first")
         try:
-            self._handles.append(self.root.register_forward_pre_hook(self._forward_begins, with_kwargs=True))
-            self._handles.append(self.root.register_forward_hook(self._forward_ends, always_call=True))
-            for state in self._states:
-                self._handles.append(state.site.pre.register_forward_hook(self._pre_hook(state)))
-                self._handles.append(
-                    state.site.post.register_forward_pre_hook(self._post_hook(state), with_kwargs=True)
-                )
+            # The outermost module's hooks run eagerly even when the model inside is compiled; the
+            # root's catch calls that bypass the wrappers. Nested calls just deepen the forward count.
+            for module in dict.fromkeys((self.model, self.root)):  # distinct, in order
+                self._handles.append(module.register_forward_pre_hook(self._begin_hook, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._end_hook, always_call=True))
+            for state, (pre_hook, post_hook) in zip(self._states, self._site_hooks):
+                self._handles.append(state.site.pre.register_forward_hook(pre_hook))
+                self._handles.append(state.site.post.register_forward_pre_hook(post_hook, with_kwargs=True))
         except BaseException:
             self.detach()
             raise
@@ -202,12 +216,20 @@ class FFNTracker:
         if self._depth == 1:
             self._recording = self.when is None or bool(self.when(module))
             self._mask = self._find_mask(args, kwargs) if self._recording else None
-            self._rows = {}
+            self._rows, self._recorded = {}, False
 
     def _forward_ends(self, module: nn.Module, args: tuple, output) -> None:
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self._mask, self._rows = None, {}
+            if self._compiled and self._handles and self._recording and not self._recorded and self._states:
+                self._warn_once(
+                    "compiled",
+                    "FFNTracker: a forward of the compiled model ran without reaching any FFN hook. "
+                    "torch.compile does not see hooks added after it traced the model "
+                    "(torch._dynamo.config.skip_nnmodule_hook_guards): enter the tracker before the first "
+                    "compiled call, or set torch._dynamo.config.skip_nnmodule_hook_guards = False.",
+                )
 
     def _pre_hook(self, state: _SiteState):
         def hook(module: nn.Module, args: tuple, output) -> None:
@@ -282,6 +304,7 @@ class FFNTracker:
                 state.offered[side] += rows.shape[0]
                 rows = rows[:room]
             state.accumulator(side, rows.shape[-1]).update(rows)
+            self._recorded = True
 
     # ---------------------------------------------------------------- results
     def reset(self) -> None:
@@ -290,25 +313,33 @@ class FFNTracker:
             state.reset()
 
     def compute(self) -> SpectralReport:
-        """Metrics of every site over the window so far (synced across processes)."""
-        for state in self._states:
-            if state.dim is None:  # never saw an activation and cannot tell its width: report NaN
-                state.accumulator("pre", 1)
-        accs = [acc for state in self._states for acc in (state.pre, state.post)]
+        """Metrics of every site over the window so far, synced across processes.
+
+        Collective under ``torch.distributed``: every rank must call it. Sites keep their statistics;
+        call :meth:`reset` to start a new window.
+        """
+        # A site whose width is still unknown (modules not Linear-like, no activation seen yet) gets
+        # empty width-1 stand-ins: NaN metrics and 0 tokens, and nothing is stored on the site.
+        pairs = [
+            (state.pre, state.post) if state.dim is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1))
+            for state in self._states
+        ]
+        accs = [acc for pair in pairs for acc in pair]
         sync_accumulators(accs)
         spectra = eigenvalues_batched([acc.covariance() for acc in accs])  # [D] each, descending
+        spectra = [eig.cpu() for eig in spectra]  # sites may live on different devices
         pre_eigs, post_eigs = spectra[0::2], spectra[1::2]
 
         # One batched metrics call per width.
         by_dim: dict[int, list[int]] = {}
-        for i, state in enumerate(self._states):
-            by_dim.setdefault(state.dim, []).append(i)
-        values: list[dict[str, float]] = [{} for _ in self._states]
+        for i, (pre_acc, _) in enumerate(pairs):
+            by_dim.setdefault(pre_acc.dim, []).append(i)
+        values: list[dict[str, float]] = [{} for _ in pairs]
         eigenvalues = {}
         for indices in by_dim.values():
-            pre = torch.stack([pre_eigs[i] for i in indices]).cpu()  # [S, D]
-            post = torch.stack([post_eigs[i] for i in indices]).cpu()  # [S, D]
-            metrics = spectrum_metrics(pre, post)  # name -> [S]
+            pre = torch.stack([pre_eigs[i] for i in indices])  # [S, D]
+            post = torch.stack([post_eigs[i] for i in indices])  # [S, D]
+            metrics = {name: value.tolist() for name, value in spectrum_metrics(pre, post).items()}  # name -> [S]
             for j, i in enumerate(indices):
                 values[i] = {name: float(metrics[name][j]) for name in METRIC_NAMES}
                 eigenvalues[self._states[i].site.site] = (pre[j], post[j])
@@ -317,11 +348,11 @@ class FFNTracker:
             {
                 "site": state.site.site,
                 "layer": state.site.layer,
-                "dim": int(state.dim),
-                "tokens": int(state.pre.count),
+                "dim": int(state.dim or 0),
+                "tokens": int(pre_acc.count),
                 **values[i],
             }
-            for i, state in enumerate(self._states)
+            for i, (state, (pre_acc, _)) in enumerate(zip(self._states, pairs))
         ]
         return SpectralReport(rows=rows, eigenvalues=eigenvalues)
 

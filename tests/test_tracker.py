@@ -419,3 +419,35 @@ def test_report_helpers():
     assert logs["nerve/mean/pr_pre"] == pytest.approx(np.mean([row["pr_pre"] for row in report.rows]))
     assert len(logs) == (LAYERS + 1) * len(METRIC_NAMES)
     assert all(type(row["tokens"]) is int and type(row["se_pre"]) is float for row in report.rows)
+
+
+def test_width_learned_lazily_when_modules_are_not_linear():
+    from model_adapters import Adapter, FFNSite
+
+    class Proj(nn.Module):  # not an nn.Linear: the tracker cannot read its width up front
+        def __init__(self, d_in, d_out):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(d_in, d_out))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict({"up": Proj(6, 11), "down": Proj(11, 6)})])
+
+        def forward(self, x):
+            block = self.blocks[0]
+            return block["down"](torch.relu(block["up"](x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    tracker = FFNTracker(model, adapter=Adapter(sites=(FFNSite("ffn", "blocks", "up", "down"),)))
+    empty = tracker.compute().rows[0]
+    assert (empty["dim"], empty["tokens"]) == (0, 0) and np.isnan(empty["se_pre"])
+    x = torch.randn(40, 6)
+    with tracker, torch.no_grad():
+        model(x)
+    pre = (x.double() @ model.blocks[0]["up"].weight.double()).detach()
+    assert_rows_match(tracker.compute(), {"ffn.0": (pre.numpy(), torch.relu(pre).numpy())})
