@@ -84,8 +84,11 @@ class NerveCallback(TrainerCallback):
         self.config = config if config is not None else NerveConfig(**options)
         self.adapter = adapter
         self._model: Optional[nn.Module] = None
-        self._train: Optional[FFNTracker] = None  # attached only during measured optimizer steps
-        self._eval: Optional[FFNTracker] = None  # attached from set-up on; records eval-mode forwards only
+        # Both trackers stay attached from set-up on (torch.compile only sees hooks that exist before
+        # its first trace) and decide per forward whether to record: train-mode forwards of a measured
+        # step, and eval-mode forwards.
+        self._train: Optional[FFNTracker] = None
+        self._eval: Optional[FFNTracker] = None
         self._measured_step: Optional[int] = None  # the step whose micro-batches are being measured
         self._pending: Optional[tuple[int, dict]] = None  # (step, logs) of the last train measurement
         self._placed = False
@@ -131,16 +134,21 @@ class NerveCallback(TrainerCallback):
         self.detach()
         try:
             options = dict(adapter=self.adapter, layers=self.config.layers, max_tokens=self.config.max_tokens)
-            self._train = FFNTracker(model, **options)
+            self._train = FFNTracker(model, when=self._records_train_forward, **options)
             self._eval = FFNTracker(model, when=lambda module: not module.training, **options)
         except (ValueError, TypeError) as error:  # unknown architecture, mismatched widths, ...
             self._failed = True
             warnings.warn(f"NerveCallback is disabled: {error}", RuntimeWarning)
             return False
         self._model = model
+        if self.config.measure_train:
+            self._train.attach()
         if self.config.measure_eval:
             self._eval.attach()
         return True
+
+    def _records_train_forward(self, module: nn.Module) -> bool:
+        return module.training and self._measured_step is not None
 
     def detach(self) -> None:
         """Remove every hook this callback placed on the model."""
@@ -192,13 +200,11 @@ class NerveCallback(TrainerCallback):
         if not self._set_up(model):
             return
         self._train.reset()
-        self._train.attach()
         self._measured_step = step
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._measured_step is None:
             return
-        self._train.detach()
         step, self._measured_step = self._measured_step, None
         report = self._measure(self._train)
         self._write(args, state, report, "train")
@@ -231,7 +237,7 @@ class NerveCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._train is not None:
-            self._train.detach()
+            self._train.detach()  # the eval tracker stays: a later trainer.evaluate() is measured too
         self._measured_step = None
 
     def __repr__(self) -> str:

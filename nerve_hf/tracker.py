@@ -6,7 +6,8 @@ Token accounting, the part that is easy to get wrong:
   in and on its unwrapped root mark when such a forward is running; FFN hooks firing outside it (the
   forward that gradient checkpointing re-runs during backward) are ignored, so every token counts once.
 * The ``attention_mask`` the model was called with selects the real tokens once per top-level forward;
-  that same selection is applied to pre and post of every site whose activation is ``[B, T, d_ff]``.
+  that same selection is applied to pre and post of every site whose activation is ``[B, T, d_ff]``
+  (or ``[B*T, d_ff]``, row-major, as OPT flattens tokens before its FFN).
 * ``max_tokens`` takes, per site and side, the first rows until the cap: pre and post see the same
   activations in the same order, so they keep the same tokens.
 """
@@ -274,7 +275,8 @@ class FFNTracker:
         flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
         if self._mask is None:
             return flat
-        if tuple(x.shape[:-1]) != tuple(self._mask.shape):
+        # [B, T, D], or [B*T, D] for models that flatten tokens before the FFN (OPT)
+        if tuple(x.shape[:-1]) not in (tuple(self._mask.shape), (self._mask.numel(),)):
             self._warn_once(
                 "mask-shape",
                 f"FFNTracker: attention_mask {tuple(self._mask.shape)} does not match activations "

@@ -223,3 +223,14 @@ def test_two_processes_equal_one(tmp_path):
         assert two[key]["tokens"] == one[key]["tokens"]
         for name in METRIC_NAMES:
             assert two[key][name] == pytest.approx(one[key][name], rel=1e-6, abs=1e-9), (key, name)
+
+
+def test_torch_compiled_model_is_measured(tmp_path):
+    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=2)], max_steps=2, eval_strategy="no",
+                           torch_compile=True, torch_compile_backend="eager")
+    trainer.train()
+    entries = nerve_entries(trainer.state.log_history)
+    assert [e["step"] for e in entries] == [2]
+    assert math.isfinite(entries[0]["nerve/ffn.1/pr_post"])
+    records = list(read_records(tmp_path / "nerve_metrics.jsonl"))
+    assert {r["tokens"] for r in records} == {2 * 2 * SEQ_LEN}

@@ -451,3 +451,18 @@ def test_width_learned_lazily_when_modules_are_not_linear():
         model(x)
     pre = (x.double() @ model.blocks[0]["up"].weight.double()).detach()
     assert_rows_match(tracker.compute(), {"ffn.0": (pre.numpy(), torch.relu(pre).numpy())})
+
+
+def test_when_predicate_records_only_chosen_forwards():
+    model = build("gpt2")
+    inputs = batch()
+    eval_only = FFNTracker(model, when=lambda module: not module.training)
+    everything = FFNTracker(model)
+    with eval_only, everything, torch.no_grad():
+        model.train()
+        model(**inputs)
+        model.eval()
+        model(**inputs)
+    real = int(inputs["attention_mask"].sum())
+    assert [row["tokens"] for row in eval_only.compute().rows] == [real, real]
+    assert [row["tokens"] for row in everything.compute().rows] == [2 * real, 2 * real]
