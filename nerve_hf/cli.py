@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--image-dir", metavar="DIR", help="folder of images (searched recursively, sorted by name)")
     images.add_argument("--num-images", type=int, default=64, help="number of images to measure (default: 64)")
     images.add_argument("--timm-arch", metavar="NAME",
-                        help="timm architecture of a local checkpoint without config.json (e.g. mixer_b16_224)")
+                        help="timm architecture of a local checkpoint without config.json: a registry name (mixer_b16_224) or a "
+                             "class path (timm.models.mlp_mixer.MlpMixer) for custom sizes given by --timm-kwargs")
     images.add_argument("--timm-kwargs", type=_json_object, metavar="JSON",
                         help="extra timm.create_model arguments as a JSON object, e.g. '{\"num_blocks\": 4}'")
     run = probe.add_argument_group("measurement")

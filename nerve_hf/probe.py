@@ -240,6 +240,11 @@ def check_inputs(config: ProbeConfig):
     return source
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run_probe(config: ProbeConfig) -> ProbeResult:
     """Load ``config.model``, build its inputs, measure; InputError for anything the user can fix."""
     import model_adapters
@@ -264,7 +269,9 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
         report = probe_model(model, batches, adapter=adapter, layers=config.layers, max_tokens=config.max_tokens,
                              progress=config.progress, total=len(batches))
     except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
-        raise InputError(f"cannot measure {config.model!r}: {str(error).splitlines()[0]}") from None
+        raise InputError(f"cannot measure {config.model!r}: {_first_line(error)}") from None
+    except (RuntimeError, AssertionError, TypeError) as error:  # the model rejected its input
+        raise InputError(f"the forward pass of {config.model!r} failed ({type(error).__name__}): {_first_line(error)}") from None
     parameter = next(model.parameters(), None)
     settings = {key: value for key, value in asdict(config).items() if key not in ("progress",)}
     settings.update(device=str(device), seq_len_used=seq_len,

@@ -169,6 +169,48 @@ def _read_state_dict(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _timm_constructor(arch: str):
+    """``timm.create_model(arch)`` for a registry name; the class itself for a class path such as
+    ``timm.models.mlp_mixer.MlpMixer`` (a model of custom sizes, given by --timm-kwargs)."""
+    import importlib
+
+    import timm
+    from torch import nn
+
+    if timm.is_model(arch):
+        return lambda **kwargs: timm.create_model(arch, pretrained=False, **kwargs)
+    module_name, _, class_name = arch.replace(":", ".").rpartition(".")
+    if module_name:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    raise InputError(
+        f"--timm-arch {arch!r} is neither a timm architecture (see timm.list_models()) nor a model class "
+        f"path such as timm.models.mlp_mixer.MlpMixer"
+    )
+
+
+def _data_config(model, config: dict) -> dict:
+    """timm's data config with input_size read off the patch embedding where there is one: a model built
+    from a class (or with img_size/in_chans overrides) has no pretrained config that knows its size."""
+    for name in ("patch_embed", "stem"):
+        embed = getattr(model, name, None)
+        img_size = getattr(embed, "img_size", None)
+        proj = getattr(embed, "proj", None)
+        if img_size is not None and hasattr(proj, "in_channels"):
+            height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            channels = int(proj.in_channels)
+            config = dict(config, input_size=(channels, int(height), int(width)))
+            if len(config.get("mean", ())) != channels:  # e.g. grey models: one mean/std per channel
+                config.update(mean=(sum(config["mean"]) / len(config["mean"]),) * channels,
+                              std=(sum(config["std"]) / len(config["std"]),) * channels)
+            break
+    return config
+
+
 def _load_timm(source: ModelSource, timm_arch: str | None, timm_kwargs: dict | None, dtype: str) -> LoadedModel:
     import timm
     from timm.data import resolve_model_data_config
@@ -176,13 +218,12 @@ def _load_timm(source: ModelSource, timm_arch: str | None, timm_kwargs: dict | N
     kwargs = dict(timm_kwargs or {})
     try:
         if timm_arch is not None:
-            if not timm.is_model(timm_arch):
-                raise InputError(f"--timm-arch {timm_arch!r} is not a timm architecture (see timm.list_models())")
+            build = _timm_constructor(timm_arch)
             state = _read_state_dict(source.path)
             head = state.get("head.weight")
             if head is not None and "num_classes" not in kwargs:
                 kwargs["num_classes"] = int(head.shape[0])  # a fine-tuned head of another size
-            model = timm.create_model(timm_arch, pretrained=False, **kwargs)
+            model = build(**kwargs)
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise InputError(
@@ -203,7 +244,7 @@ def _load_timm(source: ModelSource, timm_arch: str | None, timm_kwargs: dict | N
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     model.eval()  # a freshly built timm model is in train mode; a loaded checkpoint is probed in eval mode
-    data_config = resolve_model_data_config(model)
+    data_config = _data_config(model, resolve_model_data_config(model))
     provenance = {
         "name": source.spec,
         "library": "timm",

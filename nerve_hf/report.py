@@ -58,7 +58,7 @@ class RunData:
 
     ``metrics``: step, split, site, layer, dim, tokens and the seven metrics; one row per FFN site per
     measurement plus a ``site == "mean"`` row per measurement (the average over sites with the metric
-    defined, as logged under ``nerve/mean/...``; ``layer`` is -1, ``tokens`` the sum).
+    defined, as logged under ``nerve/mean/...``; ``layer`` is -1, ``tokens`` the mean over sites).
     ``losses``: step, split, loss.
     """
 
@@ -157,7 +157,7 @@ def load_run(run_dir) -> RunData:
     # A resumed run may have measured a step twice: the last record wins.
     metrics = metrics.drop_duplicates(subset=["step", "split", "site"], keep="last")
     mean = (metrics.groupby(["split", "step"], sort=False)
-            .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "sum"}).reset_index())
+            .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"}).reset_index())
     mean = mean.assign(site="mean", layer=-1, dim=math.nan)
     metrics = pd.concat([metrics, mean[columns]], ignore_index=True)
     metrics = metrics.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
