@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow transformers to run modelling code shipped with the checkpoint")
     run.add_argument("--out", metavar="DIR", help="output folder (default: ./nerve_probe_<model name>)")
     run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    run.add_argument("--no-plots", action="store_true", help="write report.json/csv and eigenvalues.npz only")
 
     report = sub.add_parser(
         "report", help="correlate a training run's NerVE metrics with its loss; write plots",
@@ -138,7 +139,7 @@ def _probe(args: argparse.Namespace) -> int:
     _quiet_libraries()
     result = run_probe(config)
     out = Path(args.out or _default_probe_dir(args.model))
-    written = write_probe(result, out, args.spectra_layers)
+    written = write_probe(result, out, args.spectra_layers, with_plots=not args.no_plots)
     data = result.data
     amount = f"{data.get('tokens')} tokens" if data.get("kind") == "text" else f"{data.get('images')} images"
     print(f"{result.model.get('class')} ({result.model.get('name')}) on {amount} of {data.get('source')}")

@@ -64,11 +64,11 @@ def write_csv(path: str | os.PathLike, frame) -> Path:
     return write_text(path, frame.to_csv(index=False))
 
 
-def write_figure(path: str | os.PathLike, figure, dpi: int = 110) -> Path:
+def write_figure(path: str | os.PathLike, figure, dpi: int = 100) -> Path:
     """A matplotlib Figure as PNG, rendered with the Agg canvas (never a display backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)  # attaches itself as figure.canvas
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=dpi)  # the figures use constrained layout: nothing is cut off
     return write_bytes(path, buffer.getvalue())

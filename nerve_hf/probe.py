@@ -300,8 +300,9 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
-def write_probe(result: ProbeResult, out_dir, spectra_layers: Optional[list[int]] = None) -> list[Path]:
-    """Write ``report.json``, ``report.csv``, ``eigenvalues.npz`` and the plots into ``out_dir``.
+def write_probe(result: ProbeResult, out_dir, spectra_layers: Optional[list[int]] = None,
+                with_plots: bool = True) -> list[Path]:
+    """Write ``report.json``, ``report.csv``, ``eigenvalues.npz`` and (``with_plots``) the PNG plots into ``out_dir``.
 
     Every file is written atomically; files already in ``out_dir`` that this does not produce are kept.
     Returns the paths written.
@@ -325,6 +326,8 @@ def write_probe(result: ProbeResult, out_dir, spectra_layers: Optional[list[int]
                   for site, values in result.report.eigenvalues.items() for i, side in enumerate(("pre", "post"))}
         np.savez(buffer, **arrays)
         written.append(write_bytes(out_dir / "eigenvalues.npz", buffer.getvalue()))
+    if not with_plots:
+        return written
     written.append(write_figure(out_dir / "metrics_per_layer.png", plots.plot_layer_metrics(rows, title)))
     written.append(write_figure(out_dir / "js_per_layer.png", plots.plot_js(rows, f"JS(pre, post) per layer: {title}")))
     if sites and result.report.eigenvalues:
