@@ -118,6 +118,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # offline: no "Retrying in 8s" lines before our one-line error
+    except ImportError:
+        pass
+    try:
         from transformers.utils import logging as hf_logging
     except ImportError:
         return

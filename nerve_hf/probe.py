@@ -262,6 +262,12 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
         first = str(error).splitlines()[0]
         raise InputError(f"unsupported architecture: {first} Register one with model_adapters.register_adapter.") from None
 
+    try:  # bad --layers / --spectra-layers fail here, before any data is read or forward run
+        sites = model_adapters.resolve_sites(model_adapters.unwrap_model(loaded.model), adapter, config.layers)
+    except (ValueError, IndexError) as error:
+        raise InputError(f"cannot measure {config.model!r}: {_first_line(error)}") from None
+    choose_layers([{"site": site.site, "layer": site.layer} for site in sites], config.spectra_layers)
+
     seq_len = min(config.seq_len, loaded.max_length) if loaded.max_length else config.seq_len
     batches, data = _data(config, loaded, seq_len)
     model = loaded.model.to(device)

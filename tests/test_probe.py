@@ -285,6 +285,27 @@ def test_probe_timm_mixer_checkpoint_on_embedded_digits(mixer_file, tmp_path):
         assert_png(out / name)
 
 
+def test_probe_timm_mixer_on_an_image_dir(mixer_file, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, where in enumerate(["a.png", "sub/b.jpg", "c.png"]):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(images / where)
+    (images / "notes.txt").write_text("not an image")
+    (images / "broken.png").write_bytes(b"not a png either")
+    kwargs = {k: v for k, v in MIXER_KWARGS.items() if k != "num_classes"}
+    out = tmp_path / "out"
+    assert main(["probe", str(mixer_file), "--timm-arch", "timm.models.mlp_mixer.MlpMixer", "--timm-kwargs",
+                 json.dumps(kwargs), "--image-dir", str(images), "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["source"] == "image-dir" and report["data"]["images"] == 3
+    assert report["data"]["input_size"] == [3, 32, 32]
+    assert [r["tokens"] for r in report["rows"]] == [3 * 24, 3 * 24, 3 * 16, 3 * 16]
+
+
 # ------------------------------------------------------------------------------------- bad input
 def test_image_model_given_text(mixer_file, text_file, tmp_path, capsys):
     assert main(["probe", str(mixer_file), "--timm-arch", "mixer_s16_224", "--text-file", str(text_file),

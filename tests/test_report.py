@@ -194,3 +194,45 @@ def test_not_a_run_directory(tmp_path, capsys):
     assert "\n" not in line and "trainer_state.json" in line
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def synthetic_run(path, split_losses, sites=("ffn.0", "ffn.1"), steps=(10, 20, 30, 40)):
+    """A run directory written by hand: records for `split_losses` {split: loss key} at `steps`."""
+    path.mkdir(parents=True, exist_ok=True)
+    records, history = [], []
+    for k, step in enumerate(steps):
+        for split, loss_key in split_losses.items():
+            for layer, site in enumerate(sites):
+                values = {name: 1.0 + 0.1 * k * (layer + 1) + 0.01 * i + 0.003 * (k * k % 3)
+                          for i, name in enumerate(METRIC_NAMES)}
+                records.append({"step": step, "split": split, "site": site, "layer": layer, "dim": 5,
+                                "tokens": 8, **values})
+            history.append({"step": step, loss_key: 3.0 - 0.2 * k + 0.05 * (k % 2)})
+    (path / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, {"log_history": history, "global_step": steps[-1]}
+
+
+def test_named_eval_sets_align_with_their_own_loss(tmp_path):
+    run, state = synthetic_run(tmp_path / "run", {"eval_code": "eval_code_loss", "eval_web": "eval_web_loss"})
+    for entry in state["log_history"]:  # the second set's loss differs: alignment must keep them apart
+        if "eval_web_loss" in entry:
+            entry["eval_web_loss"] = 10.0 - entry["eval_web_loss"] ** 2
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    corr = correlations(load_run(run))
+    assert sorted(set(corr["split"])) == ["eval_code", "eval_web"]
+    for split in ("eval_code", "eval_web"):
+        x, y = independent_pairs(run, split, "ffn.1", "eee_post")
+        row = corr[(corr["split"] == split) & (corr["site"] == "ffn.1") & (corr["metric"] == "eee_post")].iloc[0]
+        assert row["n"] == 4 and row["r"] == pytest.approx(stats.pearsonr(x, y).statistic, rel=1e-9)
+
+
+def test_trainer_state_of_the_newest_checkpoint(tmp_path):
+    run, state = synthetic_run(tmp_path / "run", {"train": "loss"})
+    for step in (20, 40):
+        (run / f"checkpoint-{step}").mkdir()
+        partial = {"log_history": [e for e in state["log_history"] if e["step"] <= step]}
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(partial))
+    loaded = load_run(run)  # no trainer_state.json of its own: checkpoint-40's
+    assert loaded.losses["step"].tolist() == [10, 20, 30, 40]
+    at_20 = load_run(run / "checkpoint-20")  # a checkpoint folder: the run's records up to its step
+    assert sorted(set(at_20.metrics["step"])) == [10, 20]
