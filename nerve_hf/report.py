@@ -267,7 +267,7 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
         lines.append("")
     if figures:
         lines += ["## Figures", ""]
-        for split, names in figures.items():
+        for names in figures.values():
             lines += [f"![{name}]({name})" for name in names]
         lines.append("")
     return "\n".join(lines)
@@ -296,6 +296,8 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
     """
     from .outputs import write_csv, write_figure, write_text
 
+    if min_points < 2:
+        raise InputError(f"--min-points must be at least 2 (a correlation of fewer points is undefined), got {min_points}")
     run = load_run(run_dir)
     table = aligned(run)
     corr = correlations(table, min_points)
