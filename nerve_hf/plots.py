@@ -1,0 +1,226 @@
+"""Figures of NerVE metrics. Every function returns a ``matplotlib.figure.Figure`` built without pyplot
+(no display backend, no global state): show it in a notebook, or save it with
+:func:`nerve_hf.outputs.write_figure` (Agg).
+
+Probe figures take the rows of one measurement (``SpectralReport.rows`` or its DataFrame); run figures
+take the long DataFrames of :mod:`nerve_hf.report`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .metrics import METRIC_NAMES
+
+__all__ = [
+    "METRIC_LABELS",
+    "plot_layer_metrics",
+    "plot_js",
+    "plot_spectra",
+    "plot_trajectories",
+    "plot_heatmaps",
+    "plot_metric_vs_loss",
+]
+
+# metric column -> axis label
+METRIC_LABELS = {
+    "se_pre": "SE pre", "se_post": "SE post", "pr_pre": "PR pre", "pr_post": "PR post",
+    "eee_pre": "EEE pre", "eee_post": "EEE post", "js": "JS(pre, post)",
+}
+_PAIRS = (("se", "spectral entropy (SE)"), ("pr", "participation ratio (PR)"), ("eee", "early enrichment (EEE)"))
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _integer_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _frame(rows):
+    import pandas as pd
+
+    return rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+
+
+def family(site: str) -> str:
+    """``ffn.3`` -> ``ffn``; ``token_mlp.0`` -> ``token_mlp``."""
+    head, _, tail = site.rpartition(".")
+    return head if head and tail.isdigit() else site
+
+
+def _families(frame) -> list[tuple[str, object]]:
+    """(family, rows sorted by layer) in order of first appearance."""
+    frame = frame.assign(_family=frame["site"].map(family))
+    return [(name, frame[frame["_family"] == name].sort_values("layer"))
+            for name in dict.fromkeys(frame["_family"])]
+
+
+# ------------------------------------------------------------------------------------ probe figures
+def plot_layer_metrics(rows, title: str | None = None):
+    """Pre vs post SE, PR and EEE per layer (one panel each; one line pair per FFN family)."""
+    frame = _frame(rows)
+    figure = _figure(13, 3.8)
+    axes = figure.subplots(1, 3)
+    groups = _families(frame)
+    for ax, (key, label) in zip(axes, _PAIRS):
+        for name, group in groups:
+            suffix = f" ({name})" if len(groups) > 1 else ""
+            ax.plot(group["layer"], group[f"{key}_pre"], marker="o", label=f"pre{suffix}")
+            ax.plot(group["layer"], group[f"{key}_post"], marker="s", linestyle="--", label=f"post{suffix}")
+        ax.set_title(label)
+        _integer_axis(ax)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def plot_js(rows, title: str | None = None):
+    """Jensen-Shannon divergence between the pre and post spectra, per layer."""
+    frame = _frame(rows)
+    figure = _figure(6, 3.8)
+    ax = figure.subplots()
+    groups = _families(frame)
+    for name, group in groups:
+        ax.plot(group["layer"], group["js"], marker="o", label=name)
+    ax.axhline(math.log(2), color="grey", linestyle=":", linewidth=1, label="ln 2 (maximum)")
+    _integer_axis(ax)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("JS divergence")
+    ax.set_title(title or "JS(pre, post) per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure
+
+
+def plot_spectra(eigenvalues: dict, sites: list[str], title: str | None = None):
+    """Log-log eigenvalue spectra (rank vs eigenvalue) of ``sites``: pre and post panels.
+
+    ``eigenvalues``: site -> (pre, post), descending. Zero eigenvalues have no logarithm and are left out.
+    """
+    import numpy as np
+
+    figure = _figure(11, 4)
+    axes = figure.subplots(1, 2, sharey=True)
+    colors = [f"C{i % 10}" for i in range(len(sites))]
+    for side, ax in zip((0, 1), axes):
+        for site, color in zip(sites, colors):
+            values = np.asarray(eigenvalues[site][side], dtype=np.float64)
+            keep = values > 0
+            ax.loglog(np.arange(1, len(values) + 1)[keep], values[keep], color=color, label=site)
+        ax.set_title(("pre" if side == 0 else "post") + "-activation spectrum")
+        ax.set_xlabel("rank")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("eigenvalue")
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+# -------------------------------------------------------------------------------------- run figures
+def _grid(n: int, columns: int = 4, size: tuple[float, float] = (3.6, 2.9)):
+    rows = math.ceil(n / columns)
+    figure = _figure(size[0] * columns, size[1] * rows)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return figure, axes
+
+
+def _site_order(frame) -> list[str]:
+    """Per-layer sites in (family, layer) order; ``mean`` left out."""
+    sites = frame[frame["site"] != "mean"][["site", "layer"]].drop_duplicates("site")
+    pairs = list(zip(sites["site"], sites["layer"]))
+    order = {name: i for i, name in enumerate(dict.fromkeys(family(site) for site, _ in pairs))}
+    return [site for site, _ in sorted(pairs, key=lambda pair: (order[family(pair[0])], pair[1]))]
+
+
+def plot_trajectories(metrics, split: str, losses=None):
+    """Each metric over training steps, one line per layer (colour = depth) and the layer mean (black);
+    with ``losses`` (step, split, loss) a last panel shows the loss of the same split."""
+    from matplotlib import colormaps
+
+    frame = metrics[metrics["split"] == split]
+    sites = _site_order(frame)
+    loss = None if losses is None else losses[losses["split"] == split].sort_values("step")
+    panels = list(METRIC_NAMES) + (["loss"] if loss is not None and len(loss) else [])
+    figure, axes = _grid(len(panels))
+    cmap = colormaps["viridis"]
+    for ax, name in zip(axes, panels):
+        if name == "loss":
+            ax.plot(loss["step"], loss["loss"], color="C3", marker=".")
+            ax.set_title(f"{split} loss")
+        else:
+            for i, site in enumerate(sites):
+                series = frame[frame["site"] == site].sort_values("step")
+                ax.plot(series["step"], series[name], color=cmap(i / max(len(sites) - 1, 1)), linewidth=1,
+                        label=site if len(sites) <= 12 else None)
+            mean = frame[frame["site"] == "mean"].sort_values("step")
+            ax.plot(mean["step"], mean[name], color="black", linewidth=2, label="mean")
+            ax.set_title(METRIC_LABELS[name])
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=2)
+    figure.suptitle(f"NerVE metrics per layer over training ({split})")
+    return figure
+
+
+def plot_heatmaps(metrics, split: str):
+    """Layer x step heatmap of each metric (rows: FFN sites in depth order; columns: measured steps)."""
+    frame = metrics[(metrics["split"] == split) & (metrics["site"] != "mean")]
+    sites = _site_order(frame)
+    figure, axes = _grid(len(METRIC_NAMES))
+    for ax, name in zip(axes, METRIC_NAMES):
+        table = frame.pivot_table(index="site", columns="step", values=name, aggfunc="last", dropna=False)
+        table = table.reindex(index=sites)
+        steps = list(table.columns)
+        image = ax.imshow(table.to_numpy(dtype=float), aspect="auto", interpolation="nearest", cmap="magma")
+        figure.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_title(METRIC_LABELS[name])
+        ax.set_xlabel("step")
+        ticks = sorted(set(int(round(i)) for i in _even_ticks(len(steps))))
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=7)
+        yticks = sorted(set(int(round(i)) for i in _even_ticks(len(sites), 12)))
+        ax.set_yticks(yticks, [sites[i] for i in yticks], fontsize=7)
+    figure.suptitle(f"NerVE metrics, layer x step ({split})")
+    return figure
+
+
+def _even_ticks(n: int, most: int = 6) -> list[float]:
+    if n <= most:
+        return list(range(n))
+    return [i * (n - 1) / (most - 1) for i in range(most)]
+
+
+def plot_metric_vs_loss(aligned, correlations, split: str, site: str = "mean"):
+    """Each metric of ``site`` against the loss of the same step, with Pearson r in the title.
+
+    ``aligned``: rows with step, split, site, the metrics and ``loss``; ``correlations``: the table of
+    :func:`nerve_hf.report.correlations` (its r, p and n are shown, not recomputed).
+    """
+    frame = aligned[(aligned["split"] == split) & (aligned["site"] == site)]
+    figure, axes = _grid(len(METRIC_NAMES))
+    for ax, name in zip(axes, METRIC_NAMES):
+        points = frame[["step", name, "loss"]].dropna()
+        scatter = ax.scatter(points[name], points["loss"], c=points["step"], cmap="viridis", s=18)
+        match = correlations[(correlations["split"] == split) & (correlations["site"] == site)
+                             & (correlations["metric"] == name)]
+        r = float(match["r"].iloc[0]) if len(match) else float("nan")
+        n = int(match["n"].iloc[0]) if len(match) else len(points)
+        ax.set_title(f"{METRIC_LABELS[name]}: r = {r:+.3f} (n = {n})" if math.isfinite(r)
+                     else f"{METRIC_LABELS[name]}: r undefined (n = {n})", fontsize=9)
+        ax.set_xlabel(METRIC_LABELS[name])
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    figure.colorbar(scatter, ax=list(axes[: len(METRIC_NAMES)]), shrink=0.6, label="step")
+    figure.suptitle(f"{site} metrics vs {split} loss of the same step")
+    return figure

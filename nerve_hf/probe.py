@@ -1,0 +1,342 @@
+"""``nerve probe``: NerVE metrics of every FFN of a pretrained checkpoint on a fixed set of inputs.
+
+Two layers, usable apart:
+
+* :func:`probe_model` measures any model object on batches you give it (a notebook user's entry point);
+  the model's train/eval mode is restored afterwards.
+* :func:`run_probe` does what the command does: load MODEL, build the batches, measure, and
+  :func:`write_probe` puts ``report.json``, ``report.csv``, ``eigenvalues.npz`` and the PNG plots in a folder.
+
+>>> import torch
+>>> from torch import nn
+>>> class Block(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 4)
+...     def forward(self, x):
+...         return x + self.fc2(self.act(self.fc1(x)))
+>>> model = nn.Sequential(Block(), Block()).train()
+>>> report = probe_model(model, [torch.randn(2, 5, 4)])
+>>> [row["tokens"] for row in report.rows], model.training
+([10, 10], True)
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import io
+import math
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .errors import InputError
+from .metrics import METRIC_NAMES
+from .spectral_report import ROW_KEYS, SpectralReport
+
+__all__ = ["ProbeConfig", "ProbeResult", "probe_model", "run_probe", "write_probe", "format_table", "choose_layers"]
+
+
+@dataclass
+class ProbeConfig:
+    """Everything ``nerve probe`` needs; the CLI flags map one to one onto these fields."""
+
+    model: str  # local folder, Hub id, "timm/<name>", or a timm checkpoint with timm_arch
+    text_file: Optional[str] = None  # a text file to measure on (one document)
+    dataset: Optional[str] = None  # embedded corpus name, local dataset, or Hub dataset id (streamed)
+    dataset_config: Optional[str] = None  # the dataset's configuration name (e.g. "en" for allenai/c4)
+    dataset_split: str = "train"  # which split of the dataset
+    text_column: Optional[str] = None  # dataset column holding the text; None: text/content/code/first str
+    image_dir: Optional[str] = None  # folder of images for timm models; None: the embedded digits set
+    num_images: int = 64  # images to measure for timm models
+    tokenizer: Optional[str] = None  # tokenizer folder or Hub id; None: the model's own
+    timm_arch: Optional[str] = None  # timm architecture of a bare local checkpoint (file or folder)
+    timm_kwargs: Optional[dict] = None  # extra timm.create_model keyword arguments (sizes of a custom model)
+    revision: Optional[str] = None  # Hub revision of a transformers model
+    trust_remote_code: bool = False  # let transformers run a checkpoint's own modelling code
+    max_tokens: int = 16384  # per FFN, measure at most this many tokens (rows); the input is cut to it
+    seq_len: int = 256  # tokens per sequence (special tokens included), capped at the model's maximum
+    batch_size: int = 8  # sequences or images per forward pass
+    layers: Optional[list[int]] = None  # block indices to measure (negative from the end); None: all
+    device: Optional[str] = None  # torch device; None: cuda when present, else cpu
+    dtype: str = "float32"  # model weights/activations: float32, float16, bfloat16 or auto (the checkpoint's)
+    spectra_layers: Optional[list[int]] = None  # layers whose spectra are plotted; None: first, middle, last
+    progress: bool = True  # show a progress bar on stderr
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "seq_len", "batch_size", "num_images"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.max_tokens < 2:
+            raise InputError(f"--max-tokens must be at least 2 (a covariance needs two tokens), got {self.max_tokens}")
+        if self.text_file is not None and self.dataset is not None:
+            raise InputError("give --text-file or --dataset, not both")
+
+
+@dataclass
+class ProbeResult:
+    """One probe: the metrics, the spectra and where everything came from."""
+
+    report: SpectralReport
+    model: dict = field(default_factory=dict)  # provenance of the model
+    data: dict = field(default_factory=dict)  # provenance of the inputs
+    settings: dict = field(default_factory=dict)  # the options that shaped the measurement
+
+    def to_json(self) -> dict:
+        """The content of ``report.json``."""
+        return {
+            "rows": self.report.rows,
+            "mean": self.report.mean(),
+            "model": self.model,
+            "data": self.data,
+            "settings": self.settings,
+            "environment": _environment(),
+            "created": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+            "metrics": {
+                "definition": "NerVE (Jha & Reagen, ICLR 2026): eigenvalues of the covariance of FFN "
+                              "pre-activations (up/gate projection output) and post-activations (down "
+                              "projection input); SE natural-log entropy, PR participation ratio, EEE early "
+                              "eigenvalue enrichment, JS Jensen-Shannon divergence of pre vs post spectra",
+                "names": list(METRIC_NAMES),
+            },
+        }
+
+
+def _environment() -> dict:
+    import torch
+
+    from . import __version__
+
+    versions = {"nerve_hf": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "timm"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", None)
+    return versions
+
+
+def _move(batch, device, dtype):
+    """A batch (tensor or dict of tensors) on ``device``; floating tensors cast to the model's ``dtype``."""
+    import torch
+
+    def move(x):
+        if not torch.is_tensor(x):
+            return x
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+    return {k: move(v) for k, v in batch.items()} if isinstance(batch, dict) else move(batch)
+
+
+def probe_model(model, batches: Iterable, *, adapter=None, layers=None, max_tokens: int | None = None,
+                device=None, progress: bool = False, total: int | None = None) -> SpectralReport:
+    """NerVE metrics of ``model``'s FFNs on ``batches``.
+
+    Args:
+        model: a model the adapters understand (transformers, timm Mixer, FFN-shaped blocks).
+        batches: dicts of keyword inputs (``input_ids``, ``attention_mask`` [B, T]; pads are not counted)
+            or tensors passed positionally (images ``[B, C, H, W]``). Moved to ``device`` (default: the
+            model's) and, if floating, to the model's dtype.
+        adapter, layers, max_tokens: as for :class:`nerve_hf.FFNTracker`.
+        progress: show a tqdm bar (``total``: number of batches, if ``batches`` has no ``len``).
+
+    The model runs in eval mode under ``torch.no_grad``; its train/eval mode is restored afterwards.
+    """
+    import torch
+
+    from .tracker import FFNTracker
+
+    parameter = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (parameter.device if parameter is not None else None)
+    dtype = parameter.dtype if parameter is not None else None
+    tracker = FFNTracker(model, adapter=adapter, layers=layers, max_tokens=max_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=total, desc="nerve probe", unit="batch", file=sys.stderr)
+        with torch.no_grad(), tracker:
+            for batch in batches:
+                batch = _move(batch, device, dtype)
+                model(**batch) if isinstance(batch, dict) else model(batch)
+        return tracker.compute()
+    finally:
+        model.train(was_training)
+
+
+def choose_layers(rows: list[dict], wanted: Optional[list[int]] = None) -> list[str]:
+    """Sites whose spectra are plotted: those of layers ``wanted`` (negative from the end), else the
+    first, middle and last measured layer."""
+    layers = sorted({row["layer"] for row in rows})
+    if not layers:
+        return []
+    if wanted is None:
+        picked = {layers[0], layers[len(layers) // 2], layers[-1]}
+    else:
+        count = max(layers) + 1
+        picked = {w + count if w < 0 else w for w in wanted}
+        missing = sorted(picked - set(layers))
+        if missing:
+            raise InputError(f"--spectra-layers {missing} were not measured; measured layers: {layers}")
+    return [row["site"] for row in rows if row["layer"] in picked]
+
+
+def _data(config: ProbeConfig, loaded, seq_len: int):
+    """The batches for ``loaded`` and their provenance."""
+    from . import probe_data
+
+    if loaded.source.modality == "image":
+        n = int(config.num_images)
+        if config.image_dir is not None:
+            images = probe_data.image_dir_images(config.image_dir, n, loaded.data_config)
+            source = {"kind": "images", "source": "image-dir", "path": str(Path(config.image_dir).resolve())}
+        else:
+            cfg = loaded.data_config
+            images = probe_data.digits_images(n, tuple(cfg["input_size"]), cfg["mean"], cfg["std"])
+            source = {"kind": "images", "source": "embedded:digits",
+                      "description": "scikit-learn handwritten digits (8x8 grey), resized bilinearly to the model's "
+                                     "input size, repeated over channels, normalised with the model's mean/std"}
+        made = probe_data.image_batches(images, config.batch_size)
+        source.update(images=made.images, input_size=list(images.shape[1:]), batch_size=config.batch_size)
+        return made.batches, source
+
+    if config.text_file is not None:
+        documents = probe_data.text_file_documents(config.text_file)
+        source = {"kind": "text", "source": "text-file", "path": str(Path(config.text_file).resolve())}
+    else:
+        name = config.dataset or probe_data.DEFAULT_TEXT
+        documents = probe_data.dataset_documents(name, config.dataset_config, config.dataset_split, config.text_column)
+        embedded = name in probe_data.EMBEDDED_TEXT
+        source = {"kind": "text", "source": f"embedded:{name}" if embedded else "dataset", "name": name}
+        if not embedded:
+            source.update(config=config.dataset_config, split=config.dataset_split, column=config.text_column)
+    made = probe_data.tokenize_documents(documents, loaded.tokenizer, seq_len, config.batch_size, config.max_tokens)
+    source.update(documents=made.documents, sequences=made.sequences, tokens=made.tokens, seq_len=seq_len,
+                  batch_size=config.batch_size, padding="right; attention_mask excludes pads")
+    return made.batches, source
+
+
+def check_inputs(config: ProbeConfig):
+    """Validate MODEL against the data options without loading anything heavy; returns its ModelSource."""
+    from .probe_data import check_text_file
+    from .probe_models import classify
+
+    source = classify(config.model, config.timm_arch)
+    if source.modality == "image":
+        if config.text_file is not None or config.dataset is not None:
+            raise InputError(
+                f"{config.model!r} is an image model (timm); it cannot take text "
+                f"(--text-file/--dataset); give --image-dir DIR or nothing for the embedded digits"
+            )
+    elif config.image_dir is not None:
+        raise InputError(f"{config.model!r} is a text model; --image-dir is for timm image models")
+    if config.text_file is not None:
+        check_text_file(config.text_file)
+    if config.image_dir is not None and not Path(config.image_dir).is_dir():
+        raise InputError(f"image directory {config.image_dir!r} does not exist")
+    return source
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def run_probe(config: ProbeConfig) -> ProbeResult:
+    """Load ``config.model``, build its inputs, measure; InputError for anything the user can fix."""
+    import model_adapters
+
+    from .probe_models import check_device, default_device, load_model
+
+    source = check_inputs(config)
+    device = check_device(config.device or default_device())
+    loaded = load_model(source, tokenizer=config.tokenizer, timm_arch=config.timm_arch,
+                        timm_kwargs=config.timm_kwargs, dtype=config.dtype, revision=config.revision,
+                        trust_remote_code=config.trust_remote_code)
+    try:
+        adapter = model_adapters.get_adapter(loaded.model)
+    except ValueError as error:
+        first = str(error).splitlines()[0]
+        raise InputError(f"unsupported architecture: {first} Register one with model_adapters.register_adapter.") from None
+
+    try:  # bad --layers / --spectra-layers fail here, before any data is read or forward run
+        sites = model_adapters.resolve_sites(model_adapters.unwrap_model(loaded.model), adapter, config.layers)
+    except (ValueError, IndexError) as error:
+        raise InputError(f"cannot measure {config.model!r}: {_first_line(error)}") from None
+    choose_layers([{"site": site.site, "layer": site.layer} for site in sites], config.spectra_layers)
+
+    seq_len = min(config.seq_len, loaded.max_length) if loaded.max_length else config.seq_len
+    batches, data = _data(config, loaded, seq_len)
+    model = loaded.model.to(device)
+    try:
+        report = probe_model(model, batches, adapter=adapter, layers=config.layers, max_tokens=config.max_tokens,
+                             progress=config.progress, total=len(batches))
+    except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
+        raise InputError(f"cannot measure {config.model!r}: {_first_line(error)}") from None
+    except (RuntimeError, AssertionError, TypeError) as error:  # the model rejected its input
+        raise InputError(f"the forward pass of {config.model!r} failed ({type(error).__name__}): {_first_line(error)}") from None
+    parameter = next(model.parameters(), None)
+    settings = {key: value for key, value in asdict(config).items() if key not in ("progress",)}
+    settings.update(device=str(device), seq_len_used=seq_len,
+                    dtype_used=str(parameter.dtype).removeprefix("torch.") if parameter is not None else None)
+    return ProbeResult(report=report, model=loaded.provenance, data=data, settings=settings)
+
+
+# ------------------------------------------------------------------------------------------- output
+def format_table(report: SpectralReport) -> str:
+    """The per-layer metrics as an aligned text table, with the layer mean as its last row."""
+    columns = ["site", "tokens"] + list(METRIC_NAMES)
+    body = [[row["site"], str(row["tokens"])] + [_fmt(row[name]) for name in METRIC_NAMES] for row in report.rows]
+    mean = report.mean()
+    body.append(["mean", ""] + [_fmt(mean[name]) for name in METRIC_NAMES])
+    widths = [max(len(column), *(len(line[i]) for line in body)) for i, column in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for line in body:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+
+
+def write_probe(result: ProbeResult, out_dir, spectra_layers: Optional[list[int]] = None,
+                with_plots: bool = True) -> list[Path]:
+    """Write ``report.json``, ``report.csv``, ``eigenvalues.npz`` and (``with_plots``) the PNG plots into ``out_dir``.
+
+    Every file is written atomically; files already in ``out_dir`` that this does not produce are kept.
+    Returns the paths written.
+    """
+    import numpy as np
+
+    from . import plots
+    from .outputs import write_bytes, write_csv, write_figure, write_json
+
+    out_dir = Path(out_dir)
+    rows = result.report.rows
+    sites = choose_layers(rows, spectra_layers)  # before writing anything: may raise InputError
+    title = f"{result.model.get('name', '')}"
+    written = [
+        write_json(out_dir / "report.json", result.to_json()),
+        write_csv(out_dir / "report.csv", result.report.to_pandas()[list(ROW_KEYS)]),
+    ]
+    if result.report.eigenvalues:
+        buffer = io.BytesIO()
+        arrays = {f"{site}/{side}": np.asarray(values[i], dtype=np.float64)
+                  for site, values in result.report.eigenvalues.items() for i, side in enumerate(("pre", "post"))}
+        np.savez(buffer, **arrays)
+        written.append(write_bytes(out_dir / "eigenvalues.npz", buffer.getvalue()))
+    if not with_plots:
+        return written
+    written.append(write_figure(out_dir / "metrics_per_layer.png", plots.plot_layer_metrics(rows, title)))
+    written.append(write_figure(out_dir / "js_per_layer.png", plots.plot_js(rows, f"JS(pre, post) per layer: {title}")))
+    if sites and result.report.eigenvalues:
+        figure = plots.plot_spectra(result.report.eigenvalues, sites, f"eigenvalue spectra: {title}")
+        written.append(write_figure(out_dir / "spectra.png", figure))
+    return written

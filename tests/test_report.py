@@ -1,0 +1,238 @@
+"""`nerve report` on a real run directory from a short Trainer run with NerveCallback."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from nerve_hf import NerveCallback
+from nerve_hf.cli import main
+from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.report import aligned, correlations, load_run, write_report
+from trainer_helpers import make_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    # 6 optimizer steps, every one measured and logged; evaluations at steps 2, 4, 6.
+    trainer = make_trainer(out, [NerveCallback(every_n_steps=1)], max_steps=6, eval_steps=2, logging_steps=1)
+    trainer.train()
+    trainer.save_state()
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def independent_pairs(run, split, site, metric):
+    """(metric, loss) pairs by step, straight from the two files."""
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    loss_key = "loss" if split == "train" else f"{split}_loss"
+    losses = {e["step"]: e[loss_key] for e in history if loss_key in e}
+    records = [r for r in read_jsonl(run / "nerve_metrics.jsonl") if r["split"] == split]
+    if site == "mean":
+        by_step = {}
+        for r in records:
+            by_step.setdefault(r["step"], []).append(r[metric])
+        values = {step: sum(v) / len(v) for step, v in by_step.items()}
+    else:
+        values = {r["step"]: r[metric] for r in records if r["site"] == site}
+    steps = sorted(set(values) & set(losses))
+    return [values[s] for s in steps], [losses[s] for s in steps]
+
+
+def test_load_run_aligns_each_measurement_with_the_loss_of_its_step(run_dir):
+    run = load_run(run_dir)
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    train = run.metrics[(run.metrics["split"] == "train") & (run.metrics["site"] == "mean")]
+    evals = run.metrics[(run.metrics["split"] == "eval") & (run.metrics["site"] == "mean")]
+    assert train["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert evals["step"].tolist() == [2, 4, 6]
+    # The layer mean equals what the callback logged as nerve/mean/* next to the loss of that step.
+    for entry in history:
+        for prefix, frame in (("", train), ("eval_", evals)):
+            key = f"{prefix}nerve/mean/pr_pre"
+            if key in entry:
+                value = frame[frame["step"] == entry["step"]]["pr_pre"].item()
+                assert value == pytest.approx(entry[key], rel=1e-12)
+    table = aligned(run)
+    for entry in history:
+        if "eval_loss" in entry:
+            rows = table[(table["split"] == "eval") & (table["step"] == entry["step"])]
+            assert len(rows) == 3 and (rows["loss"] == entry["eval_loss"]).all()  # ffn.0, ffn.1, mean
+        elif "loss" in entry:
+            rows = table[(table["split"] == "train") & (table["step"] == entry["step"])]
+            assert len(rows) == 3 and (rows["loss"] == entry["loss"]).all()
+
+
+def test_correlations_equal_scipy_on_the_same_pairs(run_dir):
+    corr = correlations(load_run(run_dir))
+    assert list(corr.columns) == ["split", "site", "metric", "r", "p", "n"]
+    assert len(corr) == 2 * 3 * len(METRIC_NAMES)  # 2 splits x (mean, ffn.0, ffn.1) x 7 metrics
+    for split, site, metric in [("eval", "mean", "pr_pre"), ("train", "mean", "se_pre"),
+                                ("train", "ffn.1", "se_post"), ("eval", "ffn.0", "js")]:
+        x, y = independent_pairs(run_dir, split, site, metric)
+        expected = stats.pearsonr(x, y)
+        row = corr[(corr["split"] == split) & (corr["site"] == site) & (corr["metric"] == metric)].iloc[0]
+        assert row["n"] == len(x) == (3 if split == "eval" else 6)
+        assert row["r"] == pytest.approx(expected.statistic, rel=1e-9, abs=1e-12)
+        assert row["p"] == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def report_dir(run_dir):
+    """`nerve report RUN_DIR` once (default output folder), with what it printed."""
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["report", str(run_dir)]) == 0
+    return run_dir / "nerve_report", stdout.getvalue()
+
+
+def test_report_files_plots_and_summary(run_dir, report_dir):
+    import matplotlib.image
+    import pandas as pd
+
+    out, stdout = report_dir
+    assert "train (n=6)" in stdout and "eval (n=3)" in stdout
+    written = pd.read_csv(out / "correlations.csv")
+    x, y = independent_pairs(run_dir, "eval", "mean", "se_pre")
+    r = written[(written["split"] == "eval") & (written["site"] == "mean") & (written["metric"] == "se_pre")]["r"].item()
+    assert r == pytest.approx(stats.pearsonr(x, y).statistic, rel=1e-9)
+    for split in ("train", "eval"):
+        for kind in ("trajectories", "heatmaps", "scatter"):
+            path = out / f"{kind}_{split}.png"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+            image = matplotlib.image.imread(path)
+            assert image.shape[0] > 300 and image.shape[1] > 600 and image[..., :3].std() > 0.01
+    summary = (out / "summary.md").read_text()
+    assert f"| se_pre | {r:+.4f} |" in summary
+    assert "![scatter_eval.png](scatter_eval.png)" in summary
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["correlations.csv", "summary.md"] + [f"{k}_{s}.png" for k in ("trajectories", "heatmaps", "scatter")
+                                              for s in ("train", "eval")])
+
+
+def test_python_api_returns_dataframes_and_figures(run_dir, report_dir):
+    from matplotlib.figure import Figure
+
+    from nerve_hf import plots
+
+    run = load_run(run_dir)
+    table = aligned(run)
+    corr = correlations(table)
+    written = __import__("pandas").read_csv(report_dir[0] / "correlations.csv")
+    assert written["r"].to_numpy() == pytest.approx(corr["r"].to_numpy(), rel=1e-12, nan_ok=True)
+    assert isinstance(plots.plot_metric_vs_loss(table, corr, "eval"), Figure)
+
+
+def test_log_history_fallback_without_jsonl(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    shutil.copy(run_dir / "trainer_state.json", copy)
+    from_history = load_run(copy).metrics
+    from_jsonl = load_run(run_dir).metrics
+    keys = ["split", "step", "site"]
+    merged = from_jsonl.merge(from_history, on=keys, suffixes=("", "_h"))
+    assert len(merged) == len(from_jsonl) == 3 * (6 + 3)  # (ffn.0, ffn.1, mean) x (6 train + 3 eval)
+    for name in METRIC_NAMES:
+        assert merged[name].to_numpy() == pytest.approx(merged[f"{name}_h"].to_numpy(), rel=1e-12)
+
+
+def test_constant_series_and_nan_metrics_give_nan_r(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("nerve_report"))
+    records = read_jsonl(copy / "nerve_metrics.jsonl")
+    for record in records:
+        record["js"] = 0.5  # constant: r undefined
+        if record["step"] == 2:
+            record["pr_pre"] = None  # NaN (a zero-variance spectrum): that pair is left out
+    (copy / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    corr = correlations(load_run(copy))
+    js = corr[corr["metric"] == "js"]
+    assert js["r"].isna().all() and js["p"].isna().all()
+    row = corr[(corr["split"] == "train") & (corr["site"] == "ffn.0") & (corr["metric"] == "pr_pre")].iloc[0]
+    assert row["n"] == 5
+    eval_row = corr[(corr["split"] == "eval") & (corr["site"] == "ffn.0") & (corr["metric"] == "pr_pre")].iloc[0]
+    assert eval_row["n"] == 2 and math.isnan(eval_row["r"])  # fewer than 3 pairs
+
+
+def test_too_few_measurements_exits_with_one_line_and_writes_nothing(run_dir, tmp_path):
+    short = tmp_path / "short"
+    short.mkdir()
+    records = [r for r in read_jsonl(run_dir / "nerve_metrics.jsonl") if r["step"] <= 2]
+    (short / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    state["log_history"] = [e for e in state["log_history"] if e.get("step", 0) <= 2]
+    (short / "trainer_state.json").write_text(json.dumps(state))
+    (short / "nerve_report").mkdir()
+    (short / "nerve_report" / "correlations.csv").write_text("earlier")
+    result = subprocess.run([sys.executable, "-m", "nerve_hf.cli", "report", str(short)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "too few measurements for a correlation" in lines[0], result.stderr
+    assert "train: 2 measured, 2 with a loss" in lines[0] and "eval: 1 measured, 1 with a loss" in lines[0]
+    assert (short / "nerve_report" / "correlations.csv").read_text() == "earlier"
+    assert sorted(p.name for p in (short / "nerve_report").iterdir()) == ["correlations.csv"]
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "trainer_state.json" in line
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def synthetic_run(path, split_losses, sites=("ffn.0", "ffn.1"), steps=(10, 20, 30, 40)):
+    """A run directory written by hand: records for `split_losses` {split: loss key} at `steps`."""
+    path.mkdir(parents=True, exist_ok=True)
+    records, history = [], []
+    for k, step in enumerate(steps):
+        for split, loss_key in split_losses.items():
+            for layer, site in enumerate(sites):
+                values = {name: 1.0 + 0.1 * k * (layer + 1) + 0.01 * i + 0.003 * (k * k % 3)
+                          for i, name in enumerate(METRIC_NAMES)}
+                records.append({"step": step, "split": split, "site": site, "layer": layer, "dim": 5,
+                                "tokens": 8, **values})
+            history.append({"step": step, loss_key: 3.0 - 0.2 * k + 0.05 * (k % 2)})
+    (path / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, {"log_history": history, "global_step": steps[-1]}
+
+
+def test_named_eval_sets_align_with_their_own_loss(tmp_path):
+    run, state = synthetic_run(tmp_path / "run", {"eval_code": "eval_code_loss", "eval_web": "eval_web_loss"})
+    for entry in state["log_history"]:  # the second set's loss differs: alignment must keep them apart
+        if "eval_web_loss" in entry:
+            entry["eval_web_loss"] = 10.0 - entry["eval_web_loss"] ** 2
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    corr = correlations(load_run(run))
+    assert sorted(set(corr["split"])) == ["eval_code", "eval_web"]
+    for split in ("eval_code", "eval_web"):
+        x, y = independent_pairs(run, split, "ffn.1", "eee_post")
+        row = corr[(corr["split"] == split) & (corr["site"] == "ffn.1") & (corr["metric"] == "eee_post")].iloc[0]
+        assert row["n"] == 4 and row["r"] == pytest.approx(stats.pearsonr(x, y).statistic, rel=1e-9)
+
+
+def test_trainer_state_of_the_newest_checkpoint(tmp_path):
+    run, state = synthetic_run(tmp_path / "run", {"train": "loss"})
+    for step in (20, 40):
+        (run / f"checkpoint-{step}").mkdir()
+        partial = {"log_history": [e for e in state["log_history"] if e["step"] <= step]}
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(partial))
+    loaded = load_run(run)  # no trainer_state.json of its own: checkpoint-40's
+    assert loaded.losses["step"].tolist() == [10, 20, 30, 40]
+    at_20 = load_run(run / "checkpoint-20")  # a checkpoint folder: the run's records up to its step
+    assert sorted(set(at_20.metrics["step"])) == [10, 20]
