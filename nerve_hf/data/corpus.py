@@ -34,7 +34,8 @@ _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 class StdlibCorpusConfig:
     """Which stdlib files make up the corpus. Every field takes part in :meth:`fingerprint`."""
 
-    max_bytes: int | None = DEFAULT_MAX_BYTES  # stop adding files once this many bytes are in; None = all
+    max_bytes: int | None = DEFAULT_MAX_BYTES  # stop adding files once this many bytes are in (then add one
+    # validation file if none came yet); None = all
     validation_percent: float = DEFAULT_VALIDATION_PERCENT  # % of files (by path hash) held out
     include_tests: bool = False  # also walk test/, tests/ and idle_test/ directories
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES  # skip single files larger than this; None = keep
@@ -118,9 +119,13 @@ def load_stdlib_corpus(config: StdlibCorpusConfig | None = None, **overrides):
     splits = {"train": {"text": [], "path": []}, "validation": {"text": [], "path": []}}
     total = 0
     for rel, text in iter_stdlib_sources(config):
-        if config.max_bytes is not None and total >= config.max_bytes:
-            break
         split = "validation" if is_validation_path(rel, config.validation_percent) else "train"
+        if config.max_bytes is not None and total >= config.max_bytes:
+            # cap reached; a small cap may have found no validation file yet: take the next one, only it
+            if splits["validation"]["path"] or config.validation_percent <= 0:
+                break
+            if split == "train":
+                continue
         splits[split]["text"].append(text)
         splits[split]["path"].append(rel)
         total += len(text.encode("utf-8"))

@@ -38,6 +38,19 @@ HUB_TEXT_DATASETS: dict[str, HubTextDataset] = {
 _FILE_BUILDERS = {"txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv"}
 
 
+def _no_rows():
+    return iter(())
+
+
+def _as_stream(split):
+    """A map-style split as an ``IterableDataset`` (an empty one cannot be sharded, so it gets a generator)."""
+    import datasets
+
+    if len(split) == 0:
+        return datasets.IterableDataset.from_generator(_no_rows, features=split.features)
+    return split.to_iterable_dataset()
+
+
 def _file_builder(path: str) -> str:
     extension = Path(path).suffix.lstrip(".").lower()
     try:
@@ -124,7 +137,7 @@ def load_raw_datasets(
         if streaming:  # same data as a stream: exercises the streaming code path offline
             import datasets
 
-            raw = datasets.IterableDatasetDict({name: split.to_iterable_dataset() for name, split in raw.items()})
+            raw = datasets.IterableDatasetDict({name: _as_stream(split) for name, split in raw.items()})
         return raw, text_column or "text"
 
     if dataset_name is None:
