@@ -16,6 +16,7 @@ stdlib code corpus, a byte-level BPE tokenizer trained on it locally, and a GPT-
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import sys
@@ -227,8 +228,38 @@ def build_config(model_args: ModelArguments, tokenizer):
             setattr(config, name, getattr(tokenizer, name))
     if model_args.config_overrides:
         logger.info("config overrides: %s", model_args.config_overrides)
-        config.update_from_string(model_args.config_overrides)
+        apply_config_overrides(config, model_args.config_overrides)
     return config
+
+
+def _parse_override(key: str, text: str, current):
+    """Typed like the config's current value; values that default to None (GPT-2's n_inner) parse as literals."""
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"--config_overrides {key}={text}: expected true or false")
+        return lowered in ("true", "1", "yes")
+    if isinstance(current, (int, float)):
+        return type(current)(text) if not (isinstance(current, int) and "." in text) else float(text)
+    if isinstance(current, str):
+        return text
+    try:
+        return ast.literal_eval(text)  # None-valued defaults: ints, floats, None, lists
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_config_overrides(config, overrides: str) -> None:
+    """Apply ``"k=v,k2=v2"`` to a config. Unlike ``PretrainedConfig.update_from_string``, keys whose default is
+    None can be set too (``n_inner=37``)."""
+    for item in overrides.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
+        if not hasattr(config, key):
+            raise ValueError(f"--config_overrides: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, _parse_override(key, value.strip(), getattr(config, key)))
 
 
 def build_model(model_args: ModelArguments, config, tokenizer):
@@ -346,6 +377,19 @@ def with_perplexity(metrics: dict, prefix: str = "eval") -> dict:
     return metrics
 
 
+def evaluation_at_final_step(trainer) -> Optional[dict]:
+    """Metrics of an evaluation the Trainer already ran on the final weights (``eval_steps`` divides
+    ``max_steps``), so the last step is not evaluated, and measured, twice; None otherwise."""
+    if trainer.args.load_best_model_at_end:  # the final weights are not the last step's
+        return None
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") != trainer.state.global_step:
+                return None
+            return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run training and/or evaluation; returns the final metrics (``train_*`` and ``eval_*`` keys)."""
     model_args, data_args, training_args, nerve_args = parse_args(argv)
@@ -394,7 +438,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         metrics.update(train_metrics)
 
     if training_args.do_eval:
-        eval_metrics = with_perplexity(trainer.evaluate())
+        already = evaluation_at_final_step(trainer) if training_args.do_train else None
+        if already is not None:
+            logger.info("the Trainer evaluated the final model at step %d: reusing that evaluation", trainer.state.global_step)
+        eval_metrics = with_perplexity(already if already is not None else trainer.evaluate())
         if not data_args.streaming:
             eval_metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", eval_metrics)
