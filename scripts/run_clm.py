@@ -405,6 +405,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         logger.warning("nothing to do: pass --do_train and/or --do_eval")
         return {}
 
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("--streaming has no length: pass --max_steps")
+
     from transformers import Trainer, default_data_collator, set_seed
 
     set_seed(training_args.seed)
