@@ -158,6 +158,12 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _mean(values) -> Optional[float]:
+    """Mean over layers of the numeric values (NaN propagates: a NaN layer makes the mean NaN)."""
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
 def _layer_key(record: dict):
     layer = record.get("layer")
     return (0, layer, str(record.get("site"))) if isinstance(layer, int) else (1, 0, str(record.get("site")))
@@ -169,9 +175,12 @@ def summary_table(latest: dict[tuple[str, str], dict]) -> str:
         return "no NerVE measurements found"
     columns = ("layer", "site", "step", "tokens") + METRIC_COLUMNS
     blocks = []
-    for split in sorted({split for split, _ in latest}):
+    splits = sorted({split for split, _ in latest}, key=lambda s: (s != "train", s))  # train first
+    for split in splits:
         records = sorted((r for (s, _), r in latest.items() if s == split), key=_layer_key)
         rows = [[_cell(r.get(c)) for c in columns] for r in records]
+        if len(records) > 1:
+            rows.append(["mean", "", "", ""] + [_cell(_mean(r.get(c) for r in records)) for c in METRIC_COLUMNS])
         widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
         lines = [f"[{split}] last measurement per FFN"]
         lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

@@ -203,9 +203,12 @@ def test_summary_reader_keeps_last_measurement(demo, tmp_path):
     assert latest[("train", "h.0.mlp")]["se_pre"] == 2.0
     table = demo.summary_table(latest)
     assert "[eval]" in table and "[train]" in table
-    train_rows = table.split("[train]")[1].splitlines()[2:]
+    assert table.index("[train]") < table.index("[eval]")
+    train_rows = table.split("[train]")[1].split("[eval]")[0].strip().splitlines()[2:]
     assert train_rows[0].split()[:5] == ["0", "h.0.mlp", "20", "64", "2.000"]
     assert train_rows[1].split()[4] == "nan"
+    assert train_rows[2].split()[:2] == ["mean", "nan"]  # a NaN layer is not averaged away
+    assert train_rows[2].split()[-1] == "0.200"  # js: only layer 0 has it
     assert demo.summary_table({}) == "no NerVE measurements found"
     assert demo.last_measurements(tmp_path / "missing.jsonl") == {}
 
