@@ -165,6 +165,36 @@ def test_argument_validation(run_clm):
         run_clm.DataTrainingArguments(train_file="a.txt", streaming=True)
 
 
+def test_nerve_arguments_reach_the_callback(run_clm, tokenizer_dir, texts, tmp_path, monkeypatch):
+    """The wiring alone, with a stand-in callback module (the real one is tested below and in test_callback)."""
+    import types
+
+    from transformers import TrainerCallback
+
+    made = []
+
+    class RecordingCallback(TrainerCallback):
+        def __init__(self, **kwargs):
+            self.kwargs, self.steps = kwargs, []
+            made.append(self)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    monkeypatch.setitem(sys.modules, "nerve_hf.callback", types.SimpleNamespace(NerveCallback=RecordingCallback))
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("".join(texts))
+    base = common_args(tmp_path, tokenizer_dir) + ["--train_file", str(train_file), "--do_train", "--max_steps", "2"]
+    run_clm.main(base + ["--save_strategy", "no"])
+    assert made == []  # no --nerve: no callback is made
+    run_clm.main(base + [
+        "--save_strategy", "no", "--nerve", "--nerve_every_n_steps", "7", "--nerve_layers", "0,1",
+        "--nerve_max_tokens", "64", "--nerve_measure_eval", "false",
+    ])
+    assert len(made) == 1 and made[0].steps == [1, 2]
+    assert made[0].kwargs == dict(every_n_steps=7, layers=[0, 1], max_tokens=64, measure_train=True, measure_eval=False)
+
+
 @needs_callback
 def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path):
     train_file = tmp_path / "train.jsonl"
