@@ -194,10 +194,16 @@ def write_report_if_available(run_dir: Path) -> None:
     if importlib.util.find_spec("nerve_hf.report") is None:
         print("(nerve_hf.report is not installed yet: no plots/correlations written)")
         return
+    from nerve_hf.errors import InputError  # ships with the report module
     from nerve_hf.report import write_report  # errors inside the module are real errors: let them raise
 
-    written = write_report(run_dir)
-    print(f"report written: {written if written is not None else run_dir}")
+    try:
+        result = write_report(run_dir)
+    except InputError as exc:  # a run too short to correlate (e.g. --max-steps 2): say why, keep the run
+        print(f"no report: {exc}")
+        return
+    out_dir = getattr(result, "out_dir", run_dir)
+    print(f"report (correlations with eval loss, plots): {out_dir}   (or: nerve report {run_dir})")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
