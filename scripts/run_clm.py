@@ -404,6 +404,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not (training_args.do_train or training_args.do_eval):
         logger.warning("nothing to do: pass --do_train and/or --do_eval")
         return {}
+    if not training_args.do_train:
+        logger.warning("evaluation only: pass --do_train to train (an --eval_strategy alone turns on --do_eval)")
 
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise ValueError("--streaming has no length: pass --max_steps")
