@@ -209,7 +209,7 @@ def _data(config: ProbeConfig, loaded, seq_len: int):
     else:
         name = config.dataset or probe_data.DEFAULT_TEXT
         documents = probe_data.dataset_documents(name, config.dataset_config, config.dataset_split, config.text_column)
-        embedded = name in probe_data.EMBEDDED_TEXT
+        embedded = probe_data.is_embedded_corpus(name)
         source = {"kind": "text", "source": f"embedded:{name}" if embedded else "dataset", "name": name}
         if not embedded:
             source.update(config=config.dataset_config, split=config.dataset_split, column=config.text_column)

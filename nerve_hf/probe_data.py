@@ -3,7 +3,7 @@
 Text sources (each yields documents, lazily, in a fixed order):
 
 * ``--text-file F``: the file is one document.
-* ``--dataset NAME``: an embedded corpus (:data:`EMBEDDED_TEXT`, resolved by :func:`embedded_text`), a
+* ``--dataset NAME``: an embedded corpus (``nerve_hf.data.EMBEDDED_CORPORA``, read by :func:`embedded_text`), a
   local dataset (``save_to_disk`` folder or data files ``datasets.load_dataset`` can read), or a Hub
   dataset streamed with ``datasets.load_dataset(NAME, streaming=True)``.
 * nothing: the embedded ``stdlib-code`` corpus, real Python source files of the running interpreter.
@@ -15,21 +15,19 @@ handwritten digits, resized to the model's input size and normalised with its me
 from __future__ import annotations
 
 import os
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from .errors import InputError
 
 __all__ = [
-    "EMBEDDED_TEXT",
     "DEFAULT_TEXT",
     "EMBEDDED_IMAGES",
     "TextBatches",
     "ImageBatches",
     "embedded_text",
-    "stdlib_code_documents",
+    "is_embedded_corpus",
     "text_file_documents",
     "dataset_documents",
     "check_text_file",
@@ -41,49 +39,26 @@ __all__ = [
 
 DEFAULT_TEXT = "stdlib-code"  # the corpus probed when neither --text-file nor --dataset is given
 
-# Modules of the standard library, in the order they are read: long, varied, present in every CPython.
-_STDLIB_FILES = (
-    "argparse.py", "textwrap.py", "dataclasses.py", "functools.py", "json/decoder.py", "json/encoder.py",
-    "collections/__init__.py", "difflib.py", "heapq.py", "bisect.py", "fractions.py", "statistics.py",
-    "string.py", "shlex.py", "csv.py", "calendar.py", "configparser.py", "inspect.py", "tokenize.py",
-    "pathlib.py", "typing.py", "enum.py", "ast.py", "pprint.py", "random.py", "subprocess.py",
-)
-
-
 # ---------------------------------------------------------------------------------------------- text
-def stdlib_code_documents(root: str | os.PathLike | None = None) -> Iterator[str]:
-    """Source files of the Python standard library (``root``: its folder; default: this interpreter's).
-
-    The named modules first, in a fixed order; then, should a distribution lack them, every other
-    ``.py`` file below ``root`` in sorted order. Files that are not UTF-8 are skipped.
-    """
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    named = [root / name for name in _STDLIB_FILES]
-    seen = set()
-    for path in named + sorted(root.glob("*.py")):
-        if path in seen or not path.is_file():
-            continue
-        seen.add(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if text.strip():
-            yield text
-
-
-# Embedded corpus name -> document generator. The seam for ``nerve_hf.data``: once that package is
-# merged, ``embedded_text`` can route these names to ``nerve_hf.data.load_embedded_corpus``.
-EMBEDDED_TEXT: dict[str, Callable[[], Iterable[str]]] = {
-    "stdlib-code": stdlib_code_documents,
-}
-
-
 def embedded_text(name: str) -> Iterator[str]:
-    """Documents of the embedded corpus ``name`` (a key of :data:`EMBEDDED_TEXT`)."""
-    if name not in EMBEDDED_TEXT:
-        raise InputError(f"unknown embedded corpus {name!r}; embedded corpora: {', '.join(sorted(EMBEDDED_TEXT))}")
-    return iter(EMBEDDED_TEXT[name]())
+    """Documents of the embedded corpus ``name`` (see :data:`nerve_hf.data.EMBEDDED_CORPORA`).
+
+    The held-out validation split comes first, then the training split, so a probe limited by
+    ``--max-tokens`` reads text a demo model never trained on.
+    """
+    from .data import EMBEDDED_CORPORA, load_embedded_corpus
+
+    if name not in EMBEDDED_CORPORA:
+        raise InputError(f"unknown embedded corpus {name!r}; embedded corpora: {', '.join(sorted(EMBEDDED_CORPORA))}")
+    corpus = load_embedded_corpus(name)
+    yield from corpus["validation"]["text"]
+    yield from corpus["train"]["text"]
+
+
+def is_embedded_corpus(name: str) -> bool:
+    from .data import EMBEDDED_CORPORA
+
+    return name in EMBEDDED_CORPORA
 
 
 def check_text_file(path: str | os.PathLike) -> str:
@@ -124,7 +99,7 @@ def dataset_documents(
     name: str, config: str | None = None, split: str = "train", column: str | None = None
 ) -> Iterator[str]:
     """Documents of an embedded corpus, a local dataset or a Hub dataset (streamed), in dataset order."""
-    if name in EMBEDDED_TEXT:
+    if is_embedded_corpus(name):
         yield from embedded_text(name)
         return
     import datasets  # imported on use: slow, and not needed for the embedded corpus
