@@ -1,28 +1,221 @@
-"""Placeholder main job until the training demo lands: spectra of a random tiny GPT-2's FFNs."""
+#!/usr/bin/env python
+"""The NerVE demo: train a small GPT-2 from scratch on CPU and watch its FFN eigenspectra.
 
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+Fully offline: the corpus is the Python standard library's own source code, the tokenizer is a byte-level
+BPE trained on it locally (cached after the first run), and the model is built from a config. It runs
+``scripts/run_clm.py --nerve`` with periodic evaluation, checkpoints and TensorBoard logs, then prints the
+last measurement of every FFN layer from ``<output_dir>/nerve_metrics.jsonl``.
 
-from nerve_hf import CovarianceAccumulator, metrics
+    python scripts/demo.py                  # ~3 minutes on 2 CPU cores; output in runs/demo
+    python scripts/demo.py --quick          # ~30 s smoke run
+    tensorboard --logdir runs/demo          # loss, eval loss and nerve/* curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+MARKER = ".nerve_demo_run"  # marks a directory this script created, so a rerun may replace it
+METRIC_COLUMNS = ("se_pre", "se_post", "pr_pre", "pr_post", "eee_pre", "eee_post", "js")
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=257)).eval()
-    pre = [CovarianceAccumulator(256) for _ in model.transformer.h]
-    post = [CovarianceAccumulator(256) for _ in model.transformer.h]
-    hooks = []
-    for block, acc_pre, acc_post in zip(model.transformer.h, pre, post):
-        hooks.append(block.mlp.c_fc.register_forward_hook(lambda m, i, o, a=acc_pre: a.update(o)))
-        hooks.append(block.mlp.c_proj.register_forward_pre_hook(lambda m, i, a=acc_post: a.update(i[0])))
-    text = open(metrics.__file__, encoding="utf-8").read().encode()[:4096]
-    ids = torch.tensor(list(text)).view(8, -1)  # [8, 512] bytes as tokens
-    with torch.no_grad():
-        model(input_ids=ids)
-    for layer, (a, b) in enumerate(zip(pre, post)):
-        values = metrics.spectrum_metrics(a.eigenvalues(), b.eigenvalues())
-        print(f"ffn.{layer}: " + "  ".join(f"{k}={v.item():.3f}" for k, v in values.items()))
+@dataclass(frozen=True)
+class DemoPreset:
+    """Model, data and cadence of one demo size. Evaluation and checkpoints come every 20% of the steps."""
+
+    max_steps: int  # optimizer steps
+    n_layer: int  # transformer blocks, one FFN each
+    n_embd: int  # model width; FFN width is 4x this
+    n_head: int  # attention heads
+    block_size: int  # tokens per sequence (also the model's context length)
+    batch_size: int  # sequences per optimizer step
+    learning_rate: float  # peak AdamW learning rate (cosine decay, 5% warmup)
+    nerve_every: int  # measure spectra of every N-th step's training batch
+    max_eval_samples: int  # eval blocks per evaluation
+    corpus_bytes: int  # cap on the stdlib corpus (the tokenizer is cached per cap)
+    vocab_size: int  # BPE vocabulary trained on it
+
+
+PRESETS = {
+    "full": DemoPreset(
+        max_steps=600, n_layer=4, n_embd=128, n_head=4, block_size=128, batch_size=8, learning_rate=2e-3,
+        nerve_every=25, max_eval_samples=128, corpus_bytes=3_000_000, vocab_size=4096,
+    ),
+    "quick": DemoPreset(
+        max_steps=40, n_layer=2, n_embd=64, n_head=2, block_size=64, batch_size=8, learning_rate=2e-3,
+        nerve_every=10, max_eval_samples=32, corpus_bytes=1_000_000, vocab_size=2048,
+    ),
+}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/demo", help="Run directory (replaced if an earlier demo made it).")
+    parser.add_argument("--max-steps", type=int, default=None, help="Optimizer steps (default: 600, or 40 with --quick).")
+    parser.add_argument("--quick", action="store_true", help="A tiny model for ~30 s: a smoke test of the whole pipeline.")
+    parser.add_argument("--no-nerve", action="store_true", help="Train without the NerVE callback (for comparison).")
+    parser.add_argument("--nerve-every", type=int, default=None, help="Measure every N steps (default: preset's).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for model init and data order.")
+    return parser.parse_args(argv)
+
+
+def run_clm_module():
+    """``scripts/run_clm.py`` as a module: scripts are not part of the package (DESIGN §2)."""
+    path = Path(__file__).with_name("run_clm.py")
+    spec = importlib.util.spec_from_file_location("nerve_scripts_run_clm", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def prepare_output_dir(path: Path) -> None:
+    """Start from an empty directory; only a previous demo run (it has the marker) is ever deleted."""
+    if path.exists() and any(path.iterdir()):
+        if not (path / MARKER).exists():
+            raise SystemExit(f"{path} exists and was not made by this demo; pass another --output-dir")
+        print(f"replacing the previous demo run in {path}")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("created by scripts/demo.py; a rerun replaces this directory\n")
+
+
+def run_clm_argv(preset: DemoPreset, output_dir: Path, max_steps: int, nerve_every: int, nerve: bool, seed: int) -> list[str]:
+    """The ``run_clm.py`` command line of the demo."""
+    import torch
+
+    every = max(1, max_steps // 5)  # evaluate and checkpoint at 20%, 40%, ... 100%
+    overrides = (
+        f"n_layer={preset.n_layer},n_embd={preset.n_embd},n_head={preset.n_head},n_positions={preset.block_size},"
+        "resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0"  # short runs: dropout only slows learning down
+    )
+    argv = [
+        "--output_dir", str(output_dir),
+        "--do_train", "--do_eval",
+        "--config_overrides", overrides,
+        "--block_size", str(preset.block_size),
+        "--embedded_max_bytes", str(preset.corpus_bytes),
+        "--embedded_vocab_size", str(preset.vocab_size),
+        "--max_steps", str(max_steps),
+        "--per_device_train_batch_size", str(preset.batch_size),
+        "--per_device_eval_batch_size", str(2 * preset.batch_size),
+        "--learning_rate", str(preset.learning_rate),
+        "--lr_scheduler_type", "cosine",
+        "--warmup_steps", str(max(1, max_steps // 20)),
+        "--weight_decay", "0.1",
+        "--eval_strategy", "steps", "--eval_steps", str(every),
+        "--save_strategy", "steps", "--save_steps", str(every), "--save_total_limit", "2",
+        "--logging_steps", str(max(1, min(nerve_every, max_steps // 20))),
+        "--max_eval_samples", str(preset.max_eval_samples),
+        "--report_to", "tensorboard",
+        "--seed", str(seed),
+        "--dataloader_pin_memory", str(torch.cuda.is_available()).lower(),
+    ]
+    if nerve:
+        argv += ["--nerve", "--nerve_every_n_steps", str(nerve_every)]
+    return argv
+
+
+def last_measurements(jsonl_path: Path) -> dict[tuple[str, str], dict]:
+    """The last record per (split, site) in a ``nerve_metrics.jsonl``; unreadable lines are skipped."""
+    latest: dict[tuple[str, str], dict] = {}
+    if not jsonl_path.is_file():
+        return latest
+    for line in jsonl_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "site" not in record:
+            continue
+        key = (str(record.get("split", "train")), str(record["site"]))
+        previous = latest.get(key)
+        if previous is None or _step(record) >= _step(previous):
+            latest[key] = record
+    return latest
+
+
+def _step(record: dict) -> float:
+    step = record.get("step")
+    return step if isinstance(step, (int, float)) else -math.inf
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def _layer_key(record: dict):
+    layer = record.get("layer")
+    return (0, layer, str(record.get("site"))) if isinstance(layer, int) else (1, 0, str(record.get("site")))
+
+
+def summary_table(latest: dict[tuple[str, str], dict]) -> str:
+    """A per-layer table of the last measurement of each FFN, one block per split."""
+    if not latest:
+        return "no NerVE measurements found"
+    columns = ("layer", "site", "step", "tokens") + METRIC_COLUMNS
+    blocks = []
+    for split in sorted({split for split, _ in latest}):
+        records = sorted((r for (s, _), r in latest.items() if s == split), key=_layer_key)
+        rows = [[_cell(r.get(c)) for c in columns] for r in records]
+        widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+        lines = [f"[{split}] last measurement per FFN"]
+        lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+        lines.extend("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def write_report_if_available(run_dir: Path) -> None:
+    """Call ``nerve_hf.report.write_report`` when that module exists (added by the report issue)."""
+    if importlib.util.find_spec("nerve_hf.report") is None:
+        print("(nerve_hf.report is not installed yet: no plots/correlations written)")
+        return
+    from nerve_hf.report import write_report  # errors inside the module are real errors: let them raise
+
+    written = write_report(run_dir)
+    print(f"report written: {written if written is not None else run_dir}")
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    max_steps = args.max_steps or preset.max_steps
+    nerve_every = args.nerve_every or preset.nerve_every
+    output_dir = Path(args.output_dir)
+
+    prepare_output_dir(output_dir)
+    print(
+        f"NerVE demo: GPT-2 from scratch ({preset.n_layer} layers, width {preset.n_embd}, block {preset.block_size}), "
+        f"{max_steps} steps on the stdlib code corpus -> {output_dir}"
+    )
+    metrics = run_clm_module().main(
+        run_clm_argv(preset, output_dir, max_steps, nerve_every, nerve=not args.no_nerve, seed=args.seed)
+    )
+
+    print()
+    print(summary_table(last_measurements(output_dir / "nerve_metrics.jsonl")))
+    print()
+    if "eval_loss" in metrics:
+        print(f"final eval loss {metrics['eval_loss']:.3f}, perplexity {metrics['eval_perplexity']:.1f}")
+    print(f"run directory: {output_dir}   (tensorboard --logdir {output_dir})")
+    write_report_if_available(output_dir)
+    return metrics
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,407 @@
+#!/usr/bin/env python
+"""Train or evaluate a causal language model with the Hugging Face Trainer, optionally watching NerVE spectra.
+
+The command line follows transformers' ``examples/pytorch/language-modeling/run_clm.py`` (model, data and
+``TrainingArguments`` dataclasses parsed by ``HfArgumentParser``; a single ``.json``/``.yaml`` argument is read
+as a config file), plus ``NerveArguments``. With no dataset and no model it runs fully offline: the embedded
+stdlib code corpus, a byte-level BPE tokenizer trained on it locally, and a GPT-2 built from its config.
+
+    python scripts/run_clm.py --output_dir runs/clm --do_train --do_eval --max_steps 200 \\
+        --config_overrides n_layer=4,n_embd=128,n_head=4,n_positions=128 --block_size 128 \\
+        --nerve --nerve_every_n_steps 20
+
+    python scripts/run_clm.py --model_name_or_path gpt2 --dataset_name codeparrot/codeparrot-clean \\
+        --streaming --max_steps 1000 --do_train --do_eval --max_eval_samples 200 --output_dir runs/gpt2 --nerve
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+logger = logging.getLogger("run_clm")
+
+DEFAULT_MODEL_TYPE = "gpt2"  # from-scratch architecture when neither a model nor a config is named
+DEFAULT_STREAMING_EVAL_BLOCKS = 1000  # eval blocks taken from a stream when --max_eval_samples is not set
+
+
+@dataclass
+class ModelArguments:
+    """Which model (and tokenizer) to train: a pretrained checkpoint, or a config to build from scratch."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local directory or Hub id of a pretrained model. Leave unset to train from scratch."},
+    )
+    model_type: Optional[str] = field(
+        default=None,
+        metadata={"help": f"Architecture to build from scratch (a transformers model_type); default {DEFAULT_MODEL_TYPE!r}."},
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "Config (local dir or Hub id) to build from scratch, if not the model's own."}
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={"help": "From scratch only: comma list of config changes, e.g. 'n_embd=64,n_layer=2,resid_pdrop=0.2'."},
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tokenizer (local dir or Hub id). Default: the model's, else the embedded corpus's local BPE."},
+    )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where downloaded models and datasets are cached (Hugging Face cache if unset)."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
+    token: Optional[str] = field(default=None, metadata={"help": "Hub token for private/gated models and datasets."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the Hub (only for repositories you trust)."}
+    )
+    dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "Load pretrained weights in this dtype.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+
+    def __post_init__(self):
+        if self.config_overrides is not None and (self.model_name_or_path or self.config_name):
+            raise ValueError("--config_overrides only applies when building from scratch (no --model_name_or_path/--config_name)")
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which text to train and evaluate on, and how to cut it into blocks."""
+
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset (e.g. codeparrot/codeparrot-clean, allenai/c4, HuggingFaceFW/fineweb) or an embedded "
+            "corpus ('stdlib-code', offline). Default: the embedded corpus when no files are given either."
+        },
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "Dataset subset, e.g. 'en' for c4, 'sample-10BT' for fineweb (known defaults apply)."}
+    )
+    text_column_name: Optional[str] = field(
+        default=None, metadata={"help": "Column with the text. Default: known per dataset (codeparrot: 'content'), else 'text'."}
+    )
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local training text: .txt, .json, .jsonl or .csv."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local evaluation text, same format as --train_file."})
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only this many training blocks (after grouping), for quick runs."}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": f"Keep only this many evaluation blocks (after grouping); streaming default {DEFAULT_STREAMING_EVAL_BLOCKS}."},
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it (needs --max_steps)."})
+    block_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Tokens per training sequence. Default: min(model context, tokenizer max length, 1024)."},
+    )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of the train split held out for evaluation when there is no validation split."}
+    )
+    streaming_validation_docs: int = field(
+        default=1000, metadata={"help": "Streaming without a validation split: documents held out from the start of the stream."}
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Processes for tokenization (map-style datasets only)."}
+    )
+    keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files."})
+    embedded_max_bytes: int = field(
+        default=3_000_000, metadata={"help": "Embedded corpus only: cap on its size in bytes (the tokenizer is cached per cap)."}
+    )
+    embedded_vocab_size: int = field(
+        default=8192, metadata={"help": "Vocabulary size of the locally trained tokenizer (when no tokenizer is named)."}
+    )
+
+    def __post_init__(self):
+        if self.streaming and (self.train_file or self.validation_file):
+            raise ValueError("--streaming applies to --dataset_name, not to local files")
+
+
+@dataclass
+class NerveArguments:
+    """NerVE: eigenspectra of each FFN's pre-/post-activation covariance, measured while training."""
+
+    nerve: bool = field(default=False, metadata={"help": "Track NerVE spectral metrics with nerve_hf.NerveCallback."})
+    nerve_every_n_steps: int = field(
+        default=100, metadata={"help": "Measure the training batches of every N-th optimizer step."}
+    )
+    nerve_layers: Optional[str] = field(
+        default=None, metadata={"help": "Comma list of FFN layer indices to track, e.g. '0,5,11'. Default: all."}
+    )
+    nerve_max_tokens: Optional[int] = field(
+        default=None, metadata={"help": "Cap on tokens per measurement (same tokens for pre and post). Default: no cap."}
+    )
+    nerve_measure_train: bool = field(default=True, metadata={"help": "Measure training batches (--nerve_measure_train false: eval only)."})
+    nerve_measure_eval: bool = field(default=True, metadata={"help": "Measure the eval set at every evaluation (logged with 'eval_')."})
+
+    def __post_init__(self):
+        if self.nerve_every_n_steps < 1:
+            raise ValueError(f"--nerve_every_n_steps must be >= 1, got {self.nerve_every_n_steps}")
+
+    def layer_list(self) -> Optional[list[int]]:
+        """``--nerve_layers`` as a list of ints, or None for all layers."""
+        if self.nerve_layers is None or not self.nerve_layers.strip():
+            return None
+        try:
+            return [int(part) for part in self.nerve_layers.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--nerve_layers must be a comma list of integers, got {self.nerve_layers!r}") from None
+
+
+def parse_args(argv: Optional[list[str]] = None):
+    """Parse the command line (or ``argv``); a single ``.json``/``.yaml`` argument is a config file."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, NerveArguments))
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(json_file=args[0])
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(yaml_file=args[0])
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+def setup_logging(training_args) -> None:
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()  # --log_level; WARNING by default, replicas quieter
+    ours = min(level, logging.INFO) if training_args.should_log else level  # our own progress notes on rank 0
+    for name in ("run_clm", "nerve_hf"):
+        logging.getLogger(name).setLevel(ours)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def load_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments):
+    """Named tokenizer, else the model's, else the embedded corpus's locally trained BPE (offline)."""
+    from transformers import AutoTokenizer
+
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    if source:
+        return AutoTokenizer.from_pretrained(
+            source,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    from nerve_hf.data import get_tokenizer
+
+    logger.info("no tokenizer named: using the byte-level BPE trained locally on the embedded stdlib corpus")
+    return get_tokenizer(vocab_size=data_args.embedded_vocab_size, max_bytes=data_args.embedded_max_bytes)
+
+
+def build_config(model_args: ModelArguments, tokenizer):
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    hub_kwargs = dict(
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if model_args.model_name_or_path or model_args.config_name:
+        return AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path, **hub_kwargs)
+
+    model_type = model_args.model_type or DEFAULT_MODEL_TYPE
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"unknown --model_type {model_type!r}; choose from {sorted(CONFIG_MAPPING.keys())}")
+    config = CONFIG_MAPPING[model_type]()
+    # the tokenizer defines the vocabulary of a model trained from scratch
+    config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            setattr(config, name, getattr(tokenizer, name))
+    if model_args.config_overrides:
+        logger.info("config overrides: %s", model_args.config_overrides)
+        config.update_from_string(model_args.config_overrides)
+    return config
+
+
+def build_model(model_args: ModelArguments, config, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if model_args.model_name_or_path:
+        dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            dtype=dtype,
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info("training a new %s from scratch: %.2fM parameters", config.model_type, n_params / 1e6)
+
+    embeddings = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embeddings:  # a tokenizer with added tokens: give them rows
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def choose_block_size(data_args: DataTrainingArguments, tokenizer, config) -> int:
+    limits = [tokenizer.model_max_length, 1024]
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context:
+        limits.append(context)
+    limit = min(limits)
+    if data_args.block_size is None:
+        return limit
+    if data_args.block_size > limit:
+        logger.warning("--block_size %d exceeds the model/tokenizer limit; using %d", data_args.block_size, limit)
+        return limit
+    return data_args.block_size
+
+
+def prepare_datasets(data_args: DataTrainingArguments, model_args: ModelArguments, tokenizer, block_size: int, training_args):
+    """Raw text -> ``{"train": blocks, "validation": blocks}`` of ``block_size`` tokens, capped as asked."""
+    from nerve_hf.data import load_raw_datasets, tokenize_and_group
+
+    raw, text_column = load_raw_datasets(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        text_column=data_args.text_column_name,
+        streaming=data_args.streaming,
+        validation_split_percentage=data_args.validation_split_percentage,
+        streaming_validation_docs=data_args.streaming_validation_docs,
+        keep_linebreaks=data_args.keep_linebreaks,
+        token=model_args.token,
+        cache_dir=model_args.cache_dir,
+        embedded_options={"max_bytes": data_args.embedded_max_bytes},
+    )
+    with training_args.main_process_first(desc="tokenizing"):
+        blocks = tokenize_and_group(
+            raw, tokenizer, block_size, text_column=text_column, num_proc=data_args.preprocessing_num_workers
+        )
+
+    def cap(split, limit):
+        if limit is None:
+            return split
+        if data_args.streaming:
+            return split.take(limit)
+        return split.select(range(min(limit, len(split))))
+
+    train = cap(blocks["train"], data_args.max_train_samples)
+    eval_limit = data_args.max_eval_samples
+    if data_args.streaming and eval_limit is None:
+        eval_limit = DEFAULT_STREAMING_EVAL_BLOCKS
+        logger.warning("streaming: evaluating on the first %d blocks (set --max_eval_samples to change)", eval_limit)
+    validation = cap(blocks["validation"], eval_limit)
+    return train, validation
+
+
+def nerve_callback(nerve_args: NerveArguments):
+    """The NerVE callback configured from the command line (imported only when ``--nerve`` is on)."""
+    from nerve_hf import NerveCallback
+
+    return NerveCallback(
+        every_n_steps=nerve_args.nerve_every_n_steps,
+        layers=nerve_args.layer_list(),
+        max_tokens=nerve_args.nerve_max_tokens,
+        measure_train=nerve_args.nerve_measure_train,
+        measure_eval=nerve_args.nerve_measure_eval,
+    )
+
+
+def resolve_checkpoint(training_args) -> Optional[str]:
+    """``--resume_from_checkpoint PATH``, or ``last``/``true`` for the newest checkpoint in ``--output_dir``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    wanted = training_args.resume_from_checkpoint
+    if wanted is None or str(wanted).lower() in ("false", "none", ""):
+        return None
+    if str(wanted).lower() in ("last", "true"):
+        last = get_last_checkpoint(training_args.output_dir)
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {wanted}: no checkpoint in {training_args.output_dir}")
+        return last
+    return wanted
+
+
+def with_perplexity(metrics: dict, prefix: str = "eval") -> dict:
+    """Add ``<prefix>_perplexity`` = exp(``<prefix>_loss``), the mean per-token cross-entropy."""
+    loss = metrics.get(f"{prefix}_loss")
+    if loss is not None:
+        metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else float("inf")  # exp overflows past ~709
+    return metrics
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Run training and/or evaluation; returns the final metrics (``train_*`` and ``eval_*`` keys)."""
+    model_args, data_args, training_args, nerve_args = parse_args(argv)
+    setup_logging(training_args)
+    logger.info(
+        "process rank %s, device %s, n_gpu %s, distributed %s",
+        training_args.process_index,
+        training_args.device,
+        training_args.n_gpu,
+        training_args.parallel_mode.value == "distributed",
+    )
+    if not (training_args.do_train or training_args.do_eval):
+        logger.warning("nothing to do: pass --do_train and/or --do_eval")
+        return {}
+
+    from transformers import Trainer, default_data_collator, set_seed
+
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args, data_args)
+    config = build_config(model_args, tokenizer)
+    block_size = choose_block_size(data_args, tokenizer, config)
+    train_dataset, eval_dataset = prepare_datasets(data_args, model_args, tokenizer, block_size, training_args)
+    model = build_model(model_args, config, tokenizer)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if training_args.do_eval else None,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,  # blocks are full: no padding, labels already present
+    )
+    if nerve_args.nerve:
+        trainer.add_callback(nerve_callback(nerve_args))
+
+    metrics: dict = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
+        trainer.save_model()  # also saves the tokenizer
+        train_metrics = dict(result.metrics)
+        if not data_args.streaming:
+            train_metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+
+    if training_args.do_eval:
+        eval_metrics = with_perplexity(trainer.evaluate())
+        if not data_args.streaming:
+            eval_metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
