@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 SCHEMA_VERSION = 1  # bump when the layout below changes
-SIGNIFICANT_DIGITS = 6  # floats are stored rounded: the files stay small and diff-able
+SIGNIFICANT_DIGITS = 7  # floats are stored rounded: the files stay small and diff-able
 
 
 # a JSON list holding only numbers/null/strings/bools, spread over lines by indent=1: put it on one line
@@ -74,15 +74,15 @@ def load_result(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def _rounded(value):
+def rounded(value):
     if isinstance(value, float):
         if not math.isfinite(value):
             return None  # strict JSON
         return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
     if isinstance(value, dict):
-        return {key: _rounded(item) for key, item in value.items()}
+        return {key: rounded(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_rounded(item) for item in value]
+        return [rounded(item) for item in value]
     return value
 
 
@@ -91,7 +91,7 @@ def write_result(result: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    text = json.dumps(_rounded(result), indent=1, allow_nan=False)
+    text = json.dumps(rounded(result), indent=1, allow_nan=False)
     text = _SCALAR_LIST.sub(lambda m: "[" + ", ".join(part.strip() for part in m.group(1).split(",")) + "]", text)
     tmp.write_text(text + "\n")
     os.replace(tmp, path)

@@ -69,7 +69,11 @@ def nerve_series(records: Iterable[dict], split: str = "eval") -> dict:
 
 
 def correlations(series: dict, loss_by_step: dict[int, float]) -> dict:
-    """Pearson r of each metric with the eval loss at the same steps: per mean group and per site."""
+    """Pearson r of each metric with the eval loss at the same steps: per mean group and per site.
+
+    ``late`` repeats the layer-mean r on the second half of training (evaluations at steps >= half the
+    last step), past the early transient in which short runs spend a large share of their evaluations.
+    """
     steps = series["steps"]
     loss = [loss_by_step.get(step) for step in steps]
     out = {"mean": {}, "per_site": {}}
@@ -78,6 +82,13 @@ def correlations(series: dict, loss_by_step: dict[int, float]) -> dict:
     for metric in METRICS:
         rows = series["per_site"][metric]  # [S][K]
         out["per_site"][metric] = [pearson([row[k] for row in rows], loss)["r"] for k in range(len(series["sites"]))]
+    from_step = math.ceil(steps[-1] / 2) if steps else 0
+    keep = [i for i, step in enumerate(steps) if step >= from_step]
+    out["late"] = {
+        "from_step": from_step,
+        "mean": {metric: pearson([values[i] for i in keep], [loss[i] for i in keep])
+                 for metric, values in series["mean"]["all"].items()},
+    }
     return out
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from _data import image_data, lm_data
+from _results import rounded
 from _settings import RunSettings
 from _stats import correlations, nerve_series
 
@@ -114,8 +115,9 @@ def train_run(settings: RunSettings, progress: bool = True, workdir: str | None 
         records = list(read_records(Path(output_dir) / RECORDS_FILENAME))
     history = [log for log in trainer.state.log_history if "eval_loss" in log]
     train_logs = [log for log in trainer.state.log_history if "loss" in log and "eval_loss" not in log]
-    loss_by_step = {int(log["step"]): float(log["eval_loss"]) for log in history}
-    series = nerve_series(records, split="eval")
+    # r is computed on the values as stored (rounded), so that it can be re-derived from the file exactly
+    loss_by_step = rounded({int(log["step"]): float(log["eval_loss"]) for log in history})
+    series = rounded(nerve_series(records, split="eval"))
     final = {"eval_loss": history[-1]["eval_loss"], "step": history[-1]["step"]}
     if settings.task == "lm":
         final["perplexity"] = math.exp(final["eval_loss"]) if final["eval_loss"] < 50 else math.inf

@@ -1,0 +1,156 @@
+"""The paper's qualitative findings, checked on our result files: each check returns a verdict and its numbers.
+
+A check never fails silently: when a result file it needs is missing it says so ("not run").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import median
+
+
+@dataclass
+class Finding:
+    claim: str  # the paper's finding, in one line
+    verdict: str  # "supported", "contradicted", "mixed", or "not run"
+    evidence: str  # markdown: the numbers behind the verdict
+
+
+def _final_mean(entry: dict, metric: str) -> float | None:
+    return entry["nerve"]["mean"]["all"][metric][-1]
+
+
+def _final_sites(entry: dict, metric: str) -> list:
+    return entry["nerve"]["per_site"][metric][-1]
+
+
+def _fmt(x, digits=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _verdict(flags: list[bool]) -> str:
+    if not flags:
+        return "not run"
+    return "supported" if all(flags) else "contradicted" if not any(flags) else "mixed"
+
+
+def variance_reinjection(results: dict) -> Finding:
+    claim = "Baseline (PreLN GELU/ReLU): post-activation SE and PR above pre-activation (variance reinjection)."
+    rows, flags = [], []
+    for exp, run in (("gpt2_activations", "gelu"), ("gpt2_activations", "relu")):
+        entry = results.get(exp, {}).get("runs", {}).get(run)
+        if entry is None:
+            continue
+        se = (_final_mean(entry, "se_pre"), _final_mean(entry, "se_post"))
+        pr = (_final_mean(entry, "pr_pre"), _final_mean(entry, "pr_post"))
+        layers_up = sum(post > pre for pre, post in zip(_final_sites(entry, "pr_pre"), _final_sites(entry, "pr_post")))
+        n = len(entry["nerve"]["sites"])
+        ok = se[1] > se[0] and pr[1] > pr[0]
+        flags.append(ok)
+        rows.append(f"| {run} | {_fmt(se[0])} | {_fmt(se[1])} | {_fmt(pr[0], 1)} | {_fmt(pr[1], 1)} | {layers_up}/{n} |")
+    table = ["| run | SE_pre | SE_post | PR_pre | PR_post | layers with PR_post > PR_pre |", "|---|---|---|---|---|---|", *rows]
+    return Finding(claim, _verdict(flags), "Final evaluation, layer means:\n\n" + "\n".join(table))
+
+
+def _early(values: list, n_early: int) -> float:
+    vals = [v for v in values[:n_early] if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def normfree_inertia(results: dict) -> Finding:
+    claim = "NormFree GELU: spectral inertia in early layers (JS near 0, EEE_post high) compared with the normalised baseline."
+    nf = results.get("gpt2_normfree", {}).get("runs", {}).get("normfree-gelu")
+    base = results.get("gpt2_activations", {}).get("runs", {}).get("gelu")
+    if nf is None or base is None:
+        return Finding(claim, "not run", "needs gpt2_normfree/normfree-gelu and gpt2_activations/gelu")
+    n_early = max(1, len(nf["nerve"]["sites"]) // 2)
+    rows, flags = [], []
+    for name, entry in (("GELU (PreLN)", base), ("NormFree GELU", nf),
+                        *[(label, results["gpt2_normfree"]["runs"][r]) for r, label in
+                          (("normfree-relu", "NormFree ReLU"), ("normfree-lrelu", "NormFree LReLU"))
+                          if r in results["gpt2_normfree"]["runs"]]):
+        js = _early(_final_sites(entry, "js"), n_early)
+        eee = _early(_final_sites(entry, "eee_post"), n_early)
+        rows.append((name, js, eee))
+    js_base, eee_base = rows[0][1], rows[0][2]
+    js_nf, eee_nf = rows[1][1], rows[1][2]
+    flags = [js_nf < js_base, eee_nf > eee_base]
+    table = [f"| model | JS, layers 0-{n_early - 1} | EEE_post, layers 0-{n_early - 1} |", "|---|---|---|"]
+    table += [f"| {name} | {_fmt(js, 4)} | {_fmt(eee)} |" for name, js, eee in rows]
+    note = (f"\n\nNormFree GELU early-layer JS is {js_nf / js_base:.2f}x the baseline's; EEE_post {eee_nf - eee_base:+.3f}."
+            if js_base else "")
+    return Finding(claim, _verdict(flags), "Final evaluation, mean over the early layers:\n\n" + "\n".join(table) + note)
+
+
+def normfree_relu_pr_gain(results: dict) -> Finding:
+    claim = "NormFree ReLU: large PR gains (PR_post / PR_pre), larger than NormFree GELU's."
+    runs = results.get("gpt2_normfree", {}).get("runs", {})
+    base = results.get("gpt2_activations", {}).get("runs", {})
+    candidates = [("GELU (PreLN)", base.get("gelu")), ("ReLU (PreLN)", base.get("relu")),
+                  ("NormFree GELU", runs.get("normfree-gelu")), ("NormFree ReLU", runs.get("normfree-relu")),
+                  ("NormFree LReLU", runs.get("normfree-lrelu"))]
+    candidates = [(n, e) for n, e in candidates if e is not None]
+    if not any(n == "NormFree ReLU" for n, _ in candidates):
+        return Finding(claim, "not run", "needs gpt2_normfree/normfree-relu")
+    gains = {}
+    for name, entry in candidates:
+        per_layer = [post / pre for pre, post in zip(_final_sites(entry, "pr_pre"), _final_sites(entry, "pr_post")) if pre and post]
+        gains[name] = (sum(per_layer) / len(per_layer), max(per_layer))
+    others = [g[0] for n, g in gains.items() if n != "NormFree ReLU"]
+    flags = [gains["NormFree ReLU"][0] > max(others)] if others else []
+    table = ["| model | mean PR_post/PR_pre over layers | max over layers |", "|---|---|---|"]
+    table += [f"| {name} | {_fmt(mean, 2)} | {_fmt(mx, 2)} |" for name, (mean, mx) in gains.items()]
+    return Finding(claim, _verdict(flags), "Final evaluation:\n\n" + "\n".join(table))
+
+
+def muon_vs_adamw(results: dict) -> Finding:
+    claim = "Muon: higher PR_post and lower perplexity than AdamW."
+    runs = results.get("optimizers", {}).get("runs", {})
+    rows, flags = [], []
+    for ctx in ("short", "long"):
+        adamw, muon = runs.get(f"adamw-{ctx}"), runs.get(f"muon-{ctx}")
+        if adamw is None or muon is None:
+            continue
+        pr = (_final_mean(adamw, "pr_post"), _final_mean(muon, "pr_post"))
+        ppl = (adamw["final"]["perplexity"], muon["final"]["perplexity"])
+        flags += [pr[1] > pr[0], ppl[1] < ppl[0]]
+        dion = runs.get(f"dion-{ctx}")
+        dion_cols = f" {_fmt(_final_mean(dion, 'pr_post'), 1)} | {_fmt(dion['final']['perplexity'], 2)} |" if dion else " | |"
+        ctx_len = adamw["settings"]["block_size"]
+        rows.append(f"| {ctx} ({ctx_len}) | {_fmt(pr[0], 1)} | {_fmt(pr[1], 1)} | {_fmt(ppl[0], 2)} | {_fmt(ppl[1], 2)} |{dion_cols}")
+    table = ["| context | AdamW PR_post | Muon PR_post | AdamW PPL | Muon PPL | Dion PR_post | Dion PPL |",
+             "|---|---|---|---|---|---|---|", *rows]
+    return Finding(claim, _verdict(flags), "Final evaluation, layer means:\n\n" + "\n".join(table))
+
+
+def pre_metrics_track_loss(results: dict, threshold: float = -0.9) -> Finding:
+    claim = f"SE_pre and PR_pre correlate strongly (negatively) with eval loss within a run (we count r <= {threshold})."
+    rows, flags = [], []
+    for exp, result in results.items():
+        if result.get("task") != "lm":
+            continue
+        for run, entry in result["runs"].items():
+            corr = entry["correlations"]["mean"]["all"]
+            r_se, r_pr = corr["se_pre"]["r"], corr["pr_pre"]["r"]
+            if r_se is None or r_pr is None:
+                continue
+            flags.append(r_se <= threshold and r_pr <= threshold)
+            rows.append((exp, run, r_se, r_pr, corr["se_pre"]["n"]))
+    if not rows:
+        return Finding(claim, "not run", "no LM run with at least 3 evaluations")
+    strong = sum(flags)
+    evidence = (
+        f"{strong}/{len(rows)} LM runs have both r(SE_pre) and r(PR_pre) <= {threshold}; "
+        f"median r(SE_pre) = {median(r[2] for r in rows):.3f}, median r(PR_pre) = {median(r[3] for r in rows):.3f} "
+        f"({rows[0][4]} evaluations per run). Per run: see the correlation tables below."
+    )
+    verdict = "supported" if strong == len(rows) else "mixed" if strong >= len(rows) / 2 else "contradicted"
+    return Finding(claim, verdict, evidence)
+
+
+CHECKS = (variance_reinjection, normfree_inertia, normfree_relu_pr_gain, muon_vs_adamw, pre_metrics_track_loss)
+
+
+def check_all(results: dict) -> list[Finding]:
+    return [check(results) for check in CHECKS]
