@@ -45,14 +45,16 @@ class Experiment:
     def runs_for(self, preset: str) -> list[RunSpec]:
         return [run for run in self.runs if run.presets is None or preset in run.presets]
 
-    def resolve(self, run: RunSpec, preset: str) -> RunSettings:
-        """The full settings of ``run`` under ``preset`` (see _settings for the order)."""
+    def resolve(self, run: RunSpec, preset: str, overrides: Optional[dict] = None) -> RunSettings:
+        """The full settings of ``run`` under ``preset`` (see _settings for the order); ``overrides`` (run.py
+        ``--set``) come last."""
         return resolve(
             preset,
             self.task,
             self.settings.get(preset, {}),
             {"variant": run.variant, **run.settings},
             run.preset_settings.get(preset, {}),
+            overrides or {},
         )
 
 

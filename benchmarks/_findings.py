@@ -72,12 +72,14 @@ def normfree_inertia(results: dict) -> Finding:
                           if r in results["gpt2_normfree"]["runs"]]):
         js = _early(_final_sites(entry, "js"), n_early)
         eee = _early(_final_sites(entry, "eee_post"), n_early)
-        rows.append((name, js, eee))
+        pr = _early(_final_sites(entry, "pr_pre"), n_early)
+        rows.append((name, js, eee, pr, entry["final"]["eval_loss"]))
     js_base, eee_base = rows[0][1], rows[0][2]
     js_nf, eee_nf = rows[1][1], rows[1][2]
     flags = [js_nf < js_base, eee_nf > eee_base]
-    table = [f"| model | JS, layers 0-{n_early - 1} | EEE_post, layers 0-{n_early - 1} |", "|---|---|---|"]
-    table += [f"| {name} | {_fmt(js, 4)} | {_fmt(eee)} |" for name, js, eee in rows]
+    early = f"layers 0-{n_early - 1}"
+    table = [f"| model | JS, {early} | EEE_post, {early} | PR_pre, {early} | final eval loss |", "|---|---|---|---|---|"]
+    table += [f"| {name} | {_fmt(js, 4)} | {_fmt(eee)} | {_fmt(pr, 2)} | {_fmt(loss)} |" for name, js, eee, pr, loss in rows]
     note = (f"\n\nNormFree GELU early-layer JS is {js_nf / js_base:.2f}x the baseline's; EEE_post {eee_nf - eee_base:+.3f}."
             if js_base else "")
     return Finding(claim, _verdict(flags), "Final evaluation, mean over the early layers:\n\n" + "\n".join(table) + note)
@@ -96,12 +98,19 @@ def normfree_relu_pr_gain(results: dict) -> Finding:
     gains = {}
     for name, entry in candidates:
         per_layer = [post / pre for pre, post in zip(_final_sites(entry, "pr_pre"), _final_sites(entry, "pr_post")) if pre and post]
-        gains[name] = (sum(per_layer) / len(per_layer), max(per_layer))
+        gains[name] = (sum(per_layer) / len(per_layer), max(per_layer), _final_mean(entry, "pr_pre"), entry["final"]["eval_loss"])
     others = [g[0] for n, g in gains.items() if n != "NormFree ReLU"]
     flags = [gains["NormFree ReLU"][0] > max(others)] if others else []
-    table = ["| model | mean PR_post/PR_pre over layers | max over layers |", "|---|---|---|"]
-    table += [f"| {name} | {_fmt(mean, 2)} | {_fmt(mx, 2)} |" for name, (mean, mx) in gains.items()]
-    return Finding(claim, _verdict(flags), "Final evaluation:\n\n" + "\n".join(table))
+    table = ["| model | mean PR_post/PR_pre over layers | max over layers | PR_pre (layer mean) | final eval loss |",
+             "|---|---|---|---|---|"]
+    table += [f"| {name} | {_fmt(mean, 2)} | {_fmt(mx, 2)} | {_fmt(pr, 2)} | {_fmt(loss)} |"
+              for name, (mean, mx, pr, loss) in gains.items()]
+    evidence = "Final evaluation:\n\n" + "\n".join(table)
+    collapsed = [name for name, g in gains.items() if name.startswith("NormFree") and g[2] < 1.5]
+    if collapsed:
+        evidence += (f"\n\nCaveat: {', '.join(collapsed)} ended with PR_pre < 1.5, i.e. FFN spectra collapsed onto about "
+                     "one direction; a PR ratio between two near-rank-one spectra says little about the paper's claim.")
+    return Finding(claim, _verdict(flags), evidence)
 
 
 def muon_vs_adamw(results: dict) -> Finding:

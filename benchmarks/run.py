@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="smoke", choices=PRESET_NAMES, help="settings preset (default: smoke)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (files go to OUT/PRESET/)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="NAME", help="only these runs of the experiment(s)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="override a RunSettings field for every selected run (JSON value, e.g. learning_rate=1e-3); "
+                             "repeatable; recorded in each run's settings")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the result file, run the rest")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (settings, parameter counts) and exit")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -47,6 +50,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.experiments and not args.list:
         parser.error("name an experiment or pass --all (or --list)")
     return args
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["learning_rate=1e-3", "dataset=digits"]`` -> ``{"learning_rate": 0.001, "dataset": "digits"}``."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set wants FIELD=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string
+    return out
 
 
 def selected_runs(experiment, preset: str, names) -> list:
@@ -71,10 +90,10 @@ def parameter_count(settings) -> int:
     return zoo.count_parameters(model)
 
 
-def describe(experiment, preset: str, names) -> str:
+def describe(experiment, preset: str, names, overrides=None) -> str:
     lines = [f"{experiment.name} [{preset}]: {experiment.description}", f"  {experiment.section}"]
     for run in selected_runs(experiment, preset, names):
-        s = experiment.resolve(run, preset)
+        s = experiment.resolve(run, preset, overrides)
         data = f"{s.dataset} ctx {s.block_size}" if s.task == "lm" else f"{s.dataset} {s.image_size}px"
         length = f"{s.max_steps} steps" if s.max_steps else f"{s.epochs:g} epochs"
         lines.append(
@@ -86,7 +105,7 @@ def describe(experiment, preset: str, names) -> str:
 
 
 def run_experiment(name: str, preset: str, out: str | Path = DEFAULT_OUT, runs=None, resume: bool = False,
-                   progress: bool = True, argv=None) -> Path:
+                   progress: bool = True, argv=None, overrides=None) -> Path:
     """Train the experiment's runs under ``preset``; returns the result file path."""
     from _train import train_run
 
@@ -109,7 +128,7 @@ def run_experiment(name: str, preset: str, out: str | Path = DEFAULT_OUT, runs=N
     for run in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(run.name)
-        settings = experiment.resolve(run, preset)
+        settings = experiment.resolve(run, preset, overrides)
         result["runs"][run.name] = train_run(settings, progress=progress)
         order = [r.name for r in experiment.runs]  # keep the config's run order in the file
         result["runs"] = dict(sorted(result["runs"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 1e9))
@@ -136,12 +155,13 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.overrides)
     for name in args.experiments:
         experiment = load_experiment(name)
         if args.dry_run:
-            print(describe(experiment, args.preset, args.runs))
+            print(describe(experiment, args.preset, args.runs, overrides))
             continue
-        path = run_experiment(name, args.preset, args.out, args.runs, args.resume, not args.quiet, argv)
+        path = run_experiment(name, args.preset, args.out, args.runs, args.resume, not args.quiet, argv, overrides)
         print(f"wrote {path}", flush=True)
 
 

@@ -46,7 +46,7 @@ def summary_table(result: dict) -> str:
     """Per run: parameters, steps, final eval loss and PPL (or accuracy), the paper's PPL, final layer-mean metrics."""
     lm = result["task"] == "lm"
     paper = PAPER_PERPLEXITY.get(result["experiment"], {})
-    head = ["run", "params", "steps", "wall s", "eval loss", "PPL" if lm else "accuracy"]
+    head = ["run", "params", "optimizer (lr)", "steps", "wall s", "eval loss", "PPL" if lm else "accuracy"]
     if lm and paper:
         head.append("paper PPL")
     head += ["SE pre/post", "PR pre/post", "EEE pre/post", "JS"]
@@ -54,7 +54,8 @@ def summary_table(result: dict) -> str:
     for run, entry in result["runs"].items():
         final, prov = entry["final"], entry["provenance"]
         mean = {m: values[-1] for m, values in entry["nerve"]["mean"]["all"].items()}
-        cells = [label(result, run), f"{prov['parameters'] / 1e6:.2f}M", str(prov["steps"]), f"{prov['wall_time_s']:.0f}",
+        opt = f"{entry['settings']['optimizer']} ({entry['settings']['learning_rate']:g})"
+        cells = [label(result, run), f"{prov['parameters'] / 1e6:.2f}M", opt, str(prov["steps"]), f"{prov['wall_time_s']:.0f}",
                  fmt(final["eval_loss"]), fmt(final.get("perplexity"), 2) if lm else fmt(final.get("accuracy"))]
         if lm and paper:
             cells.append(fmt(paper.get(run), 3 if paper.get(run, 100) < 10 else 2))
@@ -99,6 +100,21 @@ def per_layer_table(result: dict) -> str:
                 f"{fmt(v['pr_pre'], 1)} / {fmt(v['pr_post'], 1)}", fmt(gain, 2), f"{fmt(v['eee_pre'])} / {fmt(v['eee_post'])}",
                 fmt(v["js"], 4), fmt(corr["se_pre"][k]), fmt(corr["pr_pre"][k]),
             ]) + " |")
+    return "\n".join(lines)
+
+
+def family_table(result: dict) -> str:
+    """Final metrics per FFN family (the Mixer's token-mixing FFN1 and channel-mixing FFN2), layer means."""
+    groups = [g for g in next(iter(result["runs"].values()))["nerve"]["mean"] if g != "all"]
+    head = ["run"] + [f"{g} {m}" for g in groups for m in ("SE pre/post", "PR pre/post", "JS")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, entry in result["runs"].items():
+        cells = [label(result, run)]
+        for g in groups:
+            v = {m: values[-1] for m, values in entry["nerve"]["mean"][g].items()}
+            cells += [f"{fmt(v['se_pre'], 2)} / {fmt(v['se_post'], 2)}", f"{fmt(v['pr_pre'], 1)} / {fmt(v['pr_post'], 1)}",
+                      fmt(v["js"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -161,12 +177,15 @@ def render(results: dict, preset: str, figures: list[Path], output: Path) -> str
         data = (f"{prov.get('dataset')}, {prov.get('tokenizer')}, context {s['block_size']}, "
                 f"{s['batch_size']}x{s['grad_accum']} sequences/step" if result["task"] == "lm"
                 else f"{prov.get('dataset')}, {s['image_size']}px, batch {s['batch_size']}")
-        out += [f"Data: {data}; optimizer lr {s['learning_rate']:g}, wd {s['weight_decay']:g}, {s['scheduler']} schedule; "
+        out += [f"Data: {data}; wd {s['weight_decay']:g}, {s['scheduler']} schedule (first run; every run's settings "
+                f"are in the result file); "
                 f"seed {s['seed']}; torch {env['torch']}, transformers {env['transformers']}, "
                 f"{env['torch_threads']} thread(s).", "", summary_table(result), "", "Within-run r with eval loss:", "",
                 correlation_table(result), ""]
         if name == "gpt2_width":
             out += [width_note(result), ""]
+        if len(first["nerve"]["mean"]) > 1:
+            out += ["Per FFN family (final evaluation, layer means):", "", family_table(result), ""]
         out += ["<details><summary>per-layer metrics at the final evaluation</summary>", "", per_layer_table(result), "",
                 "</details>", ""]
     if figures:

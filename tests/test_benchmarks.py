@@ -203,3 +203,24 @@ def test_tables_make_png_figures(smoke_results, tmp_path):
     results = tables.load_results(smoke_results, "smoke")
     figures = tables.make_figures(results, tmp_path)
     assert figures and all(path.suffix == ".png" and path.stat().st_size > 1000 for path in figures)
+
+
+def test_resume_keeps_finished_runs_and_trains_nothing_more(smoke_results, tmp_path):
+    import shutil
+
+    import run as bench_run
+
+    shutil.copytree(smoke_results / "smoke", tmp_path / "smoke")
+    before = (tmp_path / "smoke" / "gpt2_activations.json").read_text()
+    path = bench_run.run_experiment("gpt2_activations", "smoke", tmp_path, runs=["gelu"], resume=True, progress=False)
+    assert path.read_text() == before  # gelu was there: nothing ran, nothing rewritten
+
+
+def test_set_overrides_parse_json_values_and_reach_the_settings():
+    import run as bench_run
+
+    overrides = bench_run.parse_overrides(["learning_rate=1e-3", "dataset=digits", "bf16=true"])
+    assert overrides == {"learning_rate": 1e-3, "dataset": "digits", "bf16": True}
+    experiment = _experiments.load_experiment("gpt2_normfree")
+    settings = experiment.resolve(experiment.runs[0], "cpu", {"learning_rate": 1e-3})
+    assert settings.learning_rate == 1e-3
