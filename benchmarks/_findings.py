@@ -82,7 +82,13 @@ def normfree_inertia(results: dict) -> Finding:
     table += [f"| {name} | {_fmt(js, 4)} | {_fmt(eee)} | {_fmt(pr, 2)} | {_fmt(loss)} |" for name, js, eee, pr, loss in rows]
     note = (f"\n\nNormFree GELU early-layer JS is {js_nf / js_base:.2f}x the baseline's; EEE_post {eee_nf - eee_base:+.3f}."
             if js_base else "")
-    return Finding(claim, _verdict(flags), "Final evaluation, mean over the early layers:\n\n" + "\n".join(table) + note)
+    verdict = _verdict(flags)
+    if rows[1][3] < 1.5:  # PR_pre of NormFree GELU's early layers
+        verdict += ", but only in a collapsed regime"
+        note += (" Caveat: NormFree GELU's early-layer PR_pre is about 1 (its FFN spectra collapsed onto one direction) "
+                 "and its eval loss stalled; JS near 0 and EEE near 1 are what any two rank-one spectra give, so this "
+                 "is inertia in the trivial sense, not evidence for the paper's mechanism.")
+    return Finding(claim, verdict, "Final evaluation, mean over the early layers:\n\n" + "\n".join(table) + note)
 
 
 def normfree_relu_pr_gain(results: dict) -> Finding:
