@@ -1,0 +1,67 @@
+"""Data of the benchmark runs: LM blocks (embedded corpus or Hub) and image splits, cached per process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from _settings import RunSettings
+
+
+@lru_cache(maxsize=4)
+def _lm_data(dataset, dataset_config, streaming, tokenizer_name, vocab_size, corpus_max_bytes, block_size, eval_samples):
+    from nerve_hf.data import EMBEDDED_CORPORA, get_tokenizer, load_raw_datasets, tokenize_and_group
+
+    embedded = dataset in EMBEDDED_CORPORA
+    options = {"max_bytes": corpus_max_bytes} if embedded else None
+    if tokenizer_name is None:
+        if not embedded:
+            raise ValueError(f"a Hub dataset ({dataset}) needs a named tokenizer (settings.tokenizer)")
+        tokenizer = get_tokenizer(vocab_size=vocab_size, corpus=dataset, **options)
+        tokenizer_desc = f"local byte-level BPE, {len(tokenizer)} tokens, trained on {dataset}"
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        tokenizer_desc = tokenizer_name
+    raw, text_column = load_raw_datasets(dataset, dataset_config, streaming=streaming, embedded_options=options)
+    grouped = tokenize_and_group(raw, tokenizer, block_size, text_column=text_column)
+    train, validation = grouped["train"], grouped["validation"]
+    if eval_samples:
+        validation = validation.take(eval_samples) if streaming else validation.select(range(min(eval_samples, len(validation))))
+    if streaming:  # Trainer needs a map-style eval set to count it; the eval slice is small
+        import datasets
+
+        validation = datasets.Dataset.from_list(list(validation))
+    info = {
+        "dataset": dataset if not dataset_config else f"{dataset}/{dataset_config}",
+        "corpus_max_bytes": corpus_max_bytes if embedded else None,
+        "tokenizer": tokenizer_desc,
+        "block_size": block_size,
+        "train_blocks": None if streaming else len(train),
+        "eval_blocks": len(validation),
+    }
+    return train, validation, len(tokenizer), info
+
+
+def lm_data(settings: RunSettings):
+    """``(train, eval, vocab_size, info)``: LM blocks of ``settings.block_size`` tokens (``input_ids``, ``labels``)."""
+    return _lm_data(settings.dataset, settings.dataset_config, settings.streaming, settings.tokenizer,
+                    settings.vocab_size, settings.corpus_max_bytes, settings.block_size, settings.eval_samples)
+
+
+@lru_cache(maxsize=2)
+def _image_data(dataset, image_size, seed, data_dir, eval_samples):
+    from torch.utils.data import Subset
+
+    from nerve_hf import zoo
+
+    splits = zoo.load_image_dataset(dataset, image_size=image_size, seed=seed, data_dir=data_dir)
+    val = splits.val if not eval_samples else Subset(splits.val, range(min(eval_samples, len(splits.val))))
+    info = {"dataset": splits.source, "image_size": image_size, "train_images": len(splits.train),
+            "eval_images": len(val), "num_classes": splits.num_classes}
+    return splits.train, val, splits.num_classes, info
+
+
+def image_data(settings: RunSettings):
+    """``(train, eval, num_classes, info)`` of ``nerve_hf.zoo.load_image_dataset``."""
+    return _image_data(settings.dataset, settings.image_size, settings.seed, settings.data_dir, settings.eval_samples)

@@ -1,0 +1,100 @@
+"""Small PNG figures of the benchmark results (matplotlib, Agg backend, imported on use)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DPI = 90  # small files: the figures are for the README, not print
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(result: dict, run: str) -> str:
+    return result.get("labels", {}).get(run, run)
+
+
+def trajectories(results: list[dict], path: Path, metrics=("se_pre", "se_post", "pr_pre", "pr_post")) -> Path:
+    """Layer-mean eval metrics vs step for every run of ``results`` (one panel per metric)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8))
+    for result in results:
+        for run, entry in result["runs"].items():
+            series = entry["nerve"]
+            for ax, metric in zip(axes, metrics):
+                ax.plot(series["steps"], series["mean"]["all"][metric], marker=".", label=_label(result, run))
+    for ax, metric in zip(axes, metrics):
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def per_layer(results: list[dict], path: Path) -> Path:
+    """Final per-layer JS, EEE_post and PR_post/PR_pre of every run."""
+    plt = _plt()
+    panels = (("js", "JS(pre, post)"), ("eee_post", "EEE_post"), ("pr_gain", "PR_post / PR_pre"))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    for result in results:
+        for run, entry in result["runs"].items():
+            final = {m: entry["nerve"]["per_site"][m][-1] for m in ("js", "eee_post", "pr_pre", "pr_post")}
+            final["pr_gain"] = [post / pre if pre and post else None for pre, post in zip(final["pr_pre"], final["pr_post"])]
+            layers = entry["nerve"]["layers"]
+            for ax, (metric, _) in zip(axes, panels):
+                ax.plot(layers, final[metric], marker="o", label=_label(result, run))
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def optimizers(result: dict, path: Path) -> Path:
+    """Eval loss and PR_post (layer mean) vs step per optimizer run."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(7, 2.8))
+    for run, entry in result["runs"].items():
+        style = "-" if "short" in run else "--"
+        axes[0].plot(entry["history"]["step"], entry["history"]["eval_loss"], style, label=_label(result, run))
+        axes[1].plot(entry["nerve"]["steps"], entry["nerve"]["mean"]["all"]["pr_post"], style, label=_label(result, run))
+    axes[0].set_title("eval loss")
+    axes[1].set_title("PR_post (layer mean)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def correlation_scatter(result: dict, run: str, path: Path, metrics=("se_pre", "pr_pre", "se_post", "pr_post")) -> Path:
+    """Metric (layer mean) vs eval loss at each evaluation of one run, with the within-run r."""
+    plt = _plt()
+    entry = result["runs"][run]
+    loss = dict(zip(entry["history"]["step"], entry["history"]["eval_loss"]))
+    steps = entry["nerve"]["steps"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.0 * len(metrics), 2.8))
+    for ax, metric in zip(axes, metrics):
+        values = entry["nerve"]["mean"]["all"][metric]
+        ax.scatter([loss.get(s) for s in steps], values, c=steps, cmap="viridis", s=14)
+        r = entry["correlations"]["mean"]["all"][metric]["r"]
+        ax.set_title(f"{metric}: r = {r:.3f}" if r is not None else metric, fontsize=9)
+        ax.set_xlabel("eval loss")
+    fig.suptitle(f"{result['experiment']} / {_label(result, run)} (colour: step)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

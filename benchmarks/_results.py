@@ -1,0 +1,102 @@
+"""Result files: ``<out>/<preset>/<experiment>.json``, one per experiment, written after every run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA_VERSION = 1  # bump when the layout below changes
+SIGNIFICANT_DIGITS = 7  # floats are stored rounded: the files stay small and diff-able
+
+
+# a JSON list holding only numbers/null/strings/bools, spread over lines by indent=1: put it on one line
+_SCALAR_LIST = re.compile(r"\[((?:\s*(?:-?[0-9][0-9.eE+-]*|null|true|false|\"[^\",\[\]{}]*\"),?)+\s*)\]")
+
+
+def result_path(out_dir: str | Path, preset: str, experiment: str) -> Path:
+    return Path(out_dir) / preset / f"{experiment}.json"
+
+
+def environment() -> dict:
+    """Versions and machine facts for the provenance block."""
+    import torch
+    import transformers
+
+    try:
+        import timm
+
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm_version,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": commit,
+    }
+
+
+def new_result(experiment, preset: str, argv: list[str]) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "experiment": experiment.name,
+        "preset": preset,
+        "task": experiment.task,
+        "section": experiment.section,
+        "description": experiment.description,
+        "baseline": experiment.baseline,
+        "labels": {run.name: run.label for run in experiment.runs},
+        "command": " ".join(["python", "benchmarks/run.py", *argv]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "runs": {},
+    }
+
+
+def load_result(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def rounded(value):
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None  # strict JSON
+        return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item) for item in value]
+    return value
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    """Write atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    text = json.dumps(rounded(result), indent=1, allow_nan=False)
+    text = _SCALAR_LIST.sub(lambda m: "[" + ", ".join(part.strip() for part in m.group(1).split(",")) + "]", text)
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def python_argv() -> list[str]:
+    return sys.argv[1:]

@@ -1,0 +1,142 @@
+"""Run settings and the three presets (smoke, cpu, paper) of the model-zoo benchmarks.
+
+A run's settings are resolved in this order, later entries winning (every layer is plain data):
+
+1. ``RunSettings`` defaults (below),
+2. ``PRESETS[preset][task]`` (``task`` is ``"lm"`` or ``"image"``),
+3. the experiment config's ``settings[preset]``,
+4. the run's own ``settings`` (every preset) and its ``preset_settings[preset]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional
+
+TASKS = ("lm", "image")
+PRESET_NAMES = ("smoke", "cpu", "paper")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one training run needs besides the variant's own transformation."""
+
+    task: str = "lm"  # "lm" (causal LM, perplexity) or "image" (classification, accuracy)
+    variant: str = "gpt2-gelu"  # key of nerve_hf.zoo.VARIANTS
+    size: str = "tiny"  # zoo size preset of the variant's family (tiny/cpu/paper/160m/71m/...)
+    model_overrides: dict = field(default_factory=dict)  # extra build_model kwargs (n_embd=64, n_positions=...)
+    optimizer: str = "adamw"  # key of nerve_hf.zoo.optim.OPTIMIZERS
+    optimizer_options: dict = field(default_factory=dict)  # build_optimizer options (momentum, matrix_lr, ...)
+    learning_rate: float = 1e-3  # peak learning rate (the paper's GPT-2 runs: 1e-3)
+    weight_decay: float = 0.1  # decoupled weight decay on >= 2-D tensors (the paper: 0.1)
+    scheduler: str = "cosine"  # transformers lr_scheduler_type
+    warmup_ratio: float = 0.05  # share of max_steps spent in linear warmup
+    max_grad_norm: float = 1.0  # gradient clipping
+    dataset: str = "stdlib-code"  # LM: embedded corpus or Hub id; image: "digits" or "cifar100"
+    dataset_config: Optional[str] = None  # Hub subset (None: nerve_hf.data.HUB_TEXT_DATASETS' default)
+    streaming: bool = False  # stream a Hub dataset instead of downloading it whole
+    data_dir: Optional[str] = None  # image: local cifar-100-python directory (else the Hub)
+    tokenizer: Optional[str] = None  # LM: Hub/local tokenizer; None = BPE trained locally on the corpus
+    vocab_size: int = 2048  # LM: vocabulary of the locally trained BPE (ignored with a named tokenizer)
+    corpus_max_bytes: Optional[int] = 3_000_000  # LM: embedded corpus cap in bytes (None = whole stdlib)
+    block_size: int = 64  # LM: tokens per training sequence (context length)
+    image_size: int = 16  # image: side the images are resized to
+    batch_size: int = 16  # sequences/images per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 300  # optimizer steps (image runs: 0 = use epochs)
+    epochs: float = 0.0  # image: passes over the training set when max_steps is 0
+    eval_every: int = 25  # optimizer steps between evaluations (each one also measures NerVE spectra)
+    eval_samples: int = 128  # LM blocks / images in the evaluation set (0 = the whole split)
+    nerve_max_tokens: Optional[int] = None  # tokens per FFN per evaluation spectrum (None = all)
+    seed: int = 0  # model init, data order
+    bf16: bool = False  # bfloat16 autocast (GPU presets)
+    dataloader_workers: int = 0  # DataLoader worker processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.block_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_FIELDS = {f.name for f in fields(RunSettings)}
+
+# preset -> task -> RunSettings fields
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # tests: the zoo's tiny shapes, a 512-token BPE on 200 kB of stdlib code, 3 steps, 3 evaluations
+    "smoke": {
+        "lm": dict(size="tiny", vocab_size=512, corpus_max_bytes=200_000, block_size=32, batch_size=4,
+                   max_steps=3, eval_every=1, eval_samples=8, warmup_ratio=0.0),
+        "image": dict(task="image", size="tiny", dataset="digits", image_size=16, batch_size=16, max_steps=3,
+                      eval_every=1, eval_samples=64, learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.0),
+    },
+    # 2 CPU cores: GPT-2/LLaMA with d=64, 4 blocks, context 64 on the stdlib code corpus (~0.8M tokens),
+    # 300 steps of 16x64 tokens (~310K tokens), 12 evaluations on 128 held-out blocks; lr 2e-3 with 10%
+    # warmup (the paper's 1e-3 leaves these short runs in the early spectral-collapse phase)
+    "cpu": {
+        "lm": dict(size="cpu", vocab_size=2048, corpus_max_bytes=3_000_000, block_size=64, batch_size=16,
+                   max_steps=300, eval_every=25, eval_samples=128, learning_rate=2e-3, weight_decay=0.1,
+                   warmup_ratio=0.1),
+        "image": dict(task="image", size="tiny", dataset="digits", image_size=16, batch_size=64, max_steps=0,
+                      epochs=12, eval_every=24, eval_samples=0, learning_rate=1e-3, weight_decay=0.0,
+                      warmup_ratio=0.05),
+    },
+    # NerVE's GPU settings (run with accelerate): GPT-2 125M on CodeParrot, context 128, batch 128 with
+    # 4 accumulation steps (32 x 4), lr 1e-3, weight decay 0.1, ~41K steps
+    "paper": {
+        "lm": dict(size="paper", dataset="codeparrot/codeparrot-clean", streaming=True, tokenizer="gpt2",
+                   corpus_max_bytes=None, block_size=128, batch_size=32, grad_accum=4, max_steps=41_000,
+                   eval_every=1000, eval_samples=2048, learning_rate=1e-3, weight_decay=0.1, warmup_ratio=0.01,
+                   nerve_max_tokens=65_536, bf16=True, dataloader_workers=4),
+        # Mixer-B/16 on CIFAR-100 for 120 epochs at 224 pixels
+        "image": dict(task="image", size="paper", dataset="cifar100", image_size=224, batch_size=128, max_steps=0,
+                      epochs=120, eval_every=2000, eval_samples=0, learning_rate=1e-3, weight_decay=0.05,
+                      warmup_ratio=0.05, nerve_max_tokens=65_536, bf16=True, dataloader_workers=8),
+    },
+}
+
+
+# preset -> model family -> build_model overrides applied before the experiment's own (shapes per family)
+PRESET_SHAPES: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {},
+    # cpu: d = 64, 4 blocks, context 64 (GPT-2 D = 4d = 256; LLaMA SwiGLU D = 172); Mixer: 16 tokens, C = 64
+    "cpu": {
+        "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_positions=64),
+        "llama": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
+                      max_position_embeddings=64),
+        "mixer": dict(embed_dim=64, num_blocks=4),
+    },
+    "paper": {},
+}
+
+
+def check_keys(overrides: dict, where: str) -> None:
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown run settings {unknown}; known: {sorted(_FIELDS)}")
+
+
+def resolve(preset: str, task: str, *layers: dict) -> RunSettings:
+    """RunSettings of ``preset``/``task`` with the override ``layers`` applied in order.
+
+    ``model_overrides`` and ``optimizer_options`` merge key by key; every other field is replaced.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    settings = replace(RunSettings(task=task), **PRESETS[preset][task])
+    for layer in layers:
+        check_keys(layer, f"preset {preset}")
+        merged = dict(layer)
+        for key in ("model_overrides", "optimizer_options"):
+            if key in merged:
+                merged[key] = {**getattr(settings, key), **merged[key]}
+        settings = replace(settings, **merged)
+    from nerve_hf.zoo import VARIANTS  # registry only: imports neither transformers nor timm
+
+    if settings.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {settings.variant!r}; choose one of {list(VARIANTS)}")
+    shape = PRESET_SHAPES[preset].get(VARIANTS[settings.variant].family, {})
+    return replace(settings, model_overrides={**shape, **settings.model_overrides})

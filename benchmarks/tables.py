@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Turn benchmark result files into ``benchmarks/results/README.md``: tables beside the paper's numbers,
+findings checked on our runs, and a few small figures.
+
+    python benchmarks/tables.py                       # results/cpu/*.json -> results/README.md + results/figures/
+    python benchmarks/tables.py --preset smoke --results /tmp/r --output /tmp/r/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _findings import check_all  # noqa: E402
+from _paper import PAPER_PERPLEXITY, PAPER_REFERENCE, PAPER_WIDTH_R_RANGE, PAPER_WITHIN_RUN_R  # noqa: E402
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+METRIC_PAIRS = (("se_pre", "se_post", "SE"), ("pr_pre", "pr_post", "PR"), ("eee_pre", "eee_post", "EEE"))
+
+
+def load_results(results_dir: Path, preset: str) -> dict:
+    """experiment name -> result dict, for every ``<results_dir>/<preset>/*.json``."""
+    out = {}
+    for path in sorted((Path(results_dir) / preset).glob("*.json")):
+        result = json.loads(path.read_text())
+        out[result["experiment"]] = result
+    return out
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def label(result: dict, run: str) -> str:
+    return result.get("labels", {}).get(run, run)
+
+
+def summary_table(result: dict) -> str:
+    """Per run: parameters, steps, final eval loss and PPL (or accuracy), the paper's PPL, final layer-mean metrics."""
+    lm = result["task"] == "lm"
+    paper = PAPER_PERPLEXITY.get(result["experiment"], {})
+    head = ["run", "params", "optimizer (lr)", "steps", "wall s", "eval loss", "PPL" if lm else "accuracy"]
+    if lm and paper:
+        head.append("paper PPL")
+    head += ["SE pre/post", "PR pre/post", "EEE pre/post", "JS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, entry in result["runs"].items():
+        final, prov = entry["final"], entry["provenance"]
+        mean = {m: values[-1] for m, values in entry["nerve"]["mean"]["all"].items()}
+        opt = f"{entry['settings']['optimizer']} ({entry['settings']['learning_rate']:g})"
+        cells = [label(result, run), f"{prov['parameters'] / 1e6:.2f}M", opt, str(prov["steps"]), f"{prov['wall_time_s']:.0f}",
+                 fmt(final["eval_loss"]), fmt(final.get("perplexity"), 2) if lm else fmt(final.get("accuracy"))]
+        if lm and paper:
+            cells.append(fmt(paper.get(run), 3 if paper.get(run, 100) < 10 else 2))
+        cells += [f"{fmt(mean['se_pre'], 2)} / {fmt(mean['se_post'], 2)}", f"{fmt(mean['pr_pre'], 1)} / {fmt(mean['pr_post'], 1)}",
+                  f"{fmt(mean['eee_pre'])} / {fmt(mean['eee_post'])}", fmt(mean["js"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def correlation_table(result: dict) -> str:
+    """Within-run Pearson r (layer mean) of each metric with eval loss; the paper's r where it reports one."""
+    head = ["run", "n"] + [f"{name} pre/post" for _, _, name in METRIC_PAIRS] + ["JS", "late n", "late SE pre/post",
+                                                                              "late PR pre/post"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, entry in result["runs"].items():
+        corr = entry["correlations"]["mean"]["all"]
+        late = entry["correlations"]["late"]["mean"]
+        cells = [label(result, run), str(corr["se_pre"]["n"])]
+        cells += [f"{fmt(corr[pre]['r'])} / {fmt(corr[post]['r'])}" for pre, post, _ in METRIC_PAIRS]
+        cells += [fmt(corr["js"]["r"]), str(late["se_pre"]["n"])]
+        cells += [f"{fmt(late[pre]['r'])} / {fmt(late[post]['r'])}" for pre, post, _ in METRIC_PAIRS[:2]]
+        lines.append("| " + " | ".join(cells) + " |")
+        if result["experiment"] == "gpt2_activations" and run in PAPER_WITHIN_RUN_R:
+            paper = PAPER_WITHIN_RUN_R[run]
+            cells = [f"*paper {label(result, run)}*", ""] + [f"*{fmt(paper[pre])} / {fmt(paper[post])}*" for pre, post, _ in METRIC_PAIRS]
+            cells += ["", "", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_layer_table(result: dict) -> str:
+    """Final per-layer metrics of every run (site rows)."""
+    head = ["run", "site", "D", "SE pre/post", "PR pre/post", "PR gain", "EEE pre/post", "JS", "r(SE_pre)", "r(PR_pre)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, entry in result["runs"].items():
+        nerve, corr = entry["nerve"], entry["correlations"]["per_site"]
+        for k, site in enumerate(nerve["sites"]):
+            v = {m: nerve["per_site"][m][-1][k] for m in nerve["per_site"]}
+            gain = v["pr_post"] / v["pr_pre"] if v["pr_pre"] and v["pr_post"] else None
+            lines.append("| " + " | ".join([
+                label(result, run), site, str(nerve["dims"][k]), f"{fmt(v['se_pre'], 2)} / {fmt(v['se_post'], 2)}",
+                f"{fmt(v['pr_pre'], 1)} / {fmt(v['pr_post'], 1)}", fmt(gain, 2), f"{fmt(v['eee_pre'])} / {fmt(v['eee_post'])}",
+                fmt(v["js"], 4), fmt(corr["se_pre"][k]), fmt(corr["pr_pre"][k]),
+            ]) + " |")
+    return "\n".join(lines)
+
+
+def family_table(result: dict) -> str:
+    """Final metrics per FFN family (the Mixer's token-mixing FFN1 and channel-mixing FFN2), layer means."""
+    groups = [g for g in next(iter(result["runs"].values()))["nerve"]["mean"] if g != "all"]
+    head = ["run"] + [f"{g} {m}" for g in groups for m in ("SE pre/post", "PR pre/post", "JS")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, entry in result["runs"].items():
+        cells = [label(result, run)]
+        for g in groups:
+            v = {m: values[-1] for m, values in entry["nerve"]["mean"][g].items()}
+            cells += [f"{fmt(v['se_pre'], 2)} / {fmt(v['se_post'], 2)}", f"{fmt(v['pr_pre'], 1)} / {fmt(v['pr_post'], 1)}",
+                      fmt(v["js"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def width_note(result: dict) -> str:
+    lo, hi = PAPER_WIDTH_R_RANGE
+    parts = []
+    for run, entry in result["runs"].items():
+        corr, late = entry["correlations"]["mean"]["all"], entry["correlations"]["late"]["mean"]
+        parts.append(f"{label(result, run)}: r(SE_pre) = {fmt(corr['se_pre']['r'])} (late {fmt(late['se_pre']['r'])}), "
+                     f"r(PR_pre) = {fmt(corr['pr_pre']['r'])} (late {fmt(late['pr_pre']['r'])})")
+    return (f"Paper: across FFN widths, r(SE_pre) and r(PR_pre) lie in [{lo}, {hi}]. Ours, all evaluations "
+            f"(second half of training): " + "; ".join(parts) + ".")
+
+
+def make_figures(results: dict, figures_dir: Path) -> list[Path]:
+    import _figures
+
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    trajectory_results = [results[name] for name in ("gpt2_activations", "gpt2_normfree") if name in results]
+    if trajectory_results:
+        made.append(_figures.trajectories(trajectory_results, figures_dir / "trajectories.png"))
+        made.append(_figures.per_layer(trajectory_results, figures_dir / "per_layer.png"))
+    if "optimizers" in results:
+        made.append(_figures.optimizers(results["optimizers"], figures_dir / "optimizers.png"))
+    if "gpt2_activations" in results and "gelu" in results["gpt2_activations"]["runs"]:
+        made.append(_figures.correlation_scatter(results["gpt2_activations"], "gelu", figures_dir / "correlation_gelu.png"))
+    return made
+
+
+def render(results: dict, preset: str, figures: list[Path], output: Path) -> str:
+    out = [
+        f"# NerVE model-zoo results (`{preset}` preset)",
+        "",
+        f"Generated by `python benchmarks/tables.py --preset {preset}` from `{preset}/*.json` "
+        f"(made by `python benchmarks/run.py EXPERIMENT --preset {preset}`; exact commands in `benchmarks/README.md`). "
+        f"Paper numbers: {PAPER_REFERENCE}. Metrics are eval-set spectra (layer mean unless a site is named) at the "
+        "final evaluation; r is the within-run Pearson correlation of a metric with eval loss across evaluations "
+        "(n of them); *late* r uses only the evaluations of the second half of training.",
+        "",
+    ]
+    if preset != "paper":
+        out += [
+            "**Scale warning.** These runs are tiny (d = 64, 4 blocks, a few hundred steps on CPU) next to the paper's "
+            "125M-1.3B models trained for tens of thousands of steps; perplexities are on a different corpus and "
+            "tokenizer and are NOT comparable with the paper's column. Compare orderings and signs, not values.",
+            "",
+        ]
+    out += ["## Findings checked at this scale", ""]
+    for finding in check_all(results):
+        out += [f"### {finding.claim}", "", f"**Verdict: {finding.verdict}.**", "", finding.evidence, ""]
+    for name, result in results.items():
+        env = result["environment"]
+        first = next(iter(result["runs"].values()), None)
+        out += [f"## {name}: {result['description']}", "", f"{result['section']}.", ""]
+        if first is None:
+            out += ["(no runs)", ""]
+            continue
+        s, prov = first["settings"], first["provenance"]
+        data = (f"{prov.get('dataset')}, {prov.get('tokenizer')}, context {s['block_size']}, "
+                f"{s['batch_size']}x{s['grad_accum']} sequences/step" if result["task"] == "lm"
+                else f"{prov.get('dataset')}, {s['image_size']}px, batch {s['batch_size']}")
+        out += [f"Data: {data}; wd {s['weight_decay']:g}, {s['scheduler']} schedule (first run; every run's settings "
+                f"are in the result file); "
+                f"seed {s['seed']}; torch {env['torch']}, transformers {env['transformers']}, "
+                f"{env['torch_threads']} thread(s).", "", summary_table(result), "", "Within-run r with eval loss:", "",
+                correlation_table(result), ""]
+        if name == "gpt2_width":
+            out += [width_note(result), ""]
+        if len(first["nerve"]["mean"]) > 1:
+            out += ["Per FFN family (final evaluation, layer means):", "", family_table(result), ""]
+        out += ["<details><summary>per-layer metrics at the final evaluation</summary>", "", per_layer_table(result), "",
+                "</details>", ""]
+    if figures:
+        out += ["## Figures", ""]
+        out += [f"![{path.stem}]({path.relative_to(output.parent).as_posix()})" for path in figures]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="results directory holding PRESET/*.json")
+    parser.add_argument("--preset", default="cpu", help="which preset's result files to tabulate (default: cpu)")
+    parser.add_argument("--output", default=None, help="markdown file to write (default: RESULTS/README.md)")
+    parser.add_argument("--no-figures", action="store_true", help="tables only")
+    args = parser.parse_args(argv)
+    results = load_results(Path(args.results), args.preset)
+    if not results:
+        parser.error(f"no result files in {Path(args.results) / args.preset}")
+    output = Path(args.output) if args.output else Path(args.results) / "README.md"
+    figures = [] if args.no_figures else make_figures(results, output.parent / "figures")
+    output.write_text(render(results, args.preset, figures, output))
+    print(f"wrote {output}" + (f" and {len(figures)} figures" if figures else ""))
+    return output
+
+
+if __name__ == "__main__":
+    main()
