@@ -29,7 +29,7 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 from .metrics import METRIC_NAMES
 from .records import RECORDS_FILENAME, append_records, drop_records_after
 from .spectral_report import SpectralReport
-from .tracker import FFNTracker
+from .tracker import FFNTracker, MemoryBudgetError
 
 __all__ = ["NerveConfig", "NerveCallback"]
 
@@ -45,12 +45,24 @@ class NerveConfig:
     max_tokens: Optional[int] = None  # per measurement and FFN, count at most this many tokens (pre and post share them)
     log_per_site: bool = True  # log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>
     write_jsonl: bool = True  # rank 0 appends every measurement to <output_dir>/nerve_metrics.jsonl
+    layers_per_step: Optional[int] = None  # round-robin: each measurement covers the next this-many watched blocks
+    # (train: group (k / every_n_steps - 1) mod #groups at step k; eval: the next group each evaluation);
+    # only per-site keys are logged then, as a mean over different layers at each step would not be one series
+    memory_budget_mb: Optional[float] = None  # refuse to start if one measurement's float64 covariance state,
+    # 2 x (D^2 + D) x 8 bytes per measured FFN, would exceed this many MiB (MemoryBudgetError, a ValueError)
+    metrics: str = "all"  # "pr": only pr_pre/pr_post, by the trace identity, no eigendecomposition
 
     def __post_init__(self) -> None:
         if int(self.every_n_steps) < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {self.every_n_steps}")
         if self.max_tokens is not None and int(self.max_tokens) < 2:
             raise ValueError(f"max_tokens must be at least 2 (a covariance needs two tokens), got {self.max_tokens}")
+        if self.layers_per_step is not None and int(self.layers_per_step) < 1:
+            raise ValueError(f"layers_per_step must be a positive integer or None, got {self.layers_per_step}")
+        if self.layers_per_step is not None and not self.log_per_site:
+            raise ValueError("layers_per_step logs per-site keys only; it needs log_per_site=True")
+        if self.metrics not in ("all", "pr"):
+            raise ValueError(f"metrics must be 'all' or 'pr', got {self.metrics!r}")
 
 
 def _eval_prefix(logs: dict) -> Optional[str]:
@@ -84,11 +96,14 @@ class NerveCallback(TrainerCallback):
         self.config = config if config is not None else NerveConfig(**options)
         self.adapter = adapter
         self._model: Optional[nn.Module] = None
-        # Both trackers stay attached from set-up on (torch.compile only sees hooks that exist before
-        # its first trace) and decide per forward whether to record: train-mode forwards of a measured
-        # step, and eval-mode forwards.
-        self._train: Optional[FFNTracker] = None
-        self._eval: Optional[FFNTracker] = None
+        # Every tracker stays attached from set-up on (torch.compile only sees hooks that exist before
+        # its first trace) and decides per forward whether to record: the active train group records
+        # the train-mode forwards of a measured step, the active eval group the eval-mode forwards.
+        self._train: Optional[FFNTracker] = None  # the active train group
+        self._eval: Optional[FFNTracker] = None  # the active eval group
+        self._train_groups: list[FFNTracker] = []  # one tracker per round-robin group (one group by default)
+        self._eval_groups: list[FFNTracker] = []
+        self._eval_count = 0  # evaluations measured so far (selects the next eval group)
         self._measured_step: Optional[int] = None  # the step whose micro-batches are being measured
         self._pending: Optional[tuple[int, dict]] = None  # (step, logs) of the last train measurement
         self._placed = False
@@ -130,37 +145,69 @@ class NerveCallback(TrainerCallback):
         if self._failed or model is None:
             return False
         if self._model is model:
+            self._attach()  # a second train() after on_train_end detached the train trackers
             return True
         self.detach()
         try:
-            options = dict(adapter=self.adapter, layers=self.config.layers, max_tokens=self.config.max_tokens)
-            self._train = FFNTracker(model, when=self._records_train_forward, **options)
-            self._eval = FFNTracker(model, when=lambda module: not module.training, **options)
+            options = dict(
+                adapter=self.adapter, max_tokens=self.config.max_tokens, memory_budget_mb=self.config.memory_budget_mb
+            )
+            groups = self._layer_groups(model)
+            self._train_groups = [FFNTracker(model, layers=layers, **options) for layers in groups]
+            self._eval_groups = [FFNTracker(model, layers=layers, **options) for layers in groups]
+            for tracker in self._train_groups:
+                tracker.when = self._train_gate(tracker)
+            for tracker in self._eval_groups:
+                tracker.when = self._eval_gate(tracker)
+            self._train, self._eval = self._train_groups[0], self._eval_groups[0]
+            self._eval_count = 0
+        except MemoryBudgetError:
+            raise  # asked for explicitly: refusing to start is the point
         except (ValueError, TypeError) as error:  # unknown architecture, mismatched widths, ...
             self._failed = True
             warnings.warn(f"NerveCallback is disabled: {error}", RuntimeWarning)
             return False
         self._model = model
-        if self.config.measure_train:
-            self._train.attach()
-        if self.config.measure_eval:
-            self._eval.attach()
+        self._attach()
         return True
 
-    def _records_train_forward(self, module: nn.Module) -> bool:
-        return module.training and self._measured_step is not None
+    def _attach(self) -> None:
+        """Attach every tracker the configuration measures with (those already attached stay)."""
+        wanted = (self._train_groups if self.config.measure_train else []) + (
+            self._eval_groups if self.config.measure_eval else []
+        )
+        for tracker in wanted:
+            if not tracker.active:
+                tracker.attach()
+
+    def _train_gate(self, tracker: FFNTracker):
+        """Record a forward into ``tracker``: train mode, a measured step, and its group's turn."""
+        return lambda module: module.training and self._measured_step is not None and self._train is tracker
+
+    def _eval_gate(self, tracker: FFNTracker):
+        """Record a forward into ``tracker``: eval mode and its group's turn."""
+        return lambda module: not module.training and self._eval is tracker
+
+    def _layer_groups(self, model: nn.Module) -> list[Optional[list[int]]]:
+        """The ``layers`` argument of each round-robin group's trackers: ``[config.layers]`` by default."""
+        if self.config.layers_per_step is None:
+            return [self.config.layers]
+        # Nothing is allocated before the first activation, so resolving the sites this way is cheap.
+        watched = FFNTracker(model, adapter=self.adapter, layers=self.config.layers).sites
+        blocks = sorted({site.layer for site in watched})
+        size = int(self.config.layers_per_step)
+        return [blocks[i : i + size] for i in range(0, len(blocks), size)]
 
     def detach(self) -> None:
         """Remove every hook this callback placed on the model."""
-        for tracker in (self._train, self._eval):
-            if tracker is not None:
-                tracker.detach()
+        for tracker in (*self._train_groups, *self._eval_groups):
+            tracker.detach()
 
     # ------------------------------------------------------------ measurement
     def _measure(self, tracker: FFNTracker) -> SpectralReport:
         """The tracker's report, or a NaN report with a warning if the computation fails."""
         try:
-            return tracker.compute()
+            return tracker.compute(metrics=self.config.metrics)
         except Exception as error:  # noqa: BLE001 - a monitor must never stop training
             warnings.warn(f"NerveCallback: measurement failed ({type(error).__name__}: {error}); logging NaN",
                           RuntimeWarning)
@@ -174,6 +221,10 @@ class NerveCallback(TrainerCallback):
         logs = report.to_log_dict(prefix=f"{prefix}nerve")
         if not self.config.log_per_site:
             logs = {k: v for k, v in logs.items() if k.startswith(f"{prefix}nerve/mean/")}
+        if self.config.layers_per_step is not None:  # a mean over this step's group only: not logged
+            logs = {k: v for k, v in logs.items() if not k.startswith(f"{prefix}nerve/mean/")}
+        if self.config.metrics == "pr":
+            logs = {k: v for k, v in logs.items() if k.endswith(("/pr_pre", "/pr_post"))}
         return logs
 
     def _write(self, args, state, report: SpectralReport, split: str) -> None:
@@ -199,6 +250,7 @@ class NerveCallback(TrainerCallback):
             return
         if not self._set_up(model):
             return
+        self._train = self._train_groups[(step // self.config.every_n_steps - 1) % len(self._train_groups)]
         self._train.reset()
         self._measured_step = step
 
@@ -221,6 +273,7 @@ class NerveCallback(TrainerCallback):
             report = self._measure(self._eval)
             self._write(args, state, report, prefix.rstrip("_"))
             extra = self._log_dict(report, prefix)
+            self._next_eval_group()
         elif self._pending is not None and self._pending[0] == state.global_step and "loss" in logs:
             extra = self._pending[1]
             self._pending = None
@@ -231,13 +284,18 @@ class NerveCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
+    def _next_eval_group(self) -> None:
+        """Round-robin: the next evaluation measures the next group."""
+        self._eval_count += 1
+        self._eval = self._eval_groups[self._eval_count % len(self._eval_groups)]
+
     def on_predict(self, args, state, control, **kwargs):
         if self._eval is not None:
             self._eval.reset()  # prediction forwards are not an evaluation
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._train is not None:
-            self._train.detach()  # the eval tracker stays: a later trainer.evaluate() is measured too
+        for tracker in self._train_groups:
+            tracker.detach()  # the eval trackers stay: a later trainer.evaluate() is measured too
         self._measured_step = None
 
     def __repr__(self) -> str:

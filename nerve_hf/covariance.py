@@ -1,8 +1,14 @@
 """Streaming covariance of activations with exact merging across batches and processes.
 
-Each batch is centred on its own mean and its scatter matrix is formed in the activation's working
-precision (fp32; fp16/bf16 are centred exactly and multiplied with fp32 accumulation), then merged
-into float64 running moments with the parallel update of Chan, Golub & LeVeque (1979)::
+Each batch is centred on its own mean s (a column sum with at least fp32 accumulation, rounded to
+working precision) and its scatter matrix Σ(x − s)(x − s)ᵀ is formed in the activation's working
+precision (fp32; fp16/bf16 are multiplied with fp32 accumulation), together with the remainder
+r = mean(x − s) that the rounding of s left; the float64 merge removes n·rrᵀ, so the result is the
+scatter about the exact batch mean. On the CPU the rows are centred and multiplied in chunks of a few
+MB: a cache-sized buffer instead of a second copy of the batch, whose fresh pages cost as much as the
+centring itself, and no float64 pass over the batch (a casting reduction is ~30x slower than an fp32
+one there). Batches merge into float64 running moments with the parallel update of Chan, Golub &
+LeVeque (1979)::
 
     n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ n_b / n,  M2 = M2_a + M2_b + δδᵀ n_a n_b / n
 
@@ -30,6 +36,8 @@ __all__ = [
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_CPU_CHUNK_ELEMENTS = 1 << 21  # CPU: centre and multiply this many elements at a time (8 MB of fp32)
+_MIN_CHUNK_ROWS = 256  # ... but never fewer rows than this (the GEMM needs depth to run at full speed)
 
 
 @contextmanager
@@ -51,6 +59,69 @@ def exact_fp32_matmul(device: torch.device) -> Iterator[None]:
             yield
         finally:
             matmul.allow_tf32 = previous
+
+
+def _chunk_rows(rows: Tensor) -> int:
+    """Rows centred and multiplied at a time: all of them on accelerators (their caching allocators
+    reuse memory), a few MB on the CPU, where a fresh batch-sized buffer costs a page fault per 4 KB."""
+    n, dim = rows.shape
+    if rows.device.type != "cpu":
+        return n
+    return max(_MIN_CHUNK_ROWS, _CPU_CHUNK_ELEMENTS // dim)
+
+
+def _shifted_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(s, Σ(x − s), Σ(x − s)(x − s)ᵀ) for s the batch mean rounded to working precision.
+
+    ``rows`` is ``[N, D]`` with N ≥ 1; the working precision is fp32 for CPU halves, else the rows'
+    dtype, so x − s is small and exact where x is close to s. Returns s ``[D]`` (working precision),
+    the float64 remainder sum ``[D]`` and the scatter ``[D, D]`` (at least fp32). NaN/Inf anywhere in
+    ``rows`` make the remainder sum non-finite.
+    """
+    n = rows.shape[0]
+    work = torch.float32 if rows.dtype in _HALF_DTYPES and rows.device.type != "cuda" else rows.dtype
+    sum_dtype = torch.promote_types(work, torch.float32)  # torch's fp32 sums are cascaded: error ~ log N
+    step = _chunk_rows(rows)
+    chunks = [rows[start : start + step] for start in range(0, n, step)]  # views, [R, D] each
+    # Several chunks (CPU only): one reused buffer, not a fresh allocation (page faults) per chunk.
+    buffer = torch.empty(step, rows.shape[1], dtype=work, device=rows.device) if len(chunks) > 1 else None
+    if rows.dtype == work:
+        column_sum = rows.sum(dim=0, dtype=sum_dtype).to(torch.float64)  # [D]
+    else:  # CPU halves: converting chunk by chunk is ~10x faster than one casting reduction
+        column_sum = sum(_converted(chunk, buffer, work).sum(dim=0).to(torch.float64) for chunk in chunks)
+    shift = (column_sum / n).to(work)  # [D]
+    remainder_sum = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)  # [D]
+    scatter: Optional[Tensor] = None  # [D, D]
+    for chunk in chunks:
+        if chunk.dtype == work:
+            centred = chunk - shift if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
+        else:  # CPU halves: convert, then subtract in place (a mixed-dtype subtraction is ~20x slower)
+            centred = _converted(chunk, buffer, work).sub_(shift)
+        remainder_sum += centred.sum(dim=0, dtype=sum_dtype)  # centred: [R, D] in `work`
+        if scatter is None:
+            scatter = _scatter(centred)
+        else:  # only on the CPU, where `centred` is fp32 or fp64
+            scatter.addmm_(centred.T, centred)
+    return shift, remainder_sum, scatter
+
+
+def _converted(chunk: Tensor, buffer: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """``chunk`` converted to ``dtype``: into ``buffer`` when there is one, else a new tensor."""
+    return chunk.to(dtype) if buffer is None else buffer[: len(chunk)].copy_(chunk)
+
+
+def _add_scatter_and_low_rank(m2: Tensor, scatter: Tensor, left: Tensor, right: Tensor) -> None:
+    """``m2 += scatter + left @ right`` (float64 ``m2``; ``scatter`` of any float dtype), one pass.
+
+    On the CPU this runs in row blocks of a few MB: a mixed-dtype in-place add is not vectorised
+    there, and converting all of ``scatter`` at once makes a ``[D, D]`` float64 temporary whose
+    fresh pages cost more than the arithmetic.
+    """
+    dim = m2.shape[0]
+    step = dim if m2.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // dim)
+    for start in range(0, dim, step):
+        rows = slice(start, start + step)
+        m2[rows].add_(scatter[rows].to(m2.dtype)).addmm_(left[rows], right)
 
 
 def _scatter(xc: Tensor) -> Tensor:
@@ -138,27 +209,22 @@ class CovarianceAccumulator:
             rows = x[mask.to(torch.bool)]  # [N, D]
         else:
             rows = x.reshape(-1, self.dim)  # [N, D]
-        if rows.dtype in _HALF_DTYPES and rows.device.type != "cuda":
-            rows = rows.float()  # CPU half GEMMs are neither fast nor fp32-accumulating
-        self._update_rows(rows)
+        self._update_rows(rows)  # CPU halves are centred into fp32: CPU half GEMMs are slow, not fp32-accumulating
 
     def _update_rows(self, rows: Tensor) -> None:
         if rows.shape[0] == 0:
             return
-        column_sum = rows.sum(dim=0, dtype=torch.float64)  # [D]
-        if not bool(torch.isfinite(column_sum).all()):
-            rows, column_sum = self._drop_nonfinite(rows)
+        shift, remainder_sum, scatter = _shifted_moments(rows)
+        if not bool(torch.isfinite(remainder_sum).all()):  # a NaN/Inf anywhere reaches this sum
+            rows = self._drop_nonfinite(rows)
             if rows.shape[0] == 0:
                 return
+            shift, remainder_sum, scatter = _shifted_moments(rows)
         n = rows.shape[0]
-        shift = (column_sum / n).to(rows.dtype)  # [D] batch mean, rounded to working precision
-        centred = rows - shift  # [N, D] exact where rows are close to their mean
-        residual = centred.sum(dim=0, dtype=torch.float64) / n  # [D] what the rounding of shift left
-        m2 = _scatter(centred).to(torch.float64)  # [D, D]
-        m2.addr_(residual, residual, alpha=-n)
-        self._merge_moments(n, shift.to(torch.float64) + residual, m2)
+        remainder = remainder_sum / n  # [D] float64: batch mean − shift
+        self._merge_moments(n, shift.to(torch.float64) + remainder, scatter, remainder)
 
-    def _drop_nonfinite(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def _drop_nonfinite(self, rows: Tensor) -> Tensor:
         finite = torch.isfinite(rows).all(dim=-1)  # [N]
         bad = int((~finite).sum())
         self._skipped += bad
@@ -170,11 +236,15 @@ class CovarianceAccumulator:
                 RuntimeWarning,
                 stacklevel=4,
             )
-        rows = rows[finite]
-        return rows, rows.sum(dim=0, dtype=torch.float64)
+        return rows[finite]
 
-    def _merge_moments(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
-        """Chan et al.'s parallel update of (n, μ, M2) with a batch's (n_b, μ_b, M2_b)."""
+    def _merge_moments(self, n_b: int, mean_b: Tensor, m2_b: Tensor, remainder: Optional[Tensor] = None) -> None:
+        """Chan et al.'s parallel update of (n, μ, M2) with a batch's (n_b, μ_b, M2_b).
+
+        ``m2_b`` may be a lower-precision scatter about ``μ_b − remainder`` instead of about ``μ_b``;
+        its correction −n_b·remainder·remainderᵀ is then applied here in float64, in the same
+        rank-2 update as the merge's own δδᵀ term (one pass over the float64 state).
+        """
         self._global = None
         if self._mean is None:
             self._allocate(mean_b.device)
@@ -183,7 +253,12 @@ class CovarianceAccumulator:
         n = n_a + n_b
         delta = mean_b - self._mean  # [D]
         self._mean.add_(delta, alpha=n_b / n)
-        self._m2.add_(m2_b).addr_(delta, delta, alpha=n_a * n_b / n)
+        left, right = delta[:, None], delta[None, :] * (n_a * n_b / n)  # [D, 1], [1, D]
+        if remainder is not None:
+            remainder = remainder.to(self._device)
+            left = torch.cat([left, remainder[:, None]], dim=1)  # [D, 2]
+            right = torch.cat([right, remainder[None, :] * -n_b])  # [2, D]
+        _add_scatter_and_low_rank(self._m2, m2_b, left, right)
         self._n = n
 
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +24,67 @@ from torch import Tensor, nn
 import model_adapters
 from model_adapters import Adapter, ResolvedSite
 
-from .covariance import CovarianceAccumulator, eigenvalues_batched, sync_accumulators
+from .covariance import (
+    CovarianceAccumulator,
+    eigenvalues_batched,
+    participation_ratio_from_covariance,
+    sync_accumulators,
+)
 from .metrics import METRIC_NAMES, spectrum_metrics
 from .spectral_report import SpectralReport
 
-__all__ = ["FFNTracker"]
+__all__ = ["FFNTracker", "MemoryBudgetError", "covariance_state_bytes"]
+
+_COMPUTE_METRICS = ("all", "pr")  # what FFNTracker.compute can be asked for
+
+
+class MemoryBudgetError(ValueError):
+    """The covariance state of the tracked FFNs would exceed ``memory_budget_mb``."""
+
+
+_EIGEN_BATCH_BYTES = 1 << 30  # compute(): decompose at most this much float64 covariance at once (or one matrix)
+
+
+def _participation_ratios(pre: CovarianceAccumulator, post: CovarianceAccumulator) -> dict[str, float]:
+    """PR of pre and post by the trace identity; every other metric NaN."""
+    values = dict.fromkeys(METRIC_NAMES, float("nan"))
+    for side, acc in (("pre", pre), ("post", post)):
+        values[f"pr_{side}"] = float(participation_ratio_from_covariance(acc.covariance()))
+    return values
+
+
+def _eigen_batches(accs: list[CovarianceAccumulator]) -> Iterator[list[CovarianceAccumulator]]:
+    """Consecutive runs of accumulators whose D×D float64 matrices total at most _EIGEN_BATCH_BYTES.
+
+    eigenvalues_batched holds each batch ~4 times over (covariances, their stack, the finite subset,
+    LAPACK's working copy), so batching everything at once would need ~4x the whole state again.
+    """
+    batch: list[CovarianceAccumulator] = []
+    size = 0
+    for acc in accs:
+        nbytes = acc.dim * acc.dim * 8
+        if batch and size + nbytes > _EIGEN_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(acc)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def _mib(n_bytes: float) -> str:
+    """'1,003,555' for large sizes, three significant digits ('0.0429') for small ones."""
+    mib = n_bytes / 2**20
+    return f"{mib:,.0f}" if mib >= 100 else f"{mib:.3g}"
+
+
+def covariance_state_bytes(dims: Iterable[int]) -> int:
+    """Bytes of float64 covariance state for FFNs of these widths: 2 × (D² + D) × 8 each (pre and post).
+
+    >>> covariance_state_bytes([3072] * 12) / 2**20  # GPT-2 small, every FFN
+    1728.5625
+    """
+    return sum(2 * (d * d + d) * 8 for d in dims)
 
 
 def _in_backward() -> bool:
@@ -64,9 +120,10 @@ def _mask_position(model: nn.Module) -> int | None:
 class _SiteState:
     """Accumulators and token counters of one site."""
 
-    def __init__(self, site: ResolvedSite, dim: int | None) -> None:
+    def __init__(self, site: ResolvedSite, dim: int | None, on_width: Callable[[int], None]) -> None:
         self.site = site
         self.dim = dim  # d_ff; None until the first activation when the modules do not say
+        self.on_width = on_width  # called with the width found at the first activation, before allocating
         self.pre: CovarianceAccumulator | None = None
         self.post: CovarianceAccumulator | None = None
         self.offered = {"pre": 0, "post": 0}  # rows offered this window (for max_tokens)
@@ -75,6 +132,7 @@ class _SiteState:
 
     def accumulator(self, side: str, width: int) -> CovarianceAccumulator:
         if self.dim is None:  # modules whose widths could not be read at construction
+            self.on_width(width)
             self.dim = width
             self.pre, self.post = CovarianceAccumulator(width), CovarianceAccumulator(width)
         return self.pre if side == "pre" else self.post
@@ -97,6 +155,10 @@ class FFNTracker:
         max_tokens: per site, count at most this many tokens per window (first come); ``None``: all.
         when: called with the unwrapped model at the start of each top-level forward; that forward is
             recorded only if it returns True (e.g. ``lambda m: not m.training`` for evaluation only).
+        memory_budget_mb: refuse (:class:`MemoryBudgetError`, a ``ValueError``) at construction, before
+            anything is allocated, when the float64 covariance state of the tracked FFNs,
+            2 × (D² + D) × 8 bytes each, would exceed this many MiB; ``None``: no limit.
+            :meth:`compute` needs, transiently, about 4 x min(that state, 1 GiB or one FFN's D² x 8).
 
     Use as a context manager; hooks exist only inside ``with tracker:`` and are removed on exit, also
     when an exception leaves the block. Accumulated statistics persist across ``with`` blocks until
@@ -125,17 +187,23 @@ class FFNTracker:
         layers: Iterable[int] | None = None,
         max_tokens: int | None = None,
         when: Callable[[nn.Module], bool] | None = None,
+        memory_budget_mb: float | None = None,
     ) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
+        if memory_budget_mb is not None and not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be positive or None, got {memory_budget_mb}")
         self.model = model
         self.root = model_adapters.unwrap_model(model)  # sites are resolved here
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
         self.max_tokens = max_tokens
         self.when = when  # predicate on the unwrapped model: record this top-level forward?
         self._recording = False  # whether the running top-level forward is recorded
+        self.memory_budget_mb = memory_budget_mb
         sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
-        self._states = [_SiteState(site, self._site_dim(site)) for site in sites]
+        dims = [self._site_dim(site) for site in sites]
+        self._check_budget([d for d in dims if d is not None])  # unreadable widths: checked when first seen
+        self._states = [_SiteState(site, dim, self._width_seen) for site, dim in zip(sites, dims)]
         self._mask_position = _mask_position(self.root)
         self._handles: list = []
         self._depth = 0  # nesting of top-level forwards currently running
@@ -169,6 +237,24 @@ class FFNTracker:
                 f"{post_dims[0]}) differ; the adapter does not describe one FFN (fused projection? set pre_chunk)"
             )
         return pre_width
+
+    def _width_seen(self, width: int) -> None:
+        """A site's width is known only from its first activation: check the budget before allocating."""
+        self._check_budget([state.dim for state in self._states if state.dim is not None] + [width])
+
+    def _check_budget(self, dims: list[int]) -> None:
+        """MemoryBudgetError if FFNs of these widths need more covariance state than the budget."""
+        if self.memory_budget_mb is None:
+            return
+        needed = covariance_state_bytes(dims)
+        if needed > self.memory_budget_mb * 2**20:
+            widths = sorted(set(dims))
+            raise MemoryBudgetError(
+                f"FFNTracker: tracking {len(dims)} FFNs of width {widths[0] if len(widths) == 1 else widths} needs "
+                f"{_mib(needed)} MiB of float64 covariance state (2 x (D^2 + D) x 8 bytes per FFN), over "
+                f"memory_budget_mb={self.memory_budget_mb:,g}. Track fewer FFNs (layers=[...]; NerveCallback's "
+                f"layers_per_step measures a few per step) or raise the budget."
+            )
 
     @property
     def sites(self) -> list[ResolvedSite]:
@@ -314,12 +400,20 @@ class FFNTracker:
         for state in self._states:
             state.reset()
 
-    def compute(self) -> SpectralReport:
+    def compute(self, metrics: str = "all") -> SpectralReport:
         """Metrics of every site over the window so far, synced across processes.
 
         Collective under ``torch.distributed``: every rank must call it. Sites keep their statistics;
         call :meth:`reset` to start a new window.
+
+        Args:
+            metrics: ``"all"``: eigendecompose every covariance, all seven metrics and the eigenvalues.
+                ``"pr"``: only ``pr_pre`` and ``pr_post``, from the identity PR = tr(Σ)² / ‖Σ‖²_F with no
+                eigendecomposition (O(D²) instead of O(D³)); the other metrics are NaN and the report
+                carries no eigenvalues.
         """
+        if metrics not in _COMPUTE_METRICS:
+            raise ValueError(f"metrics must be one of {_COMPUTE_METRICS}, got {metrics!r}")
         # A site whose width is still unknown (modules not Linear-like, no activation seen yet) gets
         # empty width-1 stand-ins: NaN metrics and 0 tokens, and nothing is stored on the site.
         pairs = [
@@ -328,8 +422,11 @@ class FFNTracker:
         ]
         accs = [acc for pair in pairs for acc in pair]
         sync_accumulators(accs)
-        spectra = eigenvalues_batched([acc.covariance() for acc in accs])  # [D] each, descending
-        spectra = [eig.cpu() for eig in spectra]  # sites may live on different devices
+        if metrics == "pr":
+            return self._report(pairs, [_participation_ratios(pre, post) for pre, post in pairs], {})
+        spectra = []  # [D] each, descending, on the CPU (sites may live on different devices)
+        for batch in _eigen_batches(accs):  # bounded transient memory: covariances, stack, LAPACK copy
+            spectra.extend(eig.cpu() for eig in eigenvalues_batched([acc.covariance() for acc in batch]))
         pre_eigs, post_eigs = spectra[0::2], spectra[1::2]
 
         # One batched metrics call per width.
@@ -341,11 +438,13 @@ class FFNTracker:
         for indices in by_dim.values():
             pre = torch.stack([pre_eigs[i] for i in indices])  # [S, D]
             post = torch.stack([post_eigs[i] for i in indices])  # [S, D]
-            metrics = {name: value.tolist() for name, value in spectrum_metrics(pre, post).items()}  # name -> [S]
+            batched = {name: value.tolist() for name, value in spectrum_metrics(pre, post).items()}  # name -> [S]
             for j, i in enumerate(indices):
-                values[i] = {name: float(metrics[name][j]) for name in METRIC_NAMES}
+                values[i] = {name: float(batched[name][j]) for name in METRIC_NAMES}
                 eigenvalues[self._states[i].site.site] = (pre[j], post[j])
+        return self._report(pairs, values, eigenvalues)
 
+    def _report(self, pairs: list, values: list[dict[str, float]], eigenvalues: dict) -> SpectralReport:
         rows = [
             {
                 "site": state.site.site,

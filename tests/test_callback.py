@@ -234,3 +234,13 @@ def test_torch_compiled_model_is_measured(tmp_path):
     assert math.isfinite(entries[0]["nerve/ffn.1/pr_post"])
     records = list(read_records(tmp_path / "nerve_metrics.jsonl"))
     assert {r["tokens"] for r in records} == {2 * 2 * SEQ_LEN}
+
+
+def test_second_train_call_is_measured_again(tmp_path):
+    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=2)], max_steps=2, eval_strategy="no")
+    trainer.train()
+    trainer.args.max_steps = 4
+    trainer.train(resume_from_checkpoint=False)
+    steps = [e["step"] for e in nerve_entries(trainer.state.log_history)]
+    assert steps == [2, 4]  # the second train() starts a fresh state and is measured throughout
+    assert math.isfinite(nerve_entries(trainer.state.log_history)[-1]["nerve/ffn.0/se_pre"])

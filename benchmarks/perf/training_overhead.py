@@ -1,0 +1,294 @@
+"""Training overhead of NerveCallback against no callback and against the paper's approach.
+
+Three Trainer runs of the same demo-sized GPT-2 (4 layers, n_embd 128, context 128, d_ff 512, random
+tokens) that differ only in their callbacks:
+
+* ``none``: no measurement.
+* ``nerve``: ``NerveCallback(every_n_steps=N)`` (streaming float64 covariance, O(D²) memory per FFN).
+* ``nerve_pr``: ``NerveCallback(every_n_steps=N, metrics="pr")``: PR only, no eigendecomposition.
+* ``naive``: a re-implementation of the approach of the paper's released code: at a measured step it
+  keeps a copy of every pre/post activation of that step's micro-batches, then concatenates them and
+  computes each covariance (float64, two-pass) and its eigenvalues: O(N·D) memory. (The released code
+  also calls ``gc.collect()`` per layer; that is left out here, so the baseline is faster than the
+  original.)
+
+Each run is a fresh subprocess (so peak RSS belongs to that run alone); runs of the three kinds are
+alternated and repeated, and medians are reported:
+
+1. ``overhead``: wall time of ``trainer.train()`` relative to ``none`` at every_n_steps 10 and 100, and a
+   per-step decomposition (median duration of measured steps minus that of unmeasured ones = cost of one
+   measurement event, divided by N unmeasured steps), which resolves a 1% overhead far better than
+   end-to-end times on a noisy machine. ``--quick`` runs every_n_steps 10 only and projects the
+   overhead at 100 from the measured event cost (labelled ``projected``).
+2. ``memory sweep``: peak RSS (and CUDA max allocated) against tokens per measurement (gradient
+   accumulation grows the measured step): NerveCallback stays flat, the naive baseline grows linearly.
+
+Run: ``python benchmarks/perf/training_overhead.py --device auto [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import add_common_args, apply_threads, current_rss_mb, devices, peak_rss_mb, write_result
+
+MODEL = dict(n_layer=4, n_embd=128, n_head=4, n_positions=128, n_inner=512, vocab_size=1024)
+SEQ = 128
+
+
+# ----------------------------------------------------------------------------- the naive baseline
+def _naive_callback_class():
+    from transformers import TrainerCallback
+
+    from nerve_hf.metrics import spectrum_metrics
+
+    class NaiveFullActivationCallback(TrainerCallback):
+        """Keeps every pre/post activation of a measured step; covariance and eigenvalues afterwards."""
+
+        def __init__(self, every_n_steps: int) -> None:
+            self.every_n_steps = every_n_steps
+            self.handles = []
+            self.kept: dict[int, tuple[list, list]] = {}
+            self.last: dict | None = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if (state.global_step + 1) % self.every_n_steps:
+                return
+            for layer, block in enumerate(model.transformer.h):
+                pre, post = self.kept.setdefault(layer, ([], []))
+                self.handles.append(block.mlp.c_fc.register_forward_hook(
+                    lambda m, a, out, pre=pre: pre.append(out.detach().clone())))  # [B, T, D]
+                self.handles.append(block.mlp.c_proj.register_forward_pre_hook(
+                    lambda m, a, post=post: post.append(a[0].detach().clone())))  # [B, T, D]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not self.handles:
+                return
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
+            results = {}
+            for layer, (pre, post) in self.kept.items():
+                spectra = []
+                for chunks in (pre, post):
+                    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double()  # [N, D]
+                    x = x - x.mean(0)
+                    cov = x.T @ x / (x.shape[0] - 1)  # [D, D]
+                    spectra.append(torch.linalg.eigvalsh(cov).flip(-1))
+                metrics = spectrum_metrics(spectra[0].cpu(), spectra[1].cpu())
+                results[f"ffn.{layer}"] = {k: float(v) for k, v in metrics.items()}
+            self.kept = {}
+            self.last = results
+
+    return NaiveFullActivationCallback
+
+
+# ----------------------------------------------------------------------------- one run (a subprocess)
+def worker(config: dict) -> dict:
+    apply_threads(config.get("threads"))
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    from nerve_hf import NerveCallback
+
+    device = torch.device(config["device"])
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**MODEL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=0, eos_token_id=0))
+    batch, accum, steps = config["batch"], config["grad_accum"], config["max_steps"]
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, MODEL["vocab_size"], (batch * accum * steps, SEQ), generator=generator)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.durations, self.measured, self._start = [], [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.durations.append(time.perf_counter() - self._start)
+            self.measured.append(state.global_step % config["every_n"] == 0)
+
+    kind = config["callback"]
+    callbacks = []
+    if kind in ("nerve", "nerve_pr"):
+        callbacks.append(NerveCallback(every_n_steps=config["every_n"], write_jsonl=False, measure_eval=False,
+                                       metrics="pr" if kind == "nerve_pr" else "all"))
+    elif kind == "naive":
+        callbacks.append(_naive_callback_class()(config["every_n"]))
+    timer = StepTimes()
+    callbacks.append(timer)  # after the measuring callback: its on_step_end time is inside the step
+
+    args = TrainingArguments(
+        output_dir=config["output_dir"], per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+        max_steps=steps, learning_rate=1e-3, logging_steps=config["every_n"], save_strategy="no",
+        eval_strategy="no", report_to=[], use_cpu=device.type == "cpu", seed=0, data_seed=0,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = current_rss_mb()
+    start = time.perf_counter()
+    trainer.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    first = {}
+    if kind in ("nerve", "nerve_pr"):
+        first = {k.split("/")[1]: v for k, v in trainer.state.log_history[0].items() if k.endswith("/pr_pre")}
+    elif kind == "naive" and callbacks[0].last is not None:
+        first = {site: m["pr_pre"] for site, m in callbacks[0].last.items()}
+    return {
+        **config,
+        "train_seconds": seconds,
+        "step_seconds": timer.durations,
+        "measured": timer.measured,
+        "rss_before_train_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+        "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "tokens_per_measurement": batch * accum * SEQ,
+        "pr_pre_last_measurement": first,
+    }
+
+
+def run_worker(config: dict) -> dict:
+    """Run ``config`` in a fresh Python process and return its result."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {config} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the two experiments
+KINDS = ("none", "nerve", "nerve_pr", "naive")
+
+
+def overhead(device: torch.device, args, tmp: Path) -> dict:
+    steps = {10: 30} if args.quick else {10: 50, 100: 200}
+    repeats = 1 if args.quick else 2
+    batch = 8
+    results = {}
+    for every_n, max_steps in steps.items():
+        runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+        for rep in range(repeats):
+            order = list(KINDS) if rep % 2 == 0 else list(reversed(KINDS))  # alternate the order
+            for kind in order:
+                config = dict(callback=kind, every_n=every_n, max_steps=max_steps, batch=batch, grad_accum=1,
+                              device=str(device), threads=args.threads, output_dir=str(tmp / kind))
+                result = run_worker(config)
+                runs[kind].append(result)
+                print(f"  every {every_n:>3} steps, {kind:>5}: {result['train_seconds']:6.2f} s, "
+                      f"peak RSS {result['peak_rss_mb']:7.1f} MB", flush=True)
+        results[str(every_n)] = summarise_overhead(runs, every_n)
+        for kind in KINDS[1:]:
+            k = results[str(every_n)]["kinds"][kind]
+            print(f"  every {every_n}: {kind:>8}: wall {k['wall_overhead_pct']:+6.1f}%, one measurement "
+                  f"{k['measurement_event_seconds']:.3f} s = {k['per_step_overhead_pct']:.1f}% at every {every_n}, "
+                  f"{k['projected_overhead_pct_at_every_100']:.2f}% projected at every 100", flush=True)
+    return results
+
+
+def summarise_overhead(runs: dict[str, list[dict]], every_n: int) -> dict:
+    base = statistics.median(r["train_seconds"] for r in runs["none"])
+    # Cost of one measurement: median measured step minus median unmeasured step (same runs), and the
+    # overhead it implies at this frequency relative to an unmeasured step.
+    plain_steps = [t for r in runs["none"] for t in r["step_seconds"]]
+    step_median = statistics.median(plain_steps)
+    summary = {"max_steps": runs["none"][0]["max_steps"], "none_train_seconds_median": base,
+               "unmeasured_step_seconds_median": step_median, "kinds": {}}
+    for kind in KINDS[1:]:
+        seconds = [r["train_seconds"] for r in runs[kind]]
+        measured = [t for r in runs[kind] for t, m in zip(r["step_seconds"], r["measured"]) if m]
+        unmeasured = [t for r in runs[kind] for t, m in zip(r["step_seconds"], r["measured"]) if not m]
+        event = statistics.median(measured) - statistics.median(unmeasured)
+        summary["kinds"][kind] = {
+            "train_seconds": seconds,
+            "wall_ratio_median": statistics.median(seconds) / base,  # vs none
+            "wall_overhead_pct": 100 * (statistics.median(seconds) / base - 1),
+            "measurement_event_seconds": event,
+            "per_step_overhead_pct": 100 * event / (every_n * statistics.median(unmeasured)),
+            "projected_overhead_pct_at_every_100": 100 * event / (100 * statistics.median(unmeasured)),
+            "projected_overhead_pct_at_every_1000": 100 * event / (1000 * statistics.median(unmeasured)),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs[kind]),
+            "cuda_max_allocated_mb": runs[kind][0]["cuda_max_allocated_mb"],
+            "pr_pre_last_measurement": runs[kind][0]["pr_pre_last_measurement"],
+        }
+    summary["kinds"]["none"] = {
+        "train_seconds": [r["train_seconds"] for r in runs["none"]],
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs["none"]),
+        "cuda_max_allocated_mb": runs["none"][0]["cuda_max_allocated_mb"],
+    }
+    return summary
+
+
+def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
+    accums = [1, 8] if args.quick else [1, 4, 16, 32]
+    batch = 8
+    rows = []
+    for accum in accums:
+        row = {"grad_accum": accum, "tokens_per_measurement": batch * accum * SEQ}
+        for kind in ("none", "nerve", "naive"):
+            config = dict(callback=kind, every_n=1, max_steps=2, batch=batch, grad_accum=accum,
+                          device=str(device), threads=args.threads, output_dir=str(tmp / kind))
+            result = run_worker(config)
+            row[kind] = {"peak_rss_mb": result["peak_rss_mb"], "cuda_max_allocated_mb": result["cuda_max_allocated_mb"]}
+        for kind in ("nerve", "naive"):
+            row[kind]["peak_rss_over_none_mb"] = row[kind]["peak_rss_mb"] - row["none"]["peak_rss_mb"]
+            if row[kind]["cuda_max_allocated_mb"] is not None:
+                row[kind]["cuda_over_none_mb"] = row[kind]["cuda_max_allocated_mb"] - row["none"]["cuda_max_allocated_mb"]
+        print(f"  {row['tokens_per_measurement']:>7} tokens/measurement: peak RSS over none: nerve "
+              f"{row['nerve']['peak_rss_over_none_mb']:7.1f} MB, naive {row['naive']['peak_rss_over_none_mb']:7.1f} MB",
+              flush=True)
+        rows.append(row)
+    d, layers = MODEL["n_inner"], MODEL["n_layer"]
+    return {
+        "rows": rows,
+        "expected_nerve_state_mb": layers * 2 * (d * d + d) * 8 / 2**20,
+        "expected_naive_mb_per_1k_tokens": layers * 2 * 1000 * d * 4 / 2**20,  # fp32 copies of pre and post
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-sweep", action="store_true", help="only the overhead runs")
+    parser.add_argument("--skip-overhead", action="store_true", help="only the memory sweep")
+    args = parser.parse_args()
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    apply_threads(args.threads)  # recorded in the environment; each worker applies it too
+    import tempfile
+
+    for device in devices(args.device):
+        with tempfile.TemporaryDirectory() as tmp:
+            payload = {"model": MODEL, "seq_len": SEQ}
+            if not args.skip_overhead:
+                print(f"{device}: overhead runs", flush=True)
+                payload["overhead"] = overhead(device, args, Path(tmp))
+            if not args.skip_sweep:
+                print(f"{device}: memory sweep", flush=True)
+                payload["memory_sweep"] = memory_sweep(device, args, Path(tmp))
+        write_result(args.out, "training_overhead", device, payload, args.quick)
+
+
+if __name__ == "__main__":
+    main()
