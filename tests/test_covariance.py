@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distributed_helpers import torchrun
+from reference import rel_err, two_pass
 from nerve_hf.covariance import (
     CovarianceAccumulator,
     eigenvalues_batched,
@@ -14,17 +15,6 @@ from nerve_hf.covariance import (
     sync_accumulators,
 )
 from nerve_hf.metrics import participation_ratio
-
-
-def two_pass(rows) -> np.ndarray:
-    """Reference: float64 NumPy, mean first, then the centred products."""
-    rows = np.asarray(torch.as_tensor(rows).double().reshape(-1, np.shape(rows)[-1]))
-    centred = rows - rows.mean(axis=0)
-    return centred.T @ centred / (rows.shape[0] - 1)
-
-
-def rel_err(got: torch.Tensor, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(got.cpu().numpy() - ref) / np.linalg.norm(ref))
 
 
 def test_chunked_fp32_with_large_offset_matches_two_pass():

@@ -7,18 +7,8 @@ import pytest
 import torch
 
 import nerve_hf.covariance as covariance
+from reference import rel_err, two_pass
 from nerve_hf.covariance import CovarianceAccumulator
-
-
-def two_pass(rows) -> np.ndarray:
-    """Reference: float64 NumPy, mean first, then the centred products."""
-    rows = np.asarray(torch.as_tensor(rows).double().reshape(-1, np.shape(rows)[-1]))
-    centred = rows - rows.mean(axis=0)
-    return centred.T @ centred / (rows.shape[0] - 1)
-
-
-def rel_err(got: torch.Tensor, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(got.cpu().numpy() - ref) / np.linalg.norm(ref))
 
 
 @pytest.fixture
