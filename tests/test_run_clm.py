@@ -11,10 +11,6 @@ import pytest
 from nerve_hf.data import load_stdlib_corpus, tokenize_and_group, train_bpe_tokenizer
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-HAS_CALLBACK = importlib.util.find_spec("nerve_hf.callback") is not None
-needs_callback = pytest.mark.xfail(
-    not HAS_CALLBACK, reason="nerve_hf.callback (NerveCallback) lands from the lead's branch", strict=False
-)
 
 TINY = "n_layer=2,n_embd=32,n_head=2,n_inner=37,n_positions=64"  # odd FFN width, as DESIGN §5 asks
 BLOCK = 32
@@ -195,7 +191,6 @@ def test_nerve_arguments_reach_the_callback(run_clm, tokenizer_dir, texts, tmp_p
     assert made[0].kwargs == dict(every_n_steps=7, layers=[0, 1], max_tokens=64, measure_train=True, measure_eval=False)
 
 
-@needs_callback
 def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path):
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -281,7 +276,6 @@ def test_demo_quick_without_nerve(demo, demo_cache, tmp_path, capsys):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
 
 
-@needs_callback
 def test_demo_quick_with_nerve(demo, demo_cache, tmp_path, capsys):
     out = tmp_path / "demo"
     metrics = demo.main(["--quick", "--output-dir", str(out)])
