@@ -5,6 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for trainer_helpers
 
+import torch  # noqa: E402
+
 from nerve_hf import NerveCallback  # noqa: E402
 from trainer_helpers import make_trainer  # noqa: E402
 
@@ -17,6 +19,10 @@ def main(output_dir: str, per_device: int) -> None:
         learning_rate=0.0,  # eval after the step sees identical weights on 1 and 2 processes
     )
     trainer.train()
+    if torch.distributed.is_initialized():
+        # Tear gloo down before interpreter exit: its threads otherwise can abort the process (SIGABRT).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
