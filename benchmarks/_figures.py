@@ -16,6 +16,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write and close ``fig``; return ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def _label(result: dict, run: str) -> str:
     return result.get("labels", {}).get(run, run)
 
@@ -33,10 +41,7 @@ def trajectories(results: list[dict], path: Path, metrics=("se_pre", "se_post", 
         ax.set_title(metric)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def per_layer(results: list[dict], path: Path) -> Path:
@@ -55,10 +60,7 @@ def per_layer(results: list[dict], path: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("layer")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def optimizers(result: dict, path: Path) -> Path:
@@ -74,10 +76,7 @@ def optimizers(result: dict, path: Path) -> Path:
     for ax in axes:
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def correlation_scatter(result: dict, run: str, path: Path, metrics=("se_pre", "pr_pre", "se_post", "pr_post")) -> Path:
@@ -94,7 +93,4 @@ def correlation_scatter(result: dict, run: str, path: Path, metrics=("se_pre", "
         ax.set_title(f"{metric}: r = {r:.3f}" if r is not None else metric, fontsize=9)
         ax.set_xlabel("eval loss")
     fig.suptitle(f"{result['experiment']} / {_label(result, run)} (colour: step)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
