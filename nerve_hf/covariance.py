@@ -1,14 +1,16 @@
 """Streaming covariance of activations with exact merging across batches and processes.
 
 Each batch is centred on its own mean s (a column sum with at least fp32 accumulation, rounded to
-working precision) and its scatter matrix Σ(x − s)(x − s)ᵀ is formed in the activation's working
-precision (fp32; fp16/bf16 are multiplied with fp32 accumulation), together with the remainder
-r = mean(x − s) that the rounding of s left; the float64 merge removes n·rrᵀ, so the result is the
-scatter about the exact batch mean. On the CPU the rows are centred and multiplied in chunks of a few
-MB: a cache-sized buffer instead of a second copy of the batch, whose fresh pages cost as much as the
-centring itself, and no float64 pass over the batch (a casting reduction is ~30x slower than an fp32
-one there). Batches merge into float64 running moments with the parallel update of Chan, Golub &
-LeVeque (1979)::
+the working precision) and its scatter matrix Σ(x − s)(x − s)ᵀ is formed in the working precision,
+together with the remainder r = mean(x − s) that the rounding of s left; the float64 merge removes
+n·rrᵀ, so the result is the scatter about the exact batch mean. The working precision is the rows'
+own for fp32/fp64 and fp32 for fp16/bf16: centred in bf16, x − s keeps 8 bits and the covariance
+is off by ~5e-4 (relative, measured on an H100); converted to fp32 during the centring, the values
+are exact and the fp32 product (TF32 kept out) is good to ~1e-7. Rows are centred and multiplied
+in chunks: a few MB on the CPU (a cache-sized buffer instead of a second copy of the batch, whose
+fresh pages cost as much as the centring itself, and no float64 pass over the batch: a casting
+reduction is ~30x slower than an fp32 one there), up to 256 MB of fp32 on accelerators. Batches
+merge into float64 running moments with the parallel update of Chan, Golub & LeVeque (1979)::
 
     n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ n_b / n,  M2 = M2_a + M2_b + δδᵀ n_a n_b / n
 
@@ -37,6 +39,7 @@ __all__ = [
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _CPU_CHUNK_ELEMENTS = 1 << 21  # CPU: centre and multiply this many elements at a time (8 MB of fp32)
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 26  # GPU: ... at most this many (256 MB of fp32 centred rows)
 _MIN_CHUNK_ROWS = 256  # ... but never fewer rows than this (the GEMM needs depth to run at full speed)
 
 
@@ -62,46 +65,47 @@ def exact_fp32_matmul(device: torch.device) -> Iterator[None]:
 
 
 def _chunk_rows(rows: Tensor) -> int:
-    """Rows centred and multiplied at a time: all of them on accelerators (their caching allocators
-    reuse memory), a few MB on the CPU, where a fresh batch-sized buffer costs a page fault per 4 KB."""
-    n, dim = rows.shape
-    if rows.device.type != "cpu":
-        return n
-    return max(_MIN_CHUNK_ROWS, _CPU_CHUNK_ELEMENTS // dim)
+    """Rows centred and multiplied at a time: up to 256 MB of them on accelerators (their caching
+    allocators reuse memory), a few MB on the CPU, where a fresh batch-sized buffer costs a page
+    fault per 4 KB."""
+    dim = rows.shape[1]
+    limit = _CPU_CHUNK_ELEMENTS if rows.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+    return max(_MIN_CHUNK_ROWS, limit // dim)
 
 
 def _shifted_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(s, Σ(x − s), Σ(x − s)(x − s)ᵀ) for s the batch mean rounded to working precision.
 
-    ``rows`` is ``[N, D]`` with N ≥ 1; the working precision is fp32 for CPU halves, else the rows'
+    ``rows`` is ``[N, D]`` with N ≥ 1; the working precision is fp32 for halves, else the rows'
     dtype, so x − s is small and exact where x is close to s. Returns s ``[D]`` (working precision),
-    the float64 remainder sum ``[D]`` and the scatter ``[D, D]`` (at least fp32). NaN/Inf anywhere in
+    the float64 remainder sum ``[D]`` and the scatter ``[D, D]`` (fp32 or fp64). NaN/Inf anywhere in
     ``rows`` make the remainder sum non-finite.
     """
     n = rows.shape[0]
-    work = torch.float32 if rows.dtype in _HALF_DTYPES and rows.device.type != "cuda" else rows.dtype
-    sum_dtype = torch.promote_types(work, torch.float32)  # torch's fp32 sums are cascaded: error ~ log N
+    work = torch.float32 if rows.dtype in _HALF_DTYPES else rows.dtype
+    on_cpu = rows.device.type == "cpu"
     step = _chunk_rows(rows)
     chunks = [rows[start : start + step] for start in range(0, n, step)]  # views, [R, D] each
-    # Several chunks (CPU only): one reused buffer, not a fresh allocation (page faults) per chunk.
-    buffer = torch.empty(step, rows.shape[1], dtype=work, device=rows.device) if len(chunks) > 1 else None
-    if rows.dtype == work:
-        column_sum = rows.sum(dim=0, dtype=sum_dtype).to(torch.float64)  # [D]
+    # Several CPU chunks: one reused buffer, not a fresh allocation (page faults) per chunk.
+    buffer = torch.empty(step, rows.shape[1], dtype=work, device=rows.device) if on_cpu and len(chunks) > 1 else None
+    if rows.dtype == work or not on_cpu:  # torch's fp32 sums are cascaded: error ~ log N
+        column_sum = rows.sum(dim=0, dtype=work).to(torch.float64)  # [D]
     else:  # CPU halves: converting chunk by chunk is ~10x faster than one casting reduction
         column_sum = sum(_converted(chunk, buffer, work).sum(dim=0).to(torch.float64) for chunk in chunks)
     shift = (column_sum / n).to(work)  # [D]
     remainder_sum = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)  # [D]
-    scatter: Optional[Tensor] = None  # [D, D]
+    scatter: Optional[Tensor] = None  # [D, D] in `work`
     for chunk in chunks:
-        if chunk.dtype == work:
-            centred = chunk - shift if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
+        if chunk.dtype == work or not on_cpu:  # accelerator halves: converted inside the subtraction
+            centred = torch.sub(chunk, shift) if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
         else:  # CPU halves: convert, then subtract in place (a mixed-dtype subtraction is ~20x slower)
             centred = _converted(chunk, buffer, work).sub_(shift)
-        remainder_sum += centred.sum(dim=0, dtype=sum_dtype)  # centred: [R, D] in `work`
-        if scatter is None:
-            scatter = _scatter(centred)
-        else:  # only on the CPU, where `centred` is fp32 or fp64
-            scatter.addmm_(centred.T, centred)
+        remainder_sum += centred.sum(dim=0)  # centred: [R, D] in `work`
+        with exact_fp32_matmul(centred.device):
+            if scatter is None:
+                scatter = centred.T @ centred
+            else:
+                scatter.addmm_(centred.T, centred)
     return shift, remainder_sum, scatter
 
 
@@ -122,14 +126,6 @@ def _add_scatter_and_low_rank(m2: Tensor, scatter: Tensor, left: Tensor, right: 
     for start in range(0, dim, step):
         rows = slice(start, start + step)
         m2[rows].add_(scatter[rows].to(m2.dtype)).addmm_(left[rows], right)
-
-
-def _scatter(xc: Tensor) -> Tensor:
-    """Scatter matrix xcᵀ xc with at least fp32 accumulation and output.  [N, D] -> [D, D]"""
-    with exact_fp32_matmul(xc.device):
-        if xc.dtype in _HALF_DTYPES:  # only reached on CUDA: multiply in half, accumulate in fp32
-            return torch.mm(xc.T, xc, out_dtype=torch.float32)
-        return xc.T @ xc
 
 
 class CovarianceAccumulator:
@@ -209,7 +205,7 @@ class CovarianceAccumulator:
             rows = x[mask.to(torch.bool)]  # [N, D]
         else:
             rows = x.reshape(-1, self.dim)  # [N, D]
-        self._update_rows(rows)  # CPU halves are centred into fp32: CPU half GEMMs are slow, not fp32-accumulating
+        self._update_rows(rows)
 
     def _update_rows(self, rows: Tensor) -> None:
         if rows.shape[0] == 0:
