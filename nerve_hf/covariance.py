@@ -95,13 +95,13 @@ def _shifted_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     shift = (column_sum / n).to(work)  # [D]
     remainder_sum = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)  # [D]
     scatter: Optional[Tensor] = None  # [D, D] in `work`
-    for chunk in chunks:
-        if chunk.dtype == work or not on_cpu:  # accelerator halves: converted inside the subtraction
-            centred = torch.sub(chunk, shift) if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
-        else:  # CPU halves: convert, then subtract in place (a mixed-dtype subtraction is ~20x slower)
-            centred = _converted(chunk, buffer, work).sub_(shift)
-        remainder_sum += centred.sum(dim=0)  # centred: [R, D] in `work`
-        with exact_fp32_matmul(centred.device):
+    with exact_fp32_matmul(rows.device):  # every chunk's product in IEEE fp32
+        for chunk in chunks:
+            if chunk.dtype == work or not on_cpu:  # accelerator halves: converted inside the subtraction
+                centred = torch.sub(chunk, shift) if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
+            else:  # CPU halves: convert, then subtract in place (a mixed-dtype subtraction is ~20x slower)
+                centred = _converted(chunk, buffer, work).sub_(shift)
+            remainder_sum += centred.sum(dim=0)  # centred: [R, D] in `work`
             if scatter is None:
                 scatter = centred.T @ centred
             else:
