@@ -208,11 +208,13 @@ def _data(config: ProbeConfig, loaded, seq_len: int):
         source = {"kind": "text", "source": "text-file", "path": str(Path(config.text_file).resolve())}
     else:
         name = config.dataset or probe_data.DEFAULT_TEXT
-        documents = probe_data.dataset_documents(name, config.dataset_config, config.dataset_split, config.text_column)
+        column, documents = probe_data.dataset_documents(
+            name, config.dataset_config, config.dataset_split, config.text_column
+        )
         embedded = probe_data.is_embedded_corpus(name)
         source = {"kind": "text", "source": f"embedded:{name}" if embedded else "dataset", "name": name}
         if not embedded:
-            source.update(config=config.dataset_config, split=config.dataset_split, column=config.text_column)
+            source.update(config=config.dataset_config, split=config.dataset_split, column=column)
     made = probe_data.tokenize_documents(documents, loaded.tokenizer, seq_len, config.batch_size, config.max_tokens)
     source.update(documents=made.documents, sequences=made.sequences, tokens=made.tokens, seq_len=seq_len,
                   batch_size=config.batch_size, padding="right; attention_mask excludes pads")

@@ -14,6 +14,8 @@ handwritten digits, resized to the model's input size and normalised with its me
 
 from __future__ import annotations
 
+import itertools
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,11 +99,12 @@ def _text_column(first_row: dict, column: str | None) -> str:
 
 def dataset_documents(
     name: str, config: str | None = None, split: str = "train", column: str | None = None
-) -> Iterator[str]:
-    """Documents of an embedded corpus, a local dataset or a Hub dataset (streamed), in dataset order."""
+) -> tuple[str | None, Iterator[str]]:
+    """(text column read, documents) of an embedded corpus (column None), a local dataset or a Hub
+    dataset (streamed), in dataset order. The dataset is opened and its first row read here, so a bad
+    name, split or column fails at this call (an InputError) and the column is known before tokenising."""
     if is_embedded_corpus(name):
-        yield from embedded_text(name)
-        return
+        return None, embedded_text(name)
     import datasets  # imported on use: slow, and not needed for the embedded corpus
 
     local = Path(name)
@@ -127,9 +130,7 @@ def dataset_documents(
     if first is None:
         raise InputError(f"dataset {name!r} split {split!r} has no rows")
     key = _text_column(first, column)
-    yield first[key]
-    for row in iterator:
-        yield row[key]
+    return key, itertools.chain([first[key]], (row[key] for row in iterator))
 
 
 @dataclass

@@ -95,6 +95,33 @@ def test_paper_preset_builds_the_paper_sizes_on_meta(experiment, run, count, tol
     assert bench_run.parameter_count(settings) == pytest.approx(count, rel=tolerance)
 
 
+def test_paper_lm_data_loads_the_hub_tokenizer_and_streamed_dataset_offline(tmp_path, hub):
+    """The paper preset's data path (tokenizer ``gpt2``, streamed ``codeparrot/codeparrot-clean``) on local
+    copies in the Hub's layout (tests/hub_copies.py): the first 1000 documents are held out for evaluation."""
+    import _data
+    from hub_copies import codeparrot_copy
+    from transformers import GPT2Config
+
+    from nerve_hf.data import train_bpe_tokenizer
+
+    documents = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(1012)]
+    tokenizer = train_bpe_tokenizer(documents[:50], vocab_size=300)
+    tokenizer.save_pretrained(str(tmp_path / "gpt2"))
+    GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=24, n_head=3).save_pretrained(tmp_path / "gpt2")  # as on the Hub
+    hub.publish("gpt2", tmp_path / "gpt2")
+    hub.serve_dataset("codeparrot/codeparrot-clean", codeparrot_copy(tmp_path / "codeparrot", documents))
+    settings = _settings.resolve("paper", "lm", {"block_size": 16, "eval_samples": 3})
+    train, validation, vocab, info = _data.lm_data(settings)
+    assert vocab == len(tokenizer) and info["tokenizer"] == "gpt2" and info["eval_blocks"] == 3
+
+    def blocks(docs):  # documents joined with eos, cut into 16-token blocks
+        ids = [t for doc in docs for t in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
+        return [ids[i : i + 16] for i in range(0, len(ids) - 15, 16)]
+
+    assert [row["input_ids"] for row in validation] == blocks(documents[:1000])[:3]
+    assert [row["input_ids"] for row in train] == blocks(documents[1000:])
+
+
 def test_paper_dry_run_prints_the_plan_without_training(capsys, tmp_path):
     import run as bench_run
 

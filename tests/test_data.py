@@ -247,3 +247,56 @@ def test_hub_table_names_the_right_text_columns():
     assert HUB_TEXT_DATASETS["codeparrot/codeparrot-clean"].text_column == "content"
     assert HUB_TEXT_DATASETS["allenai/c4"].config == "en"
     assert HUB_TEXT_DATASETS["HuggingFaceFW/fineweb"].config == "sample-10BT"
+
+
+# --- Hub datasets, read from local copies in the Hub's layout (tests/hub_copies.py) -------------------
+
+
+def test_hub_c4_uses_its_default_config_and_validation_split(hub, tmp_path):
+    from hub_copies import c4_copy
+
+    train, validation = [f"web page {i} " * 3 for i in range(7)], [f"held out {i}" for i in range(3)]
+    hub.serve_dataset("allenai/c4", c4_copy(tmp_path / "c4", train, validation))
+    raw, column = load_raw_datasets("allenai/c4", cache_dir=str(tmp_path / "cache"))  # config "en" from the table
+    assert column == "text" and isinstance(raw, datasets.DatasetDict)
+    assert list(raw["train"]["text"]) == train and list(raw["validation"]["text"]) == validation
+    stream, _ = load_raw_datasets("allenai/c4", streaming=True, streaming_validation_docs=1)
+    assert isinstance(stream, datasets.IterableDatasetDict)
+    assert [r["text"] for r in stream["validation"]] == validation  # the Hub's split, not a held-out head
+    assert [r["text"] for r in stream["train"]] == train
+    other, _ = load_raw_datasets("allenai/c4", dataset_config_name="en.noblocklist", cache_dir=str(tmp_path / "cache"))
+    assert list(other["validation"]["text"]) == [t.upper() for t in validation]
+    with pytest.raises(ValueError, match="realnewslike"):  # a config the repository does not have
+        load_raw_datasets("allenai/c4", dataset_config_name="realnewslike", cache_dir=str(tmp_path / "cache"))
+
+
+def test_hub_codeparrot_reads_content_and_holds_out_validation(hub, tmp_path):
+    from hub_copies import codeparrot_copy
+
+    contents = [f"def f{i}(x):\n    return x + {i}\n" for i in range(40)]
+    hub.serve_dataset("codeparrot/codeparrot-clean", codeparrot_copy(tmp_path / "cp", contents))
+    raw, column = load_raw_datasets("codeparrot/codeparrot-clean", validation_split_percentage=10,
+                                    cache_dir=str(tmp_path / "cache"))
+    assert column == "content"  # the table's column, not "text"
+    assert list(raw["validation"][column]) == contents[:4] and list(raw["train"][column]) == contents[4:]
+    stream, column = load_raw_datasets("codeparrot/codeparrot-clean", streaming=True, streaming_validation_docs=5)
+    assert column == "content"
+    assert [r["content"] for r in stream["validation"]] == contents[:5]
+    assert [r["content"] for r in stream["train"]] == contents[5:]
+    assert set(next(iter(stream["train"]))) == {"repo_name", "path", "content", "license"}
+
+
+def test_hub_fineweb_sample_config_streams(hub, tmp_path):
+    from hub_copies import fineweb_copy
+
+    texts = [f"a fine web document number {i}" for i in range(12)]
+    hub.serve_dataset("HuggingFaceFW/fineweb", fineweb_copy(tmp_path / "fw", texts))
+    stream, column = load_raw_datasets("HuggingFaceFW/fineweb", streaming=True, streaming_validation_docs=2)
+    assert column == "text"
+    assert [r["text"] for r in stream["validation"]] == texts[:2]
+    assert [r["text"] for r in stream["train"]] == texts[2:]
+
+
+def test_hub_dataset_unreachable_offline_names_the_hub(hub):
+    with pytest.raises(ConnectionError, match="nobody/no-such-dataset"):
+        load_raw_datasets("nobody/no-such-dataset", streaming=True)

@@ -306,6 +306,90 @@ def test_probe_timm_mixer_on_an_image_dir(mixer_file, tmp_path):
     assert [r["tokens"] for r in report["rows"]] == [3 * 24, 3 * 24, 3 * 16, 3 * 16]
 
 
+# ------------------------------------------------------------------- Hub ids, from offline copies
+def _register_tiny_timm_mixer() -> str:
+    """A timm registry entry for a Mixer of any size (the real entries fix patch and embedding sizes)."""
+    from timm.models import build_model_with_cfg, is_model, register_model
+    from timm.models.mlp_mixer import MlpMixer
+
+    name = "nerve_test_tiny_mixer"
+    if not is_model(name):
+        def nerve_test_tiny_mixer(pretrained=False, **kwargs):
+            return build_model_with_cfg(MlpMixer, name, pretrained, **kwargs)
+
+        register_model(nerve_test_tiny_mixer)
+    return name
+
+
+def test_probe_transformers_hub_id_offline_equals_its_local_folder(gpt2_dir, hub, tmp_path):
+    hub.publish("tiny-org/tiny-gpt2", gpt2_dir)
+    args = ["--max-tokens", "150", "--seq-len", "20", "--no-progress", "--no-plots"]
+    assert main(["probe", "tiny-org/tiny-gpt2", "--out", str(tmp_path / "hub_out"), *args]) == 0
+    assert main(["probe", str(gpt2_dir), "--out", str(tmp_path / "local_out"), *args]) == 0
+    from_hub = json.loads((tmp_path / "hub_out" / "report.json").read_text())
+    local = json.loads((tmp_path / "local_out" / "report.json").read_text())
+    assert from_hub["model"]["location"] == "hub" and from_hub["model"]["path"] is None
+    assert from_hub["model"]["class"] == "GPT2LMHeadModel" and from_hub["model"]["tokenizer"] == "tiny-org/tiny-gpt2"
+    assert [r["tokens"] for r in from_hub["rows"]] == [150, 150]
+    assert from_hub["rows"] == local["rows"]  # same weights, tokenizer and batches
+
+
+def test_probe_transformers_hub_id_missing_offline(hub, tmp_path, capsys):
+    assert main(["probe", "tiny-org/not-there", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr())
+    assert "'tiny-org/not-there'" in line and "from the Hugging Face Hub" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_probe_timm_hub_model_offline(hub, tmp_path):
+    import timm
+    from timm.models import save_for_hf
+
+    name = _register_tiny_timm_mixer()
+    torch.manual_seed(3)
+    model = timm.create_model(name, **MIXER_KWARGS)
+    save_for_hf(model, tmp_path / "mixer_repo", model_args=MIXER_KWARGS, safe_serialization=True)
+    hub.publish("timm/nerve-tiny-mixer", tmp_path / "mixer_repo")
+    out = tmp_path / "out"
+    assert main(["probe", "timm/nerve-tiny-mixer", "--num-images", "7", "--batch-size", "4", "--out", str(out),
+                 "--no-progress", "--no-plots"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["library"] == "timm" and report["model"]["location"] == "hub"
+    assert report["model"]["architecture"] == name and report["model"]["input_size"] == [3, 32, 32]
+
+    # The same weights, probed from a local checkpoint file, give the same numbers.
+    torch.save(model.state_dict(), tmp_path / "mixer.pth")
+    kwargs = {k: v for k, v in MIXER_KWARGS.items() if k != "num_classes"}
+    local = tmp_path / "local"
+    assert main(["probe", str(tmp_path / "mixer.pth"), "--timm-arch", "timm.models.mlp_mixer.MlpMixer",
+                 "--timm-kwargs", json.dumps(kwargs), "--num-images", "7", "--batch-size", "4", "--out", str(local),
+                 "--no-progress", "--no-plots"]) == 0
+    assert report["rows"] == json.loads((local / "report.json").read_text())["rows"]
+    assert [r["tokens"] for r in report["rows"]] == [7 * 24, 7 * 24, 7 * 16, 7 * 16]
+
+
+def test_probe_on_a_hub_dataset_offline(gpt2_dir, hub, tmp_path):
+    from hub_copies import c4_copy
+
+    train, validation = [TEXT[:300], TEXT[300:900]], [TEXT[900:1500], TEXT[1500:1700]]
+    hub.serve_dataset("allenai/c4", c4_copy(tmp_path / "c4", train, validation))
+    args = ["--seq-len", "16", "--max-tokens", "120", "--no-progress", "--no-plots"]
+    out = tmp_path / "out"
+    assert main(["probe", str(gpt2_dir), "--dataset", "allenai/c4", "--dataset-config", "en",
+                 "--dataset-split", "validation", "--out", str(out), *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["source"] == "dataset" and report["data"]["column"] == "text"
+
+    # The streamed split gives what a local copy of the same documents gives.
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": validation}).save_to_disk(tmp_path / "same_docs")
+    same = tmp_path / "same"
+    assert main(["probe", str(gpt2_dir), "--dataset", str(tmp_path / "same_docs"), "--out", str(same), *args]) == 0
+    assert report["rows"] == json.loads((same / "report.json").read_text())["rows"]
+    assert [r["tokens"] for r in report["rows"]] == [120, 120]
+
+
 # ------------------------------------------------------------------------------------- bad input
 def test_image_model_given_text(mixer_file, text_file, tmp_path, capsys):
     assert main(["probe", str(mixer_file), "--timm-arch", "mixer_s16_224", "--text-file", str(text_file),

@@ -209,6 +209,38 @@ def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path):
     assert [h["step"] for h in history if "nerve/mean/se_pre" in h] == [2, 4]
 
 
+def test_hub_model_and_hub_dataset_offline(run_clm, tokenizer_dir, texts, tmp_path, hub):
+    """The README's network command (a Hub model fine-tuned on streamed codeparrot with --nerve), run on
+    local copies in the Hub's layout: the model from an offline Hub cache, the dataset's files at the Hub's
+    paths (tests/hub_copies.py)."""
+    import torch
+    from hub_copies import codeparrot_copy
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_head=2, n_layer=2, n_inner=37)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "repo")
+    tokenizer.save_pretrained(tmp_path / "repo")
+    hub.publish("tiny-org/tiny-gpt2", tmp_path / "repo")
+    hub.serve_dataset("codeparrot/codeparrot-clean", codeparrot_copy(tmp_path / "codeparrot", texts[:30]))
+
+    out = tmp_path / "out"
+    metrics = run_clm.main([
+        "--model_name_or_path", "tiny-org/tiny-gpt2", "--dataset_name", "codeparrot/codeparrot-clean",
+        "--streaming", "--streaming_validation_docs", "3", "--block_size", str(BLOCK), "--output_dir", str(out),
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", "2",
+        "--max_eval_samples", "4", "--do_train", "--do_eval", "--save_strategy", "no", "--report_to", "none",
+        "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--nerve", "--nerve_every_n_steps", "2",
+    ])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert math.isfinite(metrics["eval_loss"])
+    records = [json.loads(line) for line in (out / "nerve_metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [(r["step"], r["site"], r["tokens"]) for r in train] == [(2, "ffn.0", 4 * BLOCK), (2, "ffn.1", 4 * BLOCK)]
+    assert all(r["pr_post"] is not None and r["pr_post"] > 1 for r in records)
+
+
 # --- demo ---------------------------------------------------------------------------------------------
 
 
