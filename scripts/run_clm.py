@@ -12,6 +12,10 @@ stdlib code corpus, a byte-level BPE tokenizer trained on it locally, and a GPT-
 
     python scripts/run_clm.py --model_name_or_path gpt2 --dataset_name codeparrot/codeparrot-clean \\
         --streaming --max_steps 1000 --do_train --do_eval --max_eval_samples 200 --output_dir runs/gpt2 --nerve
+
+With ``--nerve`` the console shows the NerVE layer means (``nerve/mean/*``); the values of every single FFN
+go to the ``--report_to`` integrations, ``trainer_state.json``, ``eval_results.json`` and
+``nerve_metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ast
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -354,6 +359,35 @@ def nerve_callback(nerve_args: NerveArguments):
     )
 
 
+_PER_FFN_KEY = re.compile(r"^(?:\w+_)?nerve/(?!mean/)[^/]+/")  # nerve/ffn.3/se_pre, eval_nerve/ffn.3/js
+
+
+def console_view(logs: dict) -> dict:
+    """A log record as the console shows it: NerVE values of single FFNs left out, layer means kept.
+
+    >>> console_view({"loss": 2.5, "nerve/ffn.0/js": 0.1, "nerve/mean/js": 0.1, "eval_nerve/ffn.1/se_pre": 3.0})
+    {'loss': 2.5, 'nerve/mean/js': 0.1}
+    """
+    return {key: value for key, value in logs.items() if not _PER_FFN_KEY.match(key)}
+
+
+def show_nerve_means_on_console(trainer) -> None:
+    """Swap the Trainer's console logger (progress bar or printer) for one that prints ``console_view``."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class MeansProgressCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            super().on_log(args, state, control, logs=console_view(logs or {}), **kwargs)
+
+    class MeansPrinterCallback(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            super().on_log(args, state, control, logs=console_view(logs or {}), **kwargs)
+
+    for original, replacement in ((ProgressCallback, MeansProgressCallback), (PrinterCallback, MeansPrinterCallback)):
+        if trainer.pop_callback(original) is not None:
+            trainer.add_callback(replacement)
+
+
 def resolve_checkpoint(training_args) -> Optional[str]:
     """``--resume_from_checkpoint PATH``, or ``last``/``true`` for the newest checkpoint in ``--output_dir``."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -429,6 +463,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     )
     if nerve_args.nerve:
         trainer.add_callback(nerve_callback(nerve_args))
+        show_nerve_means_on_console(trainer)
 
     metrics: dict = {}
     if training_args.do_train:
@@ -449,7 +484,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         eval_metrics = with_perplexity(already if already is not None else trainer.evaluate())
         if not data_args.streaming:
             eval_metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", eval_metrics)
+        trainer.log_metrics("eval", console_view(eval_metrics))
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     return metrics

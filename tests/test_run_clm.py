@@ -191,7 +191,7 @@ def test_nerve_arguments_reach_the_callback(run_clm, tokenizer_dir, texts, tmp_p
     assert made[0].kwargs == dict(every_n_steps=7, layers=[0, 1], max_tokens=64, measure_train=True, measure_eval=False)
 
 
-def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path):
+def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path, capsys):
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     argv = common_args(tmp_path, tokenizer_dir) + [
@@ -207,6 +207,19 @@ def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path):
     assert any(r["split"] != "train" for r in records)  # the final evaluation was measured too
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "nerve/mean/se_pre" in h] == [2, 4]
+    assert [h["step"] for h in history if "nerve/ffn.1/se_pre" in h] == [2, 4]
+    assert "eval_nerve/ffn.1/js" in json.loads((out / "eval_results.json").read_text())
+    # The console shows the layer means only; single FFNs are in the files above.
+    console = capsys.readouterr().out
+    assert console.count("'nerve/mean/se_pre'") == 2 and "eval_nerve/mean/js" in console
+    assert "nerve/ffn." not in console
+
+
+def test_console_view_keeps_layer_means(run_clm):
+    logs = {"loss": 2.5, "nerve/ffn.0/js": 0.1, "nerve/mean/js": 0.2, "eval_nerve/token_mlp.1/se_pre": 3.0,
+            "eval_nerve/mean/se_pre": 3.1, "test_nerve/ffn.2/pr_pre": 4.0, "nerve_note": "kept"}
+    assert run_clm.console_view(logs) == {"loss": 2.5, "nerve/mean/js": 0.2, "eval_nerve/mean/se_pre": 3.1,
+                                          "nerve_note": "kept"}
 
 
 def test_hub_model_and_hub_dataset_offline(run_clm, tokenizer_dir, texts, tmp_path, hub):
