@@ -25,6 +25,7 @@ from typing import Optional
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+from transformers.training_args import ParallelMode
 
 from .metrics import METRIC_NAMES
 from .records import RECORDS_FILENAME, append_records, drop_records_after
@@ -171,6 +172,20 @@ class NerveCallback(TrainerCallback):
         self._attach()
         return True
 
+    def _refuse_data_parallel(self, args) -> None:
+        """Several GPUs in one process: the Trainer wraps the model in nn.DataParallel, whose threaded
+        replicas the trackers cannot follow. Stay idle, with a warning, rather than log wrong numbers."""
+        if self._failed or getattr(args, "parallel_mode", None) != ParallelMode.NOT_DISTRIBUTED:
+            return
+        self._failed = True
+        self.detach()
+        warnings.warn(
+            f"NerveCallback is disabled: the Trainer runs nn.DataParallel over {getattr(args, 'n_gpu', 'several')} "
+            f"GPUs in one process, which it cannot measure. Launch with torchrun or accelerate launch "
+            f"(DistributedDataParallel; the statistics of all ranks are reduced exactly), or use one GPU.",
+            RuntimeWarning,
+        )
+
     def _attach(self) -> None:
         """Attach every tracker the configuration measures with (those already attached stay)."""
         wanted = (self._train_groups if self.config.measure_train else []) + (
@@ -235,9 +250,11 @@ class NerveCallback(TrainerCallback):
 
     # ------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._refuse_data_parallel(args)
         self._set_up(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._refuse_data_parallel(args)
         self._set_up(model)
         if self.config.write_jsonl and state.is_world_process_zero and args.output_dir:
             # A resumed run re-measures nothing before its checkpoint; drop what came after it.

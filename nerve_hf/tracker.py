@@ -87,6 +87,23 @@ def covariance_state_bytes(dims: Iterable[int]) -> int:
     return sum(2 * (d * d + d) * 8 for d in dims)
 
 
+def _check_no_replicating_data_parallel(model: nn.Module) -> None:
+    """ValueError for ``nn.DataParallel`` over several devices: it runs copies of the model in threads,
+    each on a slice of the batch, which the token masks and the accumulators cannot follow."""
+    while True:
+        if isinstance(model, nn.DataParallel):
+            if len(model.device_ids) > 1:
+                raise ValueError(
+                    f"nn.DataParallel over {len(model.device_ids)} devices is not supported: it runs replicas of "
+                    f"the model in threads on slices of the batch. Use DistributedDataParallel (torchrun or "
+                    f"accelerate launch), whose processes are reduced exactly, or one device."
+                )
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return
+        model = inner
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs (where checkpointing recomputes forwards)."""
     graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -149,7 +166,8 @@ class FFNTracker:
 
     Args:
         model: any model the adapters understand, possibly wrapped (DDP, ``torch.compile``, FSDP,
-            checkpoint wrappers): sites are resolved on the unwrapped model.
+            checkpoint wrappers): sites are resolved on the unwrapped model. ``nn.DataParallel`` over
+            several devices raises ValueError (use DDP).
         adapter: where the FFNs are; ``None`` asks :func:`model_adapters.get_adapter`.
         layers: block indices to track (negative counts from the end); ``None`` tracks all.
         max_tokens: per site, count at most this many tokens per window (first come); ``None``: all.
@@ -193,6 +211,7 @@ class FFNTracker:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
         if memory_budget_mb is not None and not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be positive or None, got {memory_budget_mb}")
+        _check_no_replicating_data_parallel(model)
         self.model = model
         self.root = model_adapters.unwrap_model(model)  # sites are resolved here
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)

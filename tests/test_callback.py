@@ -206,6 +206,23 @@ def test_unknown_architecture_disables_with_warning(tmp_path):
     assert trainer.state.global_step == 2
 
 
+def test_data_parallel_over_several_gpus_disables_with_warning(tmp_path, monkeypatch):
+    """Several GPUs in one process make the Trainer use nn.DataParallel (parallel_mode NOT_DISTRIBUTED);
+    this machine has none, so the mode is forced and the Trainer otherwise runs as on one device."""
+    from transformers import TrainingArguments
+    from transformers.training_args import ParallelMode
+
+    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.NOT_DISTRIBUTED))
+    model = tiny_gpt2()
+    with pytest.warns(RuntimeWarning, match="nn.DataParallel .* torchrun"):
+        trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1)], model=model, max_steps=2,
+                               eval_strategy="no")
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert not any(key.startswith("nerve/") for entry in trainer.state.log_history for key in entry)
+    assert all(not module._forward_hooks and not module._forward_pre_hooks for module in model.modules())
+
+
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="every_n_steps"):
         NerveCallback(every_n_steps=0)

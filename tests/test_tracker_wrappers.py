@@ -45,6 +45,19 @@ def gpt2_and_expected():
     return model, inputs, run_tracker(model, inputs)
 
 
+def test_data_parallel_on_one_device_is_measured_and_over_several_refused(gpt2_and_expected):
+    model, inputs, expected = gpt2_and_expected
+    dp = nn.DataParallel(model)  # no GPU here: no replicas, the wrapper calls the model itself
+    tracker = FFNTracker(dp)
+    assert tracker.root is model
+    with torch.no_grad(), tracker:
+        dp(**inputs)
+    assert_same_report(tracker.compute(), expected)
+    dp.device_ids = [0, 1]  # what it holds on a machine with two GPUs: threaded replicas, sliced batches
+    with pytest.raises(ValueError, match="DataParallel over 2 devices .* DistributedDataParallel"):
+        FFNTracker(dp)
+
+
 def test_ddp_wrapped(process_group, gpt2_and_expected):
     model, inputs, expected = gpt2_and_expected
     ddp = nn.parallel.DistributedDataParallel(model)
