@@ -158,6 +158,45 @@ def test_eigenvalues_descending_and_batched():
     assert torch.isnan(participation_ratio_from_covariance(torch.zeros(3, 3)))
 
 
+@pytest.fixture
+def three_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_eigenvalues_spread_over_threads_on_the_cpu(three_torch_threads, monkeypatch):
+    torch.manual_seed(7)
+    covs = []
+    for _ in range(5):  # 3 threads, 5 matrices: workers decompose 2, 2 and 1
+        m = torch.randn(40, 33, dtype=torch.float64)
+        covs.append(m.T @ m)
+    seen = []  # (thread name, threads it used, matrices) per eigvalsh call
+    real = torch.linalg.eigvalsh
+
+    def recording(stack):
+        seen.append((__import__("threading").current_thread().name, torch.get_num_threads(), stack.shape[0]))
+        return real(stack)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", recording)
+    spectra = eigenvalues_batched(covs)
+    assert sorted(count for _, _, count in seen) == [1, 2, 2]
+    assert all(name.startswith("nerve-eigvalsh") and threads == 1 for name, threads, _ in seen)
+    assert torch.get_num_threads() == 3  # restored
+    for cov, spectrum in zip(covs, spectra):
+        ref = np.sort(np.linalg.eigvalsh(cov.numpy()))[::-1]
+        np.testing.assert_allclose(spectrum.numpy(), ref, rtol=1e-12, atol=1e-12 * ref[0])
+
+    def failing(stack):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", failing)
+    with pytest.raises(torch.linalg.LinAlgError, match="did not converge"):
+        eigenvalues_batched(covs)
+    assert torch.get_num_threads() == 3  # restored after an error too
+
+
 def test_single_process_sync_is_a_no_op():
     acc = CovarianceAccumulator(3)
     acc.update(torch.randn(10, 3))
