@@ -151,7 +151,7 @@ def test_torch_compile_entered_before_first_call(small_net):
         assert a["pr_pre"] == pytest.approx(b["pr_pre"], rel=1e-6)
 
 
-def test_torch_compile_after_first_call(small_net, monkeypatch):
+def test_torch_compile_after_first_call(small_net):
     model, x, mask = small_net
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
@@ -161,12 +161,13 @@ def test_torch_compile_after_first_call(small_net, monkeypatch):
         compiled(x, attention_mask=mask)
     assert tracker.compute().rows[0]["tokens"] == 0  # the documented limitation, made loud
 
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="eager")
-    compiled(x, attention_mask=mask)
-    tracker = FFNTracker(compiled)
-    with tracker:
+    # config.patch, not monkeypatch.setattr: undoing the latter deletes the option from dynamo's config
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
         compiled(x, attention_mask=mask)
-    assert tracker.compute().rows[0]["tokens"] == 18
+        tracker = FFNTracker(compiled)
+        with tracker:
+            compiled(x, attention_mask=mask)
+        assert tracker.compute().rows[0]["tokens"] == 18
     torch._dynamo.reset()
