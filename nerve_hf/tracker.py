@@ -90,18 +90,13 @@ def covariance_state_bytes(dims: Iterable[int]) -> int:
 def _check_no_replicating_data_parallel(model: nn.Module) -> None:
     """ValueError for ``nn.DataParallel`` over several devices: it runs copies of the model in threads,
     each on a slice of the batch, which the token masks and the accumulators cannot follow."""
-    while True:
-        if isinstance(model, nn.DataParallel):
-            if len(model.device_ids) > 1:
-                raise ValueError(
-                    f"nn.DataParallel over {len(model.device_ids)} devices is not supported: it runs replicas of "
-                    f"the model in threads on slices of the batch. Use DistributedDataParallel (torchrun or "
-                    f"accelerate launch), whose processes are reduced exactly, or one device."
-                )
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module) or inner is model:
-            return
-        model = inner
+    for module in model.modules():  # the wrapper itself, or one nested inside other wrappers
+        if isinstance(module, nn.DataParallel) and len(module.device_ids) > 1:
+            raise ValueError(
+                f"nn.DataParallel over {len(module.device_ids)} devices is not supported: it runs replicas of "
+                f"the model in threads on slices of the batch. Use DistributedDataParallel (torchrun or "
+                f"accelerate launch), whose processes are reduced exactly, or one device."
+            )
 
 
 def _in_backward() -> bool:

@@ -375,13 +375,15 @@ def show_nerve_means_on_console(trainer) -> None:
     """Swap the Trainer's console logger (progress bar or printer) for one that prints ``console_view``."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    class MeansProgressCallback(ProgressCallback):
+    class MeansOnConsole:  # put before a console callback: it prints console_view(logs)
         def on_log(self, args, state, control, logs=None, **kwargs):
             super().on_log(args, state, control, logs=console_view(logs or {}), **kwargs)
 
-    class MeansPrinterCallback(PrinterCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            super().on_log(args, state, control, logs=console_view(logs or {}), **kwargs)
+    class MeansProgressCallback(MeansOnConsole, ProgressCallback):
+        pass
+
+    class MeansPrinterCallback(MeansOnConsole, PrinterCallback):
+        pass
 
     for original, replacement in ((ProgressCallback, MeansProgressCallback), (PrinterCallback, MeansPrinterCallback)):
         if trainer.pop_callback(original) is not None:

@@ -115,6 +115,22 @@ def assert_rows_equal(rows, expected):
             assert row[name] == pytest.approx(want[name], rel=1e-9, abs=1e-12), (row["site"], name)
 
 
+def tracked_rows(model, sequences: list[list[int]], batch_size: int, pad_id: int) -> list[dict]:
+    """FFNTracker rows of ``model`` run on ``sequences`` in order, right-padded with ``pad_id`` per batch."""
+    tracker = FFNTracker(model)
+    with torch.no_grad(), tracker:
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            width = max(map(len, chunk))
+            input_ids = torch.full((len(chunk), width), pad_id)  # [B, T]
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, T]
+            for i, seq in enumerate(chunk):
+                input_ids[i, : len(seq)] = torch.tensor(seq)
+                mask[i, : len(seq)] = 1
+            model(input_ids=input_ids, attention_mask=mask)
+    return tracker.compute().rows
+
+
 def one_error_line(captured) -> str:
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1, captured.err
@@ -140,18 +156,7 @@ def test_probe_gpt2_equals_tracker_on_the_same_batches(gpt2_dir, text_file, tmp_
     sequences = [ids[i : i + 24] for i in range(0, len(ids), 24)]
     assert len(ids) % 24 and len(sequences) % 8 > 1  # the last batch holds a short sequence: pads
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
-    tracker = FFNTracker(model)
-    with torch.no_grad(), tracker:
-        for start in range(0, len(sequences), 8):
-            chunk = sequences[start : start + 8]
-            width = max(map(len, chunk))
-            input_ids = torch.full((len(chunk), width), 1)  # pad id: eos (no pad token)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, seq in enumerate(chunk):
-                input_ids[i, : len(seq)] = torch.tensor(seq)
-                mask[i, : len(seq)] = 1
-            model(input_ids=input_ids, attention_mask=mask)
-    expected = tracker.compute().rows
+    expected = tracked_rows(model, sequences, batch_size=8, pad_id=1)  # pad id: eos (no pad token)
     assert [row["tokens"] for row in expected] == [len(ids), len(ids)]  # pads are not counted
     assert_rows_equal(report["rows"], expected)
 
@@ -233,18 +238,7 @@ def test_probe_bert_encoder_on_a_local_dataset(bert_dir, tmp_path):
                 total += len(seq)
     assert total == 100 and any(len(s) < 12 for s in sequences[:-4])  # pads inside the stream, not just at its end
     model = AutoModel.from_pretrained(bert_dir)
-    tracker = FFNTracker(model)
-    with torch.no_grad(), tracker:
-        for start in range(0, len(sequences), 4):
-            chunk = sequences[start : start + 4]
-            width = max(map(len, chunk))
-            input_ids = torch.zeros((len(chunk), width), dtype=torch.long)  # [PAD] = 0
-            mask = torch.zeros_like(input_ids)
-            for i, seq in enumerate(chunk):
-                input_ids[i, : len(seq)] = torch.tensor(seq)
-                mask[i, : len(seq)] = 1
-            model(input_ids=input_ids, attention_mask=mask)
-    expected = tracker.compute().rows
+    expected = tracked_rows(model, sequences, batch_size=4, pad_id=0)  # [PAD] = 0
     assert [row["tokens"] for row in expected] == [100, 100]
     assert_rows_equal(report["rows"], expected)
 
