@@ -1,7 +1,8 @@
 """Training overhead of NerveCallback against no callback and against the paper's approach.
 
-Three Trainer runs of the same demo-sized GPT-2 (4 layers, n_embd 128, context 128, d_ff 512, random
-tokens) that differ only in their callbacks:
+Trainer runs of the demo's GPT-2 (the ``full`` preset of ``scripts/demo.py``: 4 layers, n_embd 128,
+d_ff 512, context 128, vocabulary 4096, 8 sequences per step; random tokens instead of the stdlib
+corpus) that differ only in their callbacks:
 
 * ``none``: no measurement.
 * ``nerve``: ``NerveCallback(every_n_steps=N)`` (streaming float64 covariance, O(D²) memory per FFN).
@@ -29,6 +30,7 @@ Run: ``python benchmarks/perf/training_overhead.py --device auto [--quick]``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -38,10 +40,25 @@ from pathlib import Path
 
 import torch
 
-from _common import add_common_args, apply_threads, current_rss_mb, devices, peak_rss_mb, write_result
+from _common import REPO, add_common_args, apply_threads, current_rss_mb, devices, peak_rss_mb, write_result
 
-MODEL = dict(n_layer=4, n_embd=128, n_head=4, n_positions=128, n_inner=512, vocab_size=1024)
-SEQ = 128
+
+def demo_preset():
+    """The ``full`` preset of ``scripts/demo.py``: what ``bash dev.sh demo`` trains (scripts are loaded
+    by path, they are not part of the package)."""
+    path = REPO / "scripts" / "demo.py"
+    spec = importlib.util.spec_from_file_location("nerve_scripts_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module.PRESETS["full"]
+
+
+_DEMO = demo_preset()
+MODEL = dict(n_layer=_DEMO.n_layer, n_embd=_DEMO.n_embd, n_head=_DEMO.n_head, n_positions=_DEMO.block_size,
+             n_inner=4 * _DEMO.n_embd, vocab_size=_DEMO.vocab_size)  # GPT-2's d_ff is 4 x n_embd
+SEQ = _DEMO.block_size  # tokens per sequence
+BATCH = _DEMO.batch_size  # sequences per micro-batch
 
 
 # ----------------------------------------------------------------------------- the naive baseline
@@ -183,7 +200,7 @@ KINDS = ("none", "nerve", "nerve_pr", "naive")
 def overhead(device: torch.device, args, tmp: Path) -> dict:
     steps = {10: 30} if args.quick else {10: 50, 100: 200}
     repeats = 1 if args.quick else 2
-    batch = 8
+    batch = BATCH
     results = {}
     for every_n, max_steps in steps.items():
         runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
@@ -240,7 +257,7 @@ def summarise_overhead(runs: dict[str, list[dict]], every_n: int) -> dict:
 
 def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
     accums = [1, 8] if args.quick else [1, 4, 16, 32]
-    batch = 8
+    batch = BATCH
     rows = []
     for accum in accums:
         row = {"grad_accum": accum, "tokens_per_measurement": batch * accum * SEQ}
@@ -280,7 +297,7 @@ def main() -> None:
 
     for device in devices(args.device):
         with tempfile.TemporaryDirectory() as tmp:
-            payload = {"model": MODEL, "seq_len": SEQ}
+            payload = {"model": MODEL, "seq_len": SEQ, "batch": BATCH}
             if not args.skip_overhead:
                 print(f"{device}: overhead runs", flush=True)
                 payload["overhead"] = overhead(device, args, Path(tmp))
