@@ -9,7 +9,9 @@ is off by ~5e-4 (relative, measured on an H100); converted to fp32 during the ce
 are exact and the fp32 product (TF32 kept out) is good to ~1e-7. Rows are centred and multiplied
 in chunks: a few MB on the CPU (a cache-sized buffer instead of a second copy of the batch, whose
 fresh pages cost as much as the centring itself, and no float64 pass over the batch: a casting
-reduction is ~30x slower than an fp32 one there), up to 256 MB of fp32 on accelerators. Batches
+reduction is ~30x slower than an fp32 one there), up to 256 MB of fp32 on accelerators. On the CPU
+only the upper block triangle of the symmetric scatter is multiplied and the rest is mirrored: about
+half the FLOPs of one ``xᵀx``, 1.3-1.6x faster than that GEMM for D = 512-3072. Batches
 merge into float64 running moments with the parallel update of Chan, Golub & LeVeque (1979)::
 
     n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ n_b / n,  M2 = M2_a + M2_b + δδᵀ n_a n_b / n
@@ -42,6 +44,8 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _CPU_CHUNK_ELEMENTS = 1 << 21  # CPU: centre and multiply this many elements at a time (8 MB of fp32)
 _ACCELERATOR_CHUNK_ELEMENTS = 1 << 26  # GPU: ... at most this many (256 MB of fp32 centred rows)
 _MIN_CHUNK_ROWS = 256  # ... but never fewer rows than this (the GEMM needs depth to run at full speed)
+_CPU_GRAM_BLOCK = 128  # CPU: the scatter's upper triangle is formed in column blocks about this wide ...
+_CPU_GRAM_MAX_BLOCKS = 16  # ... and at most this many of them
 
 
 @contextmanager
@@ -95,19 +99,49 @@ def _shifted_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         column_sum = sum(_converted(chunk, buffer, work).sum(dim=0).to(torch.float64) for chunk in chunks)
     shift = (column_sum / n).to(work)  # [D]
     remainder_sum = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)  # [D]
-    scatter: Optional[Tensor] = None  # [D, D] in `work`
+    scatter = torch.empty(rows.shape[1], rows.shape[1], dtype=work, device=rows.device)  # [D, D] in `work`
+    edges = _gram_block_edges(rows.shape[1], rows.device)
     with exact_fp32_matmul(rows.device):  # every chunk's product in IEEE fp32
-        for chunk in chunks:
+        for index, chunk in enumerate(chunks):
             if chunk.dtype == work or not on_cpu:  # accelerator halves: converted inside the subtraction
                 centred = torch.sub(chunk, shift) if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
             else:  # CPU halves: convert, then subtract in place (a mixed-dtype subtraction is ~20x slower)
                 centred = _converted(chunk, buffer, work).sub_(shift)
             remainder_sum += centred.sum(dim=0)  # centred: [R, D] in `work`
-            if scatter is None:
-                scatter = centred.T @ centred
-            else:
-                scatter.addmm_(centred.T, centred)
+            _add_upper_gram(scatter, centred, edges, first=index == 0)
+    _mirror_upper(scatter, edges)
     return shift, remainder_sum, scatter
+
+
+def _gram_block_edges(dim: int, device: torch.device) -> list[int]:
+    """Column edges of the blocks in which a scatter ``[D, D]`` is formed.
+
+    The scatter is symmetric, so only its upper block triangle needs computing: with b blocks that
+    is (1 + 1/b)/2 of the full product's FLOPs. On the CPU, blocks ~128 columns wide (at most 16)
+    make it 1.3-1.6x faster than one full GEMM for D = 512-3072; on accelerators, where small GEMMs
+    run below the hardware's speed and each costs a launch, the product stays one GEMM.
+    """
+    count = 1
+    if device.type == "cpu":
+        count = min(_CPU_GRAM_MAX_BLOCKS, max(1, dim // _CPU_GRAM_BLOCK))
+    return [dim * i // count for i in range(count + 1)]
+
+
+def _add_upper_gram(scatter: Tensor, centred: Tensor, edges: list[int], first: bool) -> None:
+    """``scatter``'s upper block triangle (+)= that of ``centredᵀ centred``; ``first`` overwrites.
+
+    ``scatter`` ``[D, D]``, ``centred`` ``[R, D]``; block row i is one GEMM ``centred[:, i]ᵀ centred[:, i:]``,
+    written in place (BLAS takes the row stride), so nothing is allocated.
+    """
+    for low, high in zip(edges, edges[1:]):
+        # beta=0 ignores the uninitialised values of `scatter` (NaN included) on the first chunk
+        scatter[low:high, low:].addmm_(centred[:, low:high].T, centred[:, low:], beta=0 if first else 1)
+
+
+def _mirror_upper(scatter: Tensor, edges: list[int]) -> None:
+    """Copy the blocks above the diagonal blocks of ``scatter`` ``[D, D]`` into those below them."""
+    for low, high in zip(edges[1:-1], edges[2:]):  # block column [low, high) gets the block row above it
+        scatter[low:high, :low] = scatter[:low, low:high].T
 
 
 def _converted(chunk: Tensor, buffer: Optional[Tensor], dtype: torch.dtype) -> Tensor:
