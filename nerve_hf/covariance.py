@@ -139,9 +139,9 @@ def _add_upper_gram(scatter: Tensor, centred: Tensor, edges: list[int], first: b
 
 
 def _mirror_upper(scatter: Tensor, edges: list[int]) -> None:
-    """Copy the blocks above the diagonal blocks of ``scatter`` ``[D, D]`` into those below them."""
-    for low, high in zip(edges[1:-1], edges[2:]):  # block column [low, high) gets the block row above it
-        scatter[low:high, :low] = scatter[:low, low:high].T
+    """Fill the blocks of ``scatter`` ``[D, D]`` below its diagonal blocks from those above them."""
+    for low, high in zip(edges[1:-1], edges[2:]):  # rows [low, high) left of their diagonal block
+        scatter[low:high, :low] = scatter[:low, low:high].T  # = (columns [low, high) above it)ᵀ
 
 
 def _converted(chunk: Tensor, buffer: Optional[Tensor], dtype: torch.dtype) -> Tensor:
