@@ -104,10 +104,16 @@ def plot(curves: dict, device: torch.device, args):
     right.set_xlabel("tokens per update N")
     right.set_title("cost against tokens (memory stays 2·D²·8 B)")
     right.legend()
-    for ax in (left, right):
+    from matplotlib.ticker import NullFormatter
+
+    for ax, sizes in ((left, sorted(set(curves["update_vs_D"]["x"]) | set(curves["eigvalsh_f64_vs_D"]["x"]))),
+                      (right, c["x"])):
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"nerve_hf covariance cost on {device_label(device)} "
-                 f"({torch.get_num_threads()} threads; exponent fitted over the {FIT_POINTS} largest sizes)", fontsize=10)
+        ax.set_xticks(sizes, labels=[str(size) for size in sizes])  # the measured sizes, not powers of ten
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    threads = torch.get_num_threads()
+    fig.suptitle(f"nerve_hf covariance cost on {device_label(device)} ({threads} thread{'s' if threads > 1 else ''}; "
+                 f"exponent fitted over the {FIT_POINTS} largest sizes)", fontsize=10)
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scaling_{device_label(device)}{'_quick' if args.quick else ''}.png"
