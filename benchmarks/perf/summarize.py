@@ -35,10 +35,9 @@ def accumulator(r: dict) -> list[str]:
 
 
 def training(r: dict) -> list[str]:
-    m = r.get("model", {})
-    tokens = r.get("batch", 8) * r.get("seq_len", 128)  # files before the batch was recorded used 8 x 128
-    out = [f"GPT-2 with {m.get('n_layer')} layers, n_embd {m.get('n_embd')}, d_ff {m.get('n_inner')}, vocabulary "
-           f"{m.get('vocab_size')}, {tokens} tokens per step.", ""]
+    m = r["model"]
+    out = [f"GPT-2 with {m['n_layer']} layers, n_embd {m['n_embd']}, d_ff {m['n_inner']}, vocabulary "
+           f"{m['vocab_size']}, {r['batch'] * r['seq_len']} tokens per step.", ""]
     if "overhead" in r:
         out += ["| every_n_steps | callback | wall time vs none | one measurement (s) | overhead at this N (per-step) "
                 "| projected at every 100 | peak RSS MB (none) |", "|---|---|---|---|---|---|---|"]
