@@ -80,7 +80,8 @@ def test_detector_finds_custom_linear_gelu_linear():
     model = CustomNet()
     adapter = get_adapter(model)
     assert adapter == Adapter(sites=(FFNSite("ffn", "stack", "ffn.up", "ffn.down"),), gated=False)
-    x = torch.randn(4, 9, 16)
+    model.double()  # float64 end to end: the rank-deficient pre spectra (h=23 > d=16) stay exact
+    x = torch.randn(4, 9, 16, dtype=torch.float64)
     captured = {}
     for i, block in enumerate(model.stack):
         block.ffn.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach().double()))
