@@ -23,10 +23,11 @@ of tokens.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -343,19 +344,57 @@ class CovarianceAccumulator:
             "m2": m2.detach().cpu().clone(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["dim"]) != self.dim:
-            raise ValueError(f"state is for dim={state['dim']}, this accumulator has dim={self.dim}")
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; an invalid ``state`` raises ``ValueError``, changing nothing.
+
+        ``state`` needs ``dim`` (this accumulator's), ``count`` and ``skipped`` (non-negative integers),
+        ``mean`` ``[D]`` and ``m2`` ``[D, D]`` (floating tensors, finite when ``count > 0``).
+        """
+        count, skipped, mean, m2 = _checked_state(state, self.dim)
         self.reset()
-        self._skipped = int(state["skipped"])
-        if int(state["count"]) > 0:
+        self._skipped = skipped
+        if count > 0:
             self._allocate(self._device or torch.device("cpu"))
-            self._n = int(state["count"])
-            self._mean.copy_(state["mean"])
-            self._m2.copy_(state["m2"])
+            self._n = count
+            self._mean.copy_(mean)
+            self._m2.copy_(m2)
 
     def __repr__(self) -> str:
         return f"CovarianceAccumulator(dim={self.dim}, count={self.count}, skipped={self.skipped}, device={self._device})"
+
+
+def _checked_state(state: Mapping[str, Any], dim: int) -> tuple[int, int, Tensor, Tensor]:
+    """(count, skipped, mean [D], m2 [D, D]) of a :meth:`CovarianceAccumulator.state_dict`, each checked.
+
+    Integers may be Python, NumPy or 0-d torch scalars, or integral floats; never bools.
+    """
+    where = "CovarianceAccumulator.load_state_dict:"
+    missing = [key for key in ("dim", "count", "skipped", "mean", "m2") if key not in state]
+    if missing:
+        raise ValueError(f"{where} the state has no {', '.join(map(repr, missing))} (keys: {sorted(map(str, state))}).")
+    integers = {}
+    for key in ("dim", "count", "skipped"):
+        value = state[key]
+        scalar = value.item() if isinstance(value, Tensor) and value.ndim == 0 else value
+        integral = isinstance(scalar, numbers.Integral) or (
+            isinstance(scalar, numbers.Real) and float(scalar).is_integer()
+        )
+        if isinstance(scalar, bool) or not integral or scalar < 0:
+            raise ValueError(f"{where} state[{key!r}] must be a non-negative integer, got {value!r}.")
+        integers[key] = int(scalar)
+    if integers["dim"] != dim:
+        raise ValueError(f"{where} the state is for dim={integers['dim']}, but this accumulator has dim={dim}.")
+    for key, shape in (("mean", (dim,)), ("m2", (dim, dim))):
+        value = state[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{where} state[{key!r}] must be a tensor, got {type(value).__name__}.")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{where} state[{key!r}] has shape {tuple(value.shape)}, expected {shape}.")
+        if not value.is_floating_point():
+            raise ValueError(f"{where} state[{key!r}] must be floating point, got {value.dtype}.")
+        if integers["count"] > 0 and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where} state[{key!r}] holds NaN or Inf, but count is {integers['count']}.")
+    return integers["count"], integers["skipped"], state["mean"], state["m2"]
 
 
 def sync_accumulators(accumulators: Sequence[CovarianceAccumulator]) -> None:

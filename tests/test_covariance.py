@@ -259,3 +259,124 @@ def test_two_processes_gloo_sync_exact(tmp_path):
     assert rel_err(result["cov_wide"], two_pass(wide)) < 1e-6
     assert result["empty_count"] == 0 and result["empty_eig_nan"]
     assert result["local_count_kept"]
+
+
+# ------------------------------------------------------------------- load_state_dict validation
+def loaded_accumulator() -> CovarianceAccumulator:
+    acc = CovarianceAccumulator(37)
+    acc.update(torch.randn(50, 37, generator=torch.Generator().manual_seed(8), dtype=torch.float64))
+    acc._skipped = 2
+    return acc
+
+
+def assert_same_state(acc: CovarianceAccumulator, before: dict) -> None:
+    after = acc.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value) if isinstance(value, torch.Tensor) else after[key] == value, key
+
+
+def test_state_dict_round_trip_is_exact():
+    acc = loaded_accumulator()
+    state = acc.state_dict()
+    restored = CovarianceAccumulator(37)
+    restored.load_state_dict(state)
+    assert_same_state(restored, state)
+    assert restored.count == 50 and restored.skipped == 2
+    assert torch.equal(restored.covariance(), acc.covariance())
+    empty = CovarianceAccumulator(37)
+    empty.load_state_dict(CovarianceAccumulator(37).state_dict())  # an empty state loads as empty
+    assert empty.count == 0 and torch.isnan(empty.mean()).all()
+
+
+@pytest.mark.parametrize("key", ["dim", "count", "skipped", "mean", "m2"])
+def test_load_state_dict_names_a_missing_key(key):
+    acc = loaded_accumulator()
+    before = acc.state_dict()
+    state = acc.state_dict()
+    del state[key]
+    with pytest.raises(ValueError, match=rf"^CovarianceAccumulator\.load_state_dict: .*'{key}'.*\.$"):
+        acc.load_state_dict(state)
+    assert_same_state(acc, before)
+
+
+@pytest.mark.parametrize("key, shape", [
+    ("m2", (1, 37)),  # broadcast silently before
+    ("m2", (37,)),
+    ("m2", (36, 36)),  # a raw torch size error before
+    ("m2", (37, 37, 1)),
+    ("mean", (1,)),
+    ("mean", (1, 37)),
+    ("mean", (38,)),
+])
+def test_load_state_dict_rejects_wrong_shapes_naming_both(key, shape):
+    acc = loaded_accumulator()
+    before = acc.state_dict()
+    state = acc.state_dict()
+    state[key] = torch.ones(shape, dtype=torch.float64)
+    expected = (37,) if key == "mean" else (37, 37)
+    message = f"CovarianceAccumulator.load_state_dict: state['{key}'] has shape {shape}, expected {expected}."
+    with pytest.raises(ValueError) as error:
+        acc.load_state_dict(state)
+    assert str(error.value) == message
+    assert_same_state(acc, before)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("count", -1),
+    ("skipped", -3),
+    ("count", True),
+    ("skipped", False),
+    ("count", 2.5),
+    ("count", float("nan")),
+    ("count", "50"),
+    ("skipped", None),
+    ("count", torch.tensor(-1)),
+    ("count", torch.tensor([50])),
+    ("dim", 37.5),
+])
+def test_load_state_dict_rejects_bad_counts(key, value):
+    acc = loaded_accumulator()
+    before = acc.state_dict()
+    state = acc.state_dict()
+    state[key] = value
+    with pytest.raises(ValueError, match=rf"^CovarianceAccumulator\.load_state_dict: state\['{key}'\] .*\.$"):
+        acc.load_state_dict(state)
+    assert_same_state(acc, before)
+
+
+@pytest.mark.parametrize("count", [np.int64(50), torch.tensor(50), 50.0, np.float32(50.0), torch.tensor(50.0)])
+def test_load_state_dict_accepts_integer_scalars(count):
+    acc = loaded_accumulator()
+    state = acc.state_dict()
+    state["count"], state["skipped"], state["dim"] = count, np.int32(2), torch.tensor(37)
+    restored = CovarianceAccumulator(37)
+    restored.load_state_dict(state)
+    assert restored.count == 50 and type(restored.count) is int
+    assert restored.skipped == 2 and type(restored.skipped) is int
+    assert torch.equal(restored.covariance(), acc.covariance())
+
+
+def test_load_state_dict_rejects_other_dim_types_and_nonfinite():
+    acc = loaded_accumulator()
+    before = acc.state_dict()
+    with pytest.raises(ValueError, match=r"^CovarianceAccumulator\.load_state_dict: .*dim=6.*dim=37.*\.$"):
+        acc.load_state_dict({**before, "dim": 6})
+    for key in ("mean", "m2"):
+        with pytest.raises(ValueError, match=rf"state\['{key}'\] .*floating"):
+            acc.load_state_dict({**before, key: before[key].to(torch.int64)})
+        with pytest.raises(ValueError, match=rf"state\['{key}'\] must be a tensor"):
+            acc.load_state_dict({**before, key: before[key].tolist()})
+        for bad in (float("nan"), float("inf")):
+            value = before[key].clone()
+            value.view(-1)[3] = bad
+            with pytest.raises(ValueError, match=rf"^CovarianceAccumulator\.load_state_dict: state\['{key}'\] .*NaN"):
+                acc.load_state_dict({**before, key: value})
+    assert_same_state(acc, before)
+    # With count 0 the moments are unused (state_dict() writes zeros): their values are not checked.
+    empty = CovarianceAccumulator(37)
+    empty.load_state_dict({**before, "count": 0, "mean": torch.full((37,), float("nan"), dtype=torch.float64)})
+    assert empty.count == 0 and empty.skipped == 2
+    float32 = CovarianceAccumulator(37)  # any floating dtype, converted to the float64 state
+    float32.load_state_dict({**before, "mean": before["mean"].float(), "m2": before["m2"].float()})
+    assert float32.count == 50 and float32.covariance().dtype == torch.float64

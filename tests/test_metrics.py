@@ -1,6 +1,7 @@
 """Spectral metrics against closed forms and an independent float64 NumPy/SciPy implementation."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -90,7 +91,8 @@ def test_ranges_on_random_spectra():
     torch.manual_seed(1)
     for d in (2, 9, 100):
         lam = torch.rand(200, d, dtype=torch.float64) ** 6
-        se, pr, eee = (f(lam) for f in (metrics.spectral_entropy, metrics.participation_ratio, metrics.early_enrichment))
+        functions = (metrics.spectral_entropy, metrics.participation_ratio, metrics.early_enrichment)
+        se, pr, eee = (f(lam) for f in functions)
         js = metrics.js_divergence(lam, torch.rand(200, d))
         assert ((se >= 0) & (se <= math.log(d) + 1e-12)).all()
         assert ((pr >= 1 - 1e-12) & (pr <= d + 1e-9)).all()
@@ -126,3 +128,106 @@ def test_bad_shapes_raise_clearly():
         metrics.spectral_entropy(torch.tensor(1.0))
     with pytest.raises(ValueError, match="D = 0"):
         metrics.participation_ratio(torch.ones(2, 0))
+
+
+# ----------------------------------------------------------- non-finite and negative eigenvalues
+CLEAN_PRE = np.array([[3.0, 1.0, 0.5, 0.25, 0.0], [2.0, 2.0, 1.0, 0.1, 0.01], [5.0, 0.5, 0.5, 0.2, 0.1]])
+CLEAN_POST = np.array([[1.0, 1.0, 1.0, 0.5, 0.5], [4.0, 1.0, 0.3, 0.2, 0.0], [2.0, 1.5, 1.0, 0.5, 0.25]])
+
+
+def reference_rows(pre: np.ndarray, post: np.ndarray) -> dict[str, list[float]]:
+    """The seven metrics of each row pair, from the NumPy/SciPy reference."""
+    out = {name: [] for name in metrics.METRIC_NAMES}
+    for a, b in zip(pre, post):
+        ref_a, ref_b = numpy_reference(a), numpy_reference(b)
+        for side, ref in (("pre", ref_a), ("post", ref_b)):
+            for metric in ("se", "pr", "eee"):
+                out[f"{metric}_{side}"].append(ref[metric])
+        out["js"].append(jensenshannon(ref_a["p"], ref_b["p"]) ** 2)
+    return out
+
+
+@pytest.mark.parametrize("bad", [-math.inf, math.inf, math.nan])
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_nonfinite_eigenvalue_makes_only_its_row_nan(bad, side):
+    pre, post = CLEAN_PRE.copy(), CLEAN_POST.copy()
+    (pre if side == "pre" else post)[1, 2] = bad  # row 1 of one side only
+    ref = reference_rows(CLEAN_PRE, CLEAN_POST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # non-finite is NaN, not a warning
+        got = metrics.spectrum_metrics(torch.from_numpy(pre), torch.from_numpy(post))
+        single = {
+            "se": metrics.spectral_entropy(torch.from_numpy(pre if side == "pre" else post)),
+            "pr": metrics.participation_ratio(torch.from_numpy(pre if side == "pre" else post)),
+            "eee": metrics.early_enrichment(torch.from_numpy(pre if side == "pre" else post)),
+            "js": metrics.js_divergence(torch.from_numpy(pre), torch.from_numpy(post)),
+            "p": metrics.normalized_spectrum(torch.from_numpy(pre if side == "pre" else post)),
+        }
+    for name in metrics.METRIC_NAMES:
+        values = got[name].tolist()
+        affected = name == "js" or name.endswith(side)
+        if affected:
+            assert math.isnan(values[1]), name
+        for row in ((0, 2) if affected else (0, 1, 2)):
+            assert values[row] == pytest.approx(ref[name][row], rel=1e-12, abs=1e-15), (name, row)
+    for metric in ("se", "pr", "eee", "js"):
+        key = "js" if metric == "js" else f"{metric}_{side}"
+        torch.testing.assert_close(single[metric], got[key], rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(single["p"][1]).all() and torch.isfinite(single["p"][[0, 2]]).all()
+
+
+def test_nonfinite_eigenvalue_in_a_single_spectrum():
+    for bad in (-math.inf, math.inf, math.nan):
+        lam = torch.tensor([2.0, 1.0, bad])
+        p = metrics.normalized_spectrum(lam)
+        assert p.shape == (3,) and torch.isnan(p).all()
+        for f in (metrics.spectral_entropy, metrics.participation_ratio, metrics.early_enrichment):
+            assert torch.isnan(f(lam)), (f.__name__, bad)
+        assert torch.isnan(metrics.js_divergence(torch.ones(3), lam))
+
+
+def test_round_off_negative_is_silent_and_equals_zero():
+    clean = torch.from_numpy(CLEAN_PRE)
+    noisy = clean.clone()
+    noisy[:, -1] = -1e-15 * clean.abs().amax(-1)  # within 100·D·eps·max|λ| = 1.1e-13 of the scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = metrics.spectrum_metrics(noisy, torch.from_numpy(CLEAN_POST))
+        zeroed = clean.clone().index_fill_(-1, torch.tensor([4]), 0.0)
+        want = metrics.spectrum_metrics(zeroed, torch.from_numpy(CLEAN_POST))
+        for name in metrics.METRIC_NAMES:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+        # float32 eigenvalues get float32's round-off: 100·3·eps32 = 3.6e-5 relative
+        assert metrics.participation_ratio(torch.tensor([2.0, 1.0, -2e-6])).item() == pytest.approx(1.8)
+
+
+def test_clearly_negative_eigenvalue_warns_once_then_is_clamped():
+    clean = torch.from_numpy(CLEAN_PRE)
+    noisy = clean.clone()
+    noisy[0, -1] = -1e-3 * 3.0
+    noisy[2, -1] = -2e-3 * 5.0  # two rows, one call: one warning naming the worst
+    zeroed = noisy.clamp_min(0.0)
+    post = torch.from_numpy(CLEAN_POST)
+    with pytest.warns(RuntimeWarning, match="negative") as record:
+        got = metrics.spectrum_metrics(noisy, noisy.flip(0))  # pre and post both: still one warning
+    assert len(record) == 1
+    assert "-2.0e-03" in str(record[0].message)
+    want = metrics.spectrum_metrics(zeroed, zeroed.flip(0))
+    for name in metrics.METRIC_NAMES:
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    for f in (metrics.spectral_entropy, metrics.participation_ratio, metrics.early_enrichment,
+              metrics.normalized_spectrum):
+        with pytest.warns(RuntimeWarning, match="negative") as record:
+            torch.testing.assert_close(f(noisy), f(zeroed), rtol=0, atol=0)
+        assert len(record) == 1, f.__name__
+    with pytest.warns(RuntimeWarning, match="negative") as record:
+        js = metrics.js_divergence(post, noisy)
+    assert len(record) == 1
+    torch.testing.assert_close(js, metrics.js_divergence(post, zeroed), rtol=0, atol=0)
+    # float64 eigenvalues of an fp32-accumulated covariance: float32's round-off still excuses -2e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics.participation_ratio(torch.tensor([2.0, 1.0, -2e-6], dtype=torch.float64))
+    with pytest.warns(RuntimeWarning, match="negative"):
+        metrics.participation_ratio(torch.tensor([2.0, 1.0, -2e-3], dtype=torch.float64))
