@@ -1,7 +1,8 @@
 """The ``nerve`` command: ``nerve probe MODEL`` and ``nerve report RUN_DIR``.
 
-Bad input (a path that is not a model, an unsupported architecture, an empty text file, ...) ends with
-one line on stderr and exit status 2, never a traceback. Heavy libraries load only once a subcommand
+Bad input (a path that is not a model, an unsupported architecture, an empty text file, an output folder
+that cannot be written, ...) ends with one line on stderr and exit status 2, never a traceback; an unusable
+``--out`` is reported before anything is loaded or measured. Heavy libraries load only once a subcommand
 runs, so ``nerve --help`` is quick.
 """
 
@@ -132,6 +133,10 @@ def _quiet_libraries() -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from .outputs import check_writable_dir
+
+    # First of all: an unusable --out must not cost a model load and a measurement.
+    out = check_writable_dir(args.out or _default_probe_dir(args.model), "--out" if args.out else "the default --out")
     from .probe import ProbeConfig, format_table, run_probe, write_probe
 
     config = ProbeConfig(
@@ -144,7 +149,6 @@ def _probe(args: argparse.Namespace) -> int:
     )
     _quiet_libraries()
     result = run_probe(config)
-    out = Path(args.out or _default_probe_dir(args.model))
     written = write_probe(result, out, args.spectra_layers, with_plots=not args.no_plots)
     data = result.data
     amount = f"{data.get('tokens')} tokens" if data.get("kind") == "text" else f"{data.get('images')} images"
@@ -155,8 +159,11 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .outputs import check_writable_dir
     from .report import write_report
 
+    if args.out is not None:
+        check_writable_dir(args.out)  # before reading the run; write_report checks its default folder itself
     result = write_report(args.run_dir, args.out, min_points=args.min_points)
     corr = result.correlations
     mean = corr[corr["site"] == "mean"]

@@ -2,6 +2,7 @@
 
 Every writer puts its bytes in a temporary file beside the target and ``os.replace``-s it into place,
 so an error (or Ctrl-C) half-way through never leaves a truncated file and never removes an old one.
+:func:`check_writable_dir` tells, before any work, whether an output folder can be written at all.
 """
 
 from __future__ import annotations
@@ -13,7 +14,52 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["jsonable", "write_bytes", "write_text", "write_json", "write_csv", "write_figure"]
+from .errors import InputError
+
+__all__ = ["check_writable_dir", "jsonable", "write_bytes", "write_text", "write_json", "write_csv", "write_figure"]
+
+WRITABLE_HINT = "pass a folder you can write to"
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its ancestors that do not exist, outermost first."""
+    missing = []
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str = "--out", hint: str = WRITABLE_HINT) -> Path:
+    """``path`` as a Path when it is (or can be made) a folder in which a file can be created; else an
+    InputError of one sentence naming ``flag``, the path, the reason and ``hint``.
+
+    The test creates the missing folders and a temporary file in ``path`` (permission bits alone do not
+    tell for root or on read-only mounts), then removes both: a later error leaves nothing behind.
+    """
+    path = Path(path)
+    where = f"{flag} {str(path)!r}"
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{where} is a file, not a folder: {hint}")
+    created = _missing_folders(path)
+    try:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"{where} cannot be created ({error.strerror or error}): {hint}") from None
+        try:
+            handle, temporary = tempfile.mkstemp(prefix=".nerve-write-check.", dir=path)
+            os.close(handle)
+            os.unlink(temporary)
+        except OSError as error:
+            raise InputError(f"{where} is not writable ({error.strerror or error}): {hint}") from None
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # made by someone else meanwhile, or not made at all
+    return path
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -31,7 +31,7 @@ from typing import Optional
 from . import plots
 from .errors import InputError
 from .metrics import METRIC_NAMES
-from .records import RECORDS_FILENAME, read_records
+from .records import RECORDS_FILENAME, scan_records, skipped_lines_message
 
 __all__ = [
     "MIN_POINTS",
@@ -58,7 +58,8 @@ class RunData:
 
     ``metrics``: step, split, site, layer, dim, tokens and the seven metrics; one row per FFN site per
     measurement plus a ``site == "mean"`` row per measurement (the average over sites with the metric
-    defined, as logged under ``nerve/mean/...``; ``layer`` is -1, ``tokens`` the mean over sites).
+    defined, as logged under ``nerve/mean/...``; ``layer`` is -1, ``tokens`` the mean over sites). A
+    measurement with site records missing (a crash during its write) is left out whole.
     ``losses``: step, split, loss.
     """
 
@@ -114,8 +115,54 @@ def _records_from_log_history(log_history: list[dict]) -> list[dict]:
     return list(grouped.values())
 
 
+def _read_records_file(path: Path) -> list[dict]:
+    """The records of ``path``, with read_records' warning about unreadable lines; InputError when the file
+    is empty or holds no JSON record at all (then without the warning: the error says it all)."""
+    scan = scan_records(path)
+    if not scan.lines:
+        raise InputError(f"records file {str(path)!r} is empty")
+    if not scan.records:
+        raise InputError(f"records file {str(path)!r} holds no JSON records (is it a NerVE records file?)")
+    if scan.skipped:
+        warnings.warn(skipped_lines_message(path, scan.skipped), RuntimeWarning, stacklevel=3)
+    return scan.records
+
+
+def _complete_steps(metrics, source: str):
+    """``metrics`` without its incomplete (split, step) measurements, with one RuntimeWarning naming them.
+
+    A measurement is complete when its number of distinct site records equals its records' ``sites``
+    field; records without that field expect the largest number of sites any step of their split has.
+    """
+    counts = metrics.groupby(["split", "step"], sort=False).agg(found=("site", "nunique"), sites=("sites", "max"))
+    largest = counts.groupby(level="split")["found"].transform("max")
+    counts["expected"] = counts["sites"].fillna(largest).astype(int)
+    incomplete = counts[counts["found"] != counts["expected"]]
+    if not len(incomplete):
+        return metrics
+    warnings.warn(f"left out incomplete measurements of {source!r} (records missing after a crash): "
+                  f"{_describe_incomplete(incomplete)}", RuntimeWarning, stacklevel=3)
+    keys = metrics.set_index(["split", "step"]).index
+    return metrics[~keys.isin(incomplete.index)]
+
+
+def _describe_incomplete(incomplete) -> str:
+    """``train step 30 (1 of 2 sites), eval steps 10, 20 (1 of 2 sites)``: splits in report order."""
+    groups: dict[tuple, list[int]] = {}
+    for (split, step), row in incomplete.iterrows():
+        groups.setdefault((split, int(row["found"]), int(row["expected"])), []).append(int(step))
+    order = {split: i for i, split in enumerate(_split_order(split for split, _, _ in groups))}
+    parts = []
+    for (split, found, expected), steps in sorted(groups.items(), key=lambda item: (order[item[0][0]], min(item[1]))):
+        noun = "step" if len(steps) == 1 else "steps"
+        parts.append(f"{split} {noun} {', '.join(map(str, sorted(steps)))} ({found} of {expected} sites)")
+    return ", ".join(parts)
+
+
 def load_run(run_dir) -> RunData:
-    """Read a run directory (or one of its ``checkpoint-N`` folders); InputError if it is not one."""
+    """Read a run directory (or one of its ``checkpoint-N`` folders); InputError if it is not one, or if its
+    records file is empty or holds no JSON record. Unreadable record lines and incomplete measurements are
+    left out, each kind with one RuntimeWarning."""
     import pandas as pd
 
     run_dir = Path(run_dir)
@@ -138,7 +185,7 @@ def load_run(run_dir) -> RunData:
         records_path = run_dir.parent / RECORDS_FILENAME  # a checkpoint folder: the run's records up to it
         last_step = max((int(e["step"]) for e in log_history if "step" in e), default=None)
     if records_path.is_file():
-        records = list(read_records(records_path))
+        records = _read_records_file(records_path)
         sources = {"records": str(records_path), "state": str(state_path)}
     else:
         records = _records_from_log_history(log_history)
@@ -152,10 +199,14 @@ def load_run(run_dir) -> RunData:
         )
 
     columns = ["step", "split", "site", "layer", "dim", "tokens", *METRIC_NAMES]
-    metrics = pd.DataFrame(records).reindex(columns=columns)
+    metrics = pd.DataFrame(records).reindex(columns=[*columns, "sites"])
     metrics[list(METRIC_NAMES)] = metrics[list(METRIC_NAMES)].astype(float)
     # A resumed run may have measured a step twice: the last record wins.
     metrics = metrics.drop_duplicates(subset=["step", "split", "site"], keep="last")
+    metrics = _complete_steps(metrics, sources["records"])[columns]
+    if not len(metrics):
+        raise InputError(f"every measurement in {sources['records']!r} is incomplete (records missing after a "
+                         f"crash): nothing to report")
     mean = (metrics.groupby(["split", "step"], sort=False)
             .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"}).reset_index())
     mean = mean.assign(site="mean", layer=-1, dim=math.nan)
@@ -291,10 +342,11 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
     """Write ``correlations.csv``, ``summary.md`` and the plots of a run into ``out_dir``
     (default ``<run_dir>/nerve_report``).
 
-    Raises InputError, before writing anything, when the run is not a run or when no (split, site,
-    metric) series has ``min_points`` aligned points. Each file is written atomically.
+    Raises InputError, before writing anything, when the run is not a run, when no (split, site, metric)
+    series has ``min_points`` aligned points, or when ``out_dir`` cannot be written. Each file is written
+    atomically.
     """
-    from .outputs import write_csv, write_figure, write_text
+    from .outputs import check_writable_dir, write_csv, write_figure, write_text
 
     if min_points < 2:
         raise InputError(f"--min-points must be at least 2 (a correlation of fewer points is undefined), got {min_points}")
@@ -304,7 +356,11 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
     if not len(corr) or int(corr["n"].max()) < min_points:
         raise InputError(_few_points_message(run, corr, min_points))
 
-    out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "nerve_report"
+    if out_dir is not None:
+        out_dir = check_writable_dir(out_dir)
+    else:
+        out_dir = check_writable_dir(run.run_dir / "nerve_report", "report folder",
+                                     "pass --out with a folder you can write to")
     files = [write_csv(out_dir / "correlations.csv", corr)]
     figures: dict[str, list[str]] = {}
     for split in _split_order(run.metrics["split"]):

@@ -236,3 +236,69 @@ def test_trainer_state_of_the_newest_checkpoint(tmp_path):
     assert loaded.losses["step"].tolist() == [10, 20, 30, 40]
     at_20 = load_run(run / "checkpoint-20")  # a checkpoint folder: the run's records up to its step
     assert sorted(set(at_20.metrics["step"])) == [10, 20]
+
+
+def test_a_step_torn_by_a_crash_is_left_out_whole(tmp_path):
+    from fault_helpers import tear_last_line
+
+    steps = (10, 20, 30, 40, 50)
+    run, state = synthetic_run(tmp_path / "run", {"train": "loss"}, steps=steps)
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    complete = tmp_path / "complete"  # the same run with only its complete steps 10..40
+    shutil.copytree(run, complete)
+    kept = [r for r in read_jsonl(complete / "nerve_metrics.jsonl") if r["step"] <= 40]
+    (complete / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tear_last_line(run / "nerve_metrics.jsonl")  # step 50's ffn.1 record cut short: ffn.0 survives alone
+
+    with pytest.warns(RuntimeWarning) as caught:
+        loaded = load_run(run)
+    records = run / "nerve_metrics.jsonl"
+    assert [str(w.message) for w in caught] == [
+        f"skipped 1 unreadable line (line 10) of {records}: cut short by a crash or not JSON",
+        f"left out incomplete measurements of {str(records)!r} (records missing after a crash): "
+        f"train step 50 (1 of 2 sites)",
+    ]
+    assert sorted(set(loaded.metrics["step"])) == [10, 20, 30, 40]  # no ffn.0 row and no mean row of step 50
+    assert loaded.metrics[loaded.metrics["site"] == "mean"]["step"].tolist() == [10, 20, 30, 40]
+    corr = correlations(loaded)
+    assert len(corr) == 3 * len(METRIC_NAMES)
+    for row in corr.itertuples():
+        x, y = independent_pairs(complete, "train", row.site, row.metric)
+        expected = stats.pearsonr(x, y)
+        assert row.n == len(x) == 4
+        assert row.r == pytest.approx(expected.statistic, rel=1e-9, abs=1e-12), (row.site, row.metric)
+        assert row.p == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-12), (row.site, row.metric)
+
+
+def test_records_missing_by_their_sites_count_leave_their_step_out(tmp_path):
+    run, state = synthetic_run(tmp_path / "run", {"train": "loss", "eval": "eval_loss", "eval_web": "eval_web_loss"})
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    missing = {("train", 30, "ffn.1"), ("eval", 20, "ffn.0")} | {("eval_web", s, "ffn.1") for s in (10, 20, 30, 40)}
+    records = [{**r, "sites": 2} for r in read_jsonl(run / "nerve_metrics.jsonl")
+               if (r["split"], r["step"], r["site"]) not in missing]
+    (run / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    with pytest.warns(RuntimeWarning) as caught:
+        loaded = load_run(run)
+    assert [str(w.message) for w in caught] == [
+        f"left out incomplete measurements of {str(run / 'nerve_metrics.jsonl')!r} (records missing after a crash): "
+        "train step 30 (1 of 2 sites), eval step 20 (1 of 2 sites), eval_web steps 10, 20, 30, 40 (1 of 2 sites)"]
+    steps = {split: sorted(set(part["step"])) for split, part in loaded.metrics.groupby("split")}
+    assert steps == {"train": [10, 20, 40], "eval": [10, 30, 40]}
+    mean = loaded.metrics[(loaded.metrics["site"] == "mean") & (loaded.metrics["split"] == "train")]
+    for step in (10, 20, 40):
+        sites = [r for r in records if r["split"] == "train" and r["step"] == step]
+        assert mean[mean["step"] == step]["se_pre"].item() == pytest.approx(sum(r["se_pre"] for r in sites) / 2)
+
+
+def test_a_run_whose_every_measurement_is_incomplete(tmp_path, capsys):
+    run, state = synthetic_run(tmp_path / "run", {"train": "loss"})
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    records = [{**r, "sites": 3} for r in read_jsonl(run / "nerve_metrics.jsonl")]  # a third site never written
+    (run / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(RuntimeWarning, match=r"train steps 10, 20, 30, 40 \(2 of 3 sites\)"):
+        assert main(["report", str(run)]) == 2
+    assert capsys.readouterr().err == (f"nerve report: error: every measurement in "
+                                       f"{str(run / 'nerve_metrics.jsonl')!r} is incomplete (records missing after "
+                                       f"a crash): nothing to report\n")
+    assert not (run / "nerve_report").exists()
