@@ -28,49 +28,65 @@ import io
 import math
 import platform
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
 from .errors import InputError
 from .metrics import METRIC_NAMES
+from .options import Validated, at_least, boolean, int_list, mapping, one_of, option, optional, positive_int, text
 from .spectral_report import ROW_KEYS, SpectralReport
 
 __all__ = ["ProbeConfig", "ProbeResult", "probe_model", "run_probe", "write_probe", "format_table", "choose_layers"]
 
 
-@dataclass
-class ProbeConfig:
-    """Everything ``nerve probe`` needs; the CLI flags map one to one onto these fields."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    model: str  # local folder, Hub id, "timm/<name>", or a timm checkpoint with timm_arch
-    text_file: Optional[str] = None  # a text file to measure on (one document)
-    dataset: Optional[str] = None  # embedded corpus name, local dataset, or Hub dataset id (streamed)
-    dataset_config: Optional[str] = None  # the dataset's configuration name (e.g. "en" for allenai/c4)
-    dataset_split: str = "train"  # which split of the dataset
-    text_column: Optional[str] = None  # dataset column holding the text; None: text/content/code/first str
-    image_dir: Optional[str] = None  # folder of images for timm models; None: the embedded digits set
-    num_images: int = 64  # images to measure for timm models
-    tokenizer: Optional[str] = None  # tokenizer folder or Hub id; None: the model's own
-    timm_arch: Optional[str] = None  # timm architecture of a bare local checkpoint (file or folder)
-    timm_kwargs: Optional[dict] = None  # extra timm.create_model keyword arguments (sizes of a custom model)
-    revision: Optional[str] = None  # Hub revision of a transformers model
-    trust_remote_code: bool = False  # let transformers run a checkpoint's own modelling code
-    max_tokens: int = 16384  # per FFN, measure at most this many tokens (rows); the input is cut to it
-    seq_len: int = 256  # tokens per sequence (special tokens included), capped at the model's maximum
-    batch_size: int = 8  # sequences or images per forward pass
-    layers: Optional[list[int]] = None  # block indices to measure (negative from the end); None: all
-    device: Optional[str] = None  # torch device; None: cuda when present, else cpu
-    dtype: str = "float32"  # model weights/activations: float32, float16, bfloat16 or auto (the checkpoint's)
-    spectra_layers: Optional[list[int]] = None  # layers whose spectra are plotted; None: first, middle, last
-    progress: bool = True  # show a progress bar on stderr
+
+@dataclass
+class ProbeConfig(Validated):
+    """Everything ``nerve probe`` needs; the CLI flags map one to one onto these fields (errors name the flag)."""
+
+    option_name = staticmethod(_flag)
+
+    model: str = option(MISSING, "local folder, Hub id, timm/<name>, or a timm checkpoint with --timm-arch", text)
+    text_file: Optional[str] = option(None, "a text file to measure on (one document)", optional(text))
+    dataset: Optional[str] = option(
+        None, "embedded corpus name, local dataset folder, or Hub dataset id (streamed)", optional(text)
+    )
+    dataset_config: Optional[str] = option(None, "the dataset's configuration (e.g. en for allenai/c4)", optional(text))
+    dataset_split: str = option("train", "which split of the dataset", text)
+    text_column: Optional[str] = option(
+        None, "dataset column holding the text; None: text, content, code or the first string column", optional(text)
+    )
+    image_dir: Optional[str] = option(None, "folder of images for timm models; None: the embedded digits", optional(text))
+    num_images: int = option(64, "images to measure for timm models", positive_int)
+    tokenizer: Optional[str] = option(None, "tokenizer folder or Hub id; None: the model's own", optional(text))
+    timm_arch: Optional[str] = option(None, "timm architecture of a bare local checkpoint (file or folder)", optional(text))
+    timm_kwargs: Optional[dict] = option(
+        None, "extra timm.create_model keyword arguments (sizes of a custom model)", optional(mapping)
+    )
+    revision: Optional[str] = option(None, "Hub revision of a transformers model", optional(text))
+    trust_remote_code: bool = option(False, "let transformers run a checkpoint's own modelling code", boolean)
+    max_tokens: int = option(
+        16384, "per FFN, measure at most this many tokens (rows); the input is cut to it",
+        at_least(2, "an integer of at least 2 (a covariance needs two tokens)"),
+    )
+    seq_len: int = option(256, "tokens per sequence (special tokens included), capped at the model's maximum", positive_int)
+    batch_size: int = option(8, "sequences or images per forward pass", positive_int)
+    layers: Optional[list[int]] = option(None, "block indices to measure (negative from the end); None: all", optional(int_list))
+    device: Optional[str] = option(None, "torch device; None: cuda when present, else cpu", optional(text))
+    dtype: str = option(
+        "float32", "model weights/activations: float32, float16, bfloat16 or auto (the checkpoint's)",
+        one_of(("float32", "float16", "bfloat16", "auto")),
+    )
+    spectra_layers: Optional[list[int]] = option(
+        None, "layers whose spectra are plotted; None: first, middle, last", optional(int_list)
+    )
+    progress: bool = option(True, "show a progress bar on stderr", boolean)
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "seq_len", "batch_size", "num_images"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.max_tokens < 2:
-            raise InputError(f"--max-tokens must be at least 2 (a covariance needs two tokens), got {self.max_tokens}")
         if self.text_file is not None and self.dataset is not None:
             raise InputError("give --text-file or --dataset, not both")
 

@@ -1,0 +1,241 @@
+"""One validation path for every option set: ``NerveConfig``, ``ProbeConfig`` and run_clm's ``--nerve_*`` flags.
+
+An option set is a dataclass whose fields are made with :func:`option`: a default, a one-line help text
+(what ``HfArgumentParser`` and the docs show) and a check. :class:`Validated` runs a field's check every
+time the field is assigned, at construction and afterwards, so a wrong type or range is refused where it
+is given, with an error that names the option:
+
+>>> from dataclasses import dataclass
+>>> @dataclass
+... class Example(Validated):
+...     every_n_steps: int = option(100, "measure every N-th step", positive_int)
+>>> Example(every_n_steps="5")
+Traceback (most recent call last):
+...
+nerve_hf.options.OptionTypeError: every_n_steps must be a positive integer, got '5' (str)
+>>> Example(every_n_steps=0)
+Traceback (most recent call last):
+...
+nerve_hf.options.OptionValueError: every_n_steps must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import MISSING, field, fields
+from typing import Any, Callable, Optional, Sequence
+
+from .errors import InputError
+
+__all__ = [
+    "OptionError",
+    "OptionTypeError",
+    "OptionValueError",
+    "Validated",
+    "option",
+    "help_of",
+    "boolean",
+    "positive_int",
+    "at_least",
+    "optional",
+    "positive_number",
+    "one_of",
+    "int_list",
+    "text",
+    "mapping",
+    "defaults",
+    "command_line_fields",
+    "from_command_line",
+]
+
+Check = Callable[[str, Any], Any]  # (option name, value) -> value (possibly normalised); raises OptionError
+
+
+class OptionError(InputError):
+    """An option of the wrong type or out of range. ``option`` is the name it was checked under."""
+
+    def __init__(self, option: str, requirement: str, value: Any, *, show_type: bool = False) -> None:
+        self.option, self.requirement, self.value, self.show_type = option, requirement, value, show_type
+        shown = f"{value!r} ({type(value).__name__})" if show_type else repr(value)
+        super().__init__(f"{option} must be {requirement}, got {shown}")
+
+    def renamed(self, option: str) -> "OptionError":
+        """The same error under another name (a command-line flag instead of a field name)."""
+        return type(self)(option, self.requirement, self.value, show_type=self.show_type)
+
+
+class OptionValueError(OptionError):
+    """The option has the right type but a value out of range (a ``ValueError``)."""
+
+
+class OptionTypeError(OptionError, TypeError):
+    """The option has the wrong type (both a ``ValueError`` and a ``TypeError``)."""
+
+    def __init__(self, option: str, requirement: str, value: Any, *, show_type: bool = True) -> None:
+        super().__init__(option, requirement, value, show_type=show_type)
+
+
+def option(default: Any, help: str, check: Check, **metadata: Any) -> Any:
+    """A dataclass field with its help text and check (``default_factory`` for list defaults)."""
+    metadata = {"help": help, "check": check, **metadata}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def help_of(cls, name: str) -> str:
+    """The help text of field ``name`` of option set ``cls``."""
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+class Validated:
+    """Mixin for option dataclasses: every assignment to a field made by :func:`option` is checked.
+
+    A subclass may set ``option_name`` to a function that turns a field name into the name its errors
+    show (a command-line flag, for a config that a CLI fills in).
+    """
+
+    option_name: Optional[Callable[[str], str]] = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _checks(type(self)).get(name)
+        if check is not None:
+            try:
+                value = check(name, value)
+            except OptionError as error:
+                rename = type(self).option_name
+                raise (error.renamed(rename(name)) if rename else error) from None
+        object.__setattr__(self, name, value)
+
+
+def _checks(cls) -> dict[str, Check]:
+    cached = cls.__dict__.get("_option_checks")
+    if cached is None:
+        cached = {f.name: f.metadata["check"] for f in fields(cls) if "check" in f.metadata}
+        type.__setattr__(cls, "_option_checks", cached)
+    return cached
+
+
+def defaults(cls) -> dict[str, Any]:
+    """``{field: default}`` of an option set."""
+    out = {}
+    for f in fields(cls):
+        out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def boolean(name: str, value: Any) -> bool:
+    """True or False (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise OptionTypeError(name, "True or False", value)
+    return value
+
+
+def at_least(minimum: int, requirement: Optional[str] = None) -> Check:
+    """An integer (not a bool, not a float) of at least ``minimum``."""
+    requirement = requirement or f"an integer of at least {minimum}"
+
+    def check(name: str, value: Any) -> int:
+        if not _is_int(value):
+            raise OptionTypeError(name, requirement, value)
+        if value < minimum:
+            raise OptionValueError(name, requirement, value)
+        return int(value)
+
+    return check
+
+
+positive_int = at_least(1, "a positive integer")
+
+
+def positive_number(name: str, value: Any) -> float:
+    """A finite real number > 0 (int or float, not a bool)."""
+    requirement = "a positive number"
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise OptionTypeError(name, requirement, value)
+    if not (math.isfinite(value) and value > 0):
+        raise OptionValueError(name, requirement, value)
+    return value
+
+
+def optional(check: Check) -> Check:
+    """``None`` or what ``check`` accepts."""
+
+    def checked(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return check(name, value)
+        except OptionError as error:
+            raise type(error)(name, f"None or {error.requirement}", value) from None
+
+    return checked
+
+
+def one_of(choices: Sequence[str]) -> Check:
+    """One of the strings ``choices``."""
+    requirement = "one of " + ", ".join(repr(c) for c in choices)
+
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise OptionTypeError(name, requirement, value)
+        if value not in choices:
+            raise OptionValueError(name, requirement, value)
+        return value
+
+    return check
+
+
+def int_list(name: str, value: Any) -> list[int]:
+    """A non-empty list (or tuple) of integers, returned as a new list."""
+    requirement = "a non-empty list of integers such as [0, -1]"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise OptionTypeError(name, requirement, value)
+    if not value:
+        raise OptionValueError(name, requirement, value)
+    if not all(_is_int(item) for item in value):
+        raise OptionTypeError(name, requirement, value)
+    return [int(item) for item in value]
+
+
+def text(name: str, value: Any) -> str:
+    """A string."""
+    if not isinstance(value, str):
+        raise OptionTypeError(name, "a string", value)
+    return value
+
+
+def mapping(name: str, value: Any) -> dict:
+    """A dict with string keys."""
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise OptionTypeError(name, "a dict with string keys", value)
+    return value
+
+
+# ----------------------------------------------------------------------------- command lines
+def command_line_fields(cls, prefix: str) -> list[tuple[str, Any, Any]]:
+    """``make_dataclass`` fields for ``HfArgumentParser``: each field of option set ``cls`` as
+    ``<prefix><name>``, with its type, default and help (and ``choices``), without the check."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        metadata = {k: v for k, v in f.metadata.items() if k != "check"}
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f"{prefix}{f.name}", hints[f.name], field(default=default, metadata=metadata)))
+    return out
+
+
+def from_command_line(cls, values: dict[str, Any], prefix: str):
+    """``cls(**values)`` for values named ``<prefix><field>``; an :class:`OptionError` names the flag."""
+    try:
+        return cls(**{name[len(prefix):]: value for name, value in values.items()})
+    except OptionError as error:
+        raise error.renamed(f"--{prefix}{error.option}") from None
