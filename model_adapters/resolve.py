@@ -11,6 +11,10 @@ from .spec import Adapter, FFNSite
 from .unwrap import module_index, unwrap_model
 
 
+class LayerRangeError(ValueError):
+    """``layers`` names a block the model does not have."""
+
+
 @dataclass(frozen=True)
 class ResolvedSite:
     """One FFN of one model: the modules to hook and how to read them."""
@@ -82,7 +86,8 @@ def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | No
         Sites ordered by family (adapter order), then by layer.
 
     Raises:
-        ValueError: a family resolves to nothing, or ``layers`` names a block that does not exist.
+        ValueError: a family resolves to nothing; :class:`LayerRangeError` (a ValueError) when ``layers``
+            names a block that does not exist.
     """
     index = module_index(unwrap_model(model))
     sites: list[ResolvedSite] = []
@@ -98,8 +103,12 @@ def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | No
         return sites
     n_blocks = 1 + max(s.layer for s in sites)
     wanted = set()
+    layers = list(layers)
     for layer in layers:
         if not -n_blocks <= layer < n_blocks:
-            raise ValueError(f"layer {layer} out of range: the model has {n_blocks} blocks")
+            raise LayerRangeError(
+                f"layers={layers}: layer {layer} is out of range; {type(unwrap_model(model)).__name__} has "
+                f"{n_blocks} blocks, so valid layers are 0..{n_blocks - 1} (or -{n_blocks}..-1 from the end)"
+            )
         wanted.add(layer % n_blocks)
     return [s for s in sites if s.layer in wanted]

@@ -4,17 +4,31 @@ At every optimizer step ``k`` that is a multiple of ``every_n_steps`` the callba
 micro-batches of that step (the forward passes whose loss the Trainer logs at step ``k``, before
 update ``k``) and logs ``nerve/<site>/<metric>`` and ``nerve/mean/<metric>`` with step ``k``. During
 every evaluation it measures the evaluation set and logs the same keys with the evaluation prefix
-(``eval_nerve/mean/pr_post``), in the same log record as ``eval_loss``.
+(``eval_nerve/mean/pr_post``), in the same log record as ``eval_loss``; ``Trainer.predict`` adds
+``test_nerve/...`` to its metrics.
+
+Which forwards count as evaluation: the eval trackers are *staged*. Until the Trainer's first
+``on_prediction_step`` of an evaluation (called after its first batch) confirms the window, each
+eval-mode forward outside a training step replaces what the window held; from then on to the end of
+the evaluation, every eval-mode forward adds to it. So a user's own inference between evaluations
+never reaches the next evaluation's spectra, and the staging costs no memory. Under several processes, the samples
+that the distributed sampler repeats to pad the last evaluation batch are left out, as accelerate's
+``gather_for_metrics`` leaves them out of the loss: 2 processes measure the same tokens as 1.
 
 Getting the keys to every ``report_to`` integration: the Trainer calls ``on_log`` of its callbacks in
 list order, and the integrations come before user callbacks, so a callback that adds to ``logs`` in
 ``on_log`` is normally too late. NerveCallback moves itself ahead of the integrations in the Trainer's
 callback list the first time it is called, so the metrics it adds reach TensorBoard, W&B, MLflow, ...
 in the very record that carries the loss.
+
+A monitor never stops a run: options are checked where they are given (``NerveConfig``), a layer that
+the model does not have or a memory budget that is too small is refused when the Trainer is built, and
+from then on every failure warns once, says what is lost, and the run goes on.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -22,12 +36,27 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 from transformers.training_args import ParallelMode
 
+from model_adapters import LayerRangeError
+
+from . import distributed
 from .metrics import METRIC_NAMES
+from .options import (
+    Validated,
+    at_least,
+    boolean,
+    int_list,
+    one_of,
+    option,
+    optional,
+    positive_int,
+    positive_number,
+)
 from .records import RECORDS_FILENAME, append_records, drop_records_after
 from .spectral_report import SpectralReport
 from .tracker import FFNTracker, MemoryBudgetError
@@ -36,46 +65,100 @@ __all__ = ["NerveConfig", "NerveCallback"]
 
 
 @dataclass
-class NerveConfig:
-    """What NerveCallback measures and where it writes."""
+class NerveConfig(Validated):
+    """What NerveCallback measures and where it writes. Every field is checked when it is set."""
 
-    every_n_steps: int = 100  # measure the training micro-batches of each optimizer step k with k % every_n_steps == 0
-    measure_train: bool = True  # measure training batches at those steps (False: evaluation spectra only)
-    measure_eval: bool = True  # measure the evaluation set during every evaluation, logged with the eval prefix
-    layers: Optional[list[int]] = None  # block indices to watch (negative counts from the end); None: every FFN
-    max_tokens: Optional[int] = None  # per measurement and FFN, count at most this many tokens (pre and post share them)
-    log_per_site: bool = True  # log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>
-    write_jsonl: bool = True  # rank 0 appends every measurement to <output_dir>/nerve_metrics.jsonl
-    layers_per_step: Optional[int] = None  # round-robin: each measurement covers the next this-many watched blocks
-    # (train: group (k / every_n_steps - 1) mod #groups at step k; eval: the next group each evaluation);
-    # only per-site keys are logged then, as a mean over different layers at each step would not be one series
-    memory_budget_mb: Optional[float] = None  # refuse to start if one measurement's float64 covariance state,
-    # 2 x (D^2 + D) x 8 bytes per measured FFN, would exceed this many MiB (MemoryBudgetError, a ValueError)
-    metrics: str = "all"  # "pr": only pr_pre/pr_post, by the trace identity, no eigendecomposition
+    every_n_steps: int = option(
+        100, "Measure the training micro-batches of each optimizer step k with k % every_n_steps == 0.", positive_int
+    )
+    measure_train: bool = option(
+        True, "Measure training batches at those steps (False: evaluation spectra only).", boolean
+    )
+    measure_eval: bool = option(
+        True, "Measure the evaluation set during every evaluation, logged with the eval prefix.", boolean
+    )
+    layers: Optional[list[int]] = option(
+        None, "Block indices to watch (negative counts from the end); None: every FFN.", optional(int_list)
+    )
+    max_tokens: Optional[int] = option(
+        None,
+        "Per measurement and FFN, count at most this many tokens (pre and post share them); None: all.",
+        optional(at_least(2, "an integer of at least 2 (a covariance needs two tokens)")),
+    )
+    log_per_site: bool = option(
+        True, "Log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>.", boolean
+    )
+    write_jsonl: bool = option(
+        True, "Rank 0 appends every measurement to <output_dir>/nerve_metrics.jsonl.", boolean
+    )
+    layers_per_step: Optional[int] = option(
+        None,
+        "Round-robin: each measurement covers the next this-many watched blocks (train: group "
+        "(k / every_n_steps - 1) mod #groups at step k; eval: the next group each evaluation); only per-site "
+        "keys are logged then.",
+        optional(positive_int),
+    )
+    memory_budget_mb: Optional[float] = option(
+        None,
+        "Refuse to start if one measurement's float64 covariance state, 2 x (D^2 + D) x 8 bytes per measured "
+        "FFN, would exceed this many MiB.",
+        optional(positive_number),
+    )
+    metrics: str = option(
+        "all", "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",
+        one_of(("all", "pr")), choices=["all", "pr"],
+    )
 
     def __post_init__(self) -> None:
-        if int(self.every_n_steps) < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {self.every_n_steps}")
-        if self.max_tokens is not None and int(self.max_tokens) < 2:
-            raise ValueError(f"max_tokens must be at least 2 (a covariance needs two tokens), got {self.max_tokens}")
-        if self.layers_per_step is not None and int(self.layers_per_step) < 1:
-            raise ValueError(f"layers_per_step must be a positive integer or None, got {self.layers_per_step}")
         if self.layers_per_step is not None and not self.log_per_site:
             raise ValueError("layers_per_step logs per-site keys only; it needs log_per_site=True")
-        if self.metrics not in ("all", "pr"):
-            raise ValueError(f"metrics must be 'all' or 'pr', got {self.metrics!r}")
 
 
 def _eval_prefix(logs: dict) -> Optional[str]:
-    """``"eval_"`` (or ``"eval_<name>_"``) when ``logs`` is an evaluation record, else None."""
+    """``"eval_"`` (or ``"eval_<name>_"``, ``"test_"``) when ``logs`` is an evaluation record, else None."""
     for key in logs:
         if key.endswith("_runtime") and key != "train_runtime":
             return key[: -len("runtime")]
     return None
 
 
+def _never_raises(lost: str):
+    """Event handler decorator: an exception warns once per handler, saying ``lost``, and is swallowed."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - a monitor must never stop training
+                self._warn_once(
+                    f"failed:{method.__name__}",
+                    f"NerveCallback.{method.__name__} failed ({type(error).__name__}: {error}); {lost}. "
+                    f"Training goes on (further failures here are not reported).",
+                )
+                return None
+
+        return guarded
+
+    return decorate
+
+
+def _accelerate_padding() -> Optional[int]:
+    """When the running evaluation batch is accelerate's last and padded: how many samples of the global
+    last batch are real (``GradientState.remainder``); else None."""
+    try:
+        from accelerate.state import GradientState
+    except ImportError:
+        return None
+    state = GradientState()
+    if not state.initialized or not state.in_dataloader or not state.end_of_dataloader:
+        return None
+    remainder = state.remainder
+    return remainder if remainder > 0 else None
+
+
 class NerveCallback(TrainerCallback):
-    """Log NerVE metrics of every FFN during ``Trainer.train`` and ``Trainer.evaluate``.
+    """Log NerVE metrics of every FFN during ``Trainer.train``, ``Trainer.evaluate`` and ``Trainer.predict``.
 
     Args:
         config: a :class:`NerveConfig`; or pass its fields as keyword arguments.
@@ -90,6 +173,8 @@ class NerveCallback(TrainerCallback):
     def __init__(self, config: Optional[NerveConfig] = None, *, adapter=None, **options) -> None:
         if config is not None and options:
             raise TypeError("pass either a NerveConfig or keyword options, not both")
+        if config is not None and not isinstance(config, NerveConfig):
+            raise TypeError(f"config must be a NerveConfig, got {type(config).__name__}")
         known = {f.name for f in fields(NerveConfig)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -99,16 +184,25 @@ class NerveCallback(TrainerCallback):
         self._model: Optional[nn.Module] = None
         # Every tracker stays attached from set-up on (torch.compile only sees hooks that exist before
         # its first trace) and decides per forward whether to record: the active train group records
-        # the train-mode forwards of a measured step, the active eval group the eval-mode forwards.
+        # the train-mode forwards of a measured step, the active eval group the eval-mode forwards
+        # outside training steps (staged until the evaluation's first on_prediction_step).
         self._train: Optional[FFNTracker] = None  # the active train group
         self._eval: Optional[FFNTracker] = None  # the active eval group
         self._train_groups: list[FFNTracker] = []  # one tracker per round-robin group (one group by default)
         self._eval_groups: list[FFNTracker] = []
         self._eval_count = 0  # evaluations measured so far (selects the next eval group)
         self._measured_step: Optional[int] = None  # the step whose micro-batches are being measured
+        self._in_train_step = False  # between on_step_begin and on_step_end: no forward is an evaluation
+        self._eval_incomplete: Optional[str] = None  # why the running evaluation cannot be measured whole
         self._pending: Optional[tuple[int, dict]] = None  # (step, logs) of the last train measurement
         self._placed = False
         self._failed = False  # set-up failed (unknown architecture, ...): the callback stays idle
+        self._warned: set[str] = set()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------ set-up
     def _place_ahead_of_integrations(self) -> None:
@@ -118,10 +212,10 @@ class NerveCallback(TrainerCallback):
         self._placed = True
         handler = self._find_handler()
         if handler is None:
-            warnings.warn(
+            self._warn_once(
+                "placement",
                 "NerveCallback could not find the Trainer's callback list; report_to integrations that run "
                 "before it will not see the nerve/ keys (state.log_history and the JSONL file still will)",
-                RuntimeWarning,
             )
             return
         callbacks = handler.callbacks
@@ -140,8 +234,12 @@ class NerveCallback(TrainerCallback):
             frame = frame.f_back
         return None
 
-    def _set_up(self, model: Optional[nn.Module]) -> bool:
-        """Build the trackers once a model is known; False while the callback cannot measure."""
+    def _set_up(self, model: Optional[nn.Module], refuse_bad_input: bool = False) -> bool:
+        """Build the trackers once a model is known; False while the callback cannot measure.
+
+        ``refuse_bad_input`` (while the Trainer is being built): a layer the model does not have or a
+        memory budget too small raises; later the same problems warn and leave the callback idle.
+        """
         self._place_ahead_of_integrations()
         if self._failed or model is None:
             return False
@@ -150,40 +248,47 @@ class NerveCallback(TrainerCallback):
             return True
         self.detach()
         try:
-            options = dict(
-                adapter=self.adapter, max_tokens=self.config.max_tokens, memory_budget_mb=self.config.memory_budget_mb
-            )
             groups = self._layer_groups(model)
+            options = dict(adapter=self.adapter, max_tokens=self.config.max_tokens,
+                           memory_budget_mb=self.config.memory_budget_mb)
             self._train_groups = [FFNTracker(model, layers=layers, **options) for layers in groups]
-            self._eval_groups = [FFNTracker(model, layers=layers, **options) for layers in groups]
+            self._eval_groups = [
+                FFNTracker(model, layers=layers, staged=True, keep_samples=self._real_samples, **options)
+                for layers in groups
+            ]
             for tracker in self._train_groups:
                 tracker.when = self._train_gate(tracker)
             for tracker in self._eval_groups:
                 tracker.when = self._eval_gate(tracker)
             self._train, self._eval = self._train_groups[0], self._eval_groups[0]
             self._eval_count = 0
-        except MemoryBudgetError:
-            raise  # asked for explicitly: refusing to start is the point
+        except (MemoryBudgetError, LayerRangeError) as error:
+            if refuse_bad_input:
+                raise  # asked for explicitly: refusing to start is the point
+            self._disable(f"NerveCallback is disabled: {error}")
+            return False
         except (ValueError, TypeError) as error:  # unknown architecture, mismatched widths, ...
-            self._failed = True
-            warnings.warn(f"NerveCallback is disabled: {error}", RuntimeWarning)
+            self._disable(f"NerveCallback is disabled: {error}")
             return False
         self._model = model
         self._attach()
         return True
+
+    def _disable(self, message: str) -> None:
+        self._failed = True
+        self._train_groups, self._eval_groups, self._train, self._eval = [], [], None, None
+        self._warn_once("disabled", message)
 
     def _refuse_data_parallel(self, args) -> None:
         """Several GPUs in one process: the Trainer wraps the model in nn.DataParallel, whose threaded
         replicas the trackers cannot follow. Stay idle, with a warning, rather than log wrong numbers."""
         if self._failed or getattr(args, "parallel_mode", None) != ParallelMode.NOT_DISTRIBUTED:
             return
-        self._failed = True
         self.detach()
-        warnings.warn(
+        self._disable(
             f"NerveCallback is disabled: the Trainer runs nn.DataParallel over {getattr(args, 'n_gpu', 'several')} "
             f"GPUs in one process, which it cannot measure. Launch with torchrun or accelerate launch "
-            f"(DistributedDataParallel; the statistics of all ranks are reduced exactly), or use one GPU.",
-            RuntimeWarning,
+            f"(DistributedDataParallel; the statistics of all ranks are reduced exactly), or use one GPU."
         )
 
     def _attach(self) -> None:
@@ -200,8 +305,22 @@ class NerveCallback(TrainerCallback):
         return lambda module: module.training and self._measured_step is not None and self._train is tracker
 
     def _eval_gate(self, tracker: FFNTracker):
-        """Record a forward into ``tracker``: eval mode and its group's turn."""
-        return lambda module: not module.training and self._eval is tracker
+        """Stage a forward in ``tracker``: eval mode, outside a training step, and its group's turn."""
+        return lambda module: not module.training and not self._in_train_step and self._eval is tracker
+
+    @staticmethod
+    def _real_samples(batch_size: int) -> Optional[int]:
+        """Leading samples of this process's evaluation batch that are not padding repeats (None: all).
+
+        accelerate pads the last batch of every process to the same size with samples from the start,
+        and ``gather_for_metrics`` keeps the first ``remainder`` samples of the rank-ordered concatenation.
+        """
+        if not distributed.is_distributed():
+            return None
+        remainder = _accelerate_padding()
+        if remainder is None:
+            return None
+        return min(max(remainder - distributed.rank() * batch_size, 0), batch_size)
 
     def _layer_groups(self, model: nn.Module) -> list[Optional[list[int]]]:
         """The ``layers`` argument of each round-robin group's trackers: ``[config.layers]`` by default."""
@@ -210,7 +329,7 @@ class NerveCallback(TrainerCallback):
         # Nothing is allocated before the first activation, so resolving the sites this way is cheap.
         watched = FFNTracker(model, adapter=self.adapter, layers=self.config.layers).sites
         blocks = sorted({site.layer for site in watched})
-        size = int(self.config.layers_per_step)
+        size = self.config.layers_per_step
         return [blocks[i : i + size] for i in range(0, len(blocks), size)]
 
     def detach(self) -> None:
@@ -219,18 +338,24 @@ class NerveCallback(TrainerCallback):
             tracker.detach()
 
     # ------------------------------------------------------------ measurement
-    def _measure(self, tracker: FFNTracker) -> SpectralReport:
-        """The tracker's report, or a NaN report with a warning if the computation fails."""
+    def _measure(self, tracker: FFNTracker, incomplete: Optional[str] = None) -> SpectralReport:
+        """The tracker's report, or a NaN report with a warning if the window is incomplete or the
+        computation fails. Collective: every rank calls it at the same point."""
         try:
-            return tracker.compute(metrics=self.config.metrics)
+            report = tracker.compute(metrics=self.config.metrics)
+            if incomplete is None:
+                return report
+            self._warn_once(f"incomplete:{incomplete}", f"NerveCallback: {incomplete}; logging NaN for it")
         except Exception as error:  # noqa: BLE001 - a monitor must never stop training
-            warnings.warn(f"NerveCallback: measurement failed ({type(error).__name__}: {error}); logging NaN",
-                          RuntimeWarning)
-            nan = {name: math.nan for name in METRIC_NAMES}
-            rows = [{"site": s.site, "layer": s.layer, "dim": 0, "tokens": 0, **nan} for s in tracker.sites]
-            return SpectralReport(rows=rows, eigenvalues={})
+            self._warn_once(
+                f"measure:{type(error).__name__}",
+                f"NerveCallback: measurement failed ({type(error).__name__}: {error}); logging NaN",
+            )
         finally:
             tracker.reset()
+        nan = {name: math.nan for name in METRIC_NAMES}
+        rows = [{"site": s.site, "layer": s.layer, "dim": 0, "tokens": 0, **nan} for s in tracker.sites]
+        return SpectralReport(rows=rows, eigenvalues={})
 
     def _log_dict(self, report: SpectralReport, prefix: str = "") -> dict:
         logs = report.to_log_dict(prefix=f"{prefix}nerve")
@@ -242,26 +367,55 @@ class NerveCallback(TrainerCallback):
             logs = {k: v for k, v in logs.items() if k.endswith(("/pr_pre", "/pr_post"))}
         return logs
 
+    def _records_path(self, args) -> Optional[Path]:
+        if not (self.config.write_jsonl and args.output_dir):
+            return None
+        return Path(args.output_dir) / RECORDS_FILENAME
+
     def _write(self, args, state, report: SpectralReport, split: str) -> None:
-        if not (self.config.write_jsonl and state.is_world_process_zero and args.output_dir):
+        """Append the report's rows (rank 0); a failed write warns once and the run goes on."""
+        path = self._records_path(args)
+        if path is None or not state.is_world_process_zero:
             return
-        records = [{"step": state.global_step, "split": split, **row} for row in report.rows]
-        append_records(Path(args.output_dir) / RECORDS_FILENAME, records)
+        records = [{"step": state.global_step, "split": split, "sites": len(report.rows), **row} for row in report.rows]
+        try:
+            append_records(path, records)
+        except OSError as error:
+            self._warn_once(
+                "write",
+                f"NerveCallback: records are not being written to {path} ({type(error).__name__}: {error}); "
+                f"the metrics still reach the Trainer's logs and report_to integrations. Later measurements "
+                f"are tried again without a new warning.",
+            )
 
     # ------------------------------------------------------------ Trainer events
-    def on_init_end(self, args, state, control, model=None, **kwargs):
+    @_never_raises("the callback stays idle")
+    def _init_end(self, args, model) -> None:
         self._refuse_data_parallel(args)
-        self._set_up(model)
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._init_end(args, model)
+        self._set_up(model, refuse_bad_input=True)  # bad layers or budget: refused while the Trainer is built
+
+    @_never_raises("NerVE is not measured in this run")
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._refuse_data_parallel(args)
         self._set_up(model)
-        if self.config.write_jsonl and state.is_world_process_zero and args.output_dir:
-            # A resumed run re-measures nothing before its checkpoint; drop what came after it.
-            drop_records_after(Path(args.output_dir) / RECORDS_FILENAME, state.global_step)
+        path = self._records_path(args)
+        if path is not None and state.is_world_process_zero:
+            try:  # a resumed run re-measures nothing before its checkpoint; drop what came after it
+                drop_records_after(path, state.global_step)
+            except OSError as error:
+                self._warn_once(
+                    "drop",
+                    f"NerveCallback: could not drop the records after step {state.global_step} from {path} "
+                    f"({type(error).__name__}: {error}); the file may hold a step twice (nerve report keeps the last)",
+                )
 
+    @_never_raises("this step is not measured")
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._pending = None
+        self._in_train_step = True
         step = state.global_step + 1  # the optimizer step these micro-batches belong to
         if not self.config.measure_train or step % self.config.every_n_steps:
             return
@@ -271,7 +425,9 @@ class NerveCallback(TrainerCallback):
         self._train.reset()
         self._measured_step = step
 
+    @_never_raises("this step's NerVE values are not logged")
     def on_step_end(self, args, state, control, **kwargs):
+        self._in_train_step = False
         if self._measured_step is None:
             return
         step, self._measured_step = self._measured_step, None
@@ -280,17 +436,46 @@ class NerveCallback(TrainerCallback):
         self._pending = (step, self._log_dict(report))
         control.should_log = True  # the loss of these very micro-batches is logged at this step
 
+    @_never_raises("this evaluation's NerVE values are NaN")
+    def on_prediction_step(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
+        if not self.config.measure_eval:
+            return
+        if self._eval is None:  # added after the Trainer was built and first called here
+            if not self._set_up(model):
+                return
+            self._catch_up(model, eval_dataloader)
+        self._eval.commit()  # an evaluation is running: its batches add up until it is measured
+
+    def _catch_up(self, model: nn.Module, dataloader) -> None:
+        """Set up during an evaluation: the first batch ran before the hooks existed, so run it again.
+
+        The Trainer's evaluation batches come in a fixed order, so the first batch of a fresh pass over
+        the process's own shard is the one just evaluated. If that fails, this evaluation is logged as NaN.
+        """
+        try:
+            from accelerate.utils import send_to_device
+
+            batches = getattr(dataloader, "base_dataloader", dataloader)  # accelerate: this process's shard
+            batch = next(iter(batches))
+            parameter = next(model.parameters())
+            batch = send_to_device(batch, parameter.device)
+            with torch.no_grad():
+                model(**batch) if isinstance(batch, dict) else model(batch)
+        except Exception as error:  # noqa: BLE001
+            self._eval_incomplete = (
+                f"the callback was set up during an evaluation and could not re-run its first batch "
+                f"({type(error).__name__}: {error}), so that evaluation's spectra would miss it"
+            )
+
+    @_never_raises("this record's NerVE values are not logged")
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
         prefix = _eval_prefix(logs)
         if prefix is not None:
-            if self._eval is None or not self.config.measure_eval:
+            extra = self._measure_evaluation(args, state, prefix)
+            if extra is None:
                 return
-            report = self._measure(self._eval)
-            self._write(args, state, report, prefix.rstrip("_"))
-            extra = self._log_dict(report, prefix)
-            self._next_eval_group()
         elif self._pending is not None and self._pending[0] == state.global_step and "loss" in logs:
             extra = self._pending[1]
             self._pending = None
@@ -301,19 +486,32 @@ class NerveCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
-    def _next_eval_group(self) -> None:
-        """Round-robin: the next evaluation measures the next group."""
-        self._eval_count += 1
+    @_never_raises("the NerVE values of this prediction are not added to its metrics")
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        if metrics is None:
+            return
+        prefix = _eval_prefix(metrics) or "test_"
+        extra = self._measure_evaluation(args, state, prefix)
+        if extra is not None:
+            metrics.update(extra)
+
+    def _measure_evaluation(self, args, state, prefix: str) -> Optional[dict]:
+        """The eval-set measurement that just ended: written, returned as log keys, next group chosen."""
+        if self._eval is None or not self.config.measure_eval:
+            return None
+        incomplete, self._eval_incomplete = self._eval_incomplete, None
+        report = self._measure(self._eval, incomplete)
+        self._write(args, state, report, prefix.rstrip("_"))
+        self._eval_count += 1  # round-robin: the next evaluation measures the next group
         self._eval = self._eval_groups[self._eval_count % len(self._eval_groups)]
+        return self._log_dict(report, prefix)
 
-    def on_predict(self, args, state, control, **kwargs):
-        if self._eval is not None:
-            self._eval.reset()  # prediction forwards are not an evaluation
-
+    @_never_raises("the hooks may stay on the model")
     def on_train_end(self, args, state, control, **kwargs):
         for tracker in self._train_groups:
             tracker.detach()  # the eval trackers stay: a later trainer.evaluate() is measured too
         self._measured_step = None
+        self._in_train_step = False
 
     def __repr__(self) -> str:
         return f"NerveCallback({asdict(self.config)})"

@@ -119,6 +119,17 @@ def _first_tensor(value) -> Tensor | None:
     return next((item for item in items if isinstance(item, Tensor)), None)
 
 
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Leading size of the forward's main input (``input_ids``, ``inputs_embeds``, ``pixel_values`` or the
+    first positional tensor), or None."""
+    for name in ("input_ids", "inputs_embeds", "pixel_values", "input_values"):
+        value = kwargs.get(name)
+        if isinstance(value, Tensor) and value.ndim >= 1:
+            return value.shape[0]
+    first = _first_tensor(args)
+    return first.shape[0] if first is not None and first.ndim >= 1 else None
+
+
 def _mask_position(model: nn.Module) -> int | None:
     """Positional index of ``attention_mask`` in ``model.forward``, or None."""
     try:
@@ -168,6 +179,13 @@ class FFNTracker:
         max_tokens: per site, count at most this many tokens per window (first come); ``None``: all.
         when: called with the unwrapped model at the start of each top-level forward; that forward is
             recorded only if it returns True (e.g. ``lambda m: not m.training`` for evaluation only).
+        keep_samples: called with the batch size B of each recorded top-level forward; it returns how
+            many leading samples of the batch count (``None``: all of them). The Trainer callback uses it
+            to leave out the samples that a distributed sampler repeats to pad the last batch.
+        staged: until :meth:`commit` confirms the window, each recorded forward replaces what the
+            window held (it is reset as the forward begins); after it, forwards add up until
+            :meth:`reset`. So of the forwards before a commit only the last one counts: an inference
+            between two evaluations is dropped by the next evaluation's first batch. No extra memory.
         memory_budget_mb: refuse (:class:`MemoryBudgetError`, a ``ValueError``) at construction, before
             anything is allocated, when the float64 covariance state of the tracked FFNs,
             2 × (D² + D) × 8 bytes each, would exceed this many MiB; ``None``: no limit.
@@ -201,6 +219,8 @@ class FFNTracker:
         max_tokens: int | None = None,
         when: Callable[[nn.Module], bool] | None = None,
         memory_budget_mb: float | None = None,
+        keep_samples: Callable[[int], int | None] | None = None,
+        staged: bool = False,
     ) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
@@ -214,6 +234,10 @@ class FFNTracker:
         self.when = when  # predicate on the unwrapped model: record this top-level forward?
         self._recording = False  # whether the running top-level forward is recorded
         self.memory_budget_mb = memory_budget_mb
+        self.keep_samples = keep_samples
+        self.staged = bool(staged)
+        self._confirmed = False  # staged: has commit() confirmed the window since the last reset?
+        self._keep: int | None = None  # leading samples of the running forward that count; None: all
         sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
         dims = [self._site_dim(site) for site in sites]
         self._check_budget([d for d in dims if d is not None])  # unreadable widths: checked when first seen
@@ -304,7 +328,7 @@ class FFNTracker:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-        self._depth, self._mask, self._rows = 0, None, {}
+        self._depth, self._mask, self._rows, self._keep = 0, None, {}, None
 
     def __enter__(self) -> "FFNTracker":
         return self.attach()
@@ -317,12 +341,17 @@ class FFNTracker:
         if self._depth == 1:
             self._recording = self.when is None or bool(self.when(module))
             self._mask = self._find_mask(args, kwargs) if self._recording else None
-            self._rows, self._recorded = {}, False
+            self._rows, self._recorded, self._keep = {}, False, None
+            if self._recording and self.staged and not self._confirmed:
+                for state in self._states:  # an unconfirmed window holds only the latest forward
+                    state.reset()
+            if self._recording and self.keep_samples is not None:
+                self._limit_samples(args, kwargs)
 
     def _forward_ends(self, module: nn.Module, args: tuple, output) -> None:
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
-            self._mask, self._rows = None, {}
+            self._mask, self._rows, self._keep = None, {}, None
             if self._compiled and self._handles and self._recording and not self._recorded and self._states:
                 self._warn_once(
                     "compiled",
@@ -370,8 +399,32 @@ class FFNTracker:
             return None
         return mask.detach() != 0  # [B, T]
 
+    def _limit_samples(self, args: tuple, kwargs: dict) -> None:
+        """Apply ``keep_samples`` to this forward: drop the samples after the first n from the mask."""
+        batch = self._mask.shape[0] if self._mask is not None else _batch_size(args, kwargs)
+        if batch is None:
+            return
+        keep = self.keep_samples(batch)
+        if keep is None or keep >= batch:
+            return
+        keep = max(int(keep), 0)
+        if self._mask is not None:
+            self._mask = self._mask.clone()
+            self._mask[keep:] = False
+        else:
+            self._keep = keep
+
     def _select(self, x: Tensor) -> Tensor:
         """The rows of ``x`` ([..., D]) that are real tokens, flattened to [N, D]."""
+        if self._mask is None and self._keep is not None:
+            if x.ndim < 3:
+                self._warn_once(
+                    "keep-flat",
+                    f"FFNTracker: cannot leave out repeated samples of activations {tuple(x.shape)} without an "
+                    f"attention_mask; counting all their rows",
+                )
+            else:
+                x = x[: self._keep]  # [keep, T, D]
         flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
         if self._mask is None:
             return flat
@@ -413,6 +466,11 @@ class FFNTracker:
         """Start a new measurement window (hooks stay as they are)."""
         for state in self._states:
             state.reset()
+        self._confirmed = False
+
+    def commit(self) -> None:
+        """Staged tracker: confirm the window, so that later forwards add to it until :meth:`reset`."""
+        self._confirmed = True
 
     def compute(self, metrics: str = "all") -> SpectralReport:
         """Metrics of every site over the window so far, synced across processes.

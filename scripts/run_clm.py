@@ -30,6 +30,13 @@ from typing import Optional
 
 logger = logging.getLogger("run_clm")
 
+EXIT_INPUT = 2  # bad input the user can fix: one line on stderr
+
+
+class ArgumentError(ValueError):
+    """A command-line argument the user can fix: ``run_clm.py`` prints it as one line and exits 2."""
+
+
 DEFAULT_MODEL_TYPE = "gpt2"  # from-scratch architecture when neither a model nor a config is named
 DEFAULT_STREAMING_EVAL_BLOCKS = 1000  # eval blocks taken from a stream when --max_eval_samples is not set
 
@@ -72,7 +79,7 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.config_overrides is not None and (self.model_name_or_path or self.config_name):
-            raise ValueError("--config_overrides only applies when building from scratch (no --model_name_or_path/--config_name)")
+            raise ArgumentError("--config_overrides only applies when building from scratch (no --model_name_or_path/--config_name)")
 
 
 @dataclass
@@ -125,38 +132,36 @@ class DataTrainingArguments:
 
     def __post_init__(self):
         if self.streaming and (self.train_file or self.validation_file):
-            raise ValueError("--streaming applies to --dataset_name, not to local files")
+            raise ArgumentError("--streaming applies to --dataset_name, not to local files")
 
 
-@dataclass
-class NerveArguments:
-    """NerVE: eigenspectra of each FFN's pre-/post-activation covariance, measured while training."""
+def _nerve_arguments():
+    """``NerveArguments``: ``--nerve`` plus every ``NerveConfig`` field as ``--nerve_<field>`` (its type,
+    default and help come from the field itself, and so does its check)."""
+    from dataclasses import make_dataclass
 
-    nerve: bool = field(default=False, metadata={"help": "Track NerVE spectral metrics with nerve_hf.NerveCallback."})
-    nerve_every_n_steps: int = field(
-        default=100, metadata={"help": "Measure the training batches of every N-th optimizer step."}
-    )
-    nerve_layers: Optional[str] = field(
-        default=None, metadata={"help": "Comma list of FFN layer indices to track, e.g. '0,5,11'. Default: all."}
-    )
-    nerve_max_tokens: Optional[int] = field(
-        default=None, metadata={"help": "Cap on tokens per measurement (same tokens for pre and post). Default: no cap."}
-    )
-    nerve_measure_train: bool = field(default=True, metadata={"help": "Measure training batches (--nerve_measure_train false: eval only)."})
-    nerve_measure_eval: bool = field(default=True, metadata={"help": "Measure the eval set at every evaluation (logged with 'eval_')."})
+    from nerve_hf.callback import NerveConfig
+    from nerve_hf.options import command_line_fields, from_command_line
 
     def __post_init__(self):
-        if self.nerve_every_n_steps < 1:
-            raise ValueError(f"--nerve_every_n_steps must be >= 1, got {self.nerve_every_n_steps}")
+        self.config()  # check every --nerve_* value now, with the flag's name in the error
 
-    def layer_list(self) -> Optional[list[int]]:
-        """``--nerve_layers`` as a list of ints, or None for all layers."""
-        if self.nerve_layers is None or not self.nerve_layers.strip():
-            return None
-        try:
-            return [int(part) for part in self.nerve_layers.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(f"--nerve_layers must be a comma list of integers, got {self.nerve_layers!r}") from None
+    def config(self) -> NerveConfig:
+        """The ``NerveConfig`` these flags describe."""
+        values = {name: value for name, value in vars(self).items() if name.startswith(NERVE_PREFIX)}
+        return from_command_line(NerveConfig, values, NERVE_PREFIX)
+
+    nerve = ("nerve", bool, field(default=False, metadata={"help": "Track NerVE spectral metrics with nerve_hf.NerveCallback."}))
+    return make_dataclass(
+        "NerveArguments",
+        [nerve, *command_line_fields(NerveConfig, NERVE_PREFIX)],
+        namespace={"__post_init__": __post_init__, "config": config,
+                   "__doc__": "NerVE: eigenspectra of each FFN's pre-/post-activation covariance, measured while training."},
+    )
+
+
+NERVE_PREFIX = "nerve_"
+NerveArguments = _nerve_arguments()
 
 
 def parse_args(argv: Optional[list[str]] = None):
@@ -224,7 +229,7 @@ def build_config(model_args: ModelArguments, tokenizer):
 
     model_type = model_args.model_type or DEFAULT_MODEL_TYPE
     if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"unknown --model_type {model_type!r}; choose from {sorted(CONFIG_MAPPING.keys())}")
+        raise ArgumentError(f"unknown --model_type {model_type!r}; choose from {sorted(CONFIG_MAPPING.keys())}")
     config = CONFIG_MAPPING[model_type]()
     # the tokenizer defines the vocabulary of a model trained from scratch
     config.vocab_size = len(tokenizer)
@@ -237,15 +242,22 @@ def build_config(model_args: ModelArguments, tokenizer):
     return config
 
 
-def _parse_override(key: str, text: str, current):
+def _parse_override(key: str, text: str, current, config_name: str = "the config"):
     """Typed like the config's current value; values that default to None (GPT-2's n_inner) parse as literals."""
     if isinstance(current, bool):
         lowered = text.lower()
         if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"--config_overrides {key}={text}: expected true or false")
+            raise ArgumentError(f"--config_overrides {key}={text}: {config_name}.{key} takes true or false")
         return lowered in ("true", "1", "yes")
     if isinstance(current, (int, float)):
-        return type(current)(text) if not (isinstance(current, int) and "." in text) else float(text)
+        kind = float if isinstance(current, float) or "." in text or "e" in text.lower() else int
+        try:
+            return kind(text)
+        except ValueError:
+            wanted = "an integer" if isinstance(current, int) else "a number"
+            raise ArgumentError(
+                f"--config_overrides {key}={text}: {config_name}.{key} takes {wanted} (its value is {current!r})"
+            ) from None
     if isinstance(current, str):
         return text
     try:
@@ -261,10 +273,10 @@ def apply_config_overrides(config, overrides: str) -> None:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
+            raise ArgumentError(f"--config_overrides: expected key=value, got {item!r}")
         if not hasattr(config, key):
-            raise ValueError(f"--config_overrides: {type(config).__name__} has no attribute {key!r}")
-        setattr(config, key, _parse_override(key, value.strip(), getattr(config, key)))
+            raise ArgumentError(f"--config_overrides: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, _parse_override(key, value.strip(), getattr(config, key), type(config).__name__))
 
 
 def build_model(model_args: ModelArguments, config, tokenizer):
@@ -346,17 +358,13 @@ def prepare_datasets(data_args: DataTrainingArguments, model_args: ModelArgument
     return train, validation
 
 
-def nerve_callback(nerve_args: NerveArguments):
+def nerve_callback(nerve_args):
     """The NerVE callback configured from the command line (imported only when ``--nerve`` is on)."""
+    from dataclasses import asdict
+
     from nerve_hf import NerveCallback
 
-    return NerveCallback(
-        every_n_steps=nerve_args.nerve_every_n_steps,
-        layers=nerve_args.layer_list(),
-        max_tokens=nerve_args.nerve_max_tokens,
-        measure_train=nerve_args.nerve_measure_train,
-        measure_eval=nerve_args.nerve_measure_eval,
-    )
+    return NerveCallback(**asdict(nerve_args.config()))
 
 
 _PER_FFN_KEY = re.compile(r"^(?:\w+_)?nerve/(?!mean/)[^/]+/")  # nerve/ffn.3/se_pre, eval_nerve/ffn.3/js
@@ -400,7 +408,7 @@ def resolve_checkpoint(training_args) -> Optional[str]:
     if str(wanted).lower() in ("last", "true"):
         last = get_last_checkpoint(training_args.output_dir)
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint {wanted}: no checkpoint in {training_args.output_dir}")
+            raise ArgumentError(f"--resume_from_checkpoint {wanted}: no checkpoint in {training_args.output_dir}")
         return last
     return wanted
 
@@ -444,7 +452,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         logger.warning("evaluation only: pass --do_train to train (an --eval_strategy alone turns on --do_eval)")
 
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
-        raise ValueError("--streaming has no length: pass --max_steps")
+        raise ArgumentError("--streaming has no length: pass --max_steps")
 
     from transformers import Trainer, default_data_collator, set_seed
 
@@ -462,9 +470,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=tokenizer,
         data_collator=default_data_collator,  # blocks are full: no padding, labels already present
+        # given here, not added later: layers the model lacks are refused now, and eval-only runs are measured
+        callbacks=[nerve_callback(nerve_args)] if nerve_args.nerve else None,
     )
     if nerve_args.nerve:
-        trainer.add_callback(nerve_callback(nerve_args))
         show_nerve_means_on_console(trainer)
 
     metrics: dict = {}
@@ -492,5 +501,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return metrics
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: reported as one line, exit status 2."""
+    from model_adapters import LayerRangeError
+    from nerve_hf.errors import InputError
+    from nerve_hf.tracker import MemoryBudgetError
+
+    return ArgumentError, InputError, LayerRangeError, MemoryBudgetError
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    """``python scripts/run_clm.py ...``: :func:`main`, with bad input as one line on stderr and exit 2."""
+    try:
+        main(argv)
+    except _input_errors() as error:
+        print(f"run_clm.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_INPUT
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

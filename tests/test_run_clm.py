@@ -4,10 +4,12 @@ import importlib.util
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from nerve_hf.callback import NerveConfig
 from nerve_hf.data import load_stdlib_corpus, tokenize_and_group, train_bpe_tokenizer
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -148,11 +150,11 @@ def test_streaming_embedded_corpus(run_clm, tokenizer_dir, tmp_path):
 
 
 def test_argument_validation(run_clm):
-    args = run_clm.NerveArguments(nerve_layers="0, 2,5")
-    assert args.layer_list() == [0, 2, 5]
-    assert run_clm.NerveArguments().layer_list() is None
-    with pytest.raises(ValueError, match="comma list"):
-        run_clm.NerveArguments(nerve_layers="0,x").layer_list()
+    args = run_clm.NerveArguments(nerve_layers=[0, 2, 5])
+    assert args.config().layers == [0, 2, 5]
+    assert run_clm.NerveArguments().config().layers is None
+    with pytest.raises(ValueError, match="--nerve_layers must be None or a non-empty list of integers"):
+        run_clm.NerveArguments(nerve_layers="0,x")
     with pytest.raises(ValueError, match="nerve_every_n_steps"):
         run_clm.NerveArguments(nerve_every_n_steps=0)
     with pytest.raises(ValueError, match="config_overrides"):
@@ -184,11 +186,13 @@ def test_nerve_arguments_reach_the_callback(run_clm, tokenizer_dir, texts, tmp_p
     run_clm.main(base + ["--save_strategy", "no"])
     assert made == []  # no --nerve: no callback is made
     run_clm.main(base + [
-        "--save_strategy", "no", "--nerve", "--nerve_every_n_steps", "7", "--nerve_layers", "0,1",
+        "--save_strategy", "no", "--nerve", "--nerve_every_n_steps", "7", "--nerve_layers", "0", "1",
         "--nerve_max_tokens", "64", "--nerve_measure_eval", "false",
     ])
     assert len(made) == 1 and made[0].steps == [1, 2]
-    assert made[0].kwargs == dict(every_n_steps=7, layers=[0, 1], max_tokens=64, measure_train=True, measure_eval=False)
+    expected = dict(every_n_steps=7, layers=[0, 1], max_tokens=64, measure_train=True, measure_eval=False)
+    assert {name: made[0].kwargs[name] for name in expected} == expected
+    assert made[0].kwargs == asdict(NerveConfig(**expected))  # every other option at its default
 
 
 def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path, capsys):
