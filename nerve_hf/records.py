@@ -1,6 +1,7 @@
 """``nerve_metrics.jsonl``: one JSON object per FFN site per measurement.
 
-Each line holds ``step, split, site, layer, dim, tokens`` and the seven metrics. Lines are appended and
+Each line holds ``step, split, sites, site, layer, dim, tokens`` and the seven metrics, where ``sites``
+is the number of FFN sites of that measurement (a step with fewer records is incomplete). Lines are appended and
 flushed one measurement at a time, so a crash loses at most the measurement being written; an append
 after a line torn by a crash starts on a fresh line, so the torn fragment stays a line of its own and
 the new records survive. Reading skips unreadable lines with one warning that names them; a resumed run
