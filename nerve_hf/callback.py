@@ -29,7 +29,6 @@ from then on every failure warns once, says what is lost, and the run goes on.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -44,8 +43,7 @@ from transformers.training_args import ParallelMode
 
 from model_adapters import LayerRangeError
 
-from . import distributed
-from .metrics import METRIC_NAMES
+from . import distributed, spectra
 from .options import (
     Validated,
     at_least,
@@ -353,9 +351,7 @@ class NerveCallback(TrainerCallback):
             )
         finally:
             tracker.reset()
-        nan = {name: math.nan for name in METRIC_NAMES}
-        rows = [{"site": s.site, "layer": s.layer, "dim": 0, "tokens": 0, **nan} for s in tracker.sites]
-        return SpectralReport(rows=rows, eigenvalues={})
+        return SpectralReport(rows=spectra.nan_rows(tracker.sites), eigenvalues={})
 
     def _log_dict(self, report: SpectralReport, prefix: str = "") -> dict:
         logs = report.to_log_dict(prefix=f"{prefix}nerve")

@@ -1,18 +1,20 @@
 """Streaming covariance of activations with exact merging across batches and processes.
 
+Moments, merge and sync only; :mod:`nerve_hf.spectra` turns covariances into eigenvalues and metrics.
+
 Each batch is centred on its own mean s (a column sum with at least fp32 accumulation, rounded to
 the working precision) and its scatter matrix Σ(x − s)(x − s)ᵀ is formed in the working precision,
 together with the remainder r = mean(x − s) that the rounding of s left; the float64 merge removes
 n·rrᵀ, so the result is the scatter about the exact batch mean. The working precision is the rows'
-own for fp32/fp64 and fp32 for fp16/bf16: centred in bf16, x − s keeps 8 bits and the covariance
-is off by ~5e-4 (relative, measured on an H100); converted to fp32 during the centring, the values
-are exact and the fp32 product (TF32 kept out) is good to ~1e-7. Rows are centred and multiplied
-in chunks: a few MB on the CPU (a cache-sized buffer instead of a second copy of the batch, whose
-fresh pages cost as much as the centring itself, and no float64 pass over the batch: a casting
-reduction is ~30x slower than an fp32 one there), up to 256 MB of fp32 on accelerators. On the CPU
-only the upper block triangle of the symmetric scatter is multiplied and the rest is mirrored: about
-half the FLOPs of one ``xᵀx``, 1.3-1.6x faster than that GEMM for D = 512-3072. Batches
-merge into float64 running moments with the parallel update of Chan, Golub & LeVeque (1979)::
+own for fp32/fp64 and fp32 for fp16/bf16: x − s computed in bf16 keeps only 8 bits, while converted
+to fp32 during the centring the values are exact and the fp32 product (TF32 kept out) is good to fp32
+round-off. Rows are centred and multiplied in chunks: a few MB on the CPU (a cache-sized buffer rather
+than a second copy of the batch, whose fresh pages cost as much as the centring itself, and no
+float64 pass over the batch, since a casting reduction is much slower than an fp32 one there), up to
+256 MB of fp32 on accelerators. On the CPU only the upper block triangle of the symmetric scatter is
+multiplied and the rest is mirrored (:func:`_add_upper_gram`): about half the FLOPs of one ``xᵀx``
+(benchmarks/perf/accumulator_throughput.py measures it against that GEMM). Batches merge into float64
+running moments with the parallel update of Chan, Golub & LeVeque (1979)::
 
     n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ n_b / n,  M2 = M2_a + M2_b + δδᵀ n_a n_b / n
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -33,13 +34,9 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_sum, is_distributed
+from .spectra import eigenvalues_batched
 
-__all__ = [
-    "CovarianceAccumulator",
-    "sync_accumulators",
-    "eigenvalues_batched",
-    "participation_ratio_from_covariance",
-]
+__all__ = ["CovarianceAccumulator", "sync_accumulators"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _CPU_CHUNK_ELEMENTS = 1 << 21  # CPU: centre and multiply this many elements at a time (8 MB of fp32)
@@ -96,7 +93,7 @@ def _shifted_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     buffer = torch.empty(step, rows.shape[1], dtype=work, device=rows.device) if on_cpu and len(chunks) > 1 else None
     if rows.dtype == work or not on_cpu:  # torch's fp32 sums are cascaded: error ~ log N
         column_sum = rows.sum(dim=0, dtype=work).to(torch.float64)  # [D]
-    else:  # CPU halves: converting chunk by chunk is ~10x faster than one casting reduction
+    else:  # CPU halves: converting chunk by chunk beats one casting reduction
         column_sum = sum(_converted(chunk, buffer, work).sum(dim=0).to(torch.float64) for chunk in chunks)
     shift = (column_sum / n).to(work)  # [D]
     remainder_sum = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)  # [D]
@@ -106,7 +103,7 @@ def _shifted_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         for index, chunk in enumerate(chunks):
             if chunk.dtype == work or not on_cpu:  # accelerator halves: converted inside the subtraction
                 centred = torch.sub(chunk, shift) if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
-            else:  # CPU halves: convert, then subtract in place (a mixed-dtype subtraction is ~20x slower)
+            else:  # CPU halves: convert, then subtract in place (a mixed-dtype subtraction is not vectorised)
                 centred = _converted(chunk, buffer, work).sub_(shift)
             remainder_sum += centred.sum(dim=0)  # centred: [R, D] in `work`
             _add_upper_gram(scatter, centred, edges, first=index == 0)
@@ -118,9 +115,9 @@ def _gram_block_edges(dim: int, device: torch.device) -> list[int]:
     """Column edges of the blocks in which a scatter ``[D, D]`` is formed.
 
     The scatter is symmetric, so only its upper block triangle needs computing: with b blocks that
-    is (1 + 1/b)/2 of the full product's FLOPs. On the CPU, blocks ~128 columns wide (at most 16)
-    make it 1.3-1.6x faster than one full GEMM for D = 512-3072; on accelerators, where small GEMMs
-    run below the hardware's speed and each costs a launch, the product stays one GEMM.
+    is (1 + 1/b)/2 of the full product's FLOPs. On the CPU the blocks are ~128 columns wide (at most
+    16), wide enough for BLAS to run at full speed; on accelerators, where small GEMMs run below the
+    hardware's speed and each costs a launch, the product stays one GEMM.
     """
     count = 1
     if device.type == "cpu":
@@ -467,70 +464,3 @@ def _local_m2_about(acc: CovarianceAccumulator, global_mean: Tensor, device: tor
         return torch.zeros(acc.dim, acc.dim, dtype=torch.float64, device=device)
     delta = acc._mean.to(device) - global_mean  # [D]
     return torch.addr(acc._m2.to(device), delta, delta, alpha=acc._n)
-
-
-def eigenvalues_batched(covariances: Sequence[Tensor]) -> list[Tensor]:
-    """Descending float64 eigenvalues of symmetric matrices, one batched ``eigvalsh`` per shape.
-
-    Matrices of equal size on the same device are stacked into ``[L, D, D]`` and decomposed together;
-    a matrix holding NaN/Inf (e.g. fewer than two rows seen) gets an all-NaN spectrum.
-    """
-    results: list[Optional[Tensor]] = [None] * len(covariances)
-    groups: dict[tuple, list[int]] = {}
-    for index, cov in enumerate(covariances):
-        if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
-            raise ValueError(f"expected square matrices, got shape {tuple(cov.shape)}")
-        groups.setdefault((cov.shape[0], cov.device), []).append(index)
-    for (dim, device), indices in groups.items():
-        stack = torch.stack([covariances[i].to(torch.float64) for i in indices])  # [L, D, D]
-        finite = torch.isfinite(stack).flatten(1).all(dim=1)  # [L]
-        spectra = torch.full((len(indices), dim), float("nan"), dtype=torch.float64, device=device)
-        if bool(finite.any()):
-            ascending = _eigvalsh(stack[finite])  # [L', D]
-            spectra[finite] = ascending.flip(-1)
-        for position, index in enumerate(indices):
-            results[index] = spectra[position]
-    return results  # type: ignore[return-value]
-
-
-def _eigvalsh(stack: Tensor) -> Tensor:
-    """``torch.linalg.eigvalsh`` of ``[L, D, D]``, on the CPU spread over matrices rather than inside each.
-
-    torch's CPU eigvalsh decomposes a batch one matrix after the other, each with all torch threads, and
-    the tridiagonal reduction of a D ~ 512 matrix gains little from threads (1.35x from 2 on an AMD EPYC).
-    With t threads and L matrices, min(t, L) Python threads (LAPACK runs without the GIL) each
-    decompose a share of the batch with t // min(t, L) threads: 8 matrices of 512 take 80 ms instead
-    of 120 ms on 2 cores. The thread count is restored afterwards, also on error.
-    """
-    threads = torch.get_num_threads()
-    workers = min(threads, stack.shape[0])
-    if stack.device.type != "cpu" or workers < 2:
-        return torch.linalg.eigvalsh(stack)
-    per_worker = threads // workers
-
-    def decompose(part: Tensor) -> Tensor:
-        torch.set_num_threads(per_worker)  # this thread's LAPACK/OpenMP width
-        return torch.linalg.eigvalsh(part)
-
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="nerve-eigvalsh") as pool:
-            parts = list(pool.map(decompose, stack.tensor_split(workers)))
-    finally:
-        torch.set_num_threads(threads)
-    return torch.cat(parts)
-
-
-def participation_ratio_from_covariance(covariance: Tensor) -> Tensor:
-    """PR = tr(Σ)² / ‖Σ‖_F², without an eigendecomposition.  [..., D, D] -> [...]
-
-    Equal to :func:`nerve_hf.metrics.participation_ratio` of Σ's eigenvalues for symmetric Σ;
-    NaN when tr(Σ) = 0.
-
-    >>> participation_ratio_from_covariance(torch.eye(3)).item()
-    3.0
-    """
-    covariance = covariance.to(torch.float64)
-    trace = covariance.diagonal(dim1=-2, dim2=-1).sum(-1)
-    frobenius_sq = covariance.square().sum(dim=(-2, -1))
-    ratio = trace.square() / frobenius_sq
-    return ratio.masked_fill(~(trace > 0), float("nan"))

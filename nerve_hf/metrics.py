@@ -156,7 +156,7 @@ def participation_ratio(eigvals: Tensor) -> Tensor:
     """Participation ratio PR = (Σλ)² / Σλ², the effective number of directions.  [..., D] -> [...]
 
     Range [1, D]. Equals tr(Σ)² / ‖Σ‖_F², so it needs no eigendecomposition (see
-    :func:`nerve_hf.covariance.participation_ratio_from_covariance`).
+    :func:`nerve_hf.spectra.participation_ratio_from_covariance`).
 
     >>> round(participation_ratio(torch.ones(5)).item(), 12)
     5.0

@@ -24,52 +24,15 @@ from torch import Tensor, nn
 import model_adapters
 from model_adapters import Adapter, ResolvedSite
 
-from .covariance import (
-    CovarianceAccumulator,
-    eigenvalues_batched,
-    participation_ratio_from_covariance,
-    sync_accumulators,
-)
-from .metrics import METRIC_NAMES, spectrum_metrics
+from . import spectra
+from .covariance import CovarianceAccumulator, sync_accumulators
 from .spectral_report import SpectralReport
 
 __all__ = ["FFNTracker", "MemoryBudgetError", "covariance_state_bytes"]
 
-_COMPUTE_METRICS = ("all", "pr")  # what FFNTracker.compute can be asked for
-
 
 class MemoryBudgetError(ValueError):
     """The covariance state of the tracked FFNs would exceed ``memory_budget_mb``."""
-
-
-_EIGEN_BATCH_BYTES = 1 << 30  # compute(): decompose at most this much float64 covariance at once (or one matrix)
-
-
-def _participation_ratios(pre: CovarianceAccumulator, post: CovarianceAccumulator) -> dict[str, float]:
-    """PR of pre and post by the trace identity; every other metric NaN."""
-    values = dict.fromkeys(METRIC_NAMES, float("nan"))
-    for side, acc in (("pre", pre), ("post", post)):
-        values[f"pr_{side}"] = float(participation_ratio_from_covariance(acc.covariance()))
-    return values
-
-
-def _eigen_batches(accs: list[CovarianceAccumulator]) -> Iterator[list[CovarianceAccumulator]]:
-    """Consecutive runs of accumulators whose D×D float64 matrices total at most _EIGEN_BATCH_BYTES.
-
-    eigenvalues_batched holds each batch ~4 times over (covariances, their stack, the finite subset,
-    LAPACK's working copy), so batching everything at once would need ~4x the whole state again.
-    """
-    batch: list[CovarianceAccumulator] = []
-    size = 0
-    for acc in accs:
-        nbytes = acc.dim * acc.dim * 8
-        if batch and size + nbytes > _EIGEN_BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-        batch.append(acc)
-        size += nbytes
-    if batch:
-        yield batch
 
 
 def _mib(n_bytes: float) -> str:
@@ -484,36 +447,17 @@ class FFNTracker:
                 eigendecomposition (O(D²) instead of O(D³)); the other metrics are NaN and the report
                 carries no eigenvalues.
         """
-        if metrics not in _COMPUTE_METRICS:
-            raise ValueError(f"metrics must be one of {_COMPUTE_METRICS}, got {metrics!r}")
+        if metrics not in spectra.METRIC_SETS:
+            raise ValueError(f"metrics must be one of {spectra.METRIC_SETS}, got {metrics!r}")
         # A site whose width is still unknown (modules not Linear-like, no activation seen yet) gets
         # empty width-1 stand-ins: NaN metrics and 0 tokens, and nothing is stored on the site.
         pairs = [
             (state.pre, state.post) if state.dim is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1))
             for state in self._states
         ]
-        accs = [acc for pair in pairs for acc in pair]
-        sync_accumulators(accs)
-        if metrics == "pr":
-            return self._report(pairs, [_participation_ratios(pre, post) for pre, post in pairs], {})
-        spectra = []  # [D] each, descending, on the CPU (sites may live on different devices)
-        for batch in _eigen_batches(accs):  # bounded transient memory: covariances, stack, LAPACK copy
-            spectra.extend(eig.cpu() for eig in eigenvalues_batched([acc.covariance() for acc in batch]))
-        pre_eigs, post_eigs = spectra[0::2], spectra[1::2]
-
-        # One batched metrics call per width.
-        by_dim: dict[int, list[int]] = {}
-        for i, (pre_acc, _) in enumerate(pairs):
-            by_dim.setdefault(pre_acc.dim, []).append(i)
-        values: list[dict[str, float]] = [{} for _ in pairs]
-        eigenvalues = {}
-        for indices in by_dim.values():
-            pre = torch.stack([pre_eigs[i] for i in indices])  # [S, D]
-            post = torch.stack([post_eigs[i] for i in indices])  # [S, D]
-            batched = {name: value.tolist() for name, value in spectrum_metrics(pre, post).items()}  # name -> [S]
-            for j, i in enumerate(indices):
-                values[i] = {name: float(batched[name][j]) for name in METRIC_NAMES}
-                eigenvalues[self._states[i].site.site] = (pre[j], post[j])
+        sync_accumulators([acc for pair in pairs for acc in pair])
+        values, kept = spectra.metric_values(pairs, metrics)
+        eigenvalues = {state.site.site: pair for state, pair in zip(self._states, kept) if pair is not None}
         return self._report(pairs, values, eigenvalues)
 
     def _report(self, pairs: list, values: list[dict[str, float]], eigenvalues: dict) -> SpectralReport:

@@ -9,12 +9,8 @@ import torch
 from distributed_helpers import torchrun
 from reference import rel_err, two_pass
 from nerve_hf import covariance
-from nerve_hf.covariance import (
-    CovarianceAccumulator,
-    eigenvalues_batched,
-    participation_ratio_from_covariance,
-    sync_accumulators,
-)
+from nerve_hf.covariance import CovarianceAccumulator, sync_accumulators
+from nerve_hf.spectra import eigenvalues_batched, participation_ratio_from_covariance
 from nerve_hf.metrics import participation_ratio
 
 

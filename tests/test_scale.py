@@ -254,7 +254,7 @@ def test_config_validation_of_the_new_options():
 
 
 def test_compute_decomposes_in_bounded_batches_with_the_same_result(monkeypatch):
-    import nerve_hf.tracker as tracker_module
+    import nerve_hf.spectra as spectra_module
 
     model = gpt2(n_layer=3)
     tracker = FFNTracker(model)
@@ -262,11 +262,11 @@ def test_compute_decomposes_in_bounded_batches_with_the_same_result(monkeypatch)
         model(**padded_batch([30, 21], seed=5))
     together = tracker.compute()
     accs = [acc for state in tracker._states for acc in (state.pre, state.post)]
-    assert [len(b) for b in tracker_module._eigen_batches(accs)] == [6]
-    monkeypatch.setattr(tracker_module, "_EIGEN_BATCH_BYTES", 2 * 37 * 37 * 8)  # two matrices at a time
-    assert [len(b) for b in tracker_module._eigen_batches(accs)] == [2, 2, 2]
-    monkeypatch.setattr(tracker_module, "_EIGEN_BATCH_BYTES", 1)  # smaller than one matrix: one at a time
-    assert [len(b) for b in tracker_module._eigen_batches(accs)] == [1] * 6
+    assert [len(b) for b in list(spectra_module.eigen_batches(accs))] == [6]
+    monkeypatch.setattr(spectra_module, "EIGEN_BATCH_BYTES", 2 * 37 * 37 * 8)  # two matrices at a time
+    assert [len(b) for b in list(spectra_module.eigen_batches(accs))] == [2, 2, 2]
+    monkeypatch.setattr(spectra_module, "EIGEN_BATCH_BYTES", 1)  # smaller than one matrix: one at a time
+    assert [len(b) for b in list(spectra_module.eigen_batches(accs))] == [1] * 6
     apart = tracker.compute()
     for a, b in zip(together.rows, apart.rows):
         for name in METRIC_NAMES:

@@ -21,7 +21,7 @@ from torch.utils.benchmark import Timer
 
 from _common import add_common_args, apply_threads, devices, write_result
 
-from nerve_hf.covariance import participation_ratio_from_covariance
+from nerve_hf.spectra import participation_ratio_from_covariance
 from nerve_hf.metrics import participation_ratio, spectral_entropy
 
 

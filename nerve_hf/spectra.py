@@ -1,0 +1,185 @@
+"""Covariances -> eigenvalues -> metric rows: the one place where nerve_hf computes spectra.
+
+Used by :class:`nerve_hf.FFNTracker` (and through it the Trainer callback and the probe) and by
+:meth:`nerve_hf.CovarianceAccumulator.eigenvalues`. What lives here:
+
+* :func:`eigenvalues_batched`: float64 ``eigvalsh`` of many symmetric matrices, batched per shape; on the
+  CPU the batch is spread over threads, one share of the matrices each (LAPACK runs without the GIL, and
+  the tridiagonal reduction of one matrix gains little from extra threads).
+* :func:`eigen_batches`: consecutive runs of accumulators whose matrices fit a memory bound, so that the
+  transient copies of a decomposition (covariances, their stack, the finite subset, LAPACK's working
+  copy: about 4x a batch) never grow with the number of FFNs.
+* :func:`participation_ratio_from_covariance`: PR by the trace identity, no eigendecomposition.
+* :func:`metric_values`: the seven metrics of (pre, post) accumulator pairs, one batched metrics call per
+  width, or PR only; :func:`nan_values` / :func:`nan_rows` for measurements that have no values.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .metrics import METRIC_NAMES, spectrum_metrics
+
+__all__ = [
+    "EIGEN_BATCH_BYTES",
+    "METRIC_SETS",
+    "eigenvalues_batched",
+    "eigen_batches",
+    "participation_ratio_from_covariance",
+    "metric_values",
+    "nan_values",
+    "nan_rows",
+]
+
+EIGEN_BATCH_BYTES = 1 << 30  # decompose at most this much float64 covariance at once (or one matrix)
+METRIC_SETS = ("all", "pr")  # "all": every metric by eigendecomposition; "pr": PR only, by the trace
+
+
+class HasCovariance(Protocol):
+    """What the functions here need of an accumulator."""
+
+    dim: int
+
+    def covariance(self) -> Tensor: ...
+
+
+def eigenvalues_batched(covariances: Sequence[Tensor]) -> list[Tensor]:
+    """Descending float64 eigenvalues of symmetric matrices, one batched ``eigvalsh`` per shape.
+
+    Matrices of equal size on the same device are stacked into ``[L, D, D]`` and decomposed together;
+    a matrix holding NaN/Inf (e.g. fewer than two rows seen) gets an all-NaN spectrum.
+
+    >>> [e.tolist() for e in eigenvalues_batched([torch.diag(torch.tensor([1.0, 3.0])), torch.eye(1)])]
+    [[3.0, 1.0], [1.0]]
+    """
+    results: list[Optional[Tensor]] = [None] * len(covariances)
+    groups: dict[tuple, list[int]] = {}
+    for index, cov in enumerate(covariances):
+        if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+            raise ValueError(f"expected square matrices, got shape {tuple(cov.shape)}")
+        groups.setdefault((cov.shape[0], cov.device), []).append(index)
+    for (dim, device), indices in groups.items():
+        stack = torch.stack([covariances[i].to(torch.float64) for i in indices])  # [L, D, D]
+        finite = torch.isfinite(stack).flatten(1).all(dim=1)  # [L]
+        spectra = torch.full((len(indices), dim), float("nan"), dtype=torch.float64, device=device)
+        if bool(finite.any()):
+            ascending = _eigvalsh(stack[finite])  # [L', D]
+            spectra[finite] = ascending.flip(-1)
+        for position, index in enumerate(indices):
+            results[index] = spectra[position]
+    return results  # type: ignore[return-value]
+
+
+def _eigvalsh(stack: Tensor) -> Tensor:
+    """``torch.linalg.eigvalsh`` of ``[L, D, D]``, on the CPU spread over matrices rather than inside each.
+
+    torch's CPU eigvalsh decomposes a batch one matrix after the other, each with all torch threads,
+    and the tridiagonal reduction gains little from threads. With t threads and L matrices, min(t, L)
+    Python threads each decompose a share of the batch with t // min(t, L) threads (benchmarks/perf/
+    eigendecomposition.py measures both). The thread count is restored afterwards, also on error.
+    """
+    threads = torch.get_num_threads()
+    workers = min(threads, stack.shape[0])
+    if stack.device.type != "cpu" or workers < 2:
+        return torch.linalg.eigvalsh(stack)
+    per_worker = threads // workers
+
+    def decompose(part: Tensor) -> Tensor:
+        torch.set_num_threads(per_worker)  # this thread's LAPACK/OpenMP width
+        return torch.linalg.eigvalsh(part)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="nerve-eigvalsh") as pool:
+            parts = list(pool.map(decompose, stack.tensor_split(workers)))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(parts)
+
+
+def participation_ratio_from_covariance(covariance: Tensor) -> Tensor:
+    """PR = tr(Σ)² / ‖Σ‖_F², without an eigendecomposition.  [..., D, D] -> [...]
+
+    Equal to :func:`nerve_hf.metrics.participation_ratio` of Σ's eigenvalues for symmetric Σ;
+    NaN when tr(Σ) = 0.
+
+    >>> participation_ratio_from_covariance(torch.eye(3)).item()
+    3.0
+    """
+    covariance = covariance.to(torch.float64)
+    trace = covariance.diagonal(dim1=-2, dim2=-1).sum(-1)
+    frobenius_sq = covariance.square().sum(dim=(-2, -1))
+    ratio = trace.square() / frobenius_sq
+    return ratio.masked_fill(~(trace > 0), float("nan"))
+
+
+def eigen_batches(accs: Sequence[HasCovariance], max_bytes: Optional[int] = None) -> Iterator[list[HasCovariance]]:
+    """Consecutive runs of ``accs`` whose D×D float64 matrices total at most ``max_bytes`` (default
+    :data:`EIGEN_BATCH_BYTES`); a matrix larger than that is a run of its own."""
+    limit = EIGEN_BATCH_BYTES if max_bytes is None else max_bytes
+    batch: list[HasCovariance] = []
+    size = 0
+    for acc in accs:
+        nbytes = acc.dim * acc.dim * 8
+        if batch and size + nbytes > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(acc)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def nan_values() -> dict[str, float]:
+    """Every metric NaN: a measurement without values."""
+    return dict.fromkeys(METRIC_NAMES, float("nan"))
+
+
+def nan_rows(sites: Iterable) -> list[dict]:
+    """Report rows (``site, layer, dim, tokens`` and NaN metrics) for sites measured without a result."""
+    return [{"site": s.site, "layer": s.layer, "dim": 0, "tokens": 0, **nan_values()} for s in sites]
+
+
+def metric_values(
+    pairs: Sequence[tuple[HasCovariance, HasCovariance]], metrics: str = "all"
+) -> tuple[list[dict[str, float]], list[Optional[tuple[Tensor, Tensor]]]]:
+    """The metrics of each (pre, post) pair of accumulators, and their spectra.
+
+    ``metrics="all"``: every covariance eigendecomposed (memory-bounded batches, :func:`eigen_batches`),
+    one batched :func:`nerve_hf.metrics.spectrum_metrics` call per width; spectra are descending float64
+    CPU tensors. ``metrics="pr"``: ``pr_pre``/``pr_post`` by the trace identity, every other metric NaN,
+    no spectra (``None``).
+    """
+    if metrics not in METRIC_SETS:
+        raise ValueError(f"metrics must be one of {METRIC_SETS}, got {metrics!r}")
+    if metrics == "pr":
+        values = []
+        for pre, post in pairs:
+            row = nan_values()
+            row["pr_pre"] = float(participation_ratio_from_covariance(pre.covariance()))
+            row["pr_post"] = float(participation_ratio_from_covariance(post.covariance()))
+            values.append(row)
+        return values, [None] * len(pairs)
+
+    accs = [acc for pair in pairs for acc in pair]
+    spectra: list[Tensor] = []  # [D] each, on the CPU (sites may live on different devices)
+    for batch in eigen_batches(accs):
+        spectra.extend(eig.cpu() for eig in eigenvalues_batched([acc.covariance() for acc in batch]))
+    pre_eigs, post_eigs = spectra[0::2], spectra[1::2]
+
+    by_dim: dict[int, list[int]] = {}
+    for i, (pre, _) in enumerate(pairs):
+        by_dim.setdefault(pre.dim, []).append(i)
+    values: list[dict[str, float]] = [{} for _ in pairs]
+    kept: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(pairs)
+    for indices in by_dim.values():
+        pre = torch.stack([pre_eigs[i] for i in indices])  # [S, D]
+        post = torch.stack([post_eigs[i] for i in indices])  # [S, D]
+        batched = {name: value.tolist() for name, value in spectrum_metrics(pre, post).items()}  # name -> [S]
+        for j, i in enumerate(indices):
+            values[i] = {name: float(batched[name][j]) for name in METRIC_NAMES}
+            kept[i] = (pre[j], post[j])
+    return values, kept
