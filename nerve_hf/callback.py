@@ -7,7 +7,12 @@ every evaluation it measures the evaluation set and logs the same keys with the 
 (``eval_nerve/mean/pr_post``), in the same log record as ``eval_loss``; ``Trainer.predict`` adds
 ``test_nerve/...`` to its metrics.
 
-Which forwards count as evaluation: the eval trackers are *staged*. Until the Trainer's first
+One :class:`~nerve_hf.FFNTracker` hooks every watched FFN once and feeds two windows
+(:mod:`nerve_hf.windows`): ``train`` records the train-mode forwards of a measured step, ``eval`` the
+eval-mode forwards outside training steps; with ``layers_per_step`` each window rotates over groups
+of blocks.
+
+Which forwards count as evaluation: the ``eval`` window is *staged*. Until the Trainer's first
 ``on_prediction_step`` of an evaluation (called after its first batch) confirms the window, each
 eval-mode forward outside a training step replaces what the window held; from then on to the end of
 the evaluation, every eval-mode forward adds to it. So a user's own inference between evaluations
@@ -58,6 +63,7 @@ from .options import (
 from .records import RECORDS_FILENAME, append_records, drop_records_after
 from .spectral_report import SpectralReport
 from .tracker import FFNTracker, MemoryBudgetError
+from .windows import Window
 
 __all__ = ["NerveConfig", "NerveCallback"]
 
@@ -180,14 +186,9 @@ class NerveCallback(TrainerCallback):
         self.config = config if config is not None else NerveConfig(**options)
         self.adapter = adapter
         self._model: Optional[nn.Module] = None
-        # Every tracker stays attached from set-up on (torch.compile only sees hooks that exist before
-        # its first trace) and decides per forward whether to record: the active train group records
-        # the train-mode forwards of a measured step, the active eval group the eval-mode forwards
-        # outside training steps (staged until the evaluation's first on_prediction_step).
-        self._train: Optional[FFNTracker] = None  # the active train group
-        self._eval: Optional[FFNTracker] = None  # the active eval group
-        self._train_groups: list[FFNTracker] = []  # one tracker per round-robin group (one group by default)
-        self._eval_groups: list[FFNTracker] = []
+        # The tracker stays attached from set-up on (torch.compile only sees hooks that exist before
+        # its first trace); its windows' gates decide per forward which one records.
+        self._tracker: Optional[FFNTracker] = None
         self._eval_count = 0  # evaluations measured so far (selects the next eval group)
         self._measured_step: Optional[int] = None  # the step whose micro-batches are being measured
         self._in_train_step = False  # between on_step_begin and on_step_end: no forward is an evaluation
@@ -242,23 +243,18 @@ class NerveCallback(TrainerCallback):
         if self._failed or model is None:
             return False
         if self._model is model:
-            self._attach()  # a second train() after on_train_end detached the train trackers
+            self._attach()  # a second train() or evaluate() after the hooks came off
             return True
         self.detach()
         try:
-            groups = self._layer_groups(model)
-            options = dict(adapter=self.adapter, max_tokens=self.config.max_tokens,
-                           memory_budget_mb=self.config.memory_budget_mb)
-            self._train_groups = [FFNTracker(model, layers=layers, **options) for layers in groups]
-            self._eval_groups = [
-                FFNTracker(model, layers=layers, staged=True, keep_samples=self._real_samples, **options)
-                for layers in groups
+            windows = [
+                Window("train", when=self._train_gate, layers_per_step=self.config.layers_per_step),
+                Window("eval", when=self._eval_gate, keep_samples=self._real_samples, staged=True,
+                       layers_per_step=self.config.layers_per_step),
             ]
-            for tracker in self._train_groups:
-                tracker.when = self._train_gate(tracker)
-            for tracker in self._eval_groups:
-                tracker.when = self._eval_gate(tracker)
-            self._train, self._eval = self._train_groups[0], self._eval_groups[0]
+            self._tracker = FFNTracker(model, adapter=self.adapter, layers=self.config.layers,
+                                       max_tokens=self.config.max_tokens,
+                                       memory_budget_mb=self.config.memory_budget_mb, windows=windows)
             self._eval_count = 0
         except (MemoryBudgetError, LayerRangeError) as error:
             if refuse_bad_input:
@@ -274,7 +270,7 @@ class NerveCallback(TrainerCallback):
 
     def _disable(self, message: str) -> None:
         self._failed = True
-        self._train_groups, self._eval_groups, self._train, self._eval = [], [], None, None
+        self._tracker = None
         self._warn_once("disabled", message)
 
     def _refuse_data_parallel(self, args) -> None:
@@ -290,21 +286,17 @@ class NerveCallback(TrainerCallback):
         )
 
     def _attach(self) -> None:
-        """Attach every tracker the configuration measures with (those already attached stay)."""
-        wanted = (self._train_groups if self.config.measure_train else []) + (
-            self._eval_groups if self.config.measure_eval else []
-        )
-        for tracker in wanted:
-            if not tracker.active:
-                tracker.attach()
+        """Put the tracker's hooks on the model when the configuration measures anything."""
+        if self._tracker is not None and not self._tracker.active and (self.config.measure_train or self.config.measure_eval):
+            self._tracker.attach()
 
-    def _train_gate(self, tracker: FFNTracker):
-        """Record a forward into ``tracker``: train mode, a measured step, and its group's turn."""
-        return lambda module: module.training and self._measured_step is not None and self._train is tracker
+    def _train_gate(self, module: nn.Module) -> bool:
+        """The ``train`` window records a forward: train mode during a measured step."""
+        return self.config.measure_train and module.training and self._measured_step is not None
 
-    def _eval_gate(self, tracker: FFNTracker):
-        """Stage a forward in ``tracker``: eval mode, outside a training step, and its group's turn."""
-        return lambda module: not module.training and not self._in_train_step and self._eval is tracker
+    def _eval_gate(self, module: nn.Module) -> bool:
+        """The ``eval`` window records a forward: eval mode, outside a training step."""
+        return self.config.measure_eval and not module.training and not self._in_train_step
 
     @staticmethod
     def _real_samples(batch_size: int) -> Optional[int]:
@@ -320,27 +312,18 @@ class NerveCallback(TrainerCallback):
             return None
         return min(max(remainder - distributed.rank() * batch_size, 0), batch_size)
 
-    def _layer_groups(self, model: nn.Module) -> list[Optional[list[int]]]:
-        """The ``layers`` argument of each round-robin group's trackers: ``[config.layers]`` by default."""
-        if self.config.layers_per_step is None:
-            return [self.config.layers]
-        # Nothing is allocated before the first activation, so resolving the sites this way is cheap.
-        watched = FFNTracker(model, adapter=self.adapter, layers=self.config.layers).sites
-        blocks = sorted({site.layer for site in watched})
-        size = self.config.layers_per_step
-        return [blocks[i : i + size] for i in range(0, len(blocks), size)]
-
     def detach(self) -> None:
         """Remove every hook this callback placed on the model."""
-        for tracker in (*self._train_groups, *self._eval_groups):
-            tracker.detach()
+        if self._tracker is not None:
+            self._tracker.detach()
 
     # ------------------------------------------------------------ measurement
-    def _measure(self, tracker: FFNTracker, incomplete: Optional[str] = None) -> SpectralReport:
-        """The tracker's report, or a NaN report with a warning if the window is incomplete or the
+    def _measure(self, window: str, incomplete: Optional[str] = None) -> SpectralReport:
+        """The window's report, or a NaN report with a warning if the window is incomplete or the
         computation fails. Collective: every rank calls it at the same point."""
+        tracker = self._tracker
         try:
-            report = tracker.compute(metrics=self.config.metrics)
+            report = tracker.compute(metrics=self.config.metrics, window=window)
             if incomplete is None:
                 return report
             self._warn_once(f"incomplete:{incomplete}", f"NerveCallback: {incomplete}; logging NaN for it")
@@ -350,8 +333,10 @@ class NerveCallback(TrainerCallback):
                 f"NerveCallback: measurement failed ({type(error).__name__}: {error}); logging NaN",
             )
         finally:
-            tracker.reset()
-        return SpectralReport(rows=spectra.nan_rows(tracker.sites), eigenvalues={})
+            tracker.reset(window)
+        watched = tracker.window(window)
+        sites = [site for i, site in enumerate(tracker.sites) if watched.watches(i)]
+        return SpectralReport(rows=spectra.nan_rows(sites), eigenvalues={})
 
     def _log_dict(self, report: SpectralReport, prefix: str = "") -> dict:
         logs = report.to_log_dict(prefix=f"{prefix}nerve")
@@ -417,8 +402,8 @@ class NerveCallback(TrainerCallback):
             return
         if not self._set_up(model):
             return
-        self._train = self._train_groups[(step // self.config.every_n_steps - 1) % len(self._train_groups)]
-        self._train.reset()
+        self._tracker.rotate(step // self.config.every_n_steps - 1, "train")
+        self._tracker.reset("train")
         self._measured_step = step
 
     @_never_raises("this step's NerVE values are not logged")
@@ -427,7 +412,7 @@ class NerveCallback(TrainerCallback):
         if self._measured_step is None:
             return
         step, self._measured_step = self._measured_step, None
-        report = self._measure(self._train)
+        report = self._measure("train")
         self._write(args, state, report, "train")
         self._pending = (step, self._log_dict(report))
         control.should_log = True  # the loss of these very micro-batches is logged at this step
@@ -436,11 +421,11 @@ class NerveCallback(TrainerCallback):
     def on_prediction_step(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         if not self.config.measure_eval:
             return
-        if self._eval is None:  # added after the Trainer was built and first called here
+        if self._tracker is None:  # added after the Trainer was built and first called here
             if not self._set_up(model):
                 return
             self._catch_up(model, eval_dataloader)
-        self._eval.commit()  # an evaluation is running: its batches add up until it is measured
+        self._tracker.commit("eval")  # an evaluation is running: its batches add up until it is measured
 
     def _catch_up(self, model: nn.Module, dataloader) -> None:
         """Set up during an evaluation: the first batch ran before the hooks existed, so run it again.
@@ -493,19 +478,19 @@ class NerveCallback(TrainerCallback):
 
     def _measure_evaluation(self, args, state, prefix: str) -> Optional[dict]:
         """The eval-set measurement that just ended: written, returned as log keys, next group chosen."""
-        if self._eval is None or not self.config.measure_eval:
+        if self._tracker is None or not self.config.measure_eval:
             return None
         incomplete, self._eval_incomplete = self._eval_incomplete, None
-        report = self._measure(self._eval, incomplete)
+        report = self._measure("eval", incomplete)
         self._write(args, state, report, prefix.rstrip("_"))
         self._eval_count += 1  # round-robin: the next evaluation measures the next group
-        self._eval = self._eval_groups[self._eval_count % len(self._eval_groups)]
+        self._tracker.rotate(self._eval_count, "eval")
         return self._log_dict(report, prefix)
 
     @_never_raises("the hooks may stay on the model")
     def on_train_end(self, args, state, control, **kwargs):
-        for tracker in self._train_groups:
-            tracker.detach()  # the eval trackers stay: a later trainer.evaluate() is measured too
+        if not self.config.measure_eval:  # else the hooks stay: a later trainer.evaluate() is measured too
+            self.detach()
         self._measured_step = None
         self._in_train_step = False
 

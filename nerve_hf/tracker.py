@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +27,9 @@ from model_adapters import Adapter, ResolvedSite
 from . import spectra
 from .covariance import CovarianceAccumulator, sync_accumulators
 from .spectral_report import SpectralReport
+from .windows import SiteWindow, Window
 
-__all__ = ["FFNTracker", "MemoryBudgetError", "covariance_state_bytes"]
+__all__ = ["FFNTracker", "MemoryBudgetError", "Window", "covariance_state_bytes"]
 
 
 class MemoryBudgetError(ValueError):
@@ -103,33 +104,6 @@ def _mask_position(model: nn.Module) -> int | None:
     return positional.index("attention_mask") if "attention_mask" in positional else None
 
 
-class _SiteState:
-    """Accumulators and token counters of one site."""
-
-    def __init__(self, site: ResolvedSite, dim: int | None, on_width: Callable[[int], None]) -> None:
-        self.site = site
-        self.dim = dim  # d_ff; None until the first activation when the modules do not say
-        self.on_width = on_width  # called with the width found at the first activation, before allocating
-        self.pre: CovarianceAccumulator | None = None
-        self.post: CovarianceAccumulator | None = None
-        self.offered = {"pre": 0, "post": 0}  # rows offered this window (for max_tokens)
-        if dim is not None:
-            self.pre, self.post = CovarianceAccumulator(dim), CovarianceAccumulator(dim)
-
-    def accumulator(self, side: str, width: int) -> CovarianceAccumulator:
-        if self.dim is None:  # modules whose widths could not be read at construction
-            self.on_width(width)
-            self.dim = width
-            self.pre, self.post = CovarianceAccumulator(width), CovarianceAccumulator(width)
-        return self.pre if side == "pre" else self.post
-
-    def reset(self) -> None:
-        for acc in (self.pre, self.post):
-            if acc is not None:
-                acc.reset()
-        self.offered = {"pre": 0, "post": 0}
-
-
 class FFNTracker:
     """Covariance eigenspectra of FFN pre/post-activations over a measurement window.
 
@@ -140,18 +114,17 @@ class FFNTracker:
         adapter: where the FFNs are; ``None`` asks :func:`model_adapters.get_adapter`.
         layers: block indices to track (negative counts from the end); ``None`` tracks all.
         max_tokens: per site, count at most this many tokens per window (first come); ``None``: all.
-        when: called with the unwrapped model at the start of each top-level forward; that forward is
-            recorded only if it returns True (e.g. ``lambda m: not m.training`` for evaluation only).
-        keep_samples: called with the batch size B of each recorded top-level forward; it returns how
-            many leading samples of the batch count (``None``: all of them). The Trainer callback uses it
-            to leave out the samples that a distributed sampler repeats to pad the last batch.
-        staged: until :meth:`commit` confirms the window, each recorded forward replaces what the
-            window held (it is reset as the forward begins); after it, forwards add up until
-            :meth:`reset`. So of the forwards before a commit only the last one counts: an inference
-            between two evaluations is dropped by the next evaluation's first batch. No extra memory.
+        when, keep_samples, staged: the one window's options (see :class:`nerve_hf.windows.Window`):
+            ``when`` picks the top-level forwards that count (e.g. ``lambda m: not m.training``),
+            ``keep_samples`` how many leading samples of each, ``staged`` keeps only the last forward
+            until :meth:`commit`.
+        windows: several named :class:`~nerve_hf.windows.Window` s instead (then leave ``when``,
+            ``keep_samples``, ``staged`` unset); each forward is recorded by the first that accepts it,
+            and :meth:`compute`, :meth:`reset`, :meth:`commit`, :meth:`rotate` take the window's name.
         memory_budget_mb: refuse (:class:`MemoryBudgetError`, a ``ValueError``) at construction, before
-            anything is allocated, when the float64 covariance state of the tracked FFNs,
-            2 × (D² + D) × 8 bytes each, would exceed this many MiB; ``None``: no limit.
+            anything is allocated, when the float64 covariance state of one window's watched FFNs
+            (its largest round-robin group), 2 × (D² + D) × 8 bytes each, would exceed this many MiB;
+            ``None``: no limit.
             :meth:`compute` needs, transiently, about 4 x min(that state, 1 GiB or one FFN's D² x 8).
 
     Use as a context manager; hooks exist only inside ``with tracker:`` and are removed on exit, also
@@ -184,6 +157,7 @@ class FFNTracker:
         memory_budget_mb: float | None = None,
         keep_samples: Callable[[int], int | None] | None = None,
         staged: bool = False,
+        windows: Sequence[Window] | None = None,
     ) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
@@ -194,17 +168,21 @@ class FFNTracker:
         self.root = model_adapters.unwrap_model(model)  # sites are resolved here
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
         self.max_tokens = max_tokens
-        self.when = when  # predicate on the unwrapped model: record this top-level forward?
-        self._recording = False  # whether the running top-level forward is recorded
         self.memory_budget_mb = memory_budget_mb
-        self.keep_samples = keep_samples
-        self.staged = bool(staged)
-        self._confirmed = False  # staged: has commit() confirmed the window since the last reset?
+        if windows is None:
+            windows = [Window(when=when, keep_samples=keep_samples, staged=staged)]
+        elif when is not None or keep_samples is not None or staged:
+            raise TypeError("pass when/keep_samples/staged or windows, not both")
+        if len({w.name for w in windows}) != len(windows) or not windows:
+            raise ValueError(f"windows need distinct names, got {[w.name for w in windows]}")
+        self._windows = {window.name: window for window in windows}
+        self._window: Window | None = None  # the window recording the running top-level forward
         self._keep: int | None = None  # leading samples of the running forward that count; None: all
-        sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
-        dims = [self._site_dim(site) for site in sites]
-        self._check_budget([d for d in dims if d is not None])  # unreadable widths: checked when first seen
-        self._states = [_SiteState(site, dim, self._width_seen) for site, dim in zip(sites, dims)]
+        self._sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
+        self._dims = [self._site_dim(site) for site in self._sites]  # None: known at the first activation
+        for window in windows:
+            window.bind(self._sites, self._dims)
+        self._check_budget()
         self._mask_position = _mask_position(self.root)
         self._handles: list = []
         self._depth = 0  # nesting of top-level forwards currently running
@@ -217,7 +195,7 @@ class FFNTracker:
         # functions, which record only while attached.
         self._begin_hook = _eager(self._forward_begins)
         self._end_hook = _eager(self._forward_ends)
-        self._site_hooks = [(_eager(self._pre_hook(st)), _eager(self._post_hook(st))) for st in self._states]
+        self._site_hooks = [(_eager(self._pre_hook(i)), _eager(self._post_hook(i))) for i in range(len(self._sites))]
 
     # ------------------------------------------------------------------ sites
     @staticmethod
@@ -239,14 +217,24 @@ class FFNTracker:
             )
         return pre_width
 
-    def _width_seen(self, width: int) -> None:
-        """A site's width is known only from its first activation: check the budget before allocating."""
-        self._check_budget([state.dim for state in self._states if state.dim is not None] + [width])
+    def _width_seen(self, index: int, width: int) -> None:
+        """Site ``index``'s width is known only from its first activation: check the budget, then give
+        every window accumulators of that width."""
+        self._dims[index] = width
+        self._check_budget()
+        for window in self._windows.values():
+            if window.states[index].dim is None:
+                window.states[index].allocate(width)
 
-    def _check_budget(self, dims: list[int]) -> None:
-        """MemoryBudgetError if FFNs of these widths need more covariance state than the budget."""
+    def _check_budget(self) -> None:
+        """MemoryBudgetError if one window's largest group of FFNs needs more state than the budget."""
         if self.memory_budget_mb is None:
             return
+        dims = max(
+            ([self._dims[i] for i in group if self._dims[i] is not None]
+             for window in self._windows.values() for group in window.groups),
+            key=covariance_state_bytes,
+        )
         needed = covariance_state_bytes(dims)
         if needed > self.memory_budget_mb * 2**20:
             widths = sorted(set(dims))
@@ -260,7 +248,20 @@ class FFNTracker:
     @property
     def sites(self) -> list[ResolvedSite]:
         """The tracked sites, in report order."""
-        return [state.site for state in self._states]
+        return list(self._sites)
+
+    def window(self, name: str | None = None) -> Window:
+        """The window called ``name`` (``None``: the first)."""
+        if name is None:
+            return next(iter(self._windows.values()))
+        if name not in self._windows:
+            raise KeyError(f"no window {name!r}; this tracker has {sorted(self._windows)}")
+        return self._windows[name]
+
+    @property
+    def _states(self) -> list[SiteWindow]:
+        """The first window's per-site statistics."""
+        return self.window().states
 
     @property
     def active(self) -> bool:
@@ -278,9 +279,9 @@ class FFNTracker:
             for module in dict.fromkeys((self.model, self.root)):  # distinct, in order
                 self._handles.append(module.register_forward_pre_hook(self._begin_hook, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._end_hook, always_call=True))
-            for state, (pre_hook, post_hook) in zip(self._states, self._site_hooks):
-                self._handles.append(state.site.pre.register_forward_hook(pre_hook))
-                self._handles.append(state.site.post.register_forward_pre_hook(post_hook, with_kwargs=True))
+            for site, (pre_hook, post_hook) in zip(self._sites, self._site_hooks):
+                self._handles.append(site.pre.register_forward_hook(pre_hook))
+                self._handles.append(site.post.register_forward_pre_hook(post_hook, with_kwargs=True))
         except BaseException:
             self.detach()
             raise
@@ -291,7 +292,7 @@ class FFNTracker:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-        self._depth, self._mask, self._rows, self._keep = 0, None, {}, None
+        self._depth, self._mask, self._rows, self._keep, self._window = 0, None, {}, None, None
 
     def __enter__(self) -> "FFNTracker":
         return self.attach()
@@ -302,20 +303,20 @@ class FFNTracker:
     def _forward_begins(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._depth += 1
         if self._depth == 1:
-            self._recording = self.when is None or bool(self.when(module))
-            self._mask = self._find_mask(args, kwargs) if self._recording else None
+            self._window = next((w for w in self._windows.values() if w.accepts(module)), None)
+            self._mask = self._find_mask(args, kwargs) if self._window is not None else None
             self._rows, self._recorded, self._keep = {}, False, None
-            if self._recording and self.staged and not self._confirmed:
-                for state in self._states:  # an unconfirmed window holds only the latest forward
-                    state.reset()
-            if self._recording and self.keep_samples is not None:
-                self._limit_samples(args, kwargs)
+            if self._window is not None:
+                self._window.begin_forward()
+                if self._window.keep_samples is not None:
+                    self._limit_samples(args, kwargs)
 
     def _forward_ends(self, module: nn.Module, args: tuple, output) -> None:
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
+            recorded_by, self._window = self._window, None
             self._mask, self._rows, self._keep = None, {}, None
-            if self._compiled and self._handles and self._recording and not self._recorded and self._states:
+            if self._compiled and self._handles and recorded_by is not None and not self._recorded and self._sites:
                 self._warn_once(
                     "compiled",
                     "FFNTracker: a forward of the compiled model ran without reaching any FFN hook. "
@@ -324,20 +325,22 @@ class FFNTracker:
                     "compiled call, or set torch._dynamo.config.skip_nnmodule_hook_guards = False.",
                 )
 
-    def _pre_hook(self, state: _SiteState):
+    def _pre_hook(self, index: int):
+        site = self._sites[index]
+
         def hook(module: nn.Module, args: tuple, output) -> None:
             x = _first_tensor(output)
-            if x is not None and state.site.pre_chunk is not None:
-                index, chunks = state.site.pre_chunk
-                x = x.chunk(chunks, dim=-1)[index]  # Phi-3: the gate half of gate_up_proj
-            self._record(state, "pre", x)
+            if x is not None and site.pre_chunk is not None:
+                part, chunks = site.pre_chunk
+                x = x.chunk(chunks, dim=-1)[part]  # Phi-3: the gate half of gate_up_proj
+            self._record(index, "pre", x)
 
         return hook
 
-    def _post_hook(self, state: _SiteState):
+    def _post_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(kwargs)
-            self._record(state, "post", x)
+            self._record(index, "post", x)
 
         return hook
 
@@ -367,7 +370,7 @@ class FFNTracker:
         batch = self._mask.shape[0] if self._mask is not None else _batch_size(args, kwargs)
         if batch is None:
             return
-        keep = self.keep_samples(batch)
+        keep = self._window.keep_samples(batch)
         if keep is None or keep >= batch:
             return
         keep = max(int(keep), 0)
@@ -404,8 +407,9 @@ class FFNTracker:
             rows = self._rows[x.device] = self._mask.reshape(-1).nonzero().squeeze(1).to(x.device)  # [N]
         return flat.index_select(0, rows)  # [N, D]
 
-    def _record(self, state: _SiteState, side: str, x: Tensor | None) -> None:
-        if x is None or not self._handles or (self._depth > 0 and not self._recording):
+    def _record(self, index: int, side: str, x: Tensor | None) -> None:
+        window = self._window
+        if x is None or not self._handles or (self._depth > 0 and (window is None or not window.watches(index))):
             return
         if self._depth == 0:
             if not _in_backward():  # a recompute under gradient checkpointing is silently ignored
@@ -417,64 +421,64 @@ class FFNTracker:
             return
         with torch.no_grad(), torch.inference_mode(False), torch.autocast(x.device.type, enabled=False):
             rows = self._select(x.detach())  # [N, D]
+            state = window.states[index]
+            if state.dim is None:  # modules whose widths could not be read at construction
+                self._width_seen(index, rows.shape[-1])
             if self.max_tokens is not None:
                 room = max(self.max_tokens - state.offered[side], 0)
                 state.offered[side] += rows.shape[0]
                 rows = rows[:room]
-            state.accumulator(side, rows.shape[-1]).update(rows)
+            state.accumulator(side).update(rows)
             self._recorded = True
 
     # ---------------------------------------------------------------- results
-    def reset(self) -> None:
-        """Start a new measurement window (hooks stay as they are)."""
-        for state in self._states:
-            state.reset()
-        self._confirmed = False
+    def reset(self, window: str | None = None) -> None:
+        """Start a new measurement in ``window`` (default: the first; hooks stay as they are)."""
+        self.window(window).reset()
 
-    def commit(self) -> None:
-        """Staged tracker: confirm the window, so that later forwards add to it until :meth:`reset`."""
-        self._confirmed = True
+    def commit(self, window: str | None = None) -> None:
+        """Staged window: confirm it, so that later forwards add to it until :meth:`reset`."""
+        self.window(window).commit()
 
-    def compute(self, metrics: str = "all") -> SpectralReport:
-        """Metrics of every site over the window so far, synced across processes.
+    def rotate(self, turn: int, window: str | None = None) -> None:
+        """Round-robin window: watch group ``turn`` (mod the number of groups) from now on."""
+        self.window(window).rotate(turn)
 
-        Collective under ``torch.distributed``: every rank must call it. Sites keep their statistics;
-        call :meth:`reset` to start a new window.
+    def compute(self, metrics: str = "all", window: str | None = None) -> SpectralReport:
+        """Metrics of every site the window watches, over what it recorded so far, synced across processes.
+
+        Collective under ``torch.distributed``: every rank must call it. The window keeps its
+        statistics; call :meth:`reset` to start a new measurement.
 
         Args:
             metrics: ``"all"``: eigendecompose every covariance, all seven metrics and the eigenvalues.
                 ``"pr"``: only ``pr_pre`` and ``pr_post``, from the identity PR = tr(Σ)² / ‖Σ‖²_F with no
                 eigendecomposition (O(D²) instead of O(D³)); the other metrics are NaN and the report
                 carries no eigenvalues.
+            window: which window (default: the first).
         """
         if metrics not in spectra.METRIC_SETS:
             raise ValueError(f"metrics must be one of {spectra.METRIC_SETS}, got {metrics!r}")
+        chosen = self.window(window)
+        states = [state for i, state in enumerate(chosen.states) if chosen.watches(i)]
         # A site whose width is still unknown (modules not Linear-like, no activation seen yet) gets
         # empty width-1 stand-ins: NaN metrics and 0 tokens, and nothing is stored on the site.
         pairs = [
             (state.pre, state.post) if state.dim is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1))
-            for state in self._states
+            for state in states
         ]
         sync_accumulators([acc for pair in pairs for acc in pair])
         values, kept = spectra.metric_values(pairs, metrics)
-        eigenvalues = {state.site.site: pair for state, pair in zip(self._states, kept) if pair is not None}
-        return self._report(pairs, values, eigenvalues)
-
-    def _report(self, pairs: list, values: list[dict[str, float]], eigenvalues: dict) -> SpectralReport:
         rows = [
-            {
-                "site": state.site.site,
-                "layer": state.site.layer,
-                "dim": int(state.dim or 0),
-                "tokens": int(pre_acc.count),
-                **values[i],
-            }
-            for i, (state, (pre_acc, _)) in enumerate(zip(self._states, pairs))
+            {"site": state.site.site, "layer": state.site.layer, "dim": int(state.dim or 0),
+             "tokens": int(pre.count), **row_values}
+            for state, (pre, _), row_values in zip(states, pairs, values)
         ]
+        eigenvalues = {state.site.site: pair for state, pair in zip(states, kept) if pair is not None}
         return SpectralReport(rows=rows, eigenvalues=eigenvalues)
 
     def __repr__(self) -> str:
         return (
-            f"FFNTracker({type(self.root).__name__}, sites={len(self._states)}, "
+            f"FFNTracker({type(self.root).__name__}, sites={len(self._sites)}, windows={list(self._windows)}, "
             f"max_tokens={self.max_tokens}, active={self.active})"
         )
