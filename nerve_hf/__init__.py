@@ -14,7 +14,7 @@ _LAZY = {
     "FFNTracker": "tracker",
     "SpectralReport": "spectral_report",
     "NerveCallback": "callback",
-    "NerveConfig": "callback",
+    "NerveConfig": "config",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

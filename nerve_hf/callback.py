@@ -29,6 +29,9 @@ in the very record that carries the loss.
 A monitor never stops a run: options are checked where they are given (``NerveConfig``), a layer that
 the model does not have or a memory budget that is too small is refused when the Trainer is built, and
 from then on every failure warns once, says what is lost, and the run goes on.
+
+The module holds one class whose methods are the Trainer's events, each guarded so that it cannot
+raise into training; its options live in :mod:`nerve_hf.config`, the measurement in the tracker.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
@@ -49,73 +52,13 @@ from transformers.training_args import ParallelMode
 from model_adapters import LayerRangeError
 
 from . import distributed, spectra
-from .options import (
-    Validated,
-    at_least,
-    boolean,
-    int_list,
-    one_of,
-    option,
-    optional,
-    positive_int,
-    positive_number,
-)
+from .config import NerveConfig
 from .records import RECORDS_FILENAME, append_records, drop_records_after
 from .spectral_report import SpectralReport
 from .tracker import FFNTracker, MemoryBudgetError
 from .windows import Window
 
 __all__ = ["NerveConfig", "NerveCallback"]
-
-
-@dataclass
-class NerveConfig(Validated):
-    """What NerveCallback measures and where it writes. Every field is checked when it is set."""
-
-    every_n_steps: int = option(
-        100, "Measure the training micro-batches of each optimizer step k with k % every_n_steps == 0.", positive_int
-    )
-    measure_train: bool = option(
-        True, "Measure training batches at those steps (False: evaluation spectra only).", boolean
-    )
-    measure_eval: bool = option(
-        True, "Measure the evaluation set during every evaluation, logged with the eval prefix.", boolean
-    )
-    layers: Optional[list[int]] = option(
-        None, "Block indices to watch (negative counts from the end); None: every FFN.", optional(int_list)
-    )
-    max_tokens: Optional[int] = option(
-        None,
-        "Per measurement and FFN, count at most this many tokens (pre and post share them); None: all.",
-        optional(at_least(2, "an integer of at least 2 (a covariance needs two tokens)")),
-    )
-    log_per_site: bool = option(
-        True, "Log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>.", boolean
-    )
-    write_jsonl: bool = option(
-        True, "Rank 0 appends every measurement to <output_dir>/nerve_metrics.jsonl.", boolean
-    )
-    layers_per_step: Optional[int] = option(
-        None,
-        "Round-robin: each measurement covers the next this-many watched blocks (train: group "
-        "(k / every_n_steps - 1) mod #groups at step k; eval: the next group each evaluation); only per-site "
-        "keys are logged then.",
-        optional(positive_int),
-    )
-    memory_budget_mb: Optional[float] = option(
-        None,
-        "Refuse to start if one measurement's float64 covariance state, 2 x (D^2 + D) x 8 bytes per measured "
-        "FFN, would exceed this many MiB.",
-        optional(positive_number),
-    )
-    metrics: str = option(
-        "all", "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",
-        one_of(("all", "pr")), choices=["all", "pr"],
-    )
-
-    def __post_init__(self) -> None:
-        if self.layers_per_step is not None and not self.log_per_site:
-            raise ValueError("layers_per_step logs per-site keys only; it needs log_per_site=True")
 
 
 def _eval_prefix(logs: dict) -> Optional[str]:

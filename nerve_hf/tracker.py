@@ -10,11 +10,15 @@ Token accounting, the part that is easy to get wrong:
   (or ``[B*T, d_ff]``, row-major, as OPT flattens tokens before its FFN).
 * ``max_tokens`` takes, per site and side, the first rows until the cap: pre and post see the same
   activations in the same order, so they keep the same tokens.
+
+The module is longer than most here for one reason: the hooks and the token accounting share the
+state of the running top-level forward (its depth, mask, recording window and sample limit), and
+keeping them in one class keeps that state in one place. Pure helpers live in
+:mod:`nerve_hf.hook_inputs`, windows in :mod:`nerve_hf.windows`, spectra in :mod:`nerve_hf.spectra`.
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Callable, Iterable, Sequence
 
@@ -25,83 +29,13 @@ import model_adapters
 from model_adapters import Adapter, ResolvedSite
 
 from . import spectra
+from .budget import MemoryBudgetError, covariance_state_bytes, format_mib
 from .covariance import CovarianceAccumulator, sync_accumulators
+from .hook_inputs import batch_size, check_no_replicating_data_parallel, eager, first_tensor, in_backward, mask_position
 from .spectral_report import SpectralReport
 from .windows import SiteWindow, Window
 
 __all__ = ["FFNTracker", "MemoryBudgetError", "Window", "covariance_state_bytes"]
-
-
-class MemoryBudgetError(ValueError):
-    """The covariance state of the tracked FFNs would exceed ``memory_budget_mb``."""
-
-
-def _mib(n_bytes: float) -> str:
-    """'1,003,555' for large sizes, three significant digits ('0.0429') for small ones."""
-    mib = n_bytes / 2**20
-    return f"{mib:,.0f}" if mib >= 100 else f"{mib:.3g}"
-
-
-def covariance_state_bytes(dims: Iterable[int]) -> int:
-    """Bytes of float64 covariance state for FFNs of these widths: 2 × (D² + D) × 8 each (pre and post).
-
-    >>> covariance_state_bytes([3072] * 12) / 2**20  # GPT-2 small, every FFN
-    1728.5625
-    """
-    return sum(2 * (d * d + d) * 8 for d in dims)
-
-
-def _check_no_replicating_data_parallel(model: nn.Module) -> None:
-    """ValueError for ``nn.DataParallel`` over several devices: it runs copies of the model in threads,
-    each on a slice of the batch, which the token masks and the accumulators cannot follow."""
-    for module in model.modules():  # the wrapper itself, or one nested inside other wrappers
-        if isinstance(module, nn.DataParallel) and len(module.device_ids) > 1:
-            raise ValueError(
-                f"nn.DataParallel over {len(module.device_ids)} devices is not supported: it runs replicas of "
-                f"the model in threads on slices of the batch. Use DistributedDataParallel (torchrun or "
-                f"accelerate launch), whose processes are reduced exactly, or one device."
-            )
-
-
-def _in_backward() -> bool:
-    """True while the autograd engine runs (where checkpointing recomputes forwards)."""
-    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return graph_task_id is not None and graph_task_id() != -1
-
-
-def _eager(hook):
-    """Run ``hook`` eagerly under ``torch.compile``: dynamo breaks the graph around it instead of
-    tracing the tracker's Python state and the accumulator's data-dependent checks."""
-    return torch.compiler.disable(hook)
-
-
-def _first_tensor(value) -> Tensor | None:
-    """The tensor itself, or the first tensor of a tuple/list/dict output."""
-    if isinstance(value, Tensor):
-        return value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    return next((item for item in items if isinstance(item, Tensor)), None)
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """Leading size of the forward's main input (``input_ids``, ``inputs_embeds``, ``pixel_values`` or the
-    first positional tensor), or None."""
-    for name in ("input_ids", "inputs_embeds", "pixel_values", "input_values"):
-        value = kwargs.get(name)
-        if isinstance(value, Tensor) and value.ndim >= 1:
-            return value.shape[0]
-    first = _first_tensor(args)
-    return first.shape[0] if first is not None and first.ndim >= 1 else None
-
-
-def _mask_position(model: nn.Module) -> int | None:
-    """Positional index of ``attention_mask`` in ``model.forward``, or None."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return positional.index("attention_mask") if "attention_mask" in positional else None
 
 
 class FFNTracker:
@@ -163,7 +97,7 @@ class FFNTracker:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
         if memory_budget_mb is not None and not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be positive or None, got {memory_budget_mb}")
-        _check_no_replicating_data_parallel(model)
+        check_no_replicating_data_parallel(model)
         self.model = model
         self.root = model_adapters.unwrap_model(model)  # sites are resolved here
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
@@ -183,7 +117,7 @@ class FFNTracker:
         for window in windows:
             window.bind(self._sites, self._dims)
         self._check_budget()
-        self._mask_position = _mask_position(self.root)
+        self._mask_position = mask_position(self.root)
         self._handles: list = []
         self._depth = 0  # nesting of top-level forwards currently running
         self._mask: Tensor | None = None  # [B, T] bool of the running top-level forward
@@ -193,9 +127,9 @@ class FFNTracker:
         self._compiled = any("_orig_mod" in module._modules for module in model.modules())
         # Hook callables are made once: a compiled graph that baked them in keeps calling the same
         # functions, which record only while attached.
-        self._begin_hook = _eager(self._forward_begins)
-        self._end_hook = _eager(self._forward_ends)
-        self._site_hooks = [(_eager(self._pre_hook(i)), _eager(self._post_hook(i))) for i in range(len(self._sites))]
+        self._begin_hook = eager(self._forward_begins)
+        self._end_hook = eager(self._forward_ends)
+        self._site_hooks = [(eager(self._pre_hook(i)), eager(self._post_hook(i))) for i in range(len(self._sites))]
 
     # ------------------------------------------------------------------ sites
     @staticmethod
@@ -240,7 +174,7 @@ class FFNTracker:
             widths = sorted(set(dims))
             raise MemoryBudgetError(
                 f"FFNTracker: tracking {len(dims)} FFNs of width {widths[0] if len(widths) == 1 else widths} needs "
-                f"{_mib(needed)} MiB of float64 covariance state (2 x (D^2 + D) x 8 bytes per FFN), over "
+                f"{format_mib(needed)} MiB of float64 covariance state (2 x (D^2 + D) x 8 bytes per FFN), over "
                 f"memory_budget_mb={self.memory_budget_mb:,g}. Track fewer FFNs (layers=[...]; NerveCallback's "
                 f"layers_per_step measures a few per step) or raise the budget."
             )
@@ -329,7 +263,7 @@ class FFNTracker:
         site = self._sites[index]
 
         def hook(module: nn.Module, args: tuple, output) -> None:
-            x = _first_tensor(output)
+            x = first_tensor(output)
             if x is not None and site.pre_chunk is not None:
                 part, chunks = site.pre_chunk
                 x = x.chunk(chunks, dim=-1)[part]  # Phi-3: the gate half of gate_up_proj
@@ -339,7 +273,7 @@ class FFNTracker:
 
     def _post_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(kwargs)
+            x = args[0] if args and isinstance(args[0], Tensor) else first_tensor(kwargs)
             self._record(index, "post", x)
 
         return hook
@@ -367,7 +301,7 @@ class FFNTracker:
 
     def _limit_samples(self, args: tuple, kwargs: dict) -> None:
         """Apply ``keep_samples`` to this forward: drop the samples after the first n from the mask."""
-        batch = self._mask.shape[0] if self._mask is not None else _batch_size(args, kwargs)
+        batch = self._mask.shape[0] if self._mask is not None else batch_size(args, kwargs)
         if batch is None:
             return
         keep = self._window.keep_samples(batch)
@@ -412,7 +346,7 @@ class FFNTracker:
         if x is None or not self._handles or (self._depth > 0 and (window is None or not window.watches(index))):
             return
         if self._depth == 0:
-            if not _in_backward():  # a recompute under gradient checkpointing is silently ignored
+            if not in_backward():  # a recompute under gradient checkpointing is silently ignored
                 self._warn_once(
                     "outside",
                     f"FFNTracker: an FFN ran outside a forward of {type(self.root).__name__}; not counted "

@@ -8,7 +8,7 @@ import torch
 
 from distributed_helpers import torchrun
 from reference import rel_err, two_pass
-from nerve_hf import covariance
+from nerve_hf import scatter as kernels
 from nerve_hf.covariance import CovarianceAccumulator, sync_accumulators
 from nerve_hf.spectra import eigenvalues_batched, participation_ratio_from_covariance
 from nerve_hf.metrics import participation_ratio
@@ -61,13 +61,13 @@ def test_precisions_agree_with_float64_of_same_values(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_blocked_upper_triangle_product_over_chunks_matches_two_pass(monkeypatch, dtype):
     """The CPU scatter is built from its upper block triangle, chunk by chunk, then mirrored."""
-    monkeypatch.setattr(covariance, "_CPU_GRAM_BLOCK", 8)  # 37 columns: blocks of 9, 9, 9 and 10
-    monkeypatch.setattr(covariance, "_CPU_CHUNK_ELEMENTS", 300 * 37)  # 1000 rows: chunks of 300, 300, 300, 100
-    monkeypatch.setattr(covariance, "_MIN_CHUNK_ROWS", 1)
-    assert covariance._gram_block_edges(37, torch.device("cpu")) == [0, 9, 18, 27, 37]
+    monkeypatch.setattr(kernels, "_CPU_GRAM_BLOCK", 8)  # 37 columns: blocks of 9, 9, 9 and 10
+    monkeypatch.setattr(kernels, "_CPU_CHUNK_ELEMENTS", 300 * 37)  # 1000 rows: chunks of 300, 300, 300, 100
+    monkeypatch.setattr(kernels, "_MIN_CHUNK_ROWS", 1)
+    assert kernels._gram_block_edges(37, torch.device("cpu")) == [0, 9, 18, 27, 37]
     generator = torch.Generator().manual_seed(4)
     rows = (5.0 + torch.randn(1000, 37, generator=generator) @ torch.randn(37, 37, generator=generator)).to(dtype)
-    _, _, scatter = covariance._shifted_moments(rows)
+    _, _, scatter = kernels.shifted_moments(rows)
     assert torch.equal(scatter[9:, :9], scatter[:9, 9:].T)  # mirrored, not computed twice
     acc = CovarianceAccumulator(37)
     acc.update(rows)
@@ -79,19 +79,19 @@ def test_upper_gram_first_chunk_ignores_what_the_buffer_held():
     centred = torch.randn(50, 20, generator=generator)  # [R, D]
     scatter = torch.full((20, 20), float("nan"))  # torch.empty may hold anything
     edges = [0, 6, 13, 20]
-    covariance._add_upper_gram(scatter, centred, edges, first=True)
-    covariance._mirror_upper(scatter, edges)
+    kernels._add_upper_gram(scatter, centred, edges, first=True)
+    kernels._mirror_upper(scatter, edges)
     torch.testing.assert_close(scatter, centred.T @ centred, rtol=1e-5, atol=1e-5)
-    covariance._add_upper_gram(scatter, centred, edges, first=False)  # a second chunk adds
-    covariance._mirror_upper(scatter, edges)
+    kernels._add_upper_gram(scatter, centred, edges, first=False)  # a second chunk adds
+    kernels._mirror_upper(scatter, edges)
     torch.testing.assert_close(scatter, 2 * centred.T @ centred, rtol=1e-5, atol=1e-5)
 
 
 def test_gram_blocks_only_on_the_cpu():
-    assert covariance._gram_block_edges(512, torch.device("cpu")) == [0, 128, 256, 384, 512]
-    assert len(covariance._gram_block_edges(11008, torch.device("cpu"))) == 17  # at most 16 blocks
-    assert covariance._gram_block_edges(100, torch.device("cpu")) == [0, 100]
-    assert covariance._gram_block_edges(512, torch.device("meta")) == [0, 512]  # accelerators: one GEMM
+    assert kernels._gram_block_edges(512, torch.device("cpu")) == [0, 128, 256, 384, 512]
+    assert len(kernels._gram_block_edges(11008, torch.device("cpu"))) == 17  # at most 16 blocks
+    assert kernels._gram_block_edges(100, torch.device("cpu")) == [0, 100]
+    assert kernels._gram_block_edges(512, torch.device("meta")) == [0, 512]  # accelerators: one GEMM
 
 
 def test_nonfinite_rows_skipped_counted_warned_once():

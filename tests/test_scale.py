@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import nerve_hf.covariance as covariance
+import nerve_hf.scatter as kernels
 from reference import rel_err, two_pass
 from nerve_hf.covariance import CovarianceAccumulator
 
@@ -14,8 +14,8 @@ from nerve_hf.covariance import CovarianceAccumulator
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     """Force the CPU path to centre/multiply in many small row chunks and merge in row blocks."""
-    monkeypatch.setattr(covariance, "_CPU_CHUNK_ELEMENTS", 37 * 7)  # 7 rows of width 37 per chunk
-    monkeypatch.setattr(covariance, "_MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(kernels, "_CPU_CHUNK_ELEMENTS", 37 * 7)  # 7 rows of width 37 per chunk
+    monkeypatch.setattr(kernels, "_MIN_CHUNK_ROWS", 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -42,7 +42,7 @@ def test_chunked_cpu_path_equals_one_chunk(tiny_chunks, monkeypatch):
     rows = torch.randn(500, 37) * torch.linspace(0.1, 3, 37) + 2
     chunked = CovarianceAccumulator(37)
     chunked.update(rows)
-    monkeypatch.setattr(covariance, "_CPU_CHUNK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(kernels, "_CPU_CHUNK_ELEMENTS", 1 << 30)
     whole = CovarianceAccumulator(37)
     whole.update(rows)
     reference = two_pass(rows)

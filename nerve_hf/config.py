@@ -1,0 +1,73 @@
+"""NerveConfig: what NerveCallback measures and where it writes; one checked field per option.
+
+``scripts/run_clm.py`` derives its ``--nerve_*`` flags from these fields (:mod:`nerve_hf.options`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .options import (
+    Validated,
+    at_least,
+    boolean,
+    int_list,
+    one_of,
+    option,
+    optional,
+    positive_int,
+    positive_number,
+)
+
+__all__ = ["NerveConfig"]
+
+
+@dataclass
+class NerveConfig(Validated):
+    """What NerveCallback measures and where it writes. Every field is checked when it is set."""
+
+    every_n_steps: int = option(
+        100, "Measure the training micro-batches of each optimizer step k with k % every_n_steps == 0.", positive_int
+    )
+    measure_train: bool = option(
+        True, "Measure training batches at those steps (False: evaluation spectra only).", boolean
+    )
+    measure_eval: bool = option(
+        True, "Measure the evaluation set during every evaluation, logged with the eval prefix.", boolean
+    )
+    layers: Optional[list[int]] = option(
+        None, "Block indices to watch (negative counts from the end); None: every FFN.", optional(int_list)
+    )
+    max_tokens: Optional[int] = option(
+        None,
+        "Per measurement and FFN, count at most this many tokens (pre and post share them); None: all.",
+        optional(at_least(2, "an integer of at least 2 (a covariance needs two tokens)")),
+    )
+    log_per_site: bool = option(
+        True, "Log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>.", boolean
+    )
+    write_jsonl: bool = option(
+        True, "Rank 0 appends every measurement to <output_dir>/nerve_metrics.jsonl.", boolean
+    )
+    layers_per_step: Optional[int] = option(
+        None,
+        "Round-robin: each measurement covers the next this-many watched blocks (train: group "
+        "(k / every_n_steps - 1) mod #groups at step k; eval: the next group each evaluation); only per-site "
+        "keys are logged then.",
+        optional(positive_int),
+    )
+    memory_budget_mb: Optional[float] = option(
+        None,
+        "Refuse to start if one measurement's float64 covariance state, 2 x (D^2 + D) x 8 bytes per measured "
+        "FFN, would exceed this many MiB.",
+        optional(positive_number),
+    )
+    metrics: str = option(
+        "all", "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",
+        one_of(("all", "pr")), choices=["all", "pr"],
+    )
+
+    def __post_init__(self) -> None:
+        if self.layers_per_step is not None and not self.log_per_site:
+            raise ValueError("layers_per_step logs per-site keys only; it needs log_per_site=True")
