@@ -36,7 +36,7 @@ from .distributed import all_reduce_sum, is_distributed
 from .scatter import add_scatter_and_low_rank, exact_fp32_matmul, shifted_moments
 from .spectra import eigenvalues_batched
 
-__all__ = ["CovarianceAccumulator", "sync_accumulators", "exact_fp32_matmul"]
+__all__ = ["CovarianceAccumulator", "sync_accumulators", "reduce_totals", "local_m2_about", "common_device", "exact_fp32_matmul"]
 
 
 
@@ -180,13 +180,13 @@ class CovarianceAccumulator:
         return self
 
     # ------------------------------------------------------------------ sync
-    def sync(self) -> None:
-        """Sum the statistics of all processes (exactly); a no-op on one process.
+    def sync(self, group=None) -> None:
+        """Sum the statistics of all processes of ``group`` (default: all) exactly; a no-op on one process.
 
         This process's own rows stay as they were, so calling ``sync`` again, or updating and
         syncing later, never counts a row twice.
         """
-        sync_accumulators([self])
+        sync_accumulators([self], group)
 
     # --------------------------------------------------------------- results
     def mean(self) -> Tensor:
@@ -273,46 +273,23 @@ def _checked_state(state: Mapping[str, Any], dim: int) -> tuple[int, int, Tensor
     return integers["count"], integers["skipped"], state["mean"], state["m2"]
 
 
-def sync_accumulators(accumulators: Sequence[CovarianceAccumulator]) -> None:
-    """Exact cross-process sync of many accumulators with two packed all-reduces.
+def sync_accumulators(accumulators: Sequence[CovarianceAccumulator], group=None) -> None:
+    """Exact cross-process sync of many accumulators with two packed all-reduces over ``group``.
 
     With ``k`` processes holding (n_i, μ_i, M2_i), the totals are n = Σn_i, μ = Σ n_i μ_i / n and
     M2 = Σ [M2_i + n_i (μ_i − μ)(μ_i − μ)ᵀ]: pure sums, so every process ends with the moments of all
-    rows, equal to one process having seen them. A no-op on one process.
+    rows, equal to one process having seen them. A no-op on one process. ``group``: the data-parallel
+    processes (default: all); never a tensor-parallel group, whose ranks hold slices of the same rows.
     """
-    if not is_distributed() or not accumulators:
+    if not is_distributed(group) or not accumulators:
         return
-    device = _common_device(accumulators)
-    dims = [acc.dim for acc in accumulators]
-    # Reduction 1: [n, skipped, n·μ (D)] per accumulator.
-    first = torch.cat(
-        [
-            torch.cat(
-                [
-                    torch.tensor([acc._n, acc._skipped], dtype=torch.float64, device=device),
-                    _local_mean(acc, device) * acc._n,
-                ]
-            )
-            for acc in accumulators
-        ]
-    )
-    all_reduce_sum(first)
-    counts = first.cpu()  # one device-to-host copy for all the counts
-    totals = []
-    offset = 0
-    for dim in dims:
-        n, skipped = int(counts[offset]), int(counts[offset + 1])
-        weighted_mean = first[offset + 2 : offset + 2 + dim]
-        totals.append((n, skipped, weighted_mean / max(n, 1)))
-        offset += dim + 2
+    device = common_device(accumulators)
+    totals = reduce_totals(accumulators, device, group)
     # Reduction 2: each process's M2 moved to the global mean, flattened and packed.
     second = torch.cat(
-        [
-            _local_m2_about(acc, global_mean, device).reshape(-1)
-            for acc, (_, _, global_mean) in zip(accumulators, totals)
-        ]
+        [local_m2_about(acc, global_mean, device).reshape(-1) for acc, (_, _, global_mean) in zip(accumulators, totals)]
     )
-    all_reduce_sum(second)
+    all_reduce_sum(second, group)
     offset = 0
     for acc, (n, skipped, global_mean) in zip(accumulators, totals):
         m2 = second[offset : offset + acc.dim * acc.dim].view(acc.dim, acc.dim)
@@ -320,7 +297,31 @@ def sync_accumulators(accumulators: Sequence[CovarianceAccumulator]) -> None:
         acc._global = (n, skipped, global_mean.to(acc._device or device), m2.to(acc._device or device))
 
 
-def _common_device(accumulators: Iterable[CovarianceAccumulator]) -> torch.device:
+def reduce_totals(
+    accumulators: Sequence[CovarianceAccumulator], device: torch.device, group=None
+) -> list[tuple[int, int, Tensor]]:
+    """Reduction 1 of a sync: (n, skipped, global mean ``[D]`` float64) of each accumulator over ``group``,
+    from one packed all-reduce of ``[n, skipped, n·μ]`` per accumulator."""
+    first = torch.cat(
+        [
+            torch.cat([torch.tensor([acc._n, acc._skipped], dtype=torch.float64, device=device),
+                       _local_mean(acc, device) * acc._n])
+            for acc in accumulators
+        ]
+    )
+    all_reduce_sum(first, group)
+    counts = first.cpu()  # one device-to-host copy for all the counts
+    totals = []
+    offset = 0
+    for acc in accumulators:
+        n, skipped = int(counts[offset]), int(counts[offset + 1])
+        weighted_mean = first[offset + 2 : offset + 2 + acc.dim]
+        totals.append((n, skipped, weighted_mean / max(n, 1)))
+        offset += acc.dim + 2
+    return totals
+
+
+def common_device(accumulators: Iterable[CovarianceAccumulator]) -> torch.device:
     devices = {acc.device for acc in accumulators if acc.device is not None}
     if len(devices) > 1:
         raise ValueError(f"accumulators synced together must share one device, got {sorted(map(str, devices))}")
@@ -337,7 +338,7 @@ def _local_mean(acc: CovarianceAccumulator, device: torch.device) -> Tensor:
     return acc._mean.to(device)
 
 
-def _local_m2_about(acc: CovarianceAccumulator, global_mean: Tensor, device: torch.device) -> Tensor:
+def local_m2_about(acc: CovarianceAccumulator, global_mean: Tensor, device: torch.device) -> Tensor:
     """M2_i + n_i (μ_i − μ)(μ_i − μ)ᵀ: this process's scatter about the global mean.  -> [D, D]"""
     if acc._n == 0:
         return torch.zeros(acc.dim, acc.dim, dtype=torch.float64, device=device)

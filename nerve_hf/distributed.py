@@ -1,42 +1,77 @@
 """The one place where nerve_hf talks to other processes.
 
-Every cross-process reduction in the package goes through :func:`all_reduce_sum`. It works with any
-initialised ``torch.distributed`` process group, which is what ``torchrun``, ``accelerate launch`` and
-the Trainer set up, and is a no-op in a single process.
+Every cross-process exchange in the package goes through these helpers. They work with any initialised
+``torch.distributed`` process group (what ``torchrun``, ``accelerate launch`` and the Trainer set up),
+take an optional ``group`` (default: every process), and are no-ops in a single process.
+
+Groups: statistics are summed over the *data-parallel* ranks, the ones that see different tokens (and
+sequence/context-parallel ranks, which see different positions of the same sequences). Ranks of a
+tensor-parallel group hold column slices of the same tokens' activations and must never be summed.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "world_size", "rank", "is_main_process", "all_reduce_sum"]
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "rank",
+    "is_main_process",
+    "all_reduce_sum",
+    "reduce_scatter_sum",
+    "all_gather",
+]
 
 
-def is_distributed() -> bool:
-    """True when a process group with more than one process is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def is_distributed(group=None) -> bool:
+    """True when a process group with more than one process is initialised (``group``'s, if given)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed(group) else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def rank(group=None) -> int:
+    """This process's rank within ``group`` (0 on one process)."""
+    return dist.get_rank(group) if is_distributed(group) else 0
 
 
 def is_main_process() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over all processes, in place, and return it (unchanged on one process).
+def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
+    """Sum ``tensor`` over the processes of ``group``, in place, and return it (unchanged on one process).
 
     The reduction runs on the tensor's own device and dtype (float64 stays float64), so sums of
     sufficient statistics are exact up to float64 addition order.
     """
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if is_distributed(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def reduce_scatter_sum(tensor: Tensor, group=None) -> Tensor:
+    """``tensor`` ``[W * K]`` summed over ``group``; this process receives only its chunk ``[K]``
+    (rank r: elements ``r*K .. (r+1)*K``). On one process: ``tensor`` itself."""
+    size = world_size(group)
+    if size == 1:
+        return tensor
+    if tensor.numel() % size:
+        raise ValueError(f"reduce_scatter_sum needs a length divisible by {size}, got {tensor.numel()}")
+    out = tensor.new_empty(tensor.numel() // size)
+    dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_gather(tensor: Tensor, group=None) -> Tensor:
+    """Every process's ``tensor`` ``[K]`` (the same K everywhere), concatenated in rank order: ``[W * K]``."""
+    size = world_size(group)
+    if size == 1:
+        return tensor
+    out = tensor.new_empty(size * tensor.numel())
+    dist.all_gather_into_tensor(out, tensor, group=group)
+    return out

@@ -30,8 +30,10 @@ from model_adapters import Adapter, ResolvedSite
 
 from . import spectra
 from .budget import MemoryBudgetError, covariance_state_bytes, format_mib
-from .covariance import CovarianceAccumulator, sync_accumulators
+from .covariance import CovarianceAccumulator
+from .distributed import is_distributed
 from .hook_inputs import batch_size, check_no_replicating_data_parallel, eager, first_tensor, in_backward, mask_position
+from .sharded_spectra import sharded_metric_values
 from .spectral_report import SpectralReport
 from .windows import SiteWindow, Window
 
@@ -55,6 +57,8 @@ class FFNTracker:
         windows: several named :class:`~nerve_hf.windows.Window` s instead (then leave ``when``,
             ``keep_samples``, ``staged`` unset); each forward is recorded by the first that accepts it,
             and :meth:`compute`, :meth:`reset`, :meth:`commit`, :meth:`rotate` take the window's name.
+        group: the data-parallel process group whose statistics :meth:`compute` sums (default: every
+            process). Its processes then share the eigendecompositions (:mod:`nerve_hf.sharded_spectra`).
         memory_budget_mb: refuse (:class:`MemoryBudgetError`, a ``ValueError``) at construction, before
             anything is allocated, when the float64 covariance state of one window's watched FFNs
             (its largest round-robin group), 2 × (D² + D) × 8 bytes each, would exceed this many MiB;
@@ -92,6 +96,7 @@ class FFNTracker:
         keep_samples: Callable[[int], int | None] | None = None,
         staged: bool = False,
         windows: Sequence[Window] | None = None,
+        group=None,
     ) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
@@ -103,6 +108,7 @@ class FFNTracker:
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
         self.max_tokens = max_tokens
         self.memory_budget_mb = memory_budget_mb
+        self.group = group
         if windows is None:
             windows = [Window(when=when, keep_samples=keep_samples, staged=staged)]
         elif when is not None or keep_samples is not None or staged:
@@ -401,12 +407,15 @@ class FFNTracker:
             (state.pre, state.post) if state.dim is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1))
             for state in states
         ]
-        sync_accumulators([acc for pair in pairs for acc in pair])
-        values, kept = spectra.metric_values(pairs, metrics)
+        if is_distributed(self.group):  # exact reduction, each process decomposing its share
+            values, kept, counts = sharded_metric_values(pairs, metrics, self.group)
+        else:
+            values, kept = spectra.metric_values(pairs, metrics)
+            counts = [pre.count for pre, _ in pairs]
         rows = [
             {"site": state.site.site, "layer": state.site.layer, "dim": int(state.dim or 0),
-             "tokens": int(pre.count), **row_values}
-            for state, (pre, _), row_values in zip(states, pairs, values)
+             "tokens": int(count), **row_values}
+            for state, count, row_values in zip(states, counts, values)
         ]
         eigenvalues = {state.site.site: pair for state, pair in zip(states, kept) if pair is not None}
         return SpectralReport(rows=rows, eigenvalues=eigenvalues)

@@ -76,22 +76,18 @@ def test_update_leaves_its_input_untouched(tiny_chunks):
 
 
 # ----------------------------------------------------------------------------- tracker: large-model options
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2LMHeadModel  # noqa: E402
 
 from nerve_hf import NerveCallback  # noqa: E402
 from nerve_hf.metrics import METRIC_NAMES  # noqa: E402
 from nerve_hf.records import RECORDS_FILENAME, read_records  # noqa: E402
 from nerve_hf.tracker import FFNTracker, MemoryBudgetError, covariance_state_bytes  # noqa: E402
-from trainer_helpers import VOCAB, make_trainer  # noqa: E402
+from trainer_helpers import VOCAB, make_trainer, tiny_gpt2_config  # noqa: E402
 
 
 def gpt2(n_layer=3, n_inner=37, activation="gelu_new", seed=0, device=None) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=24, n_head=3, n_layer=n_layer, n_inner=n_inner,
-        activation_function=activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0,
-    )
+    config = tiny_gpt2_config(n_positions=32, n_layer=n_layer, n_inner=n_inner, activation_function=activation)
     if device == "meta":
         with torch.device("meta"):
             return GPT2LMHeadModel(config).eval()

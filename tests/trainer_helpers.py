@@ -10,14 +10,20 @@ SEQ_LEN = 9
 VOCAB = 61
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    """2 layers, odd widths, no dropout (so a forward can be recomputed exactly)."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
+def tiny_gpt2_config(**overrides) -> GPT2Config:
+    """The tests' GPT-2: 2 layers, odd FFN width 37, no dropout (so a forward can be recomputed exactly)."""
+    options = dict(
         vocab_size=VOCAB, n_positions=16, n_embd=24, n_head=3, n_layer=2, n_inner=37,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
-    return GPT2LMHeadModel(config)
+    options.update(overrides)
+    return GPT2Config(**options)
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    """A GPT-2 of :func:`tiny_gpt2_config` (``overrides`` change its fields), seeded."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(tiny_gpt2_config(**overrides))
 
 
 def token_dataset(n: int, seed: int = 1) -> Dataset:

@@ -1,0 +1,55 @@
+"""Sharded spectra under real torchrun processes: each rank decomposes only its share, every rank ends
+with every row, equal to one process on the same tokens, and the bytes sent match the formula."""
+
+import json
+
+import pytest
+
+from distributed_helpers import torchrun
+from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.sharded_spectra import assign_owners, exchange_bytes
+
+D = 37  # tiny_gpt2's FFN width
+
+
+def run(tmp_path, nproc: int, n_layer: int, metrics: str) -> list[dict]:
+    out = tmp_path / f"w{nproc}"
+    out.mkdir()
+    torchrun("sharded_spectra.py", str(out), str(n_layer), metrics, nproc=nproc)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def test_owners_balance_the_cubic_work():
+    assert assign_owners([37] * 3, 2) == [0, 1, 0]
+    assert assign_owners([4096, 1024, 1024, 1024], 2) == [0, 1, 1, 1]  # one big FFN outweighs three small
+    assert sorted(assign_owners([11] * 8, 4)) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("nproc,n_layer,metrics", [(2, 3, "all"), (4, 3, "all"), (2, 3, "pr")])
+def test_each_rank_decomposes_its_share_and_all_log_the_same(tmp_path, nproc, n_layer, metrics):
+    (one,) = run(tmp_path, 1, n_layer, metrics)
+    ranks = run(tmp_path, nproc, n_layer, metrics)
+    owners = assign_owners([D] * n_layer, nproc)
+    for rank, result in enumerate(ranks):
+        assert [row["site"] for row in result["rows"]] == [row["site"] for row in one["rows"]]
+        for row, ref, replicated in zip(result["rows"], one["rows"], result["replicated"]):
+            assert row["tokens"] == ref["tokens"] == 8 * 9
+            for name in METRIC_NAMES:
+                # the same statistics all-reduced and decomposed on every rank: equal to round-off
+                assert row[name] == pytest.approx(replicated[name], rel=1e-12, abs=1e-15, nan_ok=True), (rank, name)
+                # one process on the same tokens (a float64 model): equal to float64 round-off of the sums
+                assert row[name] == pytest.approx(ref[name], rel=1e-9, abs=1e-12, nan_ok=True), (rank, name)
+        if metrics == "all":
+            assert result["eigenvalues"].keys() == one["eigenvalues"].keys()
+            for site, (pre, post) in result["eigenvalues"].items():
+                reference_pre, reference_post = one["eigenvalues"][site]
+                assert pre == pytest.approx(reference_pre, rel=1e-9, abs=1e-12 * max(reference_pre))
+                assert post == pytest.approx(reference_post, rel=1e-9, abs=1e-12 * max(reference_post))
+            # this rank's eigvalsh calls covered exactly its own sites' pre and post matrices
+            assert sum(result["decomposed"]) == 2 * owners.count(rank)
+        else:
+            assert result["decomposed"] == []
+        expected = exchange_bytes([D] * n_layer, nproc, metrics)
+        assert result["sent"] == {"all_reduce": expected["totals"], "reduce_scatter": expected["reduce_scatter"],
+                                  "all_gather": expected["all_gather"]}
+    assert sum(one["decomposed"]) == (2 * n_layer if metrics == "all" else 0)  # one process: every matrix
