@@ -34,6 +34,7 @@ from .covariance import CovarianceAccumulator
 from .distributed import is_distributed
 from .hook_inputs import batch_size, check_no_replicating_data_parallel, eager, first_tensor, in_backward, mask_position
 from .sharded_spectra import sharded_metric_values
+from .tensor_parallel import NO_REDUCTION, data_parallel_group, full_width, sharded_width
 from .spectral_report import SpectralReport
 from .windows import SiteWindow, Window
 
@@ -108,7 +109,6 @@ class FFNTracker:
         self.adapter = adapter if adapter is not None else model_adapters.get_adapter(self.root)
         self.max_tokens = max_tokens
         self.memory_budget_mb = memory_budget_mb
-        self.group = group
         if windows is None:
             windows = [Window(when=when, keep_samples=keep_samples, staged=staged)]
         elif when is not None or keep_samples is not None or staged:
@@ -119,6 +119,12 @@ class FFNTracker:
         self._window: Window | None = None  # the window recording the running top-level forward
         self._keep: int | None = None  # leading samples of the running forward that count; None: all
         self._sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
+        # Tensor-parallel FFNs: which side's activations arrive as column slices, and over which mesh.
+        self._layouts = [
+            {"pre": sharded_width(site.pre, "pre"), "post": sharded_width(site.post, "post")} for site in self._sites
+        ]
+        sharded = [layout for pair in self._layouts for layout in pair.values() if layout is not None]
+        self.group = data_parallel_group(sharded) if sharded and group is None else group
         self._dims = [self._site_dim(site) for site in self._sites]  # None: known at the first activation
         for window in windows:
             window.bind(self._sites, self._dims)
@@ -266,14 +272,8 @@ class FFNTracker:
                 )
 
     def _pre_hook(self, index: int):
-        site = self._sites[index]
-
         def hook(module: nn.Module, args: tuple, output) -> None:
-            x = first_tensor(output)
-            if x is not None and site.pre_chunk is not None:
-                part, chunks = site.pre_chunk
-                x = x.chunk(chunks, dim=-1)[part]  # Phi-3: the gate half of gate_up_proj
-            self._record(index, "pre", x)
+            self._record(index, "pre", first_tensor(output))
 
         return hook
 
@@ -360,7 +360,12 @@ class FFNTracker:
                 )
             return
         with torch.no_grad(), torch.inference_mode(False), torch.autocast(x.device.type, enabled=False):
-            rows = self._select(x.detach())  # [N, D]
+            x = full_width(x.detach(), self._layouts[index][side])  # tensor-parallel slices gathered
+            site = self._sites[index]
+            if side == "pre" and site.pre_chunk is not None:
+                part, chunks = site.pre_chunk
+                x = x.chunk(chunks, dim=-1)[part]  # Phi-3: the gate half of gate_up_proj
+            rows = self._select(x)  # [N, D]
             state = window.states[index]
             if state.dim is None:  # modules whose widths could not be read at construction
                 self._width_seen(index, rows.shape[-1])
@@ -407,7 +412,7 @@ class FFNTracker:
             (state.pre, state.post) if state.dim is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1))
             for state in states
         ]
-        if is_distributed(self.group):  # exact reduction, each process decomposing its share
+        if self.group != NO_REDUCTION and is_distributed(self.group):  # exact, each process decomposing its share
             values, kept, counts = sharded_metric_values(pairs, metrics, self.group)
         else:
             values, kept = spectra.metric_values(pairs, metrics)
