@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["ShardedWidth", "sharded_width", "full_width", "data_parallel_group", "NO_REDUCTION"]
+__all__ = ["ShardedWidth", "sharded_width", "modules_under_fsdp", "full_width", "data_parallel_group", "NO_REDUCTION"]
 
 NO_REDUCTION = "no-reduction"  # the tracker's group when every process already holds all the tokens
 
@@ -44,17 +44,37 @@ def _dtensor_weight(module: nn.Module):
     return (weight, Shard) if isinstance(weight, DTensor) else (None, None)
 
 
-def sharded_width(module: nn.Module, side: str) -> Optional[ShardedWidth]:
-    """How ``module``'s ``side`` activation is split: the output of a colwise-sharded Linear (``"pre"``,
-    weight ``[out, in]`` sharded on dim 0) or the input of a rowwise-sharded one (``"post"``, dim 1); else None."""
+def sharded_width(module: nn.Module, side: str, under_fsdp: bool = False) -> Optional[ShardedWidth]:
+    """How ``module``'s ``side`` activation is split: the output of a colwise-sharded ``nn.Linear``
+    (``"pre"``, weight ``[out, in]`` sharded on dim 0) or the input of a rowwise-sharded one (``"post"``,
+    dim 1) over the tensor-parallel mesh dimension; else None.
+
+    FSDP2 also keeps its parameters as DTensors sharded on dim 0, but gathers them for the forward, so
+    its activations are whole: under an ``FSDPModule`` (``under_fsdp``) only a mesh dimension named
+    ``"tp"`` counts as tensor-parallel.
+    """
     weight, shard = _dtensor_weight(module)
-    if weight is None:
+    if weight is None or not isinstance(module, nn.Linear):
         return None
     weight_dim = 0 if side == "pre" else 1
+    names = weight.device_mesh.mesh_dim_names or ()
     for mesh_dim, placement in enumerate(weight.placements):
-        if isinstance(placement, shard) and placement.dim == weight_dim:
-            return ShardedWidth(weight.device_mesh, mesh_dim, weight.shape[weight_dim])
+        if not (isinstance(placement, shard) and placement.dim == weight_dim):
+            continue
+        if under_fsdp and (mesh_dim >= len(names) or names[mesh_dim] != "tp"):
+            continue
+        width = module.out_features if side == "pre" else module.in_features
+        return ShardedWidth(weight.device_mesh, mesh_dim, width)
     return None
+
+
+def modules_under_fsdp(model: nn.Module) -> set[int]:
+    """``id`` of every module inside an FSDP2 ``fully_shard`` unit of ``model``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return set()
+    return {id(sub) for module in model.modules() if isinstance(module, FSDPModule) for sub in module.modules()}
 
 
 def full_width(x: Tensor, layout: Optional[ShardedWidth]) -> Tensor:

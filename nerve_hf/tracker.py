@@ -34,7 +34,7 @@ from .covariance import CovarianceAccumulator
 from .distributed import is_distributed
 from .hook_inputs import batch_size, check_no_replicating_data_parallel, eager, first_tensor, in_backward, mask_position
 from .sharded_spectra import sharded_metric_values
-from .tensor_parallel import NO_REDUCTION, data_parallel_group, full_width, sharded_width
+from .tensor_parallel import NO_REDUCTION, data_parallel_group, full_width, modules_under_fsdp, sharded_width
 from .spectral_report import SpectralReport
 from .windows import SiteWindow, Window
 
@@ -120,8 +120,10 @@ class FFNTracker:
         self._keep: int | None = None  # leading samples of the running forward that count; None: all
         self._sites = model_adapters.resolve_sites(self.root, self.adapter, layers)
         # Tensor-parallel FFNs: which side's activations arrive as column slices, and over which mesh.
+        fsdp = modules_under_fsdp(self.root)
         self._layouts = [
-            {"pre": sharded_width(site.pre, "pre"), "post": sharded_width(site.post, "post")} for site in self._sites
+            {side: sharded_width(getattr(site, side), side, id(getattr(site, side)) in fsdp) for side in ("pre", "post")}
+            for site in self._sites
         ]
         sharded = [layout for pair in self._layouts for layout in pair.values() if layout is not None]
         self.group = data_parallel_group(sharded) if sharded and group is None else group
