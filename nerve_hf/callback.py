@@ -195,9 +195,11 @@ class NerveCallback(TrainerCallback):
                 Window("eval", when=self._eval_gate, keep_samples=self._real_samples, staged=True,
                        layers_per_step=self.config.layers_per_step),
             ]
-            self._tracker = FFNTracker(model, adapter=self.adapter, layers=self.config.layers,
-                                       max_tokens=self.config.max_tokens,
-                                       memory_budget_mb=self.config.memory_budget_mb, windows=windows)
+            self._tracker = FFNTracker(
+                model, adapter=self.adapter, layers=self.config.layers, max_tokens=self.config.max_tokens,
+                memory_budget_mb=self.config.memory_budget_mb, windows=windows,
+                site_sharded=self.config.site_sharded, state_device=self.config.state_device,
+            )
             self._eval_count = 0
         except (MemoryBudgetError, LayerRangeError) as error:
             if refuse_bad_input:

@@ -18,6 +18,7 @@ from .options import (
     optional,
     positive_int,
     positive_number,
+    text,
 )
 
 __all__ = ["NerveConfig"]
@@ -62,6 +63,16 @@ class NerveConfig(Validated):
         "Refuse to start if one measurement's float64 covariance state, 2 x (D^2 + D) x 8 bytes per measured "
         "FFN, would exceed this many MiB.",
         optional(positive_number),
+    )
+    site_sharded: bool = option(
+        False,
+        "Under several processes, each measures about 1/W of the FFNs on its own tokens (a per-site token "
+        "subsample; every record says how many tokens) and keeps state only for them.",
+        boolean,
+    )
+    state_device: Optional[str] = option(
+        None, "Where the float64 covariance state lives ('cpu': host memory); None: the activations' device.",
+        optional(text),
     )
     metrics: str = option(
         "all", "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",

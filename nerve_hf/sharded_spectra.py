@@ -15,7 +15,7 @@ processes. Instead of all-reducing every covariance and having every process dec
 Bytes each process contributes per measurement, with K the largest share in float64 elements:
 reduction 1: Σ (D + 2) · 8; reduce-scatter: W · K · 8, K = max over processes of
 Σ_{owned sites} D(D + 1) (two triangles of D(D + 1)/2); all-gather: max over processes of
-Σ_{owned sites} (7 + 2D) · 8 (7 + 0 with ``metrics="pr"``). :func:`exchange_bytes` computes them.
+Σ_{owned sites} (8 + 2D) · 8 (a count, seven metrics, two spectra; 8 + 0 with ``metrics="pr"``). :func:`exchange_bytes` computes them.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ from .covariance import CovarianceAccumulator, common_device, local_m2_about, re
 from .metrics import METRIC_NAMES
 from .spectra import metric_values
 
-__all__ = ["assign_owners", "sharded_metric_values", "exchange_bytes"]
+__all__ = ["assign_owners", "sharded_metric_values", "gather_rows", "exchange_bytes"]
 
 _N_METRICS = len(METRIC_NAMES)
 
 
-def assign_owners(dims: Sequence[int], world: int) -> list[int]:
-    """The process that decomposes each site: largest first, to the least loaded (cost D³; ties to
-    the lower rank). Deterministic, so every process computes the same assignment.
+def assign_owners(dims: Sequence[int], world: int, power: int = 3) -> list[int]:
+    """The process that handles each site: largest first, to the least loaded (cost D**power: 3 for
+    eigendecompositions, 2 for state; ties to the lower rank). Deterministic, so every process computes
+    the same assignment.
 
     >>> assign_owners([8, 8, 8, 2], 2)
     [0, 1, 0, 1]
@@ -47,13 +48,13 @@ def assign_owners(dims: Sequence[int], world: int) -> list[int]:
     for index in sorted(range(len(dims)), key=lambda i: (-dims[i], i)):
         owner = min(range(world), key=lambda r: (load[r], r))
         owners[index] = owner
-        load[owner] += dims[index] ** 3
+        load[owner] += dims[index] ** power
     return owners
 
 
 def _payload(dim: int, metrics: str) -> int:
-    """float64 elements gathered per site: seven metrics, plus both spectra for ``metrics="all"``."""
-    return _N_METRICS + (2 * dim if metrics == "all" else 0)
+    """float64 elements gathered per site: its row count, seven metrics, and both spectra for "all"."""
+    return 1 + _N_METRICS + (2 * dim if metrics == "all" else 0)
 
 
 def exchange_bytes(dims: Sequence[int], world: int, metrics: str = "all") -> dict[str, int]:
@@ -109,31 +110,51 @@ def sharded_metric_values(
         owned_pairs.append(tuple(pair))
     values, spectra = metric_values(owned_pairs, metrics)
 
-    # All-gather: every process's rows, each padded to the largest share's payload.
+    counts = [totals[2 * i][0] for i in mine]
+    return gather_rows(values, spectra, counts, shares, dims, metrics, device, group)
+
+
+def gather_rows(
+    values: list[dict[str, float]],
+    spectra: list[Optional[tuple[Tensor, Tensor]]],
+    counts: list[int],
+    shares: list[list[int]],
+    dims: Sequence[int],
+    metrics: str,
+    device: torch.device,
+    group=None,
+) -> tuple[list[dict[str, float]], list[Optional[tuple[Tensor, Tensor]]], list[int]]:
+    """Every process's rows for every site, from each process's rows of its own share (``shares[r]``:
+    the site indices process r computed, in the order of its ``values``). One all-gather, each process's
+    rows padded to the largest share's payload (row count, seven metrics, and both spectra for "all")."""
     payload = max(sum(_payload(dims[i], metrics) for i in share) for share in shares)
     packed = torch.full((payload,), float("nan"), dtype=torch.float64)
     offset = 0
-    for row, eigs in zip(values, spectra):
-        packed[offset : offset + _N_METRICS] = torch.tensor([row[name] for name in METRIC_NAMES], dtype=torch.float64)
-        offset += _N_METRICS
+    for row, eigs, count in zip(values, spectra, counts):
+        packed[offset] = float(count)
+        packed[offset + 1 : offset + 1 + _N_METRICS] = torch.tensor([row[name] for name in METRIC_NAMES],
+                                                                    dtype=torch.float64)
+        offset += 1 + _N_METRICS
         if metrics == "all":
             packed[offset : offset + 2 * eigs[0].numel()] = torch.cat(eigs)
             offset += 2 * eigs[0].numel()
     gathered = distributed.all_gather(packed.to(device), group).cpu()  # [W * payload]
 
-    all_values: list[dict[str, float]] = [{} for _ in pairs]
-    all_spectra: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(pairs)
+    n_sites = len(dims)
+    all_values: list[dict[str, float]] = [{} for _ in range(n_sites)]
+    all_spectra: list[Optional[tuple[Tensor, Tensor]]] = [None] * n_sites
+    all_counts = [0] * n_sites
     for r, share in enumerate(shares):
         offset = r * payload
         for i in share:
-            all_values[i] = dict(zip(METRIC_NAMES, gathered[offset : offset + _N_METRICS].tolist()))
-            offset += _N_METRICS
+            all_counts[i] = int(gathered[offset])
+            all_values[i] = dict(zip(METRIC_NAMES, gathered[offset + 1 : offset + 1 + _N_METRICS].tolist()))
+            offset += 1 + _N_METRICS
             if metrics == "all":
                 d = dims[i]
                 all_spectra[i] = (gathered[offset : offset + d].clone(), gathered[offset + d : offset + 2 * d].clone())
                 offset += 2 * d
-    counts = [totals[2 * i][0] for i in range(len(pairs))]
-    return all_values, all_spectra, counts
+    return all_values, all_spectra, all_counts
 
 
 class _Summed:

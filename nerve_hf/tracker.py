@@ -30,10 +30,10 @@ from model_adapters import Adapter, ResolvedSite
 
 from . import spectra
 from .budget import MemoryBudgetError, covariance_state_bytes, format_mib
-from .covariance import CovarianceAccumulator
-from .distributed import is_distributed
+from .covariance import CovarianceAccumulator, common_device
+from .distributed import is_distributed, rank, world_size
 from .hook_inputs import batch_size, check_no_replicating_data_parallel, eager, first_tensor, in_backward, mask_position
-from .sharded_spectra import sharded_metric_values
+from .sharded_spectra import assign_owners, gather_rows, sharded_metric_values
 from .tensor_parallel import NO_REDUCTION, data_parallel_group, full_width, modules_under_fsdp, sharded_width
 from .spectral_report import SpectralReport
 from .windows import SiteWindow, Window
@@ -60,6 +60,12 @@ class FFNTracker:
             and :meth:`compute`, :meth:`reset`, :meth:`commit`, :meth:`rotate` take the window's name.
         group: the data-parallel process group whose statistics :meth:`compute` sums (default: every
             process). Its processes then share the eigendecompositions (:mod:`nerve_hf.sharded_spectra`).
+        site_sharded: under several processes, each process owns about 1/W of the FFNs (balanced by D²,
+            :func:`~nerve_hf.sharded_spectra.assign_owners`), keeps state only for them and measures them on
+            its own tokens: a per-site token subsample, with each row's ``tokens`` saying how many. Nothing
+            is reduced; the rows are gathered so every process reports every FFN.
+        state_device: where the float64 state lives (``"cpu"``: host memory, for FFNs whose state does not
+            fit beside the model); ``None``: the activations' device.
         memory_budget_mb: refuse (:class:`MemoryBudgetError`, a ``ValueError``) at construction, before
             anything is allocated, when the float64 covariance state of one window's watched FFNs
             (its largest round-robin group), 2 × (D² + D) × 8 bytes each, would exceed this many MiB;
@@ -98,6 +104,8 @@ class FFNTracker:
         staged: bool = False,
         windows: Sequence[Window] | None = None,
         group=None,
+        site_sharded: bool = False,
+        state_device: torch.device | str | None = None,
     ) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
@@ -128,8 +136,11 @@ class FFNTracker:
         sharded = [layout for pair in self._layouts for layout in pair.values() if layout is not None]
         self.group = data_parallel_group(sharded) if sharded and group is None else group
         self._dims = [self._site_dim(site) for site in self._sites]  # None: known at the first activation
+        self._owners: list[int] | None = None  # site_sharded: the process that measures each site
+        if site_sharded and self.group != NO_REDUCTION and is_distributed(self.group):
+            self._owners = assign_owners([d or 1 for d in self._dims], world_size(self.group), power=2)
         for window in windows:
-            window.bind(self._sites, self._dims)
+            window.bind(self._sites, self._dims, state_device)
         self._check_budget()
         self._mask_position = mask_position(self.root)
         self._handles: list = []
@@ -179,7 +190,7 @@ class FFNTracker:
         if self.memory_budget_mb is None:
             return
         dims = max(
-            ([self._dims[i] for i in group if self._dims[i] is not None]
+            ([self._dims[i] for i in group if self._dims[i] is not None and self._owns(i)]
              for window in self._windows.values() for group in window.groups),
             key=covariance_state_bytes,
         )
@@ -192,6 +203,10 @@ class FFNTracker:
                 f"memory_budget_mb={self.memory_budget_mb:,g}. Track fewer FFNs (layers=[...]; NerveCallback's "
                 f"layers_per_step measures a few per step) or raise the budget."
             )
+
+    def _owns(self, index: int) -> bool:
+        """Whether this process measures site ``index`` (always, unless site-sharded)."""
+        return self._owners is None or self._owners[index] == rank(self.group)
 
     @property
     def sites(self) -> list[ResolvedSite]:
@@ -353,6 +368,8 @@ class FFNTracker:
         window = self._window
         if x is None or not self._handles or (self._depth > 0 and (window is None or not window.watches(index))):
             return
+        if not self._owns(index):  # site-sharded: another process measures this FFN
+            return
         if self._depth == 0:
             if not in_backward():  # a recompute under gradient checkpointing is silently ignored
                 self._warn_once(
@@ -407,7 +424,10 @@ class FFNTracker:
         if metrics not in spectra.METRIC_SETS:
             raise ValueError(f"metrics must be one of {spectra.METRIC_SETS}, got {metrics!r}")
         chosen = self.window(window)
-        states = [state for i, state in enumerate(chosen.states) if chosen.watches(i)]
+        watched = [i for i in range(len(self._sites)) if chosen.watches(i)]
+        if self._owners is not None:
+            return self._site_sharded_report(chosen, watched, metrics)
+        states = [chosen.states[i] for i in watched]
         # A site whose width is still unknown (modules not Linear-like, no activation seen yet) gets
         # empty width-1 stand-ins: NaN metrics and 0 tokens, and nothing is stored on the site.
         pairs = [
@@ -425,6 +445,27 @@ class FFNTracker:
             for state, count, row_values in zip(states, counts, values)
         ]
         eigenvalues = {state.site.site: pair for state, pair in zip(states, kept) if pair is not None}
+        return SpectralReport(rows=rows, eigenvalues=eigenvalues)
+
+    def _site_sharded_report(self, window: Window, watched: list[int], metrics: str) -> SpectralReport:
+        """Each process's own FFNs on its own tokens, every row gathered to every process."""
+        me, world = rank(self.group), world_size(self.group)
+        shares = [[i for i in watched if self._owners[i] == r] for r in range(world)]
+        pairs = [(window.states[i].pre, window.states[i].post) for i in shares[me]]
+        pairs = [pair if pair[0] is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1)) for pair in pairs]
+        values, kept = spectra.metric_values(pairs, metrics)
+        device = next((acc.device for pair in pairs for acc in pair if acc.device is not None), None)
+        if device is None:  # nothing measured here yet: gloo takes CPU tensors, NCCL the current GPU
+            device = common_device([CovarianceAccumulator(1)])
+        dims = [d or 1 for d in self._dims]
+        values, kept, counts = gather_rows(values, kept, [pre.count for pre, _ in pairs], shares, dims, metrics,
+                                           device, self.group)
+        rows = [
+            {"site": self._sites[i].site, "layer": self._sites[i].layer, "dim": int(self._dims[i] or 0),
+             "tokens": counts[i], **values[i]}
+            for i in watched
+        ]
+        eigenvalues = {self._sites[i].site: kept[i] for i in watched if kept[i] is not None}
         return SpectralReport(rows=rows, eigenvalues=eigenvalues)
 
     def __repr__(self) -> str:

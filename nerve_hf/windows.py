@@ -27,8 +27,9 @@ __all__ = ["Window", "SiteWindow"]
 class SiteWindow:
     """One site's statistics in one window: pre/post accumulators and the rows offered to each."""
 
-    def __init__(self, site: ResolvedSite, dim: Optional[int]) -> None:
+    def __init__(self, site: ResolvedSite, dim: Optional[int], device=None) -> None:
         self.site = site
+        self.device = device  # where the float64 state lives; None: the activations' device
         self.pre: Optional[CovarianceAccumulator] = None
         self.post: Optional[CovarianceAccumulator] = None
         self.offered = {"pre": 0, "post": 0}  # rows offered this window (for max_tokens)
@@ -41,7 +42,7 @@ class SiteWindow:
 
     def allocate(self, dim: int) -> None:
         """Accumulators of width ``dim`` (they hold no memory before their first rows)."""
-        self.pre, self.post = CovarianceAccumulator(dim), CovarianceAccumulator(dim)
+        self.pre, self.post = CovarianceAccumulator(dim, self.device), CovarianceAccumulator(dim, self.device)
 
     def accumulator(self, side: str) -> CovarianceAccumulator:
         return self.pre if side == "pre" else self.post
@@ -86,9 +87,10 @@ class Window:
         self.active: frozenset[int] = frozenset()  # site indices watched now
         self.confirmed = False
 
-    def bind(self, sites: Sequence[ResolvedSite], dims: Sequence[Optional[int]]) -> None:
-        """Create the per-site statistics and the round-robin groups for the tracker's sites."""
-        self.states = [SiteWindow(site, dim) for site, dim in zip(sites, dims)]
+    def bind(self, sites: Sequence[ResolvedSite], dims: Sequence[Optional[int]], device=None) -> None:
+        """Create the per-site statistics (float64 state on ``device``; None: the activations') and the
+        round-robin groups for the tracker's sites."""
+        self.states = [SiteWindow(site, dim, device) for site, dim in zip(sites, dims)]
         every = list(range(len(sites)))
         if self.layers_per_step is None:
             self.groups = [every]

@@ -18,6 +18,7 @@ from trainer_helpers import make_trainer, tiny_gpt2
 from nerve_hf import NerveCallback, NerveConfig
 from nerve_hf.covariance import CovarianceAccumulator, exact_fp32_matmul
 from nerve_hf.spectra import eigenvalues_batched
+from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.tracker import FFNTracker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -133,3 +134,15 @@ def test_callback_trains_on_cuda_in_bf16(tmp_path):
         assert 0.0 <= record["nerve/mean/js"] <= math.log(2)
     evaluated = [record for record in trainer.state.log_history if "eval_nerve/mean/se_post" in record]
     assert evaluated and all(math.isfinite(r["eval_nerve/mean/se_post"]) for r in evaluated)
+
+
+def test_state_in_host_memory_equals_state_on_the_gpu():
+    model = tiny_gpt2().cuda().eval()
+    ids = torch.randint(1, 61, (4, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    on_gpu, on_host = FFNTracker(model), FFNTracker(model, state_device="cpu")
+    with on_gpu, on_host, torch.no_grad():
+        model(input_ids=ids)
+    assert on_host._states[0].pre.device == torch.device("cpu")
+    for a, b in zip(on_gpu.compute().rows, on_host.compute().rows):
+        for name in METRIC_NAMES:
+            assert a[name] == pytest.approx(b[name], rel=1e-12, abs=1e-15), name

@@ -52,6 +52,8 @@ BAD_OPTIONS = {
     "layers_per_step": [0, "2", 1.5],
     "memory_budget_mb": [0, -1.0, float("nan"), float("inf"), "100", True],
     "metrics": ["PR", None, 3],
+    "site_sharded": [1, "yes"],
+    "state_device": [0, ["cpu"]],
 }
 
 

@@ -53,3 +53,21 @@ def test_each_rank_decomposes_its_share_and_all_log_the_same(tmp_path, nproc, n_
         assert result["sent"] == {"all_reduce": expected["totals"], "reduce_scatter": expected["reduce_scatter"],
                                   "all_gather": expected["all_gather"]}
     assert sum(one["decomposed"]) == (2 * n_layer if metrics == "all" else 0)  # one process: every matrix
+
+
+def test_site_sharded_processes_measure_their_own_ffns_on_their_own_tokens(tmp_path):
+    """3 FFNs over 2 processes: each keeps state for its own (in host memory), counts only its tokens,
+    and every process ends with all three rows; the budget counts only the FFNs a process owns
+    (0.05 MiB holds two FFNs of width 37, not three)."""
+    torchrun("site_sharded.py", str(tmp_path), nproc=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    owners = assign_owners([D] * 3, 2, power=2)
+    assert [r["owned"] for r in results] == [[i for i in range(3) if owners[i] == rank] for rank in range(2)]
+    assert all(r["devices"] == ["cpu"] for r in results)
+    for result in results:
+        assert [row["site"] for row in result["rows"]] == ["ffn.0", "ffn.1", "ffn.2"]
+        for i, row in enumerate(result["rows"]):
+            owner = results[owners[i]]["local"][i]  # the owner's own measurement of that FFN
+            assert row["tokens"] == owner["tokens"] == 4 * 9  # a per-site subsample: the owner's tokens only
+            for name in METRIC_NAMES:
+                assert row[name] == pytest.approx(owner[name], rel=1e-12, abs=1e-15), (i, name)
