@@ -53,7 +53,7 @@ def lm_data(settings: RunSettings):
 def _image_data(dataset, image_size, seed, data_dir, eval_samples):
     from torch.utils.data import Subset
 
-    from nerve_hf import zoo
+    import nerve_zoo as zoo
 
     splits = zoo.load_image_dataset(dataset, image_size=image_size, seed=seed, data_dir=data_dir)
     val = splits.val if not eval_samples else Subset(splits.val, range(min(eval_samples, len(splits.val))))
@@ -63,5 +63,5 @@ def _image_data(dataset, image_size, seed, data_dir, eval_samples):
 
 
 def image_data(settings: RunSettings):
-    """``(train, eval, num_classes, info)`` of ``nerve_hf.zoo.load_image_dataset``."""
+    """``(train, eval, num_classes, info)`` of ``nerve_zoo.load_image_dataset``."""
     return _image_data(settings.dataset, settings.image_size, settings.seed, settings.data_dir, settings.eval_samples)

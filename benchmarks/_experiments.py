@@ -25,7 +25,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 @dataclass(frozen=True)
 class RunSpec:
     name: str  # unique within the experiment; the key of the run in the result file
-    variant: str  # nerve_hf.zoo variant
+    variant: str  # nerve_zoo variant
     settings: dict = field(default_factory=dict)  # RunSettings overrides for every preset
     preset_settings: dict = field(default_factory=dict)  # preset -> RunSettings overrides
     presets: Optional[tuple] = None  # presets this run belongs to (None: all)

@@ -22,10 +22,10 @@ class RunSettings:
     """Everything one training run needs besides the variant's own transformation."""
 
     task: str = "lm"  # "lm" (causal LM, perplexity) or "image" (classification, accuracy)
-    variant: str = "gpt2-gelu"  # key of nerve_hf.zoo.VARIANTS
+    variant: str = "gpt2-gelu"  # key of nerve_zoo.VARIANTS
     size: str = "tiny"  # zoo size preset of the variant's family (tiny/cpu/paper/160m/71m/...)
     model_overrides: dict = field(default_factory=dict)  # extra build_model kwargs (n_embd=64, n_positions=...)
-    optimizer: str = "adamw"  # key of nerve_hf.zoo.optim.OPTIMIZERS
+    optimizer: str = "adamw"  # key of nerve_zoo.optim.OPTIMIZERS
     optimizer_options: dict = field(default_factory=dict)  # build_optimizer options (momentum, matrix_lr, ...)
     learning_rate: float = 1e-3  # peak learning rate (the paper's GPT-2 runs: 1e-3)
     weight_decay: float = 0.1  # decoupled weight decay on >= 2-D tensors (the paper: 0.1)
@@ -134,7 +134,7 @@ def resolve(preset: str, task: str, *layers: dict) -> RunSettings:
             if key in merged:
                 merged[key] = {**getattr(settings, key), **merged[key]}
         settings = replace(settings, **merged)
-    from nerve_hf.zoo import VARIANTS  # registry only: imports neither transformers nor timm
+    from nerve_zoo import VARIANTS  # registry only: imports neither transformers nor timm
 
     if settings.variant not in VARIANTS:
         raise ValueError(f"unknown variant {settings.variant!r}; choose one of {list(VARIANTS)}")

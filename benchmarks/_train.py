@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,18 +11,6 @@ from _data import image_data, lm_data
 from _results import rounded
 from _settings import RunSettings
 from _stats import correlations, nerve_series
-
-SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _train_mixer_module():
-    """``scripts/train_mixer.py`` (scripts stay outside the library's import graph)."""
-    if str(SCRIPTS_DIR) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS_DIR))
-    import train_mixer
-
-    return train_mixer
-
 
 def training_arguments(settings: RunSettings, output_dir: str, progress: bool, max_steps: int):
     import torch
@@ -68,7 +55,8 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
     import model_adapters  # noqa: F401  (registers the adapters NerveCallback looks up)
     from transformers import Trainer, set_seed
 
-    from nerve_hf import NerveCallback, zoo
+    import nerve_zoo as zoo
+    from nerve_hf import NerveCallback
 
     set_seed(settings.seed)
     if settings.task == "lm":
@@ -82,16 +70,17 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                           optimizers=(optimizer, None), callbacks=[callback])
     else:
-        train_mixer = _train_mixer_module()
+        from nerve_zoo.image_training import MixerForImageClassification, build_trainer, nerve_callback
+
         train, evaluation, num_classes, info = image_data(settings)
         mixer = zoo.build_model(settings.variant, size=settings.size, num_classes=num_classes,
                                 img_size=settings.image_size, **settings.model_overrides)
-        model = train_mixer.MixerForImageClassification(mixer)
+        model = MixerForImageClassification(mixer)
         optimizer = zoo.build_optimizer(settings.optimizer, model, settings.learning_rate, settings.weight_decay,
                                         **settings.optimizer_options)
-        callback = train_mixer.nerve_callback(model, settings.eval_every, settings.nerve_max_tokens)
+        callback = nerve_callback(model, settings.eval_every, settings.nerve_max_tokens)
         args = training_arguments(settings, output_dir, progress, _max_steps(settings, len(train)))
-        trainer = train_mixer.build_trainer(model, train, evaluation, args, optimizer, [callback])
+        trainer = build_trainer(model, train, evaluation, args, optimizer, [callback])
     if not progress:  # --quiet: no per-log dict printing either
         from transformers.trainer_callback import PrinterCallback
 
@@ -101,7 +90,7 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
 
 def train_run(settings: RunSettings, progress: bool = True, workdir: str | None = None) -> dict:
     """Train one run; return its result entry (final metrics, NerVE series, correlations, provenance)."""
-    from nerve_hf import zoo
+    import nerve_zoo as zoo
     from nerve_hf.records import RECORDS_FILENAME, read_records
 
     with tempfile.TemporaryDirectory(prefix="nerve-bench-", dir=workdir) as output_dir:

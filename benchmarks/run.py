@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _*.py helpers next to this file
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nerve_hf and model_adapters from a checkout
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nerve_hf, nerve_zoo and model_adapters from a checkout
 
 from _experiments import list_experiments, load_experiment  # noqa: E402
 from _results import load_result, new_result, result_path, write_result  # noqa: E402
@@ -79,7 +79,7 @@ def parameter_count(settings) -> int:
     """Parameters of the run's model, built on the meta device (no memory, no download)."""
     import torch
 
-    from nerve_hf import zoo
+    import nerve_zoo as zoo
 
     vocab = settings.vocab_size if settings.task == "lm" and settings.tokenizer is None else None
     num_classes = {"digits": 10, "cifar100": 100}.get(settings.dataset) if settings.task == "image" else None

@@ -18,18 +18,21 @@ import importlib.util
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 MARKER = ".nerve_demo_run"  # marks a directory this script created, so a rerun may replace it
 METRIC_COLUMNS = ("se_pre", "se_post", "pr_pre", "pr_post", "eee_pre", "eee_post", "js")
+PRESETS_FILE = Path(__file__).with_name("demo_presets.json")  # the demo sizes; benchmarks/perf reads it too
 
 
 @dataclass(frozen=True)
 class DemoPreset:
-    """Model, data and cadence of one demo size. Evaluation and checkpoints come every 20% of the steps."""
+    """Model, data and cadence of one demo size (values in ``demo_presets.json``).
+
+    Evaluation and checkpoints come every 20% of the steps.
+    """
 
     max_steps: int  # optimizer steps
     n_layer: int  # transformer blocks, one FFN each
@@ -44,16 +47,9 @@ class DemoPreset:
     vocab_size: int  # BPE vocabulary trained on it
 
 
-PRESETS = {
-    "full": DemoPreset(
-        max_steps=600, n_layer=4, n_embd=128, n_head=4, block_size=128, batch_size=8, learning_rate=2e-3,
-        nerve_every=25, max_eval_samples=128, corpus_bytes=3_000_000, vocab_size=4096,
-    ),
-    "quick": DemoPreset(
-        max_steps=40, n_layer=2, n_embd=64, n_head=2, block_size=64, batch_size=8, learning_rate=2e-3,
-        nerve_every=10, max_eval_samples=32, corpus_bytes=1_000_000, vocab_size=2048,
-    ),
-}
+def load_presets(path: Path = PRESETS_FILE) -> dict[str, DemoPreset]:
+    """The demo sizes by name (``full``, ``quick``), read from ``demo_presets.json`` next to this script."""
+    return {name: DemoPreset(**fields) for name, fields in json.loads(path.read_text()).items()}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -65,16 +61,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--nerve-every", type=int, default=None, help="Measure every N steps (default: preset's).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for model init and data order.")
     return parser.parse_args(argv)
-
-
-def run_clm_module():
-    """``scripts/run_clm.py`` as a module: scripts are not part of the package (DESIGN §2)."""
-    path = Path(__file__).with_name("run_clm.py")
-    spec = importlib.util.spec_from_file_location("nerve_scripts_run_clm", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def prepare_output_dir(path: Path) -> None:
@@ -208,7 +194,7 @@ def write_report_if_available(run_dir: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "full"]
+    preset = load_presets()["quick" if args.quick else "full"]
     max_steps = args.max_steps or preset.max_steps
     nerve_every = args.nerve_every or preset.nerve_every
     output_dir = Path(args.output_dir)
@@ -218,7 +204,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         f"NerVE demo: GPT-2 from scratch ({preset.n_layer} layers, width {preset.n_embd}, block {preset.block_size}), "
         f"{max_steps} steps on the stdlib code corpus -> {output_dir}"
     )
-    metrics = run_clm_module().main(
+    import run_clm  # scripts/run_clm.py: `python scripts/demo.py` puts scripts/ first on sys.path
+
+    metrics = run_clm.main(
         run_clm_argv(preset, output_dir, max_steps, nerve_every, nerve=not args.no_nerve, seed=args.seed)
     )
 

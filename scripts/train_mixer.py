@@ -1,16 +1,13 @@
 #!/usr/bin/env python
 """Train an MLP-Mixer image classifier with the Hugging Face Trainer, optionally watching NerVE spectra.
 
-timm's ``MlpMixer`` maps images to logits; ``MixerForImageClassification`` wraps it so that
-``transformers.Trainer`` can drive it (``pixel_values, labels -> loss, logits``). Offline by default:
+The model wrapper, metrics and Trainer wiring live in ``nerve_zoo.image_training`` (shared with
+``benchmarks/run.py mixer``); this file parses flags and runs one training. Offline by default:
 scikit-learn's digits; ``--dataset cifar100 --data_dir DIR`` reads a local ``cifar-100-python`` directory
 (or the Hub's ``uoft-cs/cifar100`` when DIR has none).
 
     python scripts/train_mixer.py --output_dir runs/mixer --variant mixer-relu-gelu --optimizer sgd --lr 0.05 \\
         --epochs 10 --nerve
-
-The benchmarks (``benchmarks/run.py mixer``) import ``MixerForImageClassification``, ``compute_accuracy``
-and ``build_trainer`` from this file.
 """
 
 from __future__ import annotations
@@ -18,70 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 logger = logging.getLogger("train_mixer")
-
-
-class MixerForImageClassification(nn.Module):
-    """``pixel_values [B, C, H, W]`` (+ ``labels [B]``) -> ``ImageClassifierOutput(loss, logits [B, classes])``."""
-
-    def __init__(self, mixer: nn.Module):
-        super().__init__()
-        self.mixer = mixer  # timm MlpMixer; NerVE sites are found under "mixer.blocks"
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
-        from transformers.modeling_outputs import ImageClassifierOutput
-
-        logits = self.mixer(pixel_values)  # [B, num_classes]
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-
-def compute_accuracy(eval_pred) -> dict:
-    """Trainer ``compute_metrics``: top-1 accuracy of the logits."""
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    logits = logits[0] if isinstance(logits, tuple) else logits  # [N, classes]
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-
-def build_trainer(model, train_dataset, eval_dataset, training_args, optimizer, callbacks=()):
-    """A Trainer for ``MixerForImageClassification`` on ``nerve_hf.zoo.load_image_dataset`` splits."""
-    from transformers import Trainer, default_data_collator
-
-    return Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=default_data_collator,
-        compute_metrics=compute_accuracy,
-        optimizers=(optimizer, None),  # the Trainer builds the lr schedule around our optimizer
-        callbacks=list(callbacks),
-    )
-
-
-def nerve_callback(model: MixerForImageClassification, every_n_steps: int, max_tokens: int | None = None):
-    """A NerveCallback on the wrapped Mixer's token-mixing (FFN1) and channel-mixing (FFN2) MLPs, eval only."""
-    import model_adapters
-    from nerve_hf import NerveCallback
-
-    adapter = model_adapters.get_adapter(model.mixer)  # site paths are suffixes: "blocks" matches "mixer.blocks"
-    return NerveCallback(every_n_steps=every_n_steps, measure_train=False, measure_eval=True,
-                         max_tokens=max_tokens, log_per_site=False, adapter=adapter)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="Where Trainer logs and nerve_metrics.jsonl go.")
-    parser.add_argument("--variant", default="mixer-gelu-gelu", help="nerve_hf.zoo Mixer variant (mixer-<token>-<channel>).")
+    parser.add_argument("--variant", default="mixer-gelu-gelu", help="nerve_zoo Mixer variant (mixer-<token>-<channel>).")
     parser.add_argument("--size", default="tiny", help="Zoo Mixer size: tiny, cpu or paper (Mixer-B/16).")
     parser.add_argument("--dataset", default="digits", choices=["digits", "cifar100"], help="Image set.")
     parser.add_argument("--data_dir", default=None, help="Local cifar-100-python directory (cifar100 only).")
@@ -102,7 +47,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from transformers import TrainingArguments, set_seed
 
-    from nerve_hf import zoo
+    import nerve_zoo as zoo
+    from nerve_zoo.image_training import MixerForImageClassification, build_trainer, nerve_callback
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_seed(args.seed)

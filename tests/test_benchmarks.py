@@ -55,7 +55,7 @@ def test_experiments_are_the_issue_list_and_resolve_for_every_preset():
 
 
 def test_smoke_experiments_cover_every_zoo_variant():
-    from nerve_hf.zoo import VARIANTS
+    from nerve_zoo import VARIANTS
 
     covered = {run.variant for name in _experiments.list_experiments()
                for run in _experiments.load_experiment(name).runs_for("smoke")}
@@ -134,7 +134,7 @@ def test_paper_dry_run_prints_the_plan_without_training(capsys, tmp_path):
 
 # --------------------------------------------------------------------------- smoke: every variant trains
 def _variant_settings():
-    from nerve_hf.zoo import VARIANTS
+    from nerve_zoo import VARIANTS
 
     for name, variant in VARIANTS.items():
         task = "image" if variant.family == "mixer" else "lm"

@@ -19,6 +19,8 @@ BLOCK = 32
 
 
 def load_script(name):
+    if str(SCRIPTS) not in sys.path:  # as `python scripts/<name>.py` has it: demo.py imports run_clm
+        sys.path.append(str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(f"nerve_test_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

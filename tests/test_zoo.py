@@ -1,4 +1,4 @@
-"""Tests of nerve_hf.zoo: every variant trains a step, each transformation does what it says."""
+"""Tests of nerve_zoo: every variant trains a step, each transformation does what it says."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from nerve_hf import zoo
+import nerve_zoo as zoo
 
 VOCAB = 97  # odd vocabulary of the tiny presets
 
@@ -70,7 +70,7 @@ def test_registry_rejects_unknown_names():
 
 def test_listing_variants_imports_neither_transformers_nor_timm_and_builds_record_provenance():
     code = (
-        "import sys; from nerve_hf import zoo; names = list(zoo.VARIANTS);"
+        "import sys; import nerve_zoo as zoo; names = list(zoo.VARIANTS);"
         "assert 'transformers' not in sys.modules and 'timm' not in sys.modules, 'heavy import';"
         "print(len(names))"
     )

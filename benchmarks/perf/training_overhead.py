@@ -30,7 +30,6 @@ Run: ``python benchmarks/perf/training_overhead.py --device auto [--quick]``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -43,22 +42,18 @@ import torch
 from _common import REPO, add_common_args, apply_threads, current_rss_mb, devices, peak_rss_mb, write_result
 
 
-def demo_preset():
-    """The ``full`` preset of ``scripts/demo.py``: what ``bash dev.sh demo`` trains (scripts are loaded
-    by path, they are not part of the package)."""
-    path = REPO / "scripts" / "demo.py"
-    spec = importlib.util.spec_from_file_location("nerve_scripts_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module.PRESETS["full"]
+def demo_preset() -> dict:
+    """The ``full`` preset of ``scripts/demo.py`` (what ``bash dev.sh demo`` trains), from the data file
+    ``scripts/demo_presets.json`` that the demo reads."""
+    return json.loads((REPO / "scripts" / "demo_presets.json").read_text())["full"]
 
 
 _DEMO = demo_preset()
-MODEL = dict(n_layer=_DEMO.n_layer, n_embd=_DEMO.n_embd, n_head=_DEMO.n_head, n_positions=_DEMO.block_size,
-             n_inner=4 * _DEMO.n_embd, vocab_size=_DEMO.vocab_size)  # GPT-2's d_ff is 4 x n_embd
-SEQ = _DEMO.block_size  # tokens per sequence
-BATCH = _DEMO.batch_size  # sequences per micro-batch
+MODEL = dict(n_layer=_DEMO["n_layer"], n_embd=_DEMO["n_embd"], n_head=_DEMO["n_head"],
+             n_positions=_DEMO["block_size"], n_inner=4 * _DEMO["n_embd"],
+             vocab_size=_DEMO["vocab_size"])  # GPT-2's d_ff is 4 x n_embd
+SEQ = _DEMO["block_size"]  # tokens per sequence
+BATCH = _DEMO["batch_size"]  # sequences per micro-batch
 
 
 # ----------------------------------------------------------------------------- the naive baseline

@@ -3,16 +3,19 @@
 Each variant is a transformation of a stock ``transformers`` or ``timm`` model, documented with the
 paper section it follows; ``scripts/`` and ``benchmarks/`` build them by name::
 
-    from nerve_hf import zoo
+    import nerve_zoo as zoo
     model = zoo.build_model("gpt2-normfree-relu", size="tiny", vocab_size=97)
     optimizer = zoo.build_optimizer("muon", model, lr=1e-3, weight_decay=0.1)
+
+``nerve_zoo.image_training`` wraps a Mixer for ``transformers.Trainer`` (used by ``scripts/train_mixer.py``
+and ``benchmarks/``). This package imports ``nerve_hf``; ``nerve_hf`` never imports it.
 
 Importing this package is cheap: transformers, timm and scikit-learn load on first use.
 """
 
 from importlib import import_module
 
-# public name -> submodule of nerve_hf.zoo that defines it
+# public name -> submodule of nerve_zoo that defines it
 _LAZY = {
     # registry
     "VARIANTS": "registry",
@@ -53,7 +56,7 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name):
     if name not in _LAZY:
-        raise AttributeError(f"module 'nerve_hf.zoo' has no attribute {name!r}")
+        raise AttributeError(f"module 'nerve_zoo' has no attribute {name!r}")
     return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 

@@ -23,9 +23,9 @@ from torch import nn
 # family -> "module:function" of its builder (imported on first build)
 FAMILIES: Mapping[str, str] = MappingProxyType(
     {
-        "gpt2": "nerve_hf.zoo.gpt2:build_gpt2",
-        "llama": "nerve_hf.zoo.llama:build_llama",
-        "mixer": "nerve_hf.zoo.mixer:build_mixer",
+        "gpt2": "nerve_zoo.gpt2:build_gpt2",
+        "llama": "nerve_zoo.llama:build_llama",
+        "mixer": "nerve_zoo.mixer:build_mixer",
     }
 )
 

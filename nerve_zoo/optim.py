@@ -5,7 +5,7 @@
 - ``adamw`` / ``adam`` / ``sgd``: one optimizer, weight decay on >= 2-D tensors only (not on biases,
   norm gains or the learnable LeakyReLU slope).
 - ``muon``: ``torch.optim.Muon`` on the hidden weight matrices, AdamW on the rest;
-- ``dion``: ``nerve_hf.zoo.dion.Dion`` on the hidden weight matrices, AdamW on the rest.
+- ``dion``: ``nerve_zoo.dion.Dion`` on the hidden weight matrices, AdamW on the rest.
 
 "Hidden weight matrix" (``split_parameters``): a 2-D parameter with both sides > 1 that does not belong
 to an ``nn.Embedding`` (wte, wpe, embed_tokens) or the output head (``get_output_embeddings()`` of a

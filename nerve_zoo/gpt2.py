@@ -11,7 +11,7 @@
 
 Deviation from the paper's code: its custom blocks drop the FFN/attention biases and split the QKV
 projection; here the stock HF modules (with biases) are kept so that every variant stays a GPT-2 model
-that the rest of nerve_hf (adapters, tracker) already knows.
+that nerve_hf (adapters, tracker) already knows.
 """
 
 from __future__ import annotations
