@@ -21,6 +21,7 @@ __all__ = [
     "is_main_process",
     "all_reduce_sum",
     "reduce_scatter_sum",
+    "reduce_sum",
     "all_gather",
 ]
 
@@ -65,6 +66,15 @@ def reduce_scatter_sum(tensor: Tensor, group=None) -> Tensor:
     out = tensor.new_empty(tensor.numel() // size)
     dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
     return out
+
+
+def reduce_sum(tensor: Tensor, dst: int, group=None) -> Tensor:
+    """Sum ``tensor`` over ``group`` into the process of group rank ``dst`` (in place there; the other
+    processes' tensors are left undefined). On one process: ``tensor`` itself."""
+    if is_distributed(group):
+        target = dist.get_global_rank(group, dst) if group is not None else dst
+        dist.reduce(tensor, dst=target, op=dist.ReduceOp.SUM, group=group)
+    return tensor
 
 
 def all_gather(tensor: Tensor, group=None) -> Tensor:

@@ -14,7 +14,8 @@ processes. Instead of all-reducing every covariance and having every process dec
 
 Bytes each process contributes per measurement, with K the largest share in float64 elements:
 reduction 1: Σ (D + 2) · 8; reduce-scatter: W · K · 8, K = max over processes of
-Σ_{owned sites} D(D + 1) (two triangles of D(D + 1)/2); all-gather: max over processes of
+Σ_{owned sites} D(D + 1) (two triangles of D(D + 1)/2), or, when that buffer would be more than twice
+the real data (more processes than FFNs), one reduce per owner: Σ D(D + 1) · 8; all-gather: max over processes of
 Σ_{owned sites} (8 + 2D) · 8 (a count, seven metrics, two spectra; 8 + 0 with ``metrics="pr"``). :func:`exchange_bytes` computes them.
 """
 
@@ -57,17 +58,25 @@ def _payload(dim: int, metrics: str) -> int:
     return 1 + _N_METRICS + (2 * dim if metrics == "all" else 0)
 
 
+def _uses_reduce_scatter(share_sizes: Sequence[int]) -> bool:
+    """One reduce-scatter pads every share to the largest; with more processes than FFNs most of that
+    buffer would be padding, so at more than twice the real data a reduce per owner is used instead."""
+    return len(share_sizes) * max(share_sizes) <= 2 * sum(share_sizes)
+
+
 def exchange_bytes(dims: Sequence[int], world: int, metrics: str = "all") -> dict[str, int]:
-    """Bytes each process contributes to the three exchanges of one measurement (see the module doc)."""
+    """Bytes each process contributes to the exchanges of one measurement (see the module doc): the
+    totals' all-reduce, the triangles' reduce-scatter (or reduces, one per owner), the rows' all-gather."""
     owners = assign_owners(dims, world)
     shares = [[d for d, o in zip(dims, owners) if o == r] for r in range(world)]
-    triangle = max(sum(d * (d + 1) for d in share) for share in shares)
+    triangles = [sum(d * (d + 1) for d in share) for share in shares]
     gathered = max(sum(_payload(d, metrics) for d in share) for share in shares)
-    return {
-        "totals": sum(2 * (d + 2) * 8 for d in dims),
-        "reduce_scatter": world * triangle * 8,
-        "all_gather": gathered * 8,
-    }
+    out = {"totals": sum(2 * (d + 2) * 8 for d in dims), "reduce_scatter": 0, "reduce": 0, "all_gather": gathered * 8}
+    if _uses_reduce_scatter(triangles):
+        out["reduce_scatter"] = world * max(triangles) * 8
+    else:
+        out["reduce"] = sum(triangles) * 8
+    return out
 
 
 def sharded_metric_values(
@@ -84,20 +93,32 @@ def sharded_metric_values(
     owners = assign_owners(dims, world)
     mine = [i for i, owner in enumerate(owners) if owner == me]
 
-    # Reduce-scatter: chunk r holds the upper triangles of the pairs process r owns, zero-padded to K.
     shares = [[i for i, owner in enumerate(owners) if owner == r] for r in range(world)]
-    chunk = max(sum(dims[i] * (dims[i] + 1) for i in share) for share in shares)
-    buffer = torch.zeros(world * chunk, dtype=torch.float64, device=device)
-    for r, share in enumerate(shares):
-        offset = r * chunk
+    sizes = [sum(dims[i] * (dims[i] + 1) for i in share) for share in shares]
+
+    def triangles(share: list[int], length: int) -> Tensor:
+        """The upper triangles of ``share``'s pre and post M2 about the global mean, zero-padded."""
+        buffer = torch.zeros(length, dtype=torch.float64, device=device)
+        offset = 0
         for i in share:
             for side in (0, 1):
                 acc, (_, _, mean) = accs[2 * i + side], totals[2 * i + side]
                 upper = _upper(local_m2_about(acc, mean, device))  # [D(D+1)/2]
                 buffer[offset : offset + upper.numel()] = upper
                 offset += upper.numel()
-    received = distributed.reduce_scatter_sum(buffer, group)  # [K] this process's sums
-    del buffer
+        return buffer
+
+    if _uses_reduce_scatter(sizes):  # chunk r: the triangles of process r's share, padded to the largest
+        chunk = max(sizes)
+        buffer = torch.cat([triangles(share, chunk) for share in shares])
+        received = distributed.reduce_scatter_sum(buffer, group)  # [K] this process's sums
+        del buffer
+    else:  # few FFNs, many processes: one reduce to each owner
+        received = None
+        for r, share in enumerate(shares):
+            if share:
+                summed = distributed.reduce_sum(triangles(share, sizes[r]), r, group)
+                received = summed if r == me else received
 
     owned_pairs, offset = [], 0
     for i in mine:

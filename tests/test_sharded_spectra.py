@@ -25,7 +25,9 @@ def test_owners_balance_the_cubic_work():
     assert sorted(assign_owners([11] * 8, 4)) == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-@pytest.mark.parametrize("nproc,n_layer,metrics", [(2, 3, "all"), (4, 3, "all"), (2, 3, "pr")])
+@pytest.mark.parametrize(
+    "nproc,n_layer,metrics", [(2, 3, "all"), (4, 3, "all"), (2, 3, "pr"), (4, 1, "all")]  # last: reduce per owner
+)
 def test_each_rank_decomposes_its_share_and_all_log_the_same(tmp_path, nproc, n_layer, metrics):
     (one,) = run(tmp_path, 1, n_layer, metrics)
     ranks = run(tmp_path, nproc, n_layer, metrics)
@@ -51,7 +53,7 @@ def test_each_rank_decomposes_its_share_and_all_log_the_same(tmp_path, nproc, n_
             assert result["decomposed"] == []
         expected = exchange_bytes([D] * n_layer, nproc, metrics)
         assert result["sent"] == {"all_reduce": expected["totals"], "reduce_scatter": expected["reduce_scatter"],
-                                  "all_gather": expected["all_gather"]}
+                                  "reduce": expected["reduce"], "all_gather": expected["all_gather"]}
     assert sum(one["decomposed"]) == (2 * n_layer if metrics == "all" else 0)  # one process: every matrix
 
 

@@ -20,11 +20,11 @@ def main(out: str, n_layer: int, metrics: str) -> None:
     decomposed = []  # matrices per eigvalsh call on this process
     real_eigvalsh = spectra._eigvalsh
     spectra._eigvalsh = lambda stack: decomposed.append(stack.shape[0]) or real_eigvalsh(stack)
-    sent = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
+    sent = {"all_reduce": 0, "reduce_scatter": 0, "reduce": 0, "all_gather": 0}
 
     def counting(name, collective):
         def wrapped(*args, **kwargs):
-            tensor = args[1] if name != "all_reduce" else args[0]  # the input each process contributes
+            tensor = args[0] if name in ("all_reduce", "reduce") else args[1]  # what this process contributes
             sent[name] += tensor.numel() * tensor.element_size()
             return collective(*args, **kwargs)
         return wrapped
@@ -32,6 +32,7 @@ def main(out: str, n_layer: int, metrics: str) -> None:
     dist.all_reduce = counting("all_reduce", dist.all_reduce)
     dist.reduce_scatter_tensor = counting("reduce_scatter", dist.reduce_scatter_tensor)
     dist.all_gather_into_tensor = counting("all_gather", dist.all_gather_into_tensor)
+    dist.reduce = counting("reduce", dist.reduce)
 
     model = tiny_gpt2(n_layer=n_layer).double().eval()  # float64: exact activations, only the reduction differs
     ids = torch.randint(1, VOCAB, (8, 9), generator=torch.Generator().manual_seed(3))
