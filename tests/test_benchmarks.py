@@ -251,3 +251,28 @@ def test_set_overrides_parse_json_values_and_reach_the_settings():
     experiment = _experiments.load_experiment("gpt2_normfree")
     settings = experiment.resolve(experiment.runs[0], "cpu", {"learning_rate": 1e-3})
     assert settings.learning_rate == 1e-3
+
+
+def test_scaling_model_counts_what_the_sharded_exchange_sends(tmp_path):
+    """The model's bytes are exchange_bytes' (what the gloo tests count); sharding cuts the spectra by ~W."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "scaling_model.py"
+    spec = importlib.util.spec_from_file_location("nerve_bench_scaling_model", path)
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    fit = {"a": 1e-9, "b": 3.0, "points": [[4096, 1e-9 * 4096**3]], "file": "synthetic"}
+    rate = {"all_reduce": 1e9, "reduce_scatter": 1e9, "reduce": 1e9, "all_gather": 1e9}
+    one = model.measurement_cost(12, 3072, 1, fit, rate, "replicated")
+    sharded = model.measurement_cost(12, 3072, 4, fit, rate, "sharded")
+    assert one["eig_s"] == pytest.approx(24 * 1e-9 * 3072**3)
+    assert sharded["eig_s"] == pytest.approx(one["eig_s"] / 4)  # 3 of 12 FFNs each
+    sent = (2 * 12 * (3072 + 2) * 8) * 1.5 + 4 * 3 * 3072 * 3073 * 8 * 0.75 + 3 * (8 + 2 * 3072) * 8 * 3
+    assert sharded["sent_gib"] * 2**30 == pytest.approx(sent)
+    wide = model.measurement_cost(1, 8192, 1, fit, rate, "replicated")["eig_s"]
+    assert wide == pytest.approx(2 * 1e-9 * 4096**3 * 8)  # beyond the widest measured matrix: D³
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "perf"
+    model.main(["--out", str(tmp_path / "m.json"), "--eig-file", str(results / "eigendecomposition_cpu.json")])
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert {(r["model"], r["world"]) for r in rows} >= {("LLaMA-70B", 512), ("GPT-2 small", 1)}
+    assert (tmp_path / "m.md").read_text().count("\n| ") == len(rows) + 1
