@@ -268,7 +268,8 @@ class NerveCallback(TrainerCallback):
         computation fails. Collective: every rank calls it at the same point."""
         tracker = self._tracker
         try:
-            report = tracker.compute(metrics=self.config.metrics, window=window)
+            report = tracker.compute(metrics=self.config.metrics, window=window,
+                                     spectra_dtype=self.config.spectra_dtype)
             if incomplete is None:
                 return report
             self._warn_once(f"incomplete:{incomplete}", f"NerveCallback: {incomplete}; logging NaN for it")

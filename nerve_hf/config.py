@@ -74,6 +74,11 @@ class NerveConfig(Validated):
         None, "Where the float64 covariance state lives ('cpu': host memory); None: the activations' device.",
         optional(text),
     )
+    spectra_dtype: str = option(
+        "float64", "Eigendecomposition precision: 'float64', or 'float32' (faster on CPUs; its measured error: "
+        "benchmarks/results/perf/spectra_precision_cpu.json).", one_of(("float64", "float32")),
+        choices=["float64", "float32"],
+    )
     metrics: str = option(
         "all", "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",
         one_of(("all", "pr")), choices=["all", "pr"],

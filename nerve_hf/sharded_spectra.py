@@ -80,7 +80,10 @@ def exchange_bytes(dims: Sequence[int], world: int, metrics: str = "all") -> dic
 
 
 def sharded_metric_values(
-    pairs: Sequence[tuple[CovarianceAccumulator, CovarianceAccumulator]], metrics: str = "all", group=None
+    pairs: Sequence[tuple[CovarianceAccumulator, CovarianceAccumulator]],
+    metrics: str = "all",
+    group=None,
+    spectra_dtype: str = "float64",
 ) -> tuple[list[dict[str, float]], list[Optional[tuple[Tensor, Tensor]]], list[int]]:
     """What :func:`nerve_hf.spectra.metric_values` returns for the synced pairs, plus each pair's
     global row count, computed with each process decomposing only its share. Collective over ``group``.
@@ -129,7 +132,7 @@ def sharded_metric_values(
             pair.append(_Summed(dims[i], _full(received[offset : offset + size], dims[i]), n))
             offset += size
         owned_pairs.append(tuple(pair))
-    values, spectra = metric_values(owned_pairs, metrics)
+    values, spectra = metric_values(owned_pairs, metrics, spectra_dtype)
 
     counts = [totals[2 * i][0] for i in mine]
     return gather_rows(values, spectra, counts, shares, dims, metrics, device, group)
@@ -182,7 +185,7 @@ class _Summed:
     """A synced covariance held by its owner: what :func:`metric_values` reads of an accumulator."""
 
     def __init__(self, dim: int, m2: Tensor, count: int) -> None:
-        self.dim, self._m2, self.count = dim, m2, count
+        self.dim, self._m2, self.count, self.device = dim, m2, count, m2.device
 
     def covariance(self) -> Tensor:
         if self.count < 2:

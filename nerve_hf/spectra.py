@@ -30,6 +30,8 @@ __all__ = [
     "eigenvalues_batched",
     "eigen_batches",
     "participation_ratio_from_covariance",
+    "spectra_of",
+    "SPECTRA_DTYPES",
     "metric_values",
     "nan_values",
     "nan_rows",
@@ -37,6 +39,7 @@ __all__ = [
 
 EIGEN_BATCH_BYTES = 1 << 30  # decompose at most this much float64 covariance at once (or one matrix)
 METRIC_SETS = ("all", "pr")  # "all": every metric by eigendecomposition; "pr": PR only, by the trace
+SPECTRA_DTYPES = ("float64", "float32")  # eigendecomposition precision; float32's error: docs/scaling.md
 
 
 class HasCovariance(Protocol):
@@ -47,8 +50,9 @@ class HasCovariance(Protocol):
     def covariance(self) -> Tensor: ...
 
 
-def eigenvalues_batched(covariances: Sequence[Tensor]) -> list[Tensor]:
-    """Descending float64 eigenvalues of symmetric matrices, one batched ``eigvalsh`` per shape.
+def eigenvalues_batched(covariances: Sequence[Tensor], keep_dtype: bool = False) -> list[Tensor]:
+    """Descending float64 eigenvalues of symmetric matrices, one batched ``eigvalsh`` per shape
+    (``keep_dtype``: in each matrix's own dtype).
 
     Matrices of equal size on the same device are stacked into ``[L, D, D]`` and decomposed together;
     a matrix holding NaN/Inf (e.g. fewer than two rows seen) gets an all-NaN spectrum.
@@ -63,9 +67,9 @@ def eigenvalues_batched(covariances: Sequence[Tensor]) -> list[Tensor]:
             raise ValueError(f"expected square matrices, got shape {tuple(cov.shape)}")
         groups.setdefault((cov.shape[0], cov.device), []).append(index)
     for (dim, device), indices in groups.items():
-        stack = torch.stack([covariances[i].to(torch.float64) for i in indices])  # [L, D, D]
+        stack = torch.stack([covariances[i] if keep_dtype else covariances[i].to(torch.float64) for i in indices])
         finite = torch.isfinite(stack).flatten(1).all(dim=1)  # [L]
-        spectra = torch.full((len(indices), dim), float("nan"), dtype=torch.float64, device=device)
+        spectra = torch.full((len(indices), dim), float("nan"), dtype=stack.dtype, device=device)
         if bool(finite.any()):
             ascending = _eigvalsh(stack[finite])  # [L', D]
             spectra[finite] = ascending.flip(-1)
@@ -143,14 +147,55 @@ def nan_rows(sites: Iterable) -> list[dict]:
     return [{"site": s.site, "layer": s.layer, "dim": 0, "tokens": 0, **nan_values()} for s in sites]
 
 
+def spectra_of(accs: Sequence[HasCovariance], dtype: str = "float64") -> list[Tensor]:
+    """Descending eigenvalues (float64 CPU tensors ``[D]``) of each accumulator's covariance.
+
+    On the CPU, min(threads, len(accs)) Python threads each take one accumulator at a time: build its
+    covariance, decompose it (in ``dtype``) with threads / workers LAPACK threads, keep only the
+    eigenvalues. So the transient memory is one covariance and one LAPACK workspace per worker, never a
+    stack of matrices. On accelerators the covariances go in memory-bounded batches
+    (:func:`eigen_batches`). A covariance holding NaN/Inf gets an all-NaN spectrum.
+    """
+    if dtype not in SPECTRA_DTYPES:
+        raise ValueError(f"spectra_dtype must be one of {SPECTRA_DTYPES}, got {dtype!r}")
+    work = getattr(torch, dtype)
+    if not accs:
+        return []
+    device = getattr(accs[0], "device", None)
+    if device is not None and torch.device(device).type != "cpu":
+        out: list[Tensor] = []
+        for batch in eigen_batches(accs):
+            covs = [acc.covariance().to(work) for acc in batch]
+            out.extend(eig.to(torch.float64).cpu() for eig in eigenvalues_batched(covs, keep_dtype=True))
+        return out
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, len(accs)))
+    per_worker = max(1, threads // workers)
+
+    def decompose(acc: HasCovariance) -> Tensor:
+        torch.set_num_threads(per_worker)  # this thread's LAPACK/OpenMP width
+        cov = acc.covariance().to(work)  # [D, D], the only matrix this worker holds
+        if not bool(torch.isfinite(cov).all()):
+            return torch.full((acc.dim,), float("nan"), dtype=torch.float64)
+        return torch.linalg.eigvalsh(cov).flip(-1).to(torch.float64)
+
+    if workers == 1:
+        return [decompose(acc) for acc in accs]
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="nerve-eigvalsh") as pool:
+            return list(pool.map(decompose, accs))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def metric_values(
-    pairs: Sequence[tuple[HasCovariance, HasCovariance]], metrics: str = "all"
+    pairs: Sequence[tuple[HasCovariance, HasCovariance]], metrics: str = "all", spectra_dtype: str = "float64"
 ) -> tuple[list[dict[str, float]], list[Optional[tuple[Tensor, Tensor]]]]:
     """The metrics of each (pre, post) pair of accumulators, and their spectra.
 
-    ``metrics="all"``: every covariance eigendecomposed (memory-bounded batches, :func:`eigen_batches`),
-    one batched :func:`nerve_hf.metrics.spectrum_metrics` call per width; spectra are descending float64
-    CPU tensors. ``metrics="pr"``: ``pr_pre``/``pr_post`` by the trace identity, every other metric NaN,
+    ``metrics="all"``: every covariance eigendecomposed (:func:`spectra_of`, in ``spectra_dtype``), one
+    batched :func:`nerve_hf.metrics.spectrum_metrics` call per width; spectra are descending float64 CPU
+    tensors. ``metrics="pr"``: ``pr_pre``/``pr_post`` by the trace identity, every other metric NaN,
     no spectra (``None``).
     """
     if metrics not in METRIC_SETS:
@@ -164,10 +209,7 @@ def metric_values(
             values.append(row)
         return values, [None] * len(pairs)
 
-    accs = [acc for pair in pairs for acc in pair]
-    spectra: list[Tensor] = []  # [D] each, on the CPU (sites may live on different devices)
-    for batch in eigen_batches(accs):
-        spectra.extend(eig.cpu() for eig in eigenvalues_batched([acc.covariance() for acc in batch]))
+    spectra = spectra_of([acc for pair in pairs for acc in pair], spectra_dtype)  # [D] each, CPU float64
     pre_eigs, post_eigs = spectra[0::2], spectra[1::2]
 
     by_dim: dict[int, list[int]] = {}

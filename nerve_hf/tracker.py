@@ -408,7 +408,7 @@ class FFNTracker:
         """Round-robin window: watch group ``turn`` (mod the number of groups) from now on."""
         self.window(window).rotate(turn)
 
-    def compute(self, metrics: str = "all", window: str | None = None) -> SpectralReport:
+    def compute(self, metrics: str = "all", window: str | None = None, spectra_dtype: str = "float64") -> SpectralReport:
         """Metrics of every site the window watches, over what it recorded so far, synced across processes.
 
         Collective under ``torch.distributed``: every rank must call it. The window keeps its
@@ -420,13 +420,16 @@ class FFNTracker:
                 eigendecomposition (O(D²) instead of O(D³)); the other metrics are NaN and the report
                 carries no eigenvalues.
             window: which window (default: the first).
+            spectra_dtype: ``"float64"`` (default) or ``"float32"`` eigendecompositions; float32 is faster
+                on CPUs, and its error on real activation spectra is measured in
+                ``benchmarks/results/perf/spectra_precision_cpu.json``.
         """
         if metrics not in spectra.METRIC_SETS:
             raise ValueError(f"metrics must be one of {spectra.METRIC_SETS}, got {metrics!r}")
         chosen = self.window(window)
         watched = [i for i in range(len(self._sites)) if chosen.watches(i)]
         if self._owners is not None:
-            return self._site_sharded_report(chosen, watched, metrics)
+            return self._site_sharded_report(chosen, watched, metrics, spectra_dtype)
         states = [chosen.states[i] for i in watched]
         # A site whose width is still unknown (modules not Linear-like, no activation seen yet) gets
         # empty width-1 stand-ins: NaN metrics and 0 tokens, and nothing is stored on the site.
@@ -435,9 +438,9 @@ class FFNTracker:
             for state in states
         ]
         if self.group != NO_REDUCTION and is_distributed(self.group):  # exact, each process decomposing its share
-            values, kept, counts = sharded_metric_values(pairs, metrics, self.group)
+            values, kept, counts = sharded_metric_values(pairs, metrics, self.group, spectra_dtype)
         else:
-            values, kept = spectra.metric_values(pairs, metrics)
+            values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
             counts = [pre.count for pre, _ in pairs]
         rows = [
             {"site": state.site.site, "layer": state.site.layer, "dim": int(state.dim or 0),
@@ -447,13 +450,13 @@ class FFNTracker:
         eigenvalues = {state.site.site: pair for state, pair in zip(states, kept) if pair is not None}
         return SpectralReport(rows=rows, eigenvalues=eigenvalues)
 
-    def _site_sharded_report(self, window: Window, watched: list[int], metrics: str) -> SpectralReport:
+    def _site_sharded_report(self, window: Window, watched: list[int], metrics: str, spectra_dtype: str) -> SpectralReport:
         """Each process's own FFNs on its own tokens, every row gathered to every process."""
         me, world = rank(self.group), world_size(self.group)
         shares = [[i for i in watched if self._owners[i] == r] for r in range(world)]
         pairs = [(window.states[i].pre, window.states[i].post) for i in shares[me]]
         pairs = [pair if pair[0] is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1)) for pair in pairs]
-        values, kept = spectra.metric_values(pairs, metrics)
+        values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
         device = next((acc.device for pair in pairs for acc in pair if acc.device is not None), None)
         if device is None:  # nothing measured here yet: gloo takes CPU tensors, NCCL the current GPU
             device = common_device([CovarianceAccumulator(1)])

@@ -54,6 +54,7 @@ BAD_OPTIONS = {
     "metrics": ["PR", None, 3],
     "site_sharded": [1, "yes"],
     "state_device": [0, ["cpu"]],
+    "spectra_dtype": ["float16", 64, None],
 }
 
 

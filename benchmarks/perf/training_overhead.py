@@ -7,6 +7,7 @@ corpus) that differ only in their callbacks:
 * ``none``: no measurement.
 * ``nerve``: ``NerveCallback(every_n_steps=N)`` (streaming float64 covariance, O(D²) memory per FFN).
 * ``nerve_pr``: ``NerveCallback(every_n_steps=N, metrics="pr")``: PR only, no eigendecomposition.
+* ``nerve_f32``: ``NerveCallback(every_n_steps=N, spectra_dtype="float32")``: float32 eigendecompositions.
 * ``naive``: a re-implementation of the approach of the paper's released code: at a measured step it
   keeps a copy of every pre/post activation of that step's micro-batches, then concatenates them and
   computes each covariance (float64, two-pass) and its eigenvalues: O(N·D) memory. (The released code
@@ -24,7 +25,9 @@ alternated and repeated, and medians are reported:
 2. ``memory sweep``: peak RSS (and CUDA max allocated) against tokens per measurement (gradient
    accumulation grows the measured step): NerveCallback stays flat, the naive baseline grows linearly.
 
-Run: ``python benchmarks/perf/training_overhead.py --device auto [--quick]``
+Run: ``python benchmarks/perf/training_overhead.py --device auto [--quick] [--d-ff 1024 --batch 16]``
+(``--d-ff`` and ``--batch`` change the FFN width and the sequences per step from the demo's; the file name
+then carries them).
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ def worker(config: dict) -> dict:
 
     device = torch.device(config["device"])
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(**MODEL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    model = GPT2LMHeadModel(GPT2Config(**{**MODEL, "n_inner": config.get("d_ff", MODEL["n_inner"])},
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                        bos_token_id=0, eos_token_id=0))
     batch, accum, steps = config["batch"], config["grad_accum"], config["max_steps"]
     generator = torch.Generator().manual_seed(1)
@@ -137,9 +141,10 @@ def worker(config: dict) -> dict:
 
     kind = config["callback"]
     callbacks = []
-    if kind in ("nerve", "nerve_pr"):
+    if kind in ("nerve", "nerve_pr", "nerve_f32"):
         callbacks.append(NerveCallback(every_n_steps=config["every_n"], write_jsonl=False, measure_eval=False,
-                                       metrics="pr" if kind == "nerve_pr" else "all"))
+                                       metrics="pr" if kind == "nerve_pr" else "all",
+                                       spectra_dtype="float32" if kind == "nerve_f32" else "float64"))
     elif kind == "naive":
         callbacks.append(_naive_callback_class()(config["every_n"]))
     timer = StepTimes()
@@ -161,7 +166,7 @@ def worker(config: dict) -> dict:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     first = {}
-    if kind in ("nerve", "nerve_pr"):
+    if kind in ("nerve", "nerve_pr", "nerve_f32"):
         first = {k.split("/")[1]: v for k, v in trainer.state.log_history[0].items() if k.endswith("/pr_pre")}
     elif kind == "naive" and callbacks[0].last is not None:
         first = {site: m["pr_pre"] for site, m in callbacks[0].last.items()}
@@ -189,13 +194,13 @@ def run_worker(config: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the two experiments
-KINDS = ("none", "nerve", "nerve_pr", "naive")
+KINDS = ("none", "nerve", "nerve_pr", "nerve_f32", "naive")
 
 
 def overhead(device: torch.device, args, tmp: Path) -> dict:
     steps = {10: 30} if args.quick else {10: 50, 100: 200}
     repeats = 1 if args.quick else 2
-    batch = BATCH
+    batch = args.batch
     results = {}
     for every_n, max_steps in steps.items():
         runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
@@ -203,7 +208,7 @@ def overhead(device: torch.device, args, tmp: Path) -> dict:
             order = list(KINDS) if rep % 2 == 0 else list(reversed(KINDS))  # alternate the order
             for kind in order:
                 config = dict(callback=kind, every_n=every_n, max_steps=max_steps, batch=batch, grad_accum=1,
-                              device=str(device), threads=args.threads, output_dir=str(tmp / kind))
+                              device=str(device), threads=args.threads, output_dir=str(tmp / kind), d_ff=args.d_ff)
                 result = run_worker(config)
                 runs[kind].append(result)
                 print(f"  every {every_n:>3} steps, {kind:>5}: {result['train_seconds']:6.2f} s, "
@@ -252,13 +257,13 @@ def summarise_overhead(runs: dict[str, list[dict]], every_n: int) -> dict:
 
 def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
     accums = [1, 8] if args.quick else [1, 4, 16, 32]
-    batch = BATCH
+    batch = args.batch
     rows = []
     for accum in accums:
         row = {"grad_accum": accum, "tokens_per_measurement": batch * accum * SEQ}
         for kind in ("none", "nerve", "naive"):
             config = dict(callback=kind, every_n=1, max_steps=2, batch=batch, grad_accum=accum,
-                          device=str(device), threads=args.threads, output_dir=str(tmp / kind))
+                          device=str(device), threads=args.threads, output_dir=str(tmp / kind), d_ff=args.d_ff)
             result = run_worker(config)
             row[kind] = {"peak_rss_mb": result["peak_rss_mb"], "cuda_max_allocated_mb": result["cuda_max_allocated_mb"]}
         for kind in ("nerve", "naive"):
@@ -269,7 +274,7 @@ def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
               f"{row['nerve']['peak_rss_over_none_mb']:7.1f} MB, naive {row['naive']['peak_rss_over_none_mb']:7.1f} MB",
               flush=True)
         rows.append(row)
-    d, layers = MODEL["n_inner"], MODEL["n_layer"]
+    d, layers = args.d_ff, MODEL["n_layer"]
     return {
         "rows": rows,
         "expected_nerve_state_mb": layers * 2 * (d * d + d) * 8 / 2**20,
@@ -283,6 +288,8 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-sweep", action="store_true", help="only the overhead runs")
     parser.add_argument("--skip-overhead", action="store_true", help="only the memory sweep")
+    parser.add_argument("--d-ff", type=int, default=MODEL["n_inner"], help=f"FFN width (default: the demo's {MODEL['n_inner']})")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences per step (default: the demo's {BATCH})")
     args = parser.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -292,14 +299,16 @@ def main() -> None:
 
     for device in devices(args.device):
         with tempfile.TemporaryDirectory() as tmp:
-            payload = {"model": MODEL, "seq_len": SEQ, "batch": BATCH}
+            payload = {"model": {**MODEL, "n_inner": args.d_ff}, "seq_len": SEQ, "batch": args.batch}
             if not args.skip_overhead:
                 print(f"{device}: overhead runs", flush=True)
                 payload["overhead"] = overhead(device, args, Path(tmp))
             if not args.skip_sweep:
                 print(f"{device}: memory sweep", flush=True)
                 payload["memory_sweep"] = memory_sweep(device, args, Path(tmp))
-        write_result(args.out, "training_overhead", device, payload, args.quick)
+        custom = args.d_ff != MODEL["n_inner"] or args.batch != BATCH
+        name = f"training_overhead_d{args.d_ff}_b{args.batch}" if custom else "training_overhead"
+        write_result(args.out, name, device, payload, args.quick)
 
 
 if __name__ == "__main__":
