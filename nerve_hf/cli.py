@@ -4,6 +4,10 @@ Bad input (a path that is not a model, an unsupported architecture, an empty tex
 that cannot be written, ...) ends with one line on stderr and exit status 2, never a traceback; an unusable
 ``--out`` is reported before anything is loaded or measured. Heavy libraries load only once a subcommand
 runs, so ``nerve --help`` is quick.
+
+The flags of ``nerve probe`` are the fields of :class:`nerve_hf.probe.ProbeConfig`
+(:func:`add_option_arguments`); only ``--out`` and ``--no-plots``, which concern the command and not the
+measurement, are written here.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
+import typing
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_option_arguments"]
 
 EXIT_INPUT = 2  # bad input the user can fix
 EXIT_INTERRUPTED = 130
@@ -38,12 +45,62 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _argument_type(annotation):
+    """argparse ``type`` for an option field's annotation: ``Optional[X]`` as X; ``list[int]`` as a comma
+    list (:func:`_int_list`), ``dict`` as a JSON object; ``int``/``str`` as themselves."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) is list and typing.get_args(annotation) == (int,):
+        return _int_list
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        return _json_object
+    if annotation in (int, str):
+        return annotation
+    raise TypeError(f"no command-line type for an option annotated {annotation!r}")
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, cls, descriptions: dict[str, str]) -> dict[str, object]:
+    """One argument per field of option set ``cls``: a positional for a field without a default, else
+    ``--<field-with-dashes>``; help, ``metavar`` and ``group`` from the field's metadata (groups in order of
+    first use, described by ``descriptions``); the type from the annotation (:func:`_argument_type`). A bool
+    field is a switch: ``--name`` when its default is False, ``--no-name`` when it is True. Values are only
+    converted here: ``cls`` checks them (once, naming the flag). Returns the argument groups by name."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, object] = {}
+    for f in fields(cls):
+        meta = f.metadata
+        if "group" in meta and meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"], descriptions.get(meta["group"]))
+        where = groups.get(meta.get("group"), parser)
+        help_text = meta["help"].replace("%", "%%")
+        if f.default is MISSING and f.default_factory is MISSING:
+            where.add_argument(f.name, metavar=meta.get("metavar"), help=help_text)
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            if default:
+                where.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f"do not {help_text}")
+            else:
+                where.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        if default is not None:
+            help_text += f" (default: {default})"
+        where.add_argument(flag, dest=f.name, type=_argument_type(hints[f.name]), default=default,
+                           metavar=meta.get("metavar"), help=help_text)
+    return groups
+
+
 def _default_probe_dir(model: str) -> str:
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model.rstrip("/\\")).name or model)
     return f"nerve_probe_{name.strip('._') or 'model'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import DEFAULT_CORPUS
+    from .probe import ProbeConfig
+    from .probe.api import IMAGE_INPUT, MEASUREMENT, TEXT_INPUT
+
     parser = argparse.ArgumentParser(
         prog="nerve",
         description="NerVE: eigenspectrum metrics (SE, PR, EEE, JS) of transformer feed-forward networks.",
@@ -60,44 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                "  nerve probe mixer.pth --timm-arch mixer_s16_224",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    probe.add_argument("model", metavar="MODEL",
-                       help="local model folder (transformers save_pretrained or timm), a Hugging Face Hub id, "
-                            "timm/<name> for a timm Hub model, or a timm checkpoint file/folder with --timm-arch")
-    text = probe.add_argument_group("text input (transformers models; default: the embedded stdlib-code corpus)")
-    text.add_argument("--text-file", metavar="FILE", help="measure on this UTF-8 text file")
-    text.add_argument("--dataset", metavar="NAME",
-                      help="embedded corpus (stdlib-code), a local dataset folder, or a Hub dataset id (streamed)")
-    text.add_argument("--dataset-config", metavar="NAME", help="configuration of --dataset (e.g. en for allenai/c4)")
-    text.add_argument("--dataset-split", default="train", metavar="SPLIT", help="split of --dataset (default: train)")
-    text.add_argument("--text-column", metavar="COLUMN",
-                      help="column of --dataset holding the text (default: text, content, code, or the first string column)")
-    text.add_argument("--tokenizer", metavar="NAME_OR_PATH", help="tokenizer to use instead of the model's own")
-    text.add_argument("--seq-len", type=int, default=256,
-                      help="tokens per sequence, special tokens included; capped at the model's maximum (default: 256)")
-    images = probe.add_argument_group("image input (timm models; default: the embedded scikit-learn digits)")
-    images.add_argument("--image-dir", metavar="DIR", help="folder of images (searched recursively, sorted by name)")
-    images.add_argument("--num-images", type=int, default=64, help="number of images to measure (default: 64)")
-    images.add_argument("--timm-arch", metavar="NAME",
-                        help="timm architecture of a local checkpoint without config.json: a registry name (mixer_b16_224) or a "
-                             "class path (timm.models.mlp_mixer.MlpMixer) for custom sizes given by --timm-kwargs")
-    images.add_argument("--timm-kwargs", type=_json_object, metavar="JSON",
-                        help="extra timm.create_model arguments as a JSON object, e.g. '{\"num_blocks\": 4}'")
-    run = probe.add_argument_group("measurement")
-    run.add_argument("--max-tokens", type=int, default=16384,
-                     help="per FFN, measure at most this many tokens (rows); the input is cut to it (default: 16384)")
-    run.add_argument("--batch-size", type=int, default=8, help="sequences or images per forward pass (default: 8)")
-    run.add_argument("--layers", type=_int_list, metavar="I,J,...",
-                     help="block indices to measure, negative from the end (default: all)")
-    run.add_argument("--spectra-layers", type=_int_list, metavar="I,J,...",
-                     help="layers whose eigenvalue spectra are plotted (default: first, middle, last)")
-    run.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
-    run.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "auto"),
-                     help="weights and activations dtype; auto keeps the checkpoint's (default: float32)")
-    run.add_argument("--revision", help="Hub revision (branch, tag or commit) of a transformers model")
-    run.add_argument("--trust-remote-code", action="store_true",
-                     help="allow transformers to run modelling code shipped with the checkpoint")
+    groups = add_option_arguments(probe, ProbeConfig, {
+        TEXT_INPUT: f"transformers models; default: the embedded {DEFAULT_CORPUS} corpus",
+        IMAGE_INPUT: "timm models; default: the embedded scikit-learn digits",
+    })
+    run = groups[MEASUREMENT]  # the options of the command alone, not of a probe
     run.add_argument("--out", metavar="DIR", help="output folder (default: ./nerve_probe_<model name>)")
-    run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     run.add_argument("--no-plots", action="store_true", help="write report.json/csv and eigenvalues.npz only")
 
     report = sub.add_parser(
@@ -139,17 +164,10 @@ def _probe(args: argparse.Namespace) -> int:
     out = check_writable_dir(args.out or _default_probe_dir(args.model), "--out" if args.out else "the default --out")
     from .probe import ProbeConfig, format_table, run_probe, write_probe
 
-    config = ProbeConfig(
-        model=args.model, text_file=args.text_file, dataset=args.dataset, dataset_config=args.dataset_config,
-        dataset_split=args.dataset_split, text_column=args.text_column, image_dir=args.image_dir,
-        num_images=args.num_images, tokenizer=args.tokenizer, timm_arch=args.timm_arch,
-        timm_kwargs=args.timm_kwargs, revision=args.revision, trust_remote_code=args.trust_remote_code,
-        max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers,
-        device=args.device, dtype=args.dtype, spectra_layers=args.spectra_layers, progress=not args.no_progress,
-    )
+    config = ProbeConfig(**{f.name: getattr(args, f.name) for f in fields(ProbeConfig)})
     _quiet_libraries()
     result = run_probe(config)
-    written = write_probe(result, out, args.spectra_layers, with_plots=not args.no_plots)
+    written = write_probe(result, out, config.spectra_layers, with_plots=not args.no_plots)
     data = result.data
     amount = f"{data.get('tokens')} tokens" if data.get("kind") == "text" else f"{data.get('images')} images"
     print(f"{result.model.get('class')} ({result.model.get('name')}) on {amount} of {data.get('source')}")
@@ -160,7 +178,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .outputs import check_writable_dir
-    from .report import write_report
+    from .runs import write_report
 
     if args.out is not None:
         check_writable_dir(args.out)  # before reading the run; write_report checks its default folder itself
@@ -181,13 +199,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``nerve`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .errors import InputError
+    from .errors import InputError, one_line
 
     try:
         return _probe(args) if args.command == "probe" else _report(args)
     except InputError as error:
-        message = " ".join(str(error).split())  # one line, whatever the message held
-        print(f"nerve {args.command}: error: {message}", file=sys.stderr)
+        print(f"nerve {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"nerve {args.command}: interrupted", file=sys.stderr)

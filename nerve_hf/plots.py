@@ -3,7 +3,7 @@
 :func:`nerve_hf.outputs.write_figure` (Agg).
 
 Probe figures take the rows of one measurement (``SpectralReport.rows`` or its DataFrame); run figures
-take the long DataFrames of :mod:`nerve_hf.report`.
+take the long DataFrames of :mod:`nerve_hf.runs`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ __all__ = [
     "plot_metric_vs_loss",
 ]
 
-# metric column -> axis label
-METRIC_LABELS = {
-    "se_pre": "SE pre", "se_post": "SE post", "pr_pre": "PR pre", "pr_post": "PR post",
-    "eee_pre": "EEE pre", "eee_post": "EEE post", "js": "JS(pre, post)",
-}
+
+def _label(name: str) -> str:
+    """``se_pre`` -> ``SE pre``; ``js`` (no side: it compares the two) -> ``JS(pre, post)``."""
+    metric, _, side = name.partition("_")
+    return f"{metric.upper()} {side}" if side else f"{metric.upper()}(pre, post)"
+
+
+METRIC_LABELS = {name: _label(name) for name in METRIC_NAMES}  # metric column -> axis label
 _PAIRS = (("se", "spectral entropy (SE)"), ("pr", "participation ratio (PR)"), ("eee", "early enrichment (EEE)"))
 
 
@@ -205,7 +208,7 @@ def plot_metric_vs_loss(aligned, correlations, split: str, site: str = "mean"):
     """Each metric of ``site`` against the loss of the same step, with Pearson r in the title.
 
     ``aligned``: rows with step, split, site, the metrics and ``loss``; ``correlations``: the table of
-    :func:`nerve_hf.report.correlations` (its r, p and n are shown, not recomputed).
+    :func:`nerve_hf.runs.correlations` (its r, p and n are shown, not recomputed).
     """
     frame = aligned[(aligned["split"] == split) & (aligned["site"] == site)]
     figure, axes = _grid(len(METRIC_NAMES))

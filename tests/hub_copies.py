@@ -45,7 +45,7 @@ class HubCache:
         return snapshot
 
     def serve_dataset(self, repo_id: str, folder: Path) -> None:
-        """``datasets.load_dataset(repo_id, ...)`` reads ``folder`` instead of the Hub."""
+        """``datasets.load_dataset(repo_id, ...)`` reads the local ``folder`` (never the network)."""
         import datasets
 
         if not self._datasets:

@@ -16,7 +16,7 @@ from nerve_hf.cli import main
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.records import RECORDS_FILENAME, append_records, drop_records_after, read_records
-from nerve_hf.report import load_run
+from nerve_hf.runs import load_run
 from test_report import synthetic_run
 from test_probe import gpt2_dir  # noqa: F401 - a fixture, used through model_dir
 

@@ -16,6 +16,7 @@ from nerve_hf.cli import main
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.probe import probe_model
 from nerve_hf.spectral_report import ROW_KEYS
+from reference import assert_rows_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,15 +105,6 @@ def assert_png(path: Path):
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
     assert image[..., :3].std() > 0.01  # not a blank canvas
-
-
-def assert_rows_equal(rows, expected):
-    assert [r["site"] for r in rows] == [e["site"] for e in expected]
-    for row, want in zip(rows, expected):
-        assert set(row) == set(ROW_KEYS)
-        assert (row["layer"], row["dim"], row["tokens"]) == (want["layer"], want["dim"], want["tokens"])
-        for name in METRIC_NAMES:
-            assert row[name] == pytest.approx(want[name], rel=1e-9, abs=1e-12), (row["site"], name)
 
 
 def tracked_rows(model, sequences: list[list[int]], batch_size: int, pad_id: int) -> list[dict]:

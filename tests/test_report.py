@@ -13,7 +13,7 @@ from scipy import stats
 from nerve_hf import NerveCallback
 from nerve_hf.cli import main
 from nerve_hf.metrics import METRIC_NAMES
-from nerve_hf.report import aligned, correlations, load_run, write_report
+from nerve_hf.runs import aligned, correlations, load_run
 from trainer_helpers import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,29 +1,47 @@
-"""Offline data for NerVE runs: an embedded code corpus, a locally trained tokenizer, LM block packing,
-and one loader for embedded corpora, Hub datasets and local text files.
+"""Offline data for NerVE runs: an embedded code corpus, an embedded image set, a locally trained
+tokenizer, LM block packing, and one loader for embedded corpora, saved datasets, Hub datasets and
+local text files (with one rule for the text column: :func:`find_text_column`).
 
-Importing this package is cheap; ``datasets``/``transformers``/``tokenizers`` load when a function runs.
+Importing this package is cheap; ``datasets``/``transformers``/``tokenizers``/``sklearn`` load when a function runs.
 """
 
 from .corpus import (
+    DEFAULT_CORPUS,
     EMBEDDED_CORPORA,
     EmbeddedCorpus,
     StdlibCorpusConfig,
+    embedded_corpus,
     load_embedded_corpus,
     load_stdlib_corpus,
 )
+from .digits import DIGITS_SOURCE, load_digits
 from .grouping import group_texts, tokenize_and_group
-from .sources import HUB_TEXT_DATASETS, HubTextDataset, load_raw_datasets
+from .sources import (
+    HUB_TEXT_DATASETS,
+    TEXT_COLUMNS,
+    HubTextDataset,
+    find_text_column,
+    load_dataset_splits,
+    load_raw_datasets,
+)
 from .tokenizer import cache_root, get_tokenizer, train_bpe_tokenizer
 
 __all__ = [
+    "DEFAULT_CORPUS",
+    "DIGITS_SOURCE",
     "EMBEDDED_CORPORA",
     "EmbeddedCorpus",
     "HUB_TEXT_DATASETS",
     "HubTextDataset",
     "StdlibCorpusConfig",
+    "TEXT_COLUMNS",
     "cache_root",
+    "embedded_corpus",
+    "find_text_column",
     "get_tokenizer",
     "group_texts",
+    "load_dataset_splits",
+    "load_digits",
     "load_embedded_corpus",
     "load_raw_datasets",
     "load_stdlib_corpus",

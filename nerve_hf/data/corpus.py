@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+DEFAULT_CORPUS = "stdlib-code"  # the corpus every entry point reads when it is given no data
 DEFAULT_MAX_BYTES = 3_000_000  # corpus cap in UTF-8 bytes: ~0.9M GPT-2-style tokens, keeps the demo fast
 DEFAULT_VALIDATION_PERCENT = 5.0  # share of files (by path hash) that go to the validation split
 DEFAULT_MAX_FILE_BYTES = 200_000  # larger files are generated data (pydoc_data/topics.py), not code
@@ -76,8 +77,8 @@ def iter_stdlib_sources(config: StdlibCorpusConfig) -> list[tuple[str, str]]:
     """``(relative posix path, source text)`` of every usable ``.py`` file, in a stable pseudo-random order.
 
     Unusable files are skipped: not UTF-8, empty, or larger than ``config.max_file_bytes``.
-    The order (a hash of the path) makes any ``max_bytes`` prefix a spread over the whole library
-    instead of the alphabetically first packages.
+    The order (a hash of the path) makes any ``max_bytes`` prefix a spread over the whole library, not a
+    run of alphabetically adjacent packages.
     """
     root = config.resolved_root()
     skipped_dirs = _ALWAYS_SKIPPED_DIRS | (frozenset() if config.include_tests else _TEST_DIRS)
@@ -156,10 +157,14 @@ EMBEDDED_CORPORA: dict[str, EmbeddedCorpus] = {
 }
 
 
-def load_embedded_corpus(name: str = "stdlib-code", **options):
-    """Build the embedded corpus ``name`` (a key of :data:`EMBEDDED_CORPORA`)."""
+def embedded_corpus(name: str) -> EmbeddedCorpus:
+    """The entry of :data:`EMBEDDED_CORPORA` called ``name``; ValueError naming the known ones otherwise."""
     try:
-        corpus = EMBEDDED_CORPORA[name]
+        return EMBEDDED_CORPORA[name]
     except KeyError:
         raise ValueError(f"unknown embedded corpus {name!r}; known: {sorted(EMBEDDED_CORPORA)}") from None
-    return corpus.load(**options)
+
+
+def load_embedded_corpus(name: str = DEFAULT_CORPUS, **options):
+    """Build the embedded corpus ``name`` (a key of :data:`EMBEDDED_CORPORA`)."""
+    return embedded_corpus(name).load(**options)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .corpus import EMBEDDED_CORPORA
+from .corpus import DEFAULT_CORPUS, embedded_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def train_bpe_tokenizer(texts, vocab_size: int = DEFAULT_VOCAB_SIZE):
 def get_tokenizer(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     cache_dir: str | os.PathLike | None = None,
-    corpus: str = "stdlib-code",
+    corpus: str = DEFAULT_CORPUS,
     **corpus_options,
 ):
     """The byte-level BPE tokenizer of an embedded corpus, trained once and then loaded from disk.
@@ -84,9 +84,7 @@ def get_tokenizer(
     """
     from transformers import PreTrainedTokenizerFast
 
-    if corpus not in EMBEDDED_CORPORA:
-        raise ValueError(f"unknown embedded corpus {corpus!r}; known: {sorted(EMBEDDED_CORPORA)}")
-    entry = EMBEDDED_CORPORA[corpus]
+    entry = embedded_corpus(corpus)
     fingerprint = entry.config_cls(**corpus_options).fingerprint()
     root = cache_root(cache_dir) / "tokenizers"
     target = root / tokenizer_cache_key(vocab_size, corpus, fingerprint)

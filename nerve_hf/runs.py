@@ -1,4 +1,5 @@
-"""``nerve report``: NerVE metrics of a training run next to its loss: correlations, summary, plots.
+"""Run analysis behind ``nerve report``: a training run's NerVE metrics next to its loss: correlations,
+summary, plots.
 
 A run directory is what ``Trainer`` + :class:`nerve_hf.NerveCallback` leave behind: the callback's
 ``nerve_metrics.jsonl`` and the Trainer's ``trainer_state.json`` (``log_history``). Each measurement is
@@ -10,12 +11,12 @@ aligned with the loss logged at the same step of the same split:
 
 Notebook use::
 
-    from nerve_hf import report
-    run = report.load_run("out/run")          # run.metrics, run.losses: DataFrames
-    table = report.aligned(run)               # one row per (split, step, site) with its loss
-    corr = report.correlations(table)         # split, site, metric, r, p, n
-    report.plots.plot_trajectories(run.metrics, "train", run.losses)
-    report.write_report("out/run")            # correlations.csv, summary.md, PNGs
+    from nerve_hf import runs
+    run = runs.load_run("out/run")            # run.metrics, run.losses: DataFrames
+    table = runs.aligned(run)                 # one row per (split, step, site) with its loss
+    corr = runs.correlations(table)           # split, site, metric, r, p, n
+    runs.plots.plot_trajectories(run.metrics, "train", run.losses)
+    runs.write_report("out/run")              # correlations.csv, summary.md, PNGs
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from . import plots
 from .errors import InputError
 from .metrics import METRIC_NAMES
 from .records import RECORDS_FILENAME, scan_records, skipped_lines_message
+from .spectral_report import ROW_KEYS
 
 __all__ = [
     "MIN_POINTS",
@@ -198,7 +200,7 @@ def load_run(run_dir) -> RunData:
             f"{STATE_FILENAME}): train with callbacks=[nerve_hf.NerveCallback(...)]"
         )
 
-    columns = ["step", "split", "site", "layer", "dim", "tokens", *METRIC_NAMES]
+    columns = ["step", "split", *ROW_KEYS]
     metrics = pd.DataFrame(records).reindex(columns=[*columns, "sites"])
     metrics[list(METRIC_NAMES)] = metrics[list(METRIC_NAMES)].astype(float)
     # A resumed run may have measured a step twice: the last record wins.

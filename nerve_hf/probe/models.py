@@ -19,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError, first_line
 
 __all__ = ["ModelSource", "LoadedModel", "classify", "load_model", "default_device", "check_device", "DTYPES"]
 
-# --dtype choice -> torch dtype name ("auto": whatever the checkpoint holds)
+# --dtype choices: torch dtype names ("auto": whatever the checkpoint holds)
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)?$")
@@ -42,11 +42,6 @@ class ModelSource:
     @property
     def modality(self) -> str:
         return "image" if self.library == "timm" else "text"
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def classify(spec: str, timm_arch: str | None = None) -> ModelSource:
@@ -68,7 +63,7 @@ def classify(spec: str, timm_arch: str | None = None) -> ModelSource:
         try:
             keys = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InputError(f"{str(config)!r} is not a readable JSON config: {_one_line(error)}") from None
+            raise InputError(f"{str(config)!r} is not a readable JSON config: {first_line(error)}") from None
         if isinstance(keys, dict) and "architecture" in keys and "model_type" not in keys:
             return ModelSource(spec, "timm", "local", path)
         return ModelSource(spec, "transformers", "local", path)
@@ -92,10 +87,9 @@ class LoadedModel:
 
 
 def _torch_dtype(name: str):
+    """The torch dtype of a :data:`DTYPES` name (checked by ``ProbeConfig``); None for ``auto``."""
     import torch
 
-    if name not in DTYPES:
-        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return None if name == "auto" else getattr(torch, name)
 
 
@@ -107,7 +101,7 @@ def _load_transformers(source: ModelSource, tokenizer_spec: str | None, dtype: s
     try:
         config = AutoConfig.from_pretrained(source.spec, **options)
     except Exception as error:  # noqa: BLE001 - OSError, ValueError, KeyError, HTTP errors ...
-        raise InputError(f"cannot load the config of {source.spec!r} {where}: {_one_line(error)}") from None
+        raise InputError(f"cannot load the config of {source.spec!r} {where}: {first_line(error)}") from None
     architectures = list(getattr(config, "architectures", None) or [])
     causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
     auto = AutoModelForCausalLM if causal else AutoModel
@@ -115,12 +109,12 @@ def _load_transformers(source: ModelSource, tokenizer_spec: str | None, dtype: s
     try:
         model = auto.from_pretrained(source.spec, dtype="auto" if torch_dtype is None else torch_dtype, **options)
     except Exception as error:  # noqa: BLE001
-        raise InputError(f"cannot load model {source.spec!r} {where}: {_one_line(error)}") from None
+        raise InputError(f"cannot load model {source.spec!r} {where}: {first_line(error)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_spec or source.spec, **options)
     except Exception as error:  # noqa: BLE001
         raise InputError(
-            f"cannot load a tokenizer from {tokenizer_spec or source.spec!r}: {_one_line(error)} (pass --tokenizer)"
+            f"cannot load a tokenizer from {tokenizer_spec or source.spec!r}: {first_line(error)} (pass --tokenizer)"
         ) from None
 
     limits = [getattr(config, key, None) for key in ("n_positions", "max_position_embeddings")]
@@ -159,7 +153,7 @@ def _read_state_dict(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - pickle, zip, safetensors header errors
-        raise InputError(f"cannot read weights from {str(path)!r}: {_one_line(error)}") from None
+        raise InputError(f"cannot read weights from {str(path)!r}: {first_line(error)}") from None
     for key in ("state_dict", "model", "state_dict_ema"):  # training checkpoints nest the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -239,7 +233,7 @@ def _load_timm(source: ModelSource, timm_arch: str | None, timm_kwargs: dict | N
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001 - RuntimeError, OSError, HTTP errors ...
-        raise InputError(f"cannot load timm model {source.spec!r}: {_one_line(error)}") from None
+        raise InputError(f"cannot load timm model {source.spec!r}: {first_line(error)}") from None
     torch_dtype = _torch_dtype(dtype)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
@@ -289,7 +283,7 @@ def check_device(name: str) -> str:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
-        raise InputError(f"--device {name!r} is not a torch device: {_one_line(error)}") from None
+        raise InputError(f"--device {name!r} is not a torch device: {first_line(error)}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name!r}: CUDA is not available on this machine")
     return name

@@ -30,12 +30,16 @@ import platform
 import sys
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-from .errors import InputError
-from .metrics import METRIC_NAMES
-from .options import Validated, at_least, boolean, int_list, mapping, one_of, option, optional, positive_int, text
-from .spectral_report import ROW_KEYS, SpectralReport
+from ..data import EMBEDDED_CORPORA, TEXT_COLUMNS
+from ..errors import InputError, first_line
+from ..options import Validated, at_least, boolean, int_list, mapping, one_of, option, optional, positive_int, text
+from .inputs import check_inputs, make_batches
+from .models import DTYPES, check_device, classify, default_device, load_model
+
+if TYPE_CHECKING:
+    from ..spectral_report import SpectralReport
 
 __all__ = ["ProbeConfig", "ProbeResult", "probe_model", "run_probe", "write_probe", "format_table", "choose_layers"]
 
@@ -44,47 +48,76 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Argument groups of ``nerve probe --help`` (the ``group`` of a field's metadata).
+TEXT_INPUT, IMAGE_INPUT, MEASUREMENT = "text input", "image input", "measurement"
+
+
 @dataclass
 class ProbeConfig(Validated):
-    """Everything ``nerve probe`` needs; the CLI flags map one to one onto these fields (errors name the flag)."""
+    """Everything ``nerve probe`` needs. The command's flags are made from these fields (``--<field-with-
+    dashes>``; help, ``group`` and ``metavar`` from the metadata) and every error names the flag."""
 
     option_name = staticmethod(_flag)
 
-    model: str = option(MISSING, "local folder, Hub id, timm/<name>, or a timm checkpoint with --timm-arch", text)
-    text_file: Optional[str] = option(None, "a text file to measure on (one document)", optional(text))
+    model: str = option(
+        MISSING, "local model folder (transformers save_pretrained or timm), a Hugging Face Hub id, timm/<name> "
+                 "for a timm Hub model, or a timm checkpoint file/folder with --timm-arch", text, metavar="MODEL",
+    )
+    # ----------------------------------------------------------------------------- text input
+    text_file: Optional[str] = option(None, "measure on this UTF-8 text file (one document)", optional(text),
+                                      group=TEXT_INPUT, metavar="FILE")
     dataset: Optional[str] = option(
-        None, "embedded corpus name, local dataset folder, or Hub dataset id (streamed)", optional(text)
+        None, f"embedded corpus ({', '.join(EMBEDDED_CORPORA)}), a local dataset folder, or a Hub dataset id "
+              f"(streamed)", optional(text), group=TEXT_INPUT, metavar="NAME",
     )
-    dataset_config: Optional[str] = option(None, "the dataset's configuration (e.g. en for allenai/c4)", optional(text))
-    dataset_split: str = option("train", "which split of the dataset", text)
+    dataset_config: Optional[str] = option(None, "configuration of --dataset (e.g. en for allenai/c4)", optional(text),
+                                           group=TEXT_INPUT, metavar="NAME")
+    dataset_split: str = option("train", "split of --dataset", text, group=TEXT_INPUT, metavar="SPLIT")
     text_column: Optional[str] = option(
-        None, "dataset column holding the text; None: text, content, code or the first string column", optional(text)
+        None, f"column of --dataset holding the text (default: the column a known Hub dataset uses, else the first "
+              f"of {', '.join(TEXT_COLUMNS)}, else the first string column)", optional(text),
+        group=TEXT_INPUT, metavar="COLUMN",
     )
-    image_dir: Optional[str] = option(None, "folder of images for timm models; None: the embedded digits", optional(text))
-    num_images: int = option(64, "images to measure for timm models", positive_int)
-    tokenizer: Optional[str] = option(None, "tokenizer folder or Hub id; None: the model's own", optional(text))
-    timm_arch: Optional[str] = option(None, "timm architecture of a bare local checkpoint (file or folder)", optional(text))
+    tokenizer: Optional[str] = option(None, "tokenizer folder or Hub id (default: the model's own)", optional(text),
+                                      group=TEXT_INPUT, metavar="NAME_OR_PATH")
+    seq_len: int = option(256, "tokens per sequence, special tokens included; capped at the model's maximum",
+                          positive_int, group=TEXT_INPUT)
+    # ---------------------------------------------------------------------------- image input
+    image_dir: Optional[str] = option(
+        None, "folder of images, searched recursively, sorted by name (default: the embedded digits)", optional(text),
+        group=IMAGE_INPUT, metavar="DIR",
+    )
+    num_images: int = option(64, "number of images to measure", positive_int, group=IMAGE_INPUT)
+    timm_arch: Optional[str] = option(
+        None, "timm architecture of a local checkpoint without config.json: a registry name (mixer_b16_224) or a "
+              "class path (timm.models.mlp_mixer.MlpMixer) for custom sizes given by --timm-kwargs", optional(text),
+        group=IMAGE_INPUT, metavar="NAME",
+    )
     timm_kwargs: Optional[dict] = option(
-        None, "extra timm.create_model keyword arguments (sizes of a custom model)", optional(mapping)
+        None, "extra timm.create_model arguments as a JSON object, e.g. '{\"num_blocks\": 4}'", optional(mapping),
+        group=IMAGE_INPUT, metavar="JSON",
     )
-    revision: Optional[str] = option(None, "Hub revision of a transformers model", optional(text))
-    trust_remote_code: bool = option(False, "let transformers run a checkpoint's own modelling code", boolean)
+    # ---------------------------------------------------------------------------- measurement
     max_tokens: int = option(
         16384, "per FFN, measure at most this many tokens (rows); the input is cut to it",
-        at_least(2, "an integer of at least 2 (a covariance needs two tokens)"),
+        at_least(2, "an integer of at least 2 (a covariance needs two tokens)"), group=MEASUREMENT,
     )
-    seq_len: int = option(256, "tokens per sequence (special tokens included), capped at the model's maximum", positive_int)
-    batch_size: int = option(8, "sequences or images per forward pass", positive_int)
-    layers: Optional[list[int]] = option(None, "block indices to measure (negative from the end); None: all", optional(int_list))
-    device: Optional[str] = option(None, "torch device; None: cuda when present, else cpu", optional(text))
-    dtype: str = option(
-        "float32", "model weights/activations: float32, float16, bfloat16 or auto (the checkpoint's)",
-        one_of(("float32", "float16", "bfloat16", "auto")),
-    )
+    batch_size: int = option(8, "sequences or images per forward pass", positive_int, group=MEASUREMENT)
+    layers: Optional[list[int]] = option(None, "block indices to measure, negative from the end (default: all)",
+                                         optional(int_list), group=MEASUREMENT, metavar="I,J,...")
     spectra_layers: Optional[list[int]] = option(
-        None, "layers whose spectra are plotted; None: first, middle, last", optional(int_list)
+        None, "layers whose eigenvalue spectra are plotted (default: first, middle, last)", optional(int_list),
+        group=MEASUREMENT, metavar="I,J,...",
     )
-    progress: bool = option(True, "show a progress bar on stderr", boolean)
+    device: Optional[str] = option(None, "torch device (default: cuda when present, else cpu)", optional(text),
+                                   group=MEASUREMENT)
+    dtype: str = option("float32", f"weights and activations dtype, one of {', '.join(DTYPES)}; auto keeps the "
+                                   f"checkpoint's", one_of(DTYPES), group=MEASUREMENT)
+    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of a transformers model",
+                                     optional(text), group=MEASUREMENT)
+    trust_remote_code: bool = option(False, "allow transformers to run modelling code shipped with the checkpoint",
+                                     boolean, group=MEASUREMENT)
+    progress: bool = option(True, "show a progress bar on stderr", boolean, group=MEASUREMENT)
 
     def __post_init__(self) -> None:
         if self.text_file is not None and self.dataset is not None:
@@ -102,6 +135,8 @@ class ProbeResult:
 
     def to_json(self) -> dict:
         """The content of ``report.json``."""
+        from ..metrics import METRIC_NAMES
+
         return {
             "rows": self.report.rows,
             "mean": self.report.mean(),
@@ -123,7 +158,7 @@ class ProbeResult:
 def _environment() -> dict:
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     versions = {"nerve_hf": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "timm"):
@@ -161,7 +196,7 @@ def probe_model(model, batches: Iterable, *, adapter=None, layers=None, max_toke
     """
     import torch
 
-    from .tracker import FFNTracker
+    from ..tracker import FFNTracker
 
     parameter = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (parameter.device if parameter is not None else None)
@@ -200,76 +235,12 @@ def choose_layers(rows: list[dict], wanted: Optional[list[int]] = None) -> list[
     return [row["site"] for row in rows if row["layer"] in picked]
 
 
-def _data(config: ProbeConfig, loaded, seq_len: int):
-    """The batches for ``loaded`` and their provenance."""
-    from . import probe_data
-
-    if loaded.source.modality == "image":
-        n = int(config.num_images)
-        if config.image_dir is not None:
-            images = probe_data.image_dir_images(config.image_dir, n, loaded.data_config)
-            source = {"kind": "images", "source": "image-dir", "path": str(Path(config.image_dir).resolve())}
-        else:
-            cfg = loaded.data_config
-            images = probe_data.digits_images(n, tuple(cfg["input_size"]), cfg["mean"], cfg["std"])
-            source = {"kind": "images", "source": "embedded:digits",
-                      "description": "scikit-learn handwritten digits (8x8 grey), resized bilinearly to the model's "
-                                     "input size, repeated over channels, normalised with the model's mean/std"}
-        made = probe_data.image_batches(images, config.batch_size)
-        source.update(images=made.images, input_size=list(images.shape[1:]), batch_size=config.batch_size)
-        return made.batches, source
-
-    if config.text_file is not None:
-        documents = probe_data.text_file_documents(config.text_file)
-        source = {"kind": "text", "source": "text-file", "path": str(Path(config.text_file).resolve())}
-    else:
-        name = config.dataset or probe_data.DEFAULT_TEXT
-        column, documents = probe_data.dataset_documents(
-            name, config.dataset_config, config.dataset_split, config.text_column
-        )
-        embedded = probe_data.is_embedded_corpus(name)
-        source = {"kind": "text", "source": f"embedded:{name}" if embedded else "dataset", "name": name}
-        if not embedded:
-            source.update(config=config.dataset_config, split=config.dataset_split, column=column)
-    made = probe_data.tokenize_documents(documents, loaded.tokenizer, seq_len, config.batch_size, config.max_tokens)
-    source.update(documents=made.documents, sequences=made.sequences, tokens=made.tokens, seq_len=seq_len,
-                  batch_size=config.batch_size, padding="right; attention_mask excludes pads")
-    return made.batches, source
-
-
-def check_inputs(config: ProbeConfig):
-    """Validate MODEL against the data options without loading anything heavy; returns its ModelSource."""
-    from .probe_data import check_text_file
-    from .probe_models import classify
-
-    source = classify(config.model, config.timm_arch)
-    if source.modality == "image":
-        if config.text_file is not None or config.dataset is not None:
-            raise InputError(
-                f"{config.model!r} is an image model (timm); it cannot take text "
-                f"(--text-file/--dataset); give --image-dir DIR or nothing for the embedded digits"
-            )
-    elif config.image_dir is not None:
-        raise InputError(f"{config.model!r} is a text model; --image-dir is for timm image models")
-    if config.text_file is not None:
-        check_text_file(config.text_file)
-    if config.image_dir is not None and not Path(config.image_dir).is_dir():
-        raise InputError(f"image directory {config.image_dir!r} does not exist")
-    return source
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def run_probe(config: ProbeConfig) -> ProbeResult:
     """Load ``config.model``, build its inputs, measure; InputError for anything the user can fix."""
     import model_adapters
 
-    from .probe_models import check_device, default_device, load_model
-
-    source = check_inputs(config)
+    source = classify(config.model, config.timm_arch)
+    file_text = check_inputs(config, source.modality)  # the text of --text-file, read once
     device = check_device(config.device or default_device())
     loaded = load_model(source, tokenizer=config.tokenizer, timm_arch=config.timm_arch,
                         timm_kwargs=config.timm_kwargs, dtype=config.dtype, revision=config.revision,
@@ -277,25 +248,25 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     try:
         adapter = model_adapters.get_adapter(loaded.model)
     except ValueError as error:
-        first = str(error).splitlines()[0]
-        raise InputError(f"unsupported architecture: {first} Register one with model_adapters.register_adapter.") from None
+        raise InputError(f"unsupported architecture: {first_line(error)} "
+                         f"Register one with model_adapters.register_adapter.") from None
 
     try:  # bad --layers / --spectra-layers fail here, before any data is read or forward run
         sites = model_adapters.resolve_sites(model_adapters.unwrap_model(loaded.model), adapter, config.layers)
     except (ValueError, IndexError) as error:
-        raise InputError(f"cannot measure {config.model!r}: {_first_line(error)}") from None
+        raise InputError(f"cannot measure {config.model!r}: {first_line(error)}") from None
     choose_layers([{"site": site.site, "layer": site.layer} for site in sites], config.spectra_layers)
 
     seq_len = min(config.seq_len, loaded.max_length) if loaded.max_length else config.seq_len
-    batches, data = _data(config, loaded, seq_len)
+    batches, data = make_batches(config, loaded, seq_len, file_text)
     model = loaded.model.to(device)
     try:
         report = probe_model(model, batches, adapter=adapter, layers=config.layers, max_tokens=config.max_tokens,
                              progress=config.progress, total=len(batches))
     except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
-        raise InputError(f"cannot measure {config.model!r}: {_first_line(error)}") from None
+        raise InputError(f"cannot measure {config.model!r}: {first_line(error)}") from None
     except (RuntimeError, AssertionError, TypeError) as error:  # the model rejected its input
-        raise InputError(f"the forward pass of {config.model!r} failed ({type(error).__name__}): {_first_line(error)}") from None
+        raise InputError(f"the forward pass of {config.model!r} failed ({type(error).__name__}): {first_line(error)}") from None
     parameter = next(model.parameters(), None)
     settings = {key: value for key, value in asdict(config).items() if key not in ("progress",)}
     settings.update(device=str(device), seq_len_used=seq_len,
@@ -306,6 +277,8 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
 # ------------------------------------------------------------------------------------------- output
 def format_table(report: SpectralReport) -> str:
     """The per-layer metrics as an aligned text table, with the layer mean as its last row."""
+    from ..metrics import METRIC_NAMES
+
     columns = ["site", "tokens"] + list(METRIC_NAMES)
     body = [[row["site"], str(row["tokens"])] + [_fmt(row[name]) for name in METRIC_NAMES] for row in report.rows]
     mean = report.mean()
@@ -333,8 +306,9 @@ def write_probe(result: ProbeResult, out_dir, spectra_layers: Optional[list[int]
     """
     import numpy as np
 
-    from . import plots
-    from .outputs import write_bytes, write_csv, write_figure, write_json
+    from .. import plots
+    from ..outputs import write_bytes, write_csv, write_figure, write_json
+    from ..spectral_report import ROW_KEYS
 
     out_dir = Path(out_dir)
     rows = result.report.rows

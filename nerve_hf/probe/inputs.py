@@ -1,69 +1,101 @@
 """Inputs for ``nerve probe``: text documents -> padded token batches; images -> pixel batches.
 
-Text sources (each yields documents, lazily, in a fixed order):
+Text comes from the first of these that is given:
 
-* ``--text-file F``: the file is one document.
-* ``--dataset NAME``: an embedded corpus (``nerve_hf.data.EMBEDDED_CORPORA``, read by :func:`embedded_text`), a
-  local dataset (``save_to_disk`` folder or data files ``datasets.load_dataset`` can read), or a Hub
-  dataset streamed with ``datasets.load_dataset(NAME, streaming=True)``.
-* nothing: the embedded ``stdlib-code`` corpus, real Python source files of the running interpreter.
+* ``--text-file F``: the file is one document, read once, when :func:`check_inputs` checks the options.
+* ``--dataset NAME``: whatever :func:`nerve_hf.data.load_dataset_splits` opens (an embedded corpus, a
+  ``save_to_disk`` folder, a local folder of data files, a Hub dataset, streamed), one split of it, its
+  text column chosen by :func:`nerve_hf.data.find_text_column`.
+* nothing: the embedded corpus :data:`nerve_hf.data.DEFAULT_CORPUS`, real Python source files of the
+  running interpreter.
 
-Images for timm models come from ``--image-dir`` or the embedded ``digits`` set (scikit-learn's 8x8
-handwritten digits, resized to the model's input size and normalised with its mean/std).
+An embedded corpus is read held-out split first, then its training split, so a probe limited by
+``--max-tokens`` reads text a demo model never trained on. Images for timm models come from
+``--image-dir`` or the embedded digits (:func:`nerve_hf.data.load_digits`), resized to the model's input
+size and normalised with its mean/std.
 """
 
 from __future__ import annotations
 
 import itertools
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
-from .errors import InputError
+from ..data import DEFAULT_CORPUS, EMBEDDED_CORPORA, find_text_column, load_dataset_splits
+from ..errors import InputError, first_line
+
+if TYPE_CHECKING:
+    from .api import ProbeConfig
+    from .models import LoadedModel
 
 __all__ = [
-    "DEFAULT_TEXT",
-    "EMBEDDED_IMAGES",
     "TextBatches",
     "ImageBatches",
-    "embedded_text",
-    "is_embedded_corpus",
-    "text_file_documents",
+    "check_inputs",
+    "make_batches",
+    "read_text_file",
     "dataset_documents",
-    "check_text_file",
     "tokenize_documents",
     "digits_images",
     "image_dir_images",
     "image_batches",
 ]
 
-DEFAULT_TEXT = "stdlib-code"  # the corpus probed when neither --text-file nor --dataset is given
+
+# ---------------------------------------------------------------------------------- the options
+def check_inputs(config: "ProbeConfig", modality: str) -> Optional[str]:
+    """Check the data options against the model's ``modality`` (``text`` or ``image``) before anything heavy
+    loads; returns the text of ``--text-file`` (read here, once), else None. InputError when they do not fit."""
+    if modality == "image":
+        if config.text_file is not None or config.dataset is not None:
+            raise InputError(
+                f"{config.model!r} is an image model (timm); it cannot take text "
+                f"(--text-file/--dataset); give --image-dir DIR or nothing for the embedded digits"
+            )
+    elif config.image_dir is not None:
+        raise InputError(f"{config.model!r} is a text model; --image-dir is for timm image models")
+    if config.image_dir is not None and not Path(config.image_dir).is_dir():
+        raise InputError(f"image directory {config.image_dir!r} does not exist")
+    return read_text_file(config.text_file) if config.text_file is not None else None
+
+
+def make_batches(config: "ProbeConfig", loaded: "LoadedModel", seq_len: int, text: Optional[str] = None):
+    """``(batches, provenance)`` for ``loaded``: images, or ``text`` (what :func:`check_inputs` read) /
+    the dataset / the default corpus cut into sequences of ``seq_len`` tokens."""
+    if loaded.source.modality == "image":
+        if config.image_dir is not None:
+            images = image_dir_images(config.image_dir, config.num_images, loaded.data_config)
+            source = {"kind": "images", "source": "image-dir", "path": str(Path(config.image_dir).resolve())}
+        else:
+            cfg = loaded.data_config
+            images = digits_images(config.num_images, tuple(cfg["input_size"]), cfg["mean"], cfg["std"])
+            source = {"kind": "images", "source": "embedded:digits",
+                      "description": "scikit-learn handwritten digits (8x8 grey), resized bilinearly to the model's "
+                                     "input size, repeated over channels, normalised with the model's mean/std"}
+        made = image_batches(images, config.batch_size)
+        source.update(images=made.images, input_size=list(images.shape[1:]), batch_size=config.batch_size)
+        return made.batches, source
+
+    if config.text_file is not None:
+        documents: Iterable[str] = [text if text is not None else read_text_file(config.text_file)]
+        source = {"kind": "text", "source": "text-file", "path": str(Path(config.text_file).resolve())}
+    else:
+        name = config.dataset or DEFAULT_CORPUS
+        column, documents = dataset_documents(name, config.dataset_config, config.dataset_split, config.text_column)
+        embedded = name in EMBEDDED_CORPORA
+        source = {"kind": "text", "source": f"embedded:{name}" if embedded else "dataset", "name": name}
+        if not embedded:
+            source.update(config=config.dataset_config, split=config.dataset_split, column=column)
+    made = tokenize_documents(documents, loaded.tokenizer, seq_len, config.batch_size, config.max_tokens)
+    source.update(documents=made.documents, sequences=made.sequences, tokens=made.tokens, seq_len=seq_len,
+                  batch_size=config.batch_size, padding="right; attention_mask excludes pads")
+    return made.batches, source
+
 
 # ---------------------------------------------------------------------------------------------- text
-def embedded_text(name: str) -> Iterator[str]:
-    """Documents of the embedded corpus ``name`` (see :data:`nerve_hf.data.EMBEDDED_CORPORA`).
-
-    The held-out validation split comes first, then the training split, so a probe limited by
-    ``--max-tokens`` reads text a demo model never trained on.
-    """
-    from .data import EMBEDDED_CORPORA, load_embedded_corpus
-
-    if name not in EMBEDDED_CORPORA:
-        raise InputError(f"unknown embedded corpus {name!r}; embedded corpora: {', '.join(sorted(EMBEDDED_CORPORA))}")
-    corpus = load_embedded_corpus(name)
-    yield from corpus["validation"]["text"]
-    yield from corpus["train"]["text"]
-
-
-def is_embedded_corpus(name: str) -> bool:
-    from .data import EMBEDDED_CORPORA
-
-    return name in EMBEDDED_CORPORA
-
-
-def check_text_file(path: str | os.PathLike) -> str:
+def read_text_file(path: str | os.PathLike) -> str:
     """The file's text; InputError when it is missing, unreadable, not UTF-8 or holds only whitespace."""
     path = Path(path)
     if not path.is_file():
@@ -79,58 +111,33 @@ def check_text_file(path: str | os.PathLike) -> str:
     return text
 
 
-def text_file_documents(path: str | os.PathLike) -> Iterator[str]:
-    yield check_text_file(path)
-
-
-def _text_column(first_row: dict, column: str | None) -> str:
-    if column is not None:
-        if column not in first_row:
-            raise InputError(f"dataset has no column {column!r}; its columns: {', '.join(first_row)}")
-        return column
-    for candidate in ("text", "content", "code", "document", "sentence"):
-        if candidate in first_row:
-            return candidate
-    strings = [name for name, value in first_row.items() if isinstance(value, str)]
-    if not strings:
-        raise InputError(f"dataset has no text column; its columns: {', '.join(first_row)}; pass --text-column")
-    return strings[0]
-
-
 def dataset_documents(
     name: str, config: str | None = None, split: str = "train", column: str | None = None
-) -> tuple[str | None, Iterator[str]]:
-    """(text column read, documents) of an embedded corpus (column None), a local dataset or a Hub
-    dataset (streamed), in dataset order. The dataset is opened and its first row read here, so a bad
-    name, split or column fails at this call (an InputError) and the column is known before tokenising."""
-    if is_embedded_corpus(name):
-        return None, embedded_text(name)
-    import datasets  # imported on use: slow, and not needed for the embedded corpus
-
-    local = Path(name)
+) -> tuple[str, Iterator[str]]:
+    """``(text column, documents)`` of one split of dataset ``name`` (an embedded corpus: its validation
+    split, then its training split), in dataset order, streamed where the data allows. The dataset is
+    opened and its first row read here, so a bad name, split or column fails at this call (an InputError)
+    and the column is known before tokenising."""
+    embedded = name in EMBEDDED_CORPORA
     try:
-        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "state.json").exists()
-                               or (local / "dataset_dict.json").exists()):
-            loaded = datasets.load_from_disk(str(local))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise InputError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(loaded)}")
-                loaded = loaded[split]
-            rows: Iterable[dict] = loaded
+        splits = load_dataset_splits(name, config, streaming=not embedded)
+        if embedded:
+            parts = [splits["validation"], splits["train"]]
+        elif split not in splits:
+            raise InputError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)}")
         else:
-            rows = datasets.load_dataset(name, config, split=split, streaming=True)
-        iterator = iter(rows)
-        first = next(iterator, None)
+            parts = [splits[split]]
+        rows = itertools.chain.from_iterable(parts)
+        first = next(rows, None)
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001 - datasets raises many types; the user gets one line
-        where = "local dataset" if local.exists() else "dataset (not a local path, so tried the Hugging Face Hub)"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load {where} {name!r}: {reason}") from None
+        where = "local dataset" if Path(name).exists() else "dataset (not a local path, so tried the Hugging Face Hub)"
+        raise InputError(f"cannot load {where} {name!r}: {first_line(error)}") from None
     if first is None:
         raise InputError(f"dataset {name!r} split {split!r} has no rows")
-    key = _text_column(first, column)
-    return key, itertools.chain([first[key]], (row[key] for row in iterator))
+    key = find_text_column(first, name, column)
+    return key, itertools.chain([first[key]], (row[key] for row in rows))
 
 
 @dataclass
@@ -225,30 +232,30 @@ def _normalise(x, mean, std):
 
 
 def digits_images(n: int, input_size: tuple[int, int, int], mean, std):
-    """The first ``n`` scikit-learn digits as a float tensor ``[n, C, H, W]`` for a model of ``input_size``
-    ``(C, H, W)``: grey values scaled to [0, 1], resized bilinearly, repeated over channels, normalised."""
+    """The first ``n`` embedded digits (:func:`nerve_hf.data.load_digits`) as a float tensor ``[n, C, H, W]``
+    for a model of ``input_size`` ``(C, H, W)``: grey values in [0, 1], resized bilinearly, repeated over
+    channels, normalised with ``mean``/``std``."""
     import torch
     import torch.nn.functional as F
-    from sklearn.datasets import load_digits
+
+    from ..data import load_digits
 
     channels, height, width = input_size
-    images = load_digits().images[:n]  # [n, 8, 8], values 0..16
-    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0  # [n, 1, 8, 8]
+    images, _ = load_digits()  # [1797, 8, 8] in [0, 1]
+    x = torch.tensor(images[:n], dtype=torch.float32).unsqueeze(1)  # [n, 1, 8, 8]
     x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)  # [n, 1, H, W]
     x = x.expand(-1, channels, -1, -1).contiguous()  # [n, C, H, W]
     return _normalise(x, mean, std)
 
 
 def image_dir_images(directory: str | os.PathLike, n: int, data_config: dict):
-    """Up to ``n`` images of ``directory`` (sorted by name, searched recursively) through timm's eval
-    transform for ``data_config``, as ``[n, C, H, W]``."""
+    """Up to ``n`` images of the folder ``directory`` (sorted by name, searched recursively) through timm's
+    eval transform for ``data_config``, as ``[n, C, H, W]``; files that are not images are passed over."""
     import torch
     from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise InputError(f"image directory {str(directory)!r} does not exist")
+    directory = Path(directory)  # checked to be a folder by check_inputs
     transform = create_transform(**data_config, is_training=False)
     channels = data_config["input_size"][0]
     tensors = []
@@ -264,10 +271,6 @@ def image_dir_images(directory: str | os.PathLike, n: int, data_config: dict):
     if not tensors:
         raise InputError(f"image directory {str(directory)!r} holds no readable images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
     return torch.stack(tensors)
-
-
-# Embedded image set name -> loader(n, input_size, mean, std)
-EMBEDDED_IMAGES = {"digits": digits_images}
 
 
 def image_batches(images, batch_size: int) -> ImageBatches:
