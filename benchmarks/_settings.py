@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
+from nerve_hf.data import DEFAULT_CORPUS
+
 TASKS = ("lm", "image")
 PRESET_NAMES = ("smoke", "cpu", "paper")
 
@@ -32,7 +34,7 @@ class RunSettings:
     scheduler: str = "cosine"  # transformers lr_scheduler_type
     warmup_ratio: float = 0.05  # share of max_steps spent in linear warmup
     max_grad_norm: float = 1.0  # gradient clipping
-    dataset: str = "stdlib-code"  # LM: embedded corpus or Hub id; image: "digits" or "cifar100"
+    dataset: str = DEFAULT_CORPUS  # LM: embedded corpus or Hub id; image: "digits" or "cifar100"
     dataset_config: Optional[str] = None  # Hub subset (None: nerve_hf.data.HUB_TEXT_DATASETS' default)
     streaming: bool = False  # stream a Hub dataset instead of downloading it whole
     data_dir: Optional[str] = None  # image: local cifar-100-python directory (else the Hub)

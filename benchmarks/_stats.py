@@ -8,7 +8,9 @@ from typing import Iterable
 
 import numpy as np
 
-METRICS = ("se_pre", "se_post", "pr_pre", "pr_post", "eee_pre", "eee_post", "js")
+from nerve_hf.metrics import METRIC_NAMES
+
+METRICS = METRIC_NAMES
 
 
 def pearson(x: Iterable[float], y: Iterable[float]) -> dict:

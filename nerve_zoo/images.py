@@ -83,15 +83,15 @@ class ImageSplits:
 
 
 def _load_digits(data_dir: str | None, val_fraction: float, seed: int) -> RawImages:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+    from nerve_hf.data import DIGITS_SOURCE, load_digits  # bundled with scikit-learn: no download
 
-    digits = load_digits()
-    images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8))[:, None]  # [1797, 1, 8, 8]
-    labels = torch.from_numpy(digits.target.astype(np.int64))
+    images01, targets = load_digits()  # [1797, 8, 8] in [0, 1], [1797]
+    images = torch.from_numpy(np.rint(images01 * 255.0).astype(np.uint8))[:, None]  # [1797, 1, 8, 8]
+    labels = torch.from_numpy(targets)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * len(labels)))
     val, train = order[:n_val], order[n_val:]
-    return RawImages(images[train], labels[train], images[val], labels[val], 10, "sklearn.datasets.load_digits")
+    return RawImages(images[train], labels[train], images[val], labels[val], 10, DIGITS_SOURCE)
 
 
 def _read_cifar_pickle(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

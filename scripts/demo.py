@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from nerve_hf.metrics import METRIC_NAMES
+
 MARKER = ".nerve_demo_run"  # marks a directory this script created, so a rerun may replace it
-METRIC_COLUMNS = ("se_pre", "se_post", "pr_pre", "pr_post", "eee_pre", "eee_post", "js")
 PRESETS_FILE = Path(__file__).with_name("demo_presets.json")  # the demo sizes; benchmarks/perf reads it too
 
 
@@ -159,14 +160,14 @@ def summary_table(latest: dict[tuple[str, str], dict]) -> str:
     """A per-layer table of the last measurement of each FFN, one block per split."""
     if not latest:
         return "no NerVE measurements found"
-    columns = ("layer", "site", "step", "tokens") + METRIC_COLUMNS
+    columns = ("layer", "site", "step", "tokens") + METRIC_NAMES
     blocks = []
     splits = sorted({split for split, _ in latest}, key=lambda s: (s != "train", s))  # train first
     for split in splits:
         records = sorted((r for (s, _), r in latest.items() if s == split), key=_layer_key)
         rows = [[_cell(r.get(c)) for c in columns] for r in records]
         if len(records) > 1:
-            rows.append(["mean", "", "", ""] + [_cell(_mean(r.get(c) for r in records)) for c in METRIC_COLUMNS])
+            rows.append(["mean", "", "", ""] + [_cell(_mean(r.get(c) for r in records)) for c in METRIC_NAMES])
         widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
         lines = [f"[{split}] last measurement per FFN"]
         lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
@@ -176,12 +177,10 @@ def summary_table(latest: dict[tuple[str, str], dict]) -> str:
 
 
 def write_report_if_available(run_dir: Path) -> None:
-    """Call ``nerve_hf.report.write_report`` when that module exists (added by the report issue)."""
-    if importlib.util.find_spec("nerve_hf.report") is None:
-        print("(nerve_hf.report is not installed yet: no plots/correlations written)")
-        return
-    from nerve_hf.errors import InputError  # ships with the report module
-    from nerve_hf.report import write_report  # errors inside the module are real errors: let them raise
+    """``nerve_hf.runs.write_report``: correlations with the eval loss and plots; a run too short to
+    correlate says why and keeps its files."""
+    from nerve_hf.errors import InputError
+    from nerve_hf.runs import write_report  # errors inside the module are real errors: let them raise
 
     try:
         result = write_report(run_dir)

@@ -97,7 +97,9 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Dataset subset, e.g. 'en' for c4, 'sample-10BT' for fineweb (known defaults apply)."}
     )
     text_column_name: Optional[str] = field(
-        default=None, metadata={"help": "Column with the text. Default: known per dataset (codeparrot: 'content'), else 'text'."}
+        default=None,
+        metadata={"help": "Column with the text. Default: known per dataset (codeparrot: 'content'), else the first of "
+                  "text, content, code, document, sentence, else the first string column."},
     )
     train_file: Optional[str] = field(default=None, metadata={"help": "Local training text: .txt, .json, .jsonl or .csv."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Local evaluation text, same format as --train_file."})
@@ -515,7 +517,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
     try:
         main(argv)
     except _input_errors() as error:
-        print(f"run_clm.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        from nerve_hf.errors import one_line
+
+        print(f"run_clm.py: error: {one_line(error)}", file=sys.stderr)
         return EXIT_INPUT
     return 0
 

@@ -24,7 +24,7 @@ RESULT_KEYS = {"schema_version", "experiment", "preset", "task", "section", "des
                "created", "environment", "runs"}
 RUN_KEYS = {"variant", "optimizer", "final", "history", "nerve", "correlations", "provenance", "settings"}
 PROVENANCE_KEYS = {"dataset", "steps", "seed", "wall_time_s", "parameters"}
-METRICS = ("se_pre", "se_post", "pr_pre", "pr_post", "eee_pre", "eee_post", "js")
+from nerve_hf.metrics import METRIC_NAMES as METRICS  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

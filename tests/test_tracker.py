@@ -14,6 +14,7 @@ import transformers
 from torch import nn
 
 from nerve_hf.spectral_report import METRIC_NAMES, ROW_KEYS
+from reference import activation_metrics
 from nerve_hf.tracker import FFNTracker
 
 HIDDEN, FFN, LAYERS, HEADS, VOCAB = 32, 37, 2, 4, 101
@@ -21,40 +22,9 @@ LENGTHS = (17, 12, 15, 9)  # real tokens per sequence of the test batch (53 > FF
 
 
 # ----------------------------------------------------------------------------- float64 reference
-def ref_spectrum(x: np.ndarray) -> np.ndarray:
-    """Normalised descending eigenvalue spectrum of the two-pass covariance of rows x [N, D]."""
-    xc = x - x.mean(axis=0)
-    cov = xc.T @ xc / (x.shape[0] - 1)
-    lam = np.clip(np.linalg.eigvalsh(cov)[::-1], 0.0, None)
-    return lam / lam.sum()
-
-
 def ref_metrics(pre: np.ndarray, post: np.ndarray) -> dict[str, float]:
-    """NerVE metrics (DESIGN §1) in numpy float64."""
-
-    def entropy(p):
-        nz = p[p > 0]
-        return float(-(nz * np.log(nz)).sum())
-
-    def enrichment(p):
-        d = p.size
-        return float(2.0 / d * (np.cumsum(p) - np.arange(1, d + 1) / d).sum())
-
-    def kl(a, b):
-        nz = a > 0
-        return float((a[nz] * np.log(a[nz] / b[nz])).sum())
-
-    p, q = ref_spectrum(pre), ref_spectrum(post)
-    m = (p + q) / 2
-    return {
-        "se_pre": entropy(p),
-        "se_post": entropy(q),
-        "pr_pre": float(1 / (p**2).sum()),
-        "pr_post": float(1 / (q**2).sum()),
-        "eee_pre": enrichment(p),
-        "eee_post": enrichment(q),
-        "js": 0.5 * kl(p, m) + 0.5 * kl(q, m),
-    }
+    """NerVE metrics (DESIGN §1) of activation rows, from the shared NumPy/SciPy float64 reference."""
+    return activation_metrics(pre, post)
 
 
 def assert_rows_match(report, reference: dict[str, tuple[np.ndarray, np.ndarray]], rtol=1e-5):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from reference import assert_rows_equal
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.tracker import FFNTracker
 from tests.test_tracker import LENGTHS, batch, build, run_tracker
 
@@ -31,11 +31,7 @@ def process_group(tmp_path):
 
 
 def assert_same_report(got, expected, rel=1e-6):
-    assert [r["site"] for r in got.rows] == [r["site"] for r in expected.rows]
-    for a, b in zip(got.rows, expected.rows):
-        assert a["tokens"] == b["tokens"]
-        for name in METRIC_NAMES:
-            assert a[name] == pytest.approx(b[name], rel=rel, abs=1e-9), (a["site"], name)
+    assert_rows_equal(got.rows, expected.rows, rel=rel, abs=1e-9)
 
 
 @pytest.fixture
