@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Python 3.11, pip and git are all it needs).
 #   bash dev.sh demo   set up .venv, train a small GPT-2 with NerVE on the embedded corpus, report
-#   bash dev.sh test   set up .venv, run the whole test suite
+#   bash dev.sh test   set up .venv, lint with ruff, run the whole test suite
 # Extra arguments go to the demo script or to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,6 +31,8 @@ case "$cmd" in
         ;;
     test)
         setup
+        "$PY" -m ruff check .            # lint (rules and line length in pyproject.toml)
+        "$PY" -m ruff format --check .   # formatting
         exec "$PY" -m pytest -n 2 "$@"
         ;;
     *)

@@ -8,7 +8,9 @@ from _settings import RunSettings
 
 
 @lru_cache(maxsize=4)
-def _lm_data(dataset, dataset_config, streaming, tokenizer_name, vocab_size, corpus_max_bytes, block_size, eval_samples):
+def _lm_data(
+    dataset, dataset_config, streaming, tokenizer_name, vocab_size, corpus_max_bytes, block_size, eval_samples
+):
     from nerve_hf.data import EMBEDDED_CORPORA, get_tokenizer, load_raw_datasets, tokenize_and_group
 
     embedded = dataset in EMBEDDED_CORPORA
@@ -27,7 +29,9 @@ def _lm_data(dataset, dataset_config, streaming, tokenizer_name, vocab_size, cor
     grouped = tokenize_and_group(raw, tokenizer, block_size, text_column=text_column)
     train, validation = grouped["train"], grouped["validation"]
     if eval_samples:
-        validation = validation.take(eval_samples) if streaming else validation.select(range(min(eval_samples, len(validation))))
+        validation = (
+            validation.take(eval_samples) if streaming else validation.select(range(min(eval_samples, len(validation))))
+        )
     if streaming:  # Trainer needs a map-style eval set to count it; the eval slice is small
         import datasets
 
@@ -45,8 +49,16 @@ def _lm_data(dataset, dataset_config, streaming, tokenizer_name, vocab_size, cor
 
 def lm_data(settings: RunSettings):
     """``(train, eval, vocab_size, info)``: LM blocks of ``settings.block_size`` tokens (``input_ids``, ``labels``)."""
-    return _lm_data(settings.dataset, settings.dataset_config, settings.streaming, settings.tokenizer,
-                    settings.vocab_size, settings.corpus_max_bytes, settings.block_size, settings.eval_samples)
+    return _lm_data(
+        settings.dataset,
+        settings.dataset_config,
+        settings.streaming,
+        settings.tokenizer,
+        settings.vocab_size,
+        settings.corpus_max_bytes,
+        settings.block_size,
+        settings.eval_samples,
+    )
 
 
 @lru_cache(maxsize=2)
@@ -57,8 +69,13 @@ def _image_data(dataset, image_size, seed, data_dir, eval_samples):
 
     splits = zoo.load_image_dataset(dataset, image_size=image_size, seed=seed, data_dir=data_dir)
     val = splits.val if not eval_samples else Subset(splits.val, range(min(eval_samples, len(splits.val))))
-    info = {"dataset": splits.source, "image_size": image_size, "train_images": len(splits.train),
-            "eval_images": len(val), "num_classes": splits.num_classes}
+    info = {
+        "dataset": splits.source,
+        "image_size": image_size,
+        "train_images": len(splits.train),
+        "eval_images": len(val),
+        "num_classes": splits.num_classes,
+    }
     return splits.train, val, splits.num_classes, info
 
 

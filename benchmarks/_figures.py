@@ -52,7 +52,9 @@ def per_layer(results: list[dict], path: Path) -> Path:
     for result in results:
         for run, entry in result["runs"].items():
             final = {m: entry["nerve"]["per_site"][m][-1] for m in ("js", "eee_post", "pr_pre", "pr_post")}
-            final["pr_gain"] = [post / pre if pre and post else None for pre, post in zip(final["pr_pre"], final["pr_post"])]
+            final["pr_gain"] = [
+                post / pre if pre and post else None for pre, post in zip(final["pr_pre"], final["pr_post"])
+            ]
             layers = entry["nerve"]["layers"]
             for ax, (metric, _) in zip(axes, panels):
                 ax.plot(layers, final[metric], marker="o", label=_label(result, run))
@@ -70,7 +72,9 @@ def optimizers(result: dict, path: Path) -> Path:
     for run, entry in result["runs"].items():
         style = "-" if "short" in run else "--"
         axes[0].plot(entry["history"]["step"], entry["history"]["eval_loss"], style, label=_label(result, run))
-        axes[1].plot(entry["nerve"]["steps"], entry["nerve"]["mean"]["all"]["pr_post"], style, label=_label(result, run))
+        axes[1].plot(
+            entry["nerve"]["steps"], entry["nerve"]["mean"]["all"]["pr_post"], style, label=_label(result, run)
+        )
     axes[0].set_title("eval loss")
     axes[1].set_title("PR_post (layer mean)")
     for ax in axes:

@@ -48,8 +48,14 @@ def variance_reinjection(results: dict) -> Finding:
         n = len(entry["nerve"]["sites"])
         ok = se[1] > se[0] and pr[1] > pr[0]
         flags.append(ok)
-        rows.append(f"| {run} | {_fmt(se[0])} | {_fmt(se[1])} | {_fmt(pr[0], 1)} | {_fmt(pr[1], 1)} | {layers_up}/{n} |")
-    table = ["| run | SE_pre | SE_post | PR_pre | PR_post | layers with PR_post > PR_pre |", "|---|---|---|---|---|---|", *rows]
+        rows.append(
+            f"| {run} | {_fmt(se[0])} | {_fmt(se[1])} | {_fmt(pr[0], 1)} | {_fmt(pr[1], 1)} | {layers_up}/{n} |"
+        )
+    table = [
+        "| run | SE_pre | SE_post | PR_pre | PR_post | layers with PR_post > PR_pre |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
     return Finding(claim, _verdict(flags), "Final evaluation, layer means:\n\n" + "\n".join(table))
 
 
@@ -59,17 +65,25 @@ def _early(values: list, n_early: int) -> float:
 
 
 def normfree_inertia(results: dict) -> Finding:
-    claim = "NormFree GELU: spectral inertia in early layers (JS near 0, EEE_post high) compared with the normalised baseline."
+    claim = (
+        "NormFree GELU: spectral inertia in early layers (JS near 0, EEE_post high) compared with the normalised "
+        "baseline."
+    )
     nf = results.get("gpt2_normfree", {}).get("runs", {}).get("normfree-gelu")
     base = results.get("gpt2_activations", {}).get("runs", {}).get("gelu")
     if nf is None or base is None:
         return Finding(claim, "not run", "needs gpt2_normfree/normfree-gelu and gpt2_activations/gelu")
     n_early = max(1, len(nf["nerve"]["sites"]) // 2)
     rows, flags = [], []
-    for name, entry in (("GELU (PreLN)", base), ("NormFree GELU", nf),
-                        *[(label, results["gpt2_normfree"]["runs"][r]) for r, label in
-                          (("normfree-relu", "NormFree ReLU"), ("normfree-lrelu", "NormFree LReLU"))
-                          if r in results["gpt2_normfree"]["runs"]]):
+    for name, entry in (
+        ("GELU (PreLN)", base),
+        ("NormFree GELU", nf),
+        *[
+            (label, results["gpt2_normfree"]["runs"][r])
+            for r, label in (("normfree-relu", "NormFree ReLU"), ("normfree-lrelu", "NormFree LReLU"))
+            if r in results["gpt2_normfree"]["runs"]
+        ],
+    ):
         js = _early(_final_sites(entry, "js"), n_early)
         eee = _early(_final_sites(entry, "eee_post"), n_early)
         pr = _early(_final_sites(entry, "pr_pre"), n_early)
@@ -78,16 +92,26 @@ def normfree_inertia(results: dict) -> Finding:
     js_nf, eee_nf = rows[1][1], rows[1][2]
     flags = [js_nf < js_base, eee_nf > eee_base]
     early = f"layers 0-{n_early - 1}"
-    table = [f"| model | JS, {early} | EEE_post, {early} | PR_pre, {early} | final eval loss |", "|---|---|---|---|---|"]
-    table += [f"| {name} | {_fmt(js, 4)} | {_fmt(eee)} | {_fmt(pr, 2)} | {_fmt(loss)} |" for name, js, eee, pr, loss in rows]
-    note = (f"\n\nNormFree GELU early-layer JS is {js_nf / js_base:.2f}x the baseline's; EEE_post {eee_nf - eee_base:+.3f}."
-            if js_base else "")
+    table = [
+        f"| model | JS, {early} | EEE_post, {early} | PR_pre, {early} | final eval loss |",
+        "|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {name} | {_fmt(js, 4)} | {_fmt(eee)} | {_fmt(pr, 2)} | {_fmt(loss)} |" for name, js, eee, pr, loss in rows
+    ]
+    note = (
+        f"\n\nNormFree GELU early-layer JS is {js_nf / js_base:.2f}x the baseline's; EEE_post {eee_nf - eee_base:+.3f}."
+        if js_base
+        else ""
+    )
     verdict = _verdict(flags)
     if rows[1][3] < 1.5:  # PR_pre of NormFree GELU's early layers
         verdict += ", but only in a collapsed regime"
-        note += (" Caveat: NormFree GELU's early-layer PR_pre is about 1 (its FFN spectra collapsed onto one direction) "
-                 "and its eval loss stalled; JS near 0 and EEE near 1 are what any two rank-one spectra give, so this "
-                 "is inertia in the trivial sense, not evidence for the paper's mechanism.")
+        note += (
+            " Caveat: NormFree GELU's early-layer PR_pre is about 1 (its FFN spectra collapsed onto one direction) "
+            "and its eval loss stalled; JS near 0 and EEE near 1 are what any two rank-one spectra give, so this "
+            "is inertia in the trivial sense, not evidence for the paper's mechanism."
+        )
     return Finding(claim, verdict, "Final evaluation, mean over the early layers:\n\n" + "\n".join(table) + note)
 
 
@@ -95,27 +119,46 @@ def normfree_relu_pr_gain(results: dict) -> Finding:
     claim = "NormFree ReLU: large PR gains (PR_post / PR_pre), larger than NormFree GELU's."
     runs = results.get("gpt2_normfree", {}).get("runs", {})
     base = results.get("gpt2_activations", {}).get("runs", {})
-    candidates = [("GELU (PreLN)", base.get("gelu")), ("ReLU (PreLN)", base.get("relu")),
-                  ("NormFree GELU", runs.get("normfree-gelu")), ("NormFree ReLU", runs.get("normfree-relu")),
-                  ("NormFree LReLU", runs.get("normfree-lrelu"))]
+    candidates = [
+        ("GELU (PreLN)", base.get("gelu")),
+        ("ReLU (PreLN)", base.get("relu")),
+        ("NormFree GELU", runs.get("normfree-gelu")),
+        ("NormFree ReLU", runs.get("normfree-relu")),
+        ("NormFree LReLU", runs.get("normfree-lrelu")),
+    ]
     candidates = [(n, e) for n, e in candidates if e is not None]
     if not any(n == "NormFree ReLU" for n, _ in candidates):
         return Finding(claim, "not run", "needs gpt2_normfree/normfree-relu")
     gains = {}
     for name, entry in candidates:
-        per_layer = [post / pre for pre, post in zip(_final_sites(entry, "pr_pre"), _final_sites(entry, "pr_post")) if pre and post]
-        gains[name] = (sum(per_layer) / len(per_layer), max(per_layer), _final_mean(entry, "pr_pre"), entry["final"]["eval_loss"])
+        per_layer = [
+            post / pre
+            for pre, post in zip(_final_sites(entry, "pr_pre"), _final_sites(entry, "pr_post"))
+            if pre and post
+        ]
+        gains[name] = (
+            sum(per_layer) / len(per_layer),
+            max(per_layer),
+            _final_mean(entry, "pr_pre"),
+            entry["final"]["eval_loss"],
+        )
     others = [g[0] for n, g in gains.items() if n != "NormFree ReLU"]
     flags = [gains["NormFree ReLU"][0] > max(others)] if others else []
-    table = ["| model | mean PR_post/PR_pre over layers | max over layers | PR_pre (layer mean) | final eval loss |",
-             "|---|---|---|---|---|"]
-    table += [f"| {name} | {_fmt(mean, 2)} | {_fmt(mx, 2)} | {_fmt(pr, 2)} | {_fmt(loss)} |"
-              for name, (mean, mx, pr, loss) in gains.items()]
+    table = [
+        "| model | mean PR_post/PR_pre over layers | max over layers | PR_pre (layer mean) | final eval loss |",
+        "|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {name} | {_fmt(mean, 2)} | {_fmt(mx, 2)} | {_fmt(pr, 2)} | {_fmt(loss)} |"
+        for name, (mean, mx, pr, loss) in gains.items()
+    ]
     evidence = "Final evaluation:\n\n" + "\n".join(table)
     collapsed = [name for name, g in gains.items() if name.startswith("NormFree") and g[2] < 1.5]
     if collapsed:
-        evidence += (f"\n\nCaveat: {', '.join(collapsed)} ended with PR_pre < 1.5, i.e. FFN spectra collapsed onto about "
-                     "one direction; a PR ratio between two near-rank-one spectra says little about the paper's claim.")
+        evidence += (
+            f"\n\nCaveat: {', '.join(collapsed)} ended with PR_pre < 1.5, i.e. FFN spectra collapsed onto about "
+            "one direction; a PR ratio between two near-rank-one spectra says little about the paper's claim."
+        )
     return Finding(claim, _verdict(flags), evidence)
 
 
@@ -131,26 +174,38 @@ def muon_vs_adamw(results: dict) -> Finding:
         ppl = (adamw["final"]["perplexity"], muon["final"]["perplexity"])
         flags += [pr[1] > pr[0], ppl[1] < ppl[0]]
         dion = runs.get(f"dion-{ctx}")
-        dion_cols = f" {_fmt(_final_mean(dion, 'pr_post'), 1)} | {_fmt(dion['final']['perplexity'], 2)} |" if dion else " | |"
+        dion_cols = (
+            f" {_fmt(_final_mean(dion, 'pr_post'), 1)} | {_fmt(dion['final']['perplexity'], 2)} |" if dion else " | |"
+        )
         ctx_len = adamw["settings"]["block_size"]
-        rows.append(f"| {ctx} ({ctx_len}) | {_fmt(pr[0], 1)} | {_fmt(pr[1], 1)} | {_fmt(ppl[0], 2)} | {_fmt(ppl[1], 2)} |{dion_cols}")
+        rows.append(
+            f"| {ctx} ({ctx_len}) | {_fmt(pr[0], 1)} | {_fmt(pr[1], 1)} | {_fmt(ppl[0], 2)} | {_fmt(ppl[1], 2)} |"
+            f"{dion_cols}"
+        )
     if not rows:
         return Finding(claim, "not run", "needs optimizers/adamw-* and optimizers/muon-*")
-    table = ["| context | AdamW PR_post | Muon PR_post | AdamW PPL | Muon PPL | Dion PR_post | Dion PPL |",
-             "|---|---|---|---|---|---|---|", *rows]
+    table = [
+        "| context | AdamW PR_post | Muon PR_post | AdamW PPL | Muon PPL | Dion PR_post | Dion PPL |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
     return Finding(claim, _verdict(flags), "Final evaluation, layer means:\n\n" + "\n".join(table))
 
 
 def pre_metrics_track_loss(results: dict, threshold: float = -0.9) -> Finding:
-    claim = f"SE_pre and PR_pre correlate strongly (negatively) with eval loss within a run (we count r <= {threshold})."
+    claim = (
+        f"SE_pre and PR_pre correlate strongly (negatively) with eval loss within a run (we count r <= {threshold})."
+    )
     lines, verdicts = [], []
     for window, title in (("all", "all evaluations"), ("late", "second half of training")):
         rows = []
-        for exp, result in results.items():
+        for _exp, result in results.items():
             if result.get("task") != "lm":
                 continue
-            for run, entry in result["runs"].items():
-                corr = entry["correlations"]["mean"]["all"] if window == "all" else entry["correlations"]["late"]["mean"]
+            for _run, entry in result["runs"].items():
+                corr = (
+                    entry["correlations"]["mean"]["all"] if window == "all" else entry["correlations"]["late"]["mean"]
+                )
                 r_se, r_pr = corr["se_pre"]["r"], corr["pr_pre"]["r"]
                 if r_se is not None and r_pr is not None:
                     rows.append((r_se, r_pr, corr["se_pre"]["n"]))
@@ -172,7 +227,8 @@ def pre_metrics_track_loss(results: dict, threshold: float = -0.9) -> Finding:
         loss = base["history"]["eval_loss"]
         k = min(range(len(se)), key=lambda i: se[i])
         lines.append(
-            f"- Why the windows differ (GELU baseline): SE_pre falls from {se[0]:.2f} at step {steps[0]} to its minimum "
+            f"- Why the windows differ (GELU baseline): SE_pre falls from {se[0]:.2f} at step {steps[0]} to its "
+            f"minimum "
             f"{se[k]:.2f} at step {steps[k]} while eval loss falls {loss[0]:.2f} -> {loss[k]:.2f} (early spectral "
             f"collapse: same sign as the loss), then rises to {se[-1]:.2f} at step {steps[-1]} while the loss keeps "
             f"falling to {loss[-1]:.2f} (opposite sign, the paper's regime). The paper's 41K-step runs spend a "

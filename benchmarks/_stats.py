@@ -14,7 +14,8 @@ METRICS = METRIC_NAMES
 
 
 def pearson(x: Iterable[float], y: Iterable[float]) -> dict:
-    """``{"r", "p", "n"}`` of scipy's Pearson r on the finite pairs; r is None below 3 pairs or for a constant series."""
+    """``{"r", "p", "n"}`` of scipy's Pearson r on the finite pairs; r is None below 3 pairs or for a constant
+    series."""
     from scipy.stats import pearsonr
 
     pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
@@ -46,17 +47,22 @@ def nerve_series(records: Iterable[dict], split: str = "eval") -> dict:
         if record.get("split") == split:
             by_step[int(record["step"])][record["site"]] = record
     steps = sorted(by_step)
-    sites = sorted({site for rows in by_step.values() for site in rows}, key=lambda s: (family(s), int(s.rsplit(".", 1)[1])))
+    sites = sorted(
+        {site for rows in by_step.values() for site in rows}, key=lambda s: (family(s), int(s.rsplit(".", 1)[1]))
+    )
     first = {site: next(by_step[step][site] for step in steps if site in by_step[step]) for site in sites}
     per_site = {
-        metric: [[_value(by_step[step].get(site, {}).get(metric)) for site in sites] for step in steps] for metric in METRICS
+        metric: [[_value(by_step[step].get(site, {}).get(metric)) for site in sites] for step in steps]
+        for metric in METRICS
     }
     groups = {"all": sites}
     families = sorted({family(site) for site in sites})
     if len(families) > 1:
         groups.update({fam: [s for s in sites if family(s) == fam] for fam in families})
     mean = {
-        group: {metric: [_nanmean(row[sites.index(s)] for s in members) for row in per_site[metric]] for metric in METRICS}
+        group: {
+            metric: [_nanmean(row[sites.index(s)] for s in members) for row in per_site[metric]] for metric in METRICS
+        }
         for group, members in groups.items()
     }
     return {
@@ -88,8 +94,10 @@ def correlations(series: dict, loss_by_step: dict[int, float]) -> dict:
     keep = [i for i, step in enumerate(steps) if step >= from_step]
     out["late"] = {
         "from_step": from_step,
-        "mean": {metric: pearson([values[i] for i in keep], [loss[i] for i in keep])
-                 for metric, values in series["mean"]["all"].items()},
+        "mean": {
+            metric: pearson([values[i] for i in keep], [loss[i] for i in keep])
+            for metric, values in series["mean"]["all"].items()
+        },
     }
     return out
 

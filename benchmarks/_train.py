@@ -12,6 +12,7 @@ from _results import rounded
 from _settings import RunSettings
 from _stats import correlations, nerve_series
 
+
 def training_arguments(settings: RunSettings, output_dir: str, progress: bool, max_steps: int):
     import torch
     from transformers import TrainingArguments
@@ -52,9 +53,9 @@ def _max_steps(settings: RunSettings, n_train: int | None) -> int:
 
 def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
     """``(trainer, model, info)`` for one run; nothing is trained yet."""
-    import model_adapters  # noqa: F401  (registers the adapters NerveCallback looks up)
     from transformers import Trainer, set_seed
 
+    import model_adapters  # noqa: F401  (registers the adapters NerveCallback looks up)
     import nerve_zoo as zoo
     from nerve_hf import NerveCallback
 
@@ -62,22 +63,40 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
     if settings.task == "lm":
         train, evaluation, vocab_size, info = lm_data(settings)
         model = zoo.build_model(settings.variant, size=settings.size, vocab_size=vocab_size, **settings.model_overrides)
-        optimizer = zoo.build_optimizer(settings.optimizer, model, settings.learning_rate, settings.weight_decay,
-                                        **settings.optimizer_options)
-        callback = NerveCallback(every_n_steps=settings.eval_every, measure_train=False, measure_eval=True,
-                                 max_tokens=settings.nerve_max_tokens, log_per_site=False)
+        optimizer = zoo.build_optimizer(
+            settings.optimizer, model, settings.learning_rate, settings.weight_decay, **settings.optimizer_options
+        )
+        callback = NerveCallback(
+            every_n_steps=settings.eval_every,
+            measure_train=False,
+            measure_eval=True,
+            max_tokens=settings.nerve_max_tokens,
+            log_per_site=False,
+        )
         args = training_arguments(settings, output_dir, progress, _max_steps(settings, info["train_blocks"]))
-        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                          optimizers=(optimizer, None), callbacks=[callback])
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            optimizers=(optimizer, None),
+            callbacks=[callback],
+        )
     else:
         from nerve_zoo.image_training import MixerForImageClassification, build_trainer, nerve_callback
 
         train, evaluation, num_classes, info = image_data(settings)
-        mixer = zoo.build_model(settings.variant, size=settings.size, num_classes=num_classes,
-                                img_size=settings.image_size, **settings.model_overrides)
+        mixer = zoo.build_model(
+            settings.variant,
+            size=settings.size,
+            num_classes=num_classes,
+            img_size=settings.image_size,
+            **settings.model_overrides,
+        )
         model = MixerForImageClassification(mixer)
-        optimizer = zoo.build_optimizer(settings.optimizer, model, settings.learning_rate, settings.weight_decay,
-                                        **settings.optimizer_options)
+        optimizer = zoo.build_optimizer(
+            settings.optimizer, model, settings.learning_rate, settings.weight_decay, **settings.optimizer_options
+        )
         callback = nerve_callback(model, settings.eval_every, settings.nerve_max_tokens)
         args = training_arguments(settings, output_dir, progress, _max_steps(settings, len(train)))
         trainer = build_trainer(model, train, evaluation, args, optimizer, [callback])

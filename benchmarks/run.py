@@ -29,16 +29,23 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("experiments", nargs="*", help=f"experiment names; known: {', '.join(list_experiments())}")
     parser.add_argument("--all", action="store_true", help="run every experiment")
     parser.add_argument("--preset", default="smoke", choices=PRESET_NAMES, help="settings preset (default: smoke)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (files go to OUT/PRESET/)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="NAME", help="only these runs of the experiment(s)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
-                        help="override a RunSettings field for every selected run (JSON value, e.g. learning_rate=1e-3); "
-                             "repeatable; recorded in each run's settings")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        dest="overrides",
+        help="override a RunSettings field for every selected run (JSON value, e.g. learning_rate=1e-3); "
+        "repeatable; recorded in each run's settings",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the result file, run the rest")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (settings, parameter counts) and exit")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -85,8 +92,14 @@ def parameter_count(settings) -> int:
     num_classes = {"digits": 10, "cifar100": 100}.get(settings.dataset) if settings.task == "image" else None
     extra = {"img_size": settings.image_size} if settings.task == "image" else {}
     with torch.device("meta"):
-        model = zoo.build_model(settings.variant, size=settings.size, vocab_size=vocab, num_classes=num_classes,
-                                **extra, **settings.model_overrides)
+        model = zoo.build_model(
+            settings.variant,
+            size=settings.size,
+            vocab_size=vocab,
+            num_classes=num_classes,
+            **extra,
+            **settings.model_overrides,
+        )
     return zoo.count_parameters(model)
 
 
@@ -104,8 +117,16 @@ def describe(experiment, preset: str, names, overrides=None) -> str:
     return "\n".join(lines)
 
 
-def run_experiment(name: str, preset: str, out: str | Path = DEFAULT_OUT, runs=None, resume: bool = False,
-                   progress: bool = True, argv=None, overrides=None) -> Path:
+def run_experiment(
+    name: str,
+    preset: str,
+    out: str | Path = DEFAULT_OUT,
+    runs=None,
+    resume: bool = False,
+    progress: bool = True,
+    argv=None,
+    overrides=None,
+) -> Path:
     """Train the experiment's runs under ``preset``; returns the result file path."""
     from _train import train_run
 
@@ -131,11 +152,16 @@ def run_experiment(name: str, preset: str, out: str | Path = DEFAULT_OUT, runs=N
         settings = experiment.resolve(run, preset, overrides)
         result["runs"][run.name] = train_run(settings, progress=progress)
         order = [r.name for r in experiment.runs]  # keep the config's run order in the file
-        result["runs"] = dict(sorted(result["runs"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 1e9))
+        result["runs"] = dict(
+            sorted(result["runs"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 1e9)
+        )
         write_result(result, path)
         final = result["runs"][run.name]["final"]
-        print(f"[{experiment.name}/{run.name}] " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()
-                                                          if isinstance(v, (int, float))), flush=True)
+        print(
+            f"[{experiment.name}/{run.name}] "
+            + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, (int, float))),
+            flush=True,
+        )
     if not todo and not path.is_file():
         write_result(result, path)
     return path

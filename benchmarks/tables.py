@@ -55,20 +55,34 @@ def summary_table(result: dict) -> str:
         final, prov = entry["final"], entry["provenance"]
         mean = {m: values[-1] for m, values in entry["nerve"]["mean"]["all"].items()}
         opt = f"{entry['settings']['optimizer']} ({entry['settings']['learning_rate']:g})"
-        cells = [label(result, run), f"{prov['parameters'] / 1e6:.2f}M", opt, str(prov["steps"]), f"{prov['wall_time_s']:.0f}",
-                 fmt(final["eval_loss"]), fmt(final.get("perplexity"), 2) if lm else fmt(final.get("accuracy"))]
+        cells = [
+            label(result, run),
+            f"{prov['parameters'] / 1e6:.2f}M",
+            opt,
+            str(prov["steps"]),
+            f"{prov['wall_time_s']:.0f}",
+            fmt(final["eval_loss"]),
+            fmt(final.get("perplexity"), 2) if lm else fmt(final.get("accuracy")),
+        ]
         if lm and paper:
             cells.append(fmt(paper.get(run), 3 if paper.get(run, 100) < 10 else 2))
-        cells += [f"{fmt(mean['se_pre'], 2)} / {fmt(mean['se_post'], 2)}", f"{fmt(mean['pr_pre'], 1)} / {fmt(mean['pr_post'], 1)}",
-                  f"{fmt(mean['eee_pre'])} / {fmt(mean['eee_post'])}", fmt(mean["js"], 4)]
+        cells += [
+            f"{fmt(mean['se_pre'], 2)} / {fmt(mean['se_post'], 2)}",
+            f"{fmt(mean['pr_pre'], 1)} / {fmt(mean['pr_post'], 1)}",
+            f"{fmt(mean['eee_pre'])} / {fmt(mean['eee_post'])}",
+            fmt(mean["js"], 4),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def correlation_table(result: dict) -> str:
     """Within-run Pearson r (layer mean) of each metric with eval loss; the paper's r where it reports one."""
-    head = ["run", "n"] + [f"{name} pre/post" for _, _, name in METRIC_PAIRS] + ["JS", "late n", "late SE pre/post",
-                                                                              "late PR pre/post"]
+    head = (
+        ["run", "n"]
+        + [f"{name} pre/post" for _, _, name in METRIC_PAIRS]
+        + ["JS", "late n", "late SE pre/post", "late PR pre/post"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run, entry in result["runs"].items():
         corr = entry["correlations"]["mean"]["all"]
@@ -80,7 +94,9 @@ def correlation_table(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         if result["experiment"] == "gpt2_activations" and run in PAPER_WITHIN_RUN_R:
             paper = PAPER_WITHIN_RUN_R[run]
-            cells = [f"*paper {label(result, run)}*", ""] + [f"*{fmt(paper[pre])} / {fmt(paper[post])}*" for pre, post, _ in METRIC_PAIRS]
+            cells = [f"*paper {label(result, run)}*", ""] + [
+                f"*{fmt(paper[pre])} / {fmt(paper[post])}*" for pre, post, _ in METRIC_PAIRS
+            ]
             cells += ["", "", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -95,11 +111,24 @@ def per_layer_table(result: dict) -> str:
         for k, site in enumerate(nerve["sites"]):
             v = {m: nerve["per_site"][m][-1][k] for m in nerve["per_site"]}
             gain = v["pr_post"] / v["pr_pre"] if v["pr_pre"] and v["pr_post"] else None
-            lines.append("| " + " | ".join([
-                label(result, run), site, str(nerve["dims"][k]), f"{fmt(v['se_pre'], 2)} / {fmt(v['se_post'], 2)}",
-                f"{fmt(v['pr_pre'], 1)} / {fmt(v['pr_post'], 1)}", fmt(gain, 2), f"{fmt(v['eee_pre'])} / {fmt(v['eee_post'])}",
-                fmt(v["js"], 4), fmt(corr["se_pre"][k]), fmt(corr["pr_pre"][k]),
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        label(result, run),
+                        site,
+                        str(nerve["dims"][k]),
+                        f"{fmt(v['se_pre'], 2)} / {fmt(v['se_post'], 2)}",
+                        f"{fmt(v['pr_pre'], 1)} / {fmt(v['pr_post'], 1)}",
+                        fmt(gain, 2),
+                        f"{fmt(v['eee_pre'])} / {fmt(v['eee_post'])}",
+                        fmt(v["js"], 4),
+                        fmt(corr["se_pre"][k]),
+                        fmt(corr["pr_pre"][k]),
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -112,8 +141,11 @@ def family_table(result: dict) -> str:
         cells = [label(result, run)]
         for g in groups:
             v = {m: values[-1] for m, values in entry["nerve"]["mean"][g].items()}
-            cells += [f"{fmt(v['se_pre'], 2)} / {fmt(v['se_post'], 2)}", f"{fmt(v['pr_pre'], 1)} / {fmt(v['pr_post'], 1)}",
-                      fmt(v["js"], 4)]
+            cells += [
+                f"{fmt(v['se_pre'], 2)} / {fmt(v['se_post'], 2)}",
+                f"{fmt(v['pr_pre'], 1)} / {fmt(v['pr_post'], 1)}",
+                fmt(v["js"], 4),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -123,10 +155,14 @@ def width_note(result: dict) -> str:
     parts = []
     for run, entry in result["runs"].items():
         corr, late = entry["correlations"]["mean"]["all"], entry["correlations"]["late"]["mean"]
-        parts.append(f"{label(result, run)}: r(SE_pre) = {fmt(corr['se_pre']['r'])} (late {fmt(late['se_pre']['r'])}), "
-                     f"r(PR_pre) = {fmt(corr['pr_pre']['r'])} (late {fmt(late['pr_pre']['r'])})")
-    return (f"Paper: across FFN widths, r(SE_pre) and r(PR_pre) lie in [{lo}, {hi}]. Ours, all evaluations "
-            f"(second half of training): " + "; ".join(parts) + ".")
+        parts.append(
+            f"{label(result, run)}: r(SE_pre) = {fmt(corr['se_pre']['r'])} (late {fmt(late['se_pre']['r'])}), "
+            f"r(PR_pre) = {fmt(corr['pr_pre']['r'])} (late {fmt(late['pr_pre']['r'])})"
+        )
+    return (
+        f"Paper: across FFN widths, r(SE_pre) and r(PR_pre) lie in [{lo}, {hi}]. Ours, all evaluations "
+        f"(second half of training): " + "; ".join(parts) + "."
+    )
 
 
 def make_figures(results: dict, figures_dir: Path) -> list[Path]:
@@ -141,7 +177,9 @@ def make_figures(results: dict, figures_dir: Path) -> list[Path]:
     if "optimizers" in results:
         made.append(_figures.optimizers(results["optimizers"], figures_dir / "optimizers.png"))
     if "gpt2_activations" in results and "gelu" in results["gpt2_activations"]["runs"]:
-        made.append(_figures.correlation_scatter(results["gpt2_activations"], "gelu", figures_dir / "correlation_gelu.png"))
+        made.append(
+            _figures.correlation_scatter(results["gpt2_activations"], "gelu", figures_dir / "correlation_gelu.png")
+        )
     return made
 
 
@@ -174,20 +212,37 @@ def render(results: dict, preset: str, figures: list[Path], output: Path) -> str
             out += ["(no runs)", ""]
             continue
         s, prov = first["settings"], first["provenance"]
-        data = (f"{prov.get('dataset')}, {prov.get('tokenizer')}, context {s['block_size']}, "
-                f"{s['batch_size']}x{s['grad_accum']} sequences/step" if result["task"] == "lm"
-                else f"{prov.get('dataset')}, {s['image_size']}px, batch {s['batch_size']}")
-        out += [f"Data: {data}; wd {s['weight_decay']:g}, {s['scheduler']} schedule (first run; every run's settings "
-                f"are in the result file); "
-                f"seed {s['seed']}; torch {env['torch']}, transformers {env['transformers']}, "
-                f"{env['torch_threads']} thread(s).", "", summary_table(result), "", "Within-run r with eval loss:", "",
-                correlation_table(result), ""]
+        data = (
+            f"{prov.get('dataset')}, {prov.get('tokenizer')}, context {s['block_size']}, "
+            f"{s['batch_size']}x{s['grad_accum']} sequences/step"
+            if result["task"] == "lm"
+            else f"{prov.get('dataset')}, {s['image_size']}px, batch {s['batch_size']}"
+        )
+        out += [
+            f"Data: {data}; wd {s['weight_decay']:g}, {s['scheduler']} schedule (first run; every run's settings "
+            f"are in the result file); "
+            f"seed {s['seed']}; torch {env['torch']}, transformers {env['transformers']}, "
+            f"{env['torch_threads']} thread(s).",
+            "",
+            summary_table(result),
+            "",
+            "Within-run r with eval loss:",
+            "",
+            correlation_table(result),
+            "",
+        ]
         if name == "gpt2_width":
             out += [width_note(result), ""]
         if len(first["nerve"]["mean"]) > 1:
             out += ["Per FFN family (final evaluation, layer means):", "", family_table(result), ""]
-        out += ["<details><summary>per-layer metrics at the final evaluation</summary>", "", per_layer_table(result), "",
-                "</details>", ""]
+        out += [
+            "<details><summary>per-layer metrics at the final evaluation</summary>",
+            "",
+            per_layer_table(result),
+            "",
+            "</details>",
+            "",
+        ]
     if figures:
         out += ["## Figures", ""]
         out += [f"![{path.stem}]({path.relative_to(output.parent).as_posix()})" for path in figures]

@@ -38,8 +38,7 @@ def _containers(index: dict[str, nn.Module], suffix: str) -> list[str]:
     return [
         path
         for path, module in index.items()
-        if isinstance(module, (nn.ModuleList, nn.Sequential))
-        and (path == suffix or path.endswith("." + suffix))
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and (path == suffix or path.endswith("." + suffix))
     ]
 
 

@@ -192,13 +192,23 @@ class NerveCallback(TrainerCallback):
         try:
             windows = [
                 Window("train", when=self._train_gate, layers_per_step=self.config.layers_per_step),
-                Window("eval", when=self._eval_gate, keep_samples=self._real_samples, staged=True,
-                       layers_per_step=self.config.layers_per_step),
+                Window(
+                    "eval",
+                    when=self._eval_gate,
+                    keep_samples=self._real_samples,
+                    staged=True,
+                    layers_per_step=self.config.layers_per_step,
+                ),
             ]
             self._tracker = FFNTracker(
-                model, adapter=self.adapter, layers=self.config.layers, max_tokens=self.config.max_tokens,
-                memory_budget_mb=self.config.memory_budget_mb, windows=windows,
-                site_sharded=self.config.site_sharded, state_device=self.config.state_device,
+                model,
+                adapter=self.adapter,
+                layers=self.config.layers,
+                max_tokens=self.config.max_tokens,
+                memory_budget_mb=self.config.memory_budget_mb,
+                windows=windows,
+                site_sharded=self.config.site_sharded,
+                state_device=self.config.state_device,
             )
             self._eval_count = 0
         except (MemoryBudgetError, LayerRangeError) as error:
@@ -232,7 +242,11 @@ class NerveCallback(TrainerCallback):
 
     def _attach(self) -> None:
         """Put the tracker's hooks on the model when the configuration measures anything."""
-        if self._tracker is not None and not self._tracker.active and (self.config.measure_train or self.config.measure_eval):
+        if (
+            self._tracker is not None
+            and not self._tracker.active
+            and (self.config.measure_train or self.config.measure_eval)
+        ):
             self._tracker.attach()
 
     def _train_gate(self, module: nn.Module) -> bool:
@@ -268,8 +282,9 @@ class NerveCallback(TrainerCallback):
         computation fails. Collective: every rank calls it at the same point."""
         tracker = self._tracker
         try:
-            report = tracker.compute(metrics=self.config.metrics, window=window,
-                                     spectra_dtype=self.config.spectra_dtype)
+            report = tracker.compute(
+                metrics=self.config.metrics, window=window, spectra_dtype=self.config.spectra_dtype
+            )
             if incomplete is None:
                 return report
             self._warn_once(f"incomplete:{incomplete}", f"NerveCallback: {incomplete}; logging NaN for it")

@@ -86,8 +86,14 @@ def add_option_arguments(parser: argparse.ArgumentParser, cls, descriptions: dic
             continue
         if default is not None:
             help_text += f" (default: {default})"
-        where.add_argument(flag, dest=f.name, type=_argument_type(hints[f.name]), default=default,
-                           metavar=meta.get("metavar"), help=help_text)
+        where.add_argument(
+            flag,
+            dest=f.name,
+            type=_argument_type(hints[f.name]),
+            default=default,
+            metavar=meta.get("metavar"),
+            help=help_text,
+        )
     return groups
 
 
@@ -109,31 +115,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     probe = sub.add_parser(
-        "probe", help="measure every FFN of a pretrained checkpoint on a fixed input",
+        "probe",
+        help="measure every FFN of a pretrained checkpoint on a fixed input",
         description="Measure the pre/post-activation eigenspectra of every FFN of MODEL and write report.json, "
-                    "report.csv, eigenvalues.npz and plots to --out.",
+        "report.csv, eigenvalues.npz and plots to --out.",
         epilog="examples:\n  nerve probe gpt2\n  nerve probe ./my-gpt2 --text-file notes.txt --max-tokens 4096\n"
-               "  nerve probe timm/mixer_b16_224.goog_in21k_ft_in1k --image-dir photos/\n"
-               "  nerve probe mixer.pth --timm-arch mixer_s16_224",
+        "  nerve probe timm/mixer_b16_224.goog_in21k_ft_in1k --image-dir photos/\n"
+        "  nerve probe mixer.pth --timm-arch mixer_s16_224",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    groups = add_option_arguments(probe, ProbeConfig, {
-        TEXT_INPUT: f"transformers models; default: the embedded {DEFAULT_CORPUS} corpus",
-        IMAGE_INPUT: "timm models; default: the embedded scikit-learn digits",
-    })
+    groups = add_option_arguments(
+        probe,
+        ProbeConfig,
+        {
+            TEXT_INPUT: f"transformers models; default: the embedded {DEFAULT_CORPUS} corpus",
+            IMAGE_INPUT: "timm models; default: the embedded scikit-learn digits",
+        },
+    )
     run = groups[MEASUREMENT]  # the options of the command alone, not of a probe
     run.add_argument("--out", metavar="DIR", help="output folder (default: ./nerve_probe_<model name>)")
     run.add_argument("--no-plots", action="store_true", help="write report.json/csv and eigenvalues.npz only")
 
     report = sub.add_parser(
-        "report", help="correlate a training run's NerVE metrics with its loss; write plots",
+        "report",
+        help="correlate a training run's NerVE metrics with its loss; write plots",
         description="Read RUN_DIR/nerve_metrics.jsonl and trainer_state.json, align every measurement with the "
-                    "loss of the same step, and write correlations.csv, summary.md and plots.",
+        "loss of the same step, and write correlations.csv, summary.md and plots.",
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="the Trainer's output_dir of a run with NerveCallback")
     report.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/nerve_report)")
-    report.add_argument("--min-points", type=int, default=3,
-                        help="fewest aligned (metric, loss) pairs for a correlation (default: 3)")
+    report.add_argument(
+        "--min-points", type=int, default=3, help="fewest aligned (metric, loss) pairs for a correlation (default: 3)"
+    )
     return parser
 
 
@@ -188,8 +201,9 @@ def _report(args: argparse.Namespace) -> int:
     print(f"Pearson r of the layer-mean metrics with the loss of the same step ({result.run.run_dir}):")
     for split in dict.fromkeys(mean["split"]):
         part = mean[mean["split"] == split]
-        cells = "  ".join(f"{row.metric}={row.r:+.3f}" if row.r == row.r else f"{row.metric}=nan"
-                          for row in part.itertuples())
+        cells = "  ".join(
+            f"{row.metric}={row.r:+.3f}" if row.r == row.r else f"{row.metric}=nan" for row in part.itertuples()
+        )
         print(f"  {split} (n={int(part['n'].max())}): {cells}")
     print(f"wrote {len(result.files)} files to {result.out_dir}/: {', '.join(p.name for p in result.files)}")
     return 0

@@ -48,9 +48,7 @@ class NerveConfig(Validated):
     log_per_site: bool = option(
         True, "Log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>.", boolean
     )
-    write_jsonl: bool = option(
-        True, "Rank 0 appends every measurement to <output_dir>/nerve_metrics.jsonl.", boolean
-    )
+    write_jsonl: bool = option(True, "Rank 0 appends every measurement to <output_dir>/nerve_metrics.jsonl.", boolean)
     layers_per_step: Optional[int] = option(
         None,
         "Round-robin: each measurement covers the next this-many watched blocks (train: group "
@@ -71,17 +69,22 @@ class NerveConfig(Validated):
         boolean,
     )
     state_device: Optional[str] = option(
-        None, "Where the float64 covariance state lives ('cpu': host memory); None: the activations' device.",
+        None,
+        "Where the float64 covariance state lives ('cpu': host memory); None: the activations' device.",
         optional(text),
     )
     spectra_dtype: str = option(
-        "float64", "Eigendecomposition precision: 'float64', or 'float32' (faster on CPUs; its measured error: "
-        "benchmarks/results/perf/spectra_precision_cpu.json).", one_of(("float64", "float32")),
+        "float64",
+        "Eigendecomposition precision: 'float64', or 'float32' (faster on CPUs; its measured error: "
+        "benchmarks/results/perf/spectra_precision_cpu.json).",
+        one_of(("float64", "float32")),
         choices=["float64", "float32"],
     )
     metrics: str = option(
-        "all", "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",
-        one_of(("all", "pr")), choices=["all", "pr"],
+        "all",
+        "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",
+        one_of(("all", "pr")),
+        choices=["all", "pr"],
     )
 
     def __post_init__(self) -> None:

@@ -36,8 +36,14 @@ from .distributed import all_reduce_sum, is_distributed
 from .scatter import add_scatter_and_low_rank, exact_fp32_matmul, shifted_moments
 from .spectra import eigenvalues_batched
 
-__all__ = ["CovarianceAccumulator", "sync_accumulators", "reduce_totals", "local_m2_about", "common_device", "exact_fp32_matmul"]
-
+__all__ = [
+    "CovarianceAccumulator",
+    "sync_accumulators",
+    "reduce_totals",
+    "local_m2_about",
+    "common_device",
+    "exact_fp32_matmul",
+]
 
 
 class CovarianceAccumulator:
@@ -236,7 +242,9 @@ class CovarianceAccumulator:
             self._m2.copy_(m2)
 
     def __repr__(self) -> str:
-        return f"CovarianceAccumulator(dim={self.dim}, count={self.count}, skipped={self.skipped}, device={self._device})"
+        return (
+            f"CovarianceAccumulator(dim={self.dim}, count={self.count}, skipped={self.skipped}, device={self._device})"
+        )
 
 
 def _checked_state(state: Mapping[str, Any], dim: int) -> tuple[int, int, Tensor, Tensor]:
@@ -304,8 +312,12 @@ def reduce_totals(
     from one packed all-reduce of ``[n, skipped, n·μ]`` per accumulator."""
     first = torch.cat(
         [
-            torch.cat([torch.tensor([acc._n, acc._skipped], dtype=torch.float64, device=device),
-                       _local_mean(acc, device) * acc._n])
+            torch.cat(
+                [
+                    torch.tensor([acc._n, acc._skipped], dtype=torch.float64, device=device),
+                    _local_mean(acc, device) * acc._n,
+                ]
+            )
             for acc in accumulators
         ]
     )

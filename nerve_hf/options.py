@@ -236,6 +236,6 @@ def command_line_fields(cls, prefix: str) -> list[tuple[str, Any, Any]]:
 def from_command_line(cls, values: dict[str, Any], prefix: str):
     """``cls(**values)`` for values named ``<prefix><field>``; an :class:`OptionError` names the flag."""
     try:
-        return cls(**{name[len(prefix):]: value for name, value in values.items()})
+        return cls(**{name[len(prefix) :]: value for name, value in values.items()})
     except OptionError as error:
         raise error.renamed(f"--{prefix}{error.option}") from None

@@ -60,8 +60,7 @@ def family(site: str) -> str:
 def _families(frame) -> list[tuple[str, object]]:
     """(family, rows sorted by layer) in order of first appearance."""
     frame = frame.assign(_family=frame["site"].map(family))
-    return [(name, frame[frame["_family"] == name].sort_values("layer"))
-            for name in dict.fromkeys(frame["_family"])]
+    return [(name, frame[frame["_family"] == name].sort_values("layer")) for name in dict.fromkeys(frame["_family"])]
 
 
 # ------------------------------------------------------------------------------------ probe figures
@@ -165,8 +164,13 @@ def plot_trajectories(metrics, split: str, losses=None):
         else:
             for i, site in enumerate(sites):
                 series = frame[frame["site"] == site].sort_values("step")
-                ax.plot(series["step"], series[name], color=cmap(i / max(len(sites) - 1, 1)), linewidth=1,
-                        label=site if len(sites) <= 12 else None)
+                ax.plot(
+                    series["step"],
+                    series[name],
+                    color=cmap(i / max(len(sites) - 1, 1)),
+                    linewidth=1,
+                    label=site if len(sites) <= 12 else None,
+                )
             mean = frame[frame["site"] == "mean"].sort_values("step")
             ax.plot(mean["step"], mean[name], color="black", linewidth=2, label="mean")
             ax.set_title(METRIC_LABELS[name])
@@ -215,12 +219,17 @@ def plot_metric_vs_loss(aligned, correlations, split: str, site: str = "mean"):
     for ax, name in zip(axes, METRIC_NAMES):
         points = frame[["step", name, "loss"]].dropna()
         scatter = ax.scatter(points[name], points["loss"], c=points["step"], cmap="viridis", s=18)
-        match = correlations[(correlations["split"] == split) & (correlations["site"] == site)
-                             & (correlations["metric"] == name)]
+        match = correlations[
+            (correlations["split"] == split) & (correlations["site"] == site) & (correlations["metric"] == name)
+        ]
         r = float(match["r"].iloc[0]) if len(match) else float("nan")
         n = int(match["n"].iloc[0]) if len(match) else len(points)
-        ax.set_title(f"{METRIC_LABELS[name]}: r = {r:+.3f} (n = {n})" if math.isfinite(r)
-                     else f"{METRIC_LABELS[name]}: r undefined (n = {n})", fontsize=9)
+        ax.set_title(
+            f"{METRIC_LABELS[name]}: r = {r:+.3f} (n = {n})"
+            if math.isfinite(r)
+            else f"{METRIC_LABELS[name]}: r undefined (n = {n})",
+            fontsize=9,
+        )
         ax.set_xlabel(METRIC_LABELS[name])
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)

@@ -19,8 +19,15 @@ from typing import Iterable, NamedTuple
 
 from .outputs import jsonable, write_bytes
 
-__all__ = ["RECORDS_FILENAME", "Scan", "append_records", "read_records", "scan_records", "skipped_lines_message",
-           "drop_records_after"]
+__all__ = [
+    "RECORDS_FILENAME",
+    "Scan",
+    "append_records",
+    "read_records",
+    "scan_records",
+    "skipped_lines_message",
+    "drop_records_after",
+]
 
 RECORDS_FILENAME = "nerve_metrics.jsonl"
 
@@ -94,8 +101,10 @@ def scan_records(path: str | os.PathLike) -> Scan:
 def skipped_lines_message(path: str | os.PathLike, skipped: list[int]) -> str:
     """``skipped 2 unreadable lines (lines 3, 7) of <path>: cut short by a crash or not JSON``."""
     noun = "line" if len(skipped) == 1 else "lines"
-    return (f"skipped {len(skipped)} unreadable {noun} ({noun} {', '.join(map(str, skipped))}) of {path}: "
-            f"cut short by a crash or not JSON")
+    return (
+        f"skipped {len(skipped)} unreadable {noun} ({noun} {', '.join(map(str, skipped))}) of {path}: "
+        f"cut short by a crash or not JSON"
+    )
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:

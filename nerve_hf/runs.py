@@ -110,9 +110,17 @@ def _records_from_log_history(log_history: list[dict]) -> list[dict]:
             if step is None or not match or match.group(3) not in METRIC_NAMES or match.group(2) == "mean":
                 continue
             split, site = match.group(1) or "train", match.group(2)
-            record = grouped.setdefault((int(step), split, site), {
-                "step": int(step), "split": split, "site": site, "layer": _site_layer(site),
-                "dim": math.nan, "tokens": math.nan})
+            record = grouped.setdefault(
+                (int(step), split, site),
+                {
+                    "step": int(step),
+                    "split": split,
+                    "site": site,
+                    "layer": _site_layer(site),
+                    "dim": math.nan,
+                    "tokens": math.nan,
+                },
+            )
             record[match.group(3)] = math.nan if value is None else float(value)
     return list(grouped.values())
 
@@ -142,8 +150,12 @@ def _complete_steps(metrics, source: str):
     incomplete = counts[counts["found"] != counts["expected"]]
     if not len(incomplete):
         return metrics
-    warnings.warn(f"left out incomplete measurements of {source!r} (records missing after a crash): "
-                  f"{_describe_incomplete(incomplete)}", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"left out incomplete measurements of {source!r} (records missing after a crash): "
+        f"{_describe_incomplete(incomplete)}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     keys = metrics.set_index(["split", "step"]).index
     return metrics[~keys.isin(incomplete.index)]
 
@@ -183,7 +195,11 @@ def load_run(run_dir) -> RunData:
 
     records_path = run_dir / RECORDS_FILENAME
     last_step = None
-    if not records_path.is_file() and run_dir.name.startswith("checkpoint-") and (run_dir.parent / RECORDS_FILENAME).is_file():
+    if (
+        not records_path.is_file()
+        and run_dir.name.startswith("checkpoint-")
+        and (run_dir.parent / RECORDS_FILENAME).is_file()
+    ):
         records_path = run_dir.parent / RECORDS_FILENAME  # a checkpoint folder: the run's records up to it
         last_step = max((int(e["step"]) for e in log_history if "step" in e), default=None)
     if records_path.is_file():
@@ -207,10 +223,15 @@ def load_run(run_dir) -> RunData:
     metrics = metrics.drop_duplicates(subset=["step", "split", "site"], keep="last")
     metrics = _complete_steps(metrics, sources["records"])[columns]
     if not len(metrics):
-        raise InputError(f"every measurement in {sources['records']!r} is incomplete (records missing after a "
-                         f"crash): nothing to report")
-    mean = (metrics.groupby(["split", "step"], sort=False)
-            .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"}).reset_index())
+        raise InputError(
+            f"every measurement in {sources['records']!r} is incomplete (records missing after a "
+            f"crash): nothing to report"
+        )
+    mean = (
+        metrics.groupby(["split", "step"], sort=False)
+        .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
+        .reset_index()
+    )
     mean = mean.assign(site="mean", layer=-1, dim=math.nan)
     metrics = pd.concat([metrics, mean[columns]], ignore_index=True)
     metrics = metrics.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
@@ -291,17 +312,25 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
         steps = sorted(run.metrics[run.metrics["split"] == split]["step"].unique())
         with_loss = len(set(steps) & set(run.losses[run.losses["split"] == split]["step"]))
         loss_name = "loss" if split == "train" else f"{split}_loss"
-        lines.append(f"- `{split}`: {len(steps)} measurements of {sites} FFN sites, steps {steps[0]}..{steps[-1]}; "
-                     f"{with_loss} aligned with `{loss_name}` of the same step")
-    lines += ["", "Train spectra are paired with the training loss the Trainer logged at the same step (its running "
-              "mean since the previous log); eval spectra with the eval loss of the same evaluation. Pearson r and "
-              "two-sided p from `scipy.stats.pearsonr`; NaN where fewer than "
-              f"{MIN_POINTS} pairs or a constant series.", ""]
+        lines.append(
+            f"- `{split}`: {len(steps)} measurements of {sites} FFN sites, steps {steps[0]}..{steps[-1]}; "
+            f"{with_loss} aligned with `{loss_name}` of the same step"
+        )
+    lines += [
+        "",
+        "Train spectra are paired with the training loss the Trainer logged at the same step (its running "
+        "mean since the previous log); eval spectra with the eval loss of the same evaluation. Pearson r and "
+        "two-sided p from `scipy.stats.pearsonr`; NaN where fewer than "
+        f"{MIN_POINTS} pairs or a constant series.",
+        "",
+    ]
 
     for split in _split_order(corr["split"]):
         part = corr[(corr["split"] == split) & (corr["site"] == "mean")]
         lines += [f"## `{split}`: layer-mean metric vs loss", "", "| metric | r | p | n |", "|---|---:|---:|---:|"]
-        lines += [f"| {row.metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |" for row in part.itertuples()]
+        lines += [
+            f"| {row.metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |" for row in part.itertuples()
+        ]
         layers = corr[(corr["split"] == split) & (corr["site"] != "mean")].dropna(subset=["r"])
         if len(layers):
             top = layers.reindex(layers["r"].abs().sort_values(ascending=False).index).head(5)
@@ -312,11 +341,17 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
     for split in _split_order(run.metrics["split"]):
         frame = run.metrics[run.metrics["split"] == split]
         last = frame[frame["step"] == frame["step"].max()]
-        lines += [f"## `{split}`: last measurement (step {int(frame['step'].max())})", "",
-                  "| site | tokens | " + " | ".join(METRIC_NAMES) + " |", "|---|---:|" + "---:|" * len(METRIC_NAMES)]
+        lines += [
+            f"## `{split}`: last measurement (step {int(frame['step'].max())})",
+            "",
+            "| site | tokens | " + " | ".join(METRIC_NAMES) + " |",
+            "|---|---:|" + "---:|" * len(METRIC_NAMES),
+        ]
         for row in last.itertuples():
             tokens = "" if math.isnan(float(row.tokens)) else str(int(row.tokens))
-            lines.append(f"| {row.site} | {tokens} | " + " | ".join(_num(getattr(row, n), '.4f') for n in METRIC_NAMES) + " |")
+            lines.append(
+                f"| {row.site} | {tokens} | " + " | ".join(_num(getattr(row, n), ".4f") for n in METRIC_NAMES) + " |"
+            )
         lines.append("")
     if figures:
         lines += ["## Figures", ""]
@@ -351,7 +386,9 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
     from .outputs import check_writable_dir, write_csv, write_figure, write_text
 
     if min_points < 2:
-        raise InputError(f"--min-points must be at least 2 (a correlation of fewer points is undefined), got {min_points}")
+        raise InputError(
+            f"--min-points must be at least 2 (a correlation of fewer points is undefined), got {min_points}"
+        )
     run = load_run(run_dir)
     table = aligned(run)
     corr = correlations(table, min_points)
@@ -361,14 +398,17 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
     if out_dir is not None:
         out_dir = check_writable_dir(out_dir)
     else:
-        out_dir = check_writable_dir(run.run_dir / "nerve_report", "report folder",
-                                     "pass --out with a folder you can write to")
+        out_dir = check_writable_dir(
+            run.run_dir / "nerve_report", "report folder", "pass --out with a folder you can write to"
+        )
     files = [write_csv(out_dir / "correlations.csv", corr)]
     figures: dict[str, list[str]] = {}
     for split in _split_order(run.metrics["split"]):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
-        made = {f"trajectories_{safe}.png": plots.plot_trajectories(run.metrics, split, run.losses),
-                f"heatmaps_{safe}.png": plots.plot_heatmaps(run.metrics, split)}
+        made = {
+            f"trajectories_{safe}.png": plots.plot_trajectories(run.metrics, split, run.losses),
+            f"heatmaps_{safe}.png": plots.plot_heatmaps(run.metrics, split),
+        }
         if (table["split"] == split).any():
             made[f"scatter_{safe}.png"] = plots.plot_metric_vs_loss(table, corr, split)
         for name, figure in made.items():

@@ -78,7 +78,9 @@ def shifted_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     with exact_fp32_matmul(rows.device):  # every chunk's product in IEEE fp32
         for index, chunk in enumerate(chunks):
             if chunk.dtype == work or not on_cpu:  # accelerator halves: converted inside the subtraction
-                centred = torch.sub(chunk, shift) if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
+                centred = (
+                    torch.sub(chunk, shift) if buffer is None else torch.sub(chunk, shift, out=buffer[: len(chunk)])
+                )
             else:  # CPU halves: convert, then subtract in place (a mixed-dtype subtraction is not vectorised)
                 centred = _converted(chunk, buffer, work).sub_(shift)
             remainder_sum += centred.sum(dim=0)  # centred: [R, D] in `work`
@@ -135,5 +137,3 @@ def add_scatter_and_low_rank(m2: Tensor, scatter: Tensor, left: Tensor, right: T
     for start in range(0, dim, step):
         rows = slice(start, start + step)
         m2[rows].add_(scatter[rows].to(m2.dtype)).addmm_(left[rows], right)
-
-

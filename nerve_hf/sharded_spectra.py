@@ -15,8 +15,9 @@ processes. Instead of all-reducing every covariance and having every process dec
 Bytes each process contributes per measurement, with K the largest share in float64 elements:
 reduction 1: Σ (D + 2) · 8; reduce-scatter: W · K · 8, K = max over processes of
 Σ_{owned sites} D(D + 1) (two triangles of D(D + 1)/2), or, when that buffer would be more than twice
-the real data (more processes than FFNs), one reduce per owner: Σ D(D + 1) · 8; all-gather: max over processes of
-Σ_{owned sites} (8 + 2D) · 8 (a count, seven metrics, two spectra; 8 + 0 with ``metrics="pr"``). :func:`exchange_bytes` computes them.
+the real data (more processes than FFNs), one reduce per owner: Σ D(D + 1) · 8; all-gather: max over
+processes of Σ_{owned sites} (8 + 2D) · 8 (a count, seven metrics, two spectra; 8 + 0 with
+``metrics="pr"``). :func:`exchange_bytes` computes them.
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ def gather_rows(
     offset = 0
     for row, eigs, count in zip(values, spectra, counts):
         packed[offset] = float(count)
-        packed[offset + 1 : offset + 1 + _N_METRICS] = torch.tensor([row[name] for name in METRIC_NAMES],
-                                                                    dtype=torch.float64)
+        packed[offset + 1 : offset + 1 + _N_METRICS] = torch.tensor(
+            [row[name] for name in METRIC_NAMES], dtype=torch.float64
+        )
         offset += 1 + _N_METRICS
         if metrics == "all":
             packed[offset : offset + 2 * eigs[0].numel()] = torch.cat(eigs)

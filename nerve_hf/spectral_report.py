@@ -24,8 +24,9 @@ class SpectralReport:
             ``dim``, ``tokens`` (int) and the seven metrics (float, NaN when undefined).
         eigenvalues: site -> (pre, post) eigenvalues, descending float64 CPU tensors ``[dim]``.
 
-    >>> r = SpectralReport(rows=[dict(site="ffn.0", layer=0, dim=3, tokens=9, **{m: 1.0 for m in METRIC_NAMES}),
-    ...                          dict(site="ffn.1", layer=1, dim=3, tokens=9, **{m: float("nan") for m in METRIC_NAMES})])
+    >>> ones, nans = {m: 1.0 for m in METRIC_NAMES}, {m: float("nan") for m in METRIC_NAMES}
+    >>> r = SpectralReport(rows=[dict(site="ffn.0", layer=0, dim=3, tokens=9, **ones),
+    ...                          dict(site="ffn.1", layer=1, dim=3, tokens=9, **nans)])
     >>> r.mean()["pr_pre"], r.to_log_dict()["nerve/ffn.0/js"], r.to_log_dict()["nerve/mean/js"]
     (1.0, 1.0, 1.0)
     """

@@ -34,8 +34,8 @@ from .covariance import CovarianceAccumulator, common_device
 from .distributed import is_distributed, rank, world_size
 from .hook_inputs import batch_size, check_no_replicating_data_parallel, eager, first_tensor, in_backward, mask_position
 from .sharded_spectra import assign_owners, gather_rows, sharded_metric_values
-from .tensor_parallel import NO_REDUCTION, data_parallel_group, full_width, modules_under_fsdp, sharded_width
 from .spectral_report import SpectralReport
+from .tensor_parallel import NO_REDUCTION, data_parallel_group, full_width, modules_under_fsdp, sharded_width
 from .windows import SiteWindow, Window
 
 __all__ = ["FFNTracker", "MemoryBudgetError", "Window", "covariance_state_bytes"]
@@ -130,7 +130,10 @@ class FFNTracker:
         # Tensor-parallel FFNs: which side's activations arrive as column slices, and over which mesh.
         fsdp = modules_under_fsdp(self.root)
         self._layouts = [
-            {side: sharded_width(getattr(site, side), side, id(getattr(site, side)) in fsdp) for side in ("pre", "post")}
+            {
+                side: sharded_width(getattr(site, side), side, id(getattr(site, side)) in fsdp)
+                for side in ("pre", "post")
+            }
             for site in self._sites
         ]
         sharded = [layout for pair in self._layouts for layout in pair.values() if layout is not None]
@@ -190,8 +193,11 @@ class FFNTracker:
         if self.memory_budget_mb is None:
             return
         dims = max(
-            ([self._dims[i] for i in group if self._dims[i] is not None and self._owns(i)]
-             for window in self._windows.values() for group in window.groups),
+            (
+                [self._dims[i] for i in group if self._dims[i] is not None and self._owns(i)]
+                for window in self._windows.values()
+                for group in window.groups
+            ),
             key=covariance_state_bytes,
         )
         needed = covariance_state_bytes(dims)
@@ -408,7 +414,9 @@ class FFNTracker:
         """Round-robin window: watch group ``turn`` (mod the number of groups) from now on."""
         self.window(window).rotate(turn)
 
-    def compute(self, metrics: str = "all", window: str | None = None, spectra_dtype: str = "float64") -> SpectralReport:
+    def compute(
+        self, metrics: str = "all", window: str | None = None, spectra_dtype: str = "float64"
+    ) -> SpectralReport:
         """Metrics of every site the window watches, over what it recorded so far, synced across processes.
 
         Collective under ``torch.distributed``: every rank must call it. The window keeps its
@@ -443,29 +451,44 @@ class FFNTracker:
             values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
             counts = [pre.count for pre, _ in pairs]
         rows = [
-            {"site": state.site.site, "layer": state.site.layer, "dim": int(state.dim or 0),
-             "tokens": int(count), **row_values}
+            {
+                "site": state.site.site,
+                "layer": state.site.layer,
+                "dim": int(state.dim or 0),
+                "tokens": int(count),
+                **row_values,
+            }
             for state, count, row_values in zip(states, counts, values)
         ]
         eigenvalues = {state.site.site: pair for state, pair in zip(states, kept) if pair is not None}
         return SpectralReport(rows=rows, eigenvalues=eigenvalues)
 
-    def _site_sharded_report(self, window: Window, watched: list[int], metrics: str, spectra_dtype: str) -> SpectralReport:
+    def _site_sharded_report(
+        self, window: Window, watched: list[int], metrics: str, spectra_dtype: str
+    ) -> SpectralReport:
         """Each process's own FFNs on its own tokens, every row gathered to every process."""
         me, world = rank(self.group), world_size(self.group)
         shares = [[i for i in watched if self._owners[i] == r] for r in range(world)]
         pairs = [(window.states[i].pre, window.states[i].post) for i in shares[me]]
-        pairs = [pair if pair[0] is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1)) for pair in pairs]
+        pairs = [
+            pair if pair[0] is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1)) for pair in pairs
+        ]
         values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
         device = next((acc.device for pair in pairs for acc in pair if acc.device is not None), None)
         if device is None:  # nothing measured here yet: gloo takes CPU tensors, NCCL the current GPU
             device = common_device([CovarianceAccumulator(1)])
         dims = [d or 1 for d in self._dims]
-        values, kept, counts = gather_rows(values, kept, [pre.count for pre, _ in pairs], shares, dims, metrics,
-                                           device, self.group)
+        values, kept, counts = gather_rows(
+            values, kept, [pre.count for pre, _ in pairs], shares, dims, metrics, device, self.group
+        )
         rows = [
-            {"site": self._sites[i].site, "layer": self._sites[i].layer, "dim": int(self._dims[i] or 0),
-             "tokens": counts[i], **values[i]}
+            {
+                "site": self._sites[i].site,
+                "layer": self._sites[i].layer,
+                "dim": int(self._dims[i] or 0),
+                "tokens": counts[i],
+                **values[i],
+            }
             for i in watched
         ]
         eigenvalues = {self._sites[i].site: kept[i] for i in watched if kept[i] is not None}

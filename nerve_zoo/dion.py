@@ -39,7 +39,9 @@ class DionStep:
     buffer: torch.Tensor  # [m, n] error-feedback momentum after the step
 
 
-def dion_power_step(buffer: torch.Tensor, grad: torch.Tensor, q: torch.Tensor, mu: float, eps: float = 1e-8) -> DionStep:
+def dion_power_step(
+    buffer: torch.Tensor, grad: torch.Tensor, q: torch.Tensor, mu: float, eps: float = 1e-8
+) -> DionStep:
     """One Dion step on matrices in ``[m, n]`` (output, input) orientation; pure function, no update applied."""
     b = buffer + grad  # [m, n]
     p, _ = torch.linalg.qr(b @ q, mode="reduced")  # [m, r]
@@ -83,7 +85,9 @@ class Dion(Optimizer):
             raise ValueError(f"mu must lie in [0, 1), got {mu}")
         if not 0.0 < rank_fraction <= 1.0:
             raise ValueError(f"rank_fraction must lie in (0, 1], got {rank_fraction}")
-        defaults = dict(lr=lr, mu=mu, rank_fraction=rank_fraction, weight_decay=weight_decay, transposed=transposed, eps=eps)
+        defaults = dict(
+            lr=lr, mu=mu, rank_fraction=rank_fraction, weight_decay=weight_decay, transposed=transposed, eps=eps
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for param in group["params"]:

@@ -5,7 +5,7 @@
 | §3.1 activation | ``activation="gelu" / "relu"`` | config ``activation_function`` |
 | §3.2 normalisation-free | ``layernorm=False`` | every ``nn.LayerNorm`` (ln_1, ln_2, ln_f) -> ``nn.Identity`` |
 | §3.2 learnable LeakyReLU | ``activation="learnable_lrelu"`` | ``mlp.act`` -> ``LearnableLeakyReLU`` |
-| §3.3 FFN weight geometry | ``ffn_weight_norm="weight" / "spectral" / "hyperspherical"`` | parametrisations on c_fc, c_proj |
+| §3.3 FFN weight geometry | ``ffn_weight_norm="weight" / "spectral" / "hyperspherical"`` | c_fc, c_proj parametrised |
 | §3.4 LayerNorm placement | ``norm_position="pre" / "post" / "mix"`` | leading blocks -> ``PostLNBlock`` |
 | §3.4 FFN width | ``width_mult=1, 2, 4, 8`` | config ``n_inner = width_mult * n_embd`` |
 

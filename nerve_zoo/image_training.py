@@ -57,5 +57,11 @@ def nerve_callback(model: MixerForImageClassification, every_n_steps: int, max_t
     from nerve_hf import NerveCallback
 
     adapter = model_adapters.get_adapter(model.mixer)  # site paths are suffixes: "blocks" matches "mixer.blocks"
-    return NerveCallback(every_n_steps=every_n_steps, measure_train=False, measure_eval=True,
-                         max_tokens=max_tokens, log_per_site=False, adapter=adapter)
+    return NerveCallback(
+        every_n_steps=every_n_steps,
+        measure_train=False,
+        measure_eval=True,
+        max_tokens=max_tokens,
+        log_per_site=False,
+        adapter=adapter,
+    )

@@ -63,7 +63,10 @@ def split_parameters(model: nn.Module) -> ParamSplit:
     if head is not None:
         excluded |= {id(p) for p in head.parameters()}
     transposed = {
-        id(p) for module in model.modules() if isinstance(module, _transposed_module_types()) for p in module.parameters()
+        id(p)
+        for module in model.modules()
+        if isinstance(module, _transposed_module_types())
+        for p in module.parameters()
     }
     split = ParamSplit()
     for param in model.parameters():  # shared (tied) tensors appear once

@@ -54,29 +54,56 @@ _S_MIXER = "beyond transformers: MLP-Mixer on CIFAR-100"
 _ALL = [
     _variant("gpt2-gelu", "gpt2", _S31, "GPT-2, PreLN, GELU FFN (baseline)", activation="gelu"),
     _variant("gpt2-relu", "gpt2", _S31, "GPT-2, PreLN, ReLU FFN", activation="relu"),
-    _variant("gpt2-normfree-gelu", "gpt2", _S32, "GPT-2 without any LayerNorm, GELU", activation="gelu", layernorm=False),
-    _variant("gpt2-normfree-relu", "gpt2", _S32, "GPT-2 without any LayerNorm, ReLU", activation="relu", layernorm=False),
     _variant(
-        "gpt2-normfree-lrelu", "gpt2", _S32, "GPT-2 without any LayerNorm, learnable LeakyReLU (slope per layer, init 0.01)",
-        activation="learnable_lrelu", layernorm=False,
+        "gpt2-normfree-gelu", "gpt2", _S32, "GPT-2 without any LayerNorm, GELU", activation="gelu", layernorm=False
     ),
     _variant(
-        "gpt2-wnorm", "gpt2", _S33, "NormFree GELU, weight normalisation on c_fc/c_proj",
-        activation="gelu", layernorm=False, ffn_weight_norm="weight",
+        "gpt2-normfree-relu", "gpt2", _S32, "GPT-2 without any LayerNorm, ReLU", activation="relu", layernorm=False
     ),
     _variant(
-        "gpt2-snorm", "gpt2", _S33, "NormFree GELU, spectral normalisation on c_fc/c_proj",
-        activation="gelu", layernorm=False, ffn_weight_norm="spectral",
+        "gpt2-normfree-lrelu",
+        "gpt2",
+        _S32,
+        "GPT-2 without any LayerNorm, learnable LeakyReLU (slope per layer, init 0.01)",
+        activation="learnable_lrelu",
+        layernorm=False,
     ),
     _variant(
-        "gpt2-hnorm", "gpt2", _S33, "NormFree GELU, unit-norm output-unit weight vectors on c_fc/c_proj",
-        activation="gelu", layernorm=False, ffn_weight_norm="hyperspherical",
+        "gpt2-wnorm",
+        "gpt2",
+        _S33,
+        "NormFree GELU, weight normalisation on c_fc/c_proj",
+        activation="gelu",
+        layernorm=False,
+        ffn_weight_norm="weight",
+    ),
+    _variant(
+        "gpt2-snorm",
+        "gpt2",
+        _S33,
+        "NormFree GELU, spectral normalisation on c_fc/c_proj",
+        activation="gelu",
+        layernorm=False,
+        ffn_weight_norm="spectral",
+    ),
+    _variant(
+        "gpt2-hnorm",
+        "gpt2",
+        _S33,
+        "NormFree GELU, unit-norm output-unit weight vectors on c_fc/c_proj",
+        activation="gelu",
+        layernorm=False,
+        ffn_weight_norm="hyperspherical",
     ),
     _variant("gpt2-preln", "gpt2", _S34_NORM, "GPT-2 PreLN (its own block order)", norm_position="pre"),
     _variant("gpt2-postln", "gpt2", _S34_NORM, "GPT-2 PostLN in every block", norm_position="post"),
     _variant(
-        "gpt2-mixln", "gpt2", _S34_NORM, "GPT-2 MixLN: PostLN in the first 25% of blocks, PreLN after",
-        norm_position="mix", post_fraction=0.25,
+        "gpt2-mixln",
+        "gpt2",
+        _S34_NORM,
+        "GPT-2 MixLN: PostLN in the first 25% of blocks, PreLN after",
+        norm_position="mix",
+        post_fraction=0.25,
     ),
     *[
         _variant(f"gpt2-width-{mult}x", "gpt2", _S34_WIDTH, f"GPT-2 PreLN GELU, FFN width D = {mult}d", width_mult=mult)
@@ -86,9 +113,12 @@ _ALL = [
     _variant("llama-nope", "llama", _S_POS, "LLaMA without positional encoding (cos=1, sin=0)", positional="nope"),
     *[
         _variant(
-            f"mixer-{token}-{channel}", "mixer", _S_MIXER,
+            f"mixer-{token}-{channel}",
+            "mixer",
+            _S_MIXER,
             f"MLP-Mixer, token-mixing FFN1 {token.upper()}, channel-mixing FFN2 {channel.upper()}",
-            token_act=token, channel_act=channel,
+            token_act=token,
+            channel_act=channel,
         )
         for token in ("gelu", "relu")
         for channel in ("gelu", "relu")

@@ -35,7 +35,9 @@ def output_axis(module: nn.Module) -> int:
     for module_type, axis in _OUTPUT_AXIS.items():
         if isinstance(module, module_type):
             return axis
-    raise ValueError(f"no output-axis convention for {type(module).__name__}; known: {[t.__name__ for t in _OUTPUT_AXIS]}")
+    raise ValueError(
+        f"no output-axis convention for {type(module).__name__}; known: {[t.__name__ for t in _OUTPUT_AXIS]}"
+    )
 
 
 class UnitNorm(nn.Module):

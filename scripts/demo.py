@@ -14,7 +14,6 @@ last measurement of every FFN layer from ``<output_dir>/nerve_metrics.jsonl``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import shutil
@@ -55,9 +54,15 @@ def load_presets(path: Path = PRESETS_FILE) -> dict[str, DemoPreset]:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/demo", help="Run directory (replaced if an earlier demo made it).")
-    parser.add_argument("--max-steps", type=int, default=None, help="Optimizer steps (default: 600, or 40 with --quick).")
-    parser.add_argument("--quick", action="store_true", help="A tiny model for ~30 s: a smoke test of the whole pipeline.")
+    parser.add_argument(
+        "--output-dir", default="runs/demo", help="Run directory (replaced if an earlier demo made it)."
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="Optimizer steps (default: 600, or 40 with --quick)."
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="A tiny model for ~30 s: a smoke test of the whole pipeline."
+    )
     parser.add_argument("--no-nerve", action="store_true", help="Train without the NerVE callback (for comparison).")
     parser.add_argument("--nerve-every", type=int, default=None, help="Measure every N steps (default: preset's).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for model init and data order.")
@@ -75,7 +80,9 @@ def prepare_output_dir(path: Path) -> None:
     (path / MARKER).write_text("created by scripts/demo.py; a rerun replaces this directory\n")
 
 
-def run_clm_argv(preset: DemoPreset, output_dir: Path, max_steps: int, nerve_every: int, nerve: bool, seed: int) -> list[str]:
+def run_clm_argv(
+    preset: DemoPreset, output_dir: Path, max_steps: int, nerve_every: int, nerve: bool, seed: int
+) -> list[str]:
     """The ``run_clm.py`` command line of the demo."""
     import torch
 
@@ -85,26 +92,52 @@ def run_clm_argv(preset: DemoPreset, output_dir: Path, max_steps: int, nerve_eve
         "resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0"  # short runs: dropout only slows learning down
     )
     argv = [
-        "--output_dir", str(output_dir),
-        "--do_train", "--do_eval",
-        "--config_overrides", overrides,
-        "--block_size", str(preset.block_size),
-        "--embedded_max_bytes", str(preset.corpus_bytes),
-        "--embedded_vocab_size", str(preset.vocab_size),
-        "--max_steps", str(max_steps),
-        "--per_device_train_batch_size", str(preset.batch_size),
-        "--per_device_eval_batch_size", str(2 * preset.batch_size),
-        "--learning_rate", str(preset.learning_rate),
-        "--lr_scheduler_type", "cosine",
-        "--warmup_steps", str(max(1, max_steps // 20)),
-        "--weight_decay", "0.1",
-        "--eval_strategy", "steps", "--eval_steps", str(every),
-        "--save_strategy", "steps", "--save_steps", str(every), "--save_total_limit", "2",
-        "--logging_steps", str(max(1, min(nerve_every, max_steps // 20))),
-        "--max_eval_samples", str(preset.max_eval_samples),
-        "--report_to", "tensorboard",
-        "--seed", str(seed),
-        "--dataloader_pin_memory", str(torch.cuda.is_available()).lower(),
+        "--output_dir",
+        str(output_dir),
+        "--do_train",
+        "--do_eval",
+        "--config_overrides",
+        overrides,
+        "--block_size",
+        str(preset.block_size),
+        "--embedded_max_bytes",
+        str(preset.corpus_bytes),
+        "--embedded_vocab_size",
+        str(preset.vocab_size),
+        "--max_steps",
+        str(max_steps),
+        "--per_device_train_batch_size",
+        str(preset.batch_size),
+        "--per_device_eval_batch_size",
+        str(2 * preset.batch_size),
+        "--learning_rate",
+        str(preset.learning_rate),
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_steps",
+        str(max(1, max_steps // 20)),
+        "--weight_decay",
+        "0.1",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        str(every),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        str(every),
+        "--save_total_limit",
+        "2",
+        "--logging_steps",
+        str(max(1, min(nerve_every, max_steps // 20))),
+        "--max_eval_samples",
+        str(preset.max_eval_samples),
+        "--report_to",
+        "tensorboard",
+        "--seed",
+        str(seed),
+        "--dataloader_pin_memory",
+        str(torch.cuda.is_available()).lower(),
     ]
     if nerve:
         argv += ["--nerve", "--nerve_every_n_steps", str(nerve_every)]

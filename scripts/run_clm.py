@@ -51,21 +51,28 @@ class ModelArguments:
     )
     model_type: Optional[str] = field(
         default=None,
-        metadata={"help": f"Architecture to build from scratch (a transformers model_type); default {DEFAULT_MODEL_TYPE!r}."},
+        metadata={
+            "help": f"Architecture to build from scratch (a transformers model_type); default {DEFAULT_MODEL_TYPE!r}."
+        },
     )
     config_name: Optional[str] = field(
         default=None, metadata={"help": "Config (local dir or Hub id) to build from scratch, if not the model's own."}
     )
     config_overrides: Optional[str] = field(
         default=None,
-        metadata={"help": "From scratch only: comma list of config changes, e.g. 'n_embd=64,n_layer=2,resid_pdrop=0.2'."},
+        metadata={
+            "help": "From scratch only: comma list of config changes, e.g. 'n_embd=64,n_layer=2,resid_pdrop=0.2'."
+        },
     )
     tokenizer_name: Optional[str] = field(
         default=None,
-        metadata={"help": "Tokenizer (local dir or Hub id). Default: the model's, else the embedded corpus's local BPE."},
+        metadata={
+            "help": "Tokenizer (local dir or Hub id). Default: the model's, else the embedded corpus's local BPE."
+        },
     )
     cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Where downloaded models and datasets are cached (Hugging Face cache if unset)."}
+        default=None,
+        metadata={"help": "Where downloaded models and datasets are cached (Hugging Face cache if unset)."},
     )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private/gated models and datasets."})
@@ -74,12 +81,17 @@ class ModelArguments:
     )
     dtype: Optional[str] = field(
         default=None,
-        metadata={"help": "Load pretrained weights in this dtype.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+        metadata={
+            "help": "Load pretrained weights in this dtype.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
     )
 
     def __post_init__(self):
         if self.config_overrides is not None and (self.model_name_or_path or self.config_name):
-            raise ArgumentError("--config_overrides only applies when building from scratch (no --model_name_or_path/--config_name)")
+            raise ArgumentError(
+                "--config_overrides only applies when building from scratch (no --model_name_or_path/--config_name)"
+            )
 
 
 @dataclass
@@ -94,42 +106,58 @@ class DataTrainingArguments:
         },
     )
     dataset_config_name: Optional[str] = field(
-        default=None, metadata={"help": "Dataset subset, e.g. 'en' for c4, 'sample-10BT' for fineweb (known defaults apply)."}
+        default=None,
+        metadata={"help": "Dataset subset, e.g. 'en' for c4, 'sample-10BT' for fineweb (known defaults apply)."},
     )
     text_column_name: Optional[str] = field(
         default=None,
-        metadata={"help": "Column with the text. Default: known per dataset (codeparrot: 'content'), else the first of "
-                  "text, content, code, document, sentence, else the first string column."},
+        metadata={
+            "help": "Column with the text. Default: known per dataset (codeparrot: 'content'), else the first of "
+            "text, content, code, document, sentence, else the first string column."
+        },
     )
-    train_file: Optional[str] = field(default=None, metadata={"help": "Local training text: .txt, .json, .jsonl or .csv."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Local evaluation text, same format as --train_file."})
+    train_file: Optional[str] = field(
+        default=None, metadata={"help": "Local training text: .txt, .json, .jsonl or .csv."}
+    )
+    validation_file: Optional[str] = field(
+        default=None, metadata={"help": "Local evaluation text, same format as --train_file."}
+    )
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep only this many training blocks (after grouping), for quick runs."}
     )
     max_eval_samples: Optional[int] = field(
         default=None,
-        metadata={"help": f"Keep only this many evaluation blocks (after grouping); streaming default {DEFAULT_STREAMING_EVAL_BLOCKS}."},
+        metadata={
+            "help": "Keep only this many evaluation blocks (after grouping); streaming default "
+            f"{DEFAULT_STREAMING_EVAL_BLOCKS}."
+        },
     )
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it (needs --max_steps)."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the dataset instead of downloading it (needs --max_steps)."}
+    )
     block_size: Optional[int] = field(
         default=None,
         metadata={"help": "Tokens per training sequence. Default: min(model context, tokenizer max length, 1024)."},
     )
     validation_split_percentage: float = field(
-        default=5.0, metadata={"help": "Percent of the train split held out for evaluation when there is no validation split."}
+        default=5.0,
+        metadata={"help": "Percent of the train split held out for evaluation when there is no validation split."},
     )
     streaming_validation_docs: int = field(
-        default=1000, metadata={"help": "Streaming without a validation split: documents held out from the start of the stream."}
+        default=1000,
+        metadata={"help": "Streaming without a validation split: documents held out from the start of the stream."},
     )
     preprocessing_num_workers: Optional[int] = field(
         default=None, metadata={"help": "Processes for tokenization (map-style datasets only)."}
     )
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files."})
     embedded_max_bytes: int = field(
-        default=3_000_000, metadata={"help": "Embedded corpus only: cap on its size in bytes (the tokenizer is cached per cap)."}
+        default=3_000_000,
+        metadata={"help": "Embedded corpus only: cap on its size in bytes (the tokenizer is cached per cap)."},
     )
     embedded_vocab_size: int = field(
-        default=8192, metadata={"help": "Vocabulary size of the locally trained tokenizer (when no tokenizer is named)."}
+        default=8192,
+        metadata={"help": "Vocabulary size of the locally trained tokenizer (when no tokenizer is named)."},
     )
 
     def __post_init__(self):
@@ -153,12 +181,19 @@ def _nerve_arguments():
         values = {name: value for name, value in vars(self).items() if name.startswith(NERVE_PREFIX)}
         return from_command_line(NerveConfig, values, NERVE_PREFIX)
 
-    nerve = ("nerve", bool, field(default=False, metadata={"help": "Track NerVE spectral metrics with nerve_hf.NerveCallback."}))
+    nerve = (
+        "nerve",
+        bool,
+        field(default=False, metadata={"help": "Track NerVE spectral metrics with nerve_hf.NerveCallback."}),
+    )
     return make_dataclass(
         "NerveArguments",
         [nerve, *command_line_fields(NerveConfig, NERVE_PREFIX)],
-        namespace={"__post_init__": __post_init__, "config": config,
-                   "__doc__": "NerVE: eigenspectra of each FFN's pre-/post-activation covariance, measured while training."},
+        namespace={
+            "__post_init__": __post_init__,
+            "config": config,
+            "__doc__": "NerVE: eigenspectra of each FFN's pre-/post-activation covariance, measured while training.",
+        },
     )
 
 
@@ -321,7 +356,9 @@ def choose_block_size(data_args: DataTrainingArguments, tokenizer, config) -> in
     return data_args.block_size
 
 
-def prepare_datasets(data_args: DataTrainingArguments, model_args: ModelArguments, tokenizer, block_size: int, training_args):
+def prepare_datasets(
+    data_args: DataTrainingArguments, model_args: ModelArguments, tokenizer, block_size: int, training_args
+):
     """Raw text -> ``{"train": blocks, "validation": blocks}`` of ``block_size`` tokens, capped as asked."""
     from nerve_hf.data import load_raw_datasets, tokenize_and_group
 
@@ -493,7 +530,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if training_args.do_eval:
         already = evaluation_at_final_step(trainer) if training_args.do_train else None
         if already is not None:
-            logger.info("the Trainer evaluated the final model at step %d: reusing that evaluation", trainer.state.global_step)
+            logger.info(
+                "the Trainer evaluated the final model at step %d: reusing that evaluation", trainer.state.global_step
+            )
         eval_metrics = with_perplexity(already if already is not None else trainer.evaluate())
         if not data_args.streaming:
             eval_metrics["eval_samples"] = len(eval_dataset)

@@ -26,12 +26,16 @@ logger = logging.getLogger("train_mixer")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="Where Trainer logs and nerve_metrics.jsonl go.")
-    parser.add_argument("--variant", default="mixer-gelu-gelu", help="nerve_zoo Mixer variant (mixer-<token>-<channel>).")
+    parser.add_argument(
+        "--variant", default="mixer-gelu-gelu", help="nerve_zoo Mixer variant (mixer-<token>-<channel>)."
+    )
     parser.add_argument("--size", default="tiny", help="Zoo Mixer size: tiny, cpu or paper (Mixer-B/16).")
     parser.add_argument("--dataset", default="digits", choices=["digits", "cifar100"], help="Image set.")
     parser.add_argument("--data_dir", default=None, help="Local cifar-100-python directory (cifar100 only).")
     parser.add_argument("--image_size", type=int, default=16, help="Side images are resized to (224 for Mixer-B/16).")
-    parser.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw", "muon", "dion"], help="Optimizer.")
+    parser.add_argument(
+        "--optimizer", default="adam", choices=["sgd", "adam", "adamw", "muon", "dion"], help="Optimizer."
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate (cosine schedule).")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay on >= 2-D tensors.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per device and step.")
@@ -57,10 +61,19 @@ def main(argv=None) -> dict:
     model = MixerForImageClassification(mixer)
     optimizer = zoo.build_optimizer(args.optimizer, model, lr=args.lr, weight_decay=args.weight_decay)
     training_args = TrainingArguments(
-        output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs, learning_rate=args.lr,
-        lr_scheduler_type="cosine", warmup_steps=0.05, eval_strategy="steps", eval_steps=args.eval_steps,
-        logging_steps=args.eval_steps, save_strategy="no", report_to=[], seed=args.seed,
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        logging_steps=args.eval_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
     )
     callbacks = [nerve_callback(model, args.eval_steps, args.nerve_max_tokens)] if args.nerve else []

@@ -31,8 +31,9 @@ def without_override(cmd: Sequence[str]) -> list[str]:
     return [setpriv, f"--inh-caps={_DROPPED}", f"--bounding-set={_DROPPED}", *cmd]
 
 
-def run_python(code: str, *args: str, drop_override: bool = True, timeout: float = 240,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, *args: str, drop_override: bool = True, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -c code args...`` with the repo importable; without override capabilities by default."""
     environment = dict(os.environ if env is None else env)
     environment["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), environment.get("PYTHONPATH", "")])

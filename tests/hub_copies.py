@@ -89,8 +89,10 @@ def c4_copy(folder: Path, train: list[str], validation: list[str]) -> Path:
     configs = {}
     for config, transform in (("en", str), ("en.noblocklist", str.upper)):
         for split, texts, shards in (("train", train, 1024), ("validation", validation, 8)):
-            write_json_gz(folder / config / f"c4-{split}.00000-of-{shards:05d}.json.gz",
-                          [{"text": transform(t), **meta} for t in texts])
+            write_json_gz(
+                folder / config / f"c4-{split}.00000-of-{shards:05d}.json.gz",
+                [{"text": transform(t), **meta} for t in texts],
+            )
             configs.setdefault(config, {})[split] = f"{config}/c4-{split}.*.json.gz"
     readme_configs(folder, configs)
     return folder
@@ -98,15 +100,19 @@ def c4_copy(folder: Path, train: list[str], validation: list[str]) -> Path:
 
 def codeparrot_copy(folder: Path, contents: list[str]) -> Path:
     """``codeparrot/codeparrot-clean``: gzipped JSON lines at the top, no card configs, one train split."""
-    rows = [{"repo_name": f"org/repo{i}", "path": f"src/m{i}.py", "content": text, "license": "mit"}
-            for i, text in enumerate(contents)]
+    rows = [
+        {"repo_name": f"org/repo{i}", "path": f"src/m{i}.py", "content": text, "license": "mit"}
+        for i, text in enumerate(contents)
+    ]
     write_json_gz(folder / "file-000000000001.json.gz", rows)
     return folder
 
 
 def fineweb_copy(folder: Path, texts: list[str]) -> Path:
     """``HuggingFaceFW/fineweb``: parquet shards, config ``sample-10BT`` with a train split only."""
-    write_parquet(folder / "sample" / "10BT" / "000_00000.parquet",
-                  [{"text": t, "id": f"<urn:{i}>", "language": "en"} for i, t in enumerate(texts)])
+    write_parquet(
+        folder / "sample" / "10BT" / "000_00000.parquet",
+        [{"text": t, "id": f"<urn:{i}>", "language": "en"} for i, t in enumerate(texts)],
+    )
     readme_configs(folder, {"sample-10BT": {"train": "sample/10BT/*"}})
     return folder

@@ -151,7 +151,10 @@ def test_register_adapter_by_class_name():
         tracker = FFNTracker(model)
         with tracker:
             model(torch.randn(5, 4))
-        assert [(r["site"], r["tokens"], r["dim"]) for r in tracker.compute().rows] == [("mlp.0", 5, 6), ("mlp.1", 5, 6)]
+        assert [(r["site"], r["tokens"], r["dim"]) for r in tracker.compute().rows] == [
+            ("mlp.0", 5, 6),
+            ("mlp.1", 5, 6),
+        ]
     finally:
         model_adapters.registry._REGISTRY.pop("Odd")
 

@@ -20,8 +20,19 @@ sys.path.insert(0, str(BENCH))
 import _experiments  # noqa: E402
 import _settings  # noqa: E402
 
-RESULT_KEYS = {"schema_version", "experiment", "preset", "task", "section", "description", "labels", "command",
-               "created", "environment", "runs"}
+RESULT_KEYS = {
+    "schema_version",
+    "experiment",
+    "preset",
+    "task",
+    "section",
+    "description",
+    "labels",
+    "command",
+    "created",
+    "environment",
+    "runs",
+}
 RUN_KEYS = {"variant", "optimizer", "final", "history", "nerve", "correlations", "provenance", "settings"}
 PROVENANCE_KEYS = {"dataset", "steps", "seed", "wall_time_s", "parameters"}
 from nerve_hf.metrics import METRIC_NAMES as METRICS  # noqa: E402
@@ -42,8 +53,18 @@ def offline_cache_and_one_thread(tmp_path_factory):
 # --------------------------------------------------------------------------- configs
 def test_experiments_are_the_issue_list_and_resolve_for_every_preset():
     names = _experiments.list_experiments()
-    assert names == sorted(["gpt2_activations", "gpt2_normfree", "gpt2_weightnorm", "gpt2_norm_position", "gpt2_width",
-                            "llama_positional", "optimizers", "mixer"])
+    assert names == sorted(
+        [
+            "gpt2_activations",
+            "gpt2_normfree",
+            "gpt2_weightnorm",
+            "gpt2_norm_position",
+            "gpt2_width",
+            "llama_positional",
+            "optimizers",
+            "mixer",
+        ]
+    )
     for name in names:
         experiment = _experiments.load_experiment(name)
         for preset in _settings.PRESET_NAMES:
@@ -57,8 +78,11 @@ def test_experiments_are_the_issue_list_and_resolve_for_every_preset():
 def test_smoke_experiments_cover_every_zoo_variant():
     from nerve_zoo import VARIANTS
 
-    covered = {run.variant for name in _experiments.list_experiments()
-               for run in _experiments.load_experiment(name).runs_for("smoke")}
+    covered = {
+        run.variant
+        for name in _experiments.list_experiments()
+        for run in _experiments.load_experiment(name).runs_for("smoke")
+    }
     assert covered == set(VARIANTS)
 
 
@@ -107,7 +131,9 @@ def test_paper_lm_data_loads_the_hub_tokenizer_and_streamed_dataset_offline(tmp_
     documents = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(1012)]
     tokenizer = train_bpe_tokenizer(documents[:50], vocab_size=300)
     tokenizer.save_pretrained(str(tmp_path / "gpt2"))
-    GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=24, n_head=3).save_pretrained(tmp_path / "gpt2")  # as on the Hub
+    GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=24, n_head=3).save_pretrained(
+        tmp_path / "gpt2"
+    )  # as on the Hub
     hub.publish("gpt2", tmp_path / "gpt2")
     hub.serve_dataset("codeparrot/codeparrot-clean", codeparrot_copy(tmp_path / "codeparrot", documents))
     settings = _settings.resolve("paper", "lm", {"block_size": 16, "eval_samples": 3})
@@ -138,7 +164,10 @@ def _variant_settings():
 
     for name, variant in VARIANTS.items():
         task = "image" if variant.family == "mixer" else "lm"
-        yield name, _settings.resolve("smoke", task, {"variant": name, "max_steps": 2, "eval_every": 2, "eval_samples": 4})
+        yield (
+            name,
+            _settings.resolve("smoke", task, {"variant": name, "max_steps": 2, "eval_every": 2, "eval_samples": 4}),
+        )
 
 
 @pytest.mark.parametrize("variant, settings", list(_variant_settings()), ids=lambda v: v if isinstance(v, str) else "")

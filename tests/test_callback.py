@@ -3,18 +3,17 @@
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import torchrun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from trainer_helpers import SEQ_LEN, make_trainer, tiny_gpt2
 from transformers import TrainerCallback
 
-from distributed_helpers import torchrun
 from nerve_hf import FFNTracker, NerveCallback, NerveConfig
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.records import read_records
-from trainer_helpers import SEQ_LEN, make_trainer, tiny_gpt2
 
 
 class CaptureStep(TrainerCallback):
@@ -96,8 +95,8 @@ def test_jsonl_records(tensorboard_run):
     records = list(read_records(out / "nerve_metrics.jsonl"))
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
-    assert [(r["step"], r["site"]) for r in train] == [(s, f"ffn.{l}") for s in (2, 4, 6) for l in (0, 1)]
-    assert [(r["step"], r["layer"]) for r in evals] == [(s, l) for s in (3, 6) for l in (0, 1)]
+    assert [(r["step"], r["site"]) for r in train] == [(s, f"ffn.{layer}") for s in (2, 4, 6) for layer in (0, 1)]
+    assert [(r["step"], r["layer"]) for r in evals] == [(s, layer) for s in (3, 6) for layer in (0, 1)]
     # gradient accumulation counted in full: 2 micro-batches x 2 sequences x SEQ_LEN tokens
     assert {r["tokens"] for r in train} == {2 * 2 * SEQ_LEN}
     assert {r["tokens"] for r in evals} == {6 * SEQ_LEN}
@@ -123,7 +122,7 @@ def test_logged_metrics_equal_recomputation_before_update(tensorboard_run):
     stepped = tiny_gpt2()
     stepped.load_state_dict(capture.weights)
     with torch.no_grad():
-        for name, parameter in stepped.named_parameters():
+        for _name, parameter in stepped.named_parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     other = FFNTracker(stepped)
     with other, torch.no_grad():
@@ -134,7 +133,9 @@ def test_logged_metrics_equal_recomputation_before_update(tensorboard_run):
 
 def test_added_later_options_and_no_train_measurement(tmp_path):
     trainer = make_trainer(tmp_path, None, max_steps=4, eval_steps=2, report_to=[])
-    trainer.add_callback(NerveCallback(NerveConfig(every_n_steps=1, measure_train=False, layers=[-1], log_per_site=True)))
+    trainer.add_callback(
+        NerveCallback(NerveConfig(every_n_steps=1, measure_train=False, layers=[-1], log_per_site=True))
+    )
     trainer.train()
     history = trainer.state.log_history
     assert nerve_entries(history) == []
@@ -159,6 +160,7 @@ def test_resume_neither_duplicates_nor_drops(tmp_path):
     full = [(r["step"], r["split"], r["site"]) for r in read_records(tmp_path / "nerve_metrics.jsonl")]
     # pretend the run died after step 6 was measured but before checkpoint 6 was written
     import shutil
+
     shutil.rmtree(tmp_path / "checkpoint-6")
     second = make_trainer(tmp_path, [NerveCallback(**callback_options)], save_strategy="steps", save_steps=3)
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
@@ -175,8 +177,9 @@ class PoisonWeights(TrainerCallback):
 
 
 def test_nonfinite_activations_warn_log_nan_and_training_finishes(tmp_path):
-    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1), PoisonWeights()], max_steps=4,
-                           eval_strategy="no", max_grad_norm=0.0)
+    trainer = make_trainer(
+        tmp_path, [NerveCallback(every_n_steps=1), PoisonWeights()], max_steps=4, eval_strategy="no", max_grad_norm=0.0
+    )
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         trainer.train()
     assert trainer.state.global_step == 4
@@ -200,8 +203,9 @@ def test_unknown_architecture_disables_with_warning(tmp_path):
             return {"loss": self.embed(input_ids).pow(2).mean()}
 
     with pytest.warns(RuntimeWarning, match="NerveCallback is disabled"):
-        trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1)], model=Opaque(), max_steps=2,
-                               eval_strategy="no")
+        trainer = make_trainer(
+            tmp_path, [NerveCallback(every_n_steps=1)], model=Opaque(), max_steps=2, eval_strategy="no"
+        )
         trainer.train()
     assert trainer.state.global_step == 2
 
@@ -215,8 +219,7 @@ def test_data_parallel_over_several_gpus_disables_with_warning(tmp_path, monkeyp
     monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.NOT_DISTRIBUTED))
     model = tiny_gpt2()
     with pytest.warns(RuntimeWarning, match="nn.DataParallel .* torchrun"):
-        trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1)], model=model, max_steps=2,
-                               eval_strategy="no")
+        trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1)], model=model, max_steps=2, eval_strategy="no")
         trainer.train()
     assert trainer.state.global_step == 2
     assert not any(key.startswith("nerve/") for entry in trainer.state.log_history for key in entry)
@@ -243,8 +246,14 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_torch_compiled_model_is_measured(tmp_path):
-    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=2)], max_steps=2, eval_strategy="no",
-                           torch_compile=True, torch_compile_backend="eager")
+    trainer = make_trainer(
+        tmp_path,
+        [NerveCallback(every_n_steps=2)],
+        max_steps=2,
+        eval_strategy="no",
+        torch_compile=True,
+        torch_compile_backend="eager",
+    )
     trainer.train()
     entries = nerve_entries(trainer.state.log_history)
     assert [e["step"] for e in entries] == [2]

@@ -5,13 +5,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from distributed_helpers import torchrun
 from reference import rel_err, two_pass
+
 from nerve_hf import scatter as kernels
 from nerve_hf.covariance import CovarianceAccumulator, sync_accumulators
-from nerve_hf.spectra import eigenvalues_batched, participation_ratio_from_covariance
 from nerve_hf.metrics import participation_ratio
+from nerve_hf.spectra import eigenvalues_batched, participation_ratio_from_covariance
 
 
 def test_chunked_fp32_with_large_offset_matches_two_pass():
@@ -296,15 +296,18 @@ def test_load_state_dict_names_a_missing_key(key):
     assert_same_state(acc, before)
 
 
-@pytest.mark.parametrize("key, shape", [
-    ("m2", (1, 37)),  # broadcast silently before
-    ("m2", (37,)),
-    ("m2", (36, 36)),  # a raw torch size error before
-    ("m2", (37, 37, 1)),
-    ("mean", (1,)),
-    ("mean", (1, 37)),
-    ("mean", (38,)),
-])
+@pytest.mark.parametrize(
+    "key, shape",
+    [
+        ("m2", (1, 37)),  # broadcast silently before
+        ("m2", (37,)),
+        ("m2", (36, 36)),  # a raw torch size error before
+        ("m2", (37, 37, 1)),
+        ("mean", (1,)),
+        ("mean", (1, 37)),
+        ("mean", (38,)),
+    ],
+)
 def test_load_state_dict_rejects_wrong_shapes_naming_both(key, shape):
     acc = loaded_accumulator()
     before = acc.state_dict()
@@ -318,19 +321,22 @@ def test_load_state_dict_rejects_wrong_shapes_naming_both(key, shape):
     assert_same_state(acc, before)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("count", -1),
-    ("skipped", -3),
-    ("count", True),
-    ("skipped", False),
-    ("count", 2.5),
-    ("count", float("nan")),
-    ("count", "50"),
-    ("skipped", None),
-    ("count", torch.tensor(-1)),
-    ("count", torch.tensor([50])),
-    ("dim", 37.5),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("count", -1),
+        ("skipped", -3),
+        ("count", True),
+        ("skipped", False),
+        ("count", 2.5),
+        ("count", float("nan")),
+        ("count", "50"),
+        ("skipped", None),
+        ("count", torch.tensor(-1)),
+        ("count", torch.tensor([50])),
+        ("dim", 37.5),
+    ],
+)
 def test_load_state_dict_rejects_bad_counts(key, value):
     acc = loaded_accumulator()
     before = acc.state_dict()

@@ -12,13 +12,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from reference import rel_err, two_pass
 from trainer_helpers import make_trainer, tiny_gpt2
+
 from nerve_hf import NerveCallback, NerveConfig
 from nerve_hf.covariance import CovarianceAccumulator, exact_fp32_matmul
-from nerve_hf.spectra import eigenvalues_batched
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.spectra import eigenvalues_batched
 from nerve_hf.tracker import FFNTracker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -63,7 +63,9 @@ def test_corpus_content_is_the_stdlib_source(corpus):
         assert row["path"].endswith(".py")
         assert (root / row["path"]).read_text(encoding="utf-8") == row["text"]
     all_paths = list(corpus["train"]["path"]) + list(corpus["validation"]["path"])
-    assert not any(part in ("site-packages", "test", "tests", "__pycache__") for p in all_paths for part in p.split("/"))
+    assert not any(
+        part in ("site-packages", "test", "tests", "__pycache__") for p in all_paths for part in p.split("/")
+    )
     total = sum(len(t.encode()) for t in list(corpus["train"]["text"]) + list(corpus["validation"]["text"]))
     # the cap stops adding files once reached: at most one file (<= max_file_bytes) past it
     assert SMALL <= total <= SMALL + StdlibCorpusConfig().max_file_bytes
@@ -193,7 +195,11 @@ def test_tokenize_and_group_streaming_matches(trained):
     ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": texts, "id": list(range(6))})})
     mapped = tokenize_and_group(ds, tok, block_size=16, text_column="content", append_eos=False)
     streamed = tokenize_and_group(
-        datasets.IterableDatasetDict({"train": ds["train"].to_iterable_dataset()}), tok, 16, text_column="content", append_eos=False
+        datasets.IterableDatasetDict({"train": ds["train"].to_iterable_dataset()}),
+        tok,
+        16,
+        text_column="content",
+        append_eos=False,
     )
     assert isinstance(streamed, datasets.IterableDatasetDict)
     assert [row["input_ids"] for row in streamed["train"]] == list(mapped["train"]["input_ids"])
@@ -223,7 +229,9 @@ def test_load_raw_files(tmp_path):
     rows = [{"text": f"line {i}\nprint({i})\n", "other": i} for i in range(40)]
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    raw, column = load_raw_datasets(train_file=str(jsonl), validation_split_percentage=10, cache_dir=str(tmp_path / "hf"))
+    raw, column = load_raw_datasets(
+        train_file=str(jsonl), validation_split_percentage=10, cache_dir=str(tmp_path / "hf")
+    )
     assert column == "text"
     assert raw["train"].num_rows == 36 and raw["validation"].num_rows == 4
     assert raw["validation"][0]["text"] == rows[0]["text"] and raw["train"][0]["text"] == rows[4]["text"]
@@ -275,8 +283,9 @@ def test_hub_codeparrot_reads_content_and_holds_out_validation(hub, tmp_path):
 
     contents = [f"def f{i}(x):\n    return x + {i}\n" for i in range(40)]
     hub.serve_dataset("codeparrot/codeparrot-clean", codeparrot_copy(tmp_path / "cp", contents))
-    raw, column = load_raw_datasets("codeparrot/codeparrot-clean", validation_split_percentage=10,
-                                    cache_dir=str(tmp_path / "cache"))
+    raw, column = load_raw_datasets(
+        "codeparrot/codeparrot-clean", validation_split_percentage=10, cache_dir=str(tmp_path / "cache")
+    )
     assert column == "content"  # the table's column, not "text"
     assert list(raw["validation"][column]) == contents[:4] and list(raw["train"][column]) == contents[4:]
     stream, column = load_raw_datasets("codeparrot/codeparrot-clean", streaming=True, streaming_validation_docs=5)

@@ -9,8 +9,8 @@ parameter that ZeRO-3 has partitioned."""
 import json
 
 import pytest
-
 from distributed_helpers import torchrun
+
 from nerve_hf.metrics import METRIC_NAMES
 
 
@@ -44,9 +44,9 @@ def test_tracker_reads_no_partitioned_parameter():
     ``ds_shape``) outside the forward. The tracker finds every FFN and its width from the modules' own
     attributes, so it builds on such a model without touching a parameter's data."""
     import torch
+    from trainer_helpers import tiny_gpt2
 
     from nerve_hf import FFNTracker
-    from trainer_helpers import tiny_gpt2
 
     model = tiny_gpt2()
     for module in model.modules():

@@ -10,15 +10,15 @@ import warnings
 
 import numpy as np
 import pytest
-
 from fault_helpers import read_only, run_python, tear_last_line
+from test_probe import gpt2_dir  # noqa: F401 - a fixture, used through model_dir
+from test_report import synthetic_run
+
 from nerve_hf.cli import main
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.records import RECORDS_FILENAME, append_records, drop_records_after, read_records
 from nerve_hf.runs import load_run
-from test_report import synthetic_run
-from test_probe import gpt2_dir  # noqa: F401 - a fixture, used through model_dir
 
 CLI = "import sys; from nerve_hf.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -35,8 +35,10 @@ def line(step: int, site: str = "ffn.0", layer: int = 0) -> bytes:
 
 def same(got: list[dict], want: list[dict]) -> bool:
     """Records equal, NaN equal to NaN."""
+
     def key(r):
         return {k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+
     return [key(r) for r in got] == [key(r) for r in want]
 
 
@@ -70,14 +72,22 @@ def test_append_after_a_torn_line_starts_a_fresh_line(tmp_path):
 def test_append_writes_strict_json_one_line_per_record(tmp_path):
     path = tmp_path / RECORDS_FILENAME
     path.write_bytes(b"")
-    first = {"step": 1, "split": "eval", "site": "ffn.0", "tokens": np.int64(8), "se_pre": float("nan"),
-             "pr_pre": np.float32(0.5), "js": float("inf")}
+    first = {
+        "step": 1,
+        "split": "eval",
+        "site": "ffn.0",
+        "tokens": np.int64(8),
+        "se_pre": float("nan"),
+        "pr_pre": np.float32(0.5),
+        "js": float("inf"),
+    }
     append_records(path, [first])
     append_records(path, [])  # nothing to write: the file stays as it is
     append_records(path, [record(2)])
     assert path.read_bytes() == (
         b'{"step": 1, "split": "eval", "site": "ffn.0", "tokens": 8, "se_pre": null, "pr_pre": 0.5, "js": null}\n'
-        + line(2))
+        + line(2)
+    )
     records, messages = read_with_warnings(path)
     assert messages == []
     assert same(records, [{**first, "tokens": 8, "pr_pre": 0.5, "js": math.nan}, record(2)])
@@ -86,8 +96,17 @@ def test_append_writes_strict_json_one_line_per_record(tmp_path):
 def test_unreadable_lines_anywhere_are_skipped_with_one_warning_per_call(tmp_path):
     path = tmp_path / RECORDS_FILENAME
     null_metric = json.dumps({**record(20), "se_post": None}).encode() + b"\n"
-    path.write_bytes(line(10) + b"garbage\n" + null_metric + b"[1, 2]\n" + b"42\n" + b"\n" + b"\xff\xfe{\n"
-                     + line(30) + line(40)[:25])
+    path.write_bytes(
+        line(10)
+        + b"garbage\n"
+        + null_metric
+        + b"[1, 2]\n"
+        + b"42\n"
+        + b"\n"
+        + b"\xff\xfe{\n"
+        + line(30)
+        + line(40)[:25]
+    )
     for _ in range(2):
         records, messages = read_with_warnings(path)
         assert same(records, [record(10), {**record(20), "se_post": math.nan}, record(30)])
@@ -142,11 +161,14 @@ def hand_run(path, records_bytes: bytes):
     return path
 
 
-@pytest.mark.parametrize("content, problem", [
-    (b"", "is empty"),
-    (b"\n  \n", "is empty"),
-    (b"garbage\n[1, 2]\n{\"step\": 1", "holds no JSON records (is it a NerVE records file?)"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"", "is empty"),
+        (b"\n  \n", "is empty"),
+        (b'garbage\n[1, 2]\n{"step": 1', "holds no JSON records (is it a NerVE records file?)"),
+    ],
+)
 def test_report_on_an_empty_or_foreign_records_file(tmp_path, capsys, content, problem):
     run = hand_run(tmp_path / "run", content)
     records = run / RECORDS_FILENAME
@@ -166,14 +188,15 @@ def test_report_on_a_foreign_records_file_in_a_real_process(tmp_path):
     result = run_python(CLI, "report", str(run))
     assert result.returncode == 2 and result.stdout == ""
     records = run / RECORDS_FILENAME
-    assert result.stderr == (f"nerve report: error: records file {str(records)!r} holds no JSON records "
-                             f"(is it a NerVE records file?)\n")
+    assert result.stderr == (
+        f"nerve report: error: records file {str(records)!r} holds no JSON records (is it a NerVE records file?)\n"
+    )
     assert sorted(os.listdir(run)) == [RECORDS_FILENAME, "trainer_state.json"]
 
 
 # ---------------------------------------------------------------------------- output folders
 @pytest.fixture(scope="module")
-def model_dir(gpt2_dir):
+def model_dir(gpt2_dir):  # noqa: F811 - the fixture imported above
     """test_probe's tiny GPT-2 and its BPE tokenizer, saved with save_pretrained."""
     return gpt2_dir
 
@@ -181,6 +204,7 @@ def model_dir(gpt2_dir):
 @pytest.fixture
 def no_probe(monkeypatch):
     """Measuring fails the test: the --out checks must come first."""
+
     def run_probe(config):
         raise AssertionError("run_probe called although --out is unusable")
 
@@ -212,8 +236,9 @@ def test_probe_out_whose_parent_cannot_be_created(model_dir, tmp_path, capsys, n
     (tmp_path / "file").write_text("mine")
     out = tmp_path / "file" / "out"
     assert main(["probe", str(model_dir), "--out", str(out)]) == 2
-    assert capsys.readouterr().err == (f"nerve probe: error: --out {str(out)!r} cannot be created (Not a directory): "
-                                       f"pass a folder you can write to\n")
+    assert capsys.readouterr().err == (
+        f"nerve probe: error: --out {str(out)!r} cannot be created (Not a directory): pass a folder you can write to\n"
+    )
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
@@ -226,8 +251,9 @@ def test_probe_out_read_only_in_a_real_process(model_dir, tmp_path):
         with read_only(tmp_path / "locked"):
             result = run_python(CLI, "probe", *args, "--out", str(out))
         assert result.returncode == 2 and result.stdout == "", result.stderr
-        assert result.stderr == (f"nerve probe: error: --out {str(out)!r} {reason} (Permission denied): "
-                                 f"pass a folder you can write to\n")
+        assert result.stderr == (
+            f"nerve probe: error: --out {str(out)!r} {reason} (Permission denied): pass a folder you can write to\n"
+        )
         assert os.listdir(tmp_path / "locked") == []
     result = run_python(CLI, "probe", *args, "--out", str(tmp_path / "locked"))  # writable again: it works
     assert result.returncode == 0, result.stderr
@@ -263,6 +289,8 @@ def test_report_default_out_in_a_read_only_run_in_a_real_process(tmp_path):
         result = run_python(CLI, "report", str(run))
     out = run / "nerve_report"
     assert result.returncode == 2 and result.stdout == "", result.stderr
-    assert result.stderr == (f"nerve report: error: report folder {str(out)!r} cannot be created (Permission denied): "
-                             f"pass --out with a folder you can write to\n")
+    assert result.stderr == (
+        f"nerve report: error: report folder {str(out)!r} cannot be created (Permission denied): "
+        f"pass --out with a folder you can write to\n"
+    )
     assert sorted(os.listdir(run)) == [RECORDS_FILENAME, "trainer_state.json"]

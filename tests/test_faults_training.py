@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
-
 from distributed_helpers import WORKERS, torchrun
 from fault_helpers import REPO, read_only, run_python, tear_last_line
+from trainer_helpers import SEQ_LEN, make_trainer, tiny_gpt2, token_dataset
+from transformers import TrainerCallback
+
 from model_adapters import LayerRangeError
 from nerve_hf import FFNTracker, NerveCallback, NerveConfig
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.records import read_records
-from trainer_helpers import SEQ_LEN, make_trainer, token_dataset, tiny_gpt2
 
 RECORDS = "nerve_metrics.jsonl"
 
@@ -129,8 +129,9 @@ class BreakOutputDir(TrainerCallback):
 
 def test_output_dir_deleted_mid_run_is_recreated(tmp_path):
     out = tmp_path / "out"
-    trainer = make_trainer(out, [NerveCallback(every_n_steps=1), BreakOutputDir(3, "delete")], max_steps=4,
-                           eval_strategy="no")
+    trainer = make_trainer(
+        out, [NerveCallback(every_n_steps=1), BreakOutputDir(3, "delete")], max_steps=4, eval_strategy="no"
+    )
     trainer.train()
     records = list(read_records(out / RECORDS))
     assert keys(records) == [("train", s, f"ffn.{i}") for s in (3, 4) for i in (0, 1)]
@@ -138,8 +139,9 @@ def test_output_dir_deleted_mid_run_is_recreated(tmp_path):
 
 def test_output_dir_replaced_by_a_file_warns_and_training_finishes(tmp_path):
     out = tmp_path / "out"
-    trainer = make_trainer(out, [NerveCallback(every_n_steps=1), BreakOutputDir(3, "file")], max_steps=4,
-                           eval_strategy="no")
+    trainer = make_trainer(
+        out, [NerveCallback(every_n_steps=1), BreakOutputDir(3, "file")], max_steps=4, eval_strategy="no"
+    )
     with pytest.warns(RuntimeWarning, match="records are not being written to"):
         trainer.train()
     assert trainer.state.global_step == 4
@@ -199,8 +201,15 @@ class PoisonAt(TrainerCallback):
 
 
 def test_inf_at_a_chosen_step_gives_nan_there_only(tmp_path):
-    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1), PoisonAt(2)], max_steps=3,
-                           eval_strategy="no", learning_rate=0.0, max_grad_norm=0.0, optim="sgd")
+    trainer = make_trainer(
+        tmp_path,
+        [NerveCallback(every_n_steps=1), PoisonAt(2)],
+        max_steps=3,
+        eval_strategy="no",
+        learning_rate=0.0,
+        max_grad_norm=0.0,
+        optim="sgd",
+    )
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         trainer.train()
     records = {(r["step"], r["site"]): r for r in read_records(tmp_path / RECORDS)}
@@ -236,8 +245,13 @@ class InferenceBetweenEvaluations(TrainerCallback):
 
 
 def test_eval_mode_forwards_outside_evaluation_are_not_counted(tmp_path):
-    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=10), InferenceBetweenEvaluations()],
-                           max_steps=3, eval_steps=1, learning_rate=0.0)
+    trainer = make_trainer(
+        tmp_path,
+        [NerveCallback(every_n_steps=10), InferenceBetweenEvaluations()],
+        max_steps=3,
+        eval_steps=1,
+        learning_rate=0.0,
+    )
     trainer.train()
     model = trainer.model
     # a notebook user's inference between two evaluate() calls
@@ -292,11 +306,29 @@ def run_clm_process(tmp_path, *extra: str) -> subprocess.CompletedProcess:
     corpus = tmp_path / "train.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 400)
     argv = [
-        sys.executable, str(REPO / "scripts" / "run_clm.py"), "--output_dir", str(tmp_path / "out"),
-        "--train_file", str(corpus), "--tokenizer_name", str(tiny_tokenizer(tmp_path)),
-        "--config_overrides", "n_layer=2,n_embd=16,n_head=2,n_inner=37,n_positions=32", "--block_size", "16",
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true",
-        "--save_strategy", "no", *extra,
+        sys.executable,
+        str(REPO / "scripts" / "run_clm.py"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--train_file",
+        str(corpus),
+        "--tokenizer_name",
+        str(tiny_tokenizer(tmp_path)),
+        "--config_overrides",
+        "n_layer=2,n_embd=16,n_head=2,n_inner=37,n_positions=32",
+        "--block_size",
+        "16",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--save_strategy",
+        "no",
+        *extra,
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
@@ -326,23 +358,47 @@ def test_run_clm_refuses_layers_the_model_lacks_before_training(tmp_path):
 def test_run_clm_names_the_flag_and_key_of_a_bad_override(tmp_path):
     corpus = tmp_path / "train.txt"
     corpus.write_text("x")
-    argv = [sys.executable, str(REPO / "scripts" / "run_clm.py"), "--output_dir", str(tmp_path / "out"),
-            "--do_train", "--config_overrides", "n_layer=two"]
-    line = one_error_line(subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}))
+    argv = [
+        sys.executable,
+        str(REPO / "scripts" / "run_clm.py"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--do_train",
+        "--config_overrides",
+        "n_layer=two",
+    ]
+    line = one_error_line(
+        subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        )
+    )
     assert "--config_overrides n_layer=two" in line and "GPT2Config.n_layer takes an integer" in line
 
 
 def test_run_clm_names_a_bad_nerve_flag(tmp_path):
-    argv = [sys.executable, str(REPO / "scripts" / "run_clm.py"), "--output_dir", str(tmp_path / "out"),
-            "--do_train", "--nerve", "--nerve_max_tokens", "1"]
+    argv = [
+        sys.executable,
+        str(REPO / "scripts" / "run_clm.py"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--do_train",
+        "--nerve",
+        "--nerve_max_tokens",
+        "1",
+    ]
     line = one_error_line(subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path))
     assert "--nerve_max_tokens must be None or an integer of at least 2" in line
 
 
 def test_run_clm_eval_only_is_measured(tmp_path):
-    proc = run_clm_process(tmp_path, "--do_eval", "--nerve", "--max_eval_samples", "4",
-                           "--per_device_eval_batch_size", "3")
+    proc = run_clm_process(
+        tmp_path, "--do_eval", "--nerve", "--max_eval_samples", "4", "--per_device_eval_batch_size", "3"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert math.isfinite(results["eval_nerve/mean/pr_pre"])

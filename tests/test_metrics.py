@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from reference import spectrum_reference
 from scipy.spatial.distance import jensenshannon
 
 from nerve_hf import metrics
-from reference import spectrum_reference
 
 
 @pytest.mark.parametrize("d", [1, 2, 7, 64, 301])
@@ -155,7 +155,7 @@ def test_nonfinite_eigenvalue_makes_only_its_row_nan(bad, side):
         affected = name == "js" or name.endswith(side)
         if affected:
             assert math.isnan(values[1]), name
-        for row in ((0, 2) if affected else (0, 1, 2)):
+        for row in (0, 2) if affected else (0, 1, 2):
             assert values[row] == pytest.approx(ref[name][row], rel=1e-12, abs=1e-15), (name, row)
     for metric in ("se", "pr", "eee", "js"):
         key = "js" if metric == "js" else f"{metric}_{side}"
@@ -203,8 +203,12 @@ def test_clearly_negative_eigenvalue_warns_once_then_is_clamped():
     for name in metrics.METRIC_NAMES:
         assert torch.isfinite(got[name]).all(), name
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
-    for f in (metrics.spectral_entropy, metrics.participation_ratio, metrics.early_enrichment,
-              metrics.normalized_spectrum):
+    for f in (
+        metrics.spectral_entropy,
+        metrics.participation_ratio,
+        metrics.early_enrichment,
+        metrics.normalized_spectrum,
+    ):
         with pytest.warns(RuntimeWarning, match="negative") as record:
             torch.testing.assert_close(f(noisy), f(zeroed), rtol=0, atol=0)
         assert len(record) == 1, f.__name__

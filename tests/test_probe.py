@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_rows_equal
 
 from nerve_hf import FFNTracker
 from nerve_hf.cli import main
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.probe import probe_model
 from nerve_hf.spectral_report import ROW_KEYS
-from reference import assert_rows_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,9 @@ def _bpe_tokenizer():
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator([TEXT, "import os\nprint('hello world')\n"], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>")
 
@@ -47,8 +48,16 @@ def gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2")
     tokenizer = _bpe_tokenizer()
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=24, n_head=3, n_layer=2, n_inner=37,
-                        bos_token_id=1, eos_token_id=1)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=32,
+        n_embd=24,
+        n_head=3,
+        n_layer=2,
+        n_inner=37,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -64,13 +73,27 @@ def bert_dir(tmp_path_factory):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     backend.train_from_iterator([TEXT], trainers.WordLevelTrainer(special_tokens=specials))
-    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     torch.manual_seed(1)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
-                        intermediate_size=37, max_position_embeddings=40, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=37,
+        max_position_embeddings=40,
+        pad_token_id=0,
+    )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -135,8 +158,23 @@ def test_probe_gpt2_equals_tracker_on_the_same_batches(gpt2_dir, text_file, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
-    code = main(["probe", str(gpt2_dir), "--text-file", str(text_file), "--seq-len", "24", "--batch-size", "8",
-                 "--max-tokens", "100000", "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "probe",
+            str(gpt2_dir),
+            "--text-file",
+            str(text_file),
+            "--seq-len",
+            "24",
+            "--batch-size",
+            "8",
+            "--max-tokens",
+            "100000",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     assert "ffn.0" in stdout and "ffn.1" in stdout and "mean" in stdout
@@ -172,8 +210,22 @@ def test_probe_gpt2_equals_tracker_on_the_same_batches(gpt2_dir, text_file, tmp_
 
 def test_probe_default_corpus_caps_tokens_and_respects_layers(gpt2_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["probe", str(gpt2_dir), "--max-tokens", "150", "--seq-len", "64", "--layers", "-1",
-                 "--out", str(out), "--no-progress", "--no-plots"])
+    code = main(
+        [
+            "probe",
+            str(gpt2_dir),
+            "--max-tokens",
+            "150",
+            "--seq-len",
+            "64",
+            "--layers",
+            "-1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["eigenvalues.npz", "report.csv", "report.json"]
@@ -212,8 +264,29 @@ def test_probe_bert_encoder_on_a_local_dataset(bert_dir, tmp_path):
     data = tmp_path / "data"
     Dataset.from_dict({"id": list(range(len(DOCUMENTS))), "body": DOCUMENTS}).save_to_disk(data)
     out = tmp_path / "out"
-    assert main(["probe", str(bert_dir), "--dataset", str(data), "--text-column", "body", "--seq-len", "12",
-                 "--batch-size", "4", "--max-tokens", "100", "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(bert_dir),
+                "--dataset",
+                str(data),
+                "--text-column",
+                "body",
+                "--seq-len",
+                "12",
+                "--batch-size",
+                "4",
+                "--max-tokens",
+                "100",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["class"] == "BertModel"
     assert report["data"]["source"] == "dataset" and report["data"]["column"] == "body"
@@ -243,9 +316,26 @@ def test_probe_timm_mixer_checkpoint_on_embedded_digits(mixer_file, tmp_path):
 
     out = tmp_path / "out"
     kwargs = {k: v for k, v in MIXER_KWARGS.items() if k != "num_classes"}  # the head size is read off the weights
-    assert main(["probe", str(mixer_file), "--timm-arch", "timm.models.mlp_mixer.MlpMixer",
-                 "--timm-kwargs", json.dumps(kwargs), "--num-images", "12", "--batch-size", "5",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(mixer_file),
+                "--timm-arch",
+                "timm.models.mlp_mixer.MlpMixer",
+                "--timm-kwargs",
+                json.dumps(kwargs),
+                "--num-images",
+                "12",
+                "--batch-size",
+                "5",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["source"] == "embedded:digits" and report["data"]["images"] == 12
     assert report["model"]["timm_kwargs"]["num_classes"] == 5
@@ -284,8 +374,25 @@ def test_probe_timm_mixer_on_an_image_dir(mixer_file, tmp_path):
     (images / "broken.png").write_bytes(b"not a png either")
     kwargs = {k: v for k, v in MIXER_KWARGS.items() if k != "num_classes"}
     out = tmp_path / "out"
-    assert main(["probe", str(mixer_file), "--timm-arch", "timm.models.mlp_mixer.MlpMixer", "--timm-kwargs",
-                 json.dumps(kwargs), "--image-dir", str(images), "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(mixer_file),
+                "--timm-arch",
+                "timm.models.mlp_mixer.MlpMixer",
+                "--timm-kwargs",
+                json.dumps(kwargs),
+                "--image-dir",
+                str(images),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["source"] == "image-dir" and report["data"]["images"] == 3
     assert report["data"]["input_size"] == [3, 32, 32]
@@ -300,6 +407,7 @@ def _register_tiny_timm_mixer() -> str:
 
     name = "nerve_test_tiny_mixer"
     if not is_model(name):
+
         def nerve_test_tiny_mixer(pretrained=False, **kwargs):
             return build_model_with_cfg(MlpMixer, name, pretrained, **kwargs)
 
@@ -337,8 +445,23 @@ def test_probe_timm_hub_model_offline(hub, tmp_path):
     save_for_hf(model, tmp_path / "mixer_repo", model_args=MIXER_KWARGS, safe_serialization=True)
     hub.publish("timm/nerve-tiny-mixer", tmp_path / "mixer_repo")
     out = tmp_path / "out"
-    assert main(["probe", "timm/nerve-tiny-mixer", "--num-images", "7", "--batch-size", "4", "--out", str(out),
-                 "--no-progress", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "timm/nerve-tiny-mixer",
+                "--num-images",
+                "7",
+                "--batch-size",
+                "4",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["library"] == "timm" and report["model"]["location"] == "hub"
     assert report["model"]["architecture"] == name and report["model"]["input_size"] == [3, 32, 32]
@@ -347,9 +470,27 @@ def test_probe_timm_hub_model_offline(hub, tmp_path):
     torch.save(model.state_dict(), tmp_path / "mixer.pth")
     kwargs = {k: v for k, v in MIXER_KWARGS.items() if k != "num_classes"}
     local = tmp_path / "local"
-    assert main(["probe", str(tmp_path / "mixer.pth"), "--timm-arch", "timm.models.mlp_mixer.MlpMixer",
-                 "--timm-kwargs", json.dumps(kwargs), "--num-images", "7", "--batch-size", "4", "--out", str(local),
-                 "--no-progress", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(tmp_path / "mixer.pth"),
+                "--timm-arch",
+                "timm.models.mlp_mixer.MlpMixer",
+                "--timm-kwargs",
+                json.dumps(kwargs),
+                "--num-images",
+                "7",
+                "--batch-size",
+                "4",
+                "--out",
+                str(local),
+                "--no-progress",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     assert report["rows"] == json.loads((local / "report.json").read_text())["rows"]
     assert [r["tokens"] for r in report["rows"]] == [7 * 24, 7 * 24, 7 * 16, 7 * 16]
 
@@ -361,8 +502,24 @@ def test_probe_on_a_hub_dataset_offline(gpt2_dir, hub, tmp_path):
     hub.serve_dataset("allenai/c4", c4_copy(tmp_path / "c4", train, validation))
     args = ["--seq-len", "16", "--max-tokens", "120", "--no-progress", "--no-plots"]
     out = tmp_path / "out"
-    assert main(["probe", str(gpt2_dir), "--dataset", "allenai/c4", "--dataset-config", "en",
-                 "--dataset-split", "validation", "--out", str(out), *args]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(gpt2_dir),
+                "--dataset",
+                "allenai/c4",
+                "--dataset-config",
+                "en",
+                "--dataset-split",
+                "validation",
+                "--out",
+                str(out),
+                *args,
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["source"] == "dataset" and report["data"]["column"] == "text"
 
@@ -378,8 +535,21 @@ def test_probe_on_a_hub_dataset_offline(gpt2_dir, hub, tmp_path):
 
 # ------------------------------------------------------------------------------------- bad input
 def test_image_model_given_text(mixer_file, text_file, tmp_path, capsys):
-    assert main(["probe", str(mixer_file), "--timm-arch", "mixer_s16_224", "--text-file", str(text_file),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "probe",
+                str(mixer_file),
+                "--timm-arch",
+                "mixer_s16_224",
+                "--text-file",
+                str(text_file),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "image model" in one_error_line(capsys.readouterr())
     assert not (tmp_path / "o").exists()
 
@@ -415,8 +585,19 @@ def test_folder_that_is_not_a_model(tmp_path, capsys):
 
 def test_cli_subprocess_path_that_is_neither_model_nor_hub_id(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "nerve_hf.cli", "probe", str(tmp_path / "no" / "such" / "model"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "nerve_hf.cli",
+            "probe",
+            str(tmp_path / "no" / "such" / "model"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

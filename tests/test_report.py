@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from scipy import stats
+from trainer_helpers import make_trainer
 
 from nerve_hf import NerveCallback
 from nerve_hf.cli import main
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.runs import aligned, correlations, load_run
-from trainer_helpers import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +78,12 @@ def test_correlations_equal_scipy_on_the_same_pairs(run_dir):
     corr = correlations(load_run(run_dir))
     assert list(corr.columns) == ["split", "site", "metric", "r", "p", "n"]
     assert len(corr) == 2 * 3 * len(METRIC_NAMES)  # 2 splits x (mean, ffn.0, ffn.1) x 7 metrics
-    for split, site, metric in [("eval", "mean", "pr_pre"), ("train", "mean", "se_pre"),
-                                ("train", "ffn.1", "se_post"), ("eval", "ffn.0", "js")]:
+    for split, site, metric in [
+        ("eval", "mean", "pr_pre"),
+        ("train", "mean", "se_pre"),
+        ("train", "ffn.1", "se_post"),
+        ("eval", "ffn.0", "js"),
+    ]:
         x, y = independent_pairs(run_dir, split, site, metric)
         expected = stats.pearsonr(x, y)
         row = corr[(corr["split"] == split) & (corr["site"] == site) & (corr["metric"] == metric)].iloc[0]
@@ -108,7 +112,9 @@ def test_report_files_plots_and_summary(run_dir, report_dir):
     assert "train (n=6)" in stdout and "eval (n=3)" in stdout
     written = pd.read_csv(out / "correlations.csv")
     x, y = independent_pairs(run_dir, "eval", "mean", "se_pre")
-    r = written[(written["split"] == "eval") & (written["site"] == "mean") & (written["metric"] == "se_pre")]["r"].item()
+    r = written[(written["split"] == "eval") & (written["site"] == "mean") & (written["metric"] == "se_pre")][
+        "r"
+    ].item()
     assert r == pytest.approx(stats.pearsonr(x, y).statistic, rel=1e-9)
     for split in ("train", "eval"):
         for kind in ("trajectories", "heatmaps", "scatter"):
@@ -120,8 +126,9 @@ def test_report_files_plots_and_summary(run_dir, report_dir):
     assert f"| se_pre | {r:+.4f} |" in summary
     assert "![scatter_eval.png](scatter_eval.png)" in summary
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["correlations.csv", "summary.md"] + [f"{k}_{s}.png" for k in ("trajectories", "heatmaps", "scatter")
-                                              for s in ("train", "eval")])
+        ["correlations.csv", "summary.md"]
+        + [f"{k}_{s}.png" for k in ("trajectories", "heatmaps", "scatter") for s in ("train", "eval")]
+    )
 
 
 def test_python_api_returns_dataframes_and_figures(run_dir, report_dir):
@@ -178,8 +185,13 @@ def test_too_few_measurements_exits_with_one_line_and_writes_nothing(run_dir, tm
     (short / "trainer_state.json").write_text(json.dumps(state))
     (short / "nerve_report").mkdir()
     (short / "nerve_report" / "correlations.csv").write_text("earlier")
-    result = subprocess.run([sys.executable, "-m", "nerve_hf.cli", "report", str(short)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "nerve_hf.cli", "report", str(short)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "too few measurements for a correlation" in lines[0], result.stderr
@@ -203,10 +215,13 @@ def synthetic_run(path, split_losses, sites=("ffn.0", "ffn.1"), steps=(10, 20, 3
     for k, step in enumerate(steps):
         for split, loss_key in split_losses.items():
             for layer, site in enumerate(sites):
-                values = {name: 1.0 + 0.1 * k * (layer + 1) + 0.01 * i + 0.003 * (k * k % 3)
-                          for i, name in enumerate(METRIC_NAMES)}
-                records.append({"step": step, "split": split, "site": site, "layer": layer, "dim": 5,
-                                "tokens": 8, **values})
+                values = {
+                    name: 1.0 + 0.1 * k * (layer + 1) + 0.01 * i + 0.003 * (k * k % 3)
+                    for i, name in enumerate(METRIC_NAMES)
+                }
+                records.append(
+                    {"step": step, "split": split, "site": site, "layer": layer, "dim": 5, "tokens": 8, **values}
+                )
             history.append({"step": step, loss_key: 3.0 - 0.2 * k + 0.05 * (k % 2)})
     (path / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return path, {"log_history": history, "global_step": steps[-1]}
@@ -274,15 +289,19 @@ def test_records_missing_by_their_sites_count_leave_their_step_out(tmp_path):
     run, state = synthetic_run(tmp_path / "run", {"train": "loss", "eval": "eval_loss", "eval_web": "eval_web_loss"})
     (run / "trainer_state.json").write_text(json.dumps(state))
     missing = {("train", 30, "ffn.1"), ("eval", 20, "ffn.0")} | {("eval_web", s, "ffn.1") for s in (10, 20, 30, 40)}
-    records = [{**r, "sites": 2} for r in read_jsonl(run / "nerve_metrics.jsonl")
-               if (r["split"], r["step"], r["site"]) not in missing]
+    records = [
+        {**r, "sites": 2}
+        for r in read_jsonl(run / "nerve_metrics.jsonl")
+        if (r["split"], r["step"], r["site"]) not in missing
+    ]
     (run / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     with pytest.warns(RuntimeWarning) as caught:
         loaded = load_run(run)
     assert [str(w.message) for w in caught] == [
         f"left out incomplete measurements of {str(run / 'nerve_metrics.jsonl')!r} (records missing after a crash): "
-        "train step 30 (1 of 2 sites), eval step 20 (1 of 2 sites), eval_web steps 10, 20, 30, 40 (1 of 2 sites)"]
+        "train step 30 (1 of 2 sites), eval step 20 (1 of 2 sites), eval_web steps 10, 20, 30, 40 (1 of 2 sites)"
+    ]
     steps = {split: sorted(set(part["step"])) for split, part in loaded.metrics.groupby("split")}
     assert steps == {"train": [10, 20, 40], "eval": [10, 30, 40]}
     mean = loaded.metrics[(loaded.metrics["site"] == "mean") & (loaded.metrics["split"] == "train")]
@@ -298,7 +317,9 @@ def test_a_run_whose_every_measurement_is_incomplete(tmp_path, capsys):
     (run / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.warns(RuntimeWarning, match=r"train steps 10, 20, 30, 40 \(2 of 3 sites\)"):
         assert main(["report", str(run)]) == 2
-    assert capsys.readouterr().err == (f"nerve report: error: every measurement in "
-                                       f"{str(run / 'nerve_metrics.jsonl')!r} is incomplete (records missing after "
-                                       f"a crash): nothing to report\n")
+    assert capsys.readouterr().err == (
+        f"nerve report: error: every measurement in "
+        f"{str(run / 'nerve_metrics.jsonl')!r} is incomplete (records missing after "
+        f"a crash): nothing to report\n"
+    )
     assert not (run / "nerve_report").exists()

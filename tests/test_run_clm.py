@@ -53,18 +53,30 @@ def tokenizer_dir(tmp_path_factory, texts):
 
 def common_args(tmp_path, tokenizer_dir):
     return [
-        "--output_dir", str(tmp_path / "out"),
-        "--tokenizer_name", str(tokenizer_dir),
-        "--config_overrides", TINY,
-        "--block_size", str(BLOCK),
-        "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8",
-        "--learning_rate", "1e-3",
-        "--logging_steps", "1",
-        "--report_to", "none",
-        "--cache_dir", str(tmp_path / "hf_cache"),
-        "--dataloader_pin_memory", "false",
-        "--disable_tqdm", "true",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--tokenizer_name",
+        str(tokenizer_dir),
+        "--config_overrides",
+        TINY,
+        "--block_size",
+        str(BLOCK),
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--cache_dir",
+        str(tmp_path / "hf_cache"),
+        "--dataloader_pin_memory",
+        "false",
+        "--disable_tqdm",
+        "true",
     ]
 
 
@@ -72,8 +84,16 @@ def test_from_scratch_on_jsonl(run_clm, tokenizer_dir, texts, tmp_path):
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     argv = common_args(tmp_path, tokenizer_dir) + [
-        "--train_file", str(train_file), "--validation_split_percentage", "20",
-        "--do_train", "--do_eval", "--max_steps", "3", "--max_eval_samples", "16",
+        "--train_file",
+        str(train_file),
+        "--validation_split_percentage",
+        "20",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "3",
+        "--max_eval_samples",
+        "16",
     ]
     metrics = run_clm.main(argv)
 
@@ -99,8 +119,16 @@ def test_from_scratch_on_txt_with_validation_file(run_clm, tokenizer_dir, texts,
     train_file.write_text("".join(texts[1:]))
     validation_file.write_text(texts[0])
     argv = common_args(tmp_path, tokenizer_dir) + [
-        "--train_file", str(train_file), "--validation_file", str(validation_file),
-        "--do_train", "--do_eval", "--max_steps", "3", "--save_strategy", "no",
+        "--train_file",
+        str(train_file),
+        "--validation_file",
+        str(validation_file),
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "3",
+        "--save_strategy",
+        "no",
     ]
     metrics = run_clm.main(argv)
 
@@ -143,8 +171,19 @@ def test_json_config_file_and_eval_only(run_clm, tokenizer_dir, texts, tmp_path)
 
 def test_streaming_embedded_corpus(run_clm, tokenizer_dir, tmp_path):
     argv = common_args(tmp_path, tokenizer_dir) + [
-        "--dataset_name", "stdlib-code", "--embedded_max_bytes", "100000", "--streaming",
-        "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "4", "--save_strategy", "no",
+        "--dataset_name",
+        "stdlib-code",
+        "--embedded_max_bytes",
+        "100000",
+        "--streaming",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "2",
+        "--max_eval_samples",
+        "4",
+        "--save_strategy",
+        "no",
     ]
     metrics = run_clm.main(argv)
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
@@ -187,10 +226,23 @@ def test_nerve_arguments_reach_the_callback(run_clm, tokenizer_dir, texts, tmp_p
     base = common_args(tmp_path, tokenizer_dir) + ["--train_file", str(train_file), "--do_train", "--max_steps", "2"]
     run_clm.main(base + ["--save_strategy", "no"])
     assert made == []  # no --nerve: no callback is made
-    run_clm.main(base + [
-        "--save_strategy", "no", "--nerve", "--nerve_every_n_steps", "7", "--nerve_layers", "0", "1",
-        "--nerve_max_tokens", "64", "--nerve_measure_eval", "false",
-    ])
+    run_clm.main(
+        base
+        + [
+            "--save_strategy",
+            "no",
+            "--nerve",
+            "--nerve_every_n_steps",
+            "7",
+            "--nerve_layers",
+            "0",
+            "1",
+            "--nerve_max_tokens",
+            "64",
+            "--nerve_measure_eval",
+            "false",
+        ]
+    )
     assert len(made) == 1 and made[0].steps == [1, 2]
     expected = dict(every_n_steps=7, layers=[0, 1], max_tokens=64, measure_train=True, measure_eval=False)
     assert {name: made[0].kwargs[name] for name in expected} == expected
@@ -201,8 +253,21 @@ def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path, c
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     argv = common_args(tmp_path, tokenizer_dir) + [
-        "--train_file", str(train_file), "--do_train", "--do_eval", "--max_steps", "4", "--max_eval_samples", "8",
-        "--save_strategy", "no", "--nerve", "--nerve_every_n_steps", "2", "--nerve_layers", "1",
+        "--train_file",
+        str(train_file),
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "4",
+        "--max_eval_samples",
+        "8",
+        "--save_strategy",
+        "no",
+        "--nerve",
+        "--nerve_every_n_steps",
+        "2",
+        "--nerve_layers",
+        "1",
     ]
     run_clm.main(argv)
     out = tmp_path / "out"
@@ -222,10 +287,21 @@ def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path, c
 
 
 def test_console_view_keeps_layer_means(run_clm):
-    logs = {"loss": 2.5, "nerve/ffn.0/js": 0.1, "nerve/mean/js": 0.2, "eval_nerve/token_mlp.1/se_pre": 3.0,
-            "eval_nerve/mean/se_pre": 3.1, "test_nerve/ffn.2/pr_pre": 4.0, "nerve_note": "kept"}
-    assert run_clm.console_view(logs) == {"loss": 2.5, "nerve/mean/js": 0.2, "eval_nerve/mean/se_pre": 3.1,
-                                          "nerve_note": "kept"}
+    logs = {
+        "loss": 2.5,
+        "nerve/ffn.0/js": 0.1,
+        "nerve/mean/js": 0.2,
+        "eval_nerve/token_mlp.1/se_pre": 3.0,
+        "eval_nerve/mean/se_pre": 3.1,
+        "test_nerve/ffn.2/pr_pre": 4.0,
+        "nerve_note": "kept",
+    }
+    assert run_clm.console_view(logs) == {
+        "loss": 2.5,
+        "nerve/mean/js": 0.2,
+        "eval_nerve/mean/se_pre": 3.1,
+        "nerve_note": "kept",
+    }
 
 
 def test_hub_model_and_hub_dataset_offline(run_clm, tokenizer_dir, texts, tmp_path, hub):
@@ -245,13 +321,42 @@ def test_hub_model_and_hub_dataset_offline(run_clm, tokenizer_dir, texts, tmp_pa
     hub.serve_dataset("codeparrot/codeparrot-clean", codeparrot_copy(tmp_path / "codeparrot", texts[:30]))
 
     out = tmp_path / "out"
-    metrics = run_clm.main([
-        "--model_name_or_path", "tiny-org/tiny-gpt2", "--dataset_name", "codeparrot/codeparrot-clean",
-        "--streaming", "--streaming_validation_docs", "3", "--block_size", str(BLOCK), "--output_dir", str(out),
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", "2",
-        "--max_eval_samples", "4", "--do_train", "--do_eval", "--save_strategy", "no", "--report_to", "none",
-        "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--nerve", "--nerve_every_n_steps", "2",
-    ])
+    metrics = run_clm.main(
+        [
+            "--model_name_or_path",
+            "tiny-org/tiny-gpt2",
+            "--dataset_name",
+            "codeparrot/codeparrot-clean",
+            "--streaming",
+            "--streaming_validation_docs",
+            "3",
+            "--block_size",
+            str(BLOCK),
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            "4",
+            "--per_device_eval_batch_size",
+            "4",
+            "--max_steps",
+            "2",
+            "--max_eval_samples",
+            "4",
+            "--do_train",
+            "--do_eval",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--dataloader_pin_memory",
+            "false",
+            "--disable_tqdm",
+            "true",
+            "--nerve",
+            "--nerve_every_n_steps",
+            "2",
+        ]
+    )
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert math.isfinite(metrics["eval_loss"])
     records = [json.loads(line) for line in (out / "nerve_metrics.jsonl").read_text().splitlines()]

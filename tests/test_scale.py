@@ -5,9 +5,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from reference import rel_err, two_pass
 
 import nerve_hf.scatter as kernels
-from reference import rel_err, two_pass
 from nerve_hf.covariance import CovarianceAccumulator
 
 
@@ -76,13 +76,13 @@ def test_update_leaves_its_input_untouched(tiny_chunks):
 
 
 # ----------------------------------------------------------------------------- tracker: large-model options
+from trainer_helpers import VOCAB, make_trainer, tiny_gpt2_config  # noqa: E402
 from transformers import GPT2LMHeadModel  # noqa: E402
 
 from nerve_hf import NerveCallback  # noqa: E402
 from nerve_hf.metrics import METRIC_NAMES  # noqa: E402
 from nerve_hf.records import RECORDS_FILENAME, read_records  # noqa: E402
 from nerve_hf.tracker import FFNTracker, MemoryBudgetError, covariance_state_bytes  # noqa: E402
-from trainer_helpers import VOCAB, make_trainer, tiny_gpt2_config  # noqa: E402
 
 
 def gpt2(n_layer=3, n_inner=37, activation="gelu_new", seed=0, device=None) -> GPT2LMHeadModel:
@@ -180,8 +180,9 @@ def test_callback_memory_budget_raises_at_trainer_construction(tmp_path):
     with pytest.raises(MemoryBudgetError, match="memory_budget_mb"):
         make_trainer(tmp_path, [NerveCallback(every_n_steps=1, memory_budget_mb=0.01)])
     # One block per measurement fits where all of them do not (tiny_gpt2: 2 FFNs of width 37).
-    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1, memory_budget_mb=0.03, layers_per_step=1)],
-                           max_steps=2)
+    trainer = make_trainer(
+        tmp_path, [NerveCallback(every_n_steps=1, memory_budget_mb=0.03, layers_per_step=1)], max_steps=2
+    )
     trainer.train()
     assert any("nerve/ffn.1/pr_pre" in record for record in trainer.state.log_history)
 
@@ -200,8 +201,9 @@ def test_round_robin_cycles_groups_deterministically_with_the_full_runs_values(t
     common = dict(max_steps=4, logging_steps=1, eval_steps=2, n_train=32)
     full = make_trainer(tmp_path / "full", [NerveCallback(every_n_steps=1)], model=gpt2(n_layer=3), **common)
     full.train()
-    robin = make_trainer(tmp_path / "robin", [NerveCallback(every_n_steps=1, layers_per_step=2)],
-                         model=gpt2(n_layer=3), **common)
+    robin = make_trainer(
+        tmp_path / "robin", [NerveCallback(every_n_steps=1, layers_per_step=2)], model=gpt2(n_layer=3), **common
+    )
     robin.train()
     want, got = _nerve_logs(full), _nerve_logs(robin)
     groups = {1: ["ffn.0", "ffn.1"], 2: ["ffn.2"], 3: ["ffn.0", "ffn.1"], 4: ["ffn.2"]}
@@ -213,14 +215,17 @@ def test_round_robin_cycles_groups_deterministically_with_the_full_runs_values(t
     # Evaluations (steps 2 and 4) go round the groups too, and agree with the full run.
     want_eval, got_eval = _nerve_logs(full, "eval_nerve/"), _nerve_logs(robin, "eval_nerve/")
     assert {step: sorted({k.split("/")[1] for k in keys}) for step, keys in got_eval.items()} == {
-        2: ["ffn.0", "ffn.1"], 4: ["ffn.2"]
+        2: ["ffn.0", "ffn.1"],
+        4: ["ffn.2"],
     }
     for step, keys in got_eval.items():
         for key, value in keys.items():
             assert value == pytest.approx(want_eval[step][key], rel=1e-6), (step, key)
     records = list(read_records(tmp_path / "robin" / RECORDS_FILENAME))
     assert [(r["step"], r["site"]) for r in records if r["split"] == "train"][:3] == [
-        (1, "ffn.0"), (1, "ffn.1"), (2, "ffn.2")
+        (1, "ffn.0"),
+        (1, "ffn.1"),
+        (2, "ffn.2"),
     ]
 
 

@@ -4,8 +4,8 @@ with every row, equal to one process on the same tokens, and the bytes sent matc
 import json
 
 import pytest
-
 from distributed_helpers import torchrun
+
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sharded_spectra import assign_owners, exchange_bytes
 
@@ -26,7 +26,8 @@ def test_owners_balance_the_cubic_work():
 
 
 @pytest.mark.parametrize(
-    "nproc,n_layer,metrics", [(2, 3, "all"), (4, 3, "all"), (2, 3, "pr"), (4, 1, "all")]  # last: reduce per owner
+    "nproc,n_layer,metrics",
+    [(2, 3, "all"), (4, 3, "all"), (2, 3, "pr"), (4, 1, "all")],  # last: reduce per owner
 )
 def test_each_rank_decomposes_its_share_and_all_log_the_same(tmp_path, nproc, n_layer, metrics):
     (one,) = run(tmp_path, 1, n_layer, metrics)
@@ -52,8 +53,12 @@ def test_each_rank_decomposes_its_share_and_all_log_the_same(tmp_path, nproc, n_
         else:
             assert result["decomposed"] == []
         expected = exchange_bytes([D] * n_layer, nproc, metrics)
-        assert result["sent"] == {"all_reduce": expected["totals"], "reduce_scatter": expected["reduce_scatter"],
-                                  "reduce": expected["reduce"], "all_gather": expected["all_gather"]}
+        assert result["sent"] == {
+            "all_reduce": expected["totals"],
+            "reduce_scatter": expected["reduce_scatter"],
+            "reduce": expected["reduce"],
+            "all_gather": expected["all_gather"],
+        }
     assert sum(one["decomposed"]) == (2 * n_layer if metrics == "all" else 0)  # one process: every matrix
 
 

@@ -4,8 +4,8 @@ full-width spectrum of the unsharded model, never a slice's."""
 import json
 
 import pytest
-
 from distributed_helpers import torchrun
+
 from nerve_hf.metrics import METRIC_NAMES
 
 

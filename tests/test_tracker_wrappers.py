@@ -9,9 +9,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from reference import assert_rows_equal
 import torch
 import torch.distributed as dist
+from reference import assert_rows_equal
 from torch import nn
 
 from nerve_hf.tracker import FFNTracker

@@ -307,7 +307,11 @@ def test_muon_wrapper_steps_both_groups_and_follows_the_scheduler():
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
     assert muon.param_groups[0]["lr"] == adamw.param_groups[0]["lr"] == pytest.approx(5e-3)
-    c_fc, wte, bias = model.transformer.h[0].mlp.c_fc.weight, model.transformer.wte.weight, model.transformer.h[0].mlp.c_fc.bias
+    c_fc, wte, bias = (
+        model.transformer.h[0].mlp.c_fc.weight,
+        model.transformer.wte.weight,
+        model.transformer.h[0].mlp.c_fc.bias,
+    )
     before = [t.detach().clone() for t in (c_fc, wte, bias)]
     _loss(model, "gpt2", torch.Generator().manual_seed(0)).backward()
     optimizer.step()
@@ -340,8 +344,14 @@ def test_combined_optimizer_under_transformers_trainer(tmp_path):
     optimizer = zoo.build_optimizer("dion", model, lr=1e-2, weight_decay=0.1, rank_fraction=0.5)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=4)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none",
-        save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, optimizers=(optimizer, scheduler))
     result = trainer.train()
@@ -405,7 +415,9 @@ def test_dion_full_rank_update_becomes_orthonormal_under_a_fixed_gradient():
     assert torch.allclose(s, torch.ones(4, dtype=torch.float64), atol=1e-6)
     svd = torch.linalg.svd(grad, full_matrices=False)
     assert torch.allclose((step.p @ step.q.T).abs(), (svd.U @ svd.Vh).abs(), atol=1e-6)
-    first = torch.linalg.svdvals(zoo.dion_power_step(torch.zeros_like(grad), grad, torch.randn(4, 4, dtype=torch.float64), 0.95).p)
+    first = torch.linalg.svdvals(
+        zoo.dion_power_step(torch.zeros_like(grad), grad, torch.randn(4, 4, dtype=torch.float64), 0.95).p
+    )
     assert torch.allclose(first, torch.ones(4, dtype=torch.float64))  # P itself is orthonormal from step one
 
 

@@ -13,8 +13,17 @@ VOCAB = 61
 def tiny_gpt2_config(**overrides) -> GPT2Config:
     """The tests' GPT-2: 2 layers, odd FFN width 37, no dropout (so a forward can be recomputed exactly)."""
     options = dict(
-        vocab_size=VOCAB, n_positions=16, n_embd=24, n_head=3, n_layer=2, n_inner=37,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=24,
+        n_head=3,
+        n_layer=2,
+        n_inner=37,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     options.update(overrides)
     return GPT2Config(**options)

@@ -26,13 +26,18 @@ if str(REPO) not in sys.path:  # `python benchmarks/perf/x.py` from anywhere fin
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--device", default="auto",
+        "--device",
+        default="auto",
         help="'auto' runs on the CPU and, when one is present, on CUDA; or 'cpu', 'cuda', 'cuda:1'",
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute on 2 CPU cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and few repeats (about a minute on 2 CPU cores)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result files")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="CPU threads for torch (default: torch's own choice); 1 gives stable numbers on a shared machine",
     )
 

@@ -29,9 +29,8 @@ import statistics
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
-
 from _common import add_common_args, apply_threads, devices, synchronize, write_result
+from torch.utils.benchmark import Timer
 
 import nerve_hf.covariance
 from nerve_hf.covariance import exact_fp32_matmul
@@ -51,9 +50,11 @@ def rows_for(device: torch.device, dim: int, quick: bool) -> int:
 
 def timed(stmt: str, env: dict, min_run_time: float) -> float:
     """Median seconds per call of ``stmt`` (blocked_autorange synchronises CUDA itself)."""
-    return Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time
-    ).median
+    return (
+        Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads())
+        .blocked_autorange(min_run_time=min_run_time)
+        .median
+    )
 
 
 def load_accumulator(path: Path | None):
@@ -120,7 +121,9 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="FFN widths D to measure")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="input dtypes")
     parser.add_argument(
-        "--impl", type=Path, default=None,
+        "--impl",
+        type=Path,
+        default=None,
         help="time the CovarianceAccumulator of this covariance.py instead (e.g. an older version from "
         "`git show REV:nerve_hf/covariance.py > old.py`); results go to accumulator_throughput_impl-<stem>_*.json",
     )
@@ -135,11 +138,13 @@ def main() -> None:
                 row = bench_one(device, dim, dtype_name, args.quick, accumulator)
                 rows.append(row)
                 print(
-                    f"{device.type:>4} D={dim:<5} N={row['rows']:<6} {dtype_name}: ours {row['median_s']['ours'] * 1e3:8.2f} ms"
+                    f"{device.type:>4} D={dim:<5} N={row['rows']:<6} {dtype_name}: "
+                    f"ours {row['median_s']['ours'] * 1e3:8.2f} ms"
                     f"  bare {row['median_s']['bare'] * 1e3:8.2f} ms"
                     + (
                         f"  bare fp32 of upcast {row['median_s']['bare_fp32_of_upcast'] * 1e3:8.2f} ms"
-                        if "bare_fp32_of_upcast" in row["median_s"] else ""
+                        if "bare_fp32_of_upcast" in row["median_s"]
+                        else ""
                     )
                     + f"  ratio {row['ratio']:.2f} (vs {row['reference']})",
                     flush=True,

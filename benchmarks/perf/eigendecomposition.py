@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import add_common_args, apply_threads, devices, write_result
 from torch.utils.benchmark import Timer
 
-from _common import add_common_args, apply_threads, devices, write_result
-
-from nerve_hf.spectra import participation_ratio_from_covariance
 from nerve_hf.metrics import participation_ratio, spectral_entropy
+from nerve_hf.spectra import participation_ratio_from_covariance
 
 
 def covariances(layers: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -77,10 +76,13 @@ def bench(device: torch.device, layers: int, dim: int, quick: bool) -> dict:
         "pr_trace_max_rel_err_vs_eigvalsh": float(((pr_trace - pr64).abs() / pr64).max()),
         "pr": float(pr64.mean()),
     }
-    print(f"{device.type} L={layers:<2} D={dim:<5}: batched f64 {t['batched_f64'] * 1e3:9.1f} ms, loop "
-          f"{t['loop_f64'] * 1e3:9.1f} ms, batched f32 {t['batched_f32'] * 1e3:9.1f} ms, PR by trace "
-          f"{t['pr_trace_f64'] * 1e3:7.2f} ms (rel err {result['pr_trace_max_rel_err_vs_eigvalsh']:.1e}); "
-          f"f32 rel err PR {result['f32_max_rel_err_pr']:.1e} SE {result['f32_max_rel_err_se']:.1e}", flush=True)
+    print(
+        f"{device.type} L={layers:<2} D={dim:<5}: batched f64 {t['batched_f64'] * 1e3:9.1f} ms, loop "
+        f"{t['loop_f64'] * 1e3:9.1f} ms, batched f32 {t['batched_f32'] * 1e3:9.1f} ms, PR by trace "
+        f"{t['pr_trace_f64'] * 1e3:7.2f} ms (rel err {result['pr_trace_max_rel_err_vs_eigvalsh']:.1e}); "
+        f"f32 rel err PR {result['f32_max_rel_err_pr']:.1e} SE {result['f32_max_rel_err_se']:.1e}",
+        flush=True,
+    )
     return result
 
 

@@ -22,9 +22,8 @@ import argparse
 import statistics
 
 import torch
-from torch.utils.benchmark import Timer
-
 from _common import add_common_args, apply_threads, devices, synchronize, write_result
+from torch.utils.benchmark import Timer
 
 from nerve_hf.tracker import FFNTracker, covariance_state_bytes
 
@@ -46,8 +45,9 @@ def bench(device: torch.device, dtype_name: str, quick: bool) -> dict:
         batch, seq = (4, 512) if quick else (8, 1024)
     else:
         batch, seq = (1, 128) if quick else (2, 256)
-    ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), device=device,
-                        generator=torch.Generator(device=device).manual_seed(0))
+    ids = torch.randint(
+        0, SHAPE["vocab_size"], (batch, seq), device=device, generator=torch.Generator(device=device).manual_seed(0)
+    )
     tracker = FFNTracker(model)
     env = {"model": model, "ids": ids, "tracker": tracker, "torch": torch}
     stmts = {
@@ -60,18 +60,25 @@ def bench(device: torch.device, dtype_name: str, quick: bool) -> dict:
     rounds, min_run_time = (2, 0.5) if quick else (5, 1.5)
     times = {name: [] for name in stmts}
     for r in range(rounds):
-        for name in (stmts if r % 2 == 0 else reversed(list(stmts))):
-            times[name].append(Timer(stmts[name], globals=env, num_threads=torch.get_num_threads())
-                               .blocked_autorange(min_run_time=min_run_time).median)
+        for name in stmts if r % 2 == 0 else reversed(list(stmts)):
+            times[name].append(
+                Timer(stmts[name], globals=env, num_threads=torch.get_num_threads())
+                .blocked_autorange(min_run_time=min_run_time)
+                .median
+            )
     # compute() is timed once: 24 float64 eigendecompositions of 3072 x 3072 take ~1.5 min on 2 CPU cores.
     if device.type == "cuda":
         torch.linalg.eigvalsh(torch.eye(8, dtype=torch.float64, device=device))  # initialise cuSOLVER
     env["result"] = {}
-    compute_all = Timer("result['report'] = tracker.compute()", globals=env,
-                        num_threads=torch.get_num_threads()).timeit(1).median
+    compute_all = (
+        Timer("result['report'] = tracker.compute()", globals=env, num_threads=torch.get_num_threads()).timeit(1).median
+    )
     report = env["result"]["report"]
-    compute_pr = Timer('tracker.compute(metrics="pr")', globals=env, num_threads=torch.get_num_threads()
-                       ).blocked_autorange(min_run_time=0.1 if quick else 1.0).median
+    compute_pr = (
+        Timer('tracker.compute(metrics="pr")', globals=env, num_threads=torch.get_num_threads())
+        .blocked_autorange(min_run_time=0.1 if quick else 1.0)
+        .median
+    )
     tokens = batch * seq
     plain, tracked = statistics.median(times["plain"]), statistics.median(times["tracked"])
     d, n_embd = SHAPE["n_inner"], SHAPE["n_embd"]
@@ -89,13 +96,17 @@ def bench(device: torch.device, dtype_name: str, quick: bool) -> dict:
         "compute_all_s": compute_all,
         "compute_pr_only_s": compute_pr,
         "covariance_state_mib": covariance_state_bytes([d] * SHAPE["n_layer"]) / 2**20,
-        "covariance_flops_over_model_flops": (2 * 2 * d * d) / (2 * 12 * n_embd * n_embd + 2 * n_embd * SHAPE["vocab_size"] / SHAPE["n_layer"]),
+        "covariance_flops_over_model_flops": (2 * 2 * d * d)
+        / (2 * 12 * n_embd * n_embd + 2 * n_embd * SHAPE["vocab_size"] / SHAPE["n_layer"]),
         "mean_pr_pre": report.mean()["pr_pre"],
         "tokens_in_tracker": report.rows[0]["tokens"],
     }
-    print(f"{device.type} {dtype_name} {tokens} tokens/forward: plain {result['plain_tokens_per_s']:,.0f} tok/s, "
-          f"tracked {result['tracked_tokens_per_s']:,.0f} tok/s (overhead {100 * result['overhead']:+.0f}%), "
-          f"compute {compute_all:.2f} s (PR only {compute_pr:.3f} s)", flush=True)
+    print(
+        f"{device.type} {dtype_name} {tokens} tokens/forward: plain {result['plain_tokens_per_s']:,.0f} tok/s, "
+        f"tracked {result['tracked_tokens_per_s']:,.0f} tok/s (overhead {100 * result['overhead']:+.0f}%), "
+        f"compute {compute_all:.2f} s (PR only {compute_pr:.3f} s)",
+        flush=True,
+    )
     del tracker, model
     return result
 

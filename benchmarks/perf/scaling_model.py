@@ -61,8 +61,12 @@ def fit_eigvalsh(path: Path) -> dict:
     dims = np.array([r["dim"] for r in results], dtype=float)
     seconds = np.array([r["seconds"]["batched_f64"] / r["layers"] for r in results])
     slope, intercept = np.polyfit(np.log(dims), np.log(seconds), 1)
-    return {"file": str(path.relative_to(REPO)), "a": float(math.exp(intercept)), "b": float(slope),
-            "points": [[int(d), float(s)] for d, s in zip(dims, seconds)]}
+    return {
+        "file": str(path.relative_to(REPO)),
+        "a": float(math.exp(intercept)),
+        "b": float(slope),
+        "points": [[int(d), float(s)] for d, s in zip(dims, seconds)],
+    }
 
 
 def eig_seconds(fit: dict, dim: int) -> float:
@@ -92,9 +96,9 @@ def _worker(out: str) -> None:
         chunk = torch.empty(n // world, dtype=torch.float64)
         gathered = torch.empty(n, dtype=torch.float64)
         ops = {
-            "all_reduce": lambda: dist.all_reduce(data),
-            "reduce_scatter": lambda: dist.reduce_scatter_tensor(chunk, data),
-            "all_gather": lambda: dist.all_gather_into_tensor(gathered, chunk),
+            "all_reduce": lambda data=data: dist.all_reduce(data),
+            "reduce_scatter": lambda chunk=chunk, data=data: dist.reduce_scatter_tensor(chunk, data),
+            "all_gather": lambda gathered=gathered, chunk=chunk: dist.all_gather_into_tensor(gathered, chunk),
         }
         for name, op in ops.items():
             op()  # warm up
@@ -134,6 +138,7 @@ def _worker(out: str) -> None:
             result = collective(*args, **kwargs)
             in_collectives.append(time.perf_counter() - start)
             return result
+
         return wrapped
 
     import nerve_hf.covariance as covariance
@@ -149,9 +154,21 @@ def _worker(out: str) -> None:
     compute = dist_max(compute_seconds[0])
     comm = dist_max(sum(in_collectives))
     if rank == 0:
-        Path(out).write_text(json.dumps({"world": world, "timings": timings,
-                                         "measurement": {"ffns": 8, "dim": 512, "seconds": total,
-                                                         "eig_seconds": compute, "comm_seconds": comm}}))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "world": world,
+                    "timings": timings,
+                    "measurement": {
+                        "ffns": 8,
+                        "dim": 512,
+                        "seconds": total,
+                        "eig_seconds": compute,
+                        "comm_seconds": comm,
+                    },
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
@@ -167,8 +184,16 @@ def dist_max(value: float) -> float:
 def measure_gloo(world: int) -> dict:
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"nerve_gloo_{world}_{os.getpid()}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           __file__, "--worker", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        __file__,
+        "--worker",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     out.unlink()
@@ -184,8 +209,12 @@ def bandwidth(timings: dict, world: int) -> dict:
 # ------------------------------------------------------------------ the model
 def ring_factor(name: str, world: int) -> float:
     """Bytes a ring collective sends per process, per byte of its per-process input."""
-    return {"all_reduce": 2 * (world - 1) / world, "reduce_scatter": (world - 1) / world, "reduce": 1.0,
-            "all_gather": world - 1}[name]
+    return {
+        "all_reduce": 2 * (world - 1) / world,
+        "reduce_scatter": (world - 1) / world,
+        "reduce": 1.0,
+        "all_gather": world - 1,
+    }[name]
 
 
 def ring_seconds(name: str, input_bytes: float, world: int, bytes_per_second: float) -> float:
@@ -205,8 +234,12 @@ def measurement_cost(ffns: int, dim: int, world: int, fit: dict, bandwidths: dic
         state = owned * state_per_ffn
     elif mode == "sharded":
         exchanged = exchange_bytes(dims, world)
-        comm = {"all_reduce": exchanged["totals"], "reduce_scatter": exchanged["reduce_scatter"],
-                "reduce": exchanged["reduce"], "all_gather": exchanged["all_gather"]}
+        comm = {
+            "all_reduce": exchanged["totals"],
+            "reduce_scatter": exchanged["reduce_scatter"],
+            "reduce": exchanged["reduce"],
+            "all_gather": exchanged["all_gather"],
+        }
         matrices = 2 * max(assign_owners(dims, world).count(r) for r in range(world))
         state = ffns * state_per_ffn
     else:
@@ -215,12 +248,18 @@ def measurement_cost(ffns: int, dim: int, world: int, fit: dict, bandwidths: dic
         state = ffns * state_per_ffn
     if world == 1:
         comm = {}
-    comm_seconds = sum(ring_seconds(name, size, world, bandwidths.get(name, bandwidths["all_reduce"]))
-                       for name, size in comm.items())
+    comm_seconds = sum(
+        ring_seconds(name, size, world, bandwidths.get(name, bandwidths["all_reduce"])) for name, size in comm.items()
+    )
     sent = sum(size * ring_factor(name, world) for name, size in comm.items())
     eig = matrices * eig_seconds(fit, dim)
-    return {"state_gib": state / 2**30, "sent_gib": sent / 2**30, "comm_s": comm_seconds, "eig_s": eig,
-            "total_s": comm_seconds + eig}
+    return {
+        "state_gib": state / 2**30,
+        "sent_gib": sent / 2**30,
+        "comm_s": comm_seconds,
+        "eig_s": eig,
+        "total_s": comm_seconds + eig,
+    }
 
 
 def table(fit: dict, interconnect: dict) -> list[dict]:
@@ -236,11 +275,15 @@ def table(fit: dict, interconnect: dict) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | W | spectra | state / process | sent / process | communication | eigendecompositions | total |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | W | spectra | state / process | sent / process | communication | eigendecompositions | total |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['world']} | {r['mode']} | {r['state_gib']:.2f} GiB | {r['sent_gib']:.2f} GiB | "
-                     f"{_s(r['comm_s'])} | {_s(r['eig_s'])} | {_s(r['total_s'])} |")
+        lines.append(
+            f"| {r['model']} | {r['world']} | {r['mode']} | {r['state_gib']:.2f} GiB | {r['sent_gib']:.2f} GiB | "
+            f"{_s(r['comm_s'])} | {_s(r['eig_s'])} | {_s(r['total_s'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -256,12 +299,22 @@ def _s(seconds: float) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--eig-file", type=Path, default=RESULTS / "eigendecomposition_cuda-nvidia-h100-80gb-hbm3.json",
-                        help="eigendecomposition result file whose per-matrix times the model uses")
-    parser.add_argument("--interconnect-gbps", type=float, default=50.0,
-                        help="stated bandwidth per process of a large run's collectives, GB/s (default 50: "
-                             "an InfiniBand NDR port's order of magnitude)")
-    parser.add_argument("--measure", action="store_true", help="measure gloo here with 2 and 4 processes and check the model")
+    parser.add_argument(
+        "--eig-file",
+        type=Path,
+        default=RESULTS / "eigendecomposition_cuda-nvidia-h100-80gb-hbm3.json",
+        help="eigendecomposition result file whose per-matrix times the model uses",
+    )
+    parser.add_argument(
+        "--interconnect-gbps",
+        type=float,
+        default=50.0,
+        help="stated bandwidth per process of a large run's collectives, GB/s (default 50: "
+        "an InfiniBand NDR port's order of magnitude)",
+    )
+    parser.add_argument(
+        "--measure", action="store_true", help="measure gloo here with 2 and 4 processes and check the model"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "scaling_model.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -277,14 +330,25 @@ def main(argv=None) -> None:
             rates = bandwidth(measured["timings"], world)
             m = measured["measurement"]
             predicted = measurement_cost(m["ffns"], m["dim"], world, fit, rates, "sharded")["comm_s"]
-            checks.append({"world": world, "bytes_per_second": rates, "timings": measured["timings"],
-                           "measured_total_s": m["seconds"], "measured_eig_s": m["eig_seconds"],
-                           "measured_comm_s": m["comm_seconds"], "predicted_comm_s": predicted,
-                           "comm_ratio_measured_over_model": m["comm_seconds"] / predicted})
-            print(f"gloo, {world} processes: " + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in rates.items())
-                  + f"; sharded measurement of 8 x 512: {m['seconds'] * 1e3:.0f} ms in all, of it in the exchanges "
-                  f"{m['comm_seconds'] * 1e3:.1f} ms measured against {predicted * 1e3:.1f} ms modelled, "
-                  f"eigendecompositions {m['eig_seconds'] * 1e3:.0f} ms")
+            checks.append(
+                {
+                    "world": world,
+                    "bytes_per_second": rates,
+                    "timings": measured["timings"],
+                    "measured_total_s": m["seconds"],
+                    "measured_eig_s": m["eig_seconds"],
+                    "measured_comm_s": m["comm_seconds"],
+                    "predicted_comm_s": predicted,
+                    "comm_ratio_measured_over_model": m["comm_seconds"] / predicted,
+                }
+            )
+            print(
+                f"gloo, {world} processes: "
+                + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in rates.items())
+                + f"; sharded measurement of 8 x 512: {m['seconds'] * 1e3:.0f} ms in all, of it in the exchanges "
+                f"{m['comm_seconds'] * 1e3:.1f} ms measured against {predicted * 1e3:.1f} ms modelled, "
+                f"eigendecompositions {m['eig_seconds'] * 1e3:.0f} ms"
+            )
         payload["gloo_checks"] = checks
     rate = args.interconnect_gbps * 1e9
     rows = table(fit, {"all_reduce": rate, "reduce_scatter": rate, "all_gather": rate})
@@ -293,11 +357,14 @@ def main(argv=None) -> None:
     print(text)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     table_file = args.out.with_suffix(".md")
-    header = (f"# One NerVE measurement, modelled (`benchmarks/perf/scaling_model.py`)\n\n"
-              f"Eigendecompositions: t(D) = {fit['a']:.3g} · D^{fit['b']:.2f} s per float64 matrix, fitted to "
-              f"`{fit['file']}` (D³ beyond its widest matrix, D = {max(fit['points'])[0]}). Collectives: {args.interconnect_gbps:g} GB/s per process (stated). "
-              f"Spectra: replicated (every process decomposes all), sharded (each its share), site (site-sharded "
-              f"measurement: each process its own FFNs on its own tokens).\n\n")
+    header = (
+        f"# One NerVE measurement, modelled (`benchmarks/perf/scaling_model.py`)\n\n"
+        f"Eigendecompositions: t(D) = {fit['a']:.3g} · D^{fit['b']:.2f} s per float64 matrix, fitted to "
+        f"`{fit['file']}` (D³ beyond its widest matrix, D = {max(fit['points'])[0]}). "
+        f"Collectives: {args.interconnect_gbps:g} GB/s per process (stated). "
+        f"Spectra: replicated (every process decomposes all), sharded (each its share), site (site-sharded "
+        f"measurement: each process its own FFNs on its own tokens).\n\n"
+    )
     table_file.write_text(header + text + "\n")
     print(f"wrote {args.out} and {table_file}")
 

@@ -18,9 +18,8 @@ import argparse
 
 import numpy as np
 import torch
-from torch.utils.benchmark import Timer
-
 from _common import add_common_args, apply_threads, device_label, devices, write_result
+from torch.utils.benchmark import Timer
 
 from nerve_hf.covariance import CovarianceAccumulator
 
@@ -52,13 +51,22 @@ def fit(sizes: list[int], times: list[float]) -> float:
 
 def grids(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
-        return {"update_d": ([512, 1024, 2048, 4096, 8192], 32768), "update_n": (3072, [4096, 16384, 65536, 262144]),
-                "eig_d": [256, 512, 1024, 2048, 4096]}
+        return {
+            "update_d": ([512, 1024, 2048, 4096, 8192], 32768),
+            "update_n": (3072, [4096, 16384, 65536, 262144]),
+            "eig_d": [256, 512, 1024, 2048, 4096],
+        }
     if quick:
-        return {"update_d": ([128, 256, 512, 1024], 2048), "update_n": (512, [1024, 2048, 4096, 8192]),
-                "eig_d": [128, 256, 512, 768]}
-    return {"update_d": ([128, 256, 512, 1024, 2048], 4096), "update_n": (512, [1024, 2048, 4096, 8192, 16384, 32768]),
-            "eig_d": [128, 256, 512, 1024, 1536]}
+        return {
+            "update_d": ([128, 256, 512, 1024], 2048),
+            "update_n": (512, [1024, 2048, 4096, 8192]),
+            "eig_d": [128, 256, 512, 768],
+        }
+    return {
+        "update_d": ([128, 256, 512, 1024, 2048], 4096),
+        "update_n": (512, [1024, 2048, 4096, 8192, 16384, 32768]),
+        "eig_d": [128, 256, 512, 1024, 1536],
+    }
 
 
 def main() -> None:
@@ -72,16 +80,33 @@ def main() -> None:
         dims, n_fixed = g["update_d"]
         d_fixed, ns = g["update_n"]
         curves = {
-            "update_vs_D": {"x": dims, "fixed": {"N": n_fixed}, "seconds": [update_time(device, n_fixed, d, budget) for d in dims]},
-            "update_vs_N": {"x": ns, "fixed": {"D": d_fixed}, "seconds": [update_time(device, n, d_fixed, budget) for n in ns]},
-            "eigvalsh_f64_vs_D": {"x": g["eig_d"], "fixed": {}, "seconds": [eig_time(device, d, budget) for d in g["eig_d"]]},
+            "update_vs_D": {
+                "x": dims,
+                "fixed": {"N": n_fixed},
+                "seconds": [update_time(device, n_fixed, d, budget) for d in dims],
+            },
+            "update_vs_N": {
+                "x": ns,
+                "fixed": {"D": d_fixed},
+                "seconds": [update_time(device, n, d_fixed, budget) for n in ns],
+            },
+            "eigvalsh_f64_vs_D": {
+                "x": g["eig_d"],
+                "fixed": {},
+                "seconds": [eig_time(device, d, budget) for d in g["eig_d"]],
+            },
         }
         for name, curve in curves.items():
             curve["exponent"] = fit(curve["x"], curve["seconds"])
-            print(f"{device.type} {name}: exponent {curve['exponent']:.2f} "
-                  f"({', '.join(f'{x}: {t * 1e3:.1f} ms' for x, t in zip(curve['x'], curve['seconds']))})", flush=True)
+            print(
+                f"{device.type} {name}: exponent {curve['exponent']:.2f} "
+                f"({', '.join(f'{x}: {t * 1e3:.1f} ms' for x, t in zip(curve['x'], curve['seconds']))})",
+                flush=True,
+            )
         png = plot(curves, device, args)
-        write_result(args.out, "scaling", device, {"fit_points": FIT_POINTS, "curves": curves, "png": png.name}, args.quick)
+        write_result(
+            args.out, "scaling", device, {"fit_points": FIT_POINTS, "curves": curves, "png": png.name}, args.quick
+        )
 
 
 def plot(curves: dict, device: torch.device, args):
@@ -93,7 +118,7 @@ def plot(curves: dict, device: torch.device, args):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, marker in (("update_vs_D", "o"), ("eigvalsh_f64_vs_D", "s")):
         c = curves[name]
-        label = (f"update, N={c['fixed']['N']}" if name == "update_vs_D" else "eigvalsh float64, one matrix")
+        label = f"update, N={c['fixed']['N']}" if name == "update_vs_D" else "eigvalsh float64, one matrix"
         left.loglog(c["x"], c["seconds"], marker=marker, label=f"{label}: ~D^{c['exponent']:.2f}")
     left.set_xlabel("FFN width D")
     left.set_ylabel("seconds")
@@ -106,14 +131,19 @@ def plot(curves: dict, device: torch.device, args):
     right.legend()
     from matplotlib.ticker import NullFormatter
 
-    for ax, sizes in ((left, sorted(set(curves["update_vs_D"]["x"]) | set(curves["eigvalsh_f64_vs_D"]["x"]))),
-                      (right, c["x"])):
+    for ax, sizes in (
+        (left, sorted(set(curves["update_vs_D"]["x"]) | set(curves["eigvalsh_f64_vs_D"]["x"]))),
+        (right, c["x"]),
+    ):
         ax.grid(True, which="both", alpha=0.3)
         ax.set_xticks(sizes, labels=[str(size) for size in sizes])  # the measured sizes, not powers of ten
         ax.xaxis.set_minor_formatter(NullFormatter())
     threads = torch.get_num_threads()
-    fig.suptitle(f"nerve_hf covariance cost on {device_label(device)} ({threads} thread{'s' if threads > 1 else ''}; "
-                 f"exponent fitted over the {FIT_POINTS} largest sizes)", fontsize=10)
+    fig.suptitle(
+        f"nerve_hf covariance cost on {device_label(device)} ({threads} thread{'s' if threads > 1 else ''}; "
+        f"exponent fitted over the {FIT_POINTS} largest sizes)",
+        fontsize=10,
+    )
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scaling_{device_label(device)}{'_quick' if args.quick else ''}.png"

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import RESULTS, apply_threads, write_result
 
 
@@ -30,8 +29,9 @@ def measure(d_ff: int, tokens: int, seed: int = 0) -> dict:
     text = "\n".join(load_stdlib_corpus(max_bytes=400_000)["train"]["text"])
     ids = torch.tensor(tokenizer(text)["input_ids"][:tokens], dtype=torch.long).view(-1, 128)  # [tokens/128, 128]
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_head=4,
-                                       n_layer=4, n_inner=d_ff)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_head=4, n_layer=4, n_inner=d_ff)
+    ).eval()
     tracker = FFNTracker(model)
     with tracker, torch.no_grad():
         for batch in ids.split(8):
@@ -42,11 +42,20 @@ def measure(d_ff: int, tokens: int, seed: int = 0) -> dict:
         start = time.perf_counter()
         values[dtype], _ = spectra.metric_values(pairs, "all", dtype)
         timings[dtype] = time.perf_counter() - start
-    errors = {name: max(abs(b[name] - a[name]) / abs(a[name]) for a, b in zip(values["float64"], values["float32"]))
-              for name in METRIC_NAMES}
-    return {"d_ff": d_ff, "tokens": int(ids.numel()), "ffns": len(pairs), "seconds": timings,
-            "speedup_float32": timings["float64"] / timings["float32"], "max_relative_error": errors,
-            "float64": values["float64"], "float32": values["float32"]}
+    errors = {
+        name: max(abs(b[name] - a[name]) / abs(a[name]) for a, b in zip(values["float64"], values["float32"]))
+        for name in METRIC_NAMES
+    }
+    return {
+        "d_ff": d_ff,
+        "tokens": int(ids.numel()),
+        "ffns": len(pairs),
+        "seconds": timings,
+        "speedup_float32": timings["float64"] / timings["float32"],
+        "max_relative_error": errors,
+        "float64": values["float64"],
+        "float32": values["float32"],
+    }
 
 
 def main() -> None:
@@ -61,8 +70,10 @@ def main() -> None:
         row = measure(d_ff, args.tokens)
         rows.append(row)
         worst = max(row["max_relative_error"].items(), key=lambda kv: kv[1])
-        print(f"d_ff {d_ff}: float32 spectra {row['speedup_float32']:.2f}x faster; largest relative error "
-              f"{worst[1]:.1e} ({worst[0]}); " + ", ".join(f"{k} {v:.1e}" for k, v in row["max_relative_error"].items()))
+        print(
+            f"d_ff {d_ff}: float32 spectra {row['speedup_float32']:.2f}x faster; largest relative error "
+            f"{worst[1]:.1e} ({worst[0]}); " + ", ".join(f"{k} {v:.1e}" for k, v in row["max_relative_error"].items())
+        )
     write_result(Path(args.out), "spectra_precision", torch.device("cpu"), {"rows": rows}, quick=False)
 
 

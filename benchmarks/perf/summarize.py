@@ -9,82 +9,121 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from _common import add_common_args
 
 
 def env_line(env: dict) -> str:
-    parts = [env.get("gpu") or env.get("cpu"), f"{env.get('cpu_threads')} torch threads",
-             f"torch {env.get('torch')}", f"load avg {env.get('load_average_1_5_15')}", f"commit {env.get('git_commit')}",
-             env.get("date")]
+    parts = [
+        env.get("gpu") or env.get("cpu"),
+        f"{env.get('cpu_threads')} torch threads",
+        f"torch {env.get('torch')}",
+        f"load avg {env.get('load_average_1_5_15')}",
+        f"commit {env.get('git_commit')}",
+        env.get("date"),
+    ]
     return "; ".join(str(p) for p in parts if p)
 
 
 def accumulator(r: dict) -> list[str]:
-    out = ["| D | N | dtype | ours ms | bare GEMM ms | ratio (bare/ours) | against | also: ratio vs native bf16 GEMM |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| D | N | dtype | ours ms | bare GEMM ms | ratio (bare/ours) | against | also: ratio vs native bf16 GEMM |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["results"]:
         m = row["median_s"]
-        ref = "`x.T @ x` fp32 of the upcast rows" if row["reference"] == "bare_fp32_of_upcast" else f"`x.T @ x` {row['dtype']}"
+        ref = (
+            "`x.T @ x` fp32 of the upcast rows"
+            if row["reference"] == "bare_fp32_of_upcast"
+            else f"`x.T @ x` {row['dtype']}"
+        )
         native = f"{row['ratio_vs_bare']:.2f}" if row["reference"] != "bare" else ""
         bare = m.get(row["reference"], m["bare"])
-        out.append(f"| {row['dim']} | {row['rows']} | {row['dtype']} | {m['ours'] * 1e3:.1f} | {bare * 1e3:.1f} | "
-                   f"**{row['ratio']:.2f}** | {ref} | {native} |")
+        out.append(
+            f"| {row['dim']} | {row['rows']} | {row['dtype']} | {m['ours'] * 1e3:.1f} | {bare * 1e3:.1f} | "
+            f"**{row['ratio']:.2f}** | {ref} | {native} |"
+        )
     return out
 
 
 def training(r: dict) -> list[str]:
     m = r["model"]
-    out = [f"GPT-2 with {m['n_layer']} layers, n_embd {m['n_embd']}, d_ff {m['n_inner']}, vocabulary "
-           f"{m['vocab_size']}, {r['batch'] * r['seq_len']} tokens per step.", ""]
+    out = [
+        f"GPT-2 with {m['n_layer']} layers, n_embd {m['n_embd']}, d_ff {m['n_inner']}, vocabulary "
+        f"{m['vocab_size']}, {r['batch'] * r['seq_len']} tokens per step.",
+        "",
+    ]
     if "overhead" in r:
-        out += ["| every_n_steps | callback | wall time vs none | one measurement (s) | overhead at this N (per-step) "
-                "| projected at every 100 | peak RSS MB (none) |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "| every_n_steps | callback | wall time vs none | one measurement (s) | overhead at this N (per-step) "
+            "| projected at every 100 | peak RSS MB (none) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for every_n, s in r["overhead"].items():
             base_rss = s["kinds"]["none"]["peak_rss_mb"]
             for kind in ("nerve", "nerve_pr", "naive"):
                 k = s["kinds"][kind]
-                out.append(f"| {every_n} | {kind} | {k['wall_ratio_median']:.3f} | {k['measurement_event_seconds']:.3f} | "
-                           f"{k['per_step_overhead_pct']:.2f}% | {k['projected_overhead_pct_at_every_100']:.2f}% | "
-                           f"{k['peak_rss_mb']:.0f} ({base_rss:.0f}) |")
-        out += ["", "`wall time vs none` compares medians of whole runs and needs a quiet machine to resolve a few "
-                "percent; `one measurement` (median measured step minus median unmeasured step of the same runs) "
-                "divided by N unmeasured steps gives the overhead columns.", ""]
+                out.append(
+                    f"| {every_n} | {kind} | {k['wall_ratio_median']:.3f} | {k['measurement_event_seconds']:.3f} | "
+                    f"{k['per_step_overhead_pct']:.2f}% | {k['projected_overhead_pct_at_every_100']:.2f}% | "
+                    f"{k['peak_rss_mb']:.0f} ({base_rss:.0f}) |"
+                )
+        out += [
+            "",
+            "`wall time vs none` compares medians of whole runs and needs a quiet machine to resolve a few "
+            "percent; `one measurement` (median measured step minus median unmeasured step of the same runs) "
+            "divided by N unmeasured steps gives the overhead columns.",
+            "",
+        ]
     if "memory_sweep" in r:
         m = r["memory_sweep"]
-        out += [f"Memory against tokens per measurement (peak RSS over the no-callback run; expected NerveCallback "
-                f"state {m['expected_nerve_state_mb']:.1f} MiB, naive copies {m['expected_naive_mb_per_1k_tokens']:.1f} "
-                f"MiB per 1k tokens):", "",
-                "| tokens / measurement | NerveCallback MB | naive MB | CUDA NerveCallback MB | CUDA naive MB |",
-                "|---|---|---|---|---|"]
+        out += [
+            f"Memory against tokens per measurement (peak RSS over the no-callback run; expected NerveCallback "
+            f"state {m['expected_nerve_state_mb']:.1f} MiB, naive copies {m['expected_naive_mb_per_1k_tokens']:.1f} "
+            f"MiB per 1k tokens):",
+            "",
+            "| tokens / measurement | NerveCallback MB | naive MB | CUDA NerveCallback MB | CUDA naive MB |",
+            "|---|---|---|---|---|",
+        ]
         for row in m["rows"]:
             cuda = [row[k].get("cuda_over_none_mb") for k in ("nerve", "naive")]
             cuda_s = [f"{c:.0f}" if c is not None else "" for c in cuda]
-            out.append(f"| {row['tokens_per_measurement']} | {row['nerve']['peak_rss_over_none_mb']:.0f} | "
-                       f"{row['naive']['peak_rss_over_none_mb']:.0f} | {cuda_s[0]} | {cuda_s[1]} |")
+            out.append(
+                f"| {row['tokens_per_measurement']} | {row['nerve']['peak_rss_over_none_mb']:.0f} | "
+                f"{row['naive']['peak_rss_over_none_mb']:.0f} | {cuda_s[0]} | {cuda_s[1]} |"
+            )
     return out
 
 
 def probe(r: dict) -> list[str]:
-    out = ["| dtype | tokens/forward | plain tok/s | tracked tok/s | overhead | compute() s | compute(metrics='pr') s |"
-           " state MiB |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| dtype | tokens/forward | plain tok/s | tracked tok/s | overhead | compute() s | compute(metrics='pr') s |"
+        " state MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["results"]:
-        out.append(f"| {row['dtype']} | {row['tokens_per_forward']} | {row['plain_tokens_per_s']:,.0f} | "
-                   f"{row['tracked_tokens_per_s']:,.0f} | {100 * row['overhead']:+.0f}% | {row['compute_all_s']:.2f} | "
-                   f"{row['compute_pr_only_s']:.3f} | {row['covariance_state_mib']:.0f} |")
+        out.append(
+            f"| {row['dtype']} | {row['tokens_per_forward']} | {row['plain_tokens_per_s']:,.0f} | "
+            f"{row['tracked_tokens_per_s']:,.0f} | {100 * row['overhead']:+.0f}% | {row['compute_all_s']:.2f} | "
+            f"{row['compute_pr_only_s']:.3f} | {row['covariance_state_mib']:.0f} |"
+        )
     return out
 
 
 def eigen(r: dict) -> list[str]:
-    out = ["| L | D | batched f64 ms | loop f64 ms | batched/loop speedup | f32 speedup | f32 rel err PR / SE "
-           "| PR by trace ms | trace speedup | trace rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| L | D | batched f64 ms | loop f64 ms | batched/loop speedup | f32 speedup | f32 rel err PR / SE "
+        "| PR by trace ms | trace speedup | trace rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["results"]:
         s = row["seconds"]
-        out.append(f"| {row['layers']} | {row['dim']} | {s['batched_f64'] * 1e3:.1f} | {s['loop_f64'] * 1e3:.1f} | "
-                   f"{row['speedup_batched_vs_loop']:.2f} | {row['speedup_f32_vs_f64']:.2f} | "
-                   f"{row['f32_max_rel_err_pr']:.1e} / {row['f32_max_rel_err_se']:.1e} | {s['pr_trace_f64'] * 1e3:.2f} | "
-                   f"{row['speedup_pr_trace_vs_eigvalsh_f64']:.0f}x | {row['pr_trace_max_rel_err_vs_eigvalsh']:.0e} |")
+        out.append(
+            f"| {row['layers']} | {row['dim']} | {s['batched_f64'] * 1e3:.1f} | {s['loop_f64'] * 1e3:.1f} | "
+            f"{row['speedup_batched_vs_loop']:.2f} | {row['speedup_f32_vs_f64']:.2f} | "
+            f"{row['f32_max_rel_err_pr']:.1e} / {row['f32_max_rel_err_se']:.1e} | {s['pr_trace_f64'] * 1e3:.2f} | "
+            f"{row['speedup_pr_trace_vs_eigvalsh_f64']:.0f}x | {row['pr_trace_max_rel_err_vs_eigvalsh']:.0e} |"
+        )
     return out
 
 
@@ -110,13 +149,21 @@ def main() -> None:
     add_common_args(parser)
     args = parser.parse_args()
     files = sorted(args.out.glob("*.json"))
-    lines = ["# Perf results", "",
-             "Generated by `benchmarks/perf/summarize.py` from the JSON files in this folder; each table is one run "
-             "of one script on one device (see each file's `environment`). `_quick` files used `--quick` settings.", ""]
+    lines = [
+        "# Perf results",
+        "",
+        "Generated by `benchmarks/perf/summarize.py` from the JSON files in this folder; each table is one run "
+        "of one script on one device (see each file's `environment`). `_quick` files used `--quick` settings.",
+        "",
+    ]
     notes = sorted(args.out.glob("*_notes.md"))
     if notes:
-        lines += ["What these files do not hold (runs cut short, rows that predate a fix) is in "
-                  + ", ".join(f"[{n.name}]({n.name})" for n in notes) + ".", ""]
+        lines += [
+            "What these files do not hold (runs cut short, rows that predate a fix) is in "
+            + ", ".join(f"[{n.name}]({n.name})" for n in notes)
+            + ".",
+            "",
+        ]
     for prefix, title, render in SECTIONS:
         for path in files:
             if not path.stem.startswith(prefix + "_") or path.stem.startswith(prefix + "_impl-"):
@@ -126,8 +173,16 @@ def main() -> None:
     for path in files:  # older implementations timed with --impl
         if "_impl-" in path.stem:
             r = json.loads(path.read_text())
-            lines += [f"## Accumulator throughput of `{r['impl']}`: `{path.name}`", "",
-                      f"_{env_line(r['environment'])}_", ""] + accumulator(r) + [""]
+            lines += (
+                [
+                    f"## Accumulator throughput of `{r['impl']}`: `{path.name}`",
+                    "",
+                    f"_{env_line(r['environment'])}_",
+                    "",
+                ]
+                + accumulator(r)
+                + [""]
+            )
     (args.out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'SUMMARY.md'}")
 

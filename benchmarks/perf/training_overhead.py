@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import REPO, add_common_args, apply_threads, current_rss_mb, devices, peak_rss_mb, write_result
 
 
@@ -52,9 +51,14 @@ def demo_preset() -> dict:
 
 
 _DEMO = demo_preset()
-MODEL = dict(n_layer=_DEMO["n_layer"], n_embd=_DEMO["n_embd"], n_head=_DEMO["n_head"],
-             n_positions=_DEMO["block_size"], n_inner=4 * _DEMO["n_embd"],
-             vocab_size=_DEMO["vocab_size"])  # GPT-2's d_ff is 4 x n_embd
+MODEL = dict(
+    n_layer=_DEMO["n_layer"],
+    n_embd=_DEMO["n_embd"],
+    n_head=_DEMO["n_head"],
+    n_positions=_DEMO["block_size"],
+    n_inner=4 * _DEMO["n_embd"],
+    vocab_size=_DEMO["vocab_size"],
+)  # GPT-2's d_ff is 4 x n_embd
 SEQ = _DEMO["block_size"]  # tokens per sequence
 BATCH = _DEMO["batch_size"]  # sequences per micro-batch
 
@@ -79,10 +83,14 @@ def _naive_callback_class():
                 return
             for layer, block in enumerate(model.transformer.h):
                 pre, post = self.kept.setdefault(layer, ([], []))
-                self.handles.append(block.mlp.c_fc.register_forward_hook(
-                    lambda m, a, out, pre=pre: pre.append(out.detach().clone())))  # [B, T, D]
-                self.handles.append(block.mlp.c_proj.register_forward_pre_hook(
-                    lambda m, a, post=post: post.append(a[0].detach().clone())))  # [B, T, D]
+                self.handles.append(
+                    block.mlp.c_fc.register_forward_hook(lambda m, a, out, pre=pre: pre.append(out.detach().clone()))
+                )  # [B, T, D]
+                self.handles.append(
+                    block.mlp.c_proj.register_forward_pre_hook(
+                        lambda m, a, post=post: post.append(a[0].detach().clone())
+                    )
+                )  # [B, T, D]
 
         def on_step_end(self, args, state, control, **kwargs):
             if not self.handles:
@@ -116,9 +124,16 @@ def worker(config: dict) -> dict:
 
     device = torch.device(config["device"])
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(**{**MODEL, "n_inner": config.get("d_ff", MODEL["n_inner"])},
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            **{**MODEL, "n_inner": config.get("d_ff", MODEL["n_inner"])},
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
     batch, accum, steps = config["batch"], config["grad_accum"], config["max_steps"]
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, MODEL["vocab_size"], (batch * accum * steps, SEQ), generator=generator)
@@ -142,19 +157,35 @@ def worker(config: dict) -> dict:
     kind = config["callback"]
     callbacks = []
     if kind in ("nerve", "nerve_pr", "nerve_f32"):
-        callbacks.append(NerveCallback(every_n_steps=config["every_n"], write_jsonl=False, measure_eval=False,
-                                       metrics="pr" if kind == "nerve_pr" else "all",
-                                       spectra_dtype="float32" if kind == "nerve_f32" else "float64"))
+        callbacks.append(
+            NerveCallback(
+                every_n_steps=config["every_n"],
+                write_jsonl=False,
+                measure_eval=False,
+                metrics="pr" if kind == "nerve_pr" else "all",
+                spectra_dtype="float32" if kind == "nerve_f32" else "float64",
+            )
+        )
     elif kind == "naive":
         callbacks.append(_naive_callback_class()(config["every_n"]))
     timer = StepTimes()
     callbacks.append(timer)  # after the measuring callback: its on_step_end time is inside the step
 
     args = TrainingArguments(
-        output_dir=config["output_dir"], per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-        max_steps=steps, learning_rate=1e-3, logging_steps=config["every_n"], save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=device.type == "cpu", seed=0, data_seed=0,
-        disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=config["output_dir"],
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=1e-3,
+        logging_steps=config["every_n"],
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     if device.type == "cuda":
@@ -207,18 +238,33 @@ def overhead(device: torch.device, args, tmp: Path) -> dict:
         for rep in range(repeats):
             order = list(KINDS) if rep % 2 == 0 else list(reversed(KINDS))  # alternate the order
             for kind in order:
-                config = dict(callback=kind, every_n=every_n, max_steps=max_steps, batch=batch, grad_accum=1,
-                              device=str(device), threads=args.threads, output_dir=str(tmp / kind), d_ff=args.d_ff)
+                config = dict(
+                    callback=kind,
+                    every_n=every_n,
+                    max_steps=max_steps,
+                    batch=batch,
+                    grad_accum=1,
+                    device=str(device),
+                    threads=args.threads,
+                    output_dir=str(tmp / kind),
+                    d_ff=args.d_ff,
+                )
                 result = run_worker(config)
                 runs[kind].append(result)
-                print(f"  every {every_n:>3} steps, {kind:>5}: {result['train_seconds']:6.2f} s, "
-                      f"peak RSS {result['peak_rss_mb']:7.1f} MB", flush=True)
+                print(
+                    f"  every {every_n:>3} steps, {kind:>5}: {result['train_seconds']:6.2f} s, "
+                    f"peak RSS {result['peak_rss_mb']:7.1f} MB",
+                    flush=True,
+                )
         results[str(every_n)] = summarise_overhead(runs, every_n)
         for kind in KINDS[1:]:
             k = results[str(every_n)]["kinds"][kind]
-            print(f"  every {every_n}: {kind:>8}: wall {k['wall_overhead_pct']:+6.1f}%, one measurement "
-                  f"{k['measurement_event_seconds']:.3f} s = {k['per_step_overhead_pct']:.1f}% at every {every_n}, "
-                  f"{k['projected_overhead_pct_at_every_100']:.2f}% projected at every 100", flush=True)
+            print(
+                f"  every {every_n}: {kind:>8}: wall {k['wall_overhead_pct']:+6.1f}%, one measurement "
+                f"{k['measurement_event_seconds']:.3f} s = {k['per_step_overhead_pct']:.1f}% at every {every_n}, "
+                f"{k['projected_overhead_pct_at_every_100']:.2f}% projected at every 100",
+                flush=True,
+            )
     return results
 
 
@@ -228,8 +274,12 @@ def summarise_overhead(runs: dict[str, list[dict]], every_n: int) -> dict:
     # overhead it implies at this frequency relative to an unmeasured step.
     plain_steps = [t for r in runs["none"] for t in r["step_seconds"]]
     step_median = statistics.median(plain_steps)
-    summary = {"max_steps": runs["none"][0]["max_steps"], "none_train_seconds_median": base,
-               "unmeasured_step_seconds_median": step_median, "kinds": {}}
+    summary = {
+        "max_steps": runs["none"][0]["max_steps"],
+        "none_train_seconds_median": base,
+        "unmeasured_step_seconds_median": step_median,
+        "kinds": {},
+    }
     for kind in KINDS[1:]:
         seconds = [r["train_seconds"] for r in runs[kind]]
         measured = [t for r in runs[kind] for t, m in zip(r["step_seconds"], r["measured"]) if m]
@@ -262,17 +312,30 @@ def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
     for accum in accums:
         row = {"grad_accum": accum, "tokens_per_measurement": batch * accum * SEQ}
         for kind in ("none", "nerve", "naive"):
-            config = dict(callback=kind, every_n=1, max_steps=2, batch=batch, grad_accum=accum,
-                          device=str(device), threads=args.threads, output_dir=str(tmp / kind), d_ff=args.d_ff)
+            config = dict(
+                callback=kind,
+                every_n=1,
+                max_steps=2,
+                batch=batch,
+                grad_accum=accum,
+                device=str(device),
+                threads=args.threads,
+                output_dir=str(tmp / kind),
+                d_ff=args.d_ff,
+            )
             result = run_worker(config)
             row[kind] = {"peak_rss_mb": result["peak_rss_mb"], "cuda_max_allocated_mb": result["cuda_max_allocated_mb"]}
         for kind in ("nerve", "naive"):
             row[kind]["peak_rss_over_none_mb"] = row[kind]["peak_rss_mb"] - row["none"]["peak_rss_mb"]
             if row[kind]["cuda_max_allocated_mb"] is not None:
-                row[kind]["cuda_over_none_mb"] = row[kind]["cuda_max_allocated_mb"] - row["none"]["cuda_max_allocated_mb"]
-        print(f"  {row['tokens_per_measurement']:>7} tokens/measurement: peak RSS over none: nerve "
-              f"{row['nerve']['peak_rss_over_none_mb']:7.1f} MB, naive {row['naive']['peak_rss_over_none_mb']:7.1f} MB",
-              flush=True)
+                row[kind]["cuda_over_none_mb"] = (
+                    row[kind]["cuda_max_allocated_mb"] - row["none"]["cuda_max_allocated_mb"]
+                )
+        print(
+            f"  {row['tokens_per_measurement']:>7} tokens/measurement: peak RSS over none: nerve "
+            f"{row['nerve']['peak_rss_over_none_mb']:7.1f} MB, naive {row['naive']['peak_rss_over_none_mb']:7.1f} MB",
+            flush=True,
+        )
         rows.append(row)
     d, layers = args.d_ff, MODEL["n_layer"]
     return {
@@ -288,7 +351,9 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-sweep", action="store_true", help="only the overhead runs")
     parser.add_argument("--skip-overhead", action="store_true", help="only the memory sweep")
-    parser.add_argument("--d-ff", type=int, default=MODEL["n_inner"], help=f"FFN width (default: the demo's {MODEL['n_inner']})")
+    parser.add_argument(
+        "--d-ff", type=int, default=MODEL["n_inner"], help=f"FFN width (default: the demo's {MODEL['n_inner']})"
+    )
     parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences per step (default: the demo's {BATCH})")
     args = parser.parse_args()
     if args.worker is not None:

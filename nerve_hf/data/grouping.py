@@ -76,7 +76,9 @@ def tokenize_and_group(
             fn_kwargs=dict(tokenizer=tokenizer, text_column=text_column, block_size=block_size, append_eos=append_eos),
         )
         if isinstance(ds, datasets.Dataset):  # progress bar and worker processes exist for map-style only
-            kwargs.update(num_proc=num_proc, desc=f"Tokenizing and grouping {name or 'texts'} into blocks of {block_size}")
+            kwargs.update(
+                num_proc=num_proc, desc=f"Tokenizing and grouping {name or 'texts'} into blocks of {block_size}"
+            )
         return ds.map(_tokenize_and_group_batch, **kwargs)
 
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):

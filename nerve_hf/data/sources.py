@@ -96,20 +96,30 @@ def find_text_column(data, dataset_name: str | None = None, column: str | None =
             return name
     strings = [name for name, holds_text in kinds.items() if holds_text]
     if not strings:
-        raise InputError(f"dataset has no text column; its columns: {', '.join(kinds) or '(none)'}; name the "
-                         f"column that holds the text (nerve probe --text-column, run_clm.py --text_column_name)")
+        raise InputError(
+            f"dataset has no text column; its columns: {', '.join(kinds) or '(none)'}; name the "
+            f"column that holds the text (nerve probe --text-column, run_clm.py --text_column_name)"
+        )
     return strings[0]
 
 
 def _is_saved_dataset(name: str) -> bool:
     """Whether ``name`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
     path = Path(name)
-    return path.is_dir() and any((path / marker).exists()
-                                 for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    return path.is_dir() and any(
+        (path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
 
 
-def load_dataset_splits(name: str, config: str | None = None, *, streaming: bool = False, token=None,
-                        cache_dir: str | None = None, embedded_options: dict | None = None):
+def load_dataset_splits(
+    name: str,
+    config: str | None = None,
+    *,
+    streaming: bool = False,
+    token=None,
+    cache_dir: str | None = None,
+    embedded_options: dict | None = None,
+):
     """Every split of dataset ``name`` as a ``DatasetDict`` (``IterableDatasetDict`` when ``streaming``).
 
     ``name`` is, in this order: an embedded corpus (:data:`EMBEDDED_CORPORA`; ``embedded_options`` go to its
@@ -235,8 +245,14 @@ def load_raw_datasets(
             raise ValueError("a validation_file needs a train_file")
         raw = _load_files(train_file, validation_file, validation_split_percentage, keep_linebreaks, cache_dir)
     else:
-        raw = load_dataset_splits(dataset_name, dataset_config_name, streaming=streaming, token=token,
-                                  cache_dir=cache_dir, embedded_options=embedded_options)
+        raw = load_dataset_splits(
+            dataset_name,
+            dataset_config_name,
+            streaming=streaming,
+            token=token,
+            cache_dir=cache_dir,
+            embedded_options=embedded_options,
+        )
         if "train" not in raw:
             raise InputError(f"dataset {dataset_name!r} has no train split; its splits: {', '.join(raw)}")
     column = find_text_column(raw["train"], dataset_name, text_column)

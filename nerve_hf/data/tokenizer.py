@@ -93,7 +93,9 @@ def get_tokenizer(
         logger.info("loading cached tokenizer from %s", target)
         return PreTrainedTokenizerFast.from_pretrained(str(target))
 
-    logger.info("training a %d-token byte-level BPE tokenizer on %s (first use; cached at %s)", vocab_size, corpus, target)
+    logger.info(
+        "training a %d-token byte-level BPE tokenizer on %s (first use; cached at %s)", vocab_size, corpus, target
+    )
     train = entry.load(**corpus_options)["train"]
     tokenizer = train_bpe_tokenizer(train["text"], vocab_size=vocab_size)
 

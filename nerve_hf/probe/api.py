@@ -60,63 +60,109 @@ class ProbeConfig(Validated):
     option_name = staticmethod(_flag)
 
     model: str = option(
-        MISSING, "local model folder (transformers save_pretrained or timm), a Hugging Face Hub id, timm/<name> "
-                 "for a timm Hub model, or a timm checkpoint file/folder with --timm-arch", text, metavar="MODEL",
+        MISSING,
+        "local model folder (transformers save_pretrained or timm), a Hugging Face Hub id, timm/<name> "
+        "for a timm Hub model, or a timm checkpoint file/folder with --timm-arch",
+        text,
+        metavar="MODEL",
     )
     # ----------------------------------------------------------------------------- text input
-    text_file: Optional[str] = option(None, "measure on this UTF-8 text file (one document)", optional(text),
-                                      group=TEXT_INPUT, metavar="FILE")
-    dataset: Optional[str] = option(
-        None, f"embedded corpus ({', '.join(EMBEDDED_CORPORA)}), a local dataset folder, or a Hub dataset id "
-              f"(streamed)", optional(text), group=TEXT_INPUT, metavar="NAME",
+    text_file: Optional[str] = option(
+        None, "measure on this UTF-8 text file (one document)", optional(text), group=TEXT_INPUT, metavar="FILE"
     )
-    dataset_config: Optional[str] = option(None, "configuration of --dataset (e.g. en for allenai/c4)", optional(text),
-                                           group=TEXT_INPUT, metavar="NAME")
+    dataset: Optional[str] = option(
+        None,
+        f"embedded corpus ({', '.join(EMBEDDED_CORPORA)}), a local dataset folder, or a Hub dataset id (streamed)",
+        optional(text),
+        group=TEXT_INPUT,
+        metavar="NAME",
+    )
+    dataset_config: Optional[str] = option(
+        None, "configuration of --dataset (e.g. en for allenai/c4)", optional(text), group=TEXT_INPUT, metavar="NAME"
+    )
     dataset_split: str = option("train", "split of --dataset", text, group=TEXT_INPUT, metavar="SPLIT")
     text_column: Optional[str] = option(
-        None, f"column of --dataset holding the text (default: the column a known Hub dataset uses, else the first "
-              f"of {', '.join(TEXT_COLUMNS)}, else the first string column)", optional(text),
-        group=TEXT_INPUT, metavar="COLUMN",
+        None,
+        f"column of --dataset holding the text (default: the column a known Hub dataset uses, else the first "
+        f"of {', '.join(TEXT_COLUMNS)}, else the first string column)",
+        optional(text),
+        group=TEXT_INPUT,
+        metavar="COLUMN",
     )
-    tokenizer: Optional[str] = option(None, "tokenizer folder or Hub id (default: the model's own)", optional(text),
-                                      group=TEXT_INPUT, metavar="NAME_OR_PATH")
-    seq_len: int = option(256, "tokens per sequence, special tokens included; capped at the model's maximum",
-                          positive_int, group=TEXT_INPUT)
+    tokenizer: Optional[str] = option(
+        None,
+        "tokenizer folder or Hub id (default: the model's own)",
+        optional(text),
+        group=TEXT_INPUT,
+        metavar="NAME_OR_PATH",
+    )
+    seq_len: int = option(
+        256,
+        "tokens per sequence, special tokens included; capped at the model's maximum",
+        positive_int,
+        group=TEXT_INPUT,
+    )
     # ---------------------------------------------------------------------------- image input
     image_dir: Optional[str] = option(
-        None, "folder of images, searched recursively, sorted by name (default: the embedded digits)", optional(text),
-        group=IMAGE_INPUT, metavar="DIR",
+        None,
+        "folder of images, searched recursively, sorted by name (default: the embedded digits)",
+        optional(text),
+        group=IMAGE_INPUT,
+        metavar="DIR",
     )
     num_images: int = option(64, "number of images to measure", positive_int, group=IMAGE_INPUT)
     timm_arch: Optional[str] = option(
-        None, "timm architecture of a local checkpoint without config.json: a registry name (mixer_b16_224) or a "
-              "class path (timm.models.mlp_mixer.MlpMixer) for custom sizes given by --timm-kwargs", optional(text),
-        group=IMAGE_INPUT, metavar="NAME",
+        None,
+        "timm architecture of a local checkpoint without config.json: a registry name (mixer_b16_224) or a "
+        "class path (timm.models.mlp_mixer.MlpMixer) for custom sizes given by --timm-kwargs",
+        optional(text),
+        group=IMAGE_INPUT,
+        metavar="NAME",
     )
     timm_kwargs: Optional[dict] = option(
-        None, "extra timm.create_model arguments as a JSON object, e.g. '{\"num_blocks\": 4}'", optional(mapping),
-        group=IMAGE_INPUT, metavar="JSON",
+        None,
+        "extra timm.create_model arguments as a JSON object, e.g. '{\"num_blocks\": 4}'",
+        optional(mapping),
+        group=IMAGE_INPUT,
+        metavar="JSON",
     )
     # ---------------------------------------------------------------------------- measurement
     max_tokens: int = option(
-        16384, "per FFN, measure at most this many tokens (rows); the input is cut to it",
-        at_least(2, "an integer of at least 2 (a covariance needs two tokens)"), group=MEASUREMENT,
+        16384,
+        "per FFN, measure at most this many tokens (rows); the input is cut to it",
+        at_least(2, "an integer of at least 2 (a covariance needs two tokens)"),
+        group=MEASUREMENT,
     )
     batch_size: int = option(8, "sequences or images per forward pass", positive_int, group=MEASUREMENT)
-    layers: Optional[list[int]] = option(None, "block indices to measure, negative from the end (default: all)",
-                                         optional(int_list), group=MEASUREMENT, metavar="I,J,...")
-    spectra_layers: Optional[list[int]] = option(
-        None, "layers whose eigenvalue spectra are plotted (default: first, middle, last)", optional(int_list),
-        group=MEASUREMENT, metavar="I,J,...",
+    layers: Optional[list[int]] = option(
+        None,
+        "block indices to measure, negative from the end (default: all)",
+        optional(int_list),
+        group=MEASUREMENT,
+        metavar="I,J,...",
     )
-    device: Optional[str] = option(None, "torch device (default: cuda when present, else cpu)", optional(text),
-                                   group=MEASUREMENT)
-    dtype: str = option("float32", f"weights and activations dtype, one of {', '.join(DTYPES)}; auto keeps the "
-                                   f"checkpoint's", one_of(DTYPES), group=MEASUREMENT)
-    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of a transformers model",
-                                     optional(text), group=MEASUREMENT)
-    trust_remote_code: bool = option(False, "allow transformers to run modelling code shipped with the checkpoint",
-                                     boolean, group=MEASUREMENT)
+    spectra_layers: Optional[list[int]] = option(
+        None,
+        "layers whose eigenvalue spectra are plotted (default: first, middle, last)",
+        optional(int_list),
+        group=MEASUREMENT,
+        metavar="I,J,...",
+    )
+    device: Optional[str] = option(
+        None, "torch device (default: cuda when present, else cpu)", optional(text), group=MEASUREMENT
+    )
+    dtype: str = option(
+        "float32",
+        f"weights and activations dtype, one of {', '.join(DTYPES)}; auto keeps the checkpoint's",
+        one_of(DTYPES),
+        group=MEASUREMENT,
+    )
+    revision: Optional[str] = option(
+        None, "Hub revision (branch, tag or commit) of a transformers model", optional(text), group=MEASUREMENT
+    )
+    trust_remote_code: bool = option(
+        False, "allow transformers to run modelling code shipped with the checkpoint", boolean, group=MEASUREMENT
+    )
     progress: bool = option(True, "show a progress bar on stderr", boolean, group=MEASUREMENT)
 
     def __post_init__(self) -> None:
@@ -147,9 +193,9 @@ class ProbeResult:
             "created": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
             "metrics": {
                 "definition": "NerVE (Jha & Reagen, ICLR 2026): eigenvalues of the covariance of FFN "
-                              "pre-activations (up/gate projection output) and post-activations (down "
-                              "projection input); SE natural-log entropy, PR participation ratio, EEE early "
-                              "eigenvalue enrichment, JS Jensen-Shannon divergence of pre vs post spectra",
+                "pre-activations (up/gate projection output) and post-activations (down "
+                "projection input); SE natural-log entropy, PR participation ratio, EEE early "
+                "eigenvalue enrichment, JS Jensen-Shannon divergence of pre vs post spectra",
                 "names": list(METRIC_NAMES),
             },
         }
@@ -180,8 +226,17 @@ def _move(batch, device, dtype):
     return {k: move(v) for k, v in batch.items()} if isinstance(batch, dict) else move(batch)
 
 
-def probe_model(model, batches: Iterable, *, adapter=None, layers=None, max_tokens: int | None = None,
-                device=None, progress: bool = False, total: int | None = None) -> SpectralReport:
+def probe_model(
+    model,
+    batches: Iterable,
+    *,
+    adapter=None,
+    layers=None,
+    max_tokens: int | None = None,
+    device=None,
+    progress: bool = False,
+    total: int | None = None,
+) -> SpectralReport:
     """NerVE metrics of ``model``'s FFNs on ``batches``.
 
     Args:
@@ -242,14 +297,21 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     source = classify(config.model, config.timm_arch)
     file_text = check_inputs(config, source.modality)  # the text of --text-file, read once
     device = check_device(config.device or default_device())
-    loaded = load_model(source, tokenizer=config.tokenizer, timm_arch=config.timm_arch,
-                        timm_kwargs=config.timm_kwargs, dtype=config.dtype, revision=config.revision,
-                        trust_remote_code=config.trust_remote_code)
+    loaded = load_model(
+        source,
+        tokenizer=config.tokenizer,
+        timm_arch=config.timm_arch,
+        timm_kwargs=config.timm_kwargs,
+        dtype=config.dtype,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+    )
     try:
         adapter = model_adapters.get_adapter(loaded.model)
     except ValueError as error:
-        raise InputError(f"unsupported architecture: {first_line(error)} "
-                         f"Register one with model_adapters.register_adapter.") from None
+        raise InputError(
+            f"unsupported architecture: {first_line(error)} Register one with model_adapters.register_adapter."
+        ) from None
 
     try:  # bad --layers / --spectra-layers fail here, before any data is read or forward run
         sites = model_adapters.resolve_sites(model_adapters.unwrap_model(loaded.model), adapter, config.layers)
@@ -261,16 +323,28 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     batches, data = make_batches(config, loaded, seq_len, file_text)
     model = loaded.model.to(device)
     try:
-        report = probe_model(model, batches, adapter=adapter, layers=config.layers, max_tokens=config.max_tokens,
-                             progress=config.progress, total=len(batches))
+        report = probe_model(
+            model,
+            batches,
+            adapter=adapter,
+            layers=config.layers,
+            max_tokens=config.max_tokens,
+            progress=config.progress,
+            total=len(batches),
+        )
     except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
         raise InputError(f"cannot measure {config.model!r}: {first_line(error)}") from None
     except (RuntimeError, AssertionError, TypeError) as error:  # the model rejected its input
-        raise InputError(f"the forward pass of {config.model!r} failed ({type(error).__name__}): {first_line(error)}") from None
+        raise InputError(
+            f"the forward pass of {config.model!r} failed ({type(error).__name__}): {first_line(error)}"
+        ) from None
     parameter = next(model.parameters(), None)
     settings = {key: value for key, value in asdict(config).items() if key not in ("progress",)}
-    settings.update(device=str(device), seq_len_used=seq_len,
-                    dtype_used=str(parameter.dtype).removeprefix("torch.") if parameter is not None else None)
+    settings.update(
+        device=str(device),
+        seq_len_used=seq_len,
+        dtype_used=str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
+    )
     return ProbeResult(report=report, model=loaded.provenance, data=data, settings=settings)
 
 
@@ -297,8 +371,9 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
-def write_probe(result: ProbeResult, out_dir, spectra_layers: Optional[list[int]] = None,
-                with_plots: bool = True) -> list[Path]:
+def write_probe(
+    result: ProbeResult, out_dir, spectra_layers: Optional[list[int]] = None, with_plots: bool = True
+) -> list[Path]:
     """Write ``report.json``, ``report.csv``, ``eigenvalues.npz`` and (``with_plots``) the PNG plots into ``out_dir``.
 
     Every file is written atomically; files already in ``out_dir`` that this does not produce are kept.
@@ -320,8 +395,11 @@ def write_probe(result: ProbeResult, out_dir, spectra_layers: Optional[list[int]
     ]
     if result.report.eigenvalues:
         buffer = io.BytesIO()
-        arrays = {f"{site}/{side}": np.asarray(values[i], dtype=np.float64)
-                  for site, values in result.report.eigenvalues.items() for i, side in enumerate(("pre", "post"))}
+        arrays = {
+            f"{site}/{side}": np.asarray(values[i], dtype=np.float64)
+            for site, values in result.report.eigenvalues.items()
+            for i, side in enumerate(("pre", "post"))
+        }
         np.savez(buffer, **arrays)
         written.append(write_bytes(out_dir / "eigenvalues.npz", buffer.getvalue()))
     if not with_plots:

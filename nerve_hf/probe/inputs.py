@@ -71,9 +71,12 @@ def make_batches(config: "ProbeConfig", loaded: "LoadedModel", seq_len: int, tex
         else:
             cfg = loaded.data_config
             images = digits_images(config.num_images, tuple(cfg["input_size"]), cfg["mean"], cfg["std"])
-            source = {"kind": "images", "source": "embedded:digits",
-                      "description": "scikit-learn handwritten digits (8x8 grey), resized bilinearly to the model's "
-                                     "input size, repeated over channels, normalised with the model's mean/std"}
+            source = {
+                "kind": "images",
+                "source": "embedded:digits",
+                "description": "scikit-learn handwritten digits (8x8 grey), resized bilinearly to the model's "
+                "input size, repeated over channels, normalised with the model's mean/std",
+            }
         made = image_batches(images, config.batch_size)
         source.update(images=made.images, input_size=list(images.shape[1:]), batch_size=config.batch_size)
         return made.batches, source
@@ -89,8 +92,14 @@ def make_batches(config: "ProbeConfig", loaded: "LoadedModel", seq_len: int, tex
         if not embedded:
             source.update(config=config.dataset_config, split=config.dataset_split, column=column)
     made = tokenize_documents(documents, loaded.tokenizer, seq_len, config.batch_size, config.max_tokens)
-    source.update(documents=made.documents, sequences=made.sequences, tokens=made.tokens, seq_len=seq_len,
-                  batch_size=config.batch_size, padding="right; attention_mask excludes pads")
+    source.update(
+        documents=made.documents,
+        sequences=made.sequences,
+        tokens=made.tokens,
+        seq_len=seq_len,
+        batch_size=config.batch_size,
+        padding="right; attention_mask excludes pads",
+    )
     return made.batches, source
 
 
@@ -174,7 +183,9 @@ def tokenize_documents(
     prefix, suffix = _special_tokens(tokenizer)
     body = seq_len - len(prefix) - len(suffix)  # content tokens per sequence
     if body < 1:
-        raise InputError(f"--seq-len {seq_len} leaves no room next to the tokenizer's {len(prefix) + len(suffix)} special tokens")
+        raise InputError(
+            f"--seq-len {seq_len} leaves no room next to the tokenizer's {len(prefix) + len(suffix)} special tokens"
+        )
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
     sequences: list[list[int]] = []
@@ -269,7 +280,9 @@ def image_dir_images(directory: str | os.PathLike, n: int, data_config: dict):
         except (OSError, UnidentifiedImageError):
             continue  # not an image after all
     if not tensors:
-        raise InputError(f"image directory {str(directory)!r} holds no readable images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+        raise InputError(
+            f"image directory {str(directory)!r} holds no readable images ({', '.join(sorted(_IMAGE_SUFFIXES))})"
+        )
     return torch.stack(tensors)
 
 

@@ -49,7 +49,9 @@ def classify(spec: str, timm_arch: str | None = None) -> ModelSource:
     path = Path(spec).expanduser()
     if timm_arch is not None:
         if not path.exists():
-            raise InputError(f"--timm-arch needs MODEL to be a local checkpoint file or folder; {spec!r} does not exist")
+            raise InputError(
+                f"--timm-arch needs MODEL to be a local checkpoint file or folder; {spec!r} does not exist"
+            )
         return ModelSource(spec, "timm", "local", path)
     if spec.startswith(("timm/", "hf-hub:")) and not path.exists():
         return ModelSource(spec, "timm", "hub")
@@ -68,7 +70,9 @@ def classify(spec: str, timm_arch: str | None = None) -> ModelSource:
             return ModelSource(spec, "timm", "local", path)
         return ModelSource(spec, "transformers", "local", path)
     if path.exists():
-        raise InputError(f"{spec!r} is a file; a transformers model is a folder, a timm checkpoint file needs --timm-arch NAME")
+        raise InputError(
+            f"{spec!r} is a file; a transformers model is a folder, a timm checkpoint file needs --timm-arch NAME"
+        )
     if _HUB_ID.match(spec) and ".." not in spec and "--" not in spec:
         return ModelSource(spec, "transformers", "hub")
     raise InputError(f"{spec!r} is neither a local model folder nor a Hugging Face Hub id")
@@ -93,9 +97,11 @@ def _torch_dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def _load_transformers(source: ModelSource, tokenizer_spec: str | None, dtype: str, revision: str | None,
-                       trust_remote_code: bool) -> LoadedModel:
+def _load_transformers(
+    source: ModelSource, tokenizer_spec: str | None, dtype: str, revision: str | None, trust_remote_code: bool
+) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
     where = "from the Hugging Face Hub" if source.location == "hub" else "from its folder"
     options = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
@@ -133,8 +139,9 @@ def _load_transformers(source: ModelSource, tokenizer_spec: str | None, dtype: s
         "tokenizer": tokenizer_spec or source.spec,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
-    return LoadedModel(model, source, tokenizer=tokenizer, max_length=min(limits) if limits else None,
-                       provenance=provenance)
+    return LoadedModel(
+        model, source, tokenizer=tokenizer, max_length=min(limits) if limits else None, provenance=provenance
+    )
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -199,8 +206,10 @@ def _data_config(model, config: dict) -> dict:
             channels = int(proj.in_channels)
             config = dict(config, input_size=(channels, int(height), int(width)))
             if len(config.get("mean", ())) != channels:  # e.g. grey models: one mean/std per channel
-                config.update(mean=(sum(config["mean"]) / len(config["mean"]),) * channels,
-                              std=(sum(config["std"]) / len(config["std"]),) * channels)
+                config.update(
+                    mean=(sum(config["mean"]) / len(config["mean"]),) * channels,
+                    std=(sum(config["std"]) / len(config["std"]),) * channels,
+                )
             break
     return config
 
@@ -221,8 +230,9 @@ def _load_timm(source: ModelSource, timm_arch: str | None, timm_kwargs: dict | N
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise InputError(
-                    f"weights in {source.spec!r} do not fit {timm_arch!r}{' with ' + json.dumps(kwargs) if kwargs else ''}: "
-                    f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]}); "
+                    f"weights in {source.spec!r} do not fit {timm_arch!r}"
+                    f"{' with ' + json.dumps(kwargs) if kwargs else ''}: {len(missing)} missing (e.g. {missing[:1]}), "
+                    f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}); "
                     f"check --timm-arch / --timm-kwargs"
                 )
         elif source.location == "local":
@@ -287,4 +297,3 @@ def check_device(name: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name!r}: CUDA is not available on this machine")
     return name
-

@@ -10,9 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for train
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
+from trainer_helpers import VOCAB, tiny_gpt2  # noqa: E402
 
 from nerve_hf import FFNTracker  # noqa: E402
-from trainer_helpers import VOCAB, tiny_gpt2  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for trainer_helpers
 
+from trainer_helpers import make_trainer  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from nerve_hf import NerveCallback  # noqa: E402
-from trainer_helpers import make_trainer  # noqa: E402
 
 
 class KillAfterStep(TrainerCallback):
@@ -24,8 +24,14 @@ class KillAfterStep(TrainerCallback):
 
 
 def main(output_dir: str, kill_at: int, resume: str) -> None:
-    trainer = make_trainer(output_dir, [NerveCallback(every_n_steps=1), KillAfterStep(kill_at)], max_steps=6,
-                           eval_steps=3, save_strategy="steps", save_steps=2)
+    trainer = make_trainer(
+        output_dir,
+        [NerveCallback(every_n_steps=1), KillAfterStep(kill_at)],
+        max_steps=6,
+        eval_steps=3,
+        save_strategy="steps",
+        save_steps=2,
+    )
     trainer.train(resume_from_checkpoint=resume or None)
 
 

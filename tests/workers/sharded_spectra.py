@@ -8,10 +8,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for train
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from trainer_helpers import VOCAB, tiny_gpt2  # noqa: E402
 
 import nerve_hf.spectra as spectra  # noqa: E402
 from nerve_hf import FFNTracker  # noqa: E402
-from trainer_helpers import VOCAB, tiny_gpt2  # noqa: E402
 
 
 def main(out: str, n_layer: int, metrics: str) -> None:
@@ -27,6 +27,7 @@ def main(out: str, n_layer: int, metrics: str) -> None:
             tensor = args[0] if name in ("all_reduce", "reduce") else args[1]  # what this process contributes
             sent[name] += tensor.numel() * tensor.element_size()
             return collective(*args, **kwargs)
+
         return wrapped
 
     dist.all_reduce = counting("all_reduce", dist.all_reduce)
@@ -48,9 +49,17 @@ def main(out: str, n_layer: int, metrics: str) -> None:
     sync_accumulators([acc for pair in pairs for acc in pair])
     replicated, _ = spectra.metric_values(pairs, metrics)
     eigenvalues = {site: [pre.tolist(), post.tolist()] for site, (pre, post) in report.eigenvalues.items()}
-    Path(out, f"rank{rank}.json").write_text(json.dumps(
-        {"rows": report.rows, "eigenvalues": eigenvalues, "decomposed": own, "sent": counted,
-         "replicated": replicated}))
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "rows": report.rows,
+                "eigenvalues": eigenvalues,
+                "decomposed": own,
+                "sent": counted,
+                "replicated": replicated,
+            }
+        )
+    )
     dist.barrier()
     dist.destroy_process_group()
 

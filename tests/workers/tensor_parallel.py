@@ -16,8 +16,15 @@ from nerve_hf import FFNTracker
 
 def tiny_llama(intermediate: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=intermediate, num_hidden_layers=2,
-                         num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=61,
+        hidden_size=24,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(config).double().eval()  # float64: the two paths differ only by the gather
 
 

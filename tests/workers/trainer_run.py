@@ -6,16 +6,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for trainer_helpers
 
 import torch  # noqa: E402
+from trainer_helpers import make_trainer  # noqa: E402
 
 from nerve_hf import NerveCallback  # noqa: E402
-from trainer_helpers import make_trainer  # noqa: E402
 
 
 def main(output_dir: str, per_device: int) -> None:
     trainer = make_trainer(
-        output_dir, [NerveCallback(every_n_steps=1)], n_train=4, n_eval=6,
-        per_device_train_batch_size=per_device, gradient_accumulation_steps=1, per_device_eval_batch_size=1,
-        max_steps=1, eval_steps=1, logging_steps=1,
+        output_dir,
+        [NerveCallback(every_n_steps=1)],
+        n_train=4,
+        n_eval=6,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=1,
+        per_device_eval_batch_size=1,
+        max_steps=1,
+        eval_steps=1,
+        logging_steps=1,
         learning_rate=0.0,  # eval after the step sees identical weights on 1 and 2 processes
     )
     trainer.train()

@@ -6,14 +6,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for trainer_helpers
 
 import torch  # noqa: E402
+from trainer_helpers import make_trainer  # noqa: E402
 
 from nerve_hf import NerveCallback  # noqa: E402
-from trainer_helpers import make_trainer  # noqa: E402
 
 
 def main(output_dir: str, n_eval: int, per_device_eval: int) -> None:
-    trainer = make_trainer(output_dir, [NerveCallback(every_n_steps=1)], n_eval=n_eval,
-                           per_device_eval_batch_size=per_device_eval)
+    trainer = make_trainer(
+        output_dir, [NerveCallback(every_n_steps=1)], n_eval=n_eval, per_device_eval_batch_size=per_device_eval
+    )
     trainer.evaluate()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # tear gloo down before exit (its threads can otherwise abort the process)
