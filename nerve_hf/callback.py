@@ -147,8 +147,39 @@ class NerveCallback(TrainerCallback):
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------ set-up
+    def add_to(self, trainer) -> "NerveCallback":
+        """Add this callback to ``trainer``, ahead of its ``report_to`` integrations, and hook the model now.
+
+        The explicit way to attach NerveCallback to a Trainer that exists already (``trainer.add_callback``
+        works too): the first evaluation or prediction after it is measured from its first batch, and a
+        layer the model lacks or a budget too small raises here.
+
+        >>> from transformers import TrainerCallback
+        >>> isinstance(NerveCallback(every_n_steps=5), TrainerCallback)
+        True
+        """
+        handler = trainer.callback_handler
+        if not any(cb is self for cb in handler.callbacks):
+            handler.callbacks.append(self)
+        self._place_in(handler)
+        self._refuse_data_parallel(trainer.args)
+        self._set_up(trainer.model, refuse_bad_input=True)
+        return self
+
+    def _place_in(self, handler: CallbackHandler) -> None:
+        """Move this callback right after DefaultFlowCallback in ``handler``'s list."""
+        self._placed = True
+        callbacks = handler.callbacks
+        callbacks.remove(self)
+        flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+        # Inserting before our old position keeps the handler's running loop on course: every
+        # callback after us keeps its index.
+        callbacks.insert(flow[-1] + 1 if flow else 0, self)
+
     def _place_ahead_of_integrations(self) -> None:
-        """Move this callback right after DefaultFlowCallback in the Trainer's callback list."""
+        """First event of a callback given as ``Trainer(callbacks=[...])`` or ``add_callback``: find the
+        Trainer's callback list (the CallbackHandler calling this event, up the call stack) and move ahead
+        of the integrations there. :meth:`add_to` does the same without the search."""
         if self._placed:
             return
         self._placed = True
@@ -157,15 +188,11 @@ class NerveCallback(TrainerCallback):
             self._warn_once(
                 "placement",
                 "NerveCallback could not find the Trainer's callback list; report_to integrations that run "
-                "before it will not see the nerve/ keys (state.log_history and the JSONL file still will)",
+                "before it will not see the nerve/ keys (state.log_history and the JSONL file still will). "
+                "Attach it with NerveCallback(...).add_to(trainer).",
             )
             return
-        callbacks = handler.callbacks
-        callbacks.remove(self)
-        flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
-        # Inserting before our old position keeps the handler's running loop on course: every
-        # callback after us keeps its index.
-        callbacks.insert(flow[-1] + 1 if flow else 0, self)
+        self._place_in(handler)
 
     def _find_handler(self) -> Optional[CallbackHandler]:
         frame = sys._getframe(1)

@@ -405,3 +405,26 @@ def test_run_clm_eval_only_is_measured(tmp_path):
     records = list(read_records(tmp_path / "out" / RECORDS))
     assert keys(records) == [("eval", 0, "ffn.0"), ("eval", 0, "ffn.1")]
     assert {r["tokens"] for r in records} == {4 * 16}
+
+
+def test_add_to_measures_an_evaluation_from_its_first_batch_and_reaches_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)  # an evaluate()-only TensorBoard writer logs under ./runs/
+    trainer = make_trainer(tmp_path, None, n_eval=7, report_to=["tensorboard"])
+    callback = NerveCallback().add_to(trainer)
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.index("NerveCallback") < names.index("TensorBoardCallback")  # ahead of the integration
+    metrics = trainer.evaluate()
+    reference = eval_set_reference(tiny_gpt2(), 7)
+    assert metrics["eval_nerve/ffn.0/se_post"] == pytest.approx(reference["ffn.0"]["se_post"], rel=1e-6)
+    assert callback._eval_incomplete is None
+    board = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "TensorBoardCallback")
+    board.tb_writer.flush()  # evaluate() alone never closes the writer
+    events = EventAccumulator(board.tb_writer.log_dir)
+    events.Reload()
+    assert [e.value for e in events.Scalars("eval/nerve/ffn.0/se_post")] == pytest.approx(
+        [metrics["eval_nerve/ffn.0/se_post"]], rel=1e-6
+    )
+    with pytest.raises(LayerRangeError):
+        NerveCallback(layers=[5]).add_to(make_trainer(tmp_path / "other", None))
