@@ -54,6 +54,7 @@ from model_adapters import LayerRangeError
 from . import distributed, spectra
 from .config import NerveConfig
 from .records import RECORDS_FILENAME, append_records, drop_records_after
+from .spectra_archive import ARCHIVE_DIRNAME, drop_measurements_after, write_measurement
 from .spectral_report import SpectralReport
 from .tracker import FFNTracker, MemoryBudgetError
 from .windows import Window
@@ -140,6 +141,7 @@ class NerveCallback(TrainerCallback):
         self._placed = False
         self._failed = False  # set-up failed (unknown architecture, ...): the callback stays idle
         self._warned: set[str] = set()
+        self._handler: Optional[CallbackHandler] = None  # the Trainer's callback list, once found
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -169,6 +171,7 @@ class NerveCallback(TrainerCallback):
     def _place_in(self, handler: CallbackHandler) -> None:
         """Move this callback right after DefaultFlowCallback in ``handler``'s list."""
         self._placed = True
+        self._handler = handler  # also where the TensorBoard integration's writer is found
         callbacks = handler.callbacks
         callbacks.remove(self)
         flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
@@ -342,9 +345,14 @@ class NerveCallback(TrainerCallback):
         return Path(args.output_dir) / RECORDS_FILENAME
 
     def _write(self, args, state, report: SpectralReport, split: str) -> None:
-        """Append the report's rows (rank 0); a failed write warns once and the run goes on."""
+        """Append the report's rows, archive its spectra and draw them in TensorBoard (rank 0); a failed
+        write warns once and the run goes on."""
+        if not state.is_world_process_zero:
+            return
+        self._archive(args, state, report, split)
+        self._histograms(args, state, report, split)
         path = self._records_path(args)
-        if path is None or not state.is_world_process_zero:
+        if path is None:
             return
         records = [{"step": state.global_step, "split": split, "sites": len(report.rows), **row} for row in report.rows]
         try:
@@ -356,6 +364,38 @@ class NerveCallback(TrainerCallback):
                 f"the metrics still reach the Trainer's logs and report_to integrations. Later measurements "
                 f"are tried again without a new warning.",
             )
+
+    def _archive(self, args, state, report: SpectralReport, split: str) -> None:
+        if not (self.config.save_spectra and args.output_dir and report.eigenvalues):
+            return
+        try:
+            write_measurement(args.output_dir, split, state.global_step, report.eigenvalues)
+        except OSError as error:
+            self._warn_once(
+                "archive",
+                f"NerveCallback: spectra are not being written to {Path(args.output_dir) / ARCHIVE_DIRNAME} "
+                f"({type(error).__name__}: {error}); the metrics still are. Later measurements are tried again.",
+            )
+
+    def _histograms(self, args, state, report: SpectralReport, split: str) -> None:
+        """Each spectrum as a TensorBoard histogram of log10(λ / Σλ) at its step, through the writer of the
+        Trainer's TensorBoard integration (so in the run's own event file) when it is in ``report_to``."""
+        board = next(
+            (cb for cb in getattr(self._handler, "callbacks", ()) if type(cb).__name__ == "TensorBoardCallback"), None
+        )
+        if board is None or not report.eigenvalues:
+            return
+        if getattr(board, "tb_writer", None) is None and hasattr(board, "_init_summary_writer"):
+            board._init_summary_writer(args)
+        writer = getattr(board, "tb_writer", None)
+        if writer is None:
+            return
+        for site, sides in report.eigenvalues.items():
+            for side, values in zip(("pre", "post"), sides):
+                values = values[values > 0]
+                if values.numel() and bool(torch.isfinite(values).all()):
+                    tag = f"{split}/nerve/{site}/log10_spectrum_{side}"
+                    writer.add_histogram(tag, torch.log10(values / values.sum()).numpy(), state.global_step)
 
     # ------------------------------------------------------------ Trainer events
     @_never_raises("the callback stays idle")
@@ -370,16 +410,21 @@ class NerveCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._refuse_data_parallel(args)
         self._set_up(model)
+        if not (state.is_world_process_zero and args.output_dir):
+            return
+        # A resumed run re-measures nothing before its checkpoint: drop what came after it.
         path = self._records_path(args)
-        if path is not None and state.is_world_process_zero:
-            try:  # a resumed run re-measures nothing before its checkpoint; drop what came after it
+        try:
+            if path is not None:
                 drop_records_after(path, state.global_step)
-            except OSError as error:
-                self._warn_once(
-                    "drop",
-                    f"NerveCallback: could not drop the records after step {state.global_step} from {path} "
-                    f"({type(error).__name__}: {error}); the file may hold a step twice (nerve report keeps the last)",
-                )
+            if self.config.save_spectra:
+                drop_measurements_after(args.output_dir, state.global_step)
+        except OSError as error:
+            self._warn_once(
+                "drop",
+                f"NerveCallback: could not drop the records after step {state.global_step} in {args.output_dir} "
+                f"({type(error).__name__}: {error}); a step may be kept twice (nerve report keeps the last)",
+            )
 
     @_never_raises("this step is not measured")
     def on_step_begin(self, args, state, control, model=None, **kwargs):

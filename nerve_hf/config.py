@@ -48,6 +48,12 @@ class NerveConfig(Validated):
     log_per_site: bool = option(
         True, "Log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>.", boolean
     )
+    save_spectra: bool = option(
+        True,
+        "Rank 0 keeps every measurement's eigenvalues in <output_dir>/nerve_spectra/ (float32 .npz per "
+        "measurement; nerve_hf.spectra_archive.load_spectra reads them); off for huge models.",
+        boolean,
+    )
     write_jsonl: bool = option(True, "Rank 0 appends every measurement to <output_dir>/nerve_metrics.jsonl.", boolean)
     layers_per_step: Optional[int] = option(
         None,

@@ -24,7 +24,6 @@ Two layers, usable apart:
 from __future__ import annotations
 
 import datetime as _datetime
-import io
 import math
 import platform
 import sys
@@ -383,6 +382,7 @@ def write_probe(
 
     from .. import plots
     from ..outputs import write_bytes, write_csv, write_figure, write_json
+    from ..spectra_archive import spectra_npz
     from ..spectral_report import ROW_KEYS
 
     out_dir = Path(out_dir)
@@ -394,14 +394,8 @@ def write_probe(
         write_csv(out_dir / "report.csv", result.report.to_pandas()[list(ROW_KEYS)]),
     ]
     if result.report.eigenvalues:
-        buffer = io.BytesIO()
-        arrays = {
-            f"{site}/{side}": np.asarray(values[i], dtype=np.float64)
-            for site, values in result.report.eigenvalues.items()
-            for i, side in enumerate(("pre", "post"))
-        }
-        np.savez(buffer, **arrays)
-        written.append(write_bytes(out_dir / "eigenvalues.npz", buffer.getvalue()))
+        eigenvalues = spectra_npz(result.report.eigenvalues, dtype=np.float64)  # the archive's keys
+        written.append(write_bytes(out_dir / "eigenvalues.npz", eigenvalues))
     if not with_plots:
         return written
     written.append(write_figure(out_dir / "metrics_per_layer.png", plots.plot_layer_metrics(rows, title)))

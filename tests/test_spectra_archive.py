@@ -1,0 +1,66 @@
+"""The spectra archive and the TensorBoard histograms of a real Trainer run, and the archive under resume."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+from trainer_helpers import make_trainer, tiny_gpt2
+
+from nerve_hf import FFNTracker, NerveCallback
+from nerve_hf.spectra_archive import ARCHIVE_DIRNAME, load_spectra, spectra_npz, write_measurement
+
+
+def test_archive_holds_every_measurement_and_tensorboard_its_histograms(tmp_path):
+    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=2)], report_to=["tensorboard"])
+    trainer.train()
+    names = sorted(p.name for p in (tmp_path / ARCHIVE_DIRNAME).iterdir())
+    assert names == [f"eval-{s:09d}.npz" for s in (3, 6)] + [f"train-{s:09d}.npz" for s in (2, 4, 6)]
+    frame = load_spectra(tmp_path)
+    assert len(frame) == 5 * 2  # five measurements of two FFNs
+    row = frame[(frame.split == "train") & (frame.step == 4) & (frame.site == "ffn.1")].iloc[0]
+    assert row.pre.dtype == np.float32 and row.pre.shape == (37,) and np.all(np.diff(row.pre) <= 0)
+    logged = next(e for e in trainer.state.log_history if e.get("step") == 4 and "nerve/ffn.1/pr_pre" in e)
+    p = row.pre.astype(np.float64).clip(0)
+    assert p.sum() ** 2 / (p**2).sum() == pytest.approx(logged["nerve/ffn.1/pr_pre"], rel=1e-5)  # PR from the archive
+
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent), size_guidance={HISTOGRAMS: 0})
+    events.Reload()
+    train = events.Histograms("train/nerve/ffn.0/log10_spectrum_pre")
+    assert [h.step for h in train] == [2, 4, 6]
+    assert [h.step for h in events.Histograms("eval/nerve/ffn.1/log10_spectrum_post")] == [3, 6]
+    step2 = frame[(frame.split == "train") & (frame.step == 2) & (frame.site == "ffn.0")].iloc[0]
+    assert train[0].histogram_value.num == int((step2.pre > 0).sum())  # every positive eigenvalue, once
+    assert train[0].histogram_value.max <= 0  # log10 of a share of the variance
+
+
+def test_resumed_run_archives_no_step_twice(tmp_path):
+    first = make_trainer(tmp_path, [NerveCallback(every_n_steps=2)], save_strategy="steps", save_steps=3)
+    first.train()
+    shutil.rmtree(tmp_path / "checkpoint-6")
+    full = sorted(p.name for p in (tmp_path / ARCHIVE_DIRNAME).iterdir())
+    second = make_trainer(tmp_path, [NerveCallback(every_n_steps=2)], save_strategy="steps", save_steps=3)
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert sorted(p.name for p in (tmp_path / ARCHIVE_DIRNAME).iterdir()) == full
+    assert len(load_spectra(tmp_path)) == 5 * 2
+
+
+def test_archive_files_are_whole_or_absent_and_probe_layout_matches(tmp_path):
+    folder = tmp_path / ARCHIVE_DIRNAME
+    write_measurement(tmp_path, "train", 7, {"ffn.0": (torch.tensor([2.0, 1.0]), torch.tensor([1.5, 0.5]))})
+    (folder / ".train-000000009.npz.123.tmp").write_bytes(b"half a file")  # a writer killed mid-write
+    (folder / "eval-000000009.npz").write_bytes(b"not an npz")  # a torn file under the final name
+    with pytest.warns(RuntimeWarning, match="eval-000000009.npz"):
+        frame = load_spectra(tmp_path)
+    assert frame[["split", "step", "site"]].values.tolist() == [["train", 7, "ffn.0"]]
+    model = tiny_gpt2()
+    tracker = FFNTracker(model)
+    with tracker, torch.no_grad():
+        model(input_ids=torch.randint(1, 61, (2, 9)))
+    report = tracker.compute()
+    path = tmp_path / "probe.npz"
+    path.write_bytes(spectra_npz(report.eigenvalues, dtype=np.float64))
+    with np.load(path) as data:
+        assert sorted(data.files) == ["ffn.0/post", "ffn.0/pre", "ffn.1/post", "ffn.1/pre"]
+        np.testing.assert_array_equal(data["ffn.0/pre"], report.eigenvalues["ffn.0"][0].numpy())
