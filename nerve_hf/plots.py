@@ -236,3 +236,50 @@ def plot_metric_vs_loss(aligned, correlations, split: str, site: str = "mean"):
     figure.colorbar(scatter, ax=list(axes[: len(METRIC_NAMES)]), shrink=0.6, label="step")
     figure.suptitle(f"{site} metrics vs {split} loss of the same step")
     return figure
+
+
+def plot_spectrum_evolution(spectra, split: str, cumulative: bool = False):
+    """How each FFN's spectrum changed over a run: one panel pair (pre, post) per FFN, one line per
+    measurement coloured by step (viridis, colour bar). ``cumulative=False``: normalised eigenvalues
+    λᵢ/Σλ against rank i on log-log axes; ``True``: the cumulative share of variance against rank,
+    the curve EEE integrates (its excess over the diagonal).
+
+    ``spectra``: :func:`nerve_hf.spectra_archive.load_spectra`'s DataFrame (split, step, site, pre, post).
+    """
+    import numpy as np
+    from matplotlib import cm, colors
+
+    frame = spectra[spectra["split"] == split]
+    sites = list(dict.fromkeys(frame["site"]))
+    steps = sorted(frame["step"].unique())
+    norm = colors.Normalize(vmin=min(steps), vmax=max(steps) if max(steps) > min(steps) else min(steps) + 1)
+    figure, axes = _grid(2 * len(sites), columns=4, size=(3.4, 2.7))
+    for index, site in enumerate(sites):
+        for side, ax in zip(("pre", "post"), axes[2 * index : 2 * index + 2]):
+            for row in frame[frame["site"] == site].sort_values("step").itertuples():
+                values = np.clip(np.asarray(getattr(row, side), dtype=np.float64), 0, None)
+                if not np.isfinite(values).all() or values.sum() <= 0:
+                    continue
+                share = values / values.sum()
+                rank = np.arange(1, len(share) + 1)
+                color = cm.viridis(norm(row.step))
+                if cumulative:
+                    ax.plot(rank, np.cumsum(share), color=color, linewidth=1)
+                else:
+                    keep = share > 0
+                    ax.loglog(rank[keep], share[keep], color=color, linewidth=1)
+            if cumulative:
+                dim = len(frame[frame["site"] == site].iloc[0][side])
+                ax.plot([0, dim], [0, 1], color="0.6", linestyle="--", linewidth=0.8, label="uniform")
+                ax.set_ylim(0, 1.02)
+                ax.set_ylabel("cumulative variance share")
+            else:
+                ax.set_ylabel("λᵢ / Σλ")
+            ax.set_title(f"{site} {side}", fontsize=9)
+            ax.set_xlabel("rank i")
+            ax.grid(alpha=0.3, which="both")
+    mapper = cm.ScalarMappable(norm=norm, cmap="viridis")
+    figure.colorbar(mapper, ax=list(axes[: 2 * len(sites)]), label="step", shrink=0.8)
+    what = "cumulative variance" if cumulative else "normalised eigenvalue spectra"
+    figure.suptitle(f"{split}: {what} over the run ({len(steps)} measurements)")
+    return figure

@@ -33,6 +33,7 @@ from . import plots
 from .errors import InputError
 from .metrics import METRIC_NAMES
 from .records import RECORDS_FILENAME, scan_records, skipped_lines_message
+from .spectra_archive import load_spectra
 from .spectral_report import ROW_KEYS
 
 __all__ = [
@@ -402,6 +403,7 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
             run.run_dir / "nerve_report", "report folder", "pass --out with a folder you can write to"
         )
     files = [write_csv(out_dir / "correlations.csv", corr)]
+    spectra = load_spectra(run.run_dir)  # the run's spectra archive (empty without one)
     figures: dict[str, list[str]] = {}
     for split in _split_order(run.metrics["split"]):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
@@ -411,6 +413,9 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
         }
         if (table["split"] == split).any():
             made[f"scatter_{safe}.png"] = plots.plot_metric_vs_loss(table, corr, split)
+        if split in set(spectra["split"]):
+            made[f"spectra_{safe}.png"] = plots.plot_spectrum_evolution(spectra, split)
+            made[f"cumulative_{safe}.png"] = plots.plot_spectrum_evolution(spectra, split, cumulative=True)
         for name, figure in made.items():
             files.append(write_figure(out_dir / name, figure))
         figures[split] = list(made)

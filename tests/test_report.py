@@ -128,6 +128,7 @@ def test_report_files_plots_and_summary(run_dir, report_dir):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["correlations.csv", "summary.md"]
         + [f"{k}_{s}.png" for k in ("trajectories", "heatmaps", "scatter") for s in ("train", "eval")]
+        + [f"{k}_{s}.png" for k in ("spectra", "cumulative") for s in ("train", "eval")]  # from the spectra archive
     )
 
 
