@@ -313,7 +313,10 @@ class NerveCallback(TrainerCallback):
         tracker = self._tracker
         try:
             report = tracker.compute(
-                metrics=self.config.metrics, window=window, spectra_dtype=self.config.spectra_dtype
+                metrics=self.config.metrics,
+                window=window,
+                spectra_dtype=self.config.spectra_dtype,
+                extra_metrics=self.config.extra_metrics,
             )
             if incomplete is None:
                 return report

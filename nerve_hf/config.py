@@ -86,6 +86,12 @@ class NerveConfig(Validated):
         one_of(("float64", "float32")),
         choices=["float64", "float32"],
     )
+    extra_metrics: bool = option(
+        False,
+        "Also effective rank, stable rank, the alpha-ReQ exponent and a finite-sample-corrected PR in every "
+        "record of nerve_metrics.jsonl (nerve_hf.summaries); the logged keys stay the seven paper metrics.",
+        boolean,
+    )
     metrics: str = option(
         "all",
         "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",

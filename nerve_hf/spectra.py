@@ -225,3 +225,18 @@ def metric_values(
             values[i] = {name: float(batched[name][j]) for name in METRIC_NAMES}
             kept[i] = (pre[j], post[j])
     return values, kept
+
+
+def extra_values(spectra: Sequence[Optional[tuple[Tensor, Tensor]]], counts: Sequence[int]) -> list[dict[str, float]]:
+    """:data:`nerve_hf.summaries.EXTRA_METRIC_NAMES` of each (pre, post) spectrum pair and its row count
+    (all NaN for a pair without spectra, e.g. ``metrics="pr"``)."""
+    from .summaries import EXTRA_METRIC_NAMES, extra_metrics
+
+    out = []
+    for pair, count in zip(spectra, counts):
+        if pair is None:
+            out.append(dict.fromkeys(EXTRA_METRIC_NAMES, float("nan")))
+            continue
+        values = extra_metrics(pair[0], pair[1], count, count)
+        out.append({name: float(value) for name, value in values.items()})
+    return out

@@ -52,7 +52,9 @@ class SpectralReport:
         return out
 
     def to_pandas(self):
-        """The rows as a ``pandas.DataFrame`` with columns :data:`ROW_KEYS`."""
+        """The rows as a ``pandas.DataFrame`` with columns :data:`ROW_KEYS` (then any extra summaries the
+        rows carry, ``compute(extra_metrics=True)``)."""
         import pandas as pd  # imported on use: pandas is only needed here
 
-        return pd.DataFrame(self.rows, columns=list(ROW_KEYS))
+        extra = [key for key in dict.fromkeys(k for row in self.rows for k in row) if key not in ROW_KEYS]
+        return pd.DataFrame(self.rows, columns=list(ROW_KEYS) + extra)

@@ -415,7 +415,11 @@ class FFNTracker:
         self.window(window).rotate(turn)
 
     def compute(
-        self, metrics: str = "all", window: str | None = None, spectra_dtype: str = "float64"
+        self,
+        metrics: str = "all",
+        window: str | None = None,
+        spectra_dtype: str = "float64",
+        extra_metrics: bool = False,
     ) -> SpectralReport:
         """Metrics of every site the window watches, over what it recorded so far, synced across processes.
 
@@ -428,10 +432,20 @@ class FFNTracker:
                 eigendecomposition (O(D²) instead of O(D³)); the other metrics are NaN and the report
                 carries no eigenvalues.
             window: which window (default: the first).
+            extra_metrics: also :data:`nerve_hf.summaries.EXTRA_METRIC_NAMES` in every row (effective and
+                stable rank, α-ReQ exponent, finite-sample-corrected PR), from the same eigenvalues.
             spectra_dtype: ``"float64"`` (default) or ``"float32"`` eigendecompositions; float32 is faster
                 on CPUs, and its error on real activation spectra is measured in
                 ``benchmarks/results/perf/spectra_precision_cpu.json``.
         """
+        report = self._compute(metrics, window, spectra_dtype)
+        if extra_metrics:
+            pairs = [report.eigenvalues.get(row["site"]) for row in report.rows]
+            for row, values in zip(report.rows, spectra.extra_values(pairs, [row["tokens"] for row in report.rows])):
+                row.update(values)
+        return report
+
+    def _compute(self, metrics: str, window: str | None, spectra_dtype: str) -> SpectralReport:
         if metrics not in spectra.METRIC_SETS:
             raise ValueError(f"metrics must be one of {spectra.METRIC_SETS}, got {metrics!r}")
         chosen = self.window(window)
