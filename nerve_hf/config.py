@@ -10,7 +10,6 @@ from typing import Optional
 
 from .options import (
     Validated,
-    at_least,
     boolean,
     int_list,
     one_of,
@@ -19,6 +18,7 @@ from .options import (
     positive_int,
     positive_number,
     text,
+    token_cap,
 )
 
 __all__ = ["NerveConfig"]
@@ -43,7 +43,7 @@ class NerveConfig(Validated):
     max_tokens: Optional[int] = option(
         None,
         "Per measurement and FFN, count at most this many tokens (pre and post share them); None: all.",
-        optional(at_least(2, "an integer of at least 2 (a covariance needs two tokens)")),
+        optional(token_cap),
     )
     log_per_site: bool = option(
         True, "Log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>.", boolean

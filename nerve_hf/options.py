@@ -37,6 +37,7 @@ __all__ = [
     "help_of",
     "boolean",
     "positive_int",
+    "token_cap",
     "at_least",
     "optional",
     "positive_number",
@@ -152,6 +153,7 @@ def at_least(minimum: int, requirement: Optional[str] = None) -> Check:
 
 
 positive_int = at_least(1, "a positive integer")
+token_cap = at_least(2, "an integer of at least 2 (a covariance needs two tokens)")  # every max_tokens
 
 
 def positive_number(name: str, value: Any) -> float:

@@ -33,6 +33,7 @@ from .budget import MemoryBudgetError, covariance_state_bytes, format_mib
 from .covariance import CovarianceAccumulator, common_device
 from .distributed import is_distributed, rank, world_size
 from .hook_inputs import batch_size, check_no_replicating_data_parallel, eager, first_tensor, in_backward, mask_position
+from .options import optional, positive_number, token_cap
 from .sharded_spectra import assign_owners, gather_rows, sharded_metric_values
 from .spectral_report import SpectralReport
 from .tensor_parallel import NO_REDUCTION, data_parallel_group, full_width, modules_under_fsdp, sharded_width
@@ -107,10 +108,8 @@ class FFNTracker:
         site_sharded: bool = False,
         state_device: torch.device | str | None = None,
     ) -> None:
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
-        if memory_budget_mb is not None and not memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb must be positive or None, got {memory_budget_mb}")
+        max_tokens = optional(token_cap)("max_tokens", max_tokens)  # the checks NerveConfig's fields use
+        memory_budget_mb = optional(positive_number)("memory_budget_mb", memory_budget_mb)
         check_no_replicating_data_parallel(model)
         self.model = model
         self.root = model_adapters.unwrap_model(model)  # sites are resolved here
