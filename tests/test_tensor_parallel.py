@@ -9,9 +9,12 @@ from distributed_helpers import torchrun
 from nerve_hf.metrics import METRIC_NAMES
 
 
-@pytest.mark.parametrize("nproc,intermediate", [(2, 38), (4, 44)])  # shards of 19 and 11 columns
-def test_tensor_parallel_mlp_equals_the_unsharded_model(tmp_path, nproc, intermediate):
-    torchrun("tensor_parallel.py", str(tmp_path), str(intermediate), nproc=nproc)
+@pytest.mark.parametrize(
+    "nproc,intermediate,how",
+    [(2, 38, "parallelize_module"), (4, 44, "parallelize_module"), (2, 38, "tp_plan")],  # shards of 19, 11, 19
+)
+def test_tensor_parallel_mlp_equals_the_unsharded_model(tmp_path, nproc, intermediate, how):
+    torchrun("tensor_parallel.py", str(tmp_path), str(intermediate), how, nproc=nproc)
     for rank in range(nproc):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         reference, sharded = result["reference"], result["sharded"]
