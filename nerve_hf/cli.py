@@ -35,6 +35,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,5,-1; got {text!r}") from None
 
 
+def _text_list(text: str) -> list[str]:
+    """``"step1000, step2000"`` -> ``["step1000", "step2000"]``."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -47,11 +52,14 @@ def _json_object(text: str) -> dict:
 
 def _argument_type(annotation):
     """argparse ``type`` for an option field's annotation: ``Optional[X]`` as X; ``list[int]`` as a comma
-    list (:func:`_int_list`), ``dict`` as a JSON object; ``int``/``str`` as themselves."""
+    list (:func:`_int_list`), ``list[str]`` as a comma list of strings, ``dict`` as a JSON object;
+    ``int``/``str`` as themselves."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
     if typing.get_origin(annotation) is list and typing.get_args(annotation) == (int,):
         return _int_list
+    if typing.get_origin(annotation) is list and typing.get_args(annotation) == (str,):
+        return _text_list
     if annotation is dict or typing.get_origin(annotation) is dict:
         return _json_object
     if annotation in (int, str):
@@ -120,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the pre/post-activation eigenspectra of every FFN of MODEL and write report.json, "
         "report.csv, eigenvalues.npz and plots to --out.",
         epilog="examples:\n  nerve probe gpt2\n  nerve probe ./my-gpt2 --text-file notes.txt --max-tokens 4096\n"
+        "  nerve probe out/run --eval-loss     (every out/run/checkpoint-N, in step order)\n"
+        "  nerve probe EleutherAI/pythia-70m --revision step1000,step2000,step4000\n"
         "  nerve probe timm/mixer_b16_224.goog_in21k_ft_in1k --image-dir photos/\n"
         "  nerve probe mixer.pth --timm-arch mixer_s16_224",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -132,9 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
             IMAGE_INPUT: "timm models; default: the embedded scikit-learn digits",
         },
     )
+    model = next(action for action in probe._actions if action.dest == "model")
+    model.nargs = "+"  # several MODELs (or a run directory, or several --revision values): a checkpoint series
+    model.help = (
+        model.help + "; several MODELs, a run directory of checkpoint-N folders or several --revision values "
+        "probe a checkpoint series on the same tokens (series.csv, series.json, spectra/, trajectory plots)"
+    )
     run = groups[MEASUREMENT]  # the options of the command alone, not of a probe
     run.add_argument("--out", metavar="DIR", help="output folder (default: ./nerve_probe_<model name>)")
     run.add_argument("--no-plots", action="store_true", help="write report.json/csv and eigenvalues.npz only")
+    run.add_argument(
+        "--eval-loss",
+        action="store_true",
+        help="also the mean token loss of a causal LM on the same tokens (labels = input_ids, pads excluded); "
+        "for a series, Pearson r of each metric with it (series_correlations.csv)",
+    )
 
     report = sub.add_parser(
         "report",
@@ -142,8 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read RUN_DIR/nerve_metrics.jsonl and trainer_state.json, align every measurement with the "
         "loss of the same step, and write correlations.csv, summary.md and plots.",
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="the Trainer's output_dir of a run with NerveCallback")
-    report.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/nerve_report)")
+    report.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        nargs="+",
+        help="the Trainer's output_dir of a run with NerveCallback; several (or a model-zoo result file "
+        "benchmarks/results/<preset>/<experiment>.json, several runs each) are compared: compare.csv and "
+        "compare_<split>.png overlaying their trajectories",
+    )
+    report.add_argument(
+        "--out", metavar="DIR", help="output folder (default: RUN_DIR/nerve_report; ./nerve_compare for several)"
+    )
     report.add_argument(
         "--min-points", type=int, default=3, help="fewest aligned (metric, loss) pairs for a correlation (default: 3)"
     )
@@ -172,20 +203,60 @@ def _quiet_libraries() -> None:
 
 def _probe(args: argparse.Namespace) -> int:
     from .outputs import check_writable_dir
+    from .series import is_series
 
+    models = list(args.model)
+    series = is_series(models, args.revision)
+    default_out = _default_probe_dir(models[0]) + ("_series" if series and len(models) > 1 else "")
     # First of all: an unusable --out must not cost a model load and a measurement.
-    out = check_writable_dir(args.out or _default_probe_dir(args.model), "--out" if args.out else "the default --out")
+    out = check_writable_dir(args.out or default_out, "--out" if args.out else "the default --out")
     from .probe import ProbeConfig, format_table, run_probe, write_probe
 
-    config = ProbeConfig(**{f.name: getattr(args, f.name) for f in fields(ProbeConfig)})
+    values = {f.name: getattr(args, f.name) for f in fields(ProbeConfig)}
+    config = ProbeConfig(**dict(values, model=models[0]))
     _quiet_libraries()
-    result = run_probe(config)
+    if series:
+        return _probe_series(config, models, out, args)
+    result = run_probe(config, eval_loss=args.eval_loss)
     written = write_probe(result, out, config.spectra_layers, with_plots=not args.no_plots)
     data = result.data
     amount = f"{data.get('tokens')} tokens" if data.get("kind") == "text" else f"{data.get('images')} images"
     print(f"{result.model.get('class')} ({result.model.get('name')}) on {amount} of {data.get('source')}")
     print(format_table(result.report))
+    if result.loss is not None:
+        print(f"mean token loss: {result.loss:.4f}")
     print(f"wrote {len(written)} files to {out}/: {', '.join(p.name for p in written)}")
+    return 0
+
+
+def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace) -> int:
+    from .probe.api import _fmt
+    from .series import expand_series, run_series, write_series
+
+    checkpoints = expand_series(models, config.revision)
+    result = run_series(config, checkpoints, eval_loss=args.eval_loss)
+    written = write_series(result, out, with_plots=not args.no_plots)
+    data = result.data
+    amount = f"{data.get('tokens')} tokens" if data.get("kind") == "text" else f"{data.get('images')} images"
+    print(
+        f"{len(checkpoints)} checkpoints of {result.results[0].model.get('class')} on {amount} of {data.get('source')}"
+    )
+    from .metrics import METRIC_NAMES
+
+    columns = ["checkpoint", "step"] + list(METRIC_NAMES) + (["loss"] if result.eval_loss else [])
+    body = []
+    for checkpoint, probe in zip(checkpoints, result.results):
+        mean = probe.report.mean()
+        cells = [_fmt(mean[name]) for name in METRIC_NAMES] + ([_fmt(probe.loss)] if result.eval_loss else [])
+        body.append([checkpoint.name, str(checkpoint.step), *cells])
+    widths = [max(len(c), *(len(line[i]) for line in body)) for i, c in enumerate(columns)]
+    print("layer mean per checkpoint:")
+    for line in [columns, ["-" * w for w in widths], *body]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    files = sorted(
+        {str(p.relative_to(out).parts[0]) + ("/" if len(p.relative_to(out).parts) > 1 else "") for p in written}
+    )
+    print(f"wrote {len(written)} files to {out}/: {', '.join(files)}")
     return 0
 
 
@@ -195,7 +266,9 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_writable_dir(args.out)  # before reading the run; write_report checks its default folder itself
-    result = write_report(args.run_dir, args.out, min_points=args.min_points)
+    if len(args.run_dir) > 1 or args.run_dir[0].endswith(".json"):
+        return _compare(args)
+    result = write_report(args.run_dir[0], args.out, min_points=args.min_points)
     corr = result.correlations
     mean = corr[corr["site"] == "mean"]
     print(f"Pearson r of the layer-mean metrics with the loss of the same step ({result.run.run_dir}):")
@@ -206,6 +279,24 @@ def _report(args: argparse.Namespace) -> int:
         )
         print(f"  {split} (n={int(part['n'].max())}): {cells}")
     print(f"wrote {len(result.files)} files to {result.out_dir}/: {', '.join(p.name for p in result.files)}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .runs import _split_order, write_compare
+
+    result = write_compare(args.run_dir, args.out if args.out is not None else "nerve_compare")
+    table = result.table
+    print(f"compared {len(result.runs)} runs: {', '.join(result.runs)}")
+    for name, frame in result.runs.items():
+        mean = frame[frame["site"] == "mean"]
+        for split in _split_order(mean["split"]):
+            last = mean[mean["split"] == split].sort_values("step").iloc[-1]
+            print(f"  {name} {split} step {int(last['step'])}: pr_pre={last['pr_pre']:.3f} se_pre={last['se_pre']:.3f}")
+    print(
+        f"wrote {len(result.files)} files to {result.out_dir}/ ({len(table)} rows in compare.csv): "
+        f"{', '.join(p.name for p in result.files)}"
+    )
     return 0
 
 

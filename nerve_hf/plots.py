@@ -20,6 +20,8 @@ __all__ = [
     "plot_trajectories",
     "plot_heatmaps",
     "plot_metric_vs_loss",
+    "plot_spectrum_evolution",
+    "plot_compare",
 ]
 
 
@@ -146,7 +148,7 @@ def _site_order(frame) -> list[str]:
     return [site for site, _ in sorted(pairs, key=lambda pair: (order[family(pair[0])], pair[1]))]
 
 
-def plot_trajectories(metrics, split: str, losses=None):
+def plot_trajectories(metrics, split: str, losses=None, title: str | None = None):
     """Each metric over training steps, one line per layer (colour = depth) and the layer mean (black);
     with ``losses`` (step, split, loss) a last panel shows the loss of the same split."""
     from matplotlib import colormaps
@@ -177,7 +179,7 @@ def plot_trajectories(metrics, split: str, losses=None):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6, ncol=2)
-    figure.suptitle(f"NerVE metrics per layer over training ({split})")
+    figure.suptitle(title or f"NerVE metrics per layer over training ({split})")
     return figure
 
 
@@ -282,4 +284,68 @@ def plot_spectrum_evolution(spectra, split: str, cumulative: bool = False):
     figure.colorbar(mapper, ax=list(axes[: 2 * len(sites)]), label="step", shrink=0.8)
     what = "cumulative variance" if cumulative else "normalised eigenvalue spectra"
     figure.suptitle(f"{split}: {what} over the run ({len(steps)} measurements)")
+    return figure
+
+
+def plot_compare(runs: dict, split: str):
+    """Several runs overlaid: the layer-mean trajectory of each metric over steps (top block, one colour
+    per run, one legend with the run names) and each metric per layer at the run's last measured step
+    (bottom block; one line per run and FFN family, families told apart by line style).
+
+    ``runs``: run name -> metrics DataFrame as :attr:`nerve_hf.runs.RunData.metrics` (with ``mean`` rows).
+    Runs without measurements of ``split`` are left out.
+    """
+    names = [name for name, frame in runs.items() if (frame["split"] == split).any()]
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    n = len(METRIC_NAMES)
+    columns = 4
+    rows = math.ceil((n + 1) / columns)  # the trajectories and the legend, then the profiles
+    figure = _figure(3.6 * columns, 2.9 * 2 * rows)
+    axes = figure.subplots(2 * rows, columns, squeeze=False).ravel()
+    trajectory_axes, legend_ax = axes[:n], axes[n]
+    profile_axes = axes[rows * columns : rows * columns + n]
+    for ax in list(axes[n + 1 : rows * columns]) + list(axes[rows * columns + n :]):
+        ax.set_visible(False)
+    styles = ("-", "--", ":", "-.")
+    for name in names:
+        frame = runs[name][runs[name]["split"] == split]
+        mean = frame[frame["site"] == "mean"].sort_values("step")
+        last = frame[(frame["site"] != "mean") & (frame["step"] == frame["step"].max())]
+        families = list(dict.fromkeys(last["site"].map(family)))
+        for metric, ax in zip(METRIC_NAMES, trajectory_axes):
+            ax.plot(mean["step"], mean[metric], color=colours[name], marker=".", linewidth=1.5, label=name)
+        for metric, ax in zip(METRIC_NAMES, profile_axes):
+            for i, fam in enumerate(families):
+                part = last[last["site"].map(family) == fam].sort_values("layer")
+                ax.plot(
+                    part["layer"],
+                    part[metric],
+                    color=colours[name],
+                    linestyle=styles[i % len(styles)],
+                    marker="o",
+                    markersize=3,
+                    label=f"{name} ({fam})" if len(families) > 1 else name,
+                )
+    for metric, ax in zip(METRIC_NAMES, trajectory_axes):
+        ax.set_title(f"{METRIC_LABELS[metric]}, layer mean")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for metric, ax in zip(METRIC_NAMES, profile_axes):
+        ax.set_title(f"{METRIC_LABELS[metric]}, last step, per layer")
+        ax.set_xlabel("layer")
+        _integer_axis(ax)
+        ax.grid(alpha=0.3)
+    legend_ax.axis("off")
+    handles, labels = trajectory_axes[0].get_legend_handles_labels()
+    legend_ax.legend(handles, labels, loc="center", fontsize=8, title="run")
+    all_families = list(dict.fromkeys(family(site) for name in names for site in runs[name]["site"] if site != "mean"))
+    if len(all_families) > 1 and rows * columns + n < len(axes):  # which line style is which FFN family
+        from matplotlib.lines import Line2D
+
+        style_ax = axes[rows * columns + n]
+        style_ax.set_visible(True)
+        style_ax.axis("off")
+        lines = [Line2D([], [], color="0.3", linestyle=styles[i % len(styles)]) for i in range(len(all_families))]
+        style_ax.legend(lines, all_families, loc="center", fontsize=8, title="FFN family")
+    figure.suptitle(f"NerVE metrics of {len(names)} runs ({split})")
     return figure

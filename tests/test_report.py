@@ -324,3 +324,113 @@ def test_a_run_whose_every_measurement_is_incomplete(tmp_path, capsys):
         f"a crash): nothing to report\n"
     )
     assert not (run / "nerve_report").exists()
+
+
+# ------------------------------------------------------------------------------------ comparing runs
+@pytest.fixture(scope="module")
+def second_run_dir(tmp_path_factory):
+    from trainer_helpers import tiny_gpt2
+
+    out = tmp_path_factory.mktemp("run_b")
+    trainer = make_trainer(
+        out,
+        [NerveCallback(every_n_steps=2)],
+        model=tiny_gpt2(seed=5),
+        max_steps=6,
+        eval_steps=3,
+        logging_steps=2,
+        learning_rate=2e-2,
+    )
+    trainer.train()
+    trainer.save_state()
+    return out
+
+
+def expected_compare_rows(name, run):
+    rows = []
+    for record in read_jsonl(Path(run) / "nerve_metrics.jsonl"):
+        rows.append(
+            {
+                "run": name,
+                "split": record["split"],
+                "step": record["step"],
+                "site": record["site"],
+                "layer": record["layer"],
+                "tokens": record["tokens"],
+                **{m: (math.nan if record[m] is None else record[m]) for m in METRIC_NAMES},
+            }
+        )
+    return rows
+
+
+def test_compare_two_trainer_runs(run_dir, second_run_dir, tmp_path, capsys):
+    import pandas as pd
+
+    from nerve_hf import plots
+    from nerve_hf.runs import COMPARE_COLUMNS, load_compare_inputs
+
+    out = tmp_path / "cmp"
+    assert main(["report", str(run_dir), str(second_run_dir), "--out", str(out)]) == 0
+    assert "compared 2 runs" in capsys.readouterr().out
+    names = [Path(run_dir).name, Path(second_run_dir).name]
+    table = pd.read_csv(out / "compare.csv")
+    assert list(table.columns) == COMPARE_COLUMNS
+    expected = pd.DataFrame(expected_compare_rows(names[0], run_dir) + expected_compare_rows(names[1], second_run_dir))[
+        COMPARE_COLUMNS
+    ]
+    keys = ["run", "split", "step", "site"]
+    got = table.sort_values(keys).reset_index(drop=True)
+    want = expected.sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[keys], want[keys], check_dtype=False)
+    for column in ["layer", "tokens", *METRIC_NAMES]:
+        assert got[column].to_numpy(float) == pytest.approx(want[column].to_numpy(float), rel=1e-12, nan_ok=True)
+    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare_eval.png", "compare_train.png"]
+
+    runs = load_compare_inputs([run_dir, second_run_dir])
+    assert list(runs) == names
+    for split in ("train", "eval"):
+        figure = plots.plot_compare(runs, split)
+        visible = [ax for ax in figure.axes if ax.get_visible()]
+        plotted = [ax for ax in visible if ax.lines]
+        assert len(plotted) == 2 * len(METRIC_NAMES)  # trajectories and last-step profiles
+        for ax in plotted:
+            assert len(ax.lines) == 2  # one series per run
+            assert [line.get_color() for line in ax.lines] == ["C0", "C1"]
+        trajectories = plotted[: len(METRIC_NAMES)]
+        for ax, metric in zip(trajectories, METRIC_NAMES):
+            for line, name in zip(ax.lines, names):
+                mean = runs[name][(runs[name]["split"] == split) & (runs[name]["site"] == "mean")]
+                assert list(line.get_xdata()) == list(mean["step"])
+                assert line.get_ydata() == pytest.approx(mean[metric].to_numpy(), nan_ok=True)
+        legends = [ax.get_legend() for ax in visible if ax.get_legend() is not None]
+        assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == names
+
+
+def test_compare_model_zoo_result_file(run_dir, tmp_path):
+    import pandas as pd
+
+    path = ROOT / "benchmarks" / "results" / "cpu" / "gpt2_activations.json"
+    content = json.loads(path.read_text())
+    out = tmp_path / "zoo"
+    assert main(["report", str(path), str(run_dir), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "compare.csv")
+    names = [f"gpt2_activations/{key}" for key in content["runs"]]
+    assert list(dict.fromkeys(table["run"])) == [*names, Path(run_dir).name]
+    for key, name in zip(content["runs"], names):
+        nerve = content["runs"][key]["nerve"]
+        part = table[table["run"] == name]
+        assert set(part["split"]) == {"eval"} and len(part) == len(nerve["steps"]) * len(nerve["sites"])
+        for i, step in enumerate(nerve["steps"]):
+            for k, site in enumerate(nerve["sites"]):
+                row = part[(part["step"] == step) & (part["site"] == site)].iloc[0]
+                for metric in METRIC_NAMES:
+                    assert row[metric] == pytest.approx(nerve["per_site"][metric][i][k], nan_ok=True)
+    assert (out / "compare_eval.png").is_file() and (out / "compare_train.png").is_file()
+
+
+def test_compare_bad_input_is_one_line(run_dir, tmp_path, capsys):
+    bogus = tmp_path / "x.json"
+    bogus.write_text('{"a": 1}')
+    assert main(["report", str(run_dir), str(bogus), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a model-zoo result file" in err[0]

@@ -33,14 +33,39 @@ from typing import TYPE_CHECKING, Iterable, Optional
 
 from ..data import EMBEDDED_CORPORA, TEXT_COLUMNS
 from ..errors import InputError, first_line
-from ..options import Validated, at_least, boolean, int_list, mapping, one_of, option, optional, positive_int, text
+from ..options import Validated, boolean, int_list, mapping, one_of, option, optional, positive_int, text, token_cap
 from .inputs import check_inputs, make_batches
 from .models import DTYPES, check_device, classify, default_device, load_model
 
 if TYPE_CHECKING:
     from ..spectral_report import SpectralReport
 
-__all__ = ["ProbeConfig", "ProbeResult", "probe_model", "run_probe", "write_probe", "format_table", "choose_layers"]
+__all__ = [
+    "ProbeConfig",
+    "ProbeResult",
+    "TokenLoss",
+    "probe_model",
+    "run_probe",
+    "write_probe",
+    "format_table",
+    "choose_layers",
+    "load_checkpoint",
+    "measure_checkpoint",
+]
+
+
+def text_list(name: str, value) -> list[str]:
+    """A non-empty list of non-empty strings; one string stands for a list of one (``revision="main"``)."""
+    from ..options import OptionTypeError, OptionValueError
+
+    requirement = "a non-empty list of non-empty strings such as ['step1000', 'step2000']"
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise OptionTypeError(name, requirement, value)
+    if not value or not all(item.strip() for item in value):
+        raise OptionValueError(name, requirement, value)
+    return [item.strip() for item in value]
 
 
 def _flag(name: str) -> str:
@@ -129,7 +154,7 @@ class ProbeConfig(Validated):
     max_tokens: int = option(
         16384,
         "per FFN, measure at most this many tokens (rows); the input is cut to it",
-        at_least(2, "an integer of at least 2 (a covariance needs two tokens)"),
+        token_cap,
         group=MEASUREMENT,
     )
     batch_size: int = option(8, "sequences or images per forward pass", positive_int, group=MEASUREMENT)
@@ -156,8 +181,13 @@ class ProbeConfig(Validated):
         one_of(DTYPES),
         group=MEASUREMENT,
     )
-    revision: Optional[str] = option(
-        None, "Hub revision (branch, tag or commit) of a transformers model", optional(text), group=MEASUREMENT
+    revision: Optional[list[str]] = option(
+        None,
+        "Hub revision (branch, tag or commit) of a transformers model; several, comma-separated "
+        "(step1000,step2000: Pythia's convention), probe them as a checkpoint series",
+        optional(text_list),
+        group=MEASUREMENT,
+        metavar="REV[,REV...]",
     )
     trust_remote_code: bool = option(
         False, "allow transformers to run modelling code shipped with the checkpoint", boolean, group=MEASUREMENT
@@ -177,12 +207,13 @@ class ProbeResult:
     model: dict = field(default_factory=dict)  # provenance of the model
     data: dict = field(default_factory=dict)  # provenance of the inputs
     settings: dict = field(default_factory=dict)  # the options that shaped the measurement
+    loss: Optional[float] = None  # mean token loss on the same tokens (``eval_loss``), else None
 
     def to_json(self) -> dict:
         """The content of ``report.json``."""
         from ..metrics import METRIC_NAMES
 
-        return {
+        content = {
             "rows": self.report.rows,
             "mean": self.report.mean(),
             "model": self.model,
@@ -198,6 +229,9 @@ class ProbeResult:
                 "names": list(METRIC_NAMES),
             },
         }
+        if self.loss is not None:
+            content["loss"] = self.loss
+        return content
 
 
 def _environment() -> dict:
@@ -235,6 +269,7 @@ def probe_model(
     device=None,
     progress: bool = False,
     total: int | None = None,
+    on_output=None,
 ) -> SpectralReport:
     """NerVE metrics of ``model``'s FFNs on ``batches``.
 
@@ -245,6 +280,8 @@ def probe_model(
             model's) and, if floating, to the model's dtype.
         adapter, layers, max_tokens: as for :class:`nerve_hf.FFNTracker`.
         progress: show a tqdm bar (``total``: number of batches, if ``batches`` has no ``len``).
+        on_output: called with ``(batch, output)`` after each forward pass (the batch as moved), e.g.
+            :class:`TokenLoss`.
 
     The model runs in eval mode under ``torch.no_grad``; its train/eval mode is restored afterwards.
     """
@@ -266,7 +303,9 @@ def probe_model(
         with torch.no_grad(), tracker:
             for batch in batches:
                 batch = _move(batch, device, dtype)
-                model(**batch) if isinstance(batch, dict) else model(batch)
+                output = model(**batch) if isinstance(batch, dict) else model(batch)
+                if on_output is not None:
+                    on_output(batch, output)
         return tracker.compute()
     finally:
         model.train(was_training)
@@ -289,20 +328,21 @@ def choose_layers(rows: list[dict], wanted: Optional[list[int]] = None) -> list[
     return [row["site"] for row in rows if row["layer"] in picked]
 
 
-def run_probe(config: ProbeConfig) -> ProbeResult:
-    """Load ``config.model``, build its inputs, measure; InputError for anything the user can fix."""
+def load_checkpoint(config: ProbeConfig, spec: str | None = None, revision: str | None = None):
+    """``(loaded, adapter, sites)`` of checkpoint ``spec`` (default ``config.model``) at ``revision``, with
+    ``config``'s loading options; InputError for anything the user can fix. Bad ``--layers`` /
+    ``--spectra-layers`` fail here, before any data is read or forward run."""
     import model_adapters
 
-    source = classify(config.model, config.timm_arch)
-    file_text = check_inputs(config, source.modality)  # the text of --text-file, read once
-    device = check_device(config.device or default_device())
+    spec = config.model if spec is None else spec
+    source = classify(spec, config.timm_arch)
     loaded = load_model(
         source,
         tokenizer=config.tokenizer,
         timm_arch=config.timm_arch,
         timm_kwargs=config.timm_kwargs,
         dtype=config.dtype,
-        revision=config.revision,
+        revision=revision,
         trust_remote_code=config.trust_remote_code,
     )
     try:
@@ -311,15 +351,46 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
         raise InputError(
             f"unsupported architecture: {first_line(error)} Register one with model_adapters.register_adapter."
         ) from None
-
-    try:  # bad --layers / --spectra-layers fail here, before any data is read or forward run
+    try:
         sites = model_adapters.resolve_sites(model_adapters.unwrap_model(loaded.model), adapter, config.layers)
     except (ValueError, IndexError) as error:
-        raise InputError(f"cannot measure {config.model!r}: {first_line(error)}") from None
+        raise InputError(f"cannot measure {spec!r}: {first_line(error)}") from None
     choose_layers([{"site": site.site, "layer": site.layer} for site in sites], config.spectra_layers)
+    return loaded, adapter, sites
 
-    seq_len = min(config.seq_len, loaded.max_length) if loaded.max_length else config.seq_len
-    batches, data = make_batches(config, loaded, seq_len, file_text)
+
+class TokenLoss:
+    """Mean next-token cross-entropy of a causal LM over the real tokens of its batches: called with each
+    ``(batch, output)`` of :func:`probe_model` (``on_output``); labels are the batch's ``input_ids`` and a
+    position counts when the token it predicts is real (``attention_mask`` 1), so pads never count."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def __call__(self, batch, output) -> None:
+        import torch.nn.functional as F
+
+        logits = output.logits[:, :-1].double()  # [B, T-1, V]: position t predicts token t+1
+        labels = batch["input_ids"][:, 1:]  # [B, T-1]
+        mask = batch.get("attention_mask")
+        keep = mask[:, 1:].bool() if mask is not None else labels.new_ones(labels.shape, dtype=bool)
+        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")  # [B*(T-1)]
+        self.total += float(losses[keep.flatten()].sum())
+        self.count += int(keep.sum())
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+def measure_checkpoint(
+    config: ProbeConfig, spec: str, loaded, adapter, batches, device: str, *, eval_loss: bool = False, progress=None
+):
+    """``(report, loss)``: ``loaded`` measured on ``batches`` (its mean token loss when ``eval_loss``,
+    else None). The model is moved to ``device``."""
+    if eval_loss and loaded.provenance.get("auto_class") != "AutoModelForCausalLM":
+        raise InputError(f"--eval-loss needs a causal language model; {spec!r} is a {loaded.provenance.get('class')}")
+    loss = TokenLoss() if eval_loss else None
     model = loaded.model.to(device)
     try:
         report = probe_model(
@@ -328,23 +399,48 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
             adapter=adapter,
             layers=config.layers,
             max_tokens=config.max_tokens,
-            progress=config.progress,
+            progress=config.progress if progress is None else progress,
             total=len(batches),
+            on_output=loss,
         )
     except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
-        raise InputError(f"cannot measure {config.model!r}: {first_line(error)}") from None
+        raise InputError(f"cannot measure {spec!r}: {first_line(error)}") from None
     except (RuntimeError, AssertionError, TypeError) as error:  # the model rejected its input
-        raise InputError(
-            f"the forward pass of {config.model!r} failed ({type(error).__name__}): {first_line(error)}"
-        ) from None
-    parameter = next(model.parameters(), None)
+        raise InputError(f"the forward pass of {spec!r} failed ({type(error).__name__}): {first_line(error)}") from None
+    return report, (loss.mean if loss is not None else None)
+
+
+def probe_settings(config: ProbeConfig, device: str, seq_len: int, model) -> dict:
+    """The options that shaped a measurement, as ``report.json`` records them (one revision as a string)."""
     settings = {key: value for key, value in asdict(config).items() if key not in ("progress",)}
+    revision = settings.get("revision")
+    if isinstance(revision, list) and len(revision) == 1:
+        settings["revision"] = revision[0]
+    parameter = next(model.parameters(), None)
     settings.update(
         device=str(device),
         seq_len_used=seq_len,
         dtype_used=str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
     )
-    return ProbeResult(report=report, model=loaded.provenance, data=data, settings=settings)
+    return settings
+
+
+def run_probe(config: ProbeConfig, *, eval_loss: bool = False) -> ProbeResult:
+    """Load ``config.model``, build its inputs, measure; InputError for anything the user can fix.
+    ``eval_loss``: also the mean token loss of a causal LM on the same tokens (``ProbeResult.loss``).
+    Several revisions are a checkpoint series: :func:`nerve_hf.series.run_series`."""
+    if config.revision is not None and len(config.revision) > 1:
+        raise InputError("several --revision values are a checkpoint series: use nerve_hf.series.run_series")
+    revision = config.revision[0] if config.revision else None
+    source = classify(config.model, config.timm_arch)
+    file_text = check_inputs(config, source.modality)  # the text of --text-file, read once
+    device = check_device(config.device or default_device())
+    loaded, adapter, _ = load_checkpoint(config, config.model, revision)
+    seq_len = min(config.seq_len, loaded.max_length) if loaded.max_length else config.seq_len
+    batches, data = make_batches(config, loaded, seq_len, file_text)
+    report, loss = measure_checkpoint(config, config.model, loaded, adapter, batches, device, eval_loss=eval_loss)
+    settings = probe_settings(config, device, seq_len, loaded.model)
+    return ProbeResult(report=report, model=loaded.provenance, data=data, settings=settings, loss=loss)
 
 
 # ------------------------------------------------------------------------------------------- output

@@ -103,6 +103,8 @@ def _load_transformers(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     where = "from the Hugging Face Hub" if source.location == "hub" else "from its folder"
+    if revision is not None:
+        where = f"at revision {revision!r} {where}"
     options = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source.spec, **options)
