@@ -381,24 +381,30 @@ class NerveCallback(TrainerCallback):
             )
 
     def _histograms(self, args, state, report: SpectralReport, split: str) -> None:
-        """Each spectrum as a TensorBoard histogram of log10(λ / Σλ) at its step, through the writer of the
-        Trainer's TensorBoard integration (so in the run's own event file) when it is in ``report_to``."""
-        board = next(
-            (cb for cb in getattr(self._handler, "callbacks", ()) if type(cb).__name__ == "TensorBoardCallback"), None
-        )
-        if board is None or not report.eigenvalues:
-            return
-        if getattr(board, "tb_writer", None) is None and hasattr(board, "_init_summary_writer"):
-            board._init_summary_writer(args)
-        writer = getattr(board, "tb_writer", None)
-        if writer is None:
-            return
+        """Each spectrum as a histogram of log10(λ / Σλ) at its step: through the writer of the Trainer's
+        TensorBoard integration (so in the run's own event file), and through W&B's run when ``wandb`` is in
+        ``report_to`` and has a run. Tags: ``<split>/nerve/<site>/log10_spectrum_<pre|post>``."""
+        shares = {}
         for site, sides in report.eigenvalues.items():
             for side, values in zip(("pre", "post"), sides):
                 values = values[values > 0]
                 if values.numel() and bool(torch.isfinite(values).all()):
-                    tag = f"{split}/nerve/{site}/log10_spectrum_{side}"
-                    writer.add_histogram(tag, torch.log10(values / values.sum()).numpy(), state.global_step)
+                    shares[f"{split}/nerve/{site}/log10_spectrum_{side}"] = torch.log10(values / values.sum()).numpy()
+        if not shares:
+            return
+        callbacks = getattr(self._handler, "callbacks", ())
+        board = next((cb for cb in callbacks if type(cb).__name__ == "TensorBoardCallback"), None)
+        if board is not None:
+            if getattr(board, "tb_writer", None) is None and hasattr(board, "_init_summary_writer"):
+                board._init_summary_writer(args)
+            writer = getattr(board, "tb_writer", None)
+            for tag, values in shares.items() if writer is not None else ():
+                writer.add_histogram(tag, values, state.global_step)
+        if "wandb" in (args.report_to or []):
+            wandb = sys.modules.get("wandb")  # the W&B integration imported it; never imported here
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                histograms = {tag: wandb.Histogram(values) for tag, values in shares.items()}
+                wandb.log({**histograms, "train/global_step": state.global_step}, commit=False)
 
     # ------------------------------------------------------------ Trainer events
     @_never_raises("the callback stays idle")
