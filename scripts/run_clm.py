@@ -211,7 +211,30 @@ def parse_args(argv: Optional[list[str]] = None):
         return parser.parse_json_file(json_file=args[0])
     if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(yaml_file=args[0])
-    return parser.parse_args_into_dataclasses(args=args)
+    return parser.parse_args_into_dataclasses(args=split_comma_lists(args, LIST_FLAGS))
+
+
+LIST_FLAGS = ("--nerve_layers",)  # list flags that also take "0,5,-1" (the form of upstream's comma lists)
+
+
+def split_comma_lists(args: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``--flag 0,5 -1`` and ``--flag=0,5`` as ``--flag 0 5 -1``: the values of a list flag may be given
+    separated by commas, spaces or both.
+
+    >>> split_comma_lists(["--nerve_layers", "1,99", "--x", "2,3", "--nerve_layers=0,1"], ("--nerve_layers",))
+    ['--nerve_layers', '1', '99', '--x', '2,3', '--nerve_layers', '0', '1']
+    """
+    out, in_list = [], False
+    for arg in args:
+        flag, equals, value = arg.partition("=")
+        if arg.startswith("--"):
+            in_list = flag in flags
+            out.extend([flag, *[v for v in value.split(",") if v]] if in_list and equals else [arg])
+        elif in_list:
+            out.extend(v for v in arg.split(",") if v)
+        else:
+            out.append(arg)
+    return out
 
 
 def setup_logging(training_args) -> None:

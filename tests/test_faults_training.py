@@ -352,7 +352,7 @@ def one_error_line(proc) -> str:
 
 
 def test_run_clm_refuses_layers_the_model_lacks_before_training(tmp_path):
-    line = one_error_line(run_clm_process(tmp_path, "--do_train", "--nerve", "--nerve_layers", "1", "99"))
+    line = one_error_line(run_clm_process(tmp_path, "--do_train", "--nerve", "--nerve_layers", "1,99"))
     assert "layer 99 is out of range" in line and "0..1" in line
     assert not (tmp_path / "out" / RECORDS).exists() and not (tmp_path / "out" / "trainer_state.json").exists()
 
