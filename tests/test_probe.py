@@ -43,22 +43,12 @@ def _bpe_tokenizer():
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from trainer_helpers import tiny_gpt2
 
     path = tmp_path_factory.mktemp("gpt2")
     tokenizer = _bpe_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=32,
-        n_embd=24,
-        n_head=3,
-        n_layer=2,
-        n_inner=37,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    GPT2LMHeadModel(config).save_pretrained(path)
+    model = tiny_gpt2(vocab_size=len(tokenizer), n_positions=32, bos_token_id=1, eos_token_id=1)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

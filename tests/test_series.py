@@ -40,23 +40,9 @@ def _tokenizer(extra: str = ""):
 
 
 def _gpt2(tokenizer, n_layer: int = 2):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from trainer_helpers import tiny_gpt2
 
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=32,
-        n_embd=24,
-        n_head=3,
-        n_layer=n_layer,
-        n_inner=37,
-        bos_token_id=1,
-        eos_token_id=1,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(vocab_size=len(tokenizer), n_positions=32, n_layer=n_layer, bos_token_id=1, eos_token_id=1)
 
 
 def _train_and_save(folder: Path, steps=STEPS, n_layer: int = 2) -> list[Path]:
