@@ -25,7 +25,9 @@ import logging
 import math
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 logger = logging.getLogger("run_clm")
@@ -74,6 +76,10 @@ class ModelArguments:
         default=None,
         metadata={"help": "Where downloaded models and datasets are cached (Hugging Face cache if unset)."},
     )
+    use_fast_tokenizer: bool = field(
+        default=True,
+        metadata={"help": "Use a fast (Rust `tokenizers`) tokenizer where the named tokenizer has one."},
+    )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private/gated models and datasets."})
     trust_remote_code: bool = field(
@@ -84,6 +90,13 @@ class ModelArguments:
         metadata={
             "help": "Load pretrained weights in this dtype.",
             "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={
+            "help": "Create the model empty and load the weights into it (transformers 5 always does; older "
+            "versions take the flag). With no --model_name_or_path it has no effect."
         },
     )
 
@@ -138,6 +151,9 @@ class DataTrainingArguments:
     block_size: Optional[int] = field(
         default=None,
         metadata={"help": "Tokens per training sequence. Default: min(model context, tokenizer max length, 1024)."},
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenize again instead of reusing the datasets cache of an earlier run."}
     )
     validation_split_percentage: float = field(
         default=5.0,
@@ -265,6 +281,7 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments)
         return AutoTokenizer.from_pretrained(
             source,
             cache_dir=model_args.cache_dir,
+            use_fast=model_args.use_fast_tokenizer,
             revision=model_args.model_revision,
             token=model_args.token,
             trust_remote_code=model_args.trust_remote_code,
@@ -353,6 +370,7 @@ def build_model(model_args: ModelArguments, config, tokenizer):
             token=model_args.token,
             trust_remote_code=model_args.trust_remote_code,
             dtype=dtype,
+            **low_cpu_mem_usage_kwargs(model_args),
         )
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
@@ -363,6 +381,16 @@ def build_model(model_args: ModelArguments, config, tokenizer):
     if len(tokenizer) > embeddings:  # a tokenizer with added tokens: give them rows
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def low_cpu_mem_usage_kwargs(model_args: ModelArguments) -> dict:
+    """``{"low_cpu_mem_usage": True}`` for transformers 4, which takes the flag; transformers 5 always loads
+    that way and ignores it, so nothing is passed there."""
+    import transformers
+
+    if not model_args.low_cpu_mem_usage or int(transformers.__version__.split(".")[0]) >= 5:
+        return {}
+    return {"low_cpu_mem_usage": True}
 
 
 def choose_block_size(data_args: DataTrainingArguments, tokenizer, config) -> int:
@@ -399,7 +427,7 @@ def prepare_datasets(
         cache_dir=model_args.cache_dir,
         embedded_options={"max_bytes": data_args.embedded_max_bytes},
     )
-    with training_args.main_process_first(desc="tokenizing"):
+    with training_args.main_process_first(desc="tokenizing"), cache_reuse(data_args.overwrite_cache):
         blocks = tokenize_and_group(
             raw, tokenizer, block_size, text_column=text_column, num_proc=data_args.preprocessing_num_workers
         )
@@ -418,6 +446,52 @@ def prepare_datasets(
         logger.warning("streaming: evaluating on the first %d blocks (set --max_eval_samples to change)", eval_limit)
     validation = cap(blocks["validation"], eval_limit)
     return train, validation
+
+
+@contextmanager
+def cache_reuse(overwrite_cache: bool):
+    """``--overwrite_cache``: upstream passes ``load_from_cache_file=not overwrite_cache`` to ``Dataset.map``.
+    ``nerve_hf.data.tokenize_and_group`` makes the map call, so caching is switched off around it instead: a
+    ``map`` whose ``load_from_cache_file`` is unset then recomputes (the same effect)."""
+    import datasets
+
+    if not overwrite_cache or not datasets.is_caching_enabled():
+        yield
+        return
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        datasets.enable_caching()
+
+
+ACCURACY_METRIC = Path(__file__).resolve().parents[1] / "metrics_local" / "accuracy"  # evaluate module, local
+IGNORE_INDEX = -100  # labels the loss ignores
+
+
+def preprocess_logits_for_metrics(logits, labels):
+    """Upstream's: keep only the argmax token id of each position, so evaluation does not hold all logits."""
+    if isinstance(logits, tuple):  # models that return past key values too
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def token_accuracy_metrics(cache_dir: Optional[str] = None):
+    """``compute_metrics`` of upstream's run_clm: next-token accuracy through ``evaluate``, from the
+    ``accuracy`` module in ``metrics_local/`` (``evaluate.load("accuracy")`` would download it)."""
+    import evaluate
+
+    metric = evaluate.load(str(ACCURACY_METRIC), cache_dir=cache_dir)
+
+    def compute_metrics(eval_preds):
+        preds, labels = eval_preds
+        # preds are argmax ids shaped like the labels; position t predicts the label at t + 1
+        labels = labels[:, 1:].reshape(-1)
+        preds = preds[:, :-1].reshape(-1)
+        keep = labels != IGNORE_INDEX
+        return metric.compute(predictions=preds[keep], references=labels[keep])
+
+    return compute_metrics
 
 
 def nerve_callback(nerve_args):
@@ -532,6 +606,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=tokenizer,
         data_collator=default_data_collator,  # blocks are full: no padding, labels already present
+        compute_metrics=token_accuracy_metrics(model_args.cache_dir) if training_args.do_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
         # given here, not added later: layers the model lacks are refused now, and eval-only runs are measured
         callbacks=[nerve_callback(nerve_args)] if nerve_args.nerve else None,
     )
@@ -557,12 +633,36 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 "the Trainer evaluated the final model at step %d: reusing that evaluation", trainer.state.global_step
             )
         eval_metrics = with_perplexity(already if already is not None else trainer.evaluate())
+        eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]  # upstream's key; eval_perplexity kept
         if not data_args.streaming:
             eval_metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", console_view(eval_metrics))
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+
+    if training_args.do_train:
+        finish_on_hub(trainer, model_args, data_args)
     return metrics
+
+
+def finish_on_hub(trainer, model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
+    """Upstream's ending: ``--push_to_hub`` pushes the model with its card; otherwise the card is written
+    to ``--output_dir``. Writing the card offline must not fail a finished run, so that failure only warns."""
+    kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    if data_args.dataset_name is not None:
+        kwargs["dataset_tags"] = data_args.dataset_name
+        if data_args.dataset_config_name is not None:
+            kwargs["dataset_args"] = data_args.dataset_config_name
+            kwargs["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name}"
+        else:
+            kwargs["dataset"] = data_args.dataset_name
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(**kwargs)
+        return
+    try:
+        trainer.create_model_card(**kwargs)
+    except Exception as error:  # e.g. the Hub is unreachable for a dataset's metadata
+        logger.warning("no model card written: %s", error)
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -107,9 +107,14 @@ def test_from_scratch_on_jsonl(run_clm, tokenizer_dir, texts, tmp_path):
     assert math.isfinite(metrics["eval_loss"])
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert 50 < metrics["eval_perplexity"] < 1000  # near-random tiny model over a 400-token vocabulary
+    assert metrics["perplexity"] == metrics["eval_perplexity"]  # upstream's key, and ours
+    assert 0 <= metrics["eval_accuracy"] <= 1  # token accuracy through evaluate, as upstream
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["eval_perplexity"] == pytest.approx(metrics["eval_perplexity"])
+    assert saved["perplexity"] == pytest.approx(metrics["perplexity"])
+    assert saved["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+    assert "generated_from_trainer" in (out / "README.md").read_text()  # the model card, written offline
 
 
 def test_from_scratch_on_txt_with_validation_file(run_clm, tokenizer_dir, texts, tmp_path):
@@ -284,6 +289,73 @@ def test_nerve_flag_runs_the_callback(run_clm, tokenizer_dir, texts, tmp_path, c
     console = capsys.readouterr().out
     assert console.count("'nerve/mean/se_pre'") == 2 and "eval_nerve/mean/js" in console
     assert "nerve/ffn." not in console
+
+
+def upstream_accuracy(preds, labels):
+    """Upstream run_clm's token accuracy, computed directly: shift by one, (preds == labels).mean()."""
+    preds, labels = preds[:, :-1].reshape(-1), labels[:, 1:].reshape(-1)
+    keep = labels != -100
+    return float((preds[keep] == labels[keep]).mean())
+
+
+def test_token_accuracy_through_evaluate_matches_direct_computation(run_clm):
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=(6, 11))  # few classes: many predictions are right
+    preds = np.where(rng.random(labels.shape) < 0.5, np.roll(labels, -1, axis=1), rng.integers(0, 5, labels.shape))
+    labels[0, 3:7] = -100  # ignored positions never count
+    compute_metrics = run_clm.token_accuracy_metrics()
+    result = compute_metrics((preds, labels))
+    assert set(result) == {"accuracy"}
+    assert result["accuracy"] == pytest.approx(upstream_accuracy(preds, labels), abs=1e-12)
+    assert 0.3 < result["accuracy"] < 0.9
+
+    # the metric module alone: what the Hub's `accuracy` (sklearn's accuracy_score) gives
+    import evaluate
+
+    metric = evaluate.load(str(run_clm.ACCURACY_METRIC))
+    assert metric.compute(predictions=[0, 1, 1, 2, 1, 0], references=[0, 1, 2, 0, 1, 2]) == {"accuracy": 0.5}
+    assert metric.compute(predictions=[0, 1, 1], references=[0, 1, 2], normalize=False) == {"accuracy": 2.0}
+    weighted = metric.compute(predictions=[0, 1, 1], references=[0, 1, 2], sample_weight=[1, 1, 2])
+    assert weighted["accuracy"] == pytest.approx(0.5)
+
+    logits = torch.randn(2, 4, 7)
+    assert torch.equal(run_clm.preprocess_logits_for_metrics((logits, None), None), logits.argmax(-1))
+
+
+def test_upstream_flags(run_clm, tokenizer_dir, monkeypatch):
+    import datasets
+    import transformers
+
+    model_args, data_args, training_args, _ = run_clm.parse_args(
+        ["--output_dir", "x", "--use_fast_tokenizer", "false", "--overwrite_cache", "--low_cpu_mem_usage"]
+        + ["--push_to_hub", "--tokenizer_name", str(tokenizer_dir)]
+    )
+    assert (model_args.use_fast_tokenizer, data_args.overwrite_cache, model_args.low_cpu_mem_usage) == (
+        False,
+        True,
+        True,
+    )
+    assert training_args.push_to_hub  # passed to the Trainer as TrainingArguments; never pushed in tests
+
+    seen = {}
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda source, **kwargs: seen.update(kwargs) or "tok"
+    )
+    assert run_clm.load_tokenizer(model_args, data_args) == "tok" and seen["use_fast"] is False
+
+    major = int(transformers.__version__.split(".")[0])
+    assert run_clm.low_cpu_mem_usage_kwargs(model_args) == ({} if major >= 5 else {"low_cpu_mem_usage": True})
+    assert run_clm.low_cpu_mem_usage_kwargs(run_clm.ModelArguments()) == {}
+
+    assert datasets.is_caching_enabled()
+    with run_clm.cache_reuse(True):  # --overwrite_cache: Dataset.map recomputes instead of loading its cache
+        assert not datasets.is_caching_enabled()
+    assert datasets.is_caching_enabled()
+    with run_clm.cache_reuse(False):
+        assert datasets.is_caching_enabled()
 
 
 def test_console_view_keeps_layer_means(run_clm):
