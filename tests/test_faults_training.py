@@ -304,35 +304,22 @@ def test_two_processes_uneven_eval_set_equal_one(tmp_path, n_eval, per_device):
 
 
 # ------------------------------------------------------------------ run_clm.py: bad input, one line, exit 2
+def run_clm_cli(tmp_path, *args: str, env=None) -> subprocess.CompletedProcess:
+    """``python scripts/run_clm.py --output_dir <tmp>/out args...`` as a real process in ``tmp_path``."""
+    argv = [sys.executable, str(REPO / "scripts" / "run_clm.py"), "--output_dir", str(tmp_path / "out"), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+
+
 def run_clm_process(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    """A 2-step run_clm on a small local corpus and tokenizer, with ``extra`` flags."""
     corpus = tmp_path / "train.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 400)
-    argv = [
-        sys.executable,
-        str(REPO / "scripts" / "run_clm.py"),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--train_file",
-        str(corpus),
-        "--tokenizer_name",
-        str(tiny_tokenizer(tmp_path)),
-        "--config_overrides",
-        "n_layer=2,n_embd=16,n_head=2,n_inner=37,n_positions=32",
-        "--block_size",
-        "16",
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "true",
-        "--save_strategy",
-        "no",
-        *extra,
-    ]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    tiny = "n_layer=2,n_embd=16,n_head=2,n_inner=37,n_positions=32"
+    common = "--block_size 16 --max_steps 2 --per_device_train_batch_size 2 --report_to none --use_cpu true"
+    return run_clm_cli(
+        tmp_path, "--train_file", str(corpus), "--tokenizer_name", str(tiny_tokenizer(tmp_path)),
+        "--config_overrides", tiny, *common.split(), "--save_strategy", "no", *extra,
+    )  # fmt: skip
 
 
 def tiny_tokenizer(tmp_path) -> Path:
@@ -358,42 +345,13 @@ def test_run_clm_refuses_layers_the_model_lacks_before_training(tmp_path):
 
 
 def test_run_clm_names_the_flag_and_key_of_a_bad_override(tmp_path):
-    corpus = tmp_path / "train.txt"
-    corpus.write_text("x")
-    argv = [
-        sys.executable,
-        str(REPO / "scripts" / "run_clm.py"),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--do_train",
-        "--config_overrides",
-        "n_layer=two",
-    ]
-    line = one_error_line(
-        subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-        )
-    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    line = one_error_line(run_clm_cli(tmp_path, "--do_train", "--config_overrides", "n_layer=two", env=env))
     assert "--config_overrides n_layer=two" in line and "GPT2Config.n_layer takes an integer" in line
 
 
 def test_run_clm_names_a_bad_nerve_flag(tmp_path):
-    argv = [
-        sys.executable,
-        str(REPO / "scripts" / "run_clm.py"),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--do_train",
-        "--nerve",
-        "--nerve_max_tokens",
-        "1",
-    ]
-    line = one_error_line(subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path))
+    line = one_error_line(run_clm_cli(tmp_path, "--do_train", "--nerve", "--nerve_max_tokens", "1"))
     assert "--nerve_max_tokens must be None or an integer of at least 2" in line
 
 
