@@ -34,7 +34,6 @@ __all__ = [
     "OptionValueError",
     "Validated",
     "option",
-    "help_of",
     "boolean",
     "positive_int",
     "token_cap",
@@ -45,7 +44,6 @@ __all__ = [
     "int_list",
     "text",
     "mapping",
-    "defaults",
     "command_line_fields",
     "from_command_line",
 ]
@@ -85,11 +83,6 @@ def option(default: Any, help: str, check: Check, **metadata: Any) -> Any:
     return field(default=default, metadata=metadata)
 
 
-def help_of(cls, name: str) -> str:
-    """The help text of field ``name`` of option set ``cls``."""
-    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
-
-
 class Validated:
     """Mixin for option dataclasses: every assignment to a field made by :func:`option` is checked.
 
@@ -116,14 +109,6 @@ def _checks(cls) -> dict[str, Check]:
         cached = {f.name: f.metadata["check"] for f in fields(cls) if "check" in f.metadata}
         type.__setattr__(cls, "_option_checks", cached)
     return cached
-
-
-def defaults(cls) -> dict[str, Any]:
-    """``{field: default}`` of an option set."""
-    out = {}
-    for f in fields(cls):
-        out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-    return out
 
 
 # ----------------------------------------------------------------------------- checks

@@ -79,29 +79,37 @@ def eigenvalues_batched(covariances: Sequence[Tensor], keep_dtype: bool = False)
 
 
 def _eigvalsh(stack: Tensor) -> Tensor:
-    """``torch.linalg.eigvalsh`` of ``[L, D, D]``, on the CPU spread over matrices rather than inside each.
+    """``torch.linalg.eigvalsh`` of ``[L, D, D]``, on the CPU in shares of the batch (:func:`_on_cpu_threads`)."""
+    if stack.device.type != "cpu":
+        return torch.linalg.eigvalsh(stack)
+    shares = stack.tensor_split(min(torch.get_num_threads(), stack.shape[0]))
+    return torch.cat(_on_cpu_threads(torch.linalg.eigvalsh, shares))
+
+
+def _on_cpu_threads(function, items: Sequence) -> list:
+    """``[function(item) for item in items]``, spread over the CPU's torch threads.
 
     torch's CPU eigvalsh decomposes a batch one matrix after the other, each with all torch threads,
-    and the tridiagonal reduction gains little from threads. With t threads and L matrices, min(t, L)
-    Python threads each decompose a share of the batch with t // min(t, L) threads (benchmarks/perf/
-    eigendecomposition.py measures both). The thread count is restored afterwards, also on error.
+    and the tridiagonal reduction gains little from threads. So with t threads, min(t, len(items))
+    Python threads (LAPACK runs without the GIL) each take items in turn with t // workers torch threads
+    (benchmarks/perf/eigendecomposition.py measures both). The thread count is restored afterwards, also
+    on error; with one worker the items run here, with all threads.
     """
     threads = torch.get_num_threads()
-    workers = min(threads, stack.shape[0])
-    if stack.device.type != "cpu" or workers < 2:
-        return torch.linalg.eigvalsh(stack)
+    workers = min(threads, len(items))
+    if workers < 2:
+        return [function(item) for item in items]
     per_worker = threads // workers
 
-    def decompose(part: Tensor) -> Tensor:
+    def run(item):
         torch.set_num_threads(per_worker)  # this thread's LAPACK/OpenMP width
-        return torch.linalg.eigvalsh(part)
+        return function(item)
 
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="nerve-eigvalsh") as pool:
-            parts = list(pool.map(decompose, stack.tensor_split(workers)))
+            return list(pool.map(run, items))
     finally:
         torch.set_num_threads(threads)
-    return torch.cat(parts)
 
 
 def participation_ratio_from_covariance(covariance: Tensor) -> Tensor:
@@ -150,11 +158,11 @@ def nan_rows(sites: Iterable) -> list[dict]:
 def spectra_of(accs: Sequence[HasCovariance], dtype: str = "float64") -> list[Tensor]:
     """Descending eigenvalues (float64 CPU tensors ``[D]``) of each accumulator's covariance.
 
-    On the CPU, min(threads, len(accs)) Python threads each take one accumulator at a time: build its
-    covariance, decompose it (in ``dtype``) with threads / workers LAPACK threads, keep only the
-    eigenvalues. So the transient memory is one covariance and one LAPACK workspace per worker, never a
-    stack of matrices. On accelerators the covariances go in memory-bounded batches
-    (:func:`eigen_batches`). A covariance holding NaN/Inf gets an all-NaN spectrum.
+    On the CPU the worker threads of :func:`_on_cpu_threads` each take one accumulator at a time: build
+    its covariance, decompose it (in ``dtype``), keep only the eigenvalues. So the transient memory is
+    one covariance and one LAPACK workspace per worker, never a stack of matrices. On accelerators the
+    covariances go in memory-bounded batches (:func:`eigen_batches`). A covariance holding NaN/Inf gets
+    an all-NaN spectrum.
     """
     if dtype not in SPECTRA_DTYPES:
         raise ValueError(f"spectra_dtype must be one of {SPECTRA_DTYPES}, got {dtype!r}")
@@ -168,24 +176,14 @@ def spectra_of(accs: Sequence[HasCovariance], dtype: str = "float64") -> list[Te
             covs = [acc.covariance().to(work) for acc in batch]
             out.extend(eig.to(torch.float64).cpu() for eig in eigenvalues_batched(covs, keep_dtype=True))
         return out
-    threads = torch.get_num_threads()
-    workers = max(1, min(threads, len(accs)))
-    per_worker = max(1, threads // workers)
 
     def decompose(acc: HasCovariance) -> Tensor:
-        torch.set_num_threads(per_worker)  # this thread's LAPACK/OpenMP width
         cov = acc.covariance().to(work)  # [D, D], the only matrix this worker holds
         if not bool(torch.isfinite(cov).all()):
             return torch.full((acc.dim,), float("nan"), dtype=torch.float64)
         return torch.linalg.eigvalsh(cov).flip(-1).to(torch.float64)
 
-    if workers == 1:
-        return [decompose(acc) for acc in accs]
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="nerve-eigvalsh") as pool:
-            return list(pool.map(decompose, accs))
-    finally:
-        torch.set_num_threads(threads)
+    return _on_cpu_threads(decompose, accs)
 
 
 def metric_values(

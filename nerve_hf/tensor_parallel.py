@@ -14,6 +14,7 @@ The ranks of a tensor-parallel group hold the same tokens, so their statistics m
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,13 +36,20 @@ class ShardedWidth:
     width: int  # the full width D
 
 
-def _dtensor_weight(module: nn.Module):
+@functools.cache
+def _dtensor_types() -> tuple:
+    """``(DTensor, Shard)``, imported once; ``((), None)`` for a torch without DTensor."""
     try:
         from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # torch without DTensor
-        return None, None
+    except ImportError:
+        return (), None
+    return DTensor, Shard
+
+
+def _dtensor_weight(module: nn.Module):
+    dtensor, shard = _dtensor_types()
     weight = getattr(module, "weight", None)
-    return (weight, Shard) if isinstance(weight, DTensor) else (None, None)
+    return (weight, shard) if isinstance(weight, dtensor) else (None, None)
 
 
 def sharded_width(module: nn.Module, side: str, under_fsdp: bool = False) -> Optional[ShardedWidth]:
@@ -82,11 +90,7 @@ def full_width(x: Tensor, layout: Optional[ShardedWidth]) -> Tensor:
 
     Collective: every rank of the group must call it for the same forward. Shards follow
     ``torch.chunk``'s sizes (the first ranks one column more when D is not divisible)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        DTensor = ()  # noqa: N806
-    if isinstance(x, DTensor):
+    if isinstance(x, _dtensor_types()[0]):
         return x.full_tensor()
     if layout is None or x.shape[-1] == layout.width:
         return x
