@@ -451,30 +451,13 @@ class FFNTracker:
         watched = [i for i in range(len(self._sites)) if chosen.watches(i)]
         if self._owners is not None:
             return self._site_sharded_report(chosen, watched, metrics, spectra_dtype)
-        states = [chosen.states[i] for i in watched]
-        # A site whose width is still unknown (modules not Linear-like, no activation seen yet) gets
-        # empty width-1 stand-ins: NaN metrics and 0 tokens, and nothing is stored on the site.
-        pairs = [
-            (state.pre, state.post) if state.dim is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1))
-            for state in states
-        ]
+        pairs = self._pairs([chosen.states[i] for i in watched])
         if self.group != NO_REDUCTION and is_distributed(self.group):  # exact, each process decomposing its share
             values, kept, counts = sharded_metric_values(pairs, metrics, self.group, spectra_dtype)
         else:
             values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
             counts = [pre.count for pre, _ in pairs]
-        rows = [
-            {
-                "site": state.site.site,
-                "layer": state.site.layer,
-                "dim": int(state.dim or 0),
-                "tokens": int(count),
-                **row_values,
-            }
-            for state, count, row_values in zip(states, counts, values)
-        ]
-        eigenvalues = {state.site.site: pair for state, pair in zip(states, kept) if pair is not None}
-        return SpectralReport(rows=rows, eigenvalues=eigenvalues)
+        return self._report(watched, counts, values, kept)
 
     def _site_sharded_report(
         self, window: Window, watched: list[int], metrics: str, spectra_dtype: str
@@ -482,29 +465,39 @@ class FFNTracker:
         """Each process's own FFNs on its own tokens, every row gathered to every process."""
         me, world = rank(self.group), world_size(self.group)
         shares = [[i for i in watched if self._owners[i] == r] for r in range(world)]
-        pairs = [(window.states[i].pre, window.states[i].post) for i in shares[me]]
-        pairs = [
-            pair if pair[0] is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1)) for pair in pairs
-        ]
+        pairs = self._pairs([window.states[i] for i in shares[me]])
         values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
-        device = next((acc.device for pair in pairs for acc in pair if acc.device is not None), None)
-        if device is None:  # nothing measured here yet: gloo takes CPU tensors, NCCL the current GPU
-            device = common_device([CovarianceAccumulator(1)])
+        device = common_device([acc for pair in pairs for acc in pair])  # none measured here: the backend's
         dims = [d or 1 for d in self._dims]
         values, kept, counts = gather_rows(
             values, kept, [pre.count for pre, _ in pairs], shares, dims, metrics, device, self.group
         )
+        return self._report(
+            watched, [counts[i] for i in watched], [values[i] for i in watched], [kept[i] for i in watched]
+        )
+
+    @staticmethod
+    def _pairs(states: list[SiteWindow]) -> list[tuple[CovarianceAccumulator, CovarianceAccumulator]]:
+        """(pre, post) of each site. A site whose width is still unknown (modules not Linear-like, no
+        activation seen yet) gets empty width-1 stand-ins: NaN metrics and 0 tokens, nothing stored."""
+        return [
+            (state.pre, state.post) if state.dim is not None else (CovarianceAccumulator(1), CovarianceAccumulator(1))
+            for state in states
+        ]
+
+    def _report(self, indices: list[int], counts: list, values: list[dict], kept: list) -> SpectralReport:
+        """The report of sites ``indices`` from their token counts, metric values and spectra."""
         rows = [
             {
                 "site": self._sites[i].site,
                 "layer": self._sites[i].layer,
                 "dim": int(self._dims[i] or 0),
-                "tokens": counts[i],
-                **values[i],
+                "tokens": int(count),
+                **row_values,
             }
-            for i in watched
+            for i, count, row_values in zip(indices, counts, values)
         ]
-        eigenvalues = {self._sites[i].site: kept[i] for i in watched if kept[i] is not None}
+        eigenvalues = {self._sites[i].site: pair for i, pair in zip(indices, kept) if pair is not None}
         return SpectralReport(rows=rows, eigenvalues=eigenvalues)
 
     def __repr__(self) -> str:
