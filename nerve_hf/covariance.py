@@ -71,8 +71,9 @@ class CovarianceAccumulator:
     # ----------------------------------------------------------------- state
     def reset(self) -> None:
         """Forget every row seen so far (keeps dim and device)."""
-        self._n = 0  # rows merged on this process
-        self._skipped = 0  # non-finite rows dropped on this process
+        self._rows_read = 0  # rows merged on this process, as far as the host has read them
+        self._skipped_read = 0  # non-finite rows dropped on this process, likewise
+        self._pending: Optional[Tensor] = None  # [2] float64 on the device: rows, skipped not yet read
         self._mean: Optional[Tensor] = None  # [D] float64, allocated on first use
         self._m2: Optional[Tensor] = None  # [D, D] float64: Σ (x − μ)(x − μ)ᵀ
         self._global: Optional[tuple[int, int, Tensor, Tensor]] = None  # state after sync()
@@ -86,6 +87,37 @@ class CovarianceAccumulator:
     @property
     def device(self) -> Optional[torch.device]:
         return self._device
+
+    # Counts merged on the device (the sync-free path) stay there until something on the host reads
+    # them: reading costs one device-to-host copy, done when a result or a sync asks, never in update().
+    @property
+    def _n(self) -> int:
+        return self._read_pending()[0]
+
+    @_n.setter
+    def _n(self, value: int) -> None:
+        self._read_pending()
+        self._rows_read = value
+
+    @property
+    def _skipped(self) -> int:
+        return self._read_pending()[1]
+
+    @_skipped.setter
+    def _skipped(self, value: int) -> None:
+        self._read_pending()
+        self._skipped_read = value
+
+    def _read_pending(self) -> tuple[int, int]:
+        """(rows, skipped) with the device's pending counts folded in; warns once about skipped rows."""
+        if self._pending is not None:
+            rows, skipped = (int(value) for value in self._pending.tolist())  # the one host sync
+            self._pending = None
+            self._rows_read += rows
+            self._skipped_read += skipped
+            if skipped:
+                self._warn_nonfinite(skipped, rows + skipped, stacklevel=5)
+        return self._rows_read, self._skipped_read
 
     def _state(self) -> tuple[int, int, Optional[Tensor], Optional[Tensor]]:
         """(count, skipped, mean, m2): the synced totals after :meth:`sync`, else this process's."""
@@ -120,10 +152,30 @@ class CovarianceAccumulator:
                 raise ValueError(
                     f"mask shape {tuple(mask.shape)} must equal the leading shape of x {tuple(x.shape[:-1])}"
                 )
-            rows = x[mask.to(torch.bool)]  # [N, D]
+            mask = mask.to(torch.bool)
+        if x.device.type not in self.HOST_SYNC_DEVICE_TYPES:
+            keep = None if mask is None else mask.reshape(-1)  # [N]
+            self._update_on_device(x.reshape(-1, self.dim), keep)
         else:
-            rows = x.reshape(-1, self.dim)  # [N, D]
-        self._update_rows(rows)
+            self._update_rows(x[mask] if mask is not None else x.reshape(-1, self.dim))  # [N, D]
+
+    #: Device types on which :meth:`update` selects rows and checks them for NaN/Inf on the host (cheap
+    #: there). Elsewhere the mask and the finiteness test become row weights and the counts stay on
+    #: the device, so that an update never waits for the device (no ``bool(tensor)``, no ``nonzero``).
+    HOST_SYNC_DEVICE_TYPES: tuple[str, ...] = ("cpu",)
+
+    def _update_on_device(self, rows: Tensor, keep: Optional[Tensor]) -> None:
+        """Sync-free update: ``rows`` ``[N, D]``; ``keep`` ``[N]`` bool or None. Rows masked out or holding
+        NaN/Inf get weight 0; the dropped non-finite ones are counted on the device."""
+        if rows.shape[0] == 0:
+            return
+        finite = torch.isfinite(rows).all(dim=-1)  # [N]
+        weights = finite if keep is None else finite & keep  # [N] bool
+        n_b = weights.sum(dtype=torch.float64)  # device scalar
+        offered = rows.shape[0] if keep is None else keep.sum(dtype=torch.float64)
+        shift, remainder_sum, scatter = shifted_moments(rows, weights, n_b)
+        remainder = remainder_sum / n_b.clamp(min=1)  # [D] float64: batch mean − shift
+        self._merge_moments(n_b, shift.to(torch.float64) + remainder, scatter, remainder, offered - n_b)
 
     def _update_rows(self, rows: Tensor) -> None:
         if rows.shape[0] == 0:
@@ -142,38 +194,62 @@ class CovarianceAccumulator:
         finite = torch.isfinite(rows).all(dim=-1)  # [N]
         bad = int((~finite).sum())
         self._skipped += bad
+        self._warn_nonfinite(bad, rows.shape[0], stacklevel=5)
+        return rows[finite]
+
+    def _warn_nonfinite(self, bad: int, offered: int, stacklevel: int) -> None:
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
-                f"CovarianceAccumulator(dim={self.dim}): skipped {bad} of {rows.shape[0]} rows holding NaN "
+                f"CovarianceAccumulator(dim={self.dim}): skipped {bad} of {offered} rows holding NaN "
                 f"or Inf (further skips are counted in .skipped without a warning)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=stacklevel,
             )
-        return rows[finite]
 
-    def _merge_moments(self, n_b: int, mean_b: Tensor, m2_b: Tensor, remainder: Optional[Tensor] = None) -> None:
+    def _merge_moments(
+        self,
+        n_b: int | Tensor,
+        mean_b: Tensor,
+        m2_b: Tensor,
+        remainder: Optional[Tensor] = None,
+        skipped_b: Optional[Tensor] = None,
+    ) -> None:
         """Chan et al.'s parallel update of (n, μ, M2) with a batch's (n_b, μ_b, M2_b).
 
         ``m2_b`` may be a lower-precision scatter about ``μ_b − remainder`` instead of about ``μ_b``;
         its correction −n_b·remainder·remainderᵀ is then applied here in float64, in the same
-        rank-2 update as the merge's own δδᵀ term (one pass over the float64 state).
+        rank-2 update as the merge's own δδᵀ term (one pass over the float64 state). ``n_b`` is an
+        int, or a float64 device scalar on the sync-free path (``skipped_b`` then counts the dropped
+        rows), whose counts join ``_pending`` without being read.
         """
         self._global = None
         if self._mean is None:
             self._allocate(mean_b.device)
         mean_b, m2_b = mean_b.to(self._device), m2_b.to(self._device)
-        n_a = self._n
+        on_device = isinstance(n_b, Tensor)
+        if on_device:  # state in host memory (state_device="cpu"): the copy there is the one wait
+            n_b, skipped_b = n_b.to(self._device), torch.as_tensor(skipped_b).to(self._device)
+        n_a = self._rows_read + self._pending[0] if on_device and self._pending is not None else self._n
         n = n_a + n_b
         delta = mean_b - self._mean  # [D]
-        self._mean.add_(delta, alpha=n_b / n)
-        left, right = delta[:, None], delta[None, :] * (n_a * n_b / n)  # [D, 1], [1, D]
+        if on_device:  # tensor counts; a batch may be all masked, so n may be 0
+            weight_b = n_b / n.clamp(min=1)
+            self._mean.add_(delta * weight_b)
+        else:
+            weight_b = n_b / n
+            self._mean.add_(delta, alpha=weight_b)
+        left, right = delta[:, None], delta[None, :] * (n_a * weight_b)  # [D, 1], [1, D]
         if remainder is not None:
             remainder = remainder.to(self._device)
             left = torch.cat([left, remainder[:, None]], dim=1)  # [D, 2]
             right = torch.cat([right, remainder[None, :] * -n_b])  # [2, D]
         add_scatter_and_low_rank(self._m2, m2_b, left, right)
-        self._n = n
+        if on_device:
+            counts = torch.stack([n_b, skipped_b.to(torch.float64)])  # [2]
+            self._pending = counts if self._pending is None else self._pending + counts
+        else:
+            self._n = n
 
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
         """Fold another accumulator's rows into this one (as if they had been updated here)."""

@@ -79,7 +79,10 @@ def eigenvalues_batched(covariances: Sequence[Tensor], keep_dtype: bool = False)
 
 
 def _eigvalsh(stack: Tensor) -> Tensor:
-    """``torch.linalg.eigvalsh`` of ``[L, D, D]``, on the CPU in shares of the batch (:func:`_on_cpu_threads`)."""
+    """``torch.linalg.eigvalsh`` of ``[L, D, D]``, on the CPU in shares of the batch (:func:`_on_cpu_threads`),
+    on CUDA one matrix per stream (:func:`_on_cuda_streams`)."""
+    if stack.device.type == "cuda" and stack.shape[0] > 1 and stack.shape[-1] >= CUDA_STREAMS_MIN_DIM:
+        return _on_cuda_streams(torch.linalg.eigvalsh, stack)
     if stack.device.type != "cpu":
         return torch.linalg.eigvalsh(stack)
     shares = stack.tensor_split(min(torch.get_num_threads(), stack.shape[0]))
@@ -110,6 +113,39 @@ def _on_cpu_threads(function, items: Sequence) -> list:
             return list(pool.map(run, items))
     finally:
         torch.set_num_threads(threads)
+
+
+CUDA_STREAMS_MIN_DIM = 256  # below this cuSOLVER's batched Jacobi solver is used in one launch anyway
+CUDA_STREAMS = 8  # side streams (and host threads) for the decompositions of one batch
+
+
+def _on_cuda_streams(function, stack: Tensor) -> Tensor:
+    """``function`` of each matrix of ``stack`` ``[L, D, D]`` on CUDA side streams, each fed by its own
+    host thread.  -> [L, D]
+
+    cuSOLVER decomposes a batch one matrix after the other, a symmetric eigensolve of D in the
+    thousands is latency-bound (its tridiagonal reduction keeps the GPU far from busy), and each call
+    waits on the host for its status word. So up to :data:`CUDA_STREAMS` threads, each with a stream
+    of its own, take the matrices in turn, and their solves overlap. The streams start after the work
+    queued so far and the caller's stream waits for all of them before the results are used.
+    """
+    caller = torch.cuda.current_stream(stack.device)
+    streams = [torch.cuda.Stream(stack.device) for _ in range(min(CUDA_STREAMS, stack.shape[0]))]
+    for stream in streams:
+        stream.wait_stream(caller)
+
+    def run(index: int) -> Tensor:
+        stream = streams[index % len(streams)]
+        with torch.cuda.stream(stream):
+            values = function(stack[index])  # [D]
+        values.record_stream(caller)  # the caller reads it after the streams' work
+        return values
+
+    with ThreadPoolExecutor(len(streams), thread_name_prefix="nerve-eigvalsh-cuda") as pool:
+        spectra = list(pool.map(run, range(stack.shape[0])))
+    for stream in streams:
+        caller.wait_stream(stream)
+    return torch.stack(spectra)
 
 
 def participation_ratio_from_covariance(covariance: Tensor) -> Tensor:

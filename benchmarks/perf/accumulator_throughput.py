@@ -16,7 +16,10 @@ What "the bare GEMM" is for each input:
   timed), which is the headline ``ratio``. The rows also report ``ratio_vs_bare``: against
   ``x.T @ x`` on the bf16 tensor itself, i.e. what the hardware does for that input (CUDA: tensor-core
   bf16 GEMM with fp32 accumulation, 10-15x faster than fp32 on an H100; CPU: oneDNN/MKL bf16 GEMM, fast
-  only on CPUs with AVX512-BF16/AMX), which exactness gives up.
+  only on CPUs with AVX512-BF16/AMX), which exactness gives up. On CUDA our path multiplies the
+  fp32-centred rows by the three-part bf16 split of :func:`nerve_hf.scatter.split_gram` (four
+  tensor-core GEMMs, fp32-class error), so there ``ratio_vs_bare`` is at most about 1/4 and
+  ``ratio`` (against the IEEE fp32 GEMM) can exceed 1.
 
 Run: ``python benchmarks/perf/accumulator_throughput.py --device auto [--quick]``
 """

@@ -5,6 +5,8 @@ have), timed with ``torch.utils.benchmark.Timer``:
 
 * ``batched_f64``: one ``torch.linalg.eigvalsh`` on ``[L, D, D]`` float64 (what FFNTracker.compute does).
 * ``loop_f64``: L separate calls.
+* ``ours_f64``: what ``nerve_hf.spectra`` calls: on the CPU the batch spread over threads, on CUDA one
+  matrix per side stream (each fed by its own host thread) from D = 256 on.
 * ``batched_f32``: the same in float32, with the error it makes in SE and PR against float64.
 * ``pr_trace``: ``participation_ratio_from_covariance`` (tr(Σ)² / ‖Σ‖²_F) on the float64 stack, and its
   agreement with PR from the float64 eigenvalues.
@@ -21,7 +23,7 @@ from _common import add_common_args, apply_threads, devices, write_result
 from torch.utils.benchmark import Timer
 
 from nerve_hf.metrics import participation_ratio, spectral_entropy
-from nerve_hf.spectra import participation_ratio_from_covariance
+from nerve_hf.spectra import _eigvalsh, participation_ratio_from_covariance
 
 
 def covariances(layers: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -51,11 +53,12 @@ def bench(device: torch.device, layers: int, dim: int, quick: bool) -> dict:
     stack = covariances(layers, dim, device)
     env = {"torch": torch, "stack": stack, "stack32": stack.float(), "pr": participation_ratio_from_covariance}
     budget = 0.2 if quick else 1.0
-    env["eigvalsh"] = torch.linalg.eigvalsh
+    env["eigvalsh"], env["ours"] = torch.linalg.eigvalsh, _eigvalsh
     torch.linalg.eigvalsh(stack[:1])  # warm-up (cuSOLVER handles, LAPACK workspaces)
     t = {
         "batched_f64": timed("eigvalsh(stack)", env, budget),
         "loop_f64": timed("for m in stack:\n    eigvalsh(m)", env, budget),
+        "ours_f64": timed("ours(stack)", env, budget),
         "batched_f32": timed("eigvalsh(stack32)", env, budget),
         "pr_trace_f64": timed("pr(stack)", env, budget),
     }
@@ -69,6 +72,7 @@ def bench(device: torch.device, layers: int, dim: int, quick: bool) -> dict:
         "dim": dim,
         "seconds": t,
         "speedup_batched_vs_loop": t["loop_f64"] / t["batched_f64"],
+        "speedup_ours_vs_batched": t["batched_f64"] / t["ours_f64"],
         "speedup_f32_vs_f64": t["batched_f64"] / t["batched_f32"],
         "speedup_pr_trace_vs_eigvalsh_f64": t["batched_f64"] / t["pr_trace_f64"],
         "f32_max_rel_err_pr": float(((pr32 - pr64).abs() / pr64).max()),
@@ -78,7 +82,8 @@ def bench(device: torch.device, layers: int, dim: int, quick: bool) -> dict:
     }
     print(
         f"{device.type} L={layers:<2} D={dim:<5}: batched f64 {t['batched_f64'] * 1e3:9.1f} ms, loop "
-        f"{t['loop_f64'] * 1e3:9.1f} ms, batched f32 {t['batched_f32'] * 1e3:9.1f} ms, PR by trace "
+        f"{t['loop_f64'] * 1e3:9.1f} ms, ours {t['ours_f64'] * 1e3:9.1f} ms, batched f32 "
+        f"{t['batched_f32'] * 1e3:9.1f} ms, PR by trace "
         f"{t['pr_trace_f64'] * 1e3:7.2f} ms (rel err {result['pr_trace_max_rel_err_vs_eigvalsh']:.1e}); "
         f"f32 rel err PR {result['f32_max_rel_err_pr']:.1e} SE {result['f32_max_rel_err_se']:.1e}",
         flush=True,

@@ -112,15 +112,16 @@ def probe(r: dict) -> list[str]:
 
 def eigen(r: dict) -> list[str]:
     out = [
-        "| L | D | batched f64 ms | loop f64 ms | batched/loop speedup | f32 speedup | f32 rel err PR / SE "
-        "| PR by trace ms | trace speedup | trace rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| L | D | batched f64 ms | loop f64 ms | batched/loop speedup | nerve_hf f64 ms | f32 speedup "
+        "| f32 rel err PR / SE | PR by trace ms | trace speedup | trace rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["results"]:
         s = row["seconds"]
+        ours = f"{s['ours_f64'] * 1e3:.1f}" if "ours_f64" in s else "—"  # files measured before it existed
         out.append(
             f"| {row['layers']} | {row['dim']} | {s['batched_f64'] * 1e3:.1f} | {s['loop_f64'] * 1e3:.1f} | "
-            f"{row['speedup_batched_vs_loop']:.2f} | {row['speedup_f32_vs_f64']:.2f} | "
+            f"{row['speedup_batched_vs_loop']:.2f} | {ours} | {row['speedup_f32_vs_f64']:.2f} | "
             f"{row['f32_max_rel_err_pr']:.1e} / {row['f32_max_rel_err_se']:.1e} | {s['pr_trace_f64'] * 1e3:.2f} | "
             f"{row['speedup_pr_trace_vs_eigvalsh_f64']:.0f}x | {row['pr_trace_max_rel_err_vs_eigvalsh']:.0e} |"
         )
