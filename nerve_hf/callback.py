@@ -70,6 +70,23 @@ def _eval_prefix(logs: dict) -> Optional[str]:
     return None
 
 
+def _beyond_rows(report: SpectralReport, row: dict) -> dict:
+    """What the options beyond the paper add to a site's JSONL record: ``positions`` (its bucket rows) and,
+    towards the next layer, ``cka_next``, ``js_pre_next`` and ``js_post_next``; nothing when they are off."""
+    extra = {}
+    if report.positions:
+        extra["positions"] = [
+            {k: v for k, v in bucket.items() if k not in ("site", "layer", "dim")}
+            for bucket in report.positions
+            if bucket["site"] == row["site"]
+        ]
+    prefix = f"nerve/{row['site']}/"
+    for key, value in report.to_log_dict().items() if report.cross_layer else ():
+        if key.startswith(prefix) and key.endswith("_next"):
+            extra[key[len(prefix) :]] = value
+    return extra
+
+
 def _never_raises(lost: str):
     """Event handler decorator: an exception warns once per handler, saying ``lost``, and is swallowed."""
 
@@ -116,6 +133,25 @@ class NerveCallback(TrainerCallback):
     ``trainer.add_callback(NerveCallback(...))``; nothing else is needed for the metrics to reach
     ``state.log_history``, every ``report_to`` integration and ``<output_dir>/nerve_metrics.jsonl``.
     The callback never stops training: a failed measurement warns and logs NaN.
+
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
+    >>> _ = torch.manual_seed(0)
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=50))
+    >>> data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 50, (8, 16))]
+    >>> out = tempfile.TemporaryDirectory()
+    >>> args = TrainingArguments(out.name, max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+    ...                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[NerveCallback(every_n_steps=1)])
+    >>> trainer.remove_callback(PrinterCallback)  # keeps this example's output to what it checks
+    >>> _ = trainer.train()
+    >>> [(log["step"], 1 <= log["nerve/mean/pr_pre"] <= 128) for log in trainer.state.log_history if "loss" in log]
+    [(1, True), (2, True)]
+    >>> records = [json.loads(line) for line in (Path(out.name) / "nerve_metrics.jsonl").open()]
+    >>> [(r["step"], r["site"], r["tokens"]) for r in records]
+    [(1, 'ffn.0', 64), (1, 'ffn.1', 64), (2, 'ffn.0', 64), (2, 'ffn.1', 64)]
+    >>> out.cleanup()
     """
 
     def __init__(self, config: Optional[NerveConfig] = None, *, adapter=None, **options) -> None:
@@ -239,6 +275,9 @@ class NerveCallback(TrainerCallback):
                 windows=windows,
                 site_sharded=self.config.site_sharded,
                 state_device=self.config.state_device,
+                flow=self.config.flow,
+                position_buckets=self.config.position_buckets,
+                cross_layer=self.config.cross_layer,
             )
             self._eval_count = 0
         except (MemoryBudgetError, LayerRangeError) as error:
@@ -338,8 +377,8 @@ class NerveCallback(TrainerCallback):
             logs = {k: v for k, v in logs.items() if k.startswith(f"{prefix}nerve/mean/")}
         if self.config.layers_per_step is not None:  # a mean over this step's group only: not logged
             logs = {k: v for k, v in logs.items() if not k.startswith(f"{prefix}nerve/mean/")}
-        if self.config.metrics == "pr":
-            logs = {k: v for k, v in logs.items() if k.endswith(("/pr_pre", "/pr_post"))}
+        if self.config.metrics == "pr":  # only what the trace identity gives (and CKA, which needs no spectrum)
+            logs = {k: v for k, v in logs.items() if k.rpartition("/")[2].startswith(("pr_", "cka_"))}
         return logs
 
     def _records_path(self, args) -> Optional[Path]:
@@ -357,7 +396,10 @@ class NerveCallback(TrainerCallback):
         path = self._records_path(args)
         if path is None:
             return
-        records = [{"step": state.global_step, "split": split, "sites": len(report.rows), **row} for row in report.rows]
+        records = [
+            {"step": state.global_step, "split": split, "sites": len(report.rows), **row, **_beyond_rows(report, row)}
+            for row in report.rows
+        ]
         try:
             append_records(path, records)
         except OSError as error:

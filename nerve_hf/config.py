@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .coherence import position_bucket_list
 from .options import (
     Validated,
     boolean,
@@ -97,6 +98,27 @@ class NerveConfig(Validated):
         "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",
         one_of(("all", "pr")),
         choices=["all", "pr"],
+    )
+
+    flow: bool = option(
+        False,
+        "Also the spectra of each FFN's d-wide input and output (input -> pre -> post -> output: SE/PR/EEE per "
+        "stage, JS between consecutive stages): 2 more d x d states per FFN; off by default (see docs/coherence.md "
+        "for its cost).",
+        boolean,
+    )
+    position_buckets: Optional[list[int]] = option(
+        None,
+        "Token-position bucket edges such as [0, 16, 64]: metrics per bucket [e_i, e_i+1) (the last open), logged as "
+        "nerve/<site>/<metric>.pos<bucket>; one more pre/post state pair per bucket and FFN. None: off.",
+        optional(position_bucket_list),
+    )
+    cross_layer: Optional[str] = option(
+        None,
+        "'adjacent' (or 'all' pairs): JS between the spectra of consecutive layers and linear CKA of their FFN "
+        "inputs, logged as nerve/<site>/cka_next, js_pre_next, js_post_next; d x d per pair. None: off.",
+        optional(one_of(("adjacent", "all"))),
+        choices=["adjacent", "all"],
     )
 
     def __post_init__(self) -> None:

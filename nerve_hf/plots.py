@@ -17,6 +17,9 @@ __all__ = [
     "plot_layer_metrics",
     "plot_js",
     "plot_spectra",
+    "plot_flow",
+    "plot_position_buckets",
+    "plot_cross_layer",
     "plot_trajectories",
     "plot_heatmaps",
     "plot_metric_vs_loss",
@@ -127,6 +130,116 @@ def plot_spectra(eigenvalues: dict, sites: list[str], title: str | None = None):
     axes[0].set_ylabel("eigenvalue")
     if title:
         figure.suptitle(title)
+    return figure
+
+
+def plot_flow(rows, title: str | None = None):
+    """Variance flow through each FFN (``flow=True`` rows): SE, PR and EEE at input -> pre -> post -> output,
+    one line per layer (colour = depth), and JS between consecutive stages per layer."""
+    from matplotlib import colormaps
+
+    frame = _frame(rows)
+    stages = ("input", "pre", "post", "output")
+    figure = _figure(16, 3.8)
+    axes = figure.subplots(1, 4)
+    cmap = colormaps["viridis"]
+    groups = _families(frame)
+    for ax, (key, label) in zip(axes, _PAIRS):
+        for name, group in groups:
+            for k, (_, row) in enumerate(group.iterrows()):
+                suffix = f" ({name})" if len(groups) > 1 else ""
+                ax.plot(
+                    range(4),
+                    [row[f"{key}_{stage}"] for stage in stages],
+                    marker="o",
+                    color=cmap(k / max(len(group) - 1, 1)),
+                    label=f"layer {row['layer']}{suffix}" if len(group) <= 12 else None,
+                )
+        ax.set_xticks(range(4), stages)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=2)
+    ax = axes[3]
+    for name, group in groups:
+        suffix = f" ({name})" if len(groups) > 1 else ""
+        for column, label in (
+            ("js_input_pre", "input -> pre"),
+            ("js", "pre -> post"),
+            ("js_post_output", "post -> output"),
+        ):
+            ax.plot(group["layer"], group[column], marker="o", label=label + suffix)
+    _integer_axis(ax)
+    ax.set_xlabel("layer")
+    ax.set_title("JS between consecutive stages")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    figure.suptitle(title or "variance flow through the FFN: input -> pre -> post -> output")
+    return figure
+
+
+def plot_position_buckets(positions, title: str | None = None):
+    """Each metric against the position bucket, one line per layer (``SpectralReport.positions``)."""
+    from matplotlib import colormaps
+
+    frame = _frame(positions)
+    buckets = list(dict.fromkeys(frame["bucket"]))
+    sites = list(dict.fromkeys(frame["site"]))
+    figure, axes = _grid(len(METRIC_NAMES))
+    cmap = colormaps["viridis"]
+    for ax, name in zip(axes, METRIC_NAMES):
+        for k, site in enumerate(sites):
+            series = frame[frame["site"] == site].set_index("bucket").reindex(buckets)
+            ax.plot(
+                range(len(buckets)),
+                series[name],
+                marker="o",
+                color=cmap(k / max(len(sites) - 1, 1)),
+                label=site if len(sites) <= 12 else None,
+            )
+        ax.set_xticks(range(len(buckets)), buckets, fontsize=7, rotation=30)
+        ax.set_xlabel("token positions")
+        ax.set_title(METRIC_LABELS[name])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=2)
+    figure.suptitle(title or "NerVE metrics per position bucket")
+    return figure
+
+
+def plot_cross_layer(rows, cross_rows, title: str | None = None):
+    """Depth x depth heatmaps of linear CKA between FFN inputs and of JS between the pre and the post
+    spectra of two layers (``SpectralReport.cross_layer``), one row of panels per site family."""
+    import numpy as np
+
+    from .coherence import layer_matrix
+
+    families = list(dict.fromkeys(family(row["site"]) for row in rows))
+    figure = _figure(14, 4.4 * len(families))
+    grid = figure.subplots(len(families), 3, squeeze=False)
+    panels = (
+        ("cka", "linear CKA of FFN inputs", "viridis"),
+        ("js_pre", "JS(pre_a, pre_b)", "magma"),
+        ("js_post", "JS(post_a, post_b)", "magma"),
+    )
+    for axes, name in zip(grid, families):
+        for ax, (key, label, cmap) in zip(axes, panels):
+            matrix = layer_matrix(rows, cross_rows, key, family=name)
+            values = matrix.to_numpy(dtype=float)
+            layers = list(matrix.index)
+            image = ax.imshow(values, interpolation="nearest", cmap=cmap, vmin=0.0, vmax=1.0 if key == "cka" else None)
+            figure.colorbar(image, ax=ax, shrink=0.8)
+            if len(layers) <= 8:  # few layers: the values themselves
+                for i, j in np.ndindex(values.shape):
+                    if math.isfinite(values[i, j]) and i != j:
+                        text = f"{values[i, j]:.3f}" if key == "cka" else f"{values[i, j]:.1e}"
+                        color = "black" if image.norm(values[i, j]) > 0.5 else "white"  # light colours are high
+                        ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+            ticks = sorted(set(int(round(i)) for i in _even_ticks(len(layers), 12)))
+            ax.set_xticks(ticks, [str(layers[i]) for i in ticks], fontsize=7)
+            ax.set_yticks(ticks, [str(layers[i]) for i in ticks], fontsize=7)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("layer")
+            ax.set_title(label + (f" ({name})" if len(families) > 1 else ""))
+    figure.suptitle(title or "cross-layer coherence")
     return figure
 
 

@@ -19,6 +19,7 @@ keeping them in one class keeps that state in one place. Pure helpers live in
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Iterable, Sequence
 
@@ -30,10 +31,12 @@ from model_adapters import Adapter, ResolvedSite
 
 from . import spectra
 from .budget import MemoryBudgetError, covariance_state_bytes, format_mib
-from .covariance import CovarianceAccumulator, common_device
+from .coherence import CROSS_LAYER_CHOICES, bucket_labels, check_buckets, flow_values, layer_pairs, padded_js
+from .covariance import CovarianceAccumulator, common_device, sync_accumulators
+from .cross_covariance import linear_cka, sync_cross_accumulators
 from .distributed import is_distributed, rank, world_size
 from .hook_inputs import batch_size, check_no_replicating_data_parallel, eager, first_tensor, in_backward, mask_position
-from .options import optional, positive_number, token_cap
+from .options import boolean, optional, positive_number, token_cap
 from .sharded_spectra import assign_owners, gather_rows, sharded_metric_values
 from .spectral_report import SpectralReport
 from .tensor_parallel import NO_REDUCTION, data_parallel_group, full_width, modules_under_fsdp, sharded_width
@@ -52,10 +55,10 @@ class FFNTracker:
         adapter: where the FFNs are; ``None`` asks :func:`model_adapters.get_adapter`.
         layers: block indices to track (negative counts from the end); ``None`` tracks all.
         max_tokens: per site, count at most this many tokens per window (first come); ``None``: all.
-        when, keep_samples, staged: the one window's options (see :class:`nerve_hf.windows.Window`):
-            ``when`` picks the top-level forwards that count (e.g. ``lambda m: not m.training``),
-            ``keep_samples`` how many leading samples of each, ``staged`` keeps only the last forward
-            until :meth:`commit`.
+        when: which top-level forwards count (e.g. ``lambda m: not m.training``); ``None``: all. With
+            ``keep_samples`` and ``staged``, the one window's options (see :class:`nerve_hf.windows.Window`).
+        keep_samples: how many leading samples of each counted forward count (a function of its batch size).
+        staged: keep only the last forward until :meth:`commit`.
         windows: several named :class:`~nerve_hf.windows.Window` s instead (then leave ``when``,
             ``keep_samples``, ``staged`` unset); each forward is recorded by the first that accepts it,
             and :meth:`compute`, :meth:`reset`, :meth:`commit`, :meth:`rotate` take the window's name.
@@ -70,8 +73,20 @@ class FFNTracker:
         memory_budget_mb: refuse (:class:`MemoryBudgetError`, a ``ValueError``) at construction, before
             anything is allocated, when the float64 covariance state of one window's watched FFNs
             (its largest round-robin group), 2 × (D² + D) × 8 bytes each, would exceed this many MiB;
-            ``None``: no limit.
+            ``None``: no limit. With the options below the state per FFN is
+            ``[(1 + B) × 2 × (D² + D) + s × (d² + d)] × 8`` bytes, plus ``(d² + 2d) × 8`` per layer pair,
+            for B position buckets and s = 2 with ``flow`` (input, output), 1 with only ``cross_layer``.
             :meth:`compute` needs, transiently, about 4 x min(that state, 1 GiB or one FFN's D² x 8).
+        flow: also the d-wide FFN input (the up/gate projection's input) and output (the down projection's
+            output): rows gain :data:`~nerve_hf.coherence.FLOW_KEYS` (SE/PR/EEE per stage, JS input -> pre
+            and post -> output over zero-padded spectra) and the report ``flow_eigenvalues``.
+        position_buckets: strictly increasing token positions ``[0, 16, 64, ...]``: one (pre, post) pair
+            of accumulators per bucket [e_i, e_{i+1}) (the last is open) beside the overall pair, reported in
+            ``report.positions``. A token's position is the number of real (``attention_mask``) tokens before
+            it in its sequence, so left padding does not shift it; without a mask, its index in the sequence.
+        cross_layer: ``"adjacent"`` (consecutive tracked layers of a family) or ``"all"`` (every pair):
+            ``report.cross_layer`` rows with JS between the two layers' pre spectra and post spectra and
+            the linear CKA of their FFN inputs, from a streaming cross-covariance per pair; ``None``: off.
 
     Use as a context manager; hooks exist only inside ``with tracker:`` and are removed on exit, also
     when an exception leaves the block. Accumulated statistics persist across ``with`` blocks until
@@ -107,8 +122,18 @@ class FFNTracker:
         group=None,
         site_sharded: bool = False,
         state_device: torch.device | str | None = None,
+        flow: bool = False,
+        position_buckets: Sequence[int] | None = None,
+        cross_layer: str | None = None,
     ) -> None:
         max_tokens = optional(token_cap)("max_tokens", max_tokens)  # the checks NerveConfig's fields use
+        flow = boolean("flow", flow)
+        self.position_buckets = check_buckets(position_buckets)
+        if cross_layer is not None and cross_layer not in CROSS_LAYER_CHOICES:
+            raise ValueError(f"cross_layer must be one of {CROSS_LAYER_CHOICES} or None, got {cross_layer!r}")
+        self.flow, self.cross_layer = flow, cross_layer
+        # Extra d-wide stages recorded per FFN: input and output for flow; input alone feeds the CKA.
+        self._stages = ("input", "output") if flow else ("input",) if cross_layer is not None else ()
         memory_budget_mb = optional(positive_number)("memory_budget_mb", memory_budget_mb)
         check_no_replicating_data_parallel(model)
         self.model = model
@@ -138,17 +163,28 @@ class FFNTracker:
         sharded = [layout for pair in self._layouts for layout in pair.values() if layout is not None]
         self.group = data_parallel_group(sharded) if sharded and group is None else group
         self._dims = [self._site_dim(site) for site in self._sites]  # None: known at the first activation
+        self._stage_dims = [self._io_dims(site) for site in self._sites]  # stage -> d, or None
+        self._layer_pairs = layer_pairs(self._sites, cross_layer)
         self._owners: list[int] | None = None  # site_sharded: the process that measures each site
         if site_sharded and self.group != NO_REDUCTION and is_distributed(self.group):
+            if self._stages or self.position_buckets is not None:
+                raise ValueError("site_sharded does not support flow, position_buckets or cross_layer yet")
             self._owners = assign_owners([d or 1 for d in self._dims], world_size(self.group), power=2)
+        buckets = len(self.position_buckets) if self.position_buckets is not None else 0
         for window in windows:
-            window.bind(self._sites, self._dims, state_device)
+            window.bind(
+                self._sites, self._dims, state_device, self._stages, self._stage_dims, buckets, self._layer_pairs
+            )
         self._check_budget()
         self._mask_position = mask_position(self.root)
         self._handles: list = []
         self._depth = 0  # nesting of top-level forwards currently running
         self._mask: Tensor | None = None  # [B, T] bool of the running top-level forward
         self._rows: dict[torch.device, Tensor] = {}  # device -> flat indices of the mask's True rows
+        self._positions: dict[tuple, Tensor | None] = {}  # (device, shape) -> positions of the selected rows
+        self._inputs: dict[int, Tensor] = {}  # cross_layer: site -> its input rows in the running forward
+        self._partners = {i: [b for a, b in self._layer_pairs if a == i] for i in range(len(self._sites))}
+        self._edge_tensors: dict[torch.device, Tensor] = {}  # position_buckets' edges per device
         self._warned: set[str] = set()
         self._recorded = False  # did any site record during the running top-level forward?
         self._compiled = any("_orig_mod" in module._modules for module in model.modules())
@@ -157,6 +193,7 @@ class FFNTracker:
         self._begin_hook = eager(self._forward_begins)
         self._end_hook = eager(self._forward_ends)
         self._site_hooks = [(eager(self._pre_hook(i)), eager(self._post_hook(i))) for i in range(len(self._sites))]
+        self._stage_hooks = [(eager(self._input_hook(i)), eager(self._output_hook(i))) for i in range(len(self._sites))]
 
     # ------------------------------------------------------------------ sites
     @staticmethod
@@ -177,6 +214,13 @@ class FFNTracker:
                 f"{post_dims[0]}) differ; the adapter does not describe one FFN (fused projection? set pre_chunk)"
             )
         return pre_width
+
+    def _io_dims(self, site: ResolvedSite) -> dict:
+        """Widths of the extra stages this tracker records: input = the pre module's input width,
+        output = the post module's output width (None where unreadable: known at the first activation)."""
+        pre_dims, post_dims = model_adapters.linear_dims(site.pre), model_adapters.linear_dims(site.post)
+        widths = {"input": pre_dims[0] if pre_dims else None, "output": post_dims[1] if post_dims else None}
+        return {stage: widths[stage] for stage in self._stages}
 
     def _width_seen(self, index: int, width: int) -> None:
         """Site ``index``'s width is known only from its first activation: check the budget, then give
@@ -200,6 +244,9 @@ class FFNTracker:
             key=covariance_state_bytes,
         )
         needed = covariance_state_bytes(dims)
+        if self._stages or self.position_buckets is not None:
+            self._check_extended_budget()
+            return
         if needed > self.memory_budget_mb * 2**20:
             widths = sorted(set(dims))
             raise MemoryBudgetError(
@@ -207,6 +254,33 @@ class FFNTracker:
                 f"{format_mib(needed)} MiB of float64 covariance state (2 x (D^2 + D) x 8 bytes per FFN), over "
                 f"memory_budget_mb={self.memory_budget_mb:,g}. Track fewer FFNs (layers=[...]; NerveCallback's "
                 f"layers_per_step measures a few per step) or raise the budget."
+            )
+
+    def _state_bytes(self, indices: list[int]) -> int:
+        """float64 state of sites ``indices`` (widths known so far) with flow, buckets and layer pairs."""
+        buckets = len(self.position_buckets) if self.position_buckets is not None else 0
+        total = 0
+        for i in indices:
+            if self._dims[i] is not None:
+                total += (1 + buckets) * covariance_state_bytes([self._dims[i]])
+            total += sum((d * d + d) * 8 for d in self._stage_dims[i].values() if d is not None)
+        chosen = set(indices)
+        for a, b in self._layer_pairs:
+            da, db = self._stage_dims[a].get("input"), self._stage_dims[b].get("input")
+            if a in chosen and b in chosen and da is not None and db is not None:
+                total += (da * db + da + db) * 8
+        return total
+
+    def _check_extended_budget(self) -> None:
+        groups = [group for window in self._windows.values() for group in window.groups]
+        needed = max(self._state_bytes([i for i in group if self._owns(i)]) for group in groups)
+        if needed > self.memory_budget_mb * 2**20:
+            raise MemoryBudgetError(
+                f"FFNTracker: tracking {len(self._sites)} FFNs needs {format_mib(needed)} MiB of float64 state "
+                f"([(1 + B) x 2 x (D^2 + D) + s x (d^2 + d)] x 8 bytes per FFN with "
+                f"B={len(self.position_buckets or ())} position buckets and s={len(self._stages)} flow stages, "
+                f"plus (d^2 + 2d) x 8 per layer pair), over "
+                f"memory_budget_mb={self.memory_budget_mb:,g}. Track fewer FFNs or buckets, or raise the budget."
             )
 
     def _owns(self, index: int) -> bool:
@@ -250,6 +324,11 @@ class FFNTracker:
             for site, (pre_hook, post_hook) in zip(self._sites, self._site_hooks):
                 self._handles.append(site.pre.register_forward_hook(pre_hook))
                 self._handles.append(site.post.register_forward_pre_hook(post_hook, with_kwargs=True))
+            for site, (input_hook, output_hook) in zip(self._sites, self._stage_hooks):
+                if "input" in self._stages:
+                    self._handles.append(site.pre.register_forward_pre_hook(input_hook, with_kwargs=True))
+                if "output" in self._stages:
+                    self._handles.append(site.post.register_forward_hook(output_hook))
         except BaseException:
             self.detach()
             raise
@@ -261,6 +340,7 @@ class FFNTracker:
         for handle in handles:
             handle.remove()
         self._depth, self._mask, self._rows, self._keep, self._window = 0, None, {}, None, None
+        self._positions, self._inputs = {}, {}
 
     def __enter__(self) -> "FFNTracker":
         return self.attach()
@@ -274,6 +354,7 @@ class FFNTracker:
             self._window = next((w for w in self._windows.values() if w.accepts(module)), None)
             self._mask = self._find_mask(args, kwargs) if self._window is not None else None
             self._rows, self._recorded, self._keep = {}, False, None
+            self._positions, self._inputs = {}, {}
             if self._window is not None:
                 self._window.begin_forward()
                 if self._window.keep_samples is not None:
@@ -284,6 +365,7 @@ class FFNTracker:
         if self._depth == 0:
             recorded_by, self._window = self._window, None
             self._mask, self._rows, self._keep = None, {}, None
+            self._positions, self._inputs = {}, {}
             if self._compiled and self._handles and recorded_by is not None and not self._recorded and self._sites:
                 self._warn_once(
                     "compiled",
@@ -303,6 +385,19 @@ class FFNTracker:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args and isinstance(args[0], Tensor) else first_tensor(kwargs)
             self._record(index, "post", x)
+
+        return hook
+
+    def _input_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args and isinstance(args[0], Tensor) else first_tensor(kwargs)
+            self._record(index, "input", x)
+
+        return hook
+
+    def _output_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            self._record(index, "output", first_tensor(output))
 
         return hook
 
@@ -342,8 +437,9 @@ class FFNTracker:
         else:
             self._keep = keep
 
-    def _select(self, x: Tensor) -> Tensor:
-        """The rows of ``x`` ([..., D]) that are real tokens, flattened to [N, D]."""
+    def _select(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The rows of ``x`` ([..., D]) that are real tokens: ([N, D], None), or on devices where
+        reading the mask would wait for the device, all rows ([B*T, D]) and the mask ([B*T] bool)."""
         if self._mask is None and self._keep is not None:
             if x.ndim < 3:
                 self._warn_once(
@@ -355,7 +451,7 @@ class FFNTracker:
                 x = x[: self._keep]  # [keep, T, D]
         flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
         if self._mask is None:
-            return flat
+            return flat, None
         # [B, T, D], or [B*T, D] for models that flatten tokens before the FFN (OPT)
         if tuple(x.shape[:-1]) not in (tuple(self._mask.shape), (self._mask.numel(),)):
             self._warn_once(
@@ -363,11 +459,28 @@ class FFNTracker:
                 f"FFNTracker: attention_mask {tuple(self._mask.shape)} does not match activations "
                 f"{tuple(x.shape)}; counting all their rows",
             )
-            return flat
+            return flat, None
         rows = self._rows.get(x.device)
+        if x.device.type not in CovarianceAccumulator.HOST_SYNC_DEVICE_TYPES:  # no nonzero(): it waits
+            if rows is None:
+                rows = self._rows[x.device] = self._mask.reshape(-1).to(x.device)  # [B*T] bool
+            return flat, rows
         if rows is None:
             rows = self._rows[x.device] = self._mask.reshape(-1).nonzero().squeeze(1).to(x.device)  # [N]
-        return flat.index_select(0, rows)  # [N, D]
+        return flat.index_select(0, rows), None  # [N, D]
+
+    def _cap_tokens(self, state, side: str, rows: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Apply ``max_tokens`` to this forward's rows (``[N, D]``, with ``keep`` ``[N]`` bool or None)."""
+        if rows.device.type in CovarianceAccumulator.HOST_SYNC_DEVICE_TYPES:
+            room = max(self.max_tokens - state.offered[side], 0)
+            state.offered[side] += rows.shape[0]
+            return rows[:room], None
+        # On the device: the rows offered so far stay a device count, and the cap becomes part of the mask.
+        if keep is None:
+            keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+        offered = state.offered[side] + keep.cumsum(0)  # [N]: rows offered up to and including each
+        state.offered[side] = offered[-1]
+        return rows, keep & (offered <= self.max_tokens)
 
     def _record(self, index: int, side: str, x: Tensor | None) -> None:
         window = self._window
@@ -384,21 +497,103 @@ class FFNTracker:
                 )
             return
         with torch.no_grad(), torch.inference_mode(False), torch.autocast(x.device.type, enabled=False):
-            x = full_width(x.detach(), self._layouts[index][side])  # tensor-parallel slices gathered
+            x = full_width(x.detach(), self._layouts[index].get(side))  # tensor-parallel slices gathered
             site = self._sites[index]
             if side == "pre" and site.pre_chunk is not None:
                 part, chunks = site.pre_chunk
                 x = x.chunk(chunks, dim=-1)[part]  # Phi-3: the gate half of gate_up_proj
-            rows = self._select(x)  # [N, D]
+            rows, keep = self._select(x)  # [N, D], [N] bool or None (input/output: d wide)
             state = window.states[index]
-            if state.dim is None:  # modules whose widths could not be read at construction
+            if side in ("pre", "post") and state.dim is None:  # widths that could not be read at construction
                 self._width_seen(index, rows.shape[-1])
+            elif side not in ("pre", "post") and state.accumulator(side) is None:
+                self._stage_width_seen(index, side, rows.shape[-1])
             if self.max_tokens is not None:
-                room = max(self.max_tokens - state.offered[side], 0)
-                state.offered[side] += rows.shape[0]
-                rows = rows[:room]
-            state.accumulator(side).update(rows)
+                rows, keep = self._cap_tokens(state, side, rows, keep)
+            state.accumulator(side).update(rows, keep)
+            if state.buckets and side in ("pre", "post"):
+                self._update_buckets(state, side, x, rows, keep)
+            if side == "input" and self._layer_pairs:
+                self._update_cross(window, index, rows, keep)
             self._recorded = True
+
+    def _select_positions(self, x: Tensor) -> Tensor | None:
+        """The position of each row :meth:`_select` returns for ``x``: ``[N]`` int64, or None when the
+        activations do not show their sequence axis (flat rows without an attention mask).
+
+        With a mask, a token's position is the number of real tokens before it in its sequence
+        (``attention_mask.cumsum(-1) - 1``); without one, its index along the sequence axis (dim -2)."""
+        key = (x.device, tuple(x.shape))
+        if key in self._positions:
+            return self._positions[key]
+        positions = None
+        lead = tuple(x.shape[:-1])
+        if self._mask is not None and lead in (tuple(self._mask.shape), (self._mask.numel(),)):
+            counted = (self._mask.long().cumsum(-1) - 1).reshape(-1).to(x.device)  # [B*T]
+            if x.device.type in CovarianceAccumulator.HOST_SYNC_DEVICE_TYPES:  # _select kept the real rows
+                counted = counted[self._mask.reshape(-1).to(x.device)]  # [N]
+            positions = counted
+        elif x.ndim >= 3:
+            if self._mask is None and self._keep is not None:
+                lead = (min(self._keep, lead[0]), *lead[1:])
+            positions = torch.arange(lead[-1], device=x.device).expand(lead).reshape(-1)  # [N]
+        else:
+            self._warn_once(
+                "positions",
+                f"FFNTracker: activations {tuple(x.shape)} without an attention_mask show no sequence axis; "
+                f"their rows are left out of the position buckets",
+            )
+        self._positions[key] = positions
+        return positions
+
+    def _update_buckets(self, state: SiteWindow, side: str, x: Tensor, rows: Tensor, keep: Tensor | None) -> None:
+        """Add the rows just recorded for ``side`` (``rows``, with ``keep`` as the accumulator got them)
+        to the accumulators of their position buckets."""
+        positions = self._select_positions(x)
+        if positions is None:
+            return
+        edges = self._edge_tensors.get(positions.device)
+        if edges is None:
+            edges = self._edge_tensors[positions.device] = torch.tensor(
+                self.position_buckets, dtype=torch.long, device=positions.device
+            )
+        bucket = torch.bucketize(positions[: rows.shape[0]], edges, right=True) - 1  # [N]: -1 before the first edge
+        for b, pair in enumerate(state.buckets):
+            accumulator = pair[0 if side == "pre" else 1]
+            if keep is not None:  # device path: masks, no host sync
+                accumulator.update(rows, keep & (bucket == b))
+            else:
+                chosen = (bucket == b).nonzero().squeeze(1)
+                if chosen.numel():
+                    accumulator.update(rows.index_select(0, chosen))
+
+    def _update_cross(self, window: Window, index: int, rows: Tensor, keep: Tensor | None) -> None:
+        """cross_layer: pair this site's input rows with those of its earlier partners in this forward
+        (rows of one forward are the same tokens in every layer)."""
+        if keep is not None:
+            rows = rows[keep]  # [N, d]; a host sync, paid only with cross_layer
+        for pair in [(a, b) for a, b in self._layer_pairs if b == index and a in self._inputs]:
+            earlier = self._inputs[pair[0]]
+            if earlier.shape[0] != rows.shape[0]:
+                self._warn_once(
+                    "cross-rows",
+                    f"FFNTracker: the FFN inputs of {self._sites[pair[0]].site} and {self._sites[index].site} "
+                    f"hold different rows ({earlier.shape[0]} and {rows.shape[0]}); that pair is not updated",
+                )
+                continue
+            window.cross_for(pair, earlier.shape[1], rows.shape[1]).update(earlier, rows)
+            if max(self._partners[pair[0]], key=lambda j: self._sites[j].layer) == index:
+                del self._inputs[pair[0]]  # no later partner: its rows are not needed again
+        if self._partners[index]:
+            self._inputs[index] = rows.clone()  # a copy: the model may later change its activations in place
+
+    def _stage_width_seen(self, index: int, stage: str, width: int) -> None:
+        """An input/output width known only from its first activation: budget, then accumulators."""
+        self._stage_dims[index][stage] = width
+        self._check_budget()
+        for window in self._windows.values():
+            if window.states[index].accumulator(stage) is None:
+                window.states[index].allocate_stage(stage, width)
 
     # ---------------------------------------------------------------- results
     def reset(self, window: str | None = None) -> None:
@@ -424,6 +619,22 @@ class FFNTracker:
 
         Collective under ``torch.distributed``: every rank must call it. The window keeps its
         statistics; call :meth:`reset` to start a new measurement.
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> _ = torch.manual_seed(0)
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=50))
+        >>> batch = {"input_ids": torch.randint(0, 50, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+        >>> batch["attention_mask"][1, 10:] = 0  # padded positions are never counted
+        >>> with FFNTracker(model) as tracker, torch.no_grad():
+        ...     _ = model(**batch)
+        >>> report = tracker.compute()
+        >>> [(row["site"], row["dim"], row["tokens"]) for row in report.rows]
+        [('ffn.0', 128, 26), ('ffn.1', 128, 26)]
+        >>> all(1 <= row["pr_pre"] <= row["dim"] and 0 <= row["js"] <= 0.6932 for row in report.rows)
+        True
+        >>> fast = tracker.compute(metrics="pr")  # PR from the trace identity, no eigendecomposition
+        >>> abs(fast.rows[0]["pr_pre"] / report.rows[0]["pr_pre"] - 1) < 1e-5, fast.eigenvalues  # fp32 round-off
+        (True, {})
 
         Args:
             metrics: ``"all"``: eigendecompose every covariance, all seven metrics and the eigenvalues.
@@ -457,7 +668,102 @@ class FFNTracker:
         else:
             values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
             counts = [pre.count for pre, _ in pairs]
-        return self._report(watched, counts, values, kept)
+        report = self._report(watched, counts, values, kept)
+        if self.flow:
+            self._add_flow(report, chosen, watched, metrics, spectra_dtype)
+        if self.position_buckets is not None:
+            self._add_positions(report, chosen, watched, metrics, spectra_dtype)
+        if self._layer_pairs:
+            self._add_cross_layer(report, chosen, watched)
+        return report
+
+    def _measure_pairs(self, pairs, metrics: str, spectra_dtype: str) -> tuple[list, list, list]:
+        """(values, spectra, counts) of accumulator pairs, synced like the pre/post pairs."""
+        if self.group != NO_REDUCTION and is_distributed(self.group):
+            return sharded_metric_values(pairs, metrics, self.group, spectra_dtype)
+        values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
+        return values, kept, [first.count for first, _ in pairs]
+
+    def _add_flow(self, report: SpectralReport, window: Window, watched: list[int], metrics, spectra_dtype) -> None:
+        """flow: the input and output spectra of every row, and JS between consecutive stages."""
+        pairs = []
+        for i in watched:
+            state = window.states[i]
+            if state.input is None or state.output is None or state.input.dim != state.output.dim:
+                pairs.append((CovarianceAccumulator(1), CovarianceAccumulator(1)))  # unknown widths: NaN
+            else:
+                pairs.append((state.input, state.output))
+        values, kept, _ = self._measure_pairs(pairs, metrics, spectra_dtype)
+        for row, i, row_values, io_spectra in zip(report.rows, watched, values, kept):
+            if window.states[i].input is None:
+                io_spectra = None
+            row.update(
+                flow_values(
+                    self._stage_dims[i].get("input") or 0, row_values, io_spectra, report.eigenvalues.get(row["site"])
+                )
+            )
+            if io_spectra is not None:
+                report.flow_eigenvalues[row["site"]] = io_spectra
+
+    def _add_positions(self, report: SpectralReport, window: Window, watched: list[int], metrics, spectra_dtype):
+        """position_buckets: one row of metrics per site and bucket in ``report.positions``."""
+        labels = bucket_labels(self.position_buckets)
+        standin = (CovarianceAccumulator(1), CovarianceAccumulator(1))
+        keys = [(i, b) for i in watched for b in range(len(labels))]
+        pairs = [window.states[i].buckets[b] if window.states[i].buckets else standin for i, b in keys]
+        values, _, counts = self._measure_pairs(pairs, metrics, spectra_dtype)
+        for (i, b), row_values, count in zip(keys, values, counts):
+            label, start, end = labels[b]
+            site = self._sites[i]
+            report.positions.append(
+                {
+                    "site": site.site,
+                    "layer": site.layer,
+                    "bucket": label,
+                    "position_start": start,
+                    "position_end": end,
+                    "dim": int(self._dims[i] or 0),
+                    "tokens": int(count),
+                    **row_values,
+                }
+            )
+
+    def _add_cross_layer(self, report: SpectralReport, window: Window, watched: list[int]) -> None:
+        """cross_layer: JS between the two layers' spectra and linear CKA of their FFN inputs, per pair."""
+        kept = set(watched)
+        chosen = [(a, b) for a, b in self._layer_pairs if a in kept and b in kept]
+        measured = []
+        for a, b in chosen:
+            inputs = window.states[a].input, window.states[b].input
+            if inputs[0] is None or inputs[1] is None:
+                measured.append(None)  # widths not known yet: nothing recorded
+            else:
+                measured.append(window.cross_for((a, b), inputs[0].dim, inputs[1].dim))
+        if self.group != NO_REDUCTION and is_distributed(self.group):
+            sync_cross_accumulators([cross for cross in measured if cross is not None], self.group)
+            involved = sorted({i for (a, b), cross in zip(chosen, measured) if cross is not None for i in (a, b)})
+            sync_accumulators([window.states[i].input for i in involved], self.group)
+        for (a, b), cross in zip(chosen, measured):
+            site_a, site_b = self._sites[a], self._sites[b]
+            cka, tokens = math.nan, 0
+            if cross is not None:
+                tokens = cross.count
+                x, y = window.states[a].input, window.states[b].input
+                if tokens >= 2 and x.count == tokens and y.count == tokens:  # the same tokens in all three
+                    cka = linear_cka(cross.cross_covariance(), x.covariance(), y.covariance())
+            eig_a, eig_b = report.eigenvalues.get(site_a.site), report.eigenvalues.get(site_b.site)
+            report.cross_layer.append(
+                {
+                    "site_a": site_a.site,
+                    "site_b": site_b.site,
+                    "layer_a": site_a.layer,
+                    "layer_b": site_b.layer,
+                    "tokens": int(tokens),
+                    "js_pre": padded_js(eig_a[0], eig_b[0]) if eig_a and eig_b else math.nan,
+                    "js_post": padded_js(eig_a[1], eig_b[1]) if eig_a and eig_b else math.nan,
+                    "cka": cka,
+                }
+            )
 
     def _site_sharded_report(
         self, window: Window, watched: list[int], metrics: str, spectra_dtype: str

@@ -57,6 +57,9 @@ BAD_OPTIONS = {
     "spectra_dtype": ["float16", 64, None],
     "save_spectra": [0, "no"],
     "extra_metrics": [1, None],
+    "flow": [1, "yes", None],
+    "position_buckets": [[4, 2], [-1, 3], "0,16", [0.5], [], [True]],
+    "cross_layer": ["neighbours", 2, True],
 }
 
 

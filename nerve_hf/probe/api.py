@@ -31,6 +31,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
+from ..coherence import CROSS_LAYER_CHOICES, position_bucket_list
 from ..data import EMBEDDED_CORPORA, TEXT_COLUMNS
 from ..errors import InputError, first_line
 from ..options import Validated, boolean, int_list, mapping, one_of, option, optional, positive_int, text, token_cap
@@ -193,6 +194,29 @@ class ProbeConfig(Validated):
         False, "allow transformers to run modelling code shipped with the checkpoint", boolean, group=MEASUREMENT
     )
     progress: bool = option(True, "show a progress bar on stderr", boolean, group=MEASUREMENT)
+    flow: bool = option(
+        False,
+        "also the spectra of each FFN's d-wide input and output: SE/PR/EEE at input -> pre -> post -> output, "
+        "JS between consecutive stages (flow.png; 2 more d x d states per FFN)",
+        boolean,
+        group=MEASUREMENT,
+    )
+    position_buckets: Optional[list[int]] = option(
+        None,
+        "token-position bucket edges such as 0,16,64: metrics per bucket [e_i, e_i+1) of positions, the last "
+        "open (positions.csv, positions.png; one more pre/post state pair per bucket)",
+        optional(position_bucket_list),
+        group=MEASUREMENT,
+        metavar="E0,E1,...",
+    )
+    cross_layer: Optional[str] = option(
+        None,
+        "cross-layer coherence: JS between layers' spectra and linear CKA between their FFN inputs, for "
+        "adjacent layers or all pairs (cross_layer.csv, cka_matrix.csv, cross_layer.png; d x d per pair)",
+        optional(one_of(CROSS_LAYER_CHOICES)),
+        group=MEASUREMENT,
+        metavar="adjacent|all",
+    )
 
     def __post_init__(self) -> None:
         if self.text_file is not None and self.dataset is not None:
@@ -229,6 +253,10 @@ class ProbeResult:
                 "names": list(METRIC_NAMES),
             },
         }
+        if self.report.positions:
+            content["positions"] = self.report.positions
+        if self.report.cross_layer:
+            content["cross_layer"] = self.report.cross_layer
         if self.loss is not None:
             content["loss"] = self.loss
         return content
@@ -270,6 +298,9 @@ def probe_model(
     progress: bool = False,
     total: int | None = None,
     on_output=None,
+    flow: bool = False,
+    position_buckets=None,
+    cross_layer: str | None = None,
 ) -> SpectralReport:
     """NerVE metrics of ``model``'s FFNs on ``batches``.
 
@@ -282,6 +313,8 @@ def probe_model(
         progress: show a tqdm bar (``total``: number of batches, if ``batches`` has no ``len``).
         on_output: called with ``(batch, output)`` after each forward pass (the batch as moved), e.g.
             :class:`TokenLoss`.
+        flow, position_buckets, cross_layer: the tracker's options beyond the paper
+            (:mod:`nerve_hf.coherence`).
 
     The model runs in eval mode under ``torch.no_grad``; its train/eval mode is restored afterwards.
     """
@@ -292,7 +325,15 @@ def probe_model(
     parameter = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (parameter.device if parameter is not None else None)
     dtype = parameter.dtype if parameter is not None else None
-    tracker = FFNTracker(model, adapter=adapter, layers=layers, max_tokens=max_tokens)
+    tracker = FFNTracker(
+        model,
+        adapter=adapter,
+        layers=layers,
+        max_tokens=max_tokens,
+        flow=flow,
+        position_buckets=position_buckets,
+        cross_layer=cross_layer,
+    )
     was_training = model.training
     model.eval()
     try:
@@ -402,6 +443,9 @@ def measure_checkpoint(
             progress=config.progress if progress is None else progress,
             total=len(batches),
             on_output=loss,
+            flow=getattr(config, "flow", False),
+            position_buckets=getattr(config, "position_buckets", None),
+            cross_layer=getattr(config, "cross_layer", None),
         )
     except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
         raise InputError(f"cannot measure {spec!r}: {first_line(error)}") from None
@@ -452,6 +496,35 @@ def format_table(report: SpectralReport) -> str:
     body = [[row["site"], str(row["tokens"])] + [_fmt(row[name]) for name in METRIC_NAMES] for row in report.rows]
     mean = report.mean()
     body.append(["mean", ""] + [_fmt(mean[name]) for name in METRIC_NAMES])
+    tables = [_aligned(columns, body)]
+    if report.rows and "se_input" in report.rows[0]:
+        flow_columns = ["site"] + [f"{m}_{s}" for m in ("se", "pr", "eee") for s in ("input", "pre", "post", "output")]
+        flow_columns += ["js_input_pre", "js", "js_post_output"]
+        flow_body = [[row["site"]] + [_fmt(row[name]) for name in flow_columns[1:]] for row in report.rows]
+        tables.append(
+            "variance flow (input -> pre -> post -> output; js = pre -> post):\n" + _aligned(flow_columns, flow_body)
+        )
+    if report.positions:
+        position_columns = ["site", "bucket", "tokens"] + list(METRIC_NAMES)
+        position_body = [
+            [row["site"], row["bucket"], str(row["tokens"])] + [_fmt(row[name]) for name in METRIC_NAMES]
+            for row in report.positions
+        ]
+        tables.append("per position bucket [start-end):\n" + _aligned(position_columns, position_body))
+    if report.cross_layer:
+        cross_columns = ["site_a", "site_b", "tokens", "cka", "js_pre", "js_post"]
+        cross_body = [
+            [row["site_a"], row["site_b"], str(row["tokens"])] + [_fmt(row[k]) for k in cross_columns[3:]]
+            for row in report.cross_layer
+        ]
+        tables.append(
+            "cross-layer coherence (CKA of FFN inputs, JS of spectra):\n" + _aligned(cross_columns, cross_body)
+        )
+    return "\n\n".join(tables)
+
+
+def _aligned(columns: list[str], body: list[list[str]]) -> str:
+    """An aligned text table: the first column left-aligned, the others right-aligned."""
     widths = [max(len(column), *(len(line[i]) for line in body)) for i, column in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
     lines.append("  ".join("-" * w for w in widths))
@@ -469,7 +542,10 @@ def _fmt(value: float) -> str:
 def write_probe(
     result: ProbeResult, out_dir, spectra_layers: Optional[list[int]] = None, with_plots: bool = True
 ) -> list[Path]:
-    """Write ``report.json``, ``report.csv``, ``eigenvalues.npz`` and (``with_plots``) the PNG plots into ``out_dir``.
+    """Write ``report.json``, ``report.csv``, ``eigenvalues.npz`` and (``with_plots``) the PNG plots into ``out_dir``;
+    with the tracker's options beyond the paper also ``flow_eigenvalues.npz`` and ``flow.png`` (flow),
+    ``positions.csv`` and ``positions.png`` (position buckets), ``cross_layer.csv``, ``cka_matrix.csv``
+    and ``cross_layer.png`` (cross-layer coherence).
 
     Every file is written atomically; files already in ``out_dir`` that this does not produce are kept.
     Returns the paths written.
@@ -479,24 +555,61 @@ def write_probe(
     from .. import plots
     from ..outputs import write_bytes, write_csv, write_figure, write_json
     from ..spectra_archive import spectra_npz
-    from ..spectral_report import ROW_KEYS
 
     out_dir = Path(out_dir)
     rows = result.report.rows
     sites = choose_layers(rows, spectra_layers)  # before writing anything: may raise InputError
     title = f"{result.model.get('name', '')}"
+    report = result.report
     written = [
         write_json(out_dir / "report.json", result.to_json()),
-        write_csv(out_dir / "report.csv", result.report.to_pandas()[list(ROW_KEYS)]),
+        write_csv(out_dir / "report.csv", report.to_pandas()),  # ROW_KEYS, then flow/extra columns if any
     ]
-    if result.report.eigenvalues:
-        eigenvalues = spectra_npz(result.report.eigenvalues, dtype=np.float64)  # the archive's keys
+    if report.eigenvalues:
+        eigenvalues = spectra_npz(report.eigenvalues, dtype=np.float64)  # the archive's keys
         written.append(write_bytes(out_dir / "eigenvalues.npz", eigenvalues))
+    if report.flow_eigenvalues:
+        written.append(write_bytes(out_dir / "flow_eigenvalues.npz", _flow_npz(report.flow_eigenvalues)))
+    if report.positions:
+        written.append(write_csv(out_dir / "positions.csv", report.positions_to_pandas()))
+    if report.cross_layer:
+        from ..coherence import layer_matrix
+
+        written.append(write_csv(out_dir / "cross_layer.csv", report.cross_layer_to_pandas()))
+        families = list(dict.fromkeys(plots.family(row["site"]) for row in rows))
+        for name in families:  # cka_matrix.csv; several site families (MLP-Mixer): cka_matrix_<family>.csv
+            matrix = layer_matrix(rows, report.cross_layer, "cka", family=name).reset_index()
+            file = "cka_matrix.csv" if len(families) == 1 else f"cka_matrix_{name}.csv"
+            written.append(write_csv(out_dir / file, matrix))
     if not with_plots:
         return written
+    if report.rows and "se_input" in report.rows[0]:
+        written.append(write_figure(out_dir / "flow.png", plots.plot_flow(rows, f"variance flow: {title}")))
+    if report.positions:
+        figure = plots.plot_position_buckets(report.positions, f"metrics per position bucket: {title}")
+        written.append(write_figure(out_dir / "positions.png", figure))
+    if report.cross_layer:
+        figure = plots.plot_cross_layer(rows, report.cross_layer, f"cross-layer coherence: {title}")
+        written.append(write_figure(out_dir / "cross_layer.png", figure))
     written.append(write_figure(out_dir / "metrics_per_layer.png", plots.plot_layer_metrics(rows, title)))
     written.append(write_figure(out_dir / "js_per_layer.png", plots.plot_js(rows, f"JS(pre, post) per layer: {title}")))
     if sites and result.report.eigenvalues:
         figure = plots.plot_spectra(result.report.eigenvalues, sites, f"eigenvalue spectra: {title}")
         written.append(write_figure(out_dir / "spectra.png", figure))
     return written
+
+
+def _flow_npz(flow_eigenvalues: dict) -> bytes:
+    """``{site: (input, output)}`` as ``.npz`` bytes with keys ``"<site>/input"`` and ``"<site>/output"`` (float64)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    arrays = {
+        f"{site}/{stage}": np.asarray(values[i], dtype=np.float64)
+        for site, values in flow_eigenvalues.items()
+        for i, stage in enumerate(("input", "output"))
+    }
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()

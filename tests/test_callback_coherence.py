@@ -1,0 +1,58 @@
+"""NerveCallback with flow, position buckets and adjacent cross-layer coherence: the keys reach the Trainer's
+logs and nerve_metrics.jsonl, equal to a tracker run by hand on the same micro-batches before the update
+(whose values tests/test_coherence.py checks against float64 NumPy), and `nerve report` still reads the run."""
+
+import math
+
+import pytest
+import torch
+from test_callback import CaptureStep
+from trainer_helpers import make_trainer, tiny_gpt2
+
+from nerve_hf import FFNTracker, NerveCallback
+from nerve_hf.coherence import FLOW_KEYS
+from nerve_hf.records import read_records
+
+OPTIONS = dict(flow=True, position_buckets=[0, 4], cross_layer="adjacent")
+
+
+def test_callback_logs_and_records_flow_positions_and_cross_layer(tmp_path):
+    capture = CaptureStep(step=4)
+    trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=2, **OPTIONS), capture])
+    trainer.train()
+
+    model = tiny_gpt2()
+    model.load_state_dict(capture.weights)
+    model.train()
+    tracker = FFNTracker(model, **OPTIONS)
+    with tracker, torch.no_grad():
+        for inputs in capture.inputs:
+            model(**inputs)
+    expected = tracker.compute().to_log_dict()
+    logged = next(e for e in trainer.state.log_history if e["step"] == 4 and "nerve/mean/se_pre" in e)
+    for key in (
+        "nerve/ffn.0/se_input",
+        "nerve/mean/js_post_output",
+        "nerve/mean/pr_pre.pos0-4",
+        "nerve/ffn.1/js.pos4-inf",
+        "nerve/ffn.0/cka_next",
+        "nerve/ffn.0/js_post_next",
+        "nerve/mean/cka_next",
+    ):
+        assert key in expected
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert "nerve/ffn.1/cka_next" not in logged  # the last layer has no next one
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert all(math.isfinite(e["eval_nerve/ffn.0/cka_next"]) for e in evals)
+
+    records = read_records(tmp_path / "nerve_metrics.jsonl")
+    record = next(r for r in records if r["step"] == 4 and r["split"] == "train" and r["site"] == "ffn.0")
+    assert set(FLOW_KEYS) <= set(record) and record["cka_next"] == pytest.approx(expected["nerve/ffn.0/cka_next"])
+    assert [(b["bucket"], b["tokens"]) for b in record["positions"]] == [("0-4", 2 * 2 * 4), ("4-inf", 2 * 2 * 5)]
+
+    from nerve_hf.runs import load_run
+
+    trainer.save_state()
+    run = load_run(tmp_path)  # the readers of the records ignore the new keys
+    assert set(run.metrics["site"]) >= {"ffn.0", "ffn.1"}
