@@ -2,7 +2,8 @@
 # One entry point for a fresh machine (Python 3.11, pip and git are all it needs).
 #   bash dev.sh demo   set up .venv, train a small GPT-2 with NerVE on the embedded corpus, report
 #   bash dev.sh test   set up .venv, lint with ruff, run the whole test suite
-# Extra arguments go to the demo script or to pytest.
+#   bash dev.sh docs   set up .venv, build the API reference into site/ (mkdocs --strict: any warning fails)
+# Extra arguments go to the demo script, to pytest or to mkdocs build.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -13,12 +14,15 @@ setup() {
     if [ ! -x "$PY" ]; then
         python3 -m venv "$VENV"
     fi
-    # Install only when setup.cfg changed since the last install (keeps reruns fast).
+    # One environment for every command: the test and docs extras always go in together. Install only
+    # when setup.cfg changed since the last install (keeps reruns fast); the stamp names the extras, so
+    # a .venv installed before an extra was added is brought up to date.
+    local extras="test,docs"
     local stamp="$VENV/.nerve_installed"
-    if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
         "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
-        "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
-        touch "$stamp"
+        "$PY" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+        echo "$extras" > "$stamp"
     fi
 }
 
@@ -35,8 +39,12 @@ case "$cmd" in
         "$PY" -m ruff format --check .   # formatting
         exec "$PY" -m pytest -n 2 "$@"
         ;;
+    docs)
+        setup
+        exec "$PY" -m mkdocs build --strict --site-dir site "$@"   # generated pages are built, never committed
+        ;;
     *)
-        echo "usage: bash dev.sh {demo|test} [args...]" >&2
+        echo "usage: bash dev.sh {demo|test|docs} [args...]" >&2
         exit 2
         ;;
 esac

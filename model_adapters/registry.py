@@ -21,6 +21,21 @@ def register_adapter(key: str, adapter: Adapter, *, overwrite: bool = False) -> 
         key: ``config.model_type`` of a transformers model, or the model's class name.
         adapter: where its FFNs are.
         overwrite: replace an existing entry instead of raising.
+
+    >>> from torch import nn
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.up, self.down = nn.Linear(4, 9), nn.Linear(9, 4)
+    >>> class Tiny(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.layers = nn.ModuleList(Block() for _ in range(3))
+    >>> from model_adapters import FFNSite
+    >>> register_adapter("Tiny", Adapter(sites=(FFNSite("ffn", blocks="layers", pre="up", post="down"),)))
+    >>> get_adapter(Tiny()).sites[0].pre, "Tiny" in supported_types()
+    ('up', True)
+    >>> _ = _REGISTRY.pop("Tiny")  # leave the registry as it was
     """
     if not isinstance(adapter, Adapter):
         raise TypeError(f"adapter must be a model_adapters.Adapter, got {type(adapter).__name__}")
@@ -50,6 +65,14 @@ def get_adapter(model: nn.Module) -> Adapter:
 
     Raises:
         ValueError: nothing in the table and no FFN-shaped blocks; the message shows how to register one.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> config = LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+    ...                      num_key_value_heads=2, vocab_size=50)
+    >>> adapter = get_adapter(LlamaForCausalLM(config))  # config.model_type "llama"
+    >>> site = adapter.sites[0]
+    >>> site.blocks, site.pre, site.post, adapter.gated
+    ('layers', 'mlp.gate_proj', 'mlp.down_proj', True)
     """
     for key in lookup_keys(model):
         if key in _REGISTRY:

@@ -70,7 +70,14 @@ class CovarianceAccumulator:
 
     # ----------------------------------------------------------------- state
     def reset(self) -> None:
-        """Forget every row seen so far (keeps dim and device)."""
+        """Forget every row seen so far (keeps dim and device).
+
+        >>> acc = CovarianceAccumulator(3)
+        >>> acc.update(torch.ones(4, 3))
+        >>> acc.reset()
+        >>> acc.count, acc.dim
+        (0, 3)
+        """
         self._rows_read = 0  # rows merged on this process, as far as the host has read them
         self._skipped_read = 0  # non-finite rows dropped on this process, likewise
         self._pending: Optional[Tensor] = None  # [2] float64 on the device: rows, skipped not yet read
@@ -125,12 +132,27 @@ class CovarianceAccumulator:
 
     @property
     def count(self) -> int:
-        """Number of rows in the covariance (all processes after :meth:`sync`)."""
+        """Number of rows in the covariance (all processes after :meth:`sync`).
+
+        >>> acc = CovarianceAccumulator(4)
+        >>> acc.update(torch.randn(2, 5, 4), mask=torch.tensor([[True] * 5, [True] * 2 + [False] * 3]))
+        >>> acc.count
+        7
+        """
         return self._state()[0]
 
     @property
     def skipped(self) -> int:
-        """Number of rows dropped because they held NaN or Inf."""
+        """Number of rows dropped because they held NaN or Inf.
+
+        >>> import warnings
+        >>> acc = CovarianceAccumulator(2)
+        >>> with warnings.catch_warnings(record=True):  # the first skip warns once
+        ...     acc.update(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3.0, 5.0]]))
+        ...     counts = acc.count, acc.skipped
+        >>> counts
+        (2, 1)
+        """
         return self._state()[1]
 
     # ---------------------------------------------------------------- update
@@ -138,6 +160,12 @@ class CovarianceAccumulator:
         """Add the rows of ``x`` (``[..., D]``); ``mask`` (bool ``[...]``) keeps only True positions.
 
         Any float dtype is accepted. Rows holding NaN or Inf are skipped and counted in ``skipped``.
+
+        >>> acc = CovarianceAccumulator(3)
+        >>> x = torch.randn(2, 4, 3, dtype=torch.bfloat16)  # [batch, seq, D]
+        >>> acc.update(x, mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool))
+        >>> acc.count, acc.covariance().dtype
+        (5, torch.float64)
         """
         x = torch.as_tensor(x)
         if x.ndim == 0 or x.shape[-1] != self.dim:
@@ -252,7 +280,14 @@ class CovarianceAccumulator:
             self._n = n
 
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
-        """Fold another accumulator's rows into this one (as if they had been updated here)."""
+        """Fold another accumulator's rows into this one (as if they had been updated here).
+
+        >>> rows = torch.randn(10, 3, dtype=torch.float64)
+        >>> a, b, whole = CovarianceAccumulator(3), CovarianceAccumulator(3), CovarianceAccumulator(3)
+        >>> a.update(rows[:4]); b.update(rows[4:]); whole.update(rows)
+        >>> torch.allclose(a.merge(b).covariance(), whole.covariance()), a.count
+        (True, 10)
+        """
         if other.dim != self.dim:
             raise ValueError(f"cannot merge accumulators of different widths: {self.dim} and {other.dim}")
         n, skipped, mean, m2 = other._n, other._skipped, other._mean, other._m2
@@ -267,31 +302,64 @@ class CovarianceAccumulator:
 
         This process's own rows stay as they were, so calling ``sync`` again, or updating and
         syncing later, never counts a row twice.
+
+        >>> acc = CovarianceAccumulator(2)
+        >>> acc.update(torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+        >>> acc.sync()  # one process: nothing to sum
+        >>> acc.count, acc.mean().tolist()
+        (2, [1.0, 2.0])
         """
         sync_accumulators([self], group)
 
     # --------------------------------------------------------------- results
     def mean(self) -> Tensor:
-        """Mean row, float64 ``[D]`` (NaN before any row)."""
+        """Mean row, float64 ``[D]`` (NaN before any row).
+
+        >>> acc = CovarianceAccumulator(2)
+        >>> bool(acc.mean().isnan().all())
+        True
+        >>> acc.update(torch.tensor([[1.0, 4.0], [3.0, 8.0]]))
+        >>> acc.mean().tolist()
+        [2.0, 6.0]
+        """
         n, _, mean, _ = self._state()
         if n == 0:
             return torch.full((self.dim,), float("nan"), dtype=torch.float64, device=self._device)
         return mean.clone()
 
     def covariance(self) -> Tensor:
-        """Unbiased covariance Σ = M2 / (n − 1), float64 ``[D, D]`` (NaN with fewer than 2 rows)."""
+        """Unbiased covariance Σ = M2 / (n − 1), float64 ``[D, D]`` (NaN with fewer than 2 rows).
+
+        >>> acc = CovarianceAccumulator(2)
+        >>> acc.update(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0], [0.0, 0.0]]))
+        >>> acc.covariance().tolist()
+        [[0.5, 0.0], [0.0, 2.0]]
+        """
         n, _, _, m2 = self._state()
         if n < 2:
             return torch.full((self.dim, self.dim), float("nan"), dtype=torch.float64, device=self._device)
         return m2 / (n - 1)
 
     def eigenvalues(self) -> Tensor:
-        """Eigenvalues of :meth:`covariance`, float64 ``[D]``, descending (NaN with fewer than 2 rows)."""
+        """Eigenvalues of :meth:`covariance`, float64 ``[D]``, descending (NaN with fewer than 2 rows).
+
+        >>> acc = CovarianceAccumulator(2)
+        >>> acc.update(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0], [0.0, 0.0]]))
+        >>> [round(v, 6) for v in acc.eigenvalues().tolist()]
+        [2.0, 0.5]
+        """
         return eigenvalues_batched([self.covariance()])[0]
 
     # ----------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        """This process's own statistics (never the synced totals), as CPU tensors."""
+        """This process's own statistics (never the synced totals), as CPU tensors.
+
+        >>> acc = CovarianceAccumulator(2)
+        >>> acc.update(torch.tensor([[1.0, 2.0], [3.0, 5.0], [0.0, 1.0]]))
+        >>> state = acc.state_dict()
+        >>> sorted(state), state["count"], tuple(state["m2"].shape)
+        (['count', 'dim', 'm2', 'mean', 'skipped'], 3, (2, 2))
+        """
         mean = self._mean if self._mean is not None else torch.zeros(self.dim, dtype=torch.float64)
         m2 = self._m2 if self._m2 is not None else torch.zeros(self.dim, self.dim, dtype=torch.float64)
         return {
@@ -307,6 +375,17 @@ class CovarianceAccumulator:
 
         ``state`` needs ``dim`` (this accumulator's), ``count`` and ``skipped`` (non-negative integers),
         ``mean`` ``[D]`` and ``m2`` ``[D, D]`` (floating tensors, finite when ``count > 0``).
+
+        >>> acc = CovarianceAccumulator(2)
+        >>> acc.update(torch.tensor([[1.0, 2.0], [3.0, 5.0], [0.0, 1.0]]))
+        >>> restored = CovarianceAccumulator(2)
+        >>> restored.load_state_dict(acc.state_dict())
+        >>> restored.count, torch.equal(restored.covariance(), acc.covariance())
+        (3, True)
+        >>> CovarianceAccumulator(3).load_state_dict(acc.state_dict())
+        Traceback (most recent call last):
+        ...
+        ValueError: ...
         """
         count, skipped, mean, m2 = _checked_state(state, self.dim)
         self.reset()

@@ -215,6 +215,7 @@ def command_line_fields(cls, prefix: str) -> list[tuple[str, Any, Any]]:
     out = []
     for f in fields(cls):
         metadata = {k: v for k, v in f.metadata.items() if k != "check"}
+        metadata["help"] = metadata["help"].replace("%", "%%")  # argparse %-formats help ("k % n" would crash --help)
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         out.append((f"{prefix}{f.name}", hints[f.name], field(default=default, metadata=metadata)))
     return out
