@@ -1,10 +1,15 @@
-"""Data of the benchmark runs: LM blocks (embedded corpus or Hub) and image splits, cached per process."""
+"""Data of the benchmark runs: LM blocks (embedded corpus, packed tokens or Hub) and image splits, cached per
+process. Every ``info`` carries ``corpus_fingerprint``: what exactly the run was trained and evaluated on."""
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
+from pathlib import Path
 
 from _settings import RunSettings
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @lru_cache(maxsize=4)
@@ -26,6 +31,17 @@ def _lm_data(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
         tokenizer_desc = tokenizer_name
     raw, text_column = load_raw_datasets(dataset, dataset_config, streaming=streaming, embedded_options=options)
+    if embedded:
+        from nerve_hf.data import corpus_fingerprint
+
+        fingerprint = corpus_fingerprint(dataset, raw, **options)
+    else:  # a Hub dataset: its name, subset and (when the Hub says) revision are all we know without reading it
+        key = f"{dataset}/{dataset_config}" if dataset_config else dataset
+        fingerprint = {
+            "corpus": dataset,
+            "id": "hub-" + hashlib.sha256(key.encode()).hexdigest()[:12],
+            "config": dataset_config,
+        }
     grouped = tokenize_and_group(raw, tokenizer, block_size, text_column=text_column)
     train, validation = grouped["train"], grouped["validation"]
     if eval_samples:
@@ -43,12 +59,41 @@ def _lm_data(
         "block_size": block_size,
         "train_blocks": None if streaming else len(train),
         "eval_blocks": len(validation),
+        "corpus_fingerprint": fingerprint,
     }
     return train, validation, len(tokenizer), info
 
 
+@lru_cache(maxsize=4)
+def _packed_data(folder, block_size, eval_samples):
+    """Blocks cut from the token files of ``benchmarks/pack_corpus.py`` (no tokenizer, no ``datasets`` needed)."""
+    import pack_corpus
+
+    packed = pack_corpus.load_packed(folder)
+    train = pack_corpus.TokenBlocks(packed.train, block_size)
+    validation = pack_corpus.TokenBlocks(packed.validation, block_size, limit=eval_samples or None)
+    meta = packed.meta
+    info = {
+        "dataset": f"{meta['fingerprint']['corpus']} (packed: {Path(folder).name})",
+        "corpus_max_bytes": meta["fingerprint"]["options"].get("max_bytes"),
+        "tokenizer": meta["tokenizer"],
+        "block_size": block_size,
+        "train_blocks": len(train),
+        "eval_blocks": len(validation),
+        "corpus_fingerprint": {**meta["fingerprint"], "packed": {k: meta[k] for k in ("tokens", "dtype", "sha256")}},
+    }
+    return train, validation, meta["vocab_size"], info
+
+
+def packed_folder(settings: RunSettings) -> Path:
+    folder = Path(settings.packed_data)
+    return folder if folder.is_absolute() else REPO / folder
+
+
 def lm_data(settings: RunSettings):
     """``(train, eval, vocab_size, info)``: LM blocks of ``settings.block_size`` tokens (``input_ids``, ``labels``)."""
+    if settings.packed_data:
+        return _packed_data(str(packed_folder(settings)), settings.block_size, settings.eval_samples)
     return _lm_data(
         settings.dataset,
         settings.dataset_config,
@@ -75,8 +120,25 @@ def _image_data(dataset, image_size, seed, data_dir, eval_samples):
         "train_images": len(splits.train),
         "eval_images": len(val),
         "num_classes": splits.num_classes,
+        "corpus_fingerprint": image_fingerprint(splits, dataset),
     }
     return splits.train, val, splits.num_classes, info
+
+
+def image_fingerprint(splits, dataset: str) -> dict:
+    """Counts and a sha256 of the raw uint8 images and labels of both splits (the split is seeded)."""
+    digest = hashlib.sha256()
+    for part in (splits.train, splits.val):
+        digest.update(part.images.contiguous().numpy().tobytes())
+        digest.update(part.labels.contiguous().numpy().tobytes())
+    return {
+        "corpus": dataset,
+        "id": digest.hexdigest()[:16],
+        "source": splits.source,
+        "train_images": len(splits.train),
+        "eval_images": len(splits.val),
+        "content_sha256": digest.hexdigest(),
+    }
 
 
 def image_data(settings: RunSettings):

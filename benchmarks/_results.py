@@ -35,15 +35,8 @@ def environment() -> dict:
         timm_version = timm.__version__
     except ImportError:
         timm_version = None
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = _git("rev-parse", "HEAD") or os.environ.get("NERVE_GIT_COMMIT")  # a copied tree has no .git
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -54,7 +47,19 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),  # tracked files (results aside) differ from it
     }
+
+
+def _git(*args: str) -> str | None:
+    """Output of ``git ARGS`` in this checkout, None outside a git checkout (an exported tree, no git)."""
+    try:
+        done = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parents[1]
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def new_result(experiment, preset: str, argv: list[str]) -> dict:
@@ -70,8 +75,29 @@ def new_result(experiment, preset: str, argv: list[str]) -> dict:
         "command": " ".join(["python", "benchmarks/run.py", *argv]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
+        "corpora": {},  # corpus id -> fingerprint of the data the runs used (each run's provenance.corpus_id)
         "runs": {},
     }
+
+
+def add_run(result: dict, name: str, entry: dict, order: list[str]) -> None:
+    """Put ``entry`` (of ``train_run``) under ``result["runs"][name]`` in config order; its data fingerprint goes
+    to ``result["corpora"]`` and the run keeps the id. A run on other data than the file's earlier runs (an
+    environment changed between ``--resume`` calls) adds a second corpus and a warning."""
+    fingerprint = entry["provenance"].pop("corpus_fingerprint", None)
+    if fingerprint is not None:
+        corpora = result.setdefault("corpora", {})
+        if corpora and fingerprint["id"] not in corpora:
+            print(
+                f"warning: run {name} used corpus {fingerprint['id']}, the file's other runs {sorted(corpora)}",
+                file=sys.stderr,
+            )
+        corpora[fingerprint["id"]] = fingerprint
+        entry["provenance"]["corpus_id"] = fingerprint["id"]
+    result["runs"][name] = entry
+    result["runs"] = dict(
+        sorted(result["runs"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    )
 
 
 def load_result(path: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""Run settings and the three presets (smoke, cpu, paper) of the model-zoo benchmarks.
+"""Run settings and the presets (smoke, cpu, cpu-long, gpu-short, paper) of the model-zoo benchmarks.
 
 A run's settings are resolved in this order, later entries winning (every layer is plain data):
 
@@ -16,7 +16,8 @@ from typing import Any, Optional
 from nerve_hf.data import DEFAULT_CORPUS
 
 TASKS = ("lm", "image")
-PRESET_NAMES = ("smoke", "cpu", "paper")
+PRESET_NAMES = ("smoke", "cpu", "cpu-long", "gpu-short", "paper")
+PACKED_DATA_DIR = "benchmarks/data/gpu-short"  # gpu-short's tokens (benchmarks/pack_corpus.py), relative to the repo
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ class RunSettings:
     data_dir: Optional[str] = None  # image: local cifar-100-python directory (else the Hub)
     tokenizer: Optional[str] = None  # LM: Hub/local tokenizer; None = BPE trained locally on the corpus
     vocab_size: int = 2048  # LM: vocabulary of the locally trained BPE (ignored with a named tokenizer)
-    corpus_max_bytes: Optional[int] = 3_000_000  # LM: embedded corpus cap in bytes (None = whole stdlib)
+    corpus_max_bytes: Optional[int] = 3_000_000  # LM: embedded corpus cap in bytes (None = the whole corpus)
+    packed_data: Optional[str] = None  # LM: folder of benchmarks/pack_corpus.py (tokens, tokenizer, fingerprint),
+    # relative to the repository unless absolute; replaces dataset/tokenizer/vocab_size/corpus_max_bytes
+    max_epochs: Optional[float] = None  # LM: refuse to start a run that would pass over its training blocks
+    # more often than this (1.0: no token is seen twice); None = no check
     block_size: int = 64  # LM: tokens per training sequence (context length)
     image_size: int = 16  # image: side the images are resized to
     batch_size: int = 16  # sequences/images per micro-batch
@@ -48,6 +53,8 @@ class RunSettings:
     max_steps: int = 300  # optimizer steps (image runs: 0 = use epochs)
     epochs: float = 0.0  # image: passes over the training set when max_steps is 0
     eval_every: int = 25  # optimizer steps between evaluations (each one also measures NerVE spectra)
+    eval_dense_every: int = 0  # steps between evaluations in the opening phase (0: eval_every throughout)
+    eval_dense_until: float = 0.0  # share of the run's steps that the opening phase covers (0.1: the first 10%)
     eval_samples: int = 128  # LM blocks / images in the evaluation set (0 = the whole split)
     nerve_max_tokens: Optional[int] = None  # tokens per FFN per evaluation spectrum (None = all)
     seed: int = 0  # model init, data order
@@ -57,6 +64,21 @@ class RunSettings:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.block_size
+
+    def eval_schedule(self, max_steps: int) -> list[int]:
+        """Optimizer steps that end in an evaluation: every ``eval_dense_every`` steps up to
+        ``eval_dense_until * max_steps``, then every ``eval_every`` steps, and always the last step.
+
+        >>> RunSettings(eval_every=100, eval_dense_every=10, eval_dense_until=0.1).eval_schedule(1000)[:12]
+        [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200, 300]
+        >>> RunSettings(eval_every=25).eval_schedule(60)
+        [25, 50, 60]
+        """
+        dense_end = int(self.eval_dense_until * max_steps) if self.eval_dense_every > 0 else 0
+        steps = set(range(self.eval_dense_every, dense_end + 1, self.eval_dense_every)) if dense_end else set()
+        steps |= set(range(self.eval_every, max_steps + 1, self.eval_every))
+        steps.add(max_steps)
+        return sorted(steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +147,88 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             warmup_ratio=0.05,
         ),
     },
+    # 2 CPU cores for hours (about 6.1 core-hours for all eight experiments, benchmarks/README.md): d = 128,
+    # 4 blocks, context 128 on a 40 MB slice of the python-env corpus (stdlib + site-packages, ~10M train
+    # tokens) with its own 8192-token BPE; 2,000 steps of 8 x 128 tokens (2.0M tokens: no token seen twice),
+    # evaluations every 10 steps over the first 10% of training and every 100 after it (38 in all) on 64
+    # held-out blocks; Mixer: C = 128 on digits for 40 epochs
+    "cpu-long": {
+        "lm": dict(
+            size="cpu",
+            dataset="python-env",
+            vocab_size=8192,
+            corpus_max_bytes=40_000_000,
+            block_size=128,
+            batch_size=8,
+            max_steps=2000,
+            eval_every=100,
+            eval_dense_every=10,
+            eval_dense_until=0.1,
+            eval_samples=64,
+            learning_rate=2e-3,
+            weight_decay=0.1,
+            warmup_ratio=0.05,
+            max_epochs=1.0,
+        ),
+        "image": dict(
+            task="image",
+            size="cpu",
+            dataset="digits",
+            image_size=16,
+            batch_size=64,
+            max_steps=0,
+            epochs=40,
+            eval_every=50,
+            eval_dense_every=5,
+            eval_dense_until=0.1,
+            eval_samples=0,
+            learning_rate=1e-3,
+            weight_decay=0.0,
+            warmup_ratio=0.05,
+        ),
+    },
+    # one H100/H200 for <= 10 minutes of wall time, all experiments (benchmarks/run_gpu_short.sh runs them in
+    # four parallel processes): d = 384, 6 blocks, context 256, 32 x 256 tokens/step for 1,000 steps (8.2M
+    # tokens, no token seen twice) on python-env tokens packed here by benchmarks/pack_corpus.py (<= 48 MB,
+    # carried to the GPU machine; its own Python and packages never enter the data), bf16 autocast;
+    # evaluations every 10 steps over the first 10% and every 100 after it on 128 blocks. Sizes are an
+    # estimate until a GPU run confirms them (benchmarks/README.md)
+    "gpu-short": {
+        "lm": dict(
+            size="cpu",
+            packed_data=PACKED_DATA_DIR,
+            block_size=256,
+            batch_size=32,
+            max_steps=1000,
+            eval_every=100,
+            eval_dense_every=10,
+            eval_dense_until=0.1,
+            eval_samples=128,
+            learning_rate=1e-3,
+            weight_decay=0.1,
+            warmup_ratio=0.05,
+            max_epochs=1.0,
+            bf16=True,
+            dataloader_workers=2,
+        ),
+        "image": dict(
+            task="image",
+            size="cpu",
+            dataset="digits",
+            image_size=16,
+            batch_size=128,
+            max_steps=0,
+            epochs=60,
+            eval_every=50,
+            eval_dense_every=5,
+            eval_dense_until=0.1,
+            eval_samples=0,
+            learning_rate=1e-3,
+            weight_decay=0.0,
+            warmup_ratio=0.05,
+            bf16=True,
+        ),
+    },
     # NerVE's GPU settings (run with accelerate): GPT-2 125M on CodeParrot, context 128, batch 128 with
     # 4 accumulation steps (32 x 4), lr 1e-3, weight decay 0.1, ~41K steps
     "paper": {
@@ -183,6 +287,30 @@ PRESET_SHAPES: dict[str, dict[str, dict[str, Any]]] = {
             max_position_embeddings=64,
         ),
         "mixer": dict(embed_dim=64, num_blocks=4),
+    },
+    # cpu-long: d = 128, 4 blocks, context 128 (GPT-2 D = 512; LLaMA SwiGLU D = 344); Mixer: 64 tokens, C = 128
+    "cpu-long": {
+        "gpt2": dict(n_embd=128, n_layer=4, n_head=4, n_positions=128),
+        "llama": dict(
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        ),
+        "mixer": dict(embed_dim=128, num_blocks=4),
+    },
+    # gpu-short: d = 384, 6 blocks, context 256 (GPT-2 D = 1536; LLaMA D = 1024); Mixer: 64 tokens, C = 256
+    "gpu-short": {
+        "gpt2": dict(n_embd=384, n_layer=6, n_head=6, n_positions=256),
+        "llama": dict(
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            max_position_embeddings=256,
+        ),
+        "mixer": dict(embed_dim=256, num_blocks=6),
     },
     "paper": {},
 }

@@ -42,6 +42,34 @@ def training_arguments(settings: RunSettings, output_dir: str, progress: bool, m
     )
 
 
+def eval_schedule_callback(steps):
+    """A TrainerCallback that evaluates (and logs) exactly at ``steps``, dense early and sparse later. It runs
+    after transformers' DefaultFlowCallback, so its decision replaces the fixed ``eval_steps`` rhythm."""
+    from transformers import TrainerCallback
+
+    due = frozenset(steps)
+
+    class EvalSchedule(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_evaluate = control.should_log = state.global_step in due
+            return control
+
+    return EvalSchedule()
+
+
+def check_epochs(settings: RunSettings, n_train_blocks: int | None, max_steps: int) -> None:
+    """ValueError before training when the run would pass over its training blocks more than ``max_epochs``."""
+    if settings.task != "lm" or settings.max_epochs is None or n_train_blocks is None:
+        return
+    needed = max_steps * settings.batch_size * settings.grad_accum
+    if needed > settings.max_epochs * n_train_blocks:
+        raise ValueError(
+            f"{max_steps} steps x {settings.batch_size * settings.grad_accum} blocks = {needed} blocks of "
+            f"{settings.block_size} tokens, but the training split has {n_train_blocks} "
+            f"(max_epochs={settings.max_epochs:g}): raise corpus_max_bytes or lower max_steps"
+        )
+
+
 def _max_steps(settings: RunSettings, n_train: int | None) -> int:
     if settings.max_steps > 0:
         return settings.max_steps
@@ -73,7 +101,9 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
             max_tokens=settings.nerve_max_tokens,
             log_per_site=False,
         )
-        args = training_arguments(settings, output_dir, progress, _max_steps(settings, info["train_blocks"]))
+        max_steps = _max_steps(settings, info["train_blocks"])
+        check_epochs(settings, info["train_blocks"], max_steps)
+        args = training_arguments(settings, output_dir, progress, max_steps)
         trainer = Trainer(
             model=model,
             args=args,
@@ -98,8 +128,11 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
             settings.optimizer, model, settings.learning_rate, settings.weight_decay, **settings.optimizer_options
         )
         callback = nerve_callback(model, settings.eval_every, settings.nerve_max_tokens)
-        args = training_arguments(settings, output_dir, progress, _max_steps(settings, len(train)))
+        max_steps = _max_steps(settings, len(train))
+        args = training_arguments(settings, output_dir, progress, max_steps)
         trainer = build_trainer(model, train, evaluation, args, optimizer, [callback])
+    if settings.eval_dense_every > 0:
+        trainer.add_callback(eval_schedule_callback(settings.eval_schedule(max_steps)))
     if not progress:  # --quiet: no per-log dict printing either
         from transformers.trainer_callback import PrinterCallback
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _*.py helpers ne
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nerve_hf, nerve_zoo and model_adapters from a checkout
 
 from _experiments import list_experiments, load_experiment  # noqa: E402
-from _results import load_result, new_result, result_path, write_result  # noqa: E402
+from _results import add_run, load_result, new_result, result_path, write_result  # noqa: E402
 from _settings import PRESET_NAMES  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -103,16 +103,48 @@ def parameter_count(settings) -> int:
     return zoo.count_parameters(model)
 
 
+def data_plan(settings) -> str:
+    """The data part of a plan line; for packed tokens also whether the run fits in one epoch (reads meta.json
+    only: the dry run builds no corpus)."""
+    if settings.task != "lm":
+        return f"{settings.dataset} {settings.image_size}px"
+    tokens = settings.max_steps * settings.tokens_per_step
+    text = f"{settings.dataset} ctx {settings.block_size} tokens/run {tokens / 1e6:.2f}M"
+    if settings.packed_data:
+        import _data
+        import pack_corpus
+
+        folder = _data.packed_folder(settings)
+        try:
+            meta = pack_corpus.read_meta(folder)
+        except (FileNotFoundError, ValueError) as error:
+            return f"packed {settings.packed_data} ctx {settings.block_size} tokens/run {tokens / 1e6:.2f}M ({error})"
+        train = meta["tokens"]["train"] // settings.block_size * settings.block_size
+        fits = settings.max_epochs is None or tokens <= settings.max_epochs * train
+        text = (
+            f"packed {meta['fingerprint']['corpus']} {meta['fingerprint']['id']} ctx {settings.block_size} "
+            f"tokens/run {tokens / 1e6:.2f}M of {train / 1e6:.2f}M{'' if fits else ' REPEATS AN EPOCH'}"
+        )
+    elif settings.corpus_max_bytes and settings.dataset in ("stdlib-code", "python-env"):
+        text += f" (corpus cap {settings.corpus_max_bytes / 1e6:g} MB)"
+    return text
+
+
 def describe(experiment, preset: str, names, overrides=None) -> str:
     lines = [f"{experiment.name} [{preset}]: {experiment.description}", f"  {experiment.section}"]
     for run in selected_runs(experiment, preset, names):
         s = experiment.resolve(run, preset, overrides)
-        data = f"{s.dataset} ctx {s.block_size}" if s.task == "lm" else f"{s.dataset} {s.image_size}px"
         length = f"{s.max_steps} steps" if s.max_steps else f"{s.epochs:g} epochs"
+        evals = f"eval/{s.eval_every}"
+        if s.eval_dense_every and s.max_steps:
+            evals = (
+                f"eval/{s.eval_dense_every} to {s.eval_dense_until:.0%} then /{s.eval_every} "
+                f"({len(s.eval_schedule(s.max_steps))} evals)"
+            )
         lines.append(
             f"  - {run.name:<16} {s.variant:<20} size={s.size:<5} params={parameter_count(s) / 1e6:8.2f}M "
             f"{s.optimizer} lr={s.learning_rate:g} wd={s.weight_decay:g} batch={s.batch_size}x{s.grad_accum} "
-            f"{length} eval/{s.eval_every} {data}"
+            f"{length} {evals}{' bf16' if s.bf16 else ''} {data_plan(s)}"
         )
     return "\n".join(lines)
 
@@ -137,6 +169,7 @@ def run_experiment(
         previous = load_result(path)
         if previous.get("preset") == preset:
             result["runs"] = previous.get("runs", {})  # --runs updates a file, --resume completes one
+            result["corpora"] = previous.get("corpora", {})
     todo = selected_runs(experiment, preset, runs)
     if resume:
         todo = [run for run in todo if run.name not in result["runs"]]
@@ -150,11 +183,7 @@ def run_experiment(
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(run.name)
         settings = experiment.resolve(run, preset, overrides)
-        result["runs"][run.name] = train_run(settings, progress=progress)
-        order = [r.name for r in experiment.runs]  # keep the config's run order in the file
-        result["runs"] = dict(
-            sorted(result["runs"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 1e9)
-        )
+        add_run(result, run.name, train_run(settings, progress=progress), [r.name for r in experiment.runs])
         write_result(result, path)
         final = result["runs"][run.name]["final"]
         print(

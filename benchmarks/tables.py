@@ -3,6 +3,7 @@
 findings checked on our runs, and a few small figures.
 
     python benchmarks/tables.py                       # results/cpu/*.json -> results/README.md + results/figures/
+    python benchmarks/tables.py --preset cpu cpu-long   # both presets in one README, one section each
     python benchmarks/tables.py --preset smoke --results /tmp/r --output /tmp/r/README.md
 """
 
@@ -20,6 +21,12 @@ from _findings import check_all  # noqa: E402
 from _paper import PAPER_PERPLEXITY, PAPER_REFERENCE, PAPER_WIDTH_R_RANGE, PAPER_WITHIN_RUN_R  # noqa: E402
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+# what "tiny" means in each preset's scale warning (any other preset gets the cpu one)
+SCALE = {
+    "cpu": "d = 64, 4 blocks, a few hundred steps on CPU",
+    "cpu-long": "d = 128, 4 blocks, 2,000 steps on CPU",
+    "gpu-short": "d = 384, 6 blocks, 1,000 steps on one GPU",
+}
 METRIC_PAIRS = (("se_pre", "se_post", "SE"), ("pr_pre", "pr_post", "PR"), ("eee_pre", "eee_post", "EEE"))
 
 
@@ -165,22 +172,57 @@ def width_note(result: dict) -> str:
     )
 
 
-def make_figures(results: dict, figures_dir: Path) -> list[Path]:
+def figure_plan(results: dict, figures_dir: Path) -> list[tuple[Path, object]]:
+    """``(path, draw)`` of every figure the results allow, in README order; ``draw()`` writes the PNG."""
+    import functools
+
     import _figures
 
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    made = []
+    plan = []
     trajectory_results = [results[name] for name in ("gpt2_activations", "gpt2_normfree") if name in results]
     if trajectory_results:
-        made.append(_figures.trajectories(trajectory_results, figures_dir / "trajectories.png"))
-        made.append(_figures.per_layer(trajectory_results, figures_dir / "per_layer.png"))
+        for stem, draw in (("trajectories", _figures.trajectories), ("per_layer", _figures.per_layer)):
+            path = figures_dir / f"{stem}.png"
+            plan.append((path, functools.partial(draw, trajectory_results, path)))
     if "optimizers" in results:
-        made.append(_figures.optimizers(results["optimizers"], figures_dir / "optimizers.png"))
+        path = figures_dir / "optimizers.png"
+        plan.append((path, functools.partial(_figures.optimizers, results["optimizers"], path)))
     if "gpt2_activations" in results and "gelu" in results["gpt2_activations"]["runs"]:
-        made.append(
-            _figures.correlation_scatter(results["gpt2_activations"], "gelu", figures_dir / "correlation_gelu.png")
-        )
-    return made
+        path = figures_dir / "correlation_gelu.png"
+        plan.append((path, functools.partial(_figures.correlation_scatter, results["gpt2_activations"], "gelu", path)))
+    return plan
+
+
+def make_figures(results: dict, figures_dir: Path) -> list[Path]:
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    return [draw() for _, draw in figure_plan(results, figures_dir)]
+
+
+def corpus_line(result: dict) -> str | None:
+    """One line naming the data (corpus fingerprint) and the commit of a result file; None for files written
+    before fingerprints were recorded."""
+    corpora = result.get("corpora")
+    if not corpora:
+        return None
+    parts = []
+    for fp in corpora.values():
+        text = f"`{fp.get('corpus')}` id `{fp.get('id')}`"
+        if "files" in fp:
+            text += f", {fp['files']:,} files, {fp['bytes'] / 1e6:.1f} MB, file-list sha256 `{fp['files_sha256'][:12]}`"
+            text += f", Python {fp.get('python')}"
+        elif "train_images" in fp:
+            text += f", {fp['train_images']:,} + {fp['eval_images']:,} images, sha256 `{fp['content_sha256'][:12]}`"
+        packages = {k: v for k, v in (fp.get("packages") or {}).items() if v}
+        if packages:
+            main = ", ".join(f"{k} {packages[k]}" for k in ("torch", "transformers", "numpy") if k in packages)
+            text += f", {len(packages)} packages ({main}, ...)"
+        if "packed" in fp:
+            text += f", packed as {fp['packed']['tokens']['train']:,} train tokens"
+        parts.append(text)
+    env = result.get("environment", {})
+    commit = env.get("git_commit")
+    dirty = " (with local changes)" if env.get("git_dirty") else ""
+    return f"Corpus: {'; '.join(parts)}. Commit: `{commit[:10] if commit else 'unknown'}`{dirty}."
 
 
 def render(results: dict, preset: str, figures: list[Path], output: Path) -> str:
@@ -196,7 +238,7 @@ def render(results: dict, preset: str, figures: list[Path], output: Path) -> str
     ]
     if preset != "paper":
         out += [
-            "**Scale warning.** These runs are tiny (d = 64, 4 blocks, a few hundred steps on CPU) next to the paper's "
+            f"**Scale warning.** These runs are tiny ({SCALE.get(preset, SCALE['cpu'])}) next to the paper's "
             "125M-1.3B models trained for tens of thousands of steps; perplexities are on a different corpus and "
             "tokenizer and are NOT comparable with the paper's column. Compare orderings and signs, not values.",
             "",
@@ -224,6 +266,7 @@ def render(results: dict, preset: str, figures: list[Path], output: Path) -> str
             f"seed {s['seed']}; torch {env['torch']}, transformers {env['transformers']}, "
             f"{env['torch_threads']} thread(s).",
             "",
+            *([corpus_line(result), ""] if corpus_line(result) else []),
             summary_table(result),
             "",
             "Within-run r with eval loss:",
@@ -250,20 +293,51 @@ def render(results: dict, preset: str, figures: list[Path], output: Path) -> str
     return "\n".join(out)
 
 
+def render_presets(sections: list[tuple[str, dict, list[Path]]], output: Path) -> str:
+    """One README for several presets: ``(preset, results, figures)`` each, a ``## `preset` preset`` section
+    apiece holding :func:`render`'s text one heading level down. One preset: exactly :func:`render`."""
+    if len(sections) == 1:
+        preset, results, figures = sections[0]
+        return render(results, preset, figures, output)
+    names = [preset for preset, _, _ in sections]
+    out = [
+        f"# NerVE model-zoo results ({', '.join(f'`{p}`' for p in names)} presets)",
+        "",
+        f"Generated by `python benchmarks/tables.py --preset {' '.join(names)}` from `PRESET/*.json`, one section "
+        "per preset (the same tables and finding checks for each; exact commands in `benchmarks/README.md`).",
+        "",
+    ]
+    for preset, results, figures in sections:
+        body = render(results, preset, figures, output).split("\n")[1:]  # its title becomes the section's
+        out += [f"## `{preset}` preset"] + [("#" + line) if line.startswith("#") else line for line in body]
+    return "\n".join(out)
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="results directory holding PRESET/*.json")
-    parser.add_argument("--preset", default="cpu", help="which preset's result files to tabulate (default: cpu)")
+    parser.add_argument(
+        "--preset",
+        nargs="+",
+        default=["cpu"],
+        help="preset(s) whose result files to tabulate, in README order (default: cpu); figures of the first go "
+        "to figures/, of the others to figures/PRESET/",
+    )
     parser.add_argument("--output", default=None, help="markdown file to write (default: RESULTS/README.md)")
     parser.add_argument("--no-figures", action="store_true", help="tables only")
     args = parser.parse_args(argv)
-    results = load_results(Path(args.results), args.preset)
-    if not results:
-        parser.error(f"no result files in {Path(args.results) / args.preset}")
     output = Path(args.output) if args.output else Path(args.results) / "README.md"
-    figures = [] if args.no_figures else make_figures(results, output.parent / "figures")
-    output.write_text(render(results, args.preset, figures, output))
-    print(f"wrote {output}" + (f" and {len(figures)} figures" if figures else ""))
+    sections = []
+    for k, preset in enumerate(args.preset):
+        results = load_results(Path(args.results), preset)
+        if not results:
+            parser.error(f"no result files in {Path(args.results) / preset}")
+        figures_dir = output.parent / "figures" / ("" if k == 0 else preset)
+        figures = [] if args.no_figures else make_figures(results, figures_dir)
+        sections.append((preset, results, figures))
+    output.write_text(render_presets(sections, output))
+    made = sum(len(figures) for _, _, figures in sections)
+    print(f"wrote {output}" + (f" and {made} figures" if made else ""))
     return output
 
 

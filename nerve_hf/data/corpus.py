@@ -1,9 +1,17 @@
-"""The embedded offline corpus: the Python standard library's own source files.
+"""The embedded offline corpora: Python source files that are already on the machine.
 
-This is the offline stand-in for ``codeparrot/codeparrot-clean`` (DESIGN §6): real Python code that every
-machine running ``nerve_hf`` already has on disk. The corpus is deterministic for a given interpreter:
-files are chosen and split by a stable hash of their path relative to the stdlib root, never by
-``random`` or by directory listing order.
+These are the offline stand-ins for ``codeparrot/codeparrot-clean`` (DESIGN §6), real Python code read in
+place (never copied anywhere):
+
+* ``stdlib-code`` (the default): the running interpreter's standard library (~11 MB of usable files
+  without its test suites);
+* ``python-env``: the standard library plus the ``.py`` files that a fixed list of installed distributions
+  (torch, transformers, numpy, scipy, ...) put into ``site-packages`` (~175 MB in all here), for runs that
+  need more tokens than the stdlib holds.
+
+Both are deterministic for a given environment: files are chosen and split by a stable hash of their path,
+never by ``random`` or by directory listing order. :func:`corpus_fingerprint` names the exact content of a
+loaded corpus (file count, bytes, hashes of the file list and of the contents, package versions).
 
     >>> from nerve_hf.data import load_embedded_corpus
     >>> corpus = load_embedded_corpus("stdlib-code", max_bytes=200_000)
@@ -15,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,37 +83,77 @@ def is_validation_path(rel_path: str, validation_percent: float) -> bool:
     return bucket < validation_percent * 100
 
 
-def iter_stdlib_sources(config: StdlibCorpusConfig) -> list[tuple[str, str]]:
-    """``(relative posix path, source text)`` of every usable ``.py`` file, in a stable pseudo-random order.
-
-    Unusable files are skipped: not UTF-8, empty, or larger than ``config.max_file_bytes``.
-    The order (a hash of the path) makes any ``max_bytes`` prefix a spread over the whole library, not a
-    run of alphabetically adjacent packages.
-    """
-    root = config.resolved_root()
-    skipped_dirs = _ALWAYS_SKIPPED_DIRS | (frozenset() if config.include_tests else _TEST_DIRS)
+def _stdlib_paths(root: Path, include_tests: bool) -> list[tuple[str, Path]]:
+    """``(relative posix path, path)`` of every ``.py`` file under the stdlib ``root``, sorted by relative path."""
+    skipped_dirs = _ALWAYS_SKIPPED_DIRS | (frozenset() if include_tests else _TEST_DIRS)
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skipped_dirs]
         paths.extend(Path(dirpath, name) for name in filenames if name.endswith(".py"))
+    return sorted((p.relative_to(root).as_posix(), p) for p in paths)
 
-    rel_paths = sorted((p.relative_to(root).as_posix(), p) for p in paths)
-    rel_paths.sort(key=lambda item: stable_hash(item[0], salt="order"))
 
+def _read_usable(path: Path, max_file_bytes: int | None) -> str | None:
+    """The file's text, or None when unusable: unreadable, blank, larger than ``max_file_bytes``, not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if not raw.strip() or (max_file_bytes is not None and len(raw) > max_file_bytes):
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _in_hash_order(rel_paths: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """A stable pseudo-random order (a hash of the path): any byte-capped prefix is a spread over the whole tree,
+    not a run of alphabetically adjacent packages."""
+    return sorted(rel_paths, key=lambda item: (stable_hash(item[0], salt="order"), item[0]))
+
+
+def iter_stdlib_sources(config: StdlibCorpusConfig) -> list[tuple[str, str]]:
+    """``(relative posix path, source text)`` of every usable ``.py`` file, in a stable pseudo-random order.
+
+    Unusable files are skipped: not UTF-8, empty, or larger than ``config.max_file_bytes``.
+    """
     sources = []
-    for rel, path in rel_paths:
-        try:
-            raw = path.read_bytes()
-        except OSError:
-            continue
-        if not raw.strip() or (config.max_file_bytes is not None and len(raw) > config.max_file_bytes):
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        sources.append((rel, text))
+    for rel, path in _in_hash_order(_stdlib_paths(config.resolved_root(), config.include_tests)):
+        text = _read_usable(path, config.max_file_bytes)
+        if text is not None:
+            sources.append((rel, text))
     return sources
+
+
+def _capped_splits(sources, max_bytes: int | None, validation_percent: float) -> dict[str, dict[str, list]]:
+    """``{split: {"text": [...], "path": [...]}}`` of ``(rel, text)`` pairs taken in order until ``max_bytes``.
+
+    A small cap may have found no validation file yet when it is reached: the next validation file is taken
+    then, and only it.
+    """
+    splits = {"train": {"text": [], "path": []}, "validation": {"text": [], "path": []}}
+    total = 0
+    for rel, text in sources:
+        split = "validation" if is_validation_path(rel, validation_percent) else "train"
+        if max_bytes is not None and total >= max_bytes:
+            if splits["validation"]["path"] or validation_percent <= 0:
+                break
+            if split == "train":
+                continue
+        splits[split]["text"].append(text)
+        splits[split]["path"].append(rel)
+        total += len(text.encode("utf-8"))
+    return splits
+
+
+def _as_dataset_dict(splits: dict[str, dict[str, list]]):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "path": datasets.Value("string")})
+    return datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict(columns, features=features) for name, columns in splits.items()}
+    )
 
 
 def load_stdlib_corpus(config: StdlibCorpusConfig | None = None, **overrides):
@@ -114,27 +164,207 @@ def load_stdlib_corpus(config: StdlibCorpusConfig | None = None, **overrides):
     """
     from dataclasses import replace
 
-    import datasets
-
     config = replace(config or StdlibCorpusConfig(), **overrides)
-    splits = {"train": {"text": [], "path": []}, "validation": {"text": [], "path": []}}
-    total = 0
-    for rel, text in iter_stdlib_sources(config):
-        split = "validation" if is_validation_path(rel, config.validation_percent) else "train"
-        if config.max_bytes is not None and total >= config.max_bytes:
-            # cap reached; a small cap may have found no validation file yet: take the next one, only it
-            if splits["validation"]["path"] or config.validation_percent <= 0:
-                break
-            if split == "train":
-                continue
-        splits[split]["text"].append(text)
-        splits[split]["path"].append(rel)
-        total += len(text.encode("utf-8"))
+    return _as_dataset_dict(_capped_splits(iter_stdlib_sources(config), config.max_bytes, config.validation_percent))
 
-    features = datasets.Features({"text": datasets.Value("string"), "path": datasets.Value("string")})
-    return datasets.DatasetDict(
-        {name: datasets.Dataset.from_dict(columns, features=features) for name, columns in splits.items()}
+
+# --------------------------------------------------------------------------- python-env: stdlib + site-packages
+
+# Distributions whose ``.py`` files join the stdlib's in ``python-env``: this project's runtime dependencies
+# and the large pure-Python libraries they bring (names normalised as in PEP 503). A fixed list, so that
+# tools installed beside them (linters, doc builders) never change the corpus; missing ones are skipped and
+# recorded as absent in the fingerprint.
+DEFAULT_ENV_PACKAGES = (
+    "accelerate",
+    "datasets",
+    "evaluate",
+    "huggingface-hub",
+    "matplotlib",
+    "networkx",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pyarrow",
+    "safetensors",
+    "scikit-learn",
+    "scipy",
+    "sympy",
+    "tensorboard",
+    "timm",
+    "tokenizers",
+    "torch",
+    "torchvision",
+    "tqdm",
+    "transformers",
+)
+STDLIB_PREFIX = "stdlib/"  # python-env paths: stdlib/<path under the stdlib root> ...
+SITE_PREFIX = "site-packages/"  # ... and site-packages/<path as in the distribution's RECORD>
+
+
+def normalize_name(name: str) -> str:
+    """A distribution name as PEP 503 compares them: ``Scikit_Learn`` -> ``scikit-learn``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass(frozen=True)
+class PythonEnvCorpusConfig:
+    """Which files make up ``python-env``. Its :meth:`fingerprint` names the content, not just these options."""
+
+    packages: tuple[str, ...] | None = DEFAULT_ENV_PACKAGES  # distributions read from site-packages; None = all
+    max_bytes: int | None = None  # stop adding files (in hash order) once this many bytes are in; None = all
+    validation_percent: float = DEFAULT_VALIDATION_PERCENT  # % of files (by path hash) held out
+    include_tests: bool = False  # also files under test/, tests/ and idle_test/ directories
+    include_stdlib: bool = True  # also the standard library (as the stdlib-code corpus walks it)
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES  # skip single files larger than this (generated data)
+    stdlib_root: str | None = None  # None = the running interpreter's stdlib
+    site_packages: str | None = None  # None = the running interpreter's purelib (the active venv's site-packages)
+
+    def resolved_site_packages(self) -> Path:
+        return Path(self.site_packages or sysconfig.get_paths()["purelib"])
+
+    def distributions(self) -> dict[str, object]:
+        """``{normalised name: importlib.metadata.Distribution}`` of the selected distributions found."""
+        from importlib import metadata
+
+        found = {}
+        for dist in metadata.distributions(path=[str(self.resolved_site_packages())]):
+            name = normalize_name(dist.metadata["Name"] or "")
+            if name and name not in found and (self.packages is None or name in self._wanted()):
+                found[name] = dist
+        return dict(sorted(found.items()))
+
+    def _wanted(self) -> set[str]:
+        return {normalize_name(p) for p in self.packages or ()}
+
+    def package_versions(self) -> dict[str, str | None]:
+        """Version of every selected distribution (None: not installed), for the fingerprint."""
+        found = {name: dist.version for name, dist in self.distributions().items()}
+        if self.packages is None:
+            return found
+        return {name: found.get(name) for name in sorted(self._wanted())}
+
+    def paths(self) -> list[tuple[str, Path]]:
+        """``(corpus path, file)`` of every candidate ``.py`` file, sorted by corpus path (before any filter)."""
+        rel_paths = []
+        if self.include_stdlib:
+            root = Path(self.stdlib_root or sysconfig.get_paths()["stdlib"])
+            rel_paths += [(STDLIB_PREFIX + rel, path) for rel, path in _stdlib_paths(root, self.include_tests)]
+        site = self.resolved_site_packages()
+        skipped = {"__pycache__"} | (set() if self.include_tests else set(_TEST_DIRS))
+        seen = set()
+        for dist in self.distributions().values():
+            for file in dist.files or ():
+                rel = file.as_posix()
+                parts = rel.split("/")
+                if not rel.endswith(".py") or ".." in parts or skipped & set(parts[:-1]) or rel in seen:
+                    continue
+                seen.add(rel)
+                rel_paths.append((SITE_PREFIX + rel, site / rel))
+        return sorted(rel_paths)
+
+    def sources(self) -> list[tuple[str, str]]:
+        """``(corpus path, text)`` of the usable files in hash order, exact duplicates dropped (first kept)."""
+        sources, seen = [], set()
+        for rel, path in _in_hash_order(self.paths()):
+            text = _read_usable(path, self.max_file_bytes)
+            if text is None:
+                continue
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            if digest not in seen:  # vendored copies, identical stubs: one copy only, never in both splits
+                seen.add(digest)
+                sources.append((rel, text))
+        return sources
+
+    def splits(self) -> dict[str, dict[str, list]]:
+        return _capped_splits(self.sources(), self.max_bytes, self.validation_percent)
+
+    def sources_info(self) -> dict:
+        """What the corpus was read from, for the fingerprint."""
+        return {
+            "python": platform.python_version(),
+            "stdlib": self.include_stdlib,
+            "packages": self.package_versions(),
+        }
+
+    def manifest(self) -> dict:
+        """The full fingerprint (see :func:`corpus_fingerprint`), computed by reading every selected file."""
+        return _fingerprint("python-env", self.splits(), self.sources_info(), self._options())
+
+    def fingerprint(self) -> str:
+        """A short name of the exact content, for cache keys: it changes whenever any selected file does."""
+        return self.manifest()["id"]
+
+    def _options(self) -> dict:
+        from dataclasses import asdict
+
+        options = asdict(self)
+        options["packages"] = None if self.packages is None else sorted(self._wanted())
+        return options
+
+
+def load_python_env_corpus(config: PythonEnvCorpusConfig | None = None, **overrides):
+    """The ``python-env`` corpus (stdlib + selected site-packages) as a ``DatasetDict`` (train/validation).
+
+    Columns ``text`` and ``path`` (``stdlib/...`` or ``site-packages/...``); ``overrides`` replace fields of
+    ``config`` (e.g. ``max_bytes=50_000_000``). Files are read where they are installed.
+    """
+    from dataclasses import replace
+
+    config = replace(config or PythonEnvCorpusConfig(), **overrides)
+    if config.packages is not None:
+        config = replace(config, packages=tuple(config.packages))  # a JSON list from a settings file
+    return _as_dataset_dict(config.splits())
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _fingerprint(corpus: str, splits: dict[str, dict[str, list]], sources: dict, options: dict) -> dict:
+    rows = sorted(
+        (path, split, hashlib.sha256(text.encode("utf-8")).hexdigest(), len(text.encode("utf-8")))
+        for split, columns in splits.items()
+        for path, text in zip(columns["path"], columns["text"])
     )
+    files_sha256 = hashlib.sha256("\n".join(row[0] for row in rows).encode()).hexdigest()
+    content = hashlib.sha256()
+    for path, split, digest, _ in rows:
+        content.update(f"{path}\0{split}\0{digest}\n".encode())
+    per_split = {
+        split: {"files": sum(1 for r in rows if r[1] == split), "bytes": sum(r[3] for r in rows if r[1] == split)}
+        for split in splits
+    }
+    return {
+        "corpus": corpus,
+        "id": content.hexdigest()[:16],  # names the content: paths, splits and file contents
+        "files": len(rows),
+        "bytes": sum(row[3] for row in rows),
+        "splits": per_split,
+        "files_sha256": files_sha256,  # sha256 of the sorted file list, one path per line
+        "content_sha256": content.hexdigest(),  # sha256 over "path\0split\0sha256(text)\n", sorted by path
+        **sources,
+        "options": options,
+    }
+
+
+def corpus_fingerprint(name: str, raw, **options) -> dict:
+    """The fingerprint of a loaded embedded corpus ``raw`` (the DatasetDict that ``name``'s loader made with
+    ``options``): ``id``, ``files``, ``bytes``, per-split counts, ``files_sha256`` (of the sorted file list),
+    ``content_sha256``, the Python version and, for ``python-env``, the versions of the packages read.
+
+    >>> raw = load_embedded_corpus("stdlib-code", max_bytes=20_000)
+    >>> fp = corpus_fingerprint("stdlib-code", raw, max_bytes=20_000)
+    >>> fp["files"] == raw["train"].num_rows + raw["validation"].num_rows, len(fp["files_sha256"])
+    (True, 64)
+    """
+    from dataclasses import asdict, replace
+
+    entry = embedded_corpus(name)
+    config = replace(entry.config_cls(), **options)
+    splits = {split: {"path": list(part["path"]), "text": list(part["text"])} for split, part in raw.items()}
+    if isinstance(config, PythonEnvCorpusConfig):
+        return _fingerprint(name, splits, config.sources_info(), config._options())
+    sources = {"python": platform.python_version(), "stdlib_root": str(config.resolved_root())}
+    return _fingerprint(name, splits, sources, asdict(config))
 
 
 @dataclass(frozen=True)
@@ -153,6 +383,12 @@ EMBEDDED_CORPORA: dict[str, EmbeddedCorpus] = {
         load=load_stdlib_corpus,
         config_cls=StdlibCorpusConfig,
         description="Python source of the running interpreter's standard library (offline codeparrot stand-in)",
+    ),
+    "python-env": EmbeddedCorpus(
+        name="python-env",
+        load=load_python_env_corpus,
+        config_cls=PythonEnvCorpusConfig,
+        description="the standard library plus the site-packages source of torch, transformers, numpy, scipy, ...",
     ),
 }
 

@@ -1,0 +1,225 @@
+"""benchmarks/: the cpu-long and gpu-short presets, dense-early evaluation, the one-epoch check, packed token
+data, corpus fingerprints in result files, the gpu-short script's dry run, and tables.py reproducing the
+committed README byte for byte. Tiny models and tiny corpora only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _experiments  # noqa: E402
+import _settings  # noqa: E402
+
+BYTES_PER_TOKEN = 3.3  # below what the 8192-token BPE gives on python-env (3.7): a safe token estimate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_cache_and_one_thread(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NERVE_HF_CACHE", str(tmp_path_factory.mktemp("nerve_cache")))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
+def _all_runs(preset):
+    for name in _experiments.list_experiments():
+        experiment = _experiments.load_experiment(name)
+        for run in experiment.runs_for(preset):
+            yield name, run.name, experiment.resolve(run, preset)
+
+
+# --------------------------------------------------------------------------- presets
+def test_cpu_long_runs_are_sized_as_documented_and_never_repeat_an_epoch():
+    runs = list(_all_runs("cpu-long"))
+    assert len(runs) == 33
+    for experiment, run, s in runs:
+        if s.task == "image":
+            assert s.dataset == "digits" and s.eval_dense_every > 0
+            continue
+        assert (s.dataset, s.vocab_size, s.max_epochs) == ("python-env", 8192, 1.0), (experiment, run)
+        assert s.max_steps == 2000 and s.eval_dense_until == 0.1
+        schedule = s.eval_schedule(s.max_steps)
+        assert schedule[:3] == [10, 20, 30] and schedule[-2:] == [1900, 2000] and len(schedule) == 38
+        train_tokens = s.corpus_max_bytes * (1 - 0.07) / BYTES_PER_TOKEN  # ~5% of the files are validation
+        assert s.max_steps * s.tokens_per_step <= train_tokens, (experiment, run)
+        family_width = s.model_overrides.get("n_embd", s.model_overrides.get("hidden_size"))
+        assert family_width in (128, 256), (experiment, run)  # 256: the LLaMA M scale
+        assert s.block_size in (64, 128)
+
+
+def test_gpu_short_runs_use_packed_tokens_and_bf16():
+    for experiment, run, s in _all_runs("gpu-short"):
+        assert s.bf16, (experiment, run)
+        if s.task == "lm":
+            assert s.packed_data == _settings.PACKED_DATA_DIR and s.max_epochs == 1.0
+            assert s.max_steps * s.tokens_per_step <= 10_000_000  # the default pack holds ~10.2M train tokens
+
+
+def test_check_epochs_refuses_a_run_that_would_repeat_tokens():
+    from _train import check_epochs
+
+    s = _settings.resolve("cpu-long", "lm", {"max_steps": 100, "batch_size": 8})
+    check_epochs(s, n_train_blocks=800, max_steps=100)  # exactly one epoch: fine
+    with pytest.raises(ValueError, match="max_epochs=1"):
+        check_epochs(s, n_train_blocks=799, max_steps=100)
+    check_epochs(_settings.resolve("cpu", "lm"), n_train_blocks=1, max_steps=300)  # no limit in cpu
+
+
+# --------------------------------------------------------------------------- dense-early evaluation, fingerprints
+def test_dense_schedule_and_corpus_fingerprint_reach_the_result_file(tmp_path):
+    import run as bench_run
+
+    sets = ["max_steps=6", "eval_every=3", "eval_dense_every=1", "eval_dense_until=0.34", "eval_samples=4"]
+    argv = ["gpt2_activations", "--preset", "smoke", "--runs", "gelu", "--out", str(tmp_path), "--quiet"]
+    bench_run.main(argv + [arg for pair in sets for arg in ("--set", pair)])
+    result = json.loads((tmp_path / "smoke" / "gpt2_activations.json").read_text())
+    entry = result["runs"]["gelu"]
+    assert entry["history"]["step"] == entry["nerve"]["steps"] == [1, 2, 3, 6]
+    (corpus_id,) = result["corpora"]
+    fp = result["corpora"][corpus_id]
+    assert entry["provenance"]["corpus_id"] == corpus_id == fp["id"]
+    assert fp["corpus"] == "stdlib-code" and fp["files"] > 0 and len(fp["files_sha256"]) == 64
+    assert len(result["environment"]["git_commit"]) == 40 and "git_dirty" in result["environment"]
+
+    import tables
+
+    text = tables.render(tables.load_results(tmp_path, "smoke"), "smoke", [], tmp_path / "README.md")
+    assert f"id `{corpus_id}`" in text and "Commit: `" in text
+
+
+# --------------------------------------------------------------------------- packed tokens
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    import pack_corpus
+
+    out = tmp_path_factory.mktemp("packed")
+    meta = pack_corpus.pack(out, corpus="stdlib-code", max_bytes=60_000, vocab_size=300)
+    return out, meta
+
+
+def test_packed_tokens_round_trip_and_are_checked(packed, tmp_path):
+    import shutil
+
+    import pack_corpus
+    from transformers import PreTrainedTokenizerFast
+
+    out, meta = packed
+    data = pack_corpus.load_packed(out)
+    assert data.train.size == meta["tokens"]["train"] > 1000 and meta["fingerprint"]["corpus"] == "stdlib-code"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"))
+    from nerve_hf.data import load_embedded_corpus
+
+    first_doc = tokenizer.decode(data.train[: list(data.train).index(meta["eos_token_id"])].tolist())
+    assert first_doc == load_embedded_corpus("stdlib-code", max_bytes=60_000)["train"][0]["text"]  # exact bytes
+    blocks = pack_corpus.TokenBlocks(data.train, 16, limit=5)
+    assert len(blocks) == 5 and blocks[4]["input_ids"].tolist() == data.train[64:80].tolist()
+    assert torch.equal(blocks[0]["input_ids"], blocks[0]["labels"])
+    with pytest.raises(IndexError):
+        blocks[5]
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    raw = bytearray((tampered / "train.bin").read_bytes())
+    raw[0] ^= 1
+    (tampered / "train.bin").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="sha256"):
+        pack_corpus.load_packed(tampered)
+    with pytest.raises(FileNotFoundError, match="pack_corpus.py"):
+        pack_corpus.load_packed(tmp_path / "nothing")
+
+
+def test_a_run_trains_on_packed_tokens_without_datasets_installed(packed):
+    """As on the GPU machine, whose image has neither ``datasets`` nor ``evaluate``."""
+    out, meta = packed
+    overrides = {"packed_data": str(out), "max_steps": 2, "eval_every": 2, "eval_samples": 4, "max_epochs": 1.0}
+    script = (
+        "import json, sys\n"
+        "sys.modules['datasets'] = sys.modules['evaluate'] = None  # importing either now fails\n"
+        f"sys.path[:0] = [{str(BENCH)!r}, {str(REPO)!r}]\n"
+        "import torch; torch.set_num_threads(1)\n"
+        "import _settings\nfrom _train import train_run\n"
+        f"entry = train_run(_settings.resolve('smoke', 'lm', {overrides!r}), progress=False)\n"
+        "print(json.dumps(entry['provenance']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    entry = {"provenance": json.loads(done.stdout.strip().splitlines()[-1])}
+    assert entry["provenance"]["steps"] == 2 and entry["provenance"]["eval_blocks"] == 4
+    fp = entry["provenance"]["corpus_fingerprint"]
+    assert fp["id"] == meta["fingerprint"]["id"] and fp["packed"]["tokens"] == meta["tokens"]
+
+
+# --------------------------------------------------------------------------- gpu-short script
+def test_gpu_short_script_dry_run_prints_every_experiment_and_writes_nothing(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "RESULTS": str(tmp_path / "results"), "LOGS": str(tmp_path / "l")}
+    done = subprocess.run(
+        ["bash", str(BENCH / "run_gpu_short.sh"), "--dry-run"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    for name in _experiments.list_experiments():
+        assert f"{name} [gpu-short]" in done.stdout
+        assert f"benchmarks/run.py {name} --preset gpu-short" in done.stdout
+    assert "bf16" in done.stdout and "tables.py" in done.stdout
+    assert not (tmp_path / "results").exists() and not (tmp_path / "l").exists()
+    again = subprocess.run(
+        ["bash", str(BENCH / "run_gpu_short.sh")],
+        capture_output=True,
+        text=True,
+        env={**env, "DRY_RUN": "1"},
+        timeout=300,
+    )
+    assert again.returncode == 0 and again.stdout == done.stdout
+
+
+# --------------------------------------------------------------------------- tables.py reproduces the README
+def test_tables_regenerate_the_committed_readme_byte_for_byte():
+    import tables
+
+    readme = tables.DEFAULT_RESULTS / "README.md"
+    title = readme.read_text().splitlines()[0]  # "# NerVE model-zoo results (`cpu`, `cpu-long` presets)"
+    presets = title.split("`")[1::2]
+    assert presets and presets[0] == "cpu"
+    sections = []
+    for k, preset in enumerate(presets):  # as tables.main lays them out
+        results = tables.load_results(tables.DEFAULT_RESULTS, preset)
+        figures_dir = readme.parent / "figures" / ("" if k == 0 else preset)
+        figures = [path for path, _ in tables.figure_plan(results, figures_dir)]
+        assert results and all(path.is_file() for path in figures), preset
+        sections.append((preset, results, figures))
+    assert tables.render_presets(sections, readme) == readme.read_text()
+
+
+# --------------------------------------------------------------------------- estimate.py
+def test_estimate_times_a_few_steps_and_scales_to_the_preset(capsys):
+    import estimate
+
+    (row,) = estimate.main(["gpt2_activations", "--preset", "smoke", "--runs", "gelu", "--steps", "2"])
+    assert (row["steps"], row["evals"]) == (3, 3)  # the smoke preset's run, not the 2 timed steps
+    assert row["run_cpu_s"] == pytest.approx(3 * row["step_cpu_s"] + 3 * row["eval_cpu_s"])
+    assert "| gpt2_activations | gelu | 3 | 3 |" in capsys.readouterr().out
+
+
+def test_add_run_keeps_one_fingerprint_per_corpus_and_warns_on_a_second(capsys):
+    from _results import add_run
+
+    result = {"runs": {}, "corpora": {}}
+    add_run(result, "b", {"provenance": {"corpus_fingerprint": {"id": "x", "files": 3}}}, ["a", "b"])
+    add_run(result, "a", {"provenance": {"corpus_fingerprint": {"id": "x", "files": 3}}}, ["a", "b"])
+    assert list(result["runs"]) == ["a", "b"] and result["corpora"] == {"x": {"id": "x", "files": 3}}
+    assert result["runs"]["a"]["provenance"] == {"corpus_id": "x"}
+    assert capsys.readouterr().err == ""
+    add_run(result, "c", {"provenance": {"corpus_fingerprint": {"id": "y"}}}, ["a", "b"])  # resumed elsewhere
+    assert set(result["corpora"]) == {"x", "y"} and list(result["runs"]) == ["a", "b", "c"]
+    assert "used corpus y" in capsys.readouterr().err
