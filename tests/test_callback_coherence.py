@@ -56,3 +56,15 @@ def test_callback_logs_and_records_flow_positions_and_cross_layer(tmp_path):
     trainer.save_state()
     run = load_run(tmp_path)  # the readers of the records ignore the new keys
     assert set(run.metrics["site"]) >= {"ffn.0", "ffn.1"}
+
+
+def test_the_callback_measures_the_flow_by_default_and_flow_false_leaves_it_out(tmp_path):
+    on = make_trainer(tmp_path / "on", [NerveCallback(every_n_steps=2)], max_steps=2)
+    on.train()
+    off = make_trainer(tmp_path / "off", [NerveCallback(every_n_steps=2, flow=False)], max_steps=2)
+    off.train()
+    logged_on = next(e for e in on.state.log_history if "nerve/mean/se_pre" in e)
+    logged_off = next(e for e in off.state.log_history if "nerve/mean/se_pre" in e)
+    assert 1.0 <= logged_on["nerve/mean/pr_input"] <= 24 and 0 <= logged_on["nerve/mean/js_post_output"] <= math.log(2)
+    assert not any("input" in key or "output" in key for key in logged_off)
+    assert logged_on["nerve/mean/se_pre"] == pytest.approx(logged_off["nerve/mean/se_pre"], rel=1e-12)
