@@ -63,5 +63,6 @@ def nerve_callback(model: MixerForImageClassification, every_n_steps: int, max_t
         measure_eval=True,
         max_tokens=max_tokens,
         log_per_site=False,
+        flow=False,  # the zoo reproduces the paper's pre/post metrics only
         adapter=adapter,
     )
