@@ -403,16 +403,27 @@ class CovarianceAccumulator:
 
 
 def _checked_state(state: Mapping[str, Any], dim: int) -> tuple[int, int, Tensor, Tensor]:
-    """(count, skipped, mean [D], m2 [D, D]) of a :meth:`CovarianceAccumulator.state_dict`, each checked.
-
-    Integers may be Python, NumPy or 0-d torch scalars, or integral floats; never bools.
-    """
+    """(count, skipped, mean [D], m2 [D, D]) of a :meth:`CovarianceAccumulator.state_dict`, each checked."""
     where = "CovarianceAccumulator.load_state_dict:"
-    missing = [key for key in ("dim", "count", "skipped", "mean", "m2") if key not in state]
+    shapes = {"mean": (dim,), "m2": (dim, dim)}
+    integers = checked_integers(state, where, ("dim", "count", "skipped"), shapes)
+    if integers["dim"] != dim:
+        raise ValueError(f"{where} the state is for dim={integers['dim']}, but this accumulator has dim={dim}.")
+    checked_tensors(state, where, shapes, integers["count"])
+    return integers["count"], integers["skipped"], state["mean"], state["m2"]
+
+
+def checked_integers(
+    state: Mapping[str, Any], where: str, integer_keys: Sequence[str], tensor_keys: Iterable[str] = ()
+) -> dict[str, int]:
+    """``integer_keys`` of an accumulator's state dict as non-negative ints, after checking that these and
+    ``tensor_keys`` are all there. Integers may be Python, NumPy or 0-d torch scalars, or integral floats;
+    never bools. A problem raises ``ValueError`` starting with ``where`` and naming the field."""
+    missing = [key for key in (*integer_keys, *tensor_keys) if key not in state]
     if missing:
         raise ValueError(f"{where} the state has no {', '.join(map(repr, missing))} (keys: {sorted(map(str, state))}).")
     integers = {}
-    for key in ("dim", "count", "skipped"):
+    for key in integer_keys:
         value = state[key]
         scalar = value.item() if isinstance(value, Tensor) and value.ndim == 0 else value
         integral = isinstance(scalar, numbers.Integral) or (
@@ -421,19 +432,21 @@ def _checked_state(state: Mapping[str, Any], dim: int) -> tuple[int, int, Tensor
         if isinstance(scalar, bool) or not integral or scalar < 0:
             raise ValueError(f"{where} state[{key!r}] must be a non-negative integer, got {value!r}.")
         integers[key] = int(scalar)
-    if integers["dim"] != dim:
-        raise ValueError(f"{where} the state is for dim={integers['dim']}, but this accumulator has dim={dim}.")
-    for key, shape in (("mean", (dim,)), ("m2", (dim, dim))):
+    return integers
+
+
+def checked_tensors(state: Mapping[str, Any], where: str, shapes: Mapping[str, tuple], count: int) -> None:
+    """Check that each ``state[key]`` of ``shapes`` is a floating tensor of that shape, finite when ``count > 0``."""
+    for key, shape in shapes.items():
         value = state[key]
         if not isinstance(value, Tensor):
             raise ValueError(f"{where} state[{key!r}] must be a tensor, got {type(value).__name__}.")
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{where} state[{key!r}] has shape {tuple(value.shape)}, expected {shape}.")
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{where} state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)}.")
         if not value.is_floating_point():
             raise ValueError(f"{where} state[{key!r}] must be floating point, got {value.dtype}.")
-        if integers["count"] > 0 and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{where} state[{key!r}] holds NaN or Inf, but count is {integers['count']}.")
-    return integers["count"], integers["skipped"], state["mean"], state["m2"]
+        if count > 0 and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where} state[{key!r}] holds NaN or Inf, but count is {count}.")
 
 
 def sync_accumulators(accumulators: Sequence[CovarianceAccumulator], group=None) -> None:

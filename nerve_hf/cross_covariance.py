@@ -28,12 +28,12 @@ True
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .covariance import checked_integers, checked_tensors
 from .distributed import all_reduce_sum, is_distributed
 from .scatter import exact_fp32_matmul
 
@@ -208,32 +208,14 @@ class CrossCovarianceAccumulator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; an invalid ``state`` raises ``ValueError``, changing nothing."""
         where = "CrossCovarianceAccumulator.load_state_dict:"
-        keys = ("dim_x", "dim_y", "count", "skipped", "mean_x", "mean_y", "cross")
-        missing = [key for key in keys if key not in state]
-        if missing:
-            raise ValueError(f"{where} the state has no {', '.join(map(repr, missing))}.")
-        integers = {}
-        for key in keys[:4]:
-            value = state[key]
-            scalar = value.item() if isinstance(value, Tensor) and value.ndim == 0 else value
-            integral = isinstance(scalar, numbers.Integral) or (
-                isinstance(scalar, numbers.Real) and float(scalar).is_integer()
-            )
-            if isinstance(scalar, bool) or not integral or scalar < 0:
-                raise ValueError(f"{where} state[{key!r}] must be a non-negative integer, got {value!r}.")
-            integers[key] = int(scalar)
+        shapes = {"mean_x": (self.dim_x,), "mean_y": (self.dim_y,), "cross": (self.dim_x, self.dim_y)}
+        integers = checked_integers(state, where, ("dim_x", "dim_y", "count", "skipped"), shapes)
         if (integers["dim_x"], integers["dim_y"]) != (self.dim_x, self.dim_y):
             raise ValueError(
                 f"{where} the state is for widths ({integers['dim_x']}, {integers['dim_y']}), but this "
                 f"accumulator has ({self.dim_x}, {self.dim_y})."
             )
-        shapes = {"mean_x": (self.dim_x,), "mean_y": (self.dim_y,), "cross": (self.dim_x, self.dim_y)}
-        for key, shape in shapes.items():
-            value = state[key]
-            if not isinstance(value, Tensor) or not value.is_floating_point() or tuple(value.shape) != shape:
-                raise ValueError(f"{where} state[{key!r}] must be a floating tensor of shape {shape}, got {value!r}.")
-            if integers["count"] > 0 and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{where} state[{key!r}] holds NaN or Inf, but count is {integers['count']}.")
+        checked_tensors(state, where, shapes, integers["count"])
         self.reset()
         self._skipped = integers["skipped"]
         if integers["count"] > 0:
