@@ -356,6 +356,7 @@ class NerveCallback(TrainerCallback):
                 window=window,
                 spectra_dtype=self.config.spectra_dtype,
                 extra_metrics=self.config.extra_metrics,
+                spectra=self.config.spectra,
             )
             if incomplete is None:
                 return report

@@ -87,6 +87,14 @@ class NerveConfig(Validated):
         one_of(("float64", "float32")),
         choices=["float64", "float32"],
     )
+    spectra: str = option(
+        "exact",
+        "'exact': full eigendecompositions; 'estimate': FFNs at least 4096 wide get SE, EEE and JS from stochastic "
+        "Lanczos quadrature and their top 64 eigenvalues (about 3x faster at 8192; measured error in "
+        "benchmarks/results/perf/spectra_estimate_cpu.md); PR stays exact.",
+        one_of(("exact", "estimate")),
+        choices=["exact", "estimate"],
+    )
     extra_metrics: bool = option(
         False,
         "Also effective rank, stable rank, the alpha-ReQ exponent and a finite-sample-corrected PR in every "

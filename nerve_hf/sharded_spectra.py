@@ -56,7 +56,7 @@ def assign_owners(dims: Sequence[int], world: int, power: int = 3) -> list[int]:
 
 def _payload(dim: int, metrics: str) -> int:
     """float64 elements gathered per site: its row count, seven metrics, and both spectra for "all"."""
-    return 1 + _N_METRICS + (2 * dim if metrics == "all" else 0)
+    return 1 + _N_METRICS + (2 * dim if metrics != "pr" else 0)
 
 
 def _uses_reduce_scatter(share_sizes: Sequence[int]) -> bool:
@@ -161,7 +161,7 @@ def gather_rows(
             [row[name] for name in METRIC_NAMES], dtype=torch.float64
         )
         offset += 1 + _N_METRICS
-        if metrics == "all":
+        if metrics != "pr":
             packed[offset : offset + 2 * eigs[0].numel()] = torch.cat(eigs)
             offset += 2 * eigs[0].numel()
     gathered = distributed.all_gather(packed.to(device), group).cpu()  # [W * payload]
@@ -176,7 +176,7 @@ def gather_rows(
             all_counts[i] = int(gathered[offset])
             all_values[i] = dict(zip(METRIC_NAMES, gathered[offset + 1 : offset + 1 + _N_METRICS].tolist()))
             offset += 1 + _N_METRICS
-            if metrics == "all":
+            if metrics != "pr":
                 d = dims[i]
                 all_spectra[i] = (gathered[offset : offset + d].clone(), gathered[offset + d : offset + 2 * d].clone())
                 offset += 2 * d

@@ -32,13 +32,18 @@ __all__ = [
     "participation_ratio_from_covariance",
     "spectra_of",
     "SPECTRA_DTYPES",
+    "SPECTRA_METHODS",
+    "metric_set",
     "metric_values",
     "nan_values",
     "nan_rows",
 ]
 
 EIGEN_BATCH_BYTES = 1 << 30  # decompose at most this much float64 covariance at once (or one matrix)
-METRIC_SETS = ("all", "pr")  # "all": every metric by eigendecomposition; "pr": PR only, by the trace
+# "all": every metric by eigendecomposition; "pr": PR only, by the trace; "estimate": every metric, FFNs at least
+# spectra_estimate.ESTIMATE_MIN_DIM wide estimated from products with Σ instead of an eigendecomposition
+METRIC_SETS = ("all", "pr", "estimate")
+SPECTRA_METHODS = ("exact", "estimate")  # how the spectra behind "all" are obtained (metric_set maps them)
 SPECTRA_DTYPES = ("float64", "float32")  # eigendecomposition precision; float32's error: docs/scaling.md
 
 
@@ -222,6 +227,18 @@ def spectra_of(accs: Sequence[HasCovariance], dtype: str = "float64") -> list[Te
     return _on_cpu_threads(decompose, accs)
 
 
+def metric_set(metrics: str, spectra: str) -> str:
+    """The metric set of :func:`metric_values` for ``metrics`` (``"all"``/``"pr"``) computed with ``spectra``
+    (``"exact"`` or ``"estimate"``); PR alone is exact either way.
+
+    >>> metric_set("all", "estimate"), metric_set("pr", "estimate"), metric_set("all", "exact")
+    ('estimate', 'pr', 'all')
+    """
+    if spectra not in SPECTRA_METHODS:
+        raise ValueError(f"spectra must be one of {SPECTRA_METHODS}, got {spectra!r}")
+    return "estimate" if spectra == "estimate" and metrics == "all" else metrics
+
+
 def metric_values(
     pairs: Sequence[tuple[HasCovariance, HasCovariance]], metrics: str = "all", spectra_dtype: str = "float64"
 ) -> tuple[list[dict[str, float]], list[Optional[tuple[Tensor, Tensor]]]]:
@@ -230,10 +247,19 @@ def metric_values(
     ``metrics="all"``: every covariance eigendecomposed (:func:`spectra_of`, in ``spectra_dtype``), one
     batched :func:`nerve_hf.metrics.spectrum_metrics` call per width; spectra are descending float64 CPU
     tensors. ``metrics="pr"``: ``pr_pre``/``pr_post`` by the trace identity, every other metric NaN,
-    no spectra (``None``).
+    no spectra (``None``). ``metrics="estimate"``: as ``"all"``, but pairs at least
+    :data:`nerve_hf.spectra_estimate.ESTIMATE_MIN_DIM` wide are estimated by
+    :func:`nerve_hf.spectra_estimate.estimated_metric_values` (their spectra: the exact top-k and a
+    modelled bulk).
     """
     if metrics not in METRIC_SETS:
         raise ValueError(f"metrics must be one of {METRIC_SETS}, got {metrics!r}")
+    if metrics == "estimate":
+        from . import spectra_estimate  # it calls back into this module
+
+        return spectra_estimate.estimated_metric_values(
+            pairs, min_dim=spectra_estimate.ESTIMATE_MIN_DIM, spectra_dtype=spectra_dtype
+        )
     if metrics == "pr":
         values = []
         for pre, post in pairs:

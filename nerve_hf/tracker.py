@@ -30,6 +30,7 @@ import model_adapters
 from model_adapters import Adapter, ResolvedSite
 
 from . import spectra
+from . import spectra as spectra_module  # for compute(), whose argument `spectra` hides the module name
 from .budget import MemoryBudgetError, covariance_state_bytes, format_mib
 from .coherence import CROSS_LAYER_CHOICES, bucket_labels, check_buckets, flow_values, layer_pairs, padded_js
 from .covariance import CovarianceAccumulator, common_device, sync_accumulators
@@ -614,6 +615,7 @@ class FFNTracker:
         window: str | None = None,
         spectra_dtype: str = "float64",
         extra_metrics: bool = False,
+        spectra: str = "exact",
     ) -> SpectralReport:
         """Metrics of every site the window watches, over what it recorded so far, synced across processes.
 
@@ -647,11 +649,17 @@ class FFNTracker:
             spectra_dtype: ``"float64"`` (default) or ``"float32"`` eigendecompositions; float32 is faster
                 on CPUs, and its error on real activation spectra is measured in
                 ``benchmarks/results/perf/spectra_precision_cpu.json``.
+            spectra: ``"exact"`` (default) or ``"estimate"``: FFNs at least
+                :data:`nerve_hf.spectra_estimate.ESTIMATE_MIN_DIM` wide get SE, EEE and JS from stochastic
+                Lanczos quadrature and the top-k eigenvalues instead of a full eigendecomposition (PR stays
+                exact; the error is measured in ``benchmarks/results/perf/spectra_estimate_cpu.md``); narrower
+                ones are decomposed exactly.
         """
-        report = self._compute(metrics, window, spectra_dtype)
+        report = self._compute(spectra_module.metric_set(metrics, spectra), window, spectra_dtype)
         if extra_metrics:
             pairs = [report.eigenvalues.get(row["site"]) for row in report.rows]
-            for row, values in zip(report.rows, spectra.extra_values(pairs, [row["tokens"] for row in report.rows])):
+            extras = spectra_module.extra_values(pairs, [row["tokens"] for row in report.rows])
+            for row, values in zip(report.rows, extras):
                 row.update(values)
         return report
 

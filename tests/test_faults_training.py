@@ -55,6 +55,7 @@ BAD_OPTIONS = {
     "site_sharded": [1, "yes"],
     "state_device": [0, ["cpu"]],
     "spectra_dtype": ["float16", 64, None],
+    "spectra": ["approximate", 1, None],
     "save_spectra": [0, "no"],
     "extra_metrics": [1, None],
     "flow": [1, "yes", None],

@@ -209,6 +209,14 @@ class ProbeConfig(Validated):
         group=MEASUREMENT,
         metavar="E0,E1,...",
     )
+    spectra: str = option(
+        "exact",
+        "exact: full float64 eigendecompositions; estimate: FFNs at least 4096 wide get SE, EEE and JS from "
+        "stochastic Lanczos quadrature and their top 64 eigenvalues, PR exact (error: docs/metrics.md)",
+        one_of(("exact", "estimate")),
+        group=MEASUREMENT,
+        metavar="exact|estimate",
+    )
     cross_layer: Optional[str] = option(
         None,
         "cross-layer coherence: JS between layers' spectra and linear CKA between their FFN inputs, for "
@@ -301,6 +309,7 @@ def probe_model(
     flow: bool = False,
     position_buckets=None,
     cross_layer: str | None = None,
+    spectra: str = "exact",
 ) -> SpectralReport:
     """NerVE metrics of ``model``'s FFNs on ``batches``.
 
@@ -315,6 +324,7 @@ def probe_model(
             :class:`TokenLoss`.
         flow, position_buckets, cross_layer: the tracker's options beyond the paper
             (:mod:`nerve_hf.coherence`).
+        spectra: ``"exact"`` or ``"estimate"``, as for :meth:`nerve_hf.FFNTracker.compute`.
 
     The model runs in eval mode under ``torch.no_grad``; its train/eval mode is restored afterwards.
     """
@@ -347,7 +357,7 @@ def probe_model(
                 output = model(**batch) if isinstance(batch, dict) else model(batch)
                 if on_output is not None:
                     on_output(batch, output)
-        return tracker.compute()
+        return tracker.compute(spectra=spectra)
     finally:
         model.train(was_training)
 
@@ -446,6 +456,7 @@ def measure_checkpoint(
             flow=getattr(config, "flow", False),
             position_buckets=getattr(config, "position_buckets", None),
             cross_layer=getattr(config, "cross_layer", None),
+            spectra=getattr(config, "spectra", "exact"),
         )
     except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
         raise InputError(f"cannot measure {spec!r}: {first_line(error)}") from None
