@@ -100,7 +100,7 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
             measure_eval=True,
             max_tokens=settings.nerve_max_tokens,
             log_per_site=False,
-        flow=False,  # the zoo reproduces the paper's pre/post metrics only
+            flow=False,  # the zoo reproduces the paper's pre/post metrics only
         )
         max_steps = _max_steps(settings, info["train_blocks"])
         check_epochs(settings, info["train_blocks"], max_steps)
