@@ -61,7 +61,7 @@ def training(r: dict) -> list[str]:
         ]
         for every_n, s in r["overhead"].items():
             base_rss = s["kinds"]["none"]["peak_rss_mb"]
-            for kind in ("nerve", "nerve_pr", "naive"):
+            for kind in [kind for kind in ("nerve", "nerve_pr", "nerve_f32", "naive") if kind in s["kinds"]]:
                 k = s["kinds"][kind]
                 out.append(
                     f"| {every_n} | {kind} | {k['wall_ratio_median']:.3f} | {k['measurement_event_seconds']:.3f} | "
@@ -72,7 +72,8 @@ def training(r: dict) -> list[str]:
             "",
             "`wall time vs none` compares medians of whole runs and needs a quiet machine to resolve a few "
             "percent; `one measurement` (median measured step minus median unmeasured step of the same runs) "
-            "divided by N unmeasured steps gives the overhead columns.",
+            "divided by N unmeasured steps gives the overhead columns; `nerve_f32` is NerveCallback with "
+            '`spectra_dtype="float32"`.',
             "",
         ]
     if "memory_sweep" in r:
@@ -170,6 +171,8 @@ def main() -> None:
             if not path.stem.startswith(prefix + "_") or path.stem.startswith(prefix + "_impl-"):
                 continue
             r = json.loads(path.read_text())
+            if "environment" not in r:  # scaling_model.json: a model, not a run; it has its own scaling_model.md
+                continue
             lines += [f"## {title}: `{path.name}`", "", f"_{env_line(r['environment'])}_", ""] + render(r) + [""]
     for path in files:  # older implementations timed with --impl
         if "_impl-" in path.stem:
