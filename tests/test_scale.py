@@ -179,9 +179,10 @@ def test_memory_budget_for_a_llama_70b_sized_model_built_on_meta():
 def test_callback_memory_budget_raises_at_trainer_construction(tmp_path):
     with pytest.raises(MemoryBudgetError, match="memory_budget_mb"):
         make_trainer(tmp_path, [NerveCallback(every_n_steps=1, memory_budget_mb=0.01)])
-    # One block per measurement fits where all of them do not (tiny_gpt2: 2 FFNs of width 37).
+    # One block per measurement fits where all of them do not (tiny_gpt2: 2 FFNs of width 37, pre and post
+    # only: 2 x (37² + 37) x 8 B = 0.0215 MiB each; the flow's d = 24 stages would add 0.0092 MiB).
     trainer = make_trainer(
-        tmp_path, [NerveCallback(every_n_steps=1, memory_budget_mb=0.03, layers_per_step=1)], max_steps=2
+        tmp_path, [NerveCallback(every_n_steps=1, memory_budget_mb=0.03, layers_per_step=1, flow=False)], max_steps=2
     )
     trainer.train()
     assert any("nerve/ffn.1/pr_pre" in record for record in trainer.state.log_history)
@@ -237,8 +238,9 @@ def test_callback_pr_only_logs_pr_keys_equal_to_the_full_computation(tmp_path):
     want, got = _nerve_logs(full), _nerve_logs(fast)
     assert sorted(got) == [2, 4]
     for step, keys in got.items():
-        assert keys and all(key.endswith(("/pr_pre", "/pr_post")) for key in keys)
-        assert "nerve/mean/pr_post" in keys
+        # PR of every stage by the trace identity (the flow's input and output included), nothing else
+        assert keys and all(key.endswith(("/pr_pre", "/pr_post", "/pr_input", "/pr_output")) for key in keys)
+        assert {"nerve/mean/pr_post", "nerve/mean/pr_input"} <= set(keys)
         for key, value in keys.items():
             assert value == pytest.approx(want[step][key], rel=1e-6)
 
