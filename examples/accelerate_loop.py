@@ -67,6 +67,7 @@ def main():
                     print(json.dumps(record))
     rank_file = out / f"rank{accelerator.process_index}.jsonl"
     rank_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
     accelerator.end_training()
 
 
