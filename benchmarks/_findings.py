@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from statistics import median
 
+from _stats import after_collapse
+
 
 @dataclass
 class Finding:
@@ -197,15 +199,19 @@ def pre_metrics_track_loss(results: dict, threshold: float = -0.9) -> Finding:
         f"SE_pre and PR_pre correlate strongly (negatively) with eval loss within a run (we count r <= {threshold})."
     )
     lines, verdicts = [], []
-    for window, title in (("all", "all evaluations"), ("late", "second half of training")):
+    windows = (
+        ("over all evaluations", "all evaluations", lambda entry: entry["correlations"]["mean"]["all"]),
+        ("late", "second half of training", lambda entry: entry["correlations"]["late"]["mean"]),
+        ("after the collapse", "after the collapse phase (from each run's lowest mean SE_pre on)", after_collapse),
+    )
+    labels = []
+    for label, title, correlation_of in windows:
         rows = []
         for _exp, result in results.items():
             if result.get("task") != "lm":
                 continue
             for _run, entry in result["runs"].items():
-                corr = (
-                    entry["correlations"]["mean"]["all"] if window == "all" else entry["correlations"]["late"]["mean"]
-                )
+                corr = correlation_of(entry)
                 r_se, r_pr = corr["se_pre"]["r"], corr["pr_pre"]["r"]
                 if r_se is not None and r_pr is not None:
                     rows.append((r_se, r_pr, corr["se_pre"]["n"]))
@@ -214,8 +220,11 @@ def pre_metrics_track_loss(results: dict, threshold: float = -0.9) -> Finding:
         strong = sum(r_se <= threshold and r_pr <= threshold for r_se, r_pr, _ in rows)
         negative = sum(r_se < 0 and r_pr < 0 for r_se, r_pr, _ in rows)
         verdicts.append("supported" if strong == len(rows) else "mixed" if strong >= len(rows) / 2 else "contradicted")
+        labels.append(label)
+        counts = sorted({n for _, _, n in rows})
+        per_run = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
         lines.append(
-            f"- {title} ({rows[0][2]} evaluations per run): {strong}/{len(rows)} LM runs have both r(SE_pre) and "
+            f"- {title} ({per_run} evaluations per run): {strong}/{len(rows)} LM runs have both r(SE_pre) and "
             f"r(PR_pre) <= {threshold}, {negative}/{len(rows)} have both negative; median r(SE_pre) = "
             f"{median(r[0] for r in rows):.3f}, median r(PR_pre) = {median(r[1] for r in rows):.3f}."
         )
@@ -235,7 +244,9 @@ def pre_metrics_track_loss(results: dict, threshold: float = -0.9) -> Finding:
             f"negligible share of their checkpoints in the first phase; ours spend {k + 1} of {len(se)} evaluations "
             "there. See figures/trajectories.png."
         )
-    verdict = verdicts[0] if len(set(verdicts)) == 1 else f"{verdicts[0]} over all evaluations, {verdicts[1]} late"
+    verdict = (
+        verdicts[0] if len(set(verdicts)) == 1 else ", ".join(f"{v} {label}" for v, label in zip(verdicts, labels))
+    )
     return Finding(claim, verdict, "\n".join(lines) + "\n\nPer run: see the correlation tables below.")
 
 

@@ -112,3 +112,31 @@ def _value(value) -> float | None:
 def _nanmean(values: Iterable) -> float | None:
     finite = [v for v in values if v is not None]
     return math.fsum(finite) / len(finite) if finite else None
+
+
+def collapse_end(se_pre: list) -> int | None:
+    """Index of the evaluation that ends the early spectral collapse: the one with the lowest layer-mean
+    SE_pre (the first such, over finite values), or None without finite values.
+
+    Short runs first lose pre-activation entropy while the loss falls (the collapse) and then regain it
+    while the loss keeps falling (the paper's regime); the minimum separates the two without a choice
+    by eye, and it is the boundary whatever the run's length.
+    """
+    finite = [(value, i) for i, value in enumerate(se_pre) if value is not None and math.isfinite(value)]
+    return min(finite)[1] if finite else None
+
+
+def after_collapse(entry: dict) -> dict:
+    """Layer-mean Pearson r of SE_pre and PR_pre with eval loss over the evaluations from
+    :func:`collapse_end` on: ``{"from_step", "se_pre": pearson(...), "pr_pre": pearson(...)}``, from a
+    result file's stored series (``nerve`` and ``history``), so it applies to files written before it."""
+    steps, means = entry["nerve"]["steps"], entry["nerve"]["mean"]["all"]
+    loss_by_step = dict(zip(entry["history"]["step"], entry["history"]["eval_loss"]))
+    end = collapse_end(means["se_pre"])
+    if end is None:
+        return {"from_step": None, "se_pre": pearson([], []), "pr_pre": pearson([], [])}
+    loss = [loss_by_step.get(step) for step in steps[end:]]
+    return {
+        "from_step": steps[end],
+        **{metric: pearson(means[metric][end:], loss) for metric in ("se_pre", "pr_pre")},
+    }

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +224,22 @@ def test_add_run_keeps_one_fingerprint_per_corpus_and_warns_on_a_second(capsys):
     add_run(result, "c", {"provenance": {"corpus_fingerprint": {"id": "y"}}}, ["a", "b"])  # resumed elsewhere
     assert set(result["corpora"]) == {"x", "y"} and list(result["runs"]) == ["a", "b", "c"]
     assert "used corpus y" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the collapse-phase boundary
+def test_after_collapse_starts_at_the_lowest_mean_se_pre_and_correlates_from_there():
+    from _stats import after_collapse, collapse_end
+
+    steps = [10, 20, 30, 40, 50, 60]
+    se_pre = [3.0, 2.0, 1.0, 1.5, 2.1, 2.4]  # collapse to step 30, then the paper's regime
+    pr_pre = [9.0, 5.0, 2.0, 3.0, 4.5, 5.5]
+    loss = [6.0, 5.0, 4.5, 4.2, 4.0, 3.9]
+    entry = {
+        "nerve": {"steps": steps, "mean": {"all": {"se_pre": se_pre, "pr_pre": pr_pre}}},
+        "history": {"step": steps, "eval_loss": loss},
+    }
+    assert collapse_end(se_pre) == 2 and collapse_end([None, float("nan")]) is None
+    got = after_collapse(entry)
+    assert got["from_step"] == 30 and got["se_pre"]["n"] == 4
+    assert got["se_pre"]["r"] == pytest.approx(np.corrcoef(se_pre[2:], loss[2:])[0, 1], rel=1e-12)
+    assert got["pr_pre"]["r"] < -0.9 and np.corrcoef(se_pre, loss)[0, 1] > 0  # all evaluations: the other sign
