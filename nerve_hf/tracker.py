@@ -477,6 +477,8 @@ class FFNTracker:
             state.offered[side] += rows.shape[0]
             return rows[:room], None
         # On the device: the rows offered so far stay a device count, and the cap becomes part of the mask.
+        if rows.shape[0] == 0:
+            return rows, keep
         if keep is None:
             keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         offered = state.offered[side] + keep.cumsum(0)  # [N]: rows offered up to and including each
