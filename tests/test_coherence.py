@@ -15,7 +15,7 @@ import torch
 from distributed_helpers import torchrun
 from reference import activation_metrics, spectrum_reference, two_pass
 from scipy.spatial.distance import jensenshannon
-from test_tracker import FAMILIES, FFN, HIDDEN, LENGTHS, _conv1d, _lin, batch, build
+from test_tracker import FAMILIES, FFN, HIDDEN, LENGTHS, _conv1d, _lin, batch, build, run_tracker
 from trainer_helpers import tiny_gpt2
 
 from nerve_hf.budget import MemoryBudgetError
@@ -71,14 +71,6 @@ def capture_stages(model, family: str, inputs) -> dict[str, dict[str, np.ndarray
     return stages
 
 
-def track(model, *inputs_list, **options):
-    tracker = FFNTracker(model, **options)
-    with tracker, torch.no_grad():
-        for inputs in inputs_list:
-            model(**inputs)
-    return tracker.compute()
-
-
 def spectrum(rows: np.ndarray) -> dict:
     return spectrum_reference(np.linalg.eigvalsh(two_pass(rows)))
 
@@ -100,7 +92,7 @@ def test_flow_stages_match_float64_reference(family):
     model = build(family)
     inputs = batch(side="right")
     stages = capture_stages(model, family, inputs)
-    report = track(model, inputs, flow=True)
+    report = run_tracker(model, inputs, flow=True)
     assert list(report.flow_eigenvalues) == list(stages)
     for row in report.rows:
         ref = stages[row["site"]]
@@ -137,7 +129,8 @@ def test_flow_excludes_padding_like_pre_and_post():
     """Left padding with position ids: the same input/output spectra as the sequences one by one."""
     model = build("gpt2")
     padded = batch(side="left")
-    report_padded, report_single = track(model, padded, flow=True), track(model, *unpadded(padded), flow=True)
+    report_padded = run_tracker(model, padded, flow=True)
+    report_single = run_tracker(model, *unpadded(padded), flow=True)
     for a, b in zip(report_padded.rows, report_single.rows):
         for name in FLOW_KEYS:
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-7), name
@@ -146,7 +139,7 @@ def test_flow_excludes_padding_like_pre_and_post():
 def test_flow_off_rows_are_unchanged_and_pr_mode_has_no_spectra():
     model = build("gpt2")
     inputs = batch()
-    plain = track(model, inputs)
+    plain = run_tracker(model, inputs)
     assert all(list(row) == list(ROW_KEYS) for row in plain.rows)
     assert plain.positions == [] and plain.cross_layer == [] and plain.flow_eigenvalues == {}
     assert "nerve/mean/se_input" not in plain.to_log_dict()
@@ -177,7 +170,7 @@ def test_position_buckets_match_float64_reference(family, side):
     model = build(family)
     inputs = batch(side=side)
     stages = capture_stages(model, family, inputs)
-    report = track(model, inputs, position_buckets=EDGES)
+    report = run_tracker(model, inputs, position_buckets=EDGES)
     assert [list(row) for row in report.positions] == [list(POSITION_KEYS)] * (len(EDGES) * len(report.rows))
     assert [(r["site"], r["bucket"]) for r in report.positions] == [
         (site, label) for site in stages for label in ("0-5", "5-11", "11-inf")
@@ -202,8 +195,8 @@ def test_position_buckets_left_padding_equals_unpadded_sequences():
     has in its sequence alone."""
     model = build("gpt2")
     padded = batch(side="left")
-    left = track(model, padded, position_buckets=EDGES)
-    single = track(model, *unpadded(padded), position_buckets=EDGES)
+    left = run_tracker(model, padded, position_buckets=EDGES)
+    single = run_tracker(model, *unpadded(padded), position_buckets=EDGES)
     for a, b in zip(left.positions, single.positions):
         assert (a["site"], a["bucket"], a["tokens"]) == (b["site"], b["bucket"], b["tokens"])
         for name in METRIC_NAMES:
@@ -213,7 +206,7 @@ def test_position_buckets_left_padding_equals_unpadded_sequences():
 def test_position_buckets_without_mask_use_the_sequence_index_and_skip_leading_positions():
     model = build("gpt2")
     inputs = batch(lengths=(13, 13, 13))
-    report = track(model, {"input_ids": inputs["input_ids"]}, position_buckets=[2, 7])
+    report = run_tracker(model, {"input_ids": inputs["input_ids"]}, position_buckets=[2, 7])
     assert [(r["bucket"], r["tokens"]) for r in report.positions[:2]] == [("2-7", 15), ("7-inf", 18)]
     assert bucket_labels([2, 7]) == [("2-7", 2, 7), ("7-inf", 7, None)]
     keys = report.to_log_dict()
@@ -242,7 +235,7 @@ def test_cross_layer_js_and_cka_match_float64_reference():
     model = build("gpt2")
     inputs = batch(side="left")
     stages = capture_stages(model, "gpt2", inputs)
-    report = track(model, inputs, cross_layer="adjacent")
+    report = run_tracker(model, inputs, cross_layer="adjacent")
     assert all(list(row) == list(ROW_KEYS) for row in report.rows)  # CKA alone adds no flow columns
     (row,) = report.cross_layer
     a, b = stages["ffn.0"], stages["ffn.1"]
@@ -272,7 +265,7 @@ def test_cross_layer_all_pairs_with_token_cap_over_several_forwards():
     for hook in hooks:
         hook.remove()
     rows = {i: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])[:30].numpy() for i, xs in captured.items()}
-    report = track(model, *forwards, cross_layer="all", max_tokens=30)
+    report = run_tracker(model, *forwards, cross_layer="all", max_tokens=30)
     assert [(r["layer_a"], r["layer_b"]) for r in report.cross_layer] == [(0, 1), (0, 2), (1, 2)]
     for row in report.cross_layer:
         assert row["tokens"] == 30
@@ -362,7 +355,7 @@ def test_two_processes_equal_one(tmp_path):
     from workers.coherence_sync import forwards, tracker_options
 
     model = tiny_gpt2(seed=0).double().eval()
-    report = track(model, *forwards(), **tracker_options())
+    report = run_tracker(model, *forwards(), **tracker_options())
     for got, want in (
         (synced["rows"], report.rows),
         (synced["positions"], report.positions),
@@ -386,9 +379,9 @@ def test_sync_free_device_path_gives_the_host_numbers(monkeypatch):
     model = build("gpt2")
     inputs = [batch(side="left"), batch(lengths=(9, 16, 3), side="right", seed=1)]
     options = dict(flow=True, position_buckets=EDGES, cross_layer="adjacent", max_tokens=60)
-    host = track(model, *inputs, **options)
+    host = run_tracker(model, *inputs, **options)
     monkeypatch.setattr(CovarianceAccumulator, "HOST_SYNC_DEVICE_TYPES", ())
-    device = track(model, *inputs, **options)
+    device = run_tracker(model, *inputs, **options)
     for got, want in (
         (device.rows, host.rows),
         (device.positions, host.positions),

@@ -122,7 +122,12 @@ def assert_png(path: Path):
 
 def tracked_rows(model, sequences: list[list[int]], batch_size: int, pad_id: int) -> list[dict]:
     """FFNTracker rows of ``model`` run on ``sequences`` in order, right-padded with ``pad_id`` per batch."""
-    tracker = FFNTracker(model)
+    return tracked_report(model, sequences, batch_size, pad_id).rows
+
+
+def tracked_report(model, sequences: list[list[int]], batch_size: int, pad_id: int, **options):
+    """:func:`tracked_rows`' whole report, from an ``FFNTracker(model, **options)``."""
+    tracker = FFNTracker(model, **options)
     with torch.no_grad(), tracker:
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start : start + batch_size]
@@ -133,7 +138,7 @@ def tracked_rows(model, sequences: list[list[int]], batch_size: int, pad_id: int
                 input_ids[i, : len(seq)] = torch.tensor(seq)
                 mask[i, : len(seq)] = 1
             model(input_ids=input_ids, attention_mask=mask)
-    return tracker.compute().rows
+    return tracker.compute()
 
 
 def one_error_line(captured) -> str:

@@ -8,9 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_probe import TEXT, _bpe_tokenizer, assert_png
+from test_probe import TEXT, _bpe_tokenizer, assert_png, tracked_report
 
-from nerve_hf import FFNTracker
 from nerve_hf.cli import main
 from nerve_hf.coherence import CROSS_LAYER_KEYS, FLOW_KEYS, POSITION_KEYS
 from nerve_hf.probe import ProbeConfig
@@ -32,18 +31,7 @@ def gpt2_dir(tmp_path_factory):
 
 
 def by_hand(model, sequences, batch_size: int, pad_id: int):
-    tracker = FFNTracker(model, **OPTIONS)
-    with torch.no_grad(), tracker:
-        for start in range(0, len(sequences), batch_size):
-            chunk = sequences[start : start + batch_size]
-            width = max(map(len, chunk))
-            input_ids = torch.full((len(chunk), width), pad_id)  # [B, T]
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, T]
-            for i, seq in enumerate(chunk):
-                input_ids[i, : len(seq)] = torch.tensor(seq)
-                mask[i, : len(seq)] = 1
-            model(input_ids=input_ids, attention_mask=mask)
-    return tracker.compute()
+    return tracked_report(model, sequences, batch_size, pad_id, **OPTIONS)
 
 
 def assert_same(got: list[dict], want: list[dict], keys):
