@@ -43,8 +43,8 @@ def test_the_plan_fits_eight_minutes_and_covers_every_gpu_benchmark():
         "summarize.py",
     ]
     training = commands[scripts.index("training_overhead.py") + 1]
-    d_ff, batch = int(training[training.index("--d-ff") + 1]), int(training[training.index("--batch") + 1])
-    assert (d_ff, batch * 128) == (3072, 64 * 1024)  # GPT-2-small FFN width, 64k tokens per step
+    shape, batch = training[training.index("--shape") + 1], int(training[training.index("--batch") + 1])
+    assert (shape, batch * 128) == ("gpt2-small", 64 * 1024)  # GPT-2 small's shape, 64k tokens per step
 
 
 def test_every_flag_in_the_plan_is_one_its_script_accepts():

@@ -4,7 +4,7 @@
 #      the bf16 split product against float64, side-stream spectra, the tracker and callback on the GPU;
 #   2. accumulator throughput (split product vs IEEE fp32 vs one bf16 GEMM), eigendecomposition
 #      (batched vs side streams), probe throughput (GPT-2-small shape, tracked vs plain forward, bf16),
-#      training overhead (every_n_steps=100 at 64k tokens per step: --d-ff 3072 --batch 512);
+#      training overhead (GPT-2 small's shape in bf16, 64k tokens per step: --shape gpt2-small --batch 512);
 #   3. the CUDA scaling plot redrawn and SUMMARY.md regenerated.
 # Results go to benchmarks/results/perf/ (*_cuda-<gpu>.json, scaling_cuda-<gpu>.png, SUMMARY.md) and the
 # log to benchmarks/results/perf/run_gpu.log; commit what it wrote.
@@ -29,11 +29,11 @@ LOG=$OUT/run_gpu.log
 # seconds | command (run from the repository root)
 STEPS=(
     "90|$PYTHON -m pytest tests/test_cuda.py -q -p no:xdist"
-    "60|$PYTHON benchmarks/perf/accumulator_throughput.py --device cuda"
-    "80|$PYTHON benchmarks/perf/eigendecomposition.py --device cuda --quick"
+    "50|$PYTHON benchmarks/perf/accumulator_throughput.py --device cuda"
+    "70|$PYTHON benchmarks/perf/eigendecomposition.py --device cuda --quick"
     "60|$PYTHON benchmarks/perf/probe_throughput.py --device cuda"
-    "120|$PYTHON benchmarks/perf/training_overhead.py --device cuda --quick --skip-sweep --d-ff 3072 --batch 512"
-    "50|$PYTHON benchmarks/perf/scaling_plot.py --device cuda --quick"
+    "150|$PYTHON benchmarks/perf/training_overhead.py --device cuda --quick --skip-sweep --shape gpt2-small --batch 512"
+    "40|$PYTHON benchmarks/perf/scaling_plot.py --device cuda --quick"
     "20|$PYTHON benchmarks/perf/summarize.py"
 )
 

@@ -27,7 +27,9 @@ alternated and repeated, and medians are reported:
 
 Run: ``python benchmarks/perf/training_overhead.py --device auto [--quick] [--d-ff 1024 --batch 16]``
 (``--d-ff`` and ``--batch`` change the FFN width and the sequences per step from the demo's; the file name
-then carries them).
+then carries them. ``--shape gpt2-small`` trains GPT-2 small's shape instead, 12 x n_embd 768, d_ff 3072,
+vocabulary 50257, in bf16 on CUDA: with ``--batch 512`` that is 64k tokens per step, the GPU target's
+setting.)
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ MODEL = dict(
     vocab_size=_DEMO["vocab_size"],
 )  # GPT-2's d_ff is 4 x n_embd
 SEQ = _DEMO["block_size"]  # tokens per sequence
+# --shape: the demo's model, or GPT-2 small's (12 x n_embd 768, d_ff 3072, its vocabulary), bf16 on CUDA
+SHAPES = {
+    "demo": MODEL,
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=SEQ, n_inner=3072, vocab_size=50257),
+}
 BATCH = _DEMO["batch_size"]  # sequences per micro-batch
 
 
@@ -126,7 +133,7 @@ def worker(config: dict) -> dict:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
         GPT2Config(
-            **{**MODEL, "n_inner": config.get("d_ff", MODEL["n_inner"])},
+            **config["model"],
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
@@ -136,7 +143,7 @@ def worker(config: dict) -> dict:
     )
     batch, accum, steps = config["batch"], config["grad_accum"], config["max_steps"]
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, MODEL["vocab_size"], (batch * accum * steps, SEQ), generator=generator)
+    ids = torch.randint(1, config["model"]["vocab_size"], (batch * accum * steps, SEQ), generator=generator)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
 
     class StepTimes(TrainerCallback):
@@ -182,6 +189,7 @@ def worker(config: dict) -> dict:
         eval_strategy="no",
         report_to=[],
         use_cpu=device.type == "cpu",
+        bf16=config.get("bf16", False),
         seed=0,
         data_seed=0,
         disable_tqdm=True,
@@ -247,7 +255,8 @@ def overhead(device: torch.device, args, tmp: Path) -> dict:
                     device=str(device),
                     threads=args.threads,
                     output_dir=str(tmp / kind),
-                    d_ff=args.d_ff,
+                    model=model_shape(args),
+                    bf16=args.shape == "gpt2-small" and device.type == "cuda",
                 )
                 result = run_worker(config)
                 runs[kind].append(result)
@@ -321,7 +330,8 @@ def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
                 device=str(device),
                 threads=args.threads,
                 output_dir=str(tmp / kind),
-                d_ff=args.d_ff,
+                model=model_shape(args),
+                bf16=args.shape == "gpt2-small" and device.type == "cuda",
             )
             result = run_worker(config)
             row[kind] = {"peak_rss_mb": result["peak_rss_mb"], "cuda_max_allocated_mb": result["cuda_max_allocated_mb"]}
@@ -337,12 +347,20 @@ def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
             flush=True,
         )
         rows.append(row)
-    d, layers = args.d_ff, MODEL["n_layer"]
+    d, layers = model_shape(args)["n_inner"], model_shape(args)["n_layer"]
     return {
         "rows": rows,
         "expected_nerve_state_mb": layers * 2 * (d * d + d) * 8 / 2**20,
         "expected_naive_mb_per_1k_tokens": layers * 2 * 1000 * d * 4 / 2**20,  # fp32 copies of pre and post
     }
+
+
+def model_shape(args) -> dict:
+    """The GPT2Config fields of the run: ``--shape``'s, with ``--d-ff`` overriding its FFN width."""
+    shape = dict(SHAPES[args.shape])
+    if args.d_ff is not None:
+        shape["n_inner"] = args.d_ff
+    return shape
 
 
 def main() -> None:
@@ -352,7 +370,10 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true", help="only the overhead runs")
     parser.add_argument("--skip-overhead", action="store_true", help="only the memory sweep")
     parser.add_argument(
-        "--d-ff", type=int, default=MODEL["n_inner"], help=f"FFN width (default: the demo's {MODEL['n_inner']})"
+        "--d-ff", type=int, default=None, help=f"FFN width (default: the shape's; the demo's is {MODEL['n_inner']})"
+    )
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="demo", help="model shape: the demo's GPT-2 or GPT-2 small's"
     )
     parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences per step (default: the demo's {BATCH})")
     args = parser.parse_args()
@@ -364,15 +385,18 @@ def main() -> None:
 
     for device in devices(args.device):
         with tempfile.TemporaryDirectory() as tmp:
-            payload = {"model": {**MODEL, "n_inner": args.d_ff}, "seq_len": SEQ, "batch": args.batch}
+            payload = {"model": model_shape(args), "seq_len": SEQ, "batch": args.batch, "shape": args.shape}
             if not args.skip_overhead:
                 print(f"{device}: overhead runs", flush=True)
                 payload["overhead"] = overhead(device, args, Path(tmp))
             if not args.skip_sweep:
                 print(f"{device}: memory sweep", flush=True)
                 payload["memory_sweep"] = memory_sweep(device, args, Path(tmp))
-        custom = args.d_ff != MODEL["n_inner"] or args.batch != BATCH
-        name = f"training_overhead_d{args.d_ff}_b{args.batch}" if custom else "training_overhead"
+        custom = args.d_ff is not None or args.batch != BATCH
+        d_ff = model_shape(args)["n_inner"]
+        name = f"training_overhead_d{d_ff}_b{args.batch}" if custom else "training_overhead"
+        if args.shape != "demo":
+            name = f"training_overhead_{args.shape}_b{args.batch}"
         write_result(args.out, name, device, payload, args.quick)
 
 
