@@ -24,6 +24,10 @@ def test_archive_holds_every_measurement_and_tensorboard_its_histograms(tmp_path
     logged = next(e for e in trainer.state.log_history if e.get("step") == 4 and "nerve/ffn.1/pr_pre" in e)
     p = row.pre.astype(np.float64).clip(0)
     assert p.sum() ** 2 / (p**2).sum() == pytest.approx(logged["nerve/ffn.1/pr_pre"], rel=1e-5)  # PR from the archive
+    q = row.input.astype(np.float64).clip(0)  # the flow's d = 24 input spectrum (the callback's default)
+    assert row.input.shape == (24,) and q.sum() ** 2 / (q**2).sum() == pytest.approx(
+        logged["nerve/ffn.1/pr_input"], rel=1e-5
+    )
 
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent), size_guidance={HISTOGRAMS: 0})
     events.Reload()
@@ -105,3 +109,19 @@ def test_wandb_histograms_go_through_the_run_of_the_integration(tmp_path, monkey
     pre = frame[(frame.step == 2) & (frame.site == "ffn.0")].iloc[0].pre
     assert data["train/nerve/ffn.0/log10_spectrum_pre"] == ("histogram", int((pre > 0).sum()))
     assert len([k for k in data if "log10_spectrum" in k]) == 4
+
+
+def test_the_flow_spectra_are_archived_beside_pre_and_post(tmp_path):
+    import numpy as np
+
+    from nerve_hf.spectra_archive import load_spectra, write_measurement
+
+    spectra = {"ffn.0": (np.array([3.0, 1.0, 0.5]), np.array([2.0, 2.0, 1.0]))}
+    write_measurement(tmp_path, "eval", 10, spectra)  # no flow
+    write_measurement(tmp_path, "eval", 20, spectra, flow={"ffn.0": (np.array([4.0, 1.0]), np.array([1.5, 0.5]))})
+    frame = load_spectra(tmp_path)
+    assert list(frame.columns) == ["split", "step", "site", "pre", "post", "input", "output"]
+    assert frame["step"].tolist() == [10, 20]
+    assert frame["input"][1].tolist() == [4.0, 1.0] and frame["output"][1].dtype == np.float32
+    assert frame[["input", "output"]].iloc[0].isna().all()  # the measurement without flow
+    assert list(load_spectra(tmp_path / "none").columns) == ["split", "step", "site", "pre", "post"]

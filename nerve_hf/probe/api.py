@@ -580,7 +580,8 @@ def write_probe(
         eigenvalues = spectra_npz(report.eigenvalues, dtype=np.float64)  # the archive's keys
         written.append(write_bytes(out_dir / "eigenvalues.npz", eigenvalues))
     if report.flow_eigenvalues:
-        written.append(write_bytes(out_dir / "flow_eigenvalues.npz", _flow_npz(report.flow_eigenvalues)))
+        flow = spectra_npz({}, np.float64, flow=report.flow_eigenvalues)  # "<site>/input", "<site>/output"
+        written.append(write_bytes(out_dir / "flow_eigenvalues.npz", flow))
     if report.positions:
         written.append(write_csv(out_dir / "positions.csv", report.positions_to_pandas()))
     if report.cross_layer:
@@ -608,19 +609,3 @@ def write_probe(
         figure = plots.plot_spectra(result.report.eigenvalues, sites, f"eigenvalue spectra: {title}")
         written.append(write_figure(out_dir / "spectra.png", figure))
     return written
-
-
-def _flow_npz(flow_eigenvalues: dict) -> bytes:
-    """``{site: (input, output)}`` as ``.npz`` bytes with keys ``"<site>/input"`` and ``"<site>/output"`` (float64)."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    arrays = {
-        f"{site}/{stage}": np.asarray(values[i], dtype=np.float64)
-        for site, values in flow_eigenvalues.items()
-        for i, stage in enumerate(("input", "output"))
-    }
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
