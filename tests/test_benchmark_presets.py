@@ -24,15 +24,7 @@ import _settings  # noqa: E402
 BYTES_PER_TOKEN = 3.3  # below what the 8192-token BPE gives on python-env (3.7): a safe token estimate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_cache_and_one_thread(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NERVE_HF_CACHE", str(tmp_path_factory.mktemp("nerve_cache")))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+from test_benchmarks import offline_cache_and_one_thread  # noqa: E402, F401  (autouse here too)
 
 
 def _all_runs(preset):

@@ -15,7 +15,7 @@ import torch
 from distributed_helpers import torchrun
 from reference import activation_metrics, spectrum_reference, two_pass
 from scipy.spatial.distance import jensenshannon
-from test_tracker import FAMILIES, FFN, HIDDEN, LENGTHS, _conv1d, _lin, batch, build, run_tracker
+from test_tracker import FAMILIES, FFN, HIDDEN, LENGTHS, _conv1d, _lin, batch, build, captured_inputs, run_tracker
 from trainer_helpers import tiny_gpt2
 
 from nerve_hf.budget import MemoryBudgetError
@@ -37,20 +37,8 @@ def capture_stages(model, family: str, inputs) -> dict[str, dict[str, np.ndarray
     """site -> {input, pre, post, output} float64 rows of the real tokens, and the tokens' positions."""
     _, _, blocks, _, pre_post = FAMILIES[family]
     ffn_of, output_of = OUTPUTS.get(family, (None, None))
-    captured, hooks = {}, []
-    for layer, block in enumerate(blocks(model)):
-        target = block.fc1 if family == "opt" else ffn_of(block)
-
-        def grab(module, args, layer=layer):
-            captured[layer] = args[0].detach().double()
-
-        hooks.append(target.register_forward_pre_hook(grab))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    targets = [block.fc1 if family == "opt" else ffn_of(block) for block in blocks(model)]
+    captured = captured_inputs(model, targets, inputs)
     mask = inputs["attention_mask"]
     keep = mask.reshape(-1).bool()
     positions = (mask.cumsum(-1) - 1).reshape(-1)[keep].numpy()

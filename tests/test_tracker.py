@@ -189,16 +189,13 @@ def batch(lengths=LENGTHS, side="right", seed=0):
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
 
 
-def capture_reference(model, blocks, ffn_input: str | None, pre_post, inputs) -> dict:
-    """Site -> (pre, post) float64 numpy rows of the real tokens, from hand-computed FFNs."""
-    captured = {}
-    hooks = []
-    for layer, block in enumerate(blocks):
-        mlp = block if ffn_input is None else getattr(block, ffn_input)
-        target = mlp.fc1 if ffn_input is None else mlp  # OPT: the FFN input is fc1's input
+def captured_inputs(model, targets, inputs) -> dict:
+    """layer -> the float64 input of ``targets[layer]`` in one no-grad forward of ``model`` on ``inputs``."""
+    captured, hooks = {}, []
+    for layer, target in enumerate(targets):
 
         def grab(module, args, layer=layer):
-            captured[layer] = args[0].detach().double()  # [B, T, hidden]
+            captured[layer] = args[0].detach().double()  # [B, T, hidden] (OPT: [B*T, hidden])
 
         hooks.append(target.register_forward_pre_hook(grab))
     try:
@@ -207,6 +204,14 @@ def capture_reference(model, blocks, ffn_input: str | None, pre_post, inputs) ->
     finally:
         for hook in hooks:
             hook.remove()
+    return captured
+
+
+def capture_reference(model, blocks, ffn_input: str | None, pre_post, inputs) -> dict:
+    """Site -> (pre, post) float64 numpy rows of the real tokens, from hand-computed FFNs."""
+    # OPT: the FFN input is fc1's input
+    targets = [block.fc1 if ffn_input is None else getattr(block, ffn_input) for block in blocks]
+    captured = captured_inputs(model, targets, inputs)
     keep = inputs["attention_mask"].reshape(-1).bool()
     reference = {}
     for layer, block in enumerate(blocks):
