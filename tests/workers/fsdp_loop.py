@@ -1,7 +1,9 @@
 """A hand-written training loop under FSDP2 (fully_shard per block and at the root) with the tracker
 measuring the second step; with one process the same loop runs unsharded on the whole global batch."""
 
+import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,8 +40,18 @@ def main(out: str) -> None:
     tracker.detach()
     rows = tracker.compute().rows
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+    # FSDP2 keeps the last backward's reduce-scatter work objects alive on the model. Left to interpreter
+    # finalisation, gloo's worker threads release their tensors after Python is gone and the process
+    # aborts now and then ("terminate called without an active exception"), so everything that holds
+    # a collective is released while the process group still exists, and the process ends without
+    # finalisation once the group is gone.
+    del tracker, optimizer, model
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
