@@ -327,6 +327,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--no-figures", action="store_true", help="tables only")
     args = parser.parse_args(argv)
     output = Path(args.output) if args.output else Path(args.results) / "README.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
     sections = []
     for k, preset in enumerate(args.preset):
         results = load_results(Path(args.results), preset)

@@ -272,6 +272,32 @@ def test_resume_keeps_finished_runs_and_trains_nothing_more(smoke_results, tmp_p
     assert path.read_text() == before  # gelu was there: nothing ran, nothing rewritten
 
 
+def test_fingerprint_results_adds_the_fingerprint_only_when_every_run_matches_its_data(smoke_results, tmp_path):
+    import fingerprint_results
+
+    path = tmp_path / "smoke" / "gpt2_activations.json"
+    path.parent.mkdir()
+    recorded = json.loads((smoke_results / "smoke" / "gpt2_activations.json").read_text())
+    (want,) = recorded["corpora"].values()
+    old = json.loads(json.dumps(recorded))  # as written before fingerprints existed
+    del old["corpora"]
+    del old["runs"]["gelu"]["provenance"]["corpus_id"]
+
+    old["runs"]["gelu"]["provenance"]["train_blocks"] += 1  # a run whose data the settings no longer make
+    path.write_text(json.dumps(old))
+    assert "does not match its data (train_blocks" in fingerprint_results.add_fingerprints(path)
+    assert "corpora" not in json.loads(path.read_text())
+
+    old["runs"]["gelu"]["provenance"]["train_blocks"] -= 1
+    path.write_text(json.dumps(old))
+    assert "added (1 runs matched)" in fingerprint_results.add_fingerprints(path)
+    got = json.loads(path.read_text())
+    (fingerprint,) = got["corpora"].values()
+    assert fingerprint.pop("recorded").startswith("after the runs, by benchmarks/fingerprint_results.py")
+    assert fingerprint == want and got["runs"]["gelu"]["provenance"]["corpus_id"] == want["id"]
+    assert fingerprint_results.add_fingerprints(path).endswith("already fingerprinted")
+
+
 def test_set_overrides_parse_json_values_and_reach_the_settings():
     import run as bench_run
 
