@@ -83,7 +83,12 @@ def new_result(experiment, preset: str, argv: list[str]) -> dict:
 def add_run(result: dict, name: str, entry: dict, order: list[str]) -> None:
     """Put ``entry`` (of ``train_run``) under ``result["runs"][name]`` in config order; its data fingerprint goes
     to ``result["corpora"]`` and the run keeps the id. A run on other data than the file's earlier runs (an
-    environment changed between ``--resume`` calls) adds a second corpus and a warning."""
+    environment changed between ``--resume`` calls) adds a second corpus and a warning. The run also keeps the
+    commit it was trained at (``provenance.git_commit``, ``git_dirty``): a file completed by ``--resume``
+    calls at several commits says which run came from which, while its ``environment`` is the last call's."""
+    env = result.get("environment", {})
+    entry["provenance"].setdefault("git_commit", env.get("git_commit"))
+    entry["provenance"].setdefault("git_dirty", env.get("git_dirty"))
     fingerprint = entry["provenance"].pop("corpus_fingerprint", None)
     if fingerprint is not None:
         corpora = result.setdefault("corpora", {})

@@ -219,10 +219,25 @@ def corpus_line(result: dict) -> str | None:
         if "packed" in fp:
             text += f", packed as {fp['packed']['tokens']['train']:,} train tokens"
         parts.append(text)
+    return f"Corpus: {'; '.join(parts)}. {commit_text(result)}."
+
+
+def commit_text(result: dict) -> str:
+    """``Commit: `abc` `` for a file whose runs share the commit of its environment; with runs trained at
+    several commits (``--resume`` calls), each commit and its runs."""
     env = result.get("environment", {})
-    commit = env.get("git_commit")
-    dirty = " (with local changes)" if env.get("git_dirty") else ""
-    return f"Corpus: {'; '.join(parts)}. Commit: `{commit[:10] if commit else 'unknown'}`{dirty}."
+
+    def name(commit, dirty) -> str:
+        return f"`{commit[:10] if commit else 'unknown'}`" + (" (with local changes)" if dirty else "")
+
+    by_commit: dict[str, list[str]] = {}
+    for run, entry in result["runs"].items():
+        prov = entry["provenance"]
+        key = name(prov.get("git_commit", env.get("git_commit")), prov.get("git_dirty", env.get("git_dirty")))
+        by_commit.setdefault(key, []).append(label(result, run))
+    if len(by_commit) <= 1:
+        return f"Commit: {next(iter(by_commit), name(env.get('git_commit'), env.get('git_dirty')))}"
+    return "Commits: " + "; ".join(f"{key} ({', '.join(runs)})" for key, runs in by_commit.items())
 
 
 def render(results: dict, preset: str, figures: list[Path], output: Path) -> str:

@@ -86,11 +86,18 @@ def test_dense_schedule_and_corpus_fingerprint_reach_the_result_file(tmp_path):
     assert entry["provenance"]["corpus_id"] == corpus_id == fp["id"]
     assert fp["corpus"] == "stdlib-code" and fp["files"] > 0 and len(fp["files_sha256"]) == 64
     assert len(result["environment"]["git_commit"]) == 40 and "git_dirty" in result["environment"]
+    assert entry["provenance"]["git_commit"] == result["environment"]["git_commit"]
 
     import tables
 
     text = tables.render(tables.load_results(tmp_path, "smoke"), "smoke", [], tmp_path / "README.md")
-    assert f"id `{corpus_id}`" in text and "Commit: `" in text
+    assert f"id `{corpus_id}`" in text and f"Commit: `{entry['provenance']['git_commit'][:10]}`" in text
+    # a file completed at two commits (--resume) names each run's
+    relu = json.loads(json.dumps(entry))
+    relu["provenance"].update(git_commit="0123456789abcdef", git_dirty=True)
+    entry["provenance"].update(git_commit="fedcba9876543210", git_dirty=False)
+    result["runs"]["relu"] = relu
+    assert tables.commit_text(result) == "Commits: `fedcba9876` (GELU); `0123456789` (with local changes) (ReLU)"
 
 
 # --------------------------------------------------------------------------- packed tokens
