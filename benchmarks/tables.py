@@ -218,6 +218,8 @@ def corpus_line(result: dict) -> str | None:
             text += f", {len(packages)} packages ({main}, ...)"
         if "packed" in fp:
             text += f", packed as {fp['packed']['tokens']['train']:,} train tokens"
+        if "recorded" in fp:  # benchmarks/fingerprint_results.py, after checking the rebuilt data
+            text += " (fingerprinted after the runs from the data their settings rebuild)"
         parts.append(text)
     return f"Corpus: {'; '.join(parts)}. {commit_text(result)}."
 
