@@ -86,9 +86,9 @@ def add_run(result: dict, name: str, entry: dict, order: list[str]) -> None:
     environment changed between ``--resume`` calls) adds a second corpus and a warning. The run also keeps the
     commit it was trained at (``provenance.git_commit``, ``git_dirty``): a file completed by ``--resume``
     calls at several commits says which run came from which, while its ``environment`` is the last call's."""
-    env = result.get("environment", {})
-    entry["provenance"].setdefault("git_commit", env.get("git_commit"))
-    entry["provenance"].setdefault("git_dirty", env.get("git_dirty"))
+    if "environment" in result:
+        entry["provenance"].setdefault("git_commit", result["environment"].get("git_commit"))
+        entry["provenance"].setdefault("git_dirty", result["environment"].get("git_dirty"))
     fingerprint = entry["provenance"].pop("corpus_fingerprint", None)
     if fingerprint is not None:
         corpora = result.setdefault("corpora", {})

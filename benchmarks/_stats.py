@@ -140,3 +140,19 @@ def after_collapse(entry: dict) -> dict:
         "from_step": steps[end],
         **{metric: pearson(means[metric][end:], loss) for metric in ("se_pre", "pr_pre")},
     }
+
+
+def even_spacing(entry: dict) -> dict:
+    """Layer-mean Pearson r of SE_pre and PR_pre with eval loss over the evaluations at multiples of the
+    run's ``eval_every`` (and its last step): evenly spaced checkpoints, as a long run saves them, without
+    the extra evaluations of a dense opening phase (``eval_dense_every``). Runs without a dense phase get
+    the same r as over all evaluations. ``{"every", "se_pre": pearson(...), "pr_pre": pearson(...)}``."""
+    steps, means = entry["nerve"]["steps"], entry["nerve"]["mean"]["all"]
+    loss_by_step = dict(zip(entry["history"]["step"], entry["history"]["eval_loss"]))
+    every = entry["settings"]["eval_every"]
+    keep = [i for i, step in enumerate(steps) if step % every == 0 or step == steps[-1]]
+    loss = [loss_by_step.get(steps[i]) for i in keep]
+    return {
+        "every": every,
+        **{metric: pearson([means[metric][i] for i in keep], loss) for metric in ("se_pre", "pr_pre")},
+    }

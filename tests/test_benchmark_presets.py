@@ -201,6 +201,26 @@ def test_tables_regenerate_the_committed_readme_byte_for_byte():
     assert tables.render_presets(sections, readme) == readme.read_text()
 
 
+def test_findings_across_presets_set_each_presets_verdict_beside_the_paper():
+    import tables
+    from _findings import CHECKS, check_all
+
+    cpu = tables.load_results(tables.DEFAULT_RESULTS, "cpu")
+    shorter = json.loads(json.dumps(cpu))  # the same files with the NormFree runs removed: that check is "not run"
+    del shorter["gpt2_normfree"]
+    lines = tables.findings_across_presets([("cpu", cpu, []), ("cpu-long", shorter, [])])
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| finding")]
+    assert len(rows) == len(CHECKS)
+    for row, mine, other in zip(rows, check_all(cpu), check_all(shorter)):
+        cells = row.strip("| ").split(" | ")
+        assert cells[:2] == [mine.topic, mine.paper] and mine.topic and mine.paper
+        assert cells[2] == f"**{mine.verdict}**: {mine.headline}" and cells[3].startswith(f"**{other.verdict}**")
+    assert "**not run**" in rows[2]  # NormFree ReLU PR gain, without gpt2_normfree
+    undecided = [f for f in check_all(cpu) if f.undecided]
+    assert undecided and all(f"- **{f.topic}**, `cpu` ({f.verdict}): {f.undecided}" in lines for f in undecided)
+    assert all(f.verdict != "supported" for f in undecided)
+
+
 # --------------------------------------------------------------------------- estimate.py
 def test_estimate_times_a_few_steps_and_scales_to_the_preset(capsys):
     import estimate
@@ -242,3 +262,21 @@ def test_after_collapse_starts_at_the_lowest_mean_se_pre_and_correlates_from_the
     assert got["from_step"] == 30 and got["se_pre"]["n"] == 4
     assert got["se_pre"]["r"] == pytest.approx(np.corrcoef(se_pre[2:], loss[2:])[0, 1], rel=1e-12)
     assert got["pr_pre"]["r"] < -0.9 and np.corrcoef(se_pre, loss)[0, 1] > 0  # all evaluations: the other sign
+
+
+def test_even_spacing_keeps_the_evaluations_at_multiples_of_eval_every():
+    from _stats import even_spacing
+
+    steps = [10, 20, 30, 100, 200, 250]  # a dense opening, two even checkpoints, the last step
+    se_pre = [3.0, 1.0, 1.2, 2.0, 2.5, 2.6]
+    loss = [6.0, 5.0, 4.8, 4.0, 3.5, 3.4]
+    entry = {
+        "nerve": {"steps": steps, "mean": {"all": {"se_pre": se_pre, "pr_pre": se_pre}}},
+        "history": {"step": steps, "eval_loss": loss},
+        "settings": {"eval_every": 100},
+    }
+    got = even_spacing(entry)
+    assert got["every"] == 100 and got["se_pre"]["n"] == 3
+    want = np.corrcoef([2.0, 2.5, 2.6], [4.0, 3.5, 3.4])[0, 1]
+    assert got["se_pre"]["r"] == pytest.approx(want, rel=1e-12) and got["pr_pre"]["r"] == got["se_pre"]["r"]
+    assert np.corrcoef(se_pre, loss)[0, 1] < 0.5  # all six: the dense opening pulls r towards zero
