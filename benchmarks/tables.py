@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _findings import check_all  # noqa: E402
+from _settings import PRESETS  # noqa: E402
 from _paper import PAPER_PERPLEXITY, PAPER_REFERENCE, PAPER_WIDTH_R_RANGE, PAPER_WITHIN_RUN_R  # noqa: E402
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -373,17 +374,21 @@ def main(argv=None) -> Path:
     parser.add_argument(
         "--preset",
         nargs="+",
-        default=["cpu"],
-        help="preset(s) whose result files to tabulate, in README order (default: cpu); figures of the first go "
-        "to figures/, of the others to figures/PRESET/",
+        default=None,
+        help="preset(s) whose result files to tabulate, in README order (default: every preset with result "
+        "files, in the order of _settings.PRESETS); figures of the first go to figures/, of the others to "
+        "figures/PRESET/",
     )
     parser.add_argument("--output", default=None, help="markdown file to write (default: RESULTS/README.md)")
     parser.add_argument("--no-figures", action="store_true", help="tables only")
     args = parser.parse_args(argv)
     output = Path(args.output) if args.output else Path(args.results) / "README.md"
     output.parent.mkdir(parents=True, exist_ok=True)
+    presets = args.preset or [name for name in PRESETS if any((Path(args.results) / name).glob("*.json"))]
+    if not presets:
+        parser.error(f"no result files in any preset folder of {args.results}")
     sections = []
-    for k, preset in enumerate(args.preset):
+    for k, preset in enumerate(presets):
         results = load_results(Path(args.results), preset)
         if not results:
             parser.error(f"no result files in {Path(args.results) / preset}")

@@ -253,6 +253,21 @@ def test_tables_render_markdown_from_a_result_file(smoke_results):
     assert "Verdict:" in text
 
 
+def test_tables_default_to_every_preset_with_results_in_preset_order(smoke_results, tmp_path):
+    import shutil
+
+    import tables
+
+    for preset in ("cpu-long", "cpu"):  # made in the other order: the README follows _settings.PRESETS
+        shutil.copytree(smoke_results / "smoke", tmp_path / preset)
+    (tmp_path / "paper").mkdir()  # a preset folder without result files is left out
+    text = tables.main(["--results", str(tmp_path), "--no-figures"]).read_text()
+    assert text.splitlines()[0] == "# NerVE model-zoo results (`cpu`, `cpu-long` presets)"
+    assert text.index("## `cpu` preset") < text.index("## `cpu-long` preset")
+    with pytest.raises(SystemExit):
+        tables.main(["--results", str(tmp_path / "paper"), "--no-figures"])
+
+
 def test_tables_make_png_figures(smoke_results, tmp_path):
     import tables
 
