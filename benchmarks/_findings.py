@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from statistics import median
+from statistics import mean, median, stdev
 
 from _stats import after_collapse, even_spacing
 
@@ -171,11 +171,7 @@ def normfree_relu_pr_gain(results: dict) -> Finding:
         return Finding(claim, "not run", "needs gpt2_normfree/normfree-relu")
     gains = {}
     for name, entry in candidates:
-        per_layer = [
-            post / pre
-            for pre, post in zip(_final_sites(entry, "pr_pre"), _final_sites(entry, "pr_post"))
-            if pre and post
-        ]
+        per_layer = _pr_gains(entry)
         gains[name] = (
             sum(per_layer) / len(per_layer),
             max(per_layer),
@@ -184,6 +180,9 @@ def normfree_relu_pr_gain(results: dict) -> Finding:
         )
     others = [g[0] for n, g in gains.items() if n != "NormFree ReLU"]
     flags = [gains["NormFree ReLU"][0] > max(others)] if others else []
+    by_seed = _normfree_gains_by_seed(results)
+    if len(by_seed) > 1:  # seed replicates: each seed's NormFree runs are compared among themselves too
+        flags += [g["NormFree ReLU"] > max(v for n, v in g.items() if n != "NormFree ReLU") for g in by_seed[1:]]
     table = [
         "| model | mean PR_post/PR_pre over layers | max over layers | PR_pre (layer mean) | final eval loss |",
         "|---|---|---|---|---|",
@@ -194,7 +193,9 @@ def normfree_relu_pr_gain(results: dict) -> Finding:
     ]
     evidence = "Final evaluation:\n\n" + "\n".join(table)
     verdict = _verdict(flags)
-    headline = ", ".join(f"{name} {_fmt(g[0], 2)}" for name, g in gains.items() if name.startswith("NormFree"))
+    headline = "mean PR_post/PR_pre: " + ", ".join(
+        f"{name} {_fmt(g[0], 2)}" for name, g in gains.items() if name.startswith("NormFree")
+    )
     best = max(gains, key=lambda name: gains[name][0])
     undecided = (
         ""
@@ -202,6 +203,10 @@ def normfree_relu_pr_gain(results: dict) -> Finding:
         else f"The largest mean gain is {best}'s ({_fmt(gains[best][0], 2)}, NormFree ReLU "
         f"{_fmt(gains['NormFree ReLU'][0], 2)}); a second seed decides whether the ordering is noise."
     )
+    if len(by_seed) > 1:
+        seeds_evidence, headline, seeds_undecided = _seed_summary(results, by_seed)
+        evidence += "\n\n" + seeds_evidence
+        undecided = "" if verdict == "supported" else seeds_undecided
     collapsed = [name for name, g in gains.items() if name.startswith("NormFree") and g[2] < 1.5]
     if collapsed:
         evidence += (
@@ -213,13 +218,82 @@ def normfree_relu_pr_gain(results: dict) -> Finding:
                 f"{', '.join(collapsed)} collapsed (PR_pre < 1.5): the ratio compares near-rank-one spectra. Decided "
                 "by NormFree runs that train out of the collapse (more steps)."
             )
-    return Finding(
-        claim,
-        verdict,
-        evidence,
-        headline="mean PR_post/PR_pre: " + headline,
-        undecided=undecided,
+    return Finding(claim, verdict, evidence, headline=headline, undecided=undecided)
+
+
+NORMFREE_RUNS = (
+    ("normfree-gelu", "NormFree GELU"),
+    ("normfree-relu", "NormFree ReLU"),
+    ("normfree-lrelu", "NormFree LReLU"),
+)
+
+
+def _pr_gains(entry: dict) -> list[float]:
+    """PR_post / PR_pre of each layer at the final evaluation."""
+    pairs = zip(_final_sites(entry, "pr_pre"), _final_sites(entry, "pr_post"))
+    return [post / pre for pre, post in pairs if pre and post]
+
+
+def _normfree_gains_by_seed(results: dict) -> list[dict]:
+    """For the gpt2_normfree file and each of its seed replicates that has NormFree ReLU: label -> mean PR gain
+    over layers, and ``"seed"``."""
+    experiment = results.get("gpt2_normfree", {})
+    out = []
+    for result in [experiment, *experiment.get("replicates", [])]:
+        runs = result.get("runs", {})
+        if "normfree-relu" in runs:
+            gains = {label: _pr_gains(runs[name]) for name, label in NORMFREE_RUNS if name in runs}
+            out.append({label: sum(g) / len(g) for label, g in gains.items()})
+            out[-1]["seed"] = runs["normfree-relu"]["settings"]["seed"]
+    return out
+
+
+def _seed_summary(results: dict, by_seed: list[dict]) -> tuple[str, str, str]:
+    """(evidence table, headline, what the data show) of the NormFree PR gains over seeds."""
+    labels = [label for _, label in NORMFREE_RUNS if all(label in g for g in by_seed)]
+    seeds = [g["seed"] for g in by_seed]
+    stats = {label: (mean([g[label] for g in by_seed]), stdev([g[label] for g in by_seed])) for label in labels}
+    others = [label for label in labels if label != "NormFree ReLU"]
+    largest = sum(g["NormFree ReLU"] > max(g[o] for o in others) for g in by_seed)
+    above_gelu = sum(g["NormFree ReLU"] > g["NormFree GELU"] for g in by_seed) if "NormFree GELU" in labels else None
+    table = [
+        "| seed | " + " | ".join(labels) + " | largest |",
+        "|---|" + "---|" * (len(labels) + 1),
+        *(
+            f"| {g['seed']} | " + " | ".join(_fmt(g[label], 2) for label in labels) + f" | {max(labels, key=g.get)} |"
+            for g in by_seed
+        ),
+        "| mean ± sd | " + " | ".join(f"{_fmt(m, 2)} ± {_fmt(sd, 2)}" for m, sd in stats.values()) + " | |",
+    ]
+    files = ", ".join(f"`seeds/gpt2_normfree.seed{seed}.json`" for seed in seeds[1:])
+    rows = "\n".join(table)
+    evidence = f"Mean PR_post/PR_pre over layers by seed (seed {seeds[0]}: the table above; {files}):\n\n{rows}"
+    headline = (
+        f"mean PR_post/PR_pre over seeds {', '.join(map(str, seeds))}: "
+        + ", ".join(f"{label} {_fmt(m, 2)} ± {_fmt(sd, 2)}" for label, (m, sd) in stats.items())
+        + f"; NormFree ReLU the largest in {largest}/{len(seeds)} seeds"
     )
+    rival = max(others, key=lambda label: stats[label][0])
+    gap = stats["NormFree ReLU"][0] - stats[rival][0]
+    noise = max(stats["NormFree ReLU"][1], stats[rival][1])
+    shown = (
+        f"Over {len(seeds)} seeds NormFree ReLU's gain is the largest in {largest}"
+        + (f" and above NormFree GELU's in {above_gelu}" if above_gelu is not None else "")
+        + f"; its mean is {gap:+.2f} from {rival}'s, "
+    )
+    if abs(gap) < noise:
+        shown += (
+            f"within the seed-to-seed spread ({_fmt(noise, 2)}): the ordering of the two is not resolved at this "
+            f"scale. More seeds, or the paper's scale, would decide it."
+        )
+    elif gap < 0:
+        shown += f"beyond the seed-to-seed spread ({_fmt(noise, 2)}): at this scale {rival}'s gain is the larger."
+    else:
+        shown += (
+            f"beyond the seed-to-seed spread ({_fmt(noise, 2)}): NormFree ReLU's gain is the larger on average, "
+            "though not in every seed; more seeds would decide it."
+        )
+    return evidence, headline, shown
 
 
 def muon_vs_adamw(results: dict) -> Finding:

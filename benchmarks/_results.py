@@ -1,4 +1,5 @@
-"""Result files: ``<out>/<preset>/<experiment>.json``, one per experiment, written after every run."""
+"""Result files: ``<out>/<preset>/<experiment>.json``, one per experiment, written after every run; runs with
+another seed (``--set seed=N``) are replicates in ``<out>/<preset>/seeds/<experiment>.seed<N>.json``."""
 
 from __future__ import annotations
 
@@ -20,8 +21,22 @@ SIGNIFICANT_DIGITS = 7  # floats are stored rounded: the files stay small and di
 _SCALAR_LIST = re.compile(r"\[((?:\s*(?:-?[0-9][0-9.eE+-]*|null|true|false|\"[^\",\[\]{}]*\"),?)+\s*)\]")
 
 
-def result_path(out_dir: str | Path, preset: str, experiment: str) -> Path:
-    return Path(out_dir) / preset / f"{experiment}.json"
+REPLICATES = "seeds"  # folder of a preset's seed replicates
+
+
+def result_path(out_dir: str | Path, preset: str, experiment: str, seed: int | None = None) -> Path:
+    """The experiment's result file; with a ``seed`` other than the presets' (0), its replicate file."""
+    if seed is None or seed == 0:
+        return Path(out_dir) / preset / f"{experiment}.json"
+    return Path(out_dir) / preset / REPLICATES / f"{experiment}.seed{seed}.json"
+
+
+def replicate_seed(result: dict) -> int:
+    """The seed every run of a (replicate) result file was trained with."""
+    seeds = {entry["settings"]["seed"] for entry in result["runs"].values()}
+    if len(seeds) != 1:
+        raise ValueError(f"{result['experiment']}: a replicate file holds one seed, found {sorted(seeds)}")
+    return seeds.pop()
 
 
 def environment() -> dict:

@@ -316,6 +316,18 @@ PRESET_SHAPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def run_settings(recorded: dict) -> RunSettings:
+    """The RunSettings of a result file's recorded ``settings`` dict (fields added since then take their
+    defaults)."""
+    return RunSettings(**{k: v for k, v in recorded.items() if k in _FIELDS})
+
+
+def settings_differences(recorded: RunSettings, wanted: RunSettings) -> dict:
+    """``field -> (recorded, wanted)`` for every field where the two differ."""
+    a, b = asdict(recorded), asdict(wanted)
+    return {key: (a[key], b[key]) for key in a if a[key] != b[key]}
+
+
 def check_keys(overrides: dict, where: str) -> None:
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:

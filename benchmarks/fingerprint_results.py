@@ -16,23 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _data import image_data, lm_data  # noqa: E402
 from _results import environment, write_result  # noqa: E402
-from _settings import RunSettings  # noqa: E402
+from _settings import run_settings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMPARED = {"lm": ("train_blocks", "eval_blocks"), "image": ("train_images", "eval_images")}
-
-
-def run_settings(recorded: dict) -> RunSettings:
-    """The RunSettings of a recorded ``settings`` dict (fields added since then take their defaults)."""
-    known = {f.name for f in fields(RunSettings)}
-    return RunSettings(**{k: v for k, v in recorded.items() if k in known})
 
 
 def fingerprint_of_run(entry: dict) -> tuple[dict | None, str]:

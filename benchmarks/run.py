@@ -8,8 +8,9 @@
 
 Each experiment (``benchmarks/experiments/<name>.json``) writes ``<out>/<preset>/<name>.json`` (see
 benchmarks/README.md for its keys). The file is rewritten after every run, so an interrupted experiment
-keeps what finished; ``--resume`` skips runs already in it. ``python benchmarks/tables.py`` turns the
-files into tables and figures.
+keeps what finished; ``--resume`` skips runs already in it (trained with the same settings: anything else
+is an error). ``--set seed=N`` (N != 0) writes a seed replicate, ``<out>/<preset>/seeds/<name>.seedN.json``.
+``python benchmarks/tables.py`` turns the files into tables and figures.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nerve_hf, nerve_
 
 from _experiments import list_experiments, load_experiment  # noqa: E402
 from _results import add_run, load_result, new_result, result_path, write_result  # noqa: E402
-from _settings import PRESET_NAMES  # noqa: E402
+from _settings import PRESET_NAMES, run_settings, settings_differences  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -149,6 +150,23 @@ def describe(experiment, preset: str, names, overrides=None) -> str:
     return "\n".join(lines)
 
 
+def check_resumable(experiment, preset: str, overrides, kept: dict, path: Path) -> None:
+    """``--resume`` keeps a finished run only when it was trained with the settings asked for now: a file is
+    never completed with runs of other settings (another ``--set``, an edited config)."""
+    for run in experiment.runs_for(preset):
+        if run.name not in kept:
+            continue
+        differ = settings_differences(
+            run_settings(kept[run.name]["settings"]), experiment.resolve(run, preset, overrides)
+        )
+        if differ:
+            shown = ", ".join(f"{key}: recorded {old!r}, asked {new!r}" for key, (old, new) in differ.items())
+            raise SystemExit(
+                f"--resume: run {run.name} in {path} was trained with other settings ({shown}); resume with the "
+                "same --set options, or write elsewhere with --out"
+            )
+
+
 def run_experiment(
     name: str,
     preset: str,
@@ -163,7 +181,7 @@ def run_experiment(
     from _train import train_run
 
     experiment = load_experiment(name)
-    path = result_path(out, preset, experiment.name)
+    path = result_path(out, preset, experiment.name, seed=(overrides or {}).get("seed"))
     result = new_result(experiment, preset, argv if argv is not None else [name, "--preset", preset])
     if path.is_file() and (resume or runs):
         previous = load_result(path)
@@ -172,6 +190,7 @@ def run_experiment(
             result["corpora"] = previous.get("corpora", {})
     todo = selected_runs(experiment, preset, runs)
     if resume:
+        check_resumable(experiment, preset, overrides, result["runs"], path)
         todo = [run for run in todo if run.name not in result["runs"]]
     try:
         from tqdm.auto import tqdm

@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _findings import check_all  # noqa: E402
-from _settings import PRESETS  # noqa: E402
 from _paper import PAPER_PERPLEXITY, PAPER_REFERENCE, PAPER_WIDTH_R_RANGE, PAPER_WITHIN_RUN_R  # noqa: E402
+from _results import REPLICATES, replicate_seed  # noqa: E402
+from _settings import PRESETS  # noqa: E402
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 # what "tiny" means in each preset's scale warning (any other preset gets the cpu one)
@@ -32,11 +33,16 @@ METRIC_PAIRS = (("se_pre", "se_post", "SE"), ("pr_pre", "pr_post", "PR"), ("eee_
 
 
 def load_results(results_dir: Path, preset: str) -> dict:
-    """experiment name -> result dict, for every ``<results_dir>/<preset>/*.json``."""
+    """experiment name -> result dict, for every ``<results_dir>/<preset>/*.json``; an experiment's seed
+    replicates (``<preset>/seeds/*.json``) come under its ``"replicates"``, in seed order."""
     out = {}
     for path in sorted((Path(results_dir) / preset).glob("*.json")):
         result = json.loads(path.read_text())
         out[result["experiment"]] = result
+    replicates = [json.loads(path.read_text()) for path in (Path(results_dir) / preset / REPLICATES).glob("*.json")]
+    for replicate in sorted(replicates, key=replicate_seed):
+        if replicate["experiment"] in out:
+            out[replicate["experiment"]].setdefault("replicates", []).append(replicate)
     return out
 
 

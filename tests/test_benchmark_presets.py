@@ -221,6 +221,44 @@ def test_findings_across_presets_set_each_presets_verdict_beside_the_paper():
     assert all(f.verdict != "supported" for f in undecided)
 
 
+def test_seed_replicates_enter_the_normfree_relu_check_seed_by_seed(tmp_path):
+    import shutil
+
+    import tables
+    from _findings import normfree_relu_pr_gain
+
+    shutil.copytree(tables.DEFAULT_RESULTS / "cpu-long", tmp_path / "cpu-long", ignore=shutil.ignore_patterns("seeds"))
+    seed0 = json.loads((tmp_path / "cpu-long" / "gpt2_normfree.json").read_text())
+    replicate = json.loads(json.dumps(seed0))
+    for entry in replicate["runs"].values():
+        entry["settings"]["seed"] = 1
+    final = replicate["runs"]["normfree-relu"]["nerve"]["per_site"]["pr_post"][-1]
+    final[:] = [2 * x for x in final]  # seed 1: NormFree ReLU reinjects twice as much
+    (tmp_path / "cpu-long" / "seeds").mkdir()
+    (tmp_path / "cpu-long" / "seeds" / "gpt2_normfree.seed1.json").write_text(json.dumps(replicate))
+
+    def gain(entry):  # mean over layers of PR_post / PR_pre at the final evaluation
+        per_site = entry["nerve"]["per_site"]
+        return float(np.mean(np.array(per_site["pr_post"][-1]) / np.array(per_site["pr_pre"][-1])))
+
+    names = {"normfree-gelu": "NormFree GELU", "normfree-relu": "NormFree ReLU", "normfree-lrelu": "NormFree LReLU"}
+    by_seed = [{label: gain(result["runs"][run]) for run, label in names.items()} for result in (seed0, replicate)]
+    results = tables.load_results(tmp_path, "cpu-long")
+    loaded = results["gpt2_normfree"]["replicates"]
+    assert [r["runs"]["normfree-relu"]["settings"]["seed"] for r in loaded] == [1]
+    finding = normfree_relu_pr_gain(results)
+    relu_largest = [g["NormFree ReLU"] > max(g["NormFree GELU"], g["NormFree LReLU"]) for g in by_seed]
+    assert relu_largest == [False, True]  # the committed seed 0 has LReLU ahead; the edited seed 1 has ReLU
+    assert finding.verdict == "mixed"
+    g = by_seed[1]
+    row = f"| 1 | {g['NormFree GELU']:.2f} | {g['NormFree ReLU']:.2f} | {g['NormFree LReLU']:.2f} | NormFree ReLU |"
+    assert row in finding.evidence
+    relu = [g["NormFree ReLU"] for g in by_seed]
+    assert f"NormFree ReLU {np.mean(relu):.2f} ± {np.std(relu, ddof=1):.2f}" in finding.headline
+    assert finding.headline.endswith("NormFree ReLU the largest in 1/2 seeds")
+    assert finding.undecided.startswith("Over 2 seeds NormFree ReLU's gain is the largest in 1 and above NormFree")
+
+
 # --------------------------------------------------------------------------- estimate.py
 def test_estimate_times_a_few_steps_and_scales_to_the_preset(capsys):
     import estimate

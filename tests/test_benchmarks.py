@@ -287,6 +287,31 @@ def test_resume_keeps_finished_runs_and_trains_nothing_more(smoke_results, tmp_p
     assert path.read_text() == before  # gelu was there: nothing ran, nothing rewritten
 
 
+def test_resume_completes_a_file_only_with_its_settings_and_another_seed_is_a_replicate(smoke_results, tmp_path):
+    import shutil
+
+    import run as bench_run
+    from _results import replicate_seed
+
+    shutil.copytree(smoke_results / "smoke", tmp_path / "smoke")
+    main_file = tmp_path / "smoke" / "gpt2_activations.json"
+    before = main_file.read_text()
+    recorded = json.loads(before)["runs"]["gelu"]["settings"]["learning_rate"]
+    with pytest.raises(SystemExit, match=rf"run gelu .*\(learning_rate: recorded {recorded}, asked 0\.5\)"):
+        bench_run.run_experiment(
+            "gpt2_activations", "smoke", tmp_path, resume=True, progress=False, overrides={"learning_rate": 0.5}
+        )
+    path = bench_run.run_experiment(
+        "gpt2_activations", "smoke", tmp_path, runs=["gelu"], resume=True, progress=False, overrides={"seed": 3}
+    )
+    assert path == tmp_path / "smoke" / "seeds" / "gpt2_activations.seed3.json"
+    replicate = json.loads(path.read_text())
+    assert replicate_seed(replicate) == 3 and list(replicate["runs"]) == ["gelu"]
+    assert main_file.read_text() == before  # the seed-0 file is untouched
+    ours = replicate["runs"]["gelu"]["final"]["eval_loss"]
+    assert ours != json.loads(before)["runs"]["gelu"]["final"]["eval_loss"]  # another init: another model
+
+
 def test_fingerprint_results_adds_the_fingerprint_only_when_every_run_matches_its_data(smoke_results, tmp_path):
     import fingerprint_results
 
