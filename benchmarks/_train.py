@@ -147,13 +147,13 @@ def train_run(settings: RunSettings, progress: bool = True, workdir: str | None 
     from nerve_hf.records import RECORDS_FILENAME, read_records
 
     with tempfile.TemporaryDirectory(prefix="nerve-bench-", dir=workdir) as output_dir:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer, model, info = build_run(settings, output_dir, progress)
         trainer.train()
         last_eval = max((log["step"] for log in trainer.state.log_history if "eval_loss" in log), default=-1)
         if last_eval != trainer.state.global_step:
             trainer.evaluate()  # the final evaluation is always at the last step
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         records = list(read_records(Path(output_dir) / RECORDS_FILENAME))
     history = [log for log in trainer.state.log_history if "eval_loss" in log]
     train_logs = [log for log in trainer.state.log_history if "loss" in log and "eval_loss" not in log]
@@ -184,6 +184,7 @@ def train_run(settings: RunSettings, progress: bool = True, workdir: str | None 
             "tokens_per_step": settings.tokens_per_step if settings.task == "lm" else None,
             "seed": settings.seed,
             "wall_time_s": wall,
+            "cpu_time_s": cpu,  # this process's CPU time, all its threads: the core-seconds the run cost
             "parameters": zoo.count_parameters(model),
         },
         "settings": settings.to_dict(),

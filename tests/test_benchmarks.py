@@ -34,7 +34,7 @@ RESULT_KEYS = {
     "runs",
 }
 RUN_KEYS = {"variant", "optimizer", "final", "history", "nerve", "correlations", "provenance", "settings"}
-PROVENANCE_KEYS = {"dataset", "steps", "seed", "wall_time_s", "parameters"}
+PROVENANCE_KEYS = {"dataset", "steps", "seed", "wall_time_s", "cpu_time_s", "parameters"}
 from nerve_hf.metrics import METRIC_NAMES as METRICS  # noqa: E402
 
 
@@ -212,6 +212,7 @@ def test_smoke_experiment_writes_one_result_file_with_the_documented_keys(smoke_
     assert list(result["runs"]) == ["gelu"]
     entry = result["runs"]["gelu"]
     assert RUN_KEYS <= set(entry) and PROVENANCE_KEYS <= set(entry["provenance"])
+    assert 0 < entry["provenance"]["cpu_time_s"] < 50 * entry["provenance"]["wall_time_s"]  # threads run in parallel
     assert entry["final"]["perplexity"] == pytest.approx(math.exp(entry["final"]["eval_loss"]), rel=1e-5)
     assert entry["history"]["step"] == entry["nerve"]["steps"] == [1, 2, 3]
     assert entry["nerve"]["sites"] == ["ffn.0", "ffn.1"]
