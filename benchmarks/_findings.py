@@ -273,26 +273,26 @@ def _seed_summary(results: dict, by_seed: list[dict]) -> tuple[str, str, str]:
         + ", ".join(f"{label} {_fmt(m, 2)} ± {_fmt(sd, 2)}" for label, (m, sd) in stats.items())
         + f"; NormFree ReLU the largest in {largest}/{len(seeds)} seeds"
     )
+
+    def paired(label: str) -> tuple[float, float]:  # the runs of one seed share its data order and init draws
+        differences = [g["NormFree ReLU"] - g[label] for g in by_seed]
+        return mean(differences), stdev(differences)
+
     rival = max(others, key=lambda label: stats[label][0])
-    gap = stats["NormFree ReLU"][0] - stats[rival][0]
-    noise = max(stats["NormFree ReLU"][1], stats[rival][1])
+    gap, noise = paired(rival)
     shown = (
         f"Over {len(seeds)} seeds NormFree ReLU's gain is the largest in {largest}"
         + (f" and above NormFree GELU's in {above_gelu}" if above_gelu is not None else "")
-        + f"; its mean is {gap:+.2f} from {rival}'s, "
+        + "; seed by seed it differs from "
+        + ", ".join(f"{label}'s by {paired(label)[0]:+.2f} ± {_fmt(paired(label)[1], 2)}" for label in others)
+        + f" (mean ± sd). Against {rival} the difference is "
     )
     if abs(gap) < noise:
-        shown += (
-            f"within the seed-to-seed spread ({_fmt(noise, 2)}): the ordering of the two is not resolved at this "
-            f"scale. More seeds, or the paper's scale, would decide it."
-        )
+        shown += "within its seed-to-seed spread: their ordering is not resolved at this scale; more seeds decide it."
     elif gap < 0:
-        shown += f"beyond the seed-to-seed spread ({_fmt(noise, 2)}): at this scale {rival}'s gain is the larger."
+        shown += f"beyond its seed-to-seed spread: at this scale {rival}'s gain is the larger."
     else:
-        shown += (
-            f"beyond the seed-to-seed spread ({_fmt(noise, 2)}): NormFree ReLU's gain is the larger on average, "
-            "though not in every seed; more seeds would decide it."
-        )
+        shown += "beyond its seed-to-seed spread, though not in every seed: more seeds decide it."
     return evidence, headline, shown
 
 

@@ -257,6 +257,8 @@ def test_seed_replicates_enter_the_normfree_relu_check_seed_by_seed(tmp_path):
     assert f"NormFree ReLU {np.mean(relu):.2f} ± {np.std(relu, ddof=1):.2f}" in finding.headline
     assert finding.headline.endswith("NormFree ReLU the largest in 1/2 seeds")
     assert finding.undecided.startswith("Over 2 seeds NormFree ReLU's gain is the largest in 1 and above NormFree")
+    paired = [g["NormFree ReLU"] - g["NormFree LReLU"] for g in by_seed]  # seed-paired, not pooled
+    assert f"NormFree LReLU's by {np.mean(paired):+.2f} ± {np.std(paired, ddof=1):.2f}" in finding.undecided
 
 
 # --------------------------------------------------------------------------- estimate.py
