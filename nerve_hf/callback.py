@@ -415,7 +415,14 @@ class NerveCallback(TrainerCallback):
         if not (self.config.save_spectra and args.output_dir and report.eigenvalues):
             return
         try:
-            write_measurement(args.output_dir, split, state.global_step, report.eigenvalues, report.flow_eigenvalues)
+            write_measurement(
+                args.output_dir,
+                split,
+                state.global_step,
+                report.eigenvalues,
+                report.flow_eigenvalues,
+                report.position_eigenvalues,
+            )
         except OSError as error:
             self._warn_once(
                 "archive",

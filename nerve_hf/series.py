@@ -298,7 +298,8 @@ def write_series(result: SeriesResult, out_dir, with_plots: bool = True) -> list
     written.append(write_json(out_dir / "series.json", content))
     for checkpoint, probe in zip(result.checkpoints, result.results):
         if probe.report.eigenvalues:
-            data = spectra_npz(probe.report.eigenvalues, dtype=np.float64)
+            report = probe.report  # the archive's keys: pre/post, and the flow's and buckets' when measured
+            data = spectra_npz(report.eigenvalues, np.float64, report.flow_eigenvalues, report.position_eigenvalues)
             written.append(write_bytes(out_dir / "spectra" / f"{checkpoint.name}.npz", data))
     if result.eval_loss:
         written.append(write_csv(out_dir / "series_correlations.csv", series_correlations(result)))

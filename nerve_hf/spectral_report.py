@@ -27,6 +27,7 @@ class SpectralReport:
         eigenvalues: site -> (pre, post) eigenvalues, descending float64 CPU tensors ``[dim]``.
         flow_eigenvalues: ``flow``: site -> (input, output) eigenvalues ``[d]``.
         positions: ``position_buckets``: per site and bucket, :data:`~nerve_hf.coherence.POSITION_KEYS`.
+        position_eigenvalues: ``position_buckets``: (site, bucket label) -> (pre, post) eigenvalues ``[dim]``.
         cross_layer: ``cross_layer``: per pair of layers, :data:`~nerve_hf.coherence.CROSS_LAYER_KEYS`.
 
     >>> ones, nans = {m: 1.0 for m in METRIC_NAMES}, {m: float("nan") for m in METRIC_NAMES}
@@ -41,6 +42,7 @@ class SpectralReport:
     # Filled only by the tracker options that ask for them (nerve_hf.coherence); empty otherwise.
     flow_eigenvalues: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # site -> (input, output)
     positions: list[dict] = field(default_factory=list)  # one row per site and position bucket: POSITION_KEYS
+    position_eigenvalues: dict[tuple[str, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
     cross_layer: list[dict] = field(default_factory=list)  # one row per pair of layers: CROSS_LAYER_KEYS
 
     def __len__(self) -> int:

@@ -721,10 +721,12 @@ class FFNTracker:
         standin = (CovarianceAccumulator(1), CovarianceAccumulator(1))
         keys = [(i, b) for i in watched for b in range(len(labels))]
         pairs = [window.states[i].buckets[b] if window.states[i].buckets else standin for i, b in keys]
-        values, _, counts = self._measure_pairs(pairs, metrics, spectra_dtype)
-        for (i, b), row_values, count in zip(keys, values, counts):
+        values, kept, counts = self._measure_pairs(pairs, metrics, spectra_dtype)
+        for (i, b), row_values, count, bucket_spectra in zip(keys, values, counts, kept):
             label, start, end = labels[b]
             site = self._sites[i]
+            if bucket_spectra is not None and window.states[i].buckets:
+                report.position_eigenvalues[(site.site, label)] = bucket_spectra
             report.positions.append(
                 {
                     "site": site.site,

@@ -4,6 +4,7 @@ logs and nerve_metrics.jsonl, equal to a tracker run by hand on the same micro-b
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from test_callback import CaptureStep
@@ -12,6 +13,7 @@ from trainer_helpers import make_trainer, tiny_gpt2
 from nerve_hf import FFNTracker, NerveCallback
 from nerve_hf.coherence import FLOW_KEYS
 from nerve_hf.records import read_records
+from nerve_hf.spectra_archive import load_position_spectra
 
 OPTIONS = dict(flow=True, position_buckets=[0, 4], cross_layer="adjacent")
 
@@ -28,7 +30,8 @@ def test_callback_logs_and_records_flow_positions_and_cross_layer(tmp_path):
     with tracker, torch.no_grad():
         for inputs in capture.inputs:
             model(**inputs)
-    expected = tracker.compute().to_log_dict()
+    report = tracker.compute()
+    expected = report.to_log_dict()
     logged = next(e for e in trainer.state.log_history if e["step"] == 4 and "nerve/mean/se_pre" in e)
     for key in (
         "nerve/ffn.0/se_input",
@@ -50,6 +53,13 @@ def test_callback_logs_and_records_flow_positions_and_cross_layer(tmp_path):
     record = next(r for r in records if r["step"] == 4 and r["split"] == "train" and r["site"] == "ffn.0")
     assert set(FLOW_KEYS) <= set(record) and record["cka_next"] == pytest.approx(expected["nerve/ffn.0/cka_next"])
     assert [(b["bucket"], b["tokens"]) for b in record["positions"]] == [("0-4", 2 * 2 * 4), ("4-inf", 2 * 2 * 5)]
+
+    archived = load_position_spectra(tmp_path)  # every bucket's spectra, beside the sites'
+    at_4 = archived[(archived.split == "train") & (archived.step == 4)]
+    assert [(row.site, row.bucket) for row in at_4.itertuples()] == list(report.position_eigenvalues)
+    for row in at_4.itertuples():
+        for got, want in zip((row.pre, row.post), report.position_eigenvalues[(row.site, row.bucket)]):
+            assert np.allclose(got, want.numpy(), rtol=1e-5, atol=1e-6 * float(want[0]))  # float32 storage
 
     from nerve_hf.runs import load_run
 

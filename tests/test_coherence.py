@@ -172,6 +172,10 @@ def test_position_buckets_match_float64_reference(family, side):
         expected = activation_metrics(ref["pre"][chosen], ref["post"][chosen])
         for name in METRIC_NAMES:
             assert row[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), (row["site"], row["bucket"], name)
+        for got, rows in zip(report.position_eigenvalues[(row["site"], row["bucket"])], (ref["pre"], ref["post"])):
+            want = np.linalg.eigvalsh(two_pass(rows[chosen]))[::-1]  # the bucket's spectrum, float64, descending
+            assert got.dtype == torch.float64 and np.allclose(got.numpy(), want, rtol=1e-4, atol=1e-6 * want[0])
+    assert len(report.position_eigenvalues) == len(report.positions)
     # the overall rows are the tracker's usual ones, and the buckets partition their tokens
     assert [row["tokens"] for row in report.rows] == [sum(LENGTHS)] * len(report.rows)
     assert sum(r["tokens"] for r in report.positions if r["site"] == "ffn.0") == sum(LENGTHS)

@@ -78,6 +78,11 @@ def test_probe_writes_flow_positions_and_cross_layer(gpt2_dir, tmp_path, capsys)
     matrix = pd.read_csv(out / "cka_matrix.csv", index_col="layer")
     assert matrix.shape == (3, 3) and np.allclose(np.diag(matrix.to_numpy()), 1.0)
     assert matrix.loc[0, "2"] == pytest.approx(expected.cross_layer[1]["cka"], rel=1e-12)
+    buckets = np.load(out / "position_eigenvalues.npz")
+    assert len(buckets.files) == 2 * len(expected.positions)  # pre and post of every site and bucket
+    for (site, bucket), spectra in expected.position_eigenvalues.items():
+        for stage, want in zip(("pre", "post"), spectra):
+            assert np.allclose(buckets[f"{site}/pos/{bucket}/{stage}"], want.numpy(), rtol=1e-9, atol=1e-12)
     flow = np.load(out / "flow_eigenvalues.npz")
     assert flow["ffn.2/input"].shape == flow["ffn.2/output"].shape == (24,)
     for name in ("flow.png", "positions.png", "cross_layer.png", "metrics_per_layer.png"):

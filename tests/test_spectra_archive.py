@@ -125,3 +125,29 @@ def test_the_flow_spectra_are_archived_beside_pre_and_post(tmp_path):
     assert frame["input"][1].tolist() == [4.0, 1.0] and frame["output"][1].dtype == np.float32
     assert frame[["input", "output"]].iloc[0].isna().all()  # the measurement without flow
     assert list(load_spectra(tmp_path / "none").columns) == ["split", "step", "site", "pre", "post"]
+
+
+def test_the_position_buckets_spectra_are_archived_apart_from_the_sites(tmp_path):
+    import numpy as np
+
+    from nerve_hf.spectra_archive import load_position_spectra, load_spectra, write_measurement
+
+    spectra = {"ffn.0": (np.array([3.0, 1.0, 0.5]), np.array([2.0, 2.0, 1.0]))}
+    buckets = {
+        ("ffn.0", "0-4"): (np.array([5.0, 1.0, 0.0]), np.array([3.0, 2.0, 1.0])),
+        ("ffn.0", "4-inf"): (np.array([2.0, 2.0, 2.0]), np.array([4.0, 0.5, 0.5])),
+    }
+    write_measurement(tmp_path, "eval", 10, spectra)  # no buckets
+    write_measurement(tmp_path, "eval", 20, spectra, positions=buckets)
+    sites = load_spectra(tmp_path)
+    assert sites["site"].tolist() == ["ffn.0", "ffn.0"] and list(sites.columns)[-2:] == ["pre", "post"]
+    frame = load_position_spectra(tmp_path)
+    assert frame[["split", "step", "site", "bucket"]].values.tolist() == [
+        ["eval", 20, "ffn.0", "0-4"],
+        ["eval", 20, "ffn.0", "4-inf"],
+    ]
+    for row, (pre, post) in zip(frame.itertuples(), buckets.values()):
+        assert row.pre.tolist() == pre.tolist() and row.post.tolist() == post.tolist()
+        assert row.pre.dtype == np.float32
+    empty = load_position_spectra(tmp_path / "none")
+    assert empty.empty and list(empty.columns) == ["split", "step", "site", "bucket", "pre", "post"]

@@ -555,8 +555,8 @@ def write_probe(
 ) -> list[Path]:
     """Write ``report.json``, ``report.csv``, ``eigenvalues.npz`` and (``with_plots``) the PNG plots into ``out_dir``;
     with the tracker's options beyond the paper also ``flow_eigenvalues.npz`` and ``flow.png`` (flow),
-    ``positions.csv`` and ``positions.png`` (position buckets), ``cross_layer.csv``, ``cka_matrix.csv``
-    and ``cross_layer.png`` (cross-layer coherence).
+    ``positions.csv``, ``position_eigenvalues.npz`` and ``positions.png`` (position buckets),
+    ``cross_layer.csv``, ``cka_matrix.csv`` and ``cross_layer.png`` (cross-layer coherence).
 
     Every file is written atomically; files already in ``out_dir`` that this does not produce are kept.
     Returns the paths written.
@@ -584,6 +584,9 @@ def write_probe(
         written.append(write_bytes(out_dir / "flow_eigenvalues.npz", flow))
     if report.positions:
         written.append(write_csv(out_dir / "positions.csv", report.positions_to_pandas()))
+    if report.position_eigenvalues:  # "<site>/pos/<bucket>/pre", ".../post"
+        buckets = spectra_npz({}, np.float64, positions=report.position_eigenvalues)
+        written.append(write_bytes(out_dir / "position_eigenvalues.npz", buckets))
     if report.cross_layer:
         from ..coherence import layer_matrix
 
