@@ -156,57 +156,55 @@ def normfree_inertia(results: dict) -> Finding:
 
 
 def normfree_relu_pr_gain(results: dict) -> Finding:
-    claim = "NormFree ReLU: large PR gains (PR_post / PR_pre), larger than NormFree GELU's."
+    claim = "NormFree ReLU: the largest PR gains (PR_post / PR_pre) of the NormFree models, above NormFree GELU's."
     runs = results.get("gpt2_normfree", {}).get("runs", {})
     base = results.get("gpt2_activations", {}).get("runs", {})
     candidates = [
-        ("GELU (PreLN)", base.get("gelu")),
+        ("GELU (PreLN)", base.get("gelu")),  # PreLN rows: context in the table, not part of the comparison
         ("ReLU (PreLN)", base.get("relu")),
-        ("NormFree GELU", runs.get("normfree-gelu")),
-        ("NormFree ReLU", runs.get("normfree-relu")),
-        ("NormFree LReLU", runs.get("normfree-lrelu")),
+        *((label, runs.get(name)) for name, label in NORMFREE_RUNS),
     ]
     candidates = [(n, e) for n, e in candidates if e is not None]
-    if not any(n == "NormFree ReLU" for n, _ in candidates):
+    if "normfree-relu" not in runs:
         return Finding(claim, "not run", "needs gpt2_normfree/normfree-relu")
     gains = {}
     for name, entry in candidates:
         per_layer = _pr_gains(entry)
         gains[name] = (
-            sum(per_layer) / len(per_layer),
-            max(per_layer),
+            mean(per_layer) if per_layer else math.nan,
+            max(per_layer, default=math.nan),
             _final_mean(entry, "pr_pre"),
             entry["final"]["eval_loss"],
         )
-    others = [g[0] for n, g in gains.items() if n != "NormFree ReLU"]
-    flags = [gains["NormFree ReLU"][0] > max(others)] if others else []
-    by_seed = _normfree_gains_by_seed(results)
-    if len(by_seed) > 1:  # seed replicates: each seed's NormFree runs are compared among themselves too
-        flags += [g["NormFree ReLU"] > max(v for n, v in g.items() if n != "NormFree ReLU") for g in by_seed[1:]]
+    by_seed = _normfree_gains_by_seed(results)  # seed 0 (this file) first, then each replicate
+    flags = [flag for _, seed_gains in by_seed if (flag := _relu_largest(seed_gains)) is not None]
     table = [
         "| model | mean PR_post/PR_pre over layers | max over layers | PR_pre (layer mean) | final eval loss |",
         "|---|---|---|---|---|",
     ]
     table += [
-        f"| {name} | {_fmt(mean, 2)} | {_fmt(mx, 2)} | {_fmt(pr, 2)} | {_fmt(loss)} |"
-        for name, (mean, mx, pr, loss) in gains.items()
+        f"| {name} | {_fmt(m, 2)} | {_fmt(mx, 2)} | {_fmt(pr, 2)} | {_fmt(loss)} |"
+        for name, (m, mx, pr, loss) in gains.items()
     ]
     evidence = "Final evaluation:\n\n" + "\n".join(table)
     verdict = _verdict(flags)
     headline = "mean PR_post/PR_pre: " + ", ".join(
         f"{name} {_fmt(g[0], 2)}" for name, g in gains.items() if name.startswith("NormFree")
     )
-    best = max(gains, key=lambda name: gains[name][0])
+    normfree = {name: g[0] for name, g in gains.items() if name.startswith("NormFree") and math.isfinite(g[0])}
+    best = max(normfree, key=normfree.get, default="NormFree ReLU")
     undecided = (
         ""
         if verdict == "supported"
-        else f"The largest mean gain is {best}'s ({_fmt(gains[best][0], 2)}, NormFree ReLU "
+        else f"The largest mean gain of the NormFree runs is {best}'s ({_fmt(gains[best][0], 2)}, NormFree ReLU "
         f"{_fmt(gains['NormFree ReLU'][0], 2)}); a second seed decides whether the ordering is noise."
     )
     if len(by_seed) > 1:
-        seeds_evidence, headline, seeds_undecided = _seed_summary(results, by_seed)
+        seeds_evidence, seeds_headline, seeds_undecided = _seed_summary(by_seed)
         evidence += "\n\n" + seeds_evidence
-        undecided = "" if verdict == "supported" else seeds_undecided
+        if seeds_headline:
+            headline = seeds_headline
+            undecided = "" if verdict == "supported" else seeds_undecided
     collapsed = [name for name, g in gains.items() if name.startswith("NormFree") and g[2] < 1.5]
     if collapsed:
         evidence += (
@@ -229,43 +227,56 @@ NORMFREE_RUNS = (
 
 
 def _pr_gains(entry: dict) -> list[float]:
-    """PR_post / PR_pre of each layer at the final evaluation."""
+    """PR_post / PR_pre of each layer at the final evaluation (layers with a missing or non-finite PR left out)."""
     pairs = zip(_final_sites(entry, "pr_pre"), _final_sites(entry, "pr_post"))
-    return [post / pre for pre, post in pairs if pre and post]
+    gains = [post / pre for pre, post in pairs if pre and post]
+    return [gain for gain in gains if math.isfinite(gain)]
 
 
-def _normfree_gains_by_seed(results: dict) -> list[dict]:
-    """For the gpt2_normfree file and each of its seed replicates that has NormFree ReLU: label -> mean PR gain
-    over layers, and ``"seed"``."""
+def _normfree_gains_by_seed(results: dict) -> list[tuple[int, dict[str, float]]]:
+    """``(seed, {label: mean PR gain over layers})`` of the gpt2_normfree file and of each of its seed
+    replicates that has NormFree ReLU; runs without a finite gain are left out."""
     experiment = results.get("gpt2_normfree", {})
     out = []
     for result in [experiment, *experiment.get("replicates", [])]:
         runs = result.get("runs", {})
         if "normfree-relu" in runs:
             gains = {label: _pr_gains(runs[name]) for name, label in NORMFREE_RUNS if name in runs}
-            out.append({label: sum(g) / len(g) for label, g in gains.items()})
-            out[-1]["seed"] = runs["normfree-relu"]["settings"]["seed"]
+            out.append((runs["normfree-relu"]["settings"]["seed"], {k: mean(g) for k, g in gains.items() if g}))
     return out
 
 
-def _seed_summary(results: dict, by_seed: list[dict]) -> tuple[str, str, str]:
-    """(evidence table, headline, what the data show) of the NormFree PR gains over seeds."""
-    labels = [label for _, label in NORMFREE_RUNS if all(label in g for g in by_seed)]
-    seeds = [g["seed"] for g in by_seed]
-    stats = {label: (mean([g[label] for g in by_seed]), stdev([g[label] for g in by_seed])) for label in labels}
-    others = [label for label in labels if label != "NormFree ReLU"]
-    largest = sum(g["NormFree ReLU"] > max(g[o] for o in others) for g in by_seed)
-    above_gelu = sum(g["NormFree ReLU"] > g["NormFree GELU"] for g in by_seed) if "NormFree GELU" in labels else None
+def _relu_largest(gains: dict[str, float]) -> bool | None:
+    """Whether NormFree ReLU's gain is above every other NormFree run's; None with nothing to compare."""
+    rivals = [value for label, value in gains.items() if label != "NormFree ReLU"]
+    if "NormFree ReLU" not in gains or not rivals:
+        return None
+    return gains["NormFree ReLU"] > max(rivals)
+
+
+def _seed_summary(by_seed: list[tuple[int, dict[str, float]]]) -> tuple[str, str, str]:
+    """(evidence table, headline, what the data show) of the NormFree PR gains over seeds; headline and text
+    are empty when fewer than two seeds have NormFree ReLU beside another NormFree run."""
+    labels = [label for _, label in NORMFREE_RUNS if all(label in gains for _, gains in by_seed)]
+    seeds = [seed for seed, _ in by_seed]
     table = [
         "| seed | " + " | ".join(labels) + " | largest |",
         "|---|" + "---|" * (len(labels) + 1),
         *(
-            f"| {g['seed']} | " + " | ".join(_fmt(g[label], 2) for label in labels) + f" | {max(labels, key=g.get)} |"
-            for g in by_seed
+            f"| {seed} | " + " | ".join(_fmt(gains[label], 2) for label in labels) + f" | {max(gains, key=gains.get)} |"
+            for seed, gains in by_seed
         ),
-        "| mean ± sd | " + " | ".join(f"{_fmt(m, 2)} ± {_fmt(sd, 2)}" for m, sd in stats.values()) + " | |",
     ]
     files = ", ".join(f"`seeds/gpt2_normfree.seed{seed}.json`" for seed in seeds[1:])
+    others = [label for label in labels if label != "NormFree ReLU"]
+    if "NormFree ReLU" not in labels or not others:
+        rows = "\n".join(table)
+        note = "not every seed has NormFree ReLU beside another NormFree run, so the seeds are not compared"
+        return f"Mean PR_post/PR_pre over layers by seed ({files}; {note}):\n\n{rows}", "", ""
+    stats = {label: (mean(g[label] for _, g in by_seed), stdev(g[label] for _, g in by_seed)) for label in labels}
+    table.append("| mean ± sd | " + " | ".join(f"{_fmt(m, 2)} ± {_fmt(sd, 2)}" for m, sd in stats.values()) + " | |")
+    largest = sum(bool(_relu_largest(gains)) for _, gains in by_seed)
+    above_gelu = sum(g["NormFree ReLU"] > g["NormFree GELU"] for _, g in by_seed) if "NormFree GELU" in labels else None
     rows = "\n".join(table)
     evidence = f"Mean PR_post/PR_pre over layers by seed (seed {seeds[0]}: the table above; {files}):\n\n{rows}"
     headline = (
@@ -275,7 +286,7 @@ def _seed_summary(results: dict, by_seed: list[dict]) -> tuple[str, str, str]:
     )
 
     def paired(label: str) -> tuple[float, float]:  # the runs of one seed share its data order and init draws
-        differences = [g["NormFree ReLU"] - g[label] for g in by_seed]
+        differences = [g["NormFree ReLU"] - g[label] for _, g in by_seed]
         return mean(differences), stdev(differences)
 
     rival = max(others, key=lambda label: stats[label][0])
@@ -292,7 +303,7 @@ def _seed_summary(results: dict, by_seed: list[dict]) -> tuple[str, str, str]:
     elif gap < 0:
         shown += f"beyond its seed-to-seed spread: at this scale {rival}'s gain is the larger."
     else:
-        shown += "beyond its seed-to-seed spread, though not in every seed: more seeds decide it."
+        shown += "beyond its seed-to-seed spread, yet not the largest in every seed: more seeds decide it."
     return evidence, headline, shown
 
 

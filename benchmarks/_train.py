@@ -184,7 +184,7 @@ def train_run(settings: RunSettings, progress: bool = True, workdir: str | None 
             "tokens_per_step": settings.tokens_per_step if settings.task == "lm" else None,
             "seed": settings.seed,
             "wall_time_s": wall,
-            "cpu_time_s": cpu,  # this process's CPU time, all its threads: the core-seconds the run cost
+            "cpu_time_s": cpu,  # this process's CPU time, all its threads (DataLoader worker processes not in it)
             "parameters": zoo.count_parameters(model),
         },
         "settings": settings.to_dict(),

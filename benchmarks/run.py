@@ -210,8 +210,8 @@ def run_experiment(
             + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, (int, float))),
             flush=True,
         )
-    if not todo and not path.is_file():
-        write_result(result, path)
+    if not todo and not path.is_file() and path == result_path(out, preset, experiment.name):
+        write_result(result, path)  # an experiment's file, even of no runs; a replicate of no runs is not written
     return path
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _findings import check_all  # noqa: E402
 from _paper import PAPER_PERPLEXITY, PAPER_REFERENCE, PAPER_WIDTH_R_RANGE, PAPER_WITHIN_RUN_R  # noqa: E402
 from _results import REPLICATES, replicate_seed  # noqa: E402
-from _settings import PRESETS  # noqa: E402
+from _settings import PRESETS, run_settings, settings_differences  # noqa: E402
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 # what "tiny" means in each preset's scale warning (any other preset gets the cpu one)
@@ -39,11 +39,30 @@ def load_results(results_dir: Path, preset: str) -> dict:
     for path in sorted((Path(results_dir) / preset).glob("*.json")):
         result = json.loads(path.read_text())
         out[result["experiment"]] = result
-    replicates = [json.loads(path.read_text()) for path in (Path(results_dir) / preset / REPLICATES).glob("*.json")]
+    replicates = []
+    for path in (Path(results_dir) / preset / REPLICATES).glob("*.json"):
+        replicate = json.loads(path.read_text())
+        if replicate["runs"] and replicate["experiment"] in out:  # a file of no runs replicates nothing
+            check_replicate(out[replicate["experiment"]], replicate, path)
+            replicates.append(replicate)
     for replicate in sorted(replicates, key=replicate_seed):
-        if replicate["experiment"] in out:
-            out[replicate["experiment"]].setdefault("replicates", []).append(replicate)
+        out[replicate["experiment"]].setdefault("replicates", []).append(replicate)
     return out
+
+
+def check_replicate(result: dict, replicate: dict, path: Path) -> None:
+    """A seed replicate's runs must differ from the same runs of the experiment's file in the seed alone:
+    anything else (another learning rate, preset or corpus) would be compared as if it were seed noise."""
+    for name, entry in replicate["runs"].items():
+        if name not in result["runs"]:
+            continue
+        differ = settings_differences(run_settings(result["runs"][name]["settings"]), run_settings(entry["settings"]))
+        differ.pop("seed", None)
+        if differ or replicate.get("preset") != result.get("preset"):
+            shown = ", ".join(f"{key}: {a!r} vs {b!r}" for key, (a, b) in differ.items()) or "another preset"
+            raise ValueError(
+                f"{path}: run {name} differs from {result['experiment']}'s in more than its seed ({shown})"
+            )
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -381,16 +400,18 @@ def main(argv=None) -> Path:
         "--preset",
         nargs="+",
         default=None,
-        help="preset(s) whose result files to tabulate, in README order (default: every preset with result "
-        "files, in the order of _settings.PRESETS); figures of the first go to figures/, of the others to "
-        "figures/PRESET/",
+        help="preset(s) whose result files to tabulate, in README order (default: every preset but smoke with "
+        "result files, in the order of _settings.PRESETS); figures of the first go to figures/, of the others "
+        "to figures/PRESET/",
     )
     parser.add_argument("--output", default=None, help="markdown file to write (default: RESULTS/README.md)")
     parser.add_argument("--no-figures", action="store_true", help="tables only")
     args = parser.parse_args(argv)
     output = Path(args.output) if args.output else Path(args.results) / "README.md"
     output.parent.mkdir(parents=True, exist_ok=True)
-    presets = args.preset or [name for name in PRESETS if any((Path(args.results) / name).glob("*.json"))]
+    presets = args.preset or [  # smoke, the quick check of run.py's default, only when named
+        name for name in PRESETS if name != "smoke" and any((Path(args.results) / name).glob("*.json"))
+    ]
     if not presets:
         parser.error(f"no result files in any preset folder of {args.results}")
     sections = []

@@ -27,7 +27,8 @@ class SpectralReport:
         eigenvalues: site -> (pre, post) eigenvalues, descending float64 CPU tensors ``[dim]``.
         flow_eigenvalues: ``flow``: site -> (input, output) eigenvalues ``[d]``.
         positions: ``position_buckets``: per site and bucket, :data:`~nerve_hf.coherence.POSITION_KEYS`.
-        position_eigenvalues: ``position_buckets``: (site, bucket label) -> (pre, post) eigenvalues ``[dim]``.
+        position_eigenvalues: ``position_buckets``: (site, bucket label) -> (pre, post) eigenvalues ``[dim]``
+            (all NaN for a bucket no token reached).
         cross_layer: ``cross_layer``: per pair of layers, :data:`~nerve_hf.coherence.CROSS_LAYER_KEYS`.
 
     >>> ones, nans = {m: 1.0 for m in METRIC_NAMES}, {m: float("nan") for m in METRIC_NAMES}

@@ -221,21 +221,37 @@ def test_findings_across_presets_set_each_presets_verdict_beside_the_paper():
     assert all(f.verdict != "supported" for f in undecided)
 
 
-def test_seed_replicates_enter_the_normfree_relu_check_seed_by_seed(tmp_path):
+def _replicate(result: dict, seed: int, runs=None) -> dict:
+    """A copy of ``result`` relabelled as trained with ``seed`` (only ``runs``, if given)."""
+    replicate = json.loads(json.dumps(result))
+    replicate["runs"] = {k: v for k, v in replicate["runs"].items() if runs is None or k in runs}
+    for entry in replicate["runs"].values():
+        entry["settings"]["seed"] = seed
+    return replicate
+
+
+@pytest.fixture
+def cpu_long_copy(tmp_path):
     import shutil
 
     import tables
-    from _findings import normfree_relu_pr_gain
 
     shutil.copytree(tables.DEFAULT_RESULTS / "cpu-long", tmp_path / "cpu-long", ignore=shutil.ignore_patterns("seeds"))
-    seed0 = json.loads((tmp_path / "cpu-long" / "gpt2_normfree.json").read_text())
-    replicate = json.loads(json.dumps(seed0))
-    for entry in replicate["runs"].values():
-        entry["settings"]["seed"] = 1
-    final = replicate["runs"]["normfree-relu"]["nerve"]["per_site"]["pr_post"][-1]
-    final[:] = [2 * x for x in final]  # seed 1: NormFree ReLU reinjects twice as much
     (tmp_path / "cpu-long" / "seeds").mkdir()
-    (tmp_path / "cpu-long" / "seeds" / "gpt2_normfree.seed1.json").write_text(json.dumps(replicate))
+    return tmp_path
+
+
+def test_seed_replicates_enter_the_normfree_relu_check_seed_by_seed(cpu_long_copy):
+    import tables
+    from _findings import normfree_relu_pr_gain
+
+    seeds_dir = cpu_long_copy / "cpu-long" / "seeds"
+    seed0 = json.loads((cpu_long_copy / "cpu-long" / "gpt2_normfree.json").read_text())
+    replicate = _replicate(seed0, 42)  # a seed above every gain: seeds are labels, never compared as gains
+    final = replicate["runs"]["normfree-relu"]["nerve"]["per_site"]["pr_post"][-1]
+    final[:] = [2 * x for x in final]  # seed 42: NormFree ReLU reinjects twice as much
+    (seeds_dir / "gpt2_normfree.seed42.json").write_text(json.dumps(replicate))
+    (seeds_dir / "gpt2_activations.seed42.json").write_text(json.dumps({**_replicate(seed0, 42), "runs": {}}))
 
     def gain(entry):  # mean over layers of PR_post / PR_pre at the final evaluation
         per_site = entry["nerve"]["per_site"]
@@ -243,15 +259,16 @@ def test_seed_replicates_enter_the_normfree_relu_check_seed_by_seed(tmp_path):
 
     names = {"normfree-gelu": "NormFree GELU", "normfree-relu": "NormFree ReLU", "normfree-lrelu": "NormFree LReLU"}
     by_seed = [{label: gain(result["runs"][run]) for run, label in names.items()} for result in (seed0, replicate)]
-    results = tables.load_results(tmp_path, "cpu-long")
+    results = tables.load_results(cpu_long_copy, "cpu-long")
     loaded = results["gpt2_normfree"]["replicates"]
-    assert [r["runs"]["normfree-relu"]["settings"]["seed"] for r in loaded] == [1]
+    assert [r["runs"]["normfree-relu"]["settings"]["seed"] for r in loaded] == [42]
+    assert "replicates" not in results["gpt2_activations"]  # a replicate file of no runs is left out
     finding = normfree_relu_pr_gain(results)
     relu_largest = [g["NormFree ReLU"] > max(g["NormFree GELU"], g["NormFree LReLU"]) for g in by_seed]
-    assert relu_largest == [False, True]  # the committed seed 0 has LReLU ahead; the edited seed 1 has ReLU
+    assert relu_largest == [False, True]  # the committed seed 0 has LReLU ahead; the edited seed 42 has ReLU
     assert finding.verdict == "mixed"
     g = by_seed[1]
-    row = f"| 1 | {g['NormFree GELU']:.2f} | {g['NormFree ReLU']:.2f} | {g['NormFree LReLU']:.2f} | NormFree ReLU |"
+    row = f"| 42 | {g['NormFree GELU']:.2f} | {g['NormFree ReLU']:.2f} | {g['NormFree LReLU']:.2f} | NormFree ReLU |"
     assert row in finding.evidence
     relu = [g["NormFree ReLU"] for g in by_seed]
     assert f"NormFree ReLU {np.mean(relu):.2f} ± {np.std(relu, ddof=1):.2f}" in finding.headline
@@ -259,6 +276,32 @@ def test_seed_replicates_enter_the_normfree_relu_check_seed_by_seed(tmp_path):
     assert finding.undecided.startswith("Over 2 seeds NormFree ReLU's gain is the largest in 1 and above NormFree")
     paired = [g["NormFree ReLU"] - g["NormFree LReLU"] for g in by_seed]  # seed-paired, not pooled
     assert f"NormFree LReLU's by {np.mean(paired):+.2f} ± {np.std(paired, ddof=1):.2f}" in finding.undecided
+
+
+def test_a_replicate_of_normfree_relu_alone_is_shown_but_not_compared(cpu_long_copy):
+    import tables
+    from _findings import normfree_relu_pr_gain
+
+    seed0 = json.loads((cpu_long_copy / "cpu-long" / "gpt2_normfree.json").read_text())
+    without = normfree_relu_pr_gain(tables.load_results(cpu_long_copy, "cpu-long"))  # seed 0 alone
+    alone = _replicate(seed0, 3, runs=["normfree-relu"])
+    (cpu_long_copy / "cpu-long" / "seeds" / "gpt2_normfree.seed3.json").write_text(json.dumps(alone))
+    finding = normfree_relu_pr_gain(tables.load_results(cpu_long_copy, "cpu-long"))
+    assert finding.verdict == "contradicted" == without.verdict  # seed 0 decides: LReLU is ahead there
+    assert finding.headline == without.headline and finding.undecided == without.undecided
+    assert "the seeds are not compared" in finding.evidence and "| 3 |" in finding.evidence
+    assert finding.headline.startswith("mean PR_post/PR_pre: NormFree GELU")
+
+
+def test_a_replicate_that_differs_in_more_than_its_seed_is_refused(cpu_long_copy):
+    import tables
+
+    seed0 = json.loads((cpu_long_copy / "cpu-long" / "gpt2_normfree.json").read_text())
+    other = _replicate(seed0, 1)
+    other["runs"]["normfree-gelu"]["settings"]["learning_rate"] = 0.5
+    (cpu_long_copy / "cpu-long" / "seeds" / "gpt2_normfree.seed1.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"run normfree-gelu differs .* more than its seed \(learning_rate: 0.002"):
+        tables.load_results(cpu_long_copy, "cpu-long")
 
 
 # --------------------------------------------------------------------------- estimate.py

@@ -262,6 +262,7 @@ def test_tables_default_to_every_preset_with_results_in_preset_order(smoke_resul
     for preset in ("cpu-long", "cpu"):  # made in the other order: the README follows _settings.PRESETS
         shutil.copytree(smoke_results / "smoke", tmp_path / preset)
     (tmp_path / "paper").mkdir()  # a preset folder without result files is left out
+    shutil.copytree(smoke_results / "smoke", tmp_path / "smoke")  # and smoke unless named
     text = tables.main(["--results", str(tmp_path), "--no-figures"]).read_text()
     assert text.splitlines()[0] == "# NerVE model-zoo results (`cpu`, `cpu-long` presets)"
     assert text.index("## `cpu` preset") < text.index("## `cpu-long` preset")
