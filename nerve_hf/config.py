@@ -132,3 +132,8 @@ class NerveConfig(Validated):
     def __post_init__(self) -> None:
         if self.layers_per_step is not None and not self.log_per_site:
             raise ValueError("layers_per_step logs per-site keys only; it needs log_per_site=True")
+        if self.site_sharded and self.cross_layer is not None:
+            raise ValueError(
+                "cross_layer cannot be measured with site_sharded=True: the two layers of a pair may belong to "
+                "different processes; leave one of them off"
+            )

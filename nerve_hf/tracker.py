@@ -68,7 +68,9 @@ class FFNTracker:
         site_sharded: under several processes, each process owns about 1/W of the FFNs (balanced by D²,
             :func:`~nerve_hf.sharded_spectra.assign_owners`), keeps state only for them and measures them on
             its own tokens: a per-site token subsample, with each row's ``tokens`` saying how many. Nothing
-            is reduced; the rows are gathered so every process reports every FFN.
+            is reduced; the rows are gathered so every process reports every FFN. ``flow`` and
+            ``position_buckets`` work the same way (the owner measures its FFNs' stages and buckets);
+            ``cross_layer`` is refused, as the two layers of a pair may have different owners.
         state_device: where the float64 state lives (``"cpu"``: host memory, for FFNs whose state does not
             fit beside the model); ``None``: the activations' device.
         memory_budget_mb: refuse (:class:`MemoryBudgetError`, a ``ValueError``) at construction, before
@@ -168,8 +170,11 @@ class FFNTracker:
         self._layer_pairs = layer_pairs(self._sites, cross_layer)
         self._owners: list[int] | None = None  # site_sharded: the process that measures each site
         if site_sharded and self.group != NO_REDUCTION and is_distributed(self.group):
-            if self._stages or self.position_buckets is not None:
-                raise ValueError("site_sharded does not support flow, position_buckets or cross_layer yet")
+            if self._layer_pairs:
+                raise ValueError(
+                    "site_sharded does not support cross_layer: the two layers of a pair may be measured by "
+                    "different processes"
+                )
             self._owners = assign_owners([d or 1 for d in self._dims], world_size(self.group), power=2)
         buckets = len(self.position_buckets) if self.position_buckets is not None else 0
         for window in windows:
@@ -670,14 +675,8 @@ class FFNTracker:
             raise ValueError(f"metrics must be one of {spectra.METRIC_SETS}, got {metrics!r}")
         chosen = self.window(window)
         watched = [i for i in range(len(self._sites)) if chosen.watches(i)]
-        if self._owners is not None:
-            return self._site_sharded_report(chosen, watched, metrics, spectra_dtype)
         pairs = self._pairs([chosen.states[i] for i in watched])
-        if self.group != NO_REDUCTION and is_distributed(self.group):  # exact, each process decomposing its share
-            values, kept, counts = sharded_metric_values(pairs, metrics, self.group, spectra_dtype)
-        else:
-            values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
-            counts = [pre.count for pre, _ in pairs]
+        values, kept, counts = self._measure_pairs(pairs, metrics, spectra_dtype, watched)
         report = self._report(watched, counts, values, kept)
         if self.flow:
             self._add_flow(report, chosen, watched, metrics, spectra_dtype)
@@ -687,9 +686,20 @@ class FFNTracker:
             self._add_cross_layer(report, chosen, watched)
         return report
 
-    def _measure_pairs(self, pairs, metrics: str, spectra_dtype: str) -> tuple[list, list, list]:
-        """(values, spectra, counts) of accumulator pairs, synced like the pre/post pairs."""
-        if self.group != NO_REDUCTION and is_distributed(self.group):
+    def _measure_pairs(self, pairs, metrics: str, spectra_dtype: str, sites: list[int]) -> tuple[list, list, list]:
+        """(values, spectra, counts) of accumulator pairs, pair k being one of FFN ``sites[k]``'s: summed over
+        the group, each process decomposing its share; site-sharded, measured by the FFN's owner on its own
+        tokens, every row gathered to every process."""
+        if self._owners is not None:
+            me, world = rank(self.group), world_size(self.group)
+            shares = [[k for k, i in enumerate(sites) if self._owners[i] == r] for r in range(world)]
+            own = [pairs[k] for k in shares[me]]
+            values, kept = spectra.metric_values(own, metrics, spectra_dtype)
+            device = common_device([acc for pair in own for acc in pair])  # none measured here: the backend's
+            dims = [first.dim for first, _ in pairs]  # the same on every process: widths known at construction
+            counts = [first.count for first, _ in own]
+            return gather_rows(values, kept, counts, shares, dims, metrics, device, self.group)
+        if self.group != NO_REDUCTION and is_distributed(self.group):  # exact, each process decomposing its share
             return sharded_metric_values(pairs, metrics, self.group, spectra_dtype)
         values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
         return values, kept, [first.count for first, _ in pairs]
@@ -703,7 +713,7 @@ class FFNTracker:
                 pairs.append((CovarianceAccumulator(1), CovarianceAccumulator(1)))  # unknown widths: NaN
             else:
                 pairs.append((state.input, state.output))
-        values, kept, _ = self._measure_pairs(pairs, metrics, spectra_dtype)
+        values, kept, _ = self._measure_pairs(pairs, metrics, spectra_dtype, watched)
         for row, i, row_values, io_spectra in zip(report.rows, watched, values, kept):
             if window.states[i].input is None:
                 io_spectra = None
@@ -721,7 +731,7 @@ class FFNTracker:
         standin = (CovarianceAccumulator(1), CovarianceAccumulator(1))
         keys = [(i, b) for i in watched for b in range(len(labels))]
         pairs = [window.states[i].buckets[b] if window.states[i].buckets else standin for i, b in keys]
-        values, kept, counts = self._measure_pairs(pairs, metrics, spectra_dtype)
+        values, kept, counts = self._measure_pairs(pairs, metrics, spectra_dtype, [i for i, _ in keys])
         for (i, b), row_values, count, bucket_spectra in zip(keys, values, counts, kept):
             label, start, end = labels[b]
             site = self._sites[i]
@@ -776,23 +786,6 @@ class FFNTracker:
                     "cka": cka,
                 }
             )
-
-    def _site_sharded_report(
-        self, window: Window, watched: list[int], metrics: str, spectra_dtype: str
-    ) -> SpectralReport:
-        """Each process's own FFNs on its own tokens, every row gathered to every process."""
-        me, world = rank(self.group), world_size(self.group)
-        shares = [[i for i in watched if self._owners[i] == r] for r in range(world)]
-        pairs = self._pairs([window.states[i] for i in shares[me]])
-        values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
-        device = common_device([acc for pair in pairs for acc in pair])  # none measured here: the backend's
-        dims = [d or 1 for d in self._dims]
-        values, kept, counts = gather_rows(
-            values, kept, [pre.count for pre, _ in pairs], shares, dims, metrics, device, self.group
-        )
-        return self._report(
-            watched, [counts[i] for i in watched], [values[i] for i in watched], [kept[i] for i in watched]
-        )
 
     @staticmethod
     def _pairs(states: list[SiteWindow]) -> list[tuple[CovarianceAccumulator, CovarianceAccumulator]]:

@@ -89,6 +89,13 @@ def test_wrong_types_are_type_errors_and_good_values_pass():
     assert config.layers == [0, -1] and config.memory_budget_mb == 1
 
 
+def test_options_that_cannot_go_together_are_refused_where_given():
+    with pytest.raises(ValueError, match=r"^cross_layer cannot be measured with site_sharded=True"):
+        NerveCallback(site_sharded=True, cross_layer="adjacent")
+    config = NerveConfig(site_sharded=True, flow=True, position_buckets=[0, 8])  # these go with each FFN's owner
+    assert config.site_sharded and config.position_buckets == [0, 8]
+
+
 def test_layer_out_of_range_is_refused_when_the_trainer_is_built(tmp_path):
     with pytest.raises(LayerRangeError, match=r"layer 99 is out of range.* 2 blocks.*0\.\.1"):
         make_trainer(tmp_path, [NerveCallback(layers=[1, 99])])

@@ -3,9 +3,11 @@ with every row, equal to one process on the same tokens, and the bytes sent matc
 
 import json
 
+import numpy as np
 import pytest
 from distributed_helpers import torchrun
 
+from nerve_hf.coherence import FLOW_KEYS
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sharded_spectra import assign_owners, exchange_bytes
 
@@ -78,3 +80,19 @@ def test_site_sharded_processes_measure_their_own_ffns_on_their_own_tokens(tmp_p
             assert row["tokens"] == owner["tokens"] == 4 * 9  # a per-site subsample: the owner's tokens only
             for name in METRIC_NAMES:
                 assert row[name] == pytest.approx(owner[name], rel=1e-12, abs=1e-15), (i, name)
+        # flow and position buckets: every process reports every FFN's, as its owner measured them
+        more = result["more"]
+        assert set(FLOW_KEYS) <= set(more["rows"][0]) and len(more["positions"]) == 3 * 2
+        assert [p["tokens"] for p in more["positions"]] == [4 * 4, 4 * 5] * 3  # the owner's tokens, by position
+        for i, row in enumerate(more["rows"]):
+            owner = results[owners[i]]["local_more"]
+            for name in (*METRIC_NAMES, *FLOW_KEYS):
+                assert row[name] == pytest.approx(owner["rows"][i][name], rel=1e-12, abs=1e-15), (i, name)
+            assert np.allclose(more["flow_spectra"][row["site"]], owner["flow_spectra"][row["site"]], 1e-12, 1e-15)
+            for b in range(2):
+                got, want = more["positions"][2 * i + b], owner["positions"][2 * i + b]
+                assert (got["site"], got["bucket"], got["tokens"]) == (want["site"], want["bucket"], want["tokens"])
+                for name in METRIC_NAMES:
+                    assert got[name] == pytest.approx(want[name], rel=1e-12, abs=1e-15), (i, b, name)
+                key = f"{got['site']}/{got['bucket']}"
+                assert np.allclose(more["bucket_spectra"][key], owner["bucket_spectra"][key], 1e-12, 1e-15)

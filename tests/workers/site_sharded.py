@@ -21,11 +21,24 @@ def main(out: str) -> None:
     sharded = FFNTracker(model, site_sharded=True, state_device="cpu", memory_budget_mb=0.05)
     alone, _ = dist.new_subgroups(group_size=1)
     local = FFNTracker(model, group=alone)  # every FFN on this process's tokens only, for reference
-    with sharded, local, torch.no_grad():
+    more = dict(flow=True, position_buckets=[0, 4])  # the owner measures the stages and buckets too
+    sharded_more = FFNTracker(model, site_sharded=True, state_device="cpu", **more)
+    local_more = FFNTracker(model, group=alone, **more)
+    with sharded, local, sharded_more, local_more, torch.no_grad():
         model(input_ids=ids)
     owned = [i for i in range(3) if sharded._owns(i)]
     devices = sorted({str(sharded._states[i].pre.device) for i in owned})
     result = {"rows": sharded.compute().rows, "local": local.compute().rows, "owned": owned, "devices": devices}
+    for name, tracker in (("more", sharded_more), ("local_more", local_more)):
+        report = tracker.compute()
+        result[name] = {
+            "rows": report.rows,
+            "positions": report.positions,
+            "bucket_spectra": {
+                f"{s}/{b}": torch.cat(pair).tolist() for (s, b), pair in report.position_eigenvalues.items()
+            },
+            "flow_spectra": {site: torch.cat(pair).tolist() for site, pair in report.flow_eigenvalues.items()},
+        }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
