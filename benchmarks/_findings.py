@@ -289,13 +289,14 @@ def _seed_summary(by_seed: list[tuple[int, dict[str, float]]]) -> tuple[str, str
         differences = [g["NormFree ReLU"] - g[label] for _, g in by_seed]
         return mean(differences), stdev(differences)
 
+    differences = {label: paired(label) for label in others}
     rival = max(others, key=lambda label: stats[label][0])
-    gap, noise = paired(rival)
+    gap, noise = differences[rival]
     shown = (
         f"Over {len(seeds)} seeds NormFree ReLU's gain is the largest in {largest}"
         + (f" and above NormFree GELU's in {above_gelu}" if above_gelu is not None else "")
         + "; seed by seed it differs from "
-        + ", ".join(f"{label}'s by {paired(label)[0]:+.2f} ± {_fmt(paired(label)[1], 2)}" for label in others)
+        + ", ".join(f"{label}'s by {m:+.2f} ± {_fmt(sd, 2)}" for label, (m, sd) in differences.items())
         + f" (mean ± sd). Against {rival} the difference is "
     )
     if abs(gap) < noise:

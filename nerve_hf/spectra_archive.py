@@ -134,7 +134,7 @@ def load_spectra(run_dir: str | os.PathLike):
 
     def rows_of(data) -> list[dict]:
         sites = dict.fromkeys(
-            key.rpartition("/")[0] for key in data.files if key.endswith("/pre") and "/pos/" not in key
+            key.rpartition("/")[0] for key in data.files if key.endswith("/pre") and not _POSITION_KEY.match(key)
         )
         return [
             {
