@@ -144,7 +144,7 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
 def train_run(settings: RunSettings, progress: bool = True, workdir: str | None = None) -> dict:
     """Train one run; return its result entry (final metrics, NerVE series, correlations, provenance)."""
     import nerve_zoo as zoo
-    from nerve_hf.records import RECORDS_FILENAME, read_records
+    from nerve_hf.sinks.records import RECORDS_FILENAME, read_records
 
     with tempfile.TemporaryDirectory(prefix="nerve-bench-", dir=workdir) as output_dir:
         start, cpu_start = time.perf_counter(), time.process_time()

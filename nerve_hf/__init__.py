@@ -10,11 +10,11 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _LAZY = {
     "metrics": None,
-    "CovarianceAccumulator": "covariance",
-    "FFNTracker": "tracker",
-    "SpectralReport": "spectral_report",
-    "NerveCallback": "callback",
-    "NerveConfig": "config",
+    "CovarianceAccumulator": "stats.covariance",
+    "FFNTracker": "tracking.tracker",
+    "SpectralReport": "report",
+    "NerveCallback": "integrations.callback",
+    "NerveConfig": "integrations.config",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -111,9 +111,9 @@ def _default_probe_dir(model: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DEFAULT_CORPUS
-    from .probe import ProbeConfig
-    from .probe.api import IMAGE_INPUT, MEASUREMENT, TEXT_INPUT
+    from nerve_hf.data import DEFAULT_CORPUS
+    from nerve_hf.probe import ProbeConfig
+    from nerve_hf.probe.api import IMAGE_INPUT, MEASUREMENT, TEXT_INPUT
 
     parser = argparse.ArgumentParser(
         prog="nerve",
@@ -202,15 +202,15 @@ def _quiet_libraries() -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .outputs import check_writable_dir
-    from .series import is_series
+    from nerve_hf.probe.series import is_series
+    from nerve_hf.sinks.files import check_writable_dir
 
     models = list(args.model)
     series = is_series(models, args.revision)
     default_out = _default_probe_dir(models[0]) + ("_series" if series and len(models) > 1 else "")
     # First of all: an unusable --out must not cost a model load and a measurement.
     out = check_writable_dir(args.out or default_out, "--out" if args.out else "the default --out")
-    from .probe import ProbeConfig, format_table, run_probe, write_probe
+    from nerve_hf.probe import ProbeConfig, format_table, run_probe, write_probe
 
     values = {f.name: getattr(args, f.name) for f in fields(ProbeConfig)}
     config = ProbeConfig(**dict(values, model=models[0]))
@@ -230,8 +230,8 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace) -> int:
-    from .probe.api import _fmt
-    from .series import expand_series, run_series, write_series
+    from nerve_hf.probe.api import _fmt
+    from nerve_hf.probe.series import expand_series, run_series, write_series
 
     checkpoints = expand_series(models, config.revision)
     result = run_series(config, checkpoints, eval_loss=args.eval_loss)
@@ -241,7 +241,7 @@ def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace
     print(
         f"{len(checkpoints)} checkpoints of {result.results[0].model.get('class')} on {amount} of {data.get('source')}"
     )
-    from .metrics import METRIC_NAMES
+    from nerve_hf.metrics import METRIC_NAMES
 
     columns = ["checkpoint", "step"] + list(METRIC_NAMES) + (["loss"] if result.eval_loss else [])
     body = []
@@ -261,8 +261,8 @@ def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .outputs import check_writable_dir
-    from .runs import write_report
+    from nerve_hf.analysis.runs import write_report
+    from nerve_hf.sinks.files import check_writable_dir
 
     if args.out is not None:
         check_writable_dir(args.out)  # before reading the run; write_report checks its default folder itself
@@ -283,7 +283,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .runs import _split_order, write_compare
+    from nerve_hf.analysis.runs import _split_order, write_compare
 
     result = write_compare(args.run_dir, args.out if args.out is not None else "nerve_compare")
     table = result.table
@@ -304,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``nerve`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .errors import InputError, one_line
+    from nerve_hf.errors import InputError, one_line
 
     try:
         return _probe(args) if args.command == "probe" else _report(args)

@@ -20,7 +20,9 @@ Undefined metrics are NaN, never an exception and never a made-up number.
 
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,6 +34,7 @@ __all__ = [
     "early_enrichment",
     "js_divergence",
     "spectrum_metrics",
+    "padded_js",
     "METRIC_NAMES",
 ]
 
@@ -215,3 +218,19 @@ def spectrum_metrics(eig_pre: Tensor, eig_post: Tensor) -> dict[str, Tensor]:
         "eee_post": _enrichment(q),
         "js": _jensen_shannon(p, q),
     }
+
+
+def padded_js(eig_a: Optional[Tensor], eig_b: Optional[Tensor]) -> float:
+    """JS between two spectra of possibly different lengths: each normalised and sorted descending, the
+    shorter zero-padded to the longer length. NaN if either is missing or has no distribution.
+
+    >>> padded_js(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0, 0.0]))
+    0.0
+    """
+    if eig_a is None or eig_b is None:
+        return math.nan
+    a, b = torch.as_tensor(eig_a, dtype=torch.float64), torch.as_tensor(eig_b, dtype=torch.float64)
+    length = max(a.shape[-1], b.shape[-1])
+    a = torch.nn.functional.pad(a, (0, length - a.shape[-1]))
+    b = torch.nn.functional.pad(b, (0, length - b.shape[-1]))
+    return float(js_divergence(a, b))

@@ -26,7 +26,7 @@ import numbers
 from dataclasses import MISSING, field, fields
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import InputError
+from nerve_hf.errors import InputError
 
 __all__ = [
     "OptionError",

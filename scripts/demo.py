@@ -210,10 +210,10 @@ def summary_table(latest: dict[tuple[str, str], dict]) -> str:
 
 
 def write_report_if_available(run_dir: Path) -> None:
-    """``nerve_hf.runs.write_report``: correlations with the eval loss and plots; a run too short to
+    """``nerve_hf.analysis.runs.write_report``: correlations with the eval loss and plots; a run too short to
     correlate says why and keeps its files."""
+    from nerve_hf.analysis.runs import write_report  # errors inside the module are real errors: let them raise
     from nerve_hf.errors import InputError
-    from nerve_hf.runs import write_report  # errors inside the module are real errors: let them raise
 
     try:
         result = write_report(run_dir)

@@ -186,7 +186,7 @@ def _nerve_arguments():
     default and help come from the field itself, and so does its check)."""
     from dataclasses import make_dataclass
 
-    from nerve_hf.callback import NerveConfig
+    from nerve_hf.integrations.callback import NerveConfig
     from nerve_hf.options import command_line_fields, from_command_line
 
     def __post_init__(self):
@@ -669,7 +669,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: reported as one line, exit status 2."""
     from model_adapters import LayerRangeError
     from nerve_hf.errors import InputError
-    from nerve_hf.tracker import MemoryBudgetError
+    from nerve_hf.tracking.tracker import MemoryBudgetError
 
     return ArgumentError, InputError, LayerRangeError, MemoryBudgetError
 

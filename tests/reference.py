@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nerve_hf.metrics import METRIC_NAMES
-from nerve_hf.spectral_report import ROW_KEYS
+from nerve_hf.report import ROW_KEYS
 
 
 def two_pass(rows) -> np.ndarray:

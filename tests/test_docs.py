@@ -129,7 +129,7 @@ def test_adapters_page_lists_every_registered_adapter():
 
 
 def test_options_page_lists_every_nerve_config_field():
-    from nerve_hf.config import NerveConfig
+    from nerve_hf.integrations.config import NerveConfig
 
     text = _pages().options_markdown()
     for f in fields(NerveConfig):
@@ -163,12 +163,16 @@ def test_docstring_roles_become_autorefs_resolved_from_their_scope():
     spec.loader.exec_module(roles)
     package = griffe.load("nerve_hf", search_paths=[str(ROOT)])
     tracker = package["tracker.FFNTracker"]
-    assert roles.identifier(tracker, "compute") == "nerve_hf.tracker.FFNTracker.compute"
-    assert roles.identifier(tracker, "SpectralReport") == "nerve_hf.spectral_report.SpectralReport"
-    assert roles.identifier(package["metrics"], "nerve_hf.FFNTracker") == "nerve_hf.tracker.FFNTracker"
-    text = roles.rewrite(tracker, "See :meth:`reset` and :class:`~nerve_hf.windows.Window`::\n\n>>> 1 + 1\n2\n")
-    assert '<autoref identifier="nerve_hf.tracker.FFNTracker.reset" optional><code>reset</code></autoref>' in text
-    assert '<autoref identifier="nerve_hf.windows.Window" optional><code>Window</code></autoref>:\n' in text
+    assert roles.identifier(tracker, "compute") == "nerve_hf.tracking.tracker.FFNTracker.compute"
+    assert roles.identifier(tracker, "SpectralReport") == "nerve_hf.report.SpectralReport"
+    assert roles.identifier(package["metrics"], "nerve_hf.FFNTracker") == "nerve_hf.tracking.tracker.FFNTracker"
+    text = roles.rewrite(
+        tracker, "See :meth:`reset` and :class:`~nerve_hf.tracking.windows.Window`::\n\n>>> 1 + 1\n2\n"
+    )
+    assert (
+        '<autoref identifier="nerve_hf.tracking.tracker.FFNTracker.reset" optional><code>reset</code></autoref>' in text
+    )
+    assert '<autoref identifier="nerve_hf.tracking.windows.Window" optional><code>Window</code></autoref>:\n' in text
     assert "```pycon\n>>> 1 + 1\n2\n```" in text
 
 

@@ -17,7 +17,7 @@ What "the bare GEMM" is for each input:
   ``x.T @ x`` on the bf16 tensor itself, i.e. what the hardware does for that input (CUDA: tensor-core
   bf16 GEMM with fp32 accumulation, 10-15x faster than fp32 on an H100; CPU: oneDNN/MKL bf16 GEMM, fast
   only on CPUs with AVX512-BF16/AMX), which exactness gives up. On CUDA our path multiplies the
-  fp32-centred rows by the three-part bf16 split of :func:`nerve_hf.scatter.split_gram` (four
+  fp32-centred rows by the three-part bf16 split of :func:`nerve_hf.stats.kernels.split_gram` (four
   tensor-core GEMMs, fp32-class error), so there ``ratio_vs_bare`` is at most about 1/4 and
   ``ratio`` (against the IEEE fp32 GEMM) can exceed 1.
 
@@ -35,8 +35,8 @@ import torch
 from _common import add_common_args, apply_threads, devices, synchronize, write_result
 from torch.utils.benchmark import Timer
 
-import nerve_hf.covariance
-from nerve_hf.covariance import exact_fp32_matmul
+import nerve_hf.stats.covariance
+from nerve_hf.stats.covariance import exact_fp32_matmul
 
 WIDTHS = (512, 1024, 3072)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,7 +63,7 @@ def timed(stmt: str, env: dict, min_run_time: float) -> float:
 def load_accumulator(path: Path | None):
     """CovarianceAccumulator from this checkout, or from another version of covariance.py."""
     if path is None:
-        return nerve_hf.covariance.CovarianceAccumulator
+        return nerve_hf.stats.covariance.CovarianceAccumulator
     spec = importlib.util.spec_from_file_location("nerve_hf._covariance_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # its `from .distributed import ...` resolves inside nerve_hf
@@ -77,7 +77,7 @@ def bench_one(device: torch.device, dim: int, dtype_name: str, quick: bool, accu
     # Activations-like rows: a non-zero mean and correlated columns.
     x = (0.5 + torch.randn(n, dim, device=device, generator=generator)).to(dtype)  # [N, D]
     x32 = x.float()  # the rows our path multiplies for bf16 input
-    acc = (accumulator or nerve_hf.covariance.CovarianceAccumulator)(dim, device=device)
+    acc = (accumulator or nerve_hf.stats.covariance.CovarianceAccumulator)(dim, device=device)
     acc.update(x)  # allocate state, warm up kernels
     env = {"acc": acc, "x": x, "x32": x32, "exact_fp32_matmul": exact_fp32_matmul, "device": device}
     candidates = {"ours": "acc.update(x)", "bare": "with exact_fp32_matmul(device):\n    x.T @ x"}
@@ -152,7 +152,11 @@ def main() -> None:
                     + f"  ratio {row['ratio']:.2f} (vs {row['reference']})",
                     flush=True,
                 )
-        payload = {"target_ratio": 0.8, "impl": str(args.impl) if args.impl else "nerve_hf.covariance", "results": rows}
+        payload = {
+            "target_ratio": 0.8,
+            "impl": str(args.impl) if args.impl else "nerve_hf.stats.covariance",
+            "results": rows,
+        }
         write_result(args.out, name, device, payload, args.quick)
 
 

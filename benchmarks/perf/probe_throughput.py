@@ -25,7 +25,7 @@ import torch
 from _common import add_common_args, apply_threads, devices, synchronize, write_result
 from torch.utils.benchmark import Timer
 
-from nerve_hf.tracker import FFNTracker, covariance_state_bytes
+from nerve_hf.tracking.tracker import FFNTracker, covariance_state_bytes
 
 SHAPE = dict(n_layer=12, n_embd=768, n_head=12, n_inner=3072, n_positions=1024, vocab_size=50257)
 

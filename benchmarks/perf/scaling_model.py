@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS  # noqa: E402
 
 sys.path.insert(0, str(REPO))
-from nerve_hf.sharded_spectra import assign_owners, exchange_bytes  # noqa: E402
+from nerve_hf.parallel.sharded_spectra import assign_owners, exchange_bytes  # noqa: E402
 
 MODELS = {  # name: (FFNs, d_ff)
     "GPT-2 small": (12, 3072),
@@ -84,8 +84,8 @@ def _worker(out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from nerve_hf.covariance import CovarianceAccumulator
-    from nerve_hf.sharded_spectra import sharded_metric_values
+    from nerve_hf.parallel.sharded_spectra import sharded_metric_values
+    from nerve_hf.stats.covariance import CovarianceAccumulator
 
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -118,7 +118,7 @@ def _worker(out: str) -> None:
         pre.update(x)
         post.update(torch.nn.functional.gelu(x))
         pairs.append((pre, post))
-    import nerve_hf.sharded_spectra as sharded
+    import nerve_hf.parallel.sharded_spectra as sharded
 
     real = sharded.metric_values
     compute_seconds = []
@@ -141,8 +141,8 @@ def _worker(out: str) -> None:
 
         return wrapped
 
-    import nerve_hf.covariance as covariance
-    import nerve_hf.distributed as distributed
+    import nerve_hf.parallel.comm as distributed
+    import nerve_hf.stats.covariance as covariance
 
     covariance.all_reduce_sum = timed(covariance.all_reduce_sum)
     for name in ("reduce_scatter_sum", "reduce_sum", "all_gather"):

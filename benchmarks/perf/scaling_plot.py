@@ -21,7 +21,7 @@ import torch
 from _common import add_common_args, apply_threads, device_label, devices, write_result
 from torch.utils.benchmark import Timer
 
-from nerve_hf.covariance import CovarianceAccumulator
+from nerve_hf.stats.covariance import CovarianceAccumulator
 
 FIT_POINTS = 3  # the exponent is fitted over this many largest sizes
 

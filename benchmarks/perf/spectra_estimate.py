@@ -5,7 +5,7 @@ init, seed 0) reads the embedded stdlib code corpus (tokenised with the locally 
 ``spectra_precision.py``); ``FFNTracker`` accumulates the pre/post covariances of both FFNs (the pre has
 rank <= D/4). Each pair is then measured twice: exactly (``torch.linalg.eigvalsh`` float64 +
 :func:`nerve_hf.metrics.spectrum_metrics`, the package's path) and by
-:func:`nerve_hf.spectra_estimate.estimated_metrics` (top-k Lanczos + SLQ, fixed seed). Recorded per FFN:
+:func:`nerve_hf.spectra.estimate.estimated_metrics` (top-k Lanczos + SLQ, fixed seed). Recorded per FFN:
 both times (CPU seconds of this process, robust on a shared machine, and wall seconds), the error of
 every metric, the estimate's stated standard error and whether the exact value lies in its bounds.
 Seeds are fixed, so runs repeat.
@@ -63,7 +63,7 @@ def timed(function, *args, **kwargs):
 
 def measure(dim: int, tokens: int, options: dict) -> list[dict]:
     from nerve_hf.metrics import METRIC_NAMES, spectrum_metrics
-    from nerve_hf.spectra_estimate import estimated_metrics
+    from nerve_hf.spectra.estimate import estimated_metrics
 
     start = time.perf_counter()
     pairs = covariances(dim, tokens)
@@ -138,7 +138,7 @@ def markdown(rows: list[dict], options: dict, threads: int) -> str:
 
 
 def main() -> None:
-    from nerve_hf.spectra_estimate import DEFAULT_LANCZOS_STEPS, DEFAULT_PROBES, DEFAULT_TOP_K
+    from nerve_hf.spectra.estimate import DEFAULT_LANCZOS_STEPS, DEFAULT_PROBES, DEFAULT_TOP_K
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="D = 2048 only (about a minute on 2 cores)")

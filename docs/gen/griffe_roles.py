@@ -23,7 +23,7 @@ LAZY_PACKAGES = ("nerve_hf", "nerve_zoo")  # packages whose top-level names are 
 
 
 def _follow_lazy_export(path: str) -> str:
-    """``nerve_hf.FFNTracker`` -> ``nerve_hf.tracker.FFNTracker`` (names the package loads on first use)."""
+    """``nerve_hf.FFNTracker`` -> ``nerve_hf.tracking.tracker.FFNTracker`` (names the package loads on first use)."""
     package, _, rest = path.partition(".")
     if package not in LAZY_PACKAGES or not rest:
         return path

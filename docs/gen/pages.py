@@ -131,7 +131,7 @@ def adapters_markdown() -> str:
 
 def options_markdown() -> str:
     """The ``NerveConfig`` options: name, default and help (each is ``--nerve_<name>`` of ``run_clm.py``)."""
-    from nerve_hf.config import NerveConfig
+    from nerve_hf.integrations.config import NerveConfig
 
     lines = ["| option | default | what it does |", "|---|---|---|"]
     for f in fields(NerveConfig):

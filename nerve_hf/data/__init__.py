@@ -6,7 +6,7 @@ embedded corpora, saved datasets, Hub datasets and local text files (with one ru
 Importing this package is cheap; ``datasets``/``transformers``/``tokenizers``/``sklearn`` load when a function runs.
 """
 
-from .corpus import (
+from nerve_hf.data.corpus import (
     DEFAULT_CORPUS,
     DEFAULT_ENV_PACKAGES,
     EMBEDDED_CORPORA,
@@ -19,9 +19,9 @@ from .corpus import (
     load_python_env_corpus,
     load_stdlib_corpus,
 )
-from .digits import DIGITS_SOURCE, load_digits
-from .grouping import group_texts, tokenize_and_group
-from .sources import (
+from nerve_hf.data.digits import DIGITS_SOURCE, load_digits
+from nerve_hf.data.grouping import group_texts, tokenize_and_group
+from nerve_hf.data.sources import (
     HUB_TEXT_DATASETS,
     TEXT_COLUMNS,
     HubTextDataset,
@@ -29,7 +29,7 @@ from .sources import (
     load_dataset_splits,
     load_raw_datasets,
 )
-from .tokenizer import cache_root, get_tokenizer, train_bpe_tokenizer
+from nerve_hf.data.tokenizer import cache_root, get_tokenizer, train_bpe_tokenizer
 
 __all__ = [
     "DEFAULT_CORPUS",

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from .corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, load_embedded_corpus
+from nerve_hf.data.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, load_embedded_corpus
+from nerve_hf.errors import InputError
 
 logger = logging.getLogger(__name__)
 

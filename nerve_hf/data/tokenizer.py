@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .corpus import DEFAULT_CORPUS, embedded_corpus
+from nerve_hf.data.corpus import DEFAULT_CORPUS, embedded_corpus
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,14 @@
 Importing this package does not import torch; the modules load heavy libraries when a function runs.
 """
 
-from .api import ProbeConfig, ProbeResult, choose_layers, format_table, probe_model, run_probe, write_probe
+from nerve_hf.probe.api import (
+    ProbeConfig,
+    ProbeResult,
+    choose_layers,
+    format_table,
+    probe_model,
+    run_probe,
+    write_probe,
+)
 
 __all__ = ["ProbeConfig", "ProbeResult", "probe_model", "run_probe", "write_probe", "format_table", "choose_layers"]

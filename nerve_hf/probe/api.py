@@ -31,15 +31,27 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from ..coherence import CROSS_LAYER_CHOICES, position_bucket_list
-from ..data import EMBEDDED_CORPORA, TEXT_COLUMNS
-from ..errors import InputError, first_line
-from ..options import Validated, boolean, int_list, mapping, one_of, option, optional, positive_int, text, token_cap
-from .inputs import check_inputs, make_batches
-from .models import DTYPES, check_device, classify, default_device, load_model
+from nerve_hf.data import EMBEDDED_CORPORA, TEXT_COLUMNS
+from nerve_hf.errors import InputError, first_line
+from nerve_hf.options import (
+    Validated,
+    boolean,
+    int_list,
+    mapping,
+    one_of,
+    option,
+    optional,
+    positive_int,
+    text,
+    token_cap,
+)
+from nerve_hf.probe.inputs import check_inputs, make_batches
+from nerve_hf.probe.models import DTYPES, check_device, classify, default_device, load_model
+from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_CHOICES
+from nerve_hf.tracking.measurements.positions import position_bucket_list
 
 if TYPE_CHECKING:
-    from ..spectral_report import SpectralReport
+    from nerve_hf.report import SpectralReport
 
 __all__ = [
     "ProbeConfig",
@@ -57,7 +69,7 @@ __all__ = [
 
 def text_list(name: str, value) -> list[str]:
     """A non-empty list of non-empty strings; one string stands for a list of one (``revision="main"``)."""
-    from ..options import OptionTypeError, OptionValueError
+    from nerve_hf.options import OptionTypeError, OptionValueError
 
     requirement = "a non-empty list of non-empty strings such as ['step1000', 'step2000']"
     if isinstance(value, str):
@@ -243,7 +255,7 @@ class ProbeResult:
 
     def to_json(self) -> dict:
         """The content of ``report.json``."""
-        from ..metrics import METRIC_NAMES
+        from nerve_hf.metrics import METRIC_NAMES
 
         content = {
             "rows": self.report.rows,
@@ -273,7 +285,7 @@ class ProbeResult:
 def _environment() -> dict:
     import torch
 
-    from .. import __version__
+    from nerve_hf import __version__
 
     versions = {"nerve_hf": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "timm"):
@@ -330,7 +342,7 @@ def probe_model(
     """
     import torch
 
-    from ..tracker import FFNTracker
+    from nerve_hf.tracking.tracker import FFNTracker
 
     parameter = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (parameter.device if parameter is not None else None)
@@ -483,9 +495,9 @@ def probe_settings(config: ProbeConfig, device: str, seq_len: int, model) -> dic
 def run_probe(config: ProbeConfig, *, eval_loss: bool = False) -> ProbeResult:
     """Load ``config.model``, build its inputs, measure; InputError for anything the user can fix.
     ``eval_loss``: also the mean token loss of a causal LM on the same tokens (``ProbeResult.loss``).
-    Several revisions are a checkpoint series: :func:`nerve_hf.series.run_series`."""
+    Several revisions are a checkpoint series: :func:`nerve_hf.probe.series.run_series`."""
     if config.revision is not None and len(config.revision) > 1:
-        raise InputError("several --revision values are a checkpoint series: use nerve_hf.series.run_series")
+        raise InputError("several --revision values are a checkpoint series: use nerve_hf.probe.series.run_series")
     revision = config.revision[0] if config.revision else None
     source = classify(config.model, config.timm_arch)
     file_text = check_inputs(config, source.modality)  # the text of --text-file, read once
@@ -501,7 +513,7 @@ def run_probe(config: ProbeConfig, *, eval_loss: bool = False) -> ProbeResult:
 # ------------------------------------------------------------------------------------------- output
 def format_table(report: SpectralReport) -> str:
     """The per-layer metrics as an aligned text table, with the layer mean as its last row."""
-    from ..metrics import METRIC_NAMES
+    from nerve_hf.metrics import METRIC_NAMES
 
     columns = ["site", "tokens"] + list(METRIC_NAMES)
     body = [[row["site"], str(row["tokens"])] + [_fmt(row[name]) for name in METRIC_NAMES] for row in report.rows]
@@ -563,9 +575,9 @@ def write_probe(
     """
     import numpy as np
 
-    from .. import plots
-    from ..outputs import write_bytes, write_csv, write_figure, write_json
-    from ..spectra_archive import spectra_npz
+    from nerve_hf.analysis import plots
+    from nerve_hf.sinks.archive import spectra_npz
+    from nerve_hf.sinks.files import write_bytes, write_csv, write_figure, write_json
 
     out_dir = Path(out_dir)
     rows = result.report.rows
@@ -588,10 +600,12 @@ def write_probe(
         buckets = spectra_npz({}, np.float64, positions=report.position_eigenvalues)
         written.append(write_bytes(out_dir / "position_eigenvalues.npz", buckets))
     if report.cross_layer:
-        from ..coherence import layer_matrix
+        from nerve_hf.analysis.layers import layer_matrix
 
         written.append(write_csv(out_dir / "cross_layer.csv", report.cross_layer_to_pandas()))
-        families = list(dict.fromkeys(plots.family(row["site"]) for row in rows))
+        from nerve_hf.sites import family
+
+        families = list(dict.fromkeys(family(row["site"]) for row in rows))
         for name in families:  # cka_matrix.csv; several site families (MLP-Mixer): cka_matrix_<family>.csv
             matrix = layer_matrix(rows, report.cross_layer, "cka", family=name).reset_index()
             file = "cka_matrix.csv" if len(families) == 1 else f"cka_matrix_{name}.csv"

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
-from ..data import DEFAULT_CORPUS, EMBEDDED_CORPORA, find_text_column, load_dataset_splits
-from ..errors import InputError, first_line
+from nerve_hf.data import DEFAULT_CORPUS, EMBEDDED_CORPORA, find_text_column, load_dataset_splits
+from nerve_hf.errors import InputError, first_line
 
 if TYPE_CHECKING:
-    from .api import ProbeConfig
-    from .models import LoadedModel
+    from nerve_hf.probe.api import ProbeConfig
+    from nerve_hf.probe.models import LoadedModel
 
 __all__ = [
     "TextBatches",
@@ -249,7 +249,7 @@ def digits_images(n: int, input_size: tuple[int, int, int], mean, std):
     import torch
     import torch.nn.functional as F
 
-    from ..data import load_digits
+    from nerve_hf.data import load_digits
 
     channels, height, width = input_size
     images, _ = load_digits()  # [1797, 8, 8] in [0, 1]

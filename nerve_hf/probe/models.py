@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError, first_line
+from nerve_hf.errors import InputError, first_line
 
 __all__ = ["ModelSource", "LoadedModel", "classify", "load_model", "default_device", "check_device", "DTYPES"]
 

@@ -10,7 +10,7 @@ import torch.distributed as dist  # noqa: E402
 from trainer_helpers import VOCAB, tiny_gpt2  # noqa: E402
 
 from nerve_hf import FFNTracker  # noqa: E402
-from nerve_hf.cross_covariance import CrossCovarianceAccumulator  # noqa: E402
+from nerve_hf.stats.cross_covariance import CrossCovarianceAccumulator  # noqa: E402
 
 
 def forwards() -> list[dict]:

@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from nerve_hf.covariance import CovarianceAccumulator, sync_accumulators
+from nerve_hf.stats.covariance import CovarianceAccumulator, sync_accumulators
 
 
 def main(out_path: str) -> None:

@@ -43,7 +43,7 @@ def main(out: str, n_layer: int, metrics: str) -> None:
     report = tracker.compute(metrics=metrics)
     counted, own = dict(sent), list(decomposed)  # before the replicated reference below
     # the replicated path on the same statistics: every covariance all-reduced, every rank decomposes all
-    from nerve_hf.covariance import sync_accumulators
+    from nerve_hf.stats.covariance import sync_accumulators
 
     pairs = [(state.pre, state.post) for state in tracker._states]
     sync_accumulators([acc for pair in pairs for acc in pair])

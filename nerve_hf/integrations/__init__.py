@@ -1,0 +1,1 @@
+"""Hugging Face Trainer integration: NerveCallback and its options."""

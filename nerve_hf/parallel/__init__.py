@@ -1,0 +1,1 @@
+"""Several processes and sharded tensors: the one communication module, sharded spectra, tensor-parallel layouts."""

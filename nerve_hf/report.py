@@ -1,0 +1,129 @@
+"""The result of one measurement window: one row of NerVE metrics per FFN site."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.sites import next_sites
+from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_KEYS
+from nerve_hf.tracking.measurements.flow import FLOW_KEYS
+from nerve_hf.tracking.measurements.positions import POSITION_KEYS
+
+# Keys of every row, in column order.
+ROW_KEYS = ("site", "layer", "dim", "tokens") + METRIC_NAMES
+
+__all__ = ["METRIC_NAMES", "ROW_KEYS", "SpectralReport"]
+
+
+@dataclass
+class SpectralReport:
+    """Per-site NerVE metrics.
+
+    Attributes:
+        rows: one dict per site with :data:`ROW_KEYS`: ``site`` (str, ``"ffn.3"``), ``layer``,
+            ``dim``, ``tokens`` (int) and the seven metrics (float, NaN when undefined); with the
+            tracker's ``flow`` also :data:`~nerve_hf.tracking.measurements.flow.FLOW_KEYS`
+            (``extra_metrics``: its summaries).
+        eigenvalues: site -> (pre, post) eigenvalues, descending float64 CPU tensors ``[dim]``.
+        flow_eigenvalues: ``flow``: site -> (input, output) eigenvalues ``[d]``.
+        positions: ``position_buckets``: per site and bucket,
+            :data:`~nerve_hf.tracking.measurements.positions.POSITION_KEYS`.
+        position_eigenvalues: ``position_buckets``: (site, bucket label) -> (pre, post) eigenvalues ``[dim]``
+            (all NaN for a bucket no token reached).
+        cross_layer: ``cross_layer``: per pair of layers,
+            :data:`~nerve_hf.tracking.measurements.cross_layer.CROSS_LAYER_KEYS`.
+
+    >>> ones, nans = {m: 1.0 for m in METRIC_NAMES}, {m: float("nan") for m in METRIC_NAMES}
+    >>> r = SpectralReport(rows=[dict(site="ffn.0", layer=0, dim=3, tokens=9, **ones),
+    ...                          dict(site="ffn.1", layer=1, dim=3, tokens=9, **nans)])
+    >>> r.mean()["pr_pre"], r.to_log_dict()["nerve/ffn.0/js"], r.to_log_dict()["nerve/mean/js"]
+    (1.0, 1.0, 1.0)
+    """
+
+    rows: list[dict] = field(default_factory=list)
+    eigenvalues: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # Filled only by the tracker options that ask for them (nerve_hf.coherence); empty otherwise.
+    flow_eigenvalues: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # site -> (input, output)
+    positions: list[dict] = field(default_factory=list)  # one row per site and position bucket: POSITION_KEYS
+    position_eigenvalues: dict[tuple[str, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    cross_layer: list[dict] = field(default_factory=list)  # one row per pair of layers: CROSS_LAYER_KEYS
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _flow_names(self) -> list[str]:
+        """The flow metrics the rows carry (none without ``flow``)."""
+        return [name for name in FLOW_KEYS[1:] if self.rows and all(name in row for row in self.rows)]
+
+    def mean(self) -> dict[str, float]:
+        """Average of each metric over the sites that have it defined (NaN if none has); with ``flow``,
+        of the flow metrics too."""
+        return {name: _mean(row[name] for row in self.rows) for name in (*METRIC_NAMES, *self._flow_names())}
+
+    def to_log_dict(self, prefix: str = "nerve") -> dict[str, float]:
+        """Flat ``{f"{prefix}/{site}/{metric}": value}`` for every row, plus ``f"{prefix}/mean/{metric}"``.
+
+        Options beyond the paper add: ``flow``, the flow metrics under the same keys
+        (``nerve/ffn.0/se_input``); ``position_buckets``, ``f"{prefix}/{site}/{metric}.pos{bucket}"`` and
+        the layer mean ``f"{prefix}/mean/{metric}.pos{bucket}"`` (``nerve/mean/pr_pre.pos0-16``);
+        ``cross_layer``, for each layer and the next tracked one, ``f"{prefix}/{site}/cka_next"``,
+        ``js_pre_next`` and ``js_post_next``, and their layer means ``f"{prefix}/mean/cka_next"``, ...
+        """
+        names = (*METRIC_NAMES, *self._flow_names())
+        out = {f"{prefix}/{row['site']}/{name}": row[name] for row in self.rows for name in names}
+        out.update({f"{prefix}/mean/{name}": value for name, value in self.mean().items()})
+        if self.positions:
+            buckets: dict[str, list[dict]] = {}
+            for row in self.positions:
+                buckets.setdefault(row["bucket"], []).append(row)
+                for name in METRIC_NAMES:
+                    out[f"{prefix}/{row['site']}/{name}.pos{row['bucket']}"] = row[name]
+            for bucket, rows in buckets.items():
+                for name in METRIC_NAMES:
+                    out[f"{prefix}/mean/{name}.pos{bucket}"] = _mean(row[name] for row in rows)
+        following = next_sites(self.rows)
+        adjacent = [row for row in self.cross_layer if following.get(row["site_a"]) == row["site_b"]]
+        for row in adjacent:
+            for name in ("cka", "js_pre", "js_post"):
+                out[f"{prefix}/{row['site_a']}/{name}_next"] = row[name]
+        for name in ("cka", "js_pre", "js_post") if adjacent else ():
+            out[f"{prefix}/mean/{name}_next"] = _mean(row[name] for row in adjacent)
+        return out
+
+    def to_pandas(self):
+        """The rows as a ``pandas.DataFrame`` with columns :data:`ROW_KEYS` (then any extra summaries the
+        rows carry, ``compute(extra_metrics=True)``).
+
+        >>> ones = {m: 1.0 for m in METRIC_NAMES}
+        >>> frame = SpectralReport(rows=[dict(site="ffn.0", layer=0, dim=3, tokens=9, **ones)]).to_pandas()
+        >>> frame.shape, list(frame.columns[:5])
+        ((1, 11), ['site', 'layer', 'dim', 'tokens', 'se_pre'])
+        """
+        import pandas as pd  # imported on use: pandas is only needed here
+
+        extra = [key for key in dict.fromkeys(k for row in self.rows for k in row) if key not in ROW_KEYS]
+        return pd.DataFrame(self.rows, columns=list(ROW_KEYS) + extra)
+
+    def positions_to_pandas(self):
+        """:attr:`positions` as a ``pandas.DataFrame`` with columns
+        :data:`~nerve_hf.tracking.measurements.positions.POSITION_KEYS`."""
+        import pandas as pd
+
+        return pd.DataFrame(self.positions, columns=list(POSITION_KEYS))
+
+    def cross_layer_to_pandas(self):
+        """:attr:`cross_layer` as a ``pandas.DataFrame`` with columns
+        :data:`~nerve_hf.tracking.measurements.cross_layer.CROSS_LAYER_KEYS`."""
+        import pandas as pd
+
+        return pd.DataFrame(self.cross_layer, columns=list(CROSS_LAYER_KEYS))
+
+
+def _mean(values) -> float:
+    """Mean of the values that are not NaN (NaN if none is)."""
+    kept = [value for value in values if not math.isnan(value)]
+    return math.fsum(kept) / len(kept) if kept else float("nan")

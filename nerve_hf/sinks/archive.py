@@ -1,0 +1,179 @@
+"""The spectra archive: every measurement's eigenvalues, kept beside the metrics.
+
+Layout: ``<output_dir>/nerve_spectra/<split>-<step, 9 digits>.npz``, one file per measurement, holding for
+every measured FFN the arrays ``"<site>/pre"`` and ``"<site>/post"``: its descending covariance
+eigenvalues, float32 (storage; the metrics were computed from the float64 values), with the flow
+measured (``NerveConfig.flow``) ``"<site>/input"`` and ``"<site>/output"`` too, and with
+``position_buckets`` the pre and post spectra of each bucket, ``"<site>/pos/<bucket>/pre"`` and
+``".../post"`` (``bucket``: a label such as ``"0-16"`` or ``"64-inf"``; :func:`load_position_spectra` reads
+them). ``nerve probe``'s ``eigenvalues.npz`` has the pre/post keys, its ``flow_eigenvalues.npz`` and
+``position_eigenvalues.npz`` the others (float64). Each file is written atomically by rank 0, so a crash
+leaves a measurement whole or absent, never half; a resumed run deletes the files of steps after its
+checkpoint, so no step is archived twice.
+
+>>> import numpy as np, tempfile
+>>> run = tempfile.mkdtemp()
+>>> _ = write_measurement(run, "train", 20, {"ffn.0": (np.array([3.0, 1.0]), np.array([2.0, 2.0]))})
+>>> frame = load_spectra(run)
+>>> frame[["split", "step", "site"]].values.tolist(), frame["post"][0].tolist()
+([['train', 20, 'ffn.0']], [2.0, 2.0])
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from nerve_hf.sinks.files import write_bytes
+
+__all__ = [
+    "ARCHIVE_DIRNAME",
+    "spectra_npz",
+    "write_measurement",
+    "drop_measurements_after",
+    "load_spectra",
+    "load_position_spectra",
+]
+
+ARCHIVE_DIRNAME = "nerve_spectra"
+_STAGES = ("pre", "post", "input", "output")
+_NAME = re.compile(r"^(?P<split>.+)-(?P<step>\d{9})\.npz$")
+_POSITION_KEY = re.compile(r"^(?P<site>[^/]+)/pos/(?P<bucket>[^/]+)/pre$")
+
+
+def spectra_npz(
+    eigenvalues: Mapping[str, tuple],
+    dtype=np.float32,
+    flow: Mapping[str, tuple] | None = None,
+    positions: Mapping[tuple[str, str], tuple] | None = None,
+) -> bytes:
+    """``{site: (pre, post)}`` as the bytes of an ``.npz`` with keys ``"<site>/pre"`` and ``"<site>/post"``;
+    ``flow`` (``{site: (input, output)}``) adds ``"<site>/input"`` and ``"<site>/output"``, ``positions``
+    (``{(site, bucket): (pre, post)}``) ``"<site>/pos/<bucket>/pre"`` and ``".../post"``."""
+    arrays = {}
+    buckets = {f"{site}/pos/{bucket}": values for (site, bucket), values in (positions or {}).items()}
+    for stages, spectra in (
+        (("pre", "post"), eigenvalues),
+        (("input", "output"), flow or {}),
+        (("pre", "post"), buckets),
+    ):
+        for site, values in spectra.items():
+            arrays.update({f"{site}/{stage}": np.asarray(values[i], dtype=dtype) for i, stage in enumerate(stages)})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def write_measurement(
+    run_dir: str | os.PathLike,
+    split: str,
+    step: int,
+    eigenvalues: Mapping[str, tuple],
+    flow: Mapping[str, tuple] | None = None,
+    positions: Mapping[tuple[str, str], tuple] | None = None,
+) -> Path:
+    """Write one measurement's spectra (and the flow's and position buckets', if given) to the run's archive,
+    atomically; return the file."""
+    path = Path(run_dir) / ARCHIVE_DIRNAME / f"{split}-{int(step):09d}.npz"
+    return write_bytes(path, spectra_npz(eigenvalues, flow=flow, positions=positions))
+
+
+def _entries(run_dir: str | os.PathLike) -> list[tuple[str, int, Path]]:
+    folder = Path(run_dir) / ARCHIVE_DIRNAME
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        match = _NAME.match(path.name)
+        if match:  # a writer's temporary file (".<name>.tmp") or anything else is not a measurement
+            found.append((match["split"], int(match["step"]), path))
+    return found
+
+
+def drop_measurements_after(run_dir: str | os.PathLike, step: int) -> int:
+    """Delete the archived measurements of steps after ``step`` (a resumed run re-measures them)."""
+    dropped = 0
+    for _, archived_step, path in _entries(run_dir):
+        if archived_step > step:
+            path.unlink()
+            dropped += 1
+    return dropped
+
+
+def _read_rows(run_dir: str | os.PathLike, rows_of) -> list[dict]:
+    """``rows_of(data)`` of every archived measurement, each row led by its split and step, in archive order.
+    A file that cannot be read (a disk error) is skipped with one warning naming it."""
+    rows, unreadable = [], []
+    for split, step, path in _entries(run_dir):
+        try:
+            with np.load(path) as data:
+                rows.extend({"split": split, "step": step, **row} for row in rows_of(data))
+        except (OSError, ValueError, KeyError) as error:
+            unreadable.append(f"{path.name} ({type(error).__name__})")
+    if unreadable:
+        warnings.warn(
+            f"skipped unreadable spectra files in {Path(run_dir) / ARCHIVE_DIRNAME}: {', '.join(unreadable)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return rows
+
+
+def load_spectra(run_dir: str | os.PathLike):
+    """The archive as a ``pandas.DataFrame``: one row per (split, step, site) with ``pre`` and ``post``
+    eigenvalue arrays (float32, descending), sorted by split, step and site order, and ``input`` and
+    ``output`` columns (NaN where a measurement has no flow) when any measurement has them. A file that
+    cannot be read (a disk error) is skipped with one warning naming it."""
+    import pandas as pd
+
+    def rows_of(data) -> list[dict]:
+        sites = dict.fromkeys(
+            key.rpartition("/")[0] for key in data.files if key.endswith("/pre") and not _POSITION_KEY.match(key)
+        )
+        return [
+            {
+                "site": site,
+                **{
+                    stage: data[f"{site}/{stage}"]
+                    for stage in _STAGES
+                    if stage in ("pre", "post") or f"{site}/{stage}" in data.files
+                },
+            }
+            for site in sites
+        ]
+
+    rows = _read_rows(run_dir, rows_of)
+    stages = [stage for stage in _STAGES if stage in ("pre", "post") or any(stage in row for row in rows)]
+    return pd.DataFrame(rows, columns=["split", "step", "site", *stages])
+
+
+def load_position_spectra(run_dir: str | os.PathLike):
+    """The position buckets' spectra of the archive (``position_buckets``) as a ``pandas.DataFrame``: one row
+    per (split, step, site, bucket) with ``pre`` and ``post`` eigenvalue arrays (float32, descending), in
+    archive order; empty when no measurement has buckets. Unreadable files are skipped as by
+    :func:`load_spectra`.
+
+    >>> import numpy as np, tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> buckets = {("ffn.0", "0-16"): (np.array([2.0, 1.0]), np.array([1.5, 1.5]))}
+    >>> _ = write_measurement(run, "eval", 20, {"ffn.0": (np.ones(2), np.ones(2))}, positions=buckets)
+    >>> frame = load_position_spectra(run)
+    >>> frame[["split", "step", "site", "bucket"]].values.tolist(), frame["pre"][0].tolist()
+    ([['eval', 20, 'ffn.0', '0-16']], [2.0, 1.0])
+    """
+    import pandas as pd
+
+    def rows_of(data) -> list[dict]:
+        found = [match for match in map(_POSITION_KEY.match, data.files) if match]
+        return [
+            {"site": m["site"], "bucket": m["bucket"], "pre": data[m.string], "post": data[m.string[:-3] + "post"]}
+            for m in found
+        ]
+
+    return pd.DataFrame(_read_rows(run_dir, rows_of), columns=["split", "step", "site", "bucket", "pre", "post"])

@@ -1,0 +1,1 @@
+"""Streaming statistics with an exact reduction: covariance and cross-covariance accumulators, batch kernels."""

@@ -1,0 +1,1 @@
+"""Measurements: one object per feature of a tracker window (pre/post pair, flow, position buckets, cross-layer)."""
