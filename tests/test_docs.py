@@ -162,7 +162,7 @@ def test_docstring_roles_become_autorefs_resolved_from_their_scope():
     roles = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(roles)
     package = griffe.load("nerve_hf", search_paths=[str(ROOT)])
-    tracker = package["tracker.FFNTracker"]
+    tracker = package["tracking.tracker.FFNTracker"]
     assert roles.identifier(tracker, "compute") == "nerve_hf.tracking.tracker.FFNTracker.compute"
     assert roles.identifier(tracker, "SpectralReport") == "nerve_hf.report.SpectralReport"
     assert roles.identifier(package["metrics"], "nerve_hf.FFNTracker") == "nerve_hf.tracking.tracker.FFNTracker"

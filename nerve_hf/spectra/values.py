@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from nerve_hf.extra_metrics import EXTRA_METRIC_NAMES, extra_metrics
-from nerve_hf.spectra.estimate import ESTIMATE_MIN_DIM, estimated_metric_values
+from nerve_hf.spectra import estimate
 from nerve_hf.spectra.exact import METRIC_SETS, SPECTRA_METHODS, HasCovariance, exact_metric_values
 
 __all__ = ["metric_set", "metric_values", "extra_values"]
@@ -41,7 +41,7 @@ def metric_values(
     if metrics not in METRIC_SETS:
         raise ValueError(f"metrics must be one of {METRIC_SETS}, got {metrics!r}")
     if metrics == "estimate":
-        return estimated_metric_values(pairs, min_dim=ESTIMATE_MIN_DIM, spectra_dtype=spectra_dtype)
+        return estimate.estimated_metric_values(pairs, min_dim=estimate.ESTIMATE_MIN_DIM, spectra_dtype=spectra_dtype)
     return exact_metric_values(pairs, metrics, spectra_dtype)
 
 
