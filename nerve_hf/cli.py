@@ -261,7 +261,7 @@ def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace
 
 
 def _report(args: argparse.Namespace) -> int:
-    from nerve_hf.analysis.runs import write_report
+    from nerve_hf.analysis.report import write_report
     from nerve_hf.sinks.files import check_writable_dir
 
     if args.out is not None:
@@ -283,7 +283,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from nerve_hf.analysis.runs import _split_order, write_compare
+    from nerve_hf.analysis.compare import write_compare
+    from nerve_hf.analysis.runs import split_order as _split_order
 
     result = write_compare(args.run_dir, args.out if args.out is not None else "nerve_compare")
     table = result.table

@@ -210,9 +210,9 @@ def summary_table(latest: dict[tuple[str, str], dict]) -> str:
 
 
 def write_report_if_available(run_dir: Path) -> None:
-    """``nerve_hf.analysis.runs.write_report``: correlations with the eval loss and plots; a run too short to
+    """``nerve_hf.analysis.report.write_report``: correlations with the eval loss and plots; a run too short to
     correlate says why and keeps its files."""
-    from nerve_hf.analysis.runs import write_report  # errors inside the module are real errors: let them raise
+    from nerve_hf.analysis.report import write_report  # errors inside the module are real errors: let them raise
     from nerve_hf.errors import InputError
 
     try:

@@ -1,5 +1,4 @@
-"""Run analysis behind ``nerve report``: a training run's NerVE metrics next to its loss: correlations,
-summary, plots.
+"""A training run read back: its NerVE measurements and its losses, aligned step by step.
 
 A run directory is what ``Trainer`` + :class:`nerve_hf.NerveCallback` leave behind: the callback's
 ``nerve_metrics.jsonl`` and the Trainer's ``trainer_state.json`` (``log_history``). Each measurement is
@@ -9,15 +8,19 @@ aligned with the loss logged at the same step of the same split:
   (the Trainer's running mean since its previous log);
 * ``eval`` spectra with ``eval_loss`` of the same evaluation (``eval_<name>`` with ``eval_<name>_loss``).
 
+What is built on it: :mod:`nerve_hf.analysis.correlations` (Pearson r with the loss),
+:mod:`nerve_hf.analysis.report` (``nerve report``'s files), :mod:`nerve_hf.analysis.compare` (several runs
+overlaid) and the figures of :mod:`nerve_hf.analysis.run_plots`.
+
 Notebook use::
 
-    from nerve_hf.analysis import runs
+    from nerve_hf.analysis import compare, correlations, report, run_plots, runs
     run = runs.load_run("out/run")            # run.metrics, run.losses: DataFrames
     table = runs.aligned(run)                 # one row per (split, step, site) with its loss
-    corr = runs.correlations(table)           # split, site, metric, r, p, n
-    runs.plots.plot_trajectories(run.metrics, "train", run.losses)
-    runs.write_report("out/run")              # correlations.csv, summary.md, PNGs
-    runs.write_compare(["out/a", "out/b"], "cmp")  # compare.csv, compare_<split>.png: runs overlaid
+    corr = correlations.correlations(table)   # split, site, metric, r, p, n
+    run_plots.plot_trajectories(run.metrics, "train", run.losses)
+    report.write_report("out/run")            # correlations.csv, summary.md, PNGs
+    compare.write_compare(["out/a", "out/b"], "cmp")  # compare.csv, compare_<split>.png: runs overlaid
 """
 
 from __future__ import annotations
@@ -30,34 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from nerve_hf.analysis import plots
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.report import ROW_KEYS
-from nerve_hf.sinks.archive import load_spectra
 from nerve_hf.sinks.records import RECORDS_FILENAME, scan_records, skipped_lines_message
 from nerve_hf.sites import layer_of
 
-__all__ = [
-    "MIN_POINTS",
-    "RunData",
-    "load_run",
-    "aligned",
-    "correlations",
-    "summary_markdown",
-    "write_report",
-    "ReportResult",
-    "plots",
-    "COMPARE_COLUMNS",
-    "CompareResult",
-    "load_compare_inputs",
-    "compare_table",
-    "write_compare",
-]
+__all__ = ["RunData", "load_run", "aligned", "split_order"]
 
-MIN_POINTS = 3  # a Pearson correlation needs at least this many (metric, loss) pairs
 STATE_FILENAME = "trainer_state.json"
-CORRELATION_COLUMNS = ["split", "site", "metric", "r", "p", "n"]
 _EVAL_LOSS = re.compile(r"^(eval(?:_.+)?)_loss$")  # eval_loss -> eval; eval_code_loss -> eval_code
 _LOG_KEY = re.compile(r"^(?:(eval(?:_.+)?)_)?nerve/(.+)/([a-z_]+)$")  # [eval_]nerve/<site>/<metric>
 
@@ -168,7 +152,7 @@ def _describe_incomplete(incomplete) -> str:
     groups: dict[tuple, list[int]] = {}
     for (split, step), row in incomplete.iterrows():
         groups.setdefault((split, int(row["found"]), int(row["expected"])), []).append(int(step))
-    order = {split: i for i, split in enumerate(_split_order(split for split, _, _ in groups))}
+    order = {split: i for i, split in enumerate(split_order(split for split, _, _ in groups))}
     parts = []
     for (split, found, expected), steps in sorted(groups.items(), key=lambda item: (order[item[0][0]], min(item[1]))):
         noun = "step" if len(steps) == 1 else "steps"
@@ -252,294 +236,6 @@ def aligned(run: RunData):
     return run.metrics.merge(run.losses, on=["split", "step"], how="inner")
 
 
-def _split_order(splits) -> list[str]:
+def split_order(splits) -> list[str]:
+    """The distinct split names in report order: ``train``, ``eval``, then the others alphabetically."""
     return sorted(set(splits), key=lambda s: (s != "train", s != "eval", s))
-
-
-def correlations(table, min_points: int = MIN_POINTS):
-    """Pearson r (and its two-sided p) of each metric with the loss, per split and site.
-
-    ``table``: :func:`aligned` rows (or a :class:`RunData`). Pairs where the metric or the loss is NaN
-    are left out; ``n`` counts the pairs used. With fewer than ``min_points`` pairs, or a constant
-    series, r and p are NaN. Rows: splits (train, eval, ...), sites (``mean`` first, then by layer),
-    metrics in :data:`nerve_hf.metrics.METRIC_NAMES` order.
-    """
-    import numpy as np
-    import pandas as pd
-    from scipy import stats
-
-    if isinstance(table, RunData):
-        table = aligned(table)
-    out = []
-    for split in _split_order(table["split"]):
-        part = table[table["split"] == split]
-        sites = part[["site", "layer"]].drop_duplicates("site")
-        sites = ["mean"] + [s for s in sites.sort_values("layer", kind="stable")["site"] if s != "mean"]
-        for site in sites:
-            rows = part[part["site"] == site].sort_values("step")
-            for name in METRIC_NAMES:
-                x, y = rows[name].to_numpy(float), rows["loss"].to_numpy(float)
-                keep = np.isfinite(x) & np.isfinite(y)
-                x, y = x[keep], y[keep]
-                r = p = math.nan
-                if len(x) >= min_points and np.ptp(x) > 0 and np.ptp(y) > 0:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # near-constant input: scipy warns, we report its value
-                        result = stats.pearsonr(x, y)
-                    r, p = float(result.statistic), float(result.pvalue)
-                out.append({"split": split, "site": site, "metric": name, "r": r, "p": p, "n": int(len(x))})
-    return pd.DataFrame(out, columns=CORRELATION_COLUMNS)
-
-
-def _few_points_message(run: RunData, corr, min_points: int) -> str:
-    counts = corr[corr["site"] == "mean"].groupby("split")["n"].max() if len(corr) else None
-    measured = run.metrics[run.metrics["site"] == "mean"].groupby("split")["step"].nunique()
-    parts = []
-    for split in _split_order(measured.index):
-        paired = int(counts.get(split, 0)) if counts is not None else 0
-        parts.append(f"{split}: {measured[split]} measured, {paired} with a loss")
-    return (
-        f"too few measurements for a correlation in {str(run.run_dir)!r} ({'; '.join(parts)}); Pearson r needs at "
-        f"least {min_points} steps with both a measurement and a loss: measure more often "
-        f"(NerveCallback(every_n_steps=...), eval_steps) or train longer"
-    )
-
-
-def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = None) -> str:
-    """``summary.md``: what was measured, the correlations of the layer mean, the strongest per-layer
-    correlations, the last measurement per layer, and links to the figures."""
-    lines = [f"# NerVE report: `{run.run_dir}`", ""]
-    lines += [f"- measurements: `{run.sources.get('records')}`", f"- losses: `{run.sources.get('state')}`"]
-    sites = run.metrics[run.metrics["site"] != "mean"]["site"].nunique()
-    for split in _split_order(run.metrics["split"]):
-        steps = sorted(run.metrics[run.metrics["split"] == split]["step"].unique())
-        with_loss = len(set(steps) & set(run.losses[run.losses["split"] == split]["step"]))
-        loss_name = "loss" if split == "train" else f"{split}_loss"
-        lines.append(
-            f"- `{split}`: {len(steps)} measurements of {sites} FFN sites, steps {steps[0]}..{steps[-1]}; "
-            f"{with_loss} aligned with `{loss_name}` of the same step"
-        )
-    lines += [
-        "",
-        "Train spectra are paired with the training loss the Trainer logged at the same step (its running "
-        "mean since the previous log); eval spectra with the eval loss of the same evaluation. Pearson r and "
-        "two-sided p from `scipy.stats.pearsonr`; NaN where fewer than "
-        f"{MIN_POINTS} pairs or a constant series.",
-        "",
-    ]
-
-    for split in _split_order(corr["split"]):
-        part = corr[(corr["split"] == split) & (corr["site"] == "mean")]
-        lines += [f"## `{split}`: layer-mean metric vs loss", "", "| metric | r | p | n |", "|---|---:|---:|---:|"]
-        lines += [
-            f"| {row.metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |" for row in part.itertuples()
-        ]
-        layers = corr[(corr["split"] == split) & (corr["site"] != "mean")].dropna(subset=["r"])
-        if len(layers):
-            top = layers.reindex(layers["r"].abs().sort_values(ascending=False).index).head(5)
-            lines += ["", "Strongest per-layer correlations:", "", "| site | metric | r | n |", "|---|---|---:|---:|"]
-            lines += [f"| {row.site} | {row.metric} | {row.r:+.4f} | {row.n} |" for row in top.itertuples()]
-        lines.append("")
-
-    for split in _split_order(run.metrics["split"]):
-        frame = run.metrics[run.metrics["split"] == split]
-        last = frame[frame["step"] == frame["step"].max()]
-        lines += [
-            f"## `{split}`: last measurement (step {int(frame['step'].max())})",
-            "",
-            "| site | tokens | " + " | ".join(METRIC_NAMES) + " |",
-            "|---|---:|" + "---:|" * len(METRIC_NAMES),
-        ]
-        for row in last.itertuples():
-            tokens = "" if math.isnan(float(row.tokens)) else str(int(row.tokens))
-            lines.append(
-                f"| {row.site} | {tokens} | " + " | ".join(_num(getattr(row, n), ".4f") for n in METRIC_NAMES) + " |"
-            )
-        lines.append("")
-    if figures:
-        lines += ["## Figures", ""]
-        for names in figures.values():
-            lines += [f"![{name}]({name})" for name in names]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _num(value, spec: str) -> str:
-    return "nan" if value is None or math.isnan(float(value)) else format(float(value), spec)
-
-
-@dataclass
-class ReportResult:
-    """What :func:`write_report` wrote."""
-
-    out_dir: Path
-    files: list[Path]
-    correlations: object  # pandas.DataFrame
-    run: RunData
-
-
-def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportResult:
-    """Write ``correlations.csv``, ``summary.md`` and the plots of a run into ``out_dir``
-    (default ``<run_dir>/nerve_report``).
-
-    Raises InputError, before writing anything, when the run is not a run, when no (split, site, metric)
-    series has ``min_points`` aligned points, or when ``out_dir`` cannot be written. Each file is written
-    atomically.
-    """
-    from nerve_hf.sinks.files import check_writable_dir, write_csv, write_figure, write_text
-
-    if min_points < 2:
-        raise InputError(
-            f"--min-points must be at least 2 (a correlation of fewer points is undefined), got {min_points}"
-        )
-    run = load_run(run_dir)
-    table = aligned(run)
-    corr = correlations(table, min_points)
-    if not len(corr) or int(corr["n"].max()) < min_points:
-        raise InputError(_few_points_message(run, corr, min_points))
-
-    if out_dir is not None:
-        out_dir = check_writable_dir(out_dir)
-    else:
-        out_dir = check_writable_dir(
-            run.run_dir / "nerve_report", "report folder", "pass --out with a folder you can write to"
-        )
-    files = [write_csv(out_dir / "correlations.csv", corr)]
-    spectra = load_spectra(run.run_dir)  # the run's spectra archive (empty without one)
-    figures: dict[str, list[str]] = {}
-    for split in _split_order(run.metrics["split"]):
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
-        made = {
-            f"trajectories_{safe}.png": plots.plot_trajectories(run.metrics, split, run.losses),
-            f"heatmaps_{safe}.png": plots.plot_heatmaps(run.metrics, split),
-        }
-        if (table["split"] == split).any():
-            made[f"scatter_{safe}.png"] = plots.plot_metric_vs_loss(table, corr, split)
-        if split in set(spectra["split"]):
-            made[f"spectra_{safe}.png"] = plots.plot_spectrum_evolution(spectra, split)
-            made[f"cumulative_{safe}.png"] = plots.plot_spectrum_evolution(spectra, split, cumulative=True)
-        for name, figure in made.items():
-            files.append(write_figure(out_dir / name, figure))
-        figures[split] = list(made)
-    files.append(write_text(out_dir / "summary.md", summary_markdown(run, corr, figures)))
-    return ReportResult(out_dir=out_dir, files=files, correlations=corr, run=run)
-
-
-# ------------------------------------------------------------------------------------ comparing runs
-COMPARE_COLUMNS = ["run", "split", "step", "site", "layer", "tokens", *METRIC_NAMES]
-
-
-@dataclass
-class CompareResult:
-    """What :func:`write_compare` wrote: ``table`` is ``compare.csv`` (one row per run, split, step, site)."""
-
-    out_dir: Path
-    files: list[Path]
-    table: object  # pandas.DataFrame
-    runs: dict = field(default_factory=dict)  # run name -> metrics DataFrame (with the layer-mean rows)
-
-
-def _zoo_runs(path: Path) -> dict:
-    """The runs of a model-zoo result file (``benchmarks/results/<preset>/<experiment>.json``): name
-    ``<experiment>/<run>`` -> metrics DataFrame (split ``eval``: the zoo measures on its eval batches)."""
-    import pandas as pd
-
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{str(path)!r} is not a readable JSON file: {error}") from None
-    runs = content.get("runs") if isinstance(content, dict) else None
-    if not isinstance(runs, dict) or not runs:
-        raise InputError(f"{str(path)!r} is not a model-zoo result file (no 'runs' with NerVE series)")
-    out = {}
-    experiment = content.get("experiment") or path.stem
-    for key, entry in runs.items():
-        nerve = entry.get("nerve") if isinstance(entry, dict) else None
-        if not isinstance(nerve, dict) or "per_site" not in nerve:
-            raise InputError(f"run {key!r} of {str(path)!r} holds no NerVE series ('nerve' with 'per_site')")
-        rows = []
-        for i, step in enumerate(nerve["steps"]):
-            for k, site in enumerate(nerve["sites"]):
-                rows.append(
-                    {
-                        "step": int(step),
-                        "split": "eval",
-                        "site": site,
-                        "layer": int(nerve["layers"][k]),
-                        "dim": nerve["dims"][k],
-                        "tokens": nerve["tokens"][i],
-                        **{
-                            name: math.nan if nerve["per_site"][name][i][k] is None else nerve["per_site"][name][i][k]
-                            for name in METRIC_NAMES
-                        },
-                    }
-                )
-        frame = pd.DataFrame(rows)
-        frame[list(METRIC_NAMES)] = frame[list(METRIC_NAMES)].astype(float)
-        out[f"{experiment}/{key}"] = _with_mean(frame)
-    return out
-
-
-def _with_mean(metrics):
-    """``metrics`` (per-site rows) with a ``site == "mean"`` row per (split, step), as :func:`load_run`."""
-    import pandas as pd
-
-    columns = ["step", "split", *ROW_KEYS]
-    mean = (
-        metrics.groupby(["split", "step"], sort=False)
-        .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
-        .reset_index()
-        .assign(site="mean", layer=-1, dim=math.nan)
-    )
-    frame = pd.concat([metrics[columns], mean[columns]], ignore_index=True)
-    return frame.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
-
-
-def load_compare_inputs(paths) -> dict:
-    """Run name -> metrics DataFrame (as :attr:`RunData.metrics`) for run directories and model-zoo
-    result files (``*.json``, several runs each). A run directory is named by its folder (with its parent
-    when two folders share a name)."""
-    loaded: dict = {}
-    for spec in paths:
-        path = Path(spec)
-        if path.is_file() and path.suffix == ".json":
-            found = _zoo_runs(path)
-        else:
-            run = load_run(path)
-            name = path.resolve().name
-            if name in loaded:
-                name = f"{path.resolve().parent.name}/{name}"
-            found = {name: run.metrics}
-        for name, frame in found.items():
-            unique, n = name, 2
-            while unique in loaded:
-                unique, n = f"{name} ({n})", n + 1
-            loaded[unique] = frame
-    return loaded
-
-
-def compare_table(runs: dict):
-    """``compare.csv``: every run's per-site measurements, run, split, step, site, layer, tokens, metrics."""
-    import pandas as pd
-
-    parts = [frame[frame["site"] != "mean"].assign(run=name) for name, frame in runs.items()]
-    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COMPARE_COLUMNS)
-    return table[COMPARE_COLUMNS].reset_index(drop=True)
-
-
-def write_compare(paths, out_dir=None) -> CompareResult:
-    """Write ``compare.csv`` and one ``compare_<split>.png`` per split (layer-mean trajectories of every
-    run overlaid, and their final per-layer profiles) into ``out_dir`` (default ``./nerve_compare``)."""
-    from nerve_hf.sinks.files import check_writable_dir, write_csv, write_figure
-
-    if len(paths) < 1:
-        raise InputError("give at least one run directory or model-zoo result file")
-    out_dir = check_writable_dir(out_dir if out_dir is not None else "nerve_compare")
-    runs = load_compare_inputs(paths)
-    table = compare_table(runs)
-    files = [write_csv(out_dir / "compare.csv", table)]
-    splits = _split_order(split for frame in runs.values() for split in frame["split"])
-    for split in splits:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
-        files.append(write_figure(out_dir / f"compare_{safe}.png", plots.plot_compare(runs, split)))
-    return CompareResult(out_dir=out_dir, files=files, table=table, runs=runs)

@@ -11,7 +11,8 @@ place (never copied anywhere):
 
 Both are deterministic for a given environment: files are chosen and split by a stable hash of their path,
 never by ``random`` or by directory listing order. :func:`corpus_fingerprint` names the exact content of a
-loaded corpus (file count, bytes, hashes of the file list and of the contents, package versions).
+loaded corpus (file count, bytes, hashes of the file list and of the contents, package versions). The
+file rules both corpora share (hash order, split, byte cap, fingerprint): :mod:`nerve_hf.data.corpus_files`.
 
     >>> from nerve_hf.data import load_embedded_corpus
     >>> corpus = load_embedded_corpus("stdlib-code", max_bytes=200_000)
@@ -22,7 +23,6 @@ loaded corpus (file count, bytes, hashes of the file list and of the contents, p
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import re
 import sysconfig
@@ -30,15 +30,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nerve_hf.data.corpus_files import (
+    TEST_DIRS,
+    as_dataset_dict,
+    capped_splits,
+    in_hash_order,
+    read_usable,
+    splits_fingerprint,
+    stable_hash,
+    stdlib_paths,
+)
+
+__all__ = [
+    "DEFAULT_CORPUS",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_VALIDATION_PERCENT",
+    "DEFAULT_MAX_FILE_BYTES",
+    "StdlibCorpusConfig",
+    "iter_stdlib_sources",
+    "load_stdlib_corpus",
+    "DEFAULT_ENV_PACKAGES",
+    "STDLIB_PREFIX",
+    "SITE_PREFIX",
+    "normalize_name",
+    "PythonEnvCorpusConfig",
+    "load_python_env_corpus",
+    "corpus_fingerprint",
+    "EmbeddedCorpus",
+    "EMBEDDED_CORPORA",
+    "embedded_corpus",
+    "load_embedded_corpus",
+]
+
 DEFAULT_CORPUS = "stdlib-code"  # the corpus every entry point reads when it is given no data
 DEFAULT_MAX_BYTES = 3_000_000  # corpus cap in UTF-8 bytes: ~0.9M GPT-2-style tokens, keeps the demo fast
 DEFAULT_VALIDATION_PERCENT = 5.0  # share of files (by path hash) that go to the validation split
 DEFAULT_MAX_FILE_BYTES = 200_000  # larger files are generated data (pydoc_data/topics.py), not code
-
-# Directory names never entered: installed packages, bytecode, and (optionally) the test suites,
-# which are huge and hold deliberately broken encodings and syntax.
-_ALWAYS_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 
 @dataclass(frozen=True)
@@ -65,95 +92,17 @@ class StdlibCorpusConfig:
         return name
 
 
-def stable_hash(text: str, salt: str = "") -> int:
-    """A 64-bit hash of ``text`` that is the same in every process and on every machine.
-
-    (Python's ``hash`` of a str is salted per process, so it cannot decide a data split.)
-
-    >>> stable_hash("json/decoder.py") == stable_hash("json/decoder.py")
-    True
-    """
-    digest = hashlib.blake2b(f"{salt}\0{text}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def is_validation_path(rel_path: str, validation_percent: float) -> bool:
-    """Whether a file belongs to the validation split: decided by its path alone, so stable under any cap."""
-    bucket = stable_hash(rel_path, salt="split") % 10_000  # 0.01 % resolution
-    return bucket < validation_percent * 100
-
-
-def _stdlib_paths(root: Path, include_tests: bool) -> list[tuple[str, Path]]:
-    """``(relative posix path, path)`` of every ``.py`` file under the stdlib ``root``, sorted by relative path."""
-    skipped_dirs = _ALWAYS_SKIPPED_DIRS | (frozenset() if include_tests else _TEST_DIRS)
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skipped_dirs]
-        paths.extend(Path(dirpath, name) for name in filenames if name.endswith(".py"))
-    return sorted((p.relative_to(root).as_posix(), p) for p in paths)
-
-
-def _read_usable(path: Path, max_file_bytes: int | None) -> str | None:
-    """The file's text, or None when unusable: unreadable, blank, larger than ``max_file_bytes``, not UTF-8."""
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return None
-    if not raw.strip() or (max_file_bytes is not None and len(raw) > max_file_bytes):
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _in_hash_order(rel_paths: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
-    """A stable pseudo-random order (a hash of the path): any byte-capped prefix is a spread over the whole tree,
-    not a run of alphabetically adjacent packages."""
-    return sorted(rel_paths, key=lambda item: (stable_hash(item[0], salt="order"), item[0]))
-
-
 def iter_stdlib_sources(config: StdlibCorpusConfig) -> list[tuple[str, str]]:
     """``(relative posix path, source text)`` of every usable ``.py`` file, in a stable pseudo-random order.
 
     Unusable files are skipped: not UTF-8, empty, or larger than ``config.max_file_bytes``.
     """
     sources = []
-    for rel, path in _in_hash_order(_stdlib_paths(config.resolved_root(), config.include_tests)):
-        text = _read_usable(path, config.max_file_bytes)
+    for rel, path in in_hash_order(stdlib_paths(config.resolved_root(), config.include_tests)):
+        text = read_usable(path, config.max_file_bytes)
         if text is not None:
             sources.append((rel, text))
     return sources
-
-
-def _capped_splits(sources, max_bytes: int | None, validation_percent: float) -> dict[str, dict[str, list]]:
-    """``{split: {"text": [...], "path": [...]}}`` of ``(rel, text)`` pairs taken in order until ``max_bytes``.
-
-    A small cap may have found no validation file yet when it is reached: the next validation file is taken
-    then, and only it.
-    """
-    splits = {"train": {"text": [], "path": []}, "validation": {"text": [], "path": []}}
-    total = 0
-    for rel, text in sources:
-        split = "validation" if is_validation_path(rel, validation_percent) else "train"
-        if max_bytes is not None and total >= max_bytes:
-            if splits["validation"]["path"] or validation_percent <= 0:
-                break
-            if split == "train":
-                continue
-        splits[split]["text"].append(text)
-        splits[split]["path"].append(rel)
-        total += len(text.encode("utf-8"))
-    return splits
-
-
-def _as_dataset_dict(splits: dict[str, dict[str, list]]):
-    import datasets
-
-    features = datasets.Features({"text": datasets.Value("string"), "path": datasets.Value("string")})
-    return datasets.DatasetDict(
-        {name: datasets.Dataset.from_dict(columns, features=features) for name, columns in splits.items()}
-    )
 
 
 def load_stdlib_corpus(config: StdlibCorpusConfig | None = None, **overrides):
@@ -165,7 +114,7 @@ def load_stdlib_corpus(config: StdlibCorpusConfig | None = None, **overrides):
     from dataclasses import replace
 
     config = replace(config or StdlibCorpusConfig(), **overrides)
-    return _as_dataset_dict(_capped_splits(iter_stdlib_sources(config), config.max_bytes, config.validation_percent))
+    return as_dataset_dict(capped_splits(iter_stdlib_sources(config), config.max_bytes, config.validation_percent))
 
 
 # --------------------------------------------------------------------------- python-env: stdlib + site-packages
@@ -248,9 +197,9 @@ class PythonEnvCorpusConfig:
         rel_paths = []
         if self.include_stdlib:
             root = Path(self.stdlib_root or sysconfig.get_paths()["stdlib"])
-            rel_paths += [(STDLIB_PREFIX + rel, path) for rel, path in _stdlib_paths(root, self.include_tests)]
+            rel_paths += [(STDLIB_PREFIX + rel, path) for rel, path in stdlib_paths(root, self.include_tests)]
         site = self.resolved_site_packages()
-        skipped = {"__pycache__"} | (set() if self.include_tests else set(_TEST_DIRS))
+        skipped = {"__pycache__"} | (set() if self.include_tests else set(TEST_DIRS))
         seen = set()
         for dist in self.distributions().values():
             for file in dist.files or ():
@@ -265,8 +214,8 @@ class PythonEnvCorpusConfig:
     def sources(self) -> list[tuple[str, str]]:
         """``(corpus path, text)`` of the usable files in hash order, exact duplicates dropped (first kept)."""
         sources, seen = [], set()
-        for rel, path in _in_hash_order(self.paths()):
-            text = _read_usable(path, self.max_file_bytes)
+        for rel, path in in_hash_order(self.paths()):
+            text = read_usable(path, self.max_file_bytes)
             if text is None:
                 continue
             digest = hashlib.sha256(text.encode("utf-8")).digest()
@@ -276,7 +225,7 @@ class PythonEnvCorpusConfig:
         return sources
 
     def splits(self) -> dict[str, dict[str, list]]:
-        return _capped_splits(self.sources(), self.max_bytes, self.validation_percent)
+        return capped_splits(self.sources(), self.max_bytes, self.validation_percent)
 
     def sources_info(self) -> dict:
         """What the corpus was read from, for the fingerprint."""
@@ -288,7 +237,7 @@ class PythonEnvCorpusConfig:
 
     def manifest(self) -> dict:
         """The full fingerprint (see :func:`corpus_fingerprint`), computed by reading every selected file."""
-        return _fingerprint("python-env", self.splits(), self.sources_info(), self._options())
+        return splits_fingerprint("python-env", self.splits(), self.sources_info(), self._options())
 
     def fingerprint(self) -> str:
         """A short name of the exact content, for cache keys: it changes whenever any selected file does."""
@@ -313,37 +262,10 @@ def load_python_env_corpus(config: PythonEnvCorpusConfig | None = None, **overri
     config = replace(config or PythonEnvCorpusConfig(), **overrides)
     if config.packages is not None:
         config = replace(config, packages=tuple(config.packages))  # a JSON list from a settings file
-    return _as_dataset_dict(config.splits())
+    return as_dataset_dict(config.splits())
 
 
 # --------------------------------------------------------------------------- fingerprints
-
-
-def _fingerprint(corpus: str, splits: dict[str, dict[str, list]], sources: dict, options: dict) -> dict:
-    rows = sorted(
-        (path, split, hashlib.sha256(text.encode("utf-8")).hexdigest(), len(text.encode("utf-8")))
-        for split, columns in splits.items()
-        for path, text in zip(columns["path"], columns["text"])
-    )
-    files_sha256 = hashlib.sha256("\n".join(row[0] for row in rows).encode()).hexdigest()
-    content = hashlib.sha256()
-    for path, split, digest, _ in rows:
-        content.update(f"{path}\0{split}\0{digest}\n".encode())
-    per_split = {
-        split: {"files": sum(1 for r in rows if r[1] == split), "bytes": sum(r[3] for r in rows if r[1] == split)}
-        for split in splits
-    }
-    return {
-        "corpus": corpus,
-        "id": content.hexdigest()[:16],  # names the content: paths, splits and file contents
-        "files": len(rows),
-        "bytes": sum(row[3] for row in rows),
-        "splits": per_split,
-        "files_sha256": files_sha256,  # sha256 of the sorted file list, one path per line
-        "content_sha256": content.hexdigest(),  # sha256 over "path\0split\0sha256(text)\n", sorted by path
-        **sources,
-        "options": options,
-    }
 
 
 def corpus_fingerprint(name: str, raw, **options) -> dict:
@@ -362,9 +284,9 @@ def corpus_fingerprint(name: str, raw, **options) -> dict:
     config = replace(entry.config_cls(), **options)
     splits = {split: {"path": list(part["path"]), "text": list(part["text"])} for split, part in raw.items()}
     if isinstance(config, PythonEnvCorpusConfig):
-        return _fingerprint(name, splits, config.sources_info(), config._options())
+        return splits_fingerprint(name, splits, config.sources_info(), config._options())
     sources = {"python": platform.python_version(), "stdlib_root": str(config.resolved_root())}
-    return _fingerprint(name, splits, sources, asdict(config))
+    return splits_fingerprint(name, splits, sources, asdict(config))
 
 
 @dataclass(frozen=True)

@@ -575,7 +575,7 @@ def write_probe(
     """
     import numpy as np
 
-    from nerve_hf.analysis import plots
+    from nerve_hf.analysis import probe_plots as plots
     from nerve_hf.sinks.archive import spectra_npz
     from nerve_hf.sinks.files import write_bytes, write_csv, write_figure, write_json
 

@@ -255,7 +255,7 @@ def _run_frames(frame):
 def series_correlations(result: SeriesResult, min_points: int = 3):
     """Pearson r (scipy) of each metric with the loss across the checkpoints: site (``mean`` first, then
     per layer), metric, r, p, n."""
-    from nerve_hf.analysis.runs import correlations
+    from nerve_hf.analysis.correlations import correlations
 
     metrics, losses = _run_frames(series_frame(result))
     table = metrics.merge(losses, on=["split", "step"], how="inner")
@@ -266,7 +266,7 @@ def write_series(result: SeriesResult, out_dir, with_plots: bool = True) -> list
     """Write the series' table, spectra, correlations (with a loss) and plots into ``out_dir``."""
     import numpy as np
 
-    from nerve_hf.analysis import plots
+    from nerve_hf.analysis import run_plots as plots
     from nerve_hf.probe.api import _environment
     from nerve_hf.sinks.archive import spectra_npz
     from nerve_hf.sinks.files import write_bytes, write_csv, write_figure, write_json

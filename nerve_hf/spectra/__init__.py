@@ -2,7 +2,8 @@
 
 * :mod:`~nerve_hf.spectra.exact`: batched ``eigvalsh`` under a memory bound, PR by the trace identity, and
   the metrics of (pre, post) pairs from exact spectra;
-* :mod:`~nerve_hf.spectra.estimate`: the metrics of wide FFNs without a full eigendecomposition;
+* :mod:`~nerve_hf.spectra.estimate`: the metrics of wide FFNs without a full eigendecomposition, built on
+  :mod:`~nerve_hf.spectra.slq` (stochastic Lanczos quadrature and ARPACK's top-k eigenpairs);
 * :mod:`~nerve_hf.spectra.values`: :func:`metric_values`, the entry point that picks one of them.
 """
 

@@ -5,25 +5,21 @@ threads. The estimate touches Σ only through products ``Σ @ x`` (a top-k Lancz
 products ``X @ Σ`` (the quadrature), plus O(D²) reductions. Notation: λ₁ ≥ … ≥ λ_D the eigenvalues of Σ,
 t = tr Σ, p = λ/t, ρ = Σ/t, k = ``top_k``, m = ``probes``, s = ``lanczos_steps``, f(x) = −x ln x, f(0) = 0.
 
-* **top-k**: λ₁ … λ_k and eigenvectors V [D, k] by :func:`scipy.sparse.linalg.eigsh` (``which="LA"``,
-  start vector drawn from ``seed``), exact to ARPACK's tolerance. The *residual mass*
+* **top-k**: λ₁ … λ_k and eigenvectors V [D, k] by :func:`nerve_hf.spectra.slq.top_eigenpairs` (ARPACK's
+  ``eigsh``, ``which="LA"``, start vector drawn from ``seed``), exact to ARPACK's tolerance. The *residual mass*
   R = 1 − Σ_{i≤k} p_i and the bulk's square sum Q = Σ_{i>k} p_i² = ‖Σ‖²_F / t² − Σ_{i≤k} p_i² are then
   exact too.
 * **PR** = t² / ‖Σ‖²_F: exact, no estimate (the exact path clamps round-off negatives to 0 first; on
   rank-deficient covariances the two differ by ~1e-7 relative).
 * **SE** = Σ_{i≤k} f(p_i) + tr f(PρP), P = I − VVᵀ. Deflated, PρP has the bulk eigenvalues p_{k+1..D}
-  and k zeros, and f(0) = 0, so its trace is the bulk's entropy. That trace is *stochastic Lanczos
-  quadrature* (SLQ; Ubaru, Chen & Saad, "Fast estimation of tr(f(A)) via stochastic Lanczos quadrature",
-  SIAM J. Matrix Anal. Appl. 38(4), 2017): for a Rademacher probe v (‖v‖² = D, drawn from ``seed``),
-  s Lanczos steps on PρP from v/√D give T = U diag(θ) Uᵀ and vᵀf(PρP)v ≈ D Σ_j τ_j² f(θ_j), τ_j = U_{1j}
-  (s-point Gauss quadrature, exact for polynomials of degree ≤ 2s − 1). Round-off nodes below 0 count as
+  and k zeros, and f(0) = 0, so its trace is the bulk's entropy. That trace is estimated by stochastic
+  Lanczos quadrature (:func:`nerve_hf.spectra.slq.slq_trace`'s construction, on PρP): m Rademacher probes
+  (drawn from ``seed``), s Lanczos steps each, nodes θ and weights τ². Round-off nodes below 0 count as
   0. The m probes' estimates are averaged with two control variates: the same quadrature of x and x²
   estimates R and Q, known exactly, and the least-squares fit of the per-probe entropies on those two
   errors is evaluated at zero error (the Hutchinson noise of the entropy is mostly noise in the mass:
   on real FFN covariances this cuts the error ~30x). Stated error: that intercept's least-squares
-  standard error, √(σ̂² (XᵀX)⁻¹₀₀) with σ̂² = Σ r²/(m − 3). One probe's Rademacher variance is
-  2(‖f(A)‖²_F − Σ_i f(A)_ii²): zero for a diagonal A, where SLQ is exact once s reaches the number of
-  distinct eigenvalues.
+  standard error, √(σ̂² (XᵀX)⁻¹₀₀) with σ̂² = Σ r²/(m − 3).
 * **EEE** = (2/D) Σ_j (C_j − j/D) = (D + 1)/D − (2/D) Σ_i i·p_i needs the bulk's mass rank by rank, and so
   does **JS** (pre and post compared index by index). The *bulk model*: the m·s SLQ nodes and weights
   are a discrete estimate of the spectral measure of PρP with D eigenvalue counts (Lin, Saad & Yang,
@@ -62,12 +58,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
-from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
 from nerve_hf.metrics import METRIC_NAMES, early_enrichment, js_divergence
 from nerve_hf.spectra.exact import exact_metric_values
+from nerve_hf.spectra.slq import (
+    DEFAULT_SEED,
+    control_variate_mean,
+    gauss_quadrature,
+    lanczos,
+    rademacher_probes,
+    top_eigenpairs,
+)
 
 __all__ = [
     "ESTIMATE_MIN_DIM",
@@ -79,14 +81,12 @@ __all__ = [
     "estimate_side",
     "estimated_metrics",
     "estimated_metric_values",
-    "slq_trace",
 ]
 
 ESTIMATE_MIN_DIM = 4096  # spectra="estimate": at least this wide, estimated; narrower: decomposed (faster there)
 DEFAULT_TOP_K = 64  # leading eigenpairs computed exactly (eigsh) and deflated
 DEFAULT_PROBES = 16  # Rademacher probes of the SLQ
 DEFAULT_LANCZOS_STEPS = 32  # Lanczos steps (quadrature nodes) per probe: 48 measured no better
-DEFAULT_SEED = 0  # probes and ARPACK's start vector are drawn from this seed: results repeat
 
 
 def _entropy_terms(x: np.ndarray) -> np.ndarray:
@@ -133,90 +133,6 @@ def _as_matrix(cov) -> Tensor:
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"expected a square matrix, got shape {tuple(cov.shape)}")
     return cov.detach().to(torch.float64)
-
-
-def _top_eigenpairs(cov: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Leading k eigenvalues (descending, [k]) and eigenvectors ([D, k]) of symmetric ``cov`` [D, D], by
-    ARPACK (``eigsh``) on products with ``cov`` in torch; densely (exact) when k ≥ D − 1."""
-    d = cov.shape[0]
-    if k == 0:
-        return cov.new_zeros(0), cov.new_zeros(d, 0)
-    if k >= d - 1:  # ARPACK needs k < D - 1
-        lam, vec = torch.linalg.eigh(cov)
-        return lam.flip(0)[:k], vec.flip(1)[:, :k]
-
-    def product(x: np.ndarray) -> np.ndarray:
-        return (cov @ torch.from_numpy(np.ascontiguousarray(x)).to(cov.device)).cpu().numpy()
-
-    v0 = np.random.default_rng(seed).standard_normal(d)  # ARPACK's own start vector is not reproducible
-    op = LinearOperator((d, d), matvec=product, matmat=product, dtype=np.float64)
-    lam, vec = eigsh(op, k=k, which="LA", v0=v0)
-    order = np.argsort(lam)[::-1].copy()
-    return torch.from_numpy(lam[order]).to(cov.device), torch.from_numpy(vec[:, order]).to(cov.device)
-
-
-def _rademacher(dim: int, probes: int, seed: int) -> Tensor:
-    """[probes, D] float64 of ±1, from ``seed`` (CPU)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (probes, dim), generator=generator).to(torch.float64) * 2.0 - 1.0
-
-
-def _lanczos(apply, start: Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lanczos tridiagonalisation of a symmetric operator from each row of ``start`` [m, D], all probes in
-    lockstep (``apply`` maps [m, D] -> [m, D]: one block product per step), with full
-    reorthogonalisation (classical Gram-Schmidt, twice, against the probe's own basis). Returns the
-    diagonals alpha [m, s] and off-diagonals beta [m, s - 1]; a probe whose Krylov space is exhausted
-    (β ≈ 0: its start vector lies in an invariant subspace) gets β = 0 there, which decouples the rest of
-    its T (zero first components: zero quadrature weight).
-    """
-    m, d = start.shape
-    steps = max(1, min(steps, d))
-    basis = start.new_zeros(m, steps, d)  # [m, s, D]
-    alpha = start.new_zeros(m, steps)
-    beta = start.new_zeros(m, max(steps - 1, 0))
-    q = start / torch.linalg.vector_norm(start, dim=1, keepdim=True)  # [m, D]
-    scale = 0.0
-    for j in range(steps):
-        basis[:, j] = q
-        w = apply(q)  # [m, D]
-        alpha[:, j] = (q * w).sum(dim=1)
-        scale = max(scale, float(alpha[:, j].abs().max()))
-        if j == steps - 1:
-            break
-        kept = basis[:, : j + 1]  # [m, j+1, D]
-        for _ in range(2):  # CGS2; subsumes the three-term recurrence
-            w = w - torch.bmm(torch.bmm(kept, w.unsqueeze(2)).transpose(1, 2), kept).squeeze(1)
-        b = torch.linalg.vector_norm(w, dim=1)  # [m]
-        alive = b > 1e-10 * max(scale, torch.finfo(torch.float64).tiny)
-        beta[:, j] = torch.where(alive, b, 0.0)
-        q = torch.where(alive.unsqueeze(1), w / torch.where(alive, b, 1.0).unsqueeze(1), 0.0)
-    return alpha.cpu().numpy(), beta.cpu().numpy()
-
-
-def _gauss_quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes θ [m, s] (eigenvalues of each T) and weights τ² [m, s] (squared first components)."""
-    nodes, weights = np.empty_like(alpha), np.empty_like(alpha)
-    for probe in range(alpha.shape[0]):
-        theta, u = eigh_tridiagonal(alpha[probe], beta[probe])
-        nodes[probe], weights[probe] = theta, u[0] ** 2
-    return nodes, weights
-
-
-def slq_trace(apply, dim: int, function, probes: int, steps: int, seed: int = DEFAULT_SEED):
-    """Stochastic Lanczos quadrature of tr f(A) for a symmetric operator ``apply`` ([m, D] -> [m, D]):
-    per-probe estimates D Σ_j τ_j² f(θ_j) (Rademacher probes from ``seed``), their mean, and its standard
-    error. Returns (mean, stderr, per_probe [m], nodes [m, s], weights [m, s]).
-
-    >>> a = torch.diag(torch.tensor([3.0, 1.0, 1.0, 0.5], dtype=torch.float64))  # diagonal: exact
-    >>> mean, stderr, *_ = slq_trace(lambda x: x @ a, 4, np.log1p, probes=3, steps=4)
-    >>> round(mean, 12) == round(float(torch.log1p(a.diagonal()).sum()), 12), round(stderr, 12)
-    (True, 0.0)
-    """
-    start = _rademacher(dim, probes, seed)
-    nodes, weights = _gauss_quadrature(*_lanczos(apply, start, steps))
-    per_probe = dim * (weights * function(nodes)).sum(axis=1)
-    stderr = float(per_probe.std(ddof=1) / math.sqrt(probes)) if probes > 1 else math.nan
-    return float(per_probe.mean()), stderr, per_probe, nodes, weights
 
 
 def _bulk_spectrum(
@@ -297,7 +213,7 @@ def estimate_side(
     if not (math.isfinite(frobenius) and trace > 0):
         return None
     k = max(0, min(int(top_k), d))
-    lam, vec = _top_eigenpairs(cov, k, seed)  # [k], [D, k]
+    lam, vec = top_eigenpairs(cov, k, seed)  # [k], [D, k]
     top = lam.clamp_min(0.0).cpu().numpy() / trace  # [k]
     residual = max(0.0, 1.0 - float(top.sum()))
     frob_sq = (frobenius / trace) ** 2  # Σ p² = ‖Σ‖²_F / t²
@@ -309,8 +225,8 @@ def estimate_side(
         return z - (z @ vec) @ vec.T
 
     if k < d:
-        start = _rademacher(d, probes, seed + 1).to(cov.device)
-        nodes, weights = _gauss_quadrature(*_lanczos(apply, start, lanczos_steps))
+        start = rademacher_probes(d, probes, seed + 1).to(cov.device)
+        nodes, weights = gauss_quadrature(*lanczos(apply, start, lanczos_steps))
         nodes = np.clip(nodes, 0.0, None)
     else:
         nodes, weights = np.zeros((probes, 1)), np.ones((probes, 1))
@@ -319,7 +235,7 @@ def estimate_side(
     mass_error = d * (weights * nodes).sum(axis=1) - residual  # [m]
     square_error = d * (weights * nodes**2).sum(axis=1) - bulk_square  # [m]
     controls = np.stack([mass_error, square_error], axis=1)  # [m, 2]
-    bulk_entropy, stderr = _control_variate_mean(entropy, controls)
+    bulk_entropy, stderr = control_variate_mean(entropy, controls)
     low, high = _bulk_entropy_bounds(d, k, residual, float(top[-1]) if k else 1.0)
     top_entropy = float(_entropy_terms(top).sum())
     bulk = _bulk_spectrum(nodes, weights, d, k, residual, float(top[-1]) if k else math.inf)
@@ -336,24 +252,6 @@ def estimate_side(
         se_bounds=(top_entropy + low, top_entropy + high),
         spectrum=np.concatenate([top, bulk]),
     )
-
-
-def _control_variate_mean(y: np.ndarray, controls: np.ndarray) -> tuple[float, float]:
-    """Mean of ``y`` [m] corrected by zero-mean ``controls`` [m, c] (least-squares coefficients), and its
-    standard error; with too few probes for the regression, the plain mean and std/√m."""
-    m = y.shape[0]
-    if m < 2:
-        return float(y.mean()), math.nan
-    scale = np.abs(controls).max(axis=0)
-    usable = controls[:, scale > 0] / scale[scale > 0]
-    c = usable.shape[1]
-    if m <= c + 2 or c == 0:
-        return float(y.mean()), float(y.std(ddof=1) / math.sqrt(m))
-    design = np.column_stack([np.ones(m), usable])
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    residuals = y - design @ coef
-    variance = (residuals**2).sum() / (m - c - 1)  # residual variance; the intercept's is σ² (XᵀX)⁻¹₀₀
-    return float(coef[0]), float(math.sqrt(variance * np.linalg.pinv(design.T @ design)[0, 0]))
 
 
 def _side_spectrum(side: SideEstimate, drop: Optional[int] = None) -> np.ndarray:

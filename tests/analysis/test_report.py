@@ -12,7 +12,8 @@ from scipy import stats
 from trainer_helpers import make_trainer
 
 from nerve_hf import NerveCallback
-from nerve_hf.analysis.runs import aligned, correlations, load_run
+from nerve_hf.analysis.correlations import correlations
+from nerve_hf.analysis.runs import aligned, load_run
 from nerve_hf.cli import main
 from nerve_hf.metrics import METRIC_NAMES
 
@@ -135,14 +136,14 @@ def test_report_files_plots_and_summary(run_dir, report_dir):
 def test_python_api_returns_dataframes_and_figures(run_dir, report_dir):
     from matplotlib.figure import Figure
 
-    from nerve_hf.analysis import plots
+    from nerve_hf.analysis import run_plots
 
     run = load_run(run_dir)
     table = aligned(run)
     corr = correlations(table)
     written = __import__("pandas").read_csv(report_dir[0] / "correlations.csv")
     assert written["r"].to_numpy() == pytest.approx(corr["r"].to_numpy(), rel=1e-12, nan_ok=True)
-    assert isinstance(plots.plot_metric_vs_loss(table, corr, "eval"), Figure)
+    assert isinstance(run_plots.plot_metric_vs_loss(table, corr, "eval"), Figure)
 
 
 def test_log_history_fallback_without_jsonl(run_dir, tmp_path):
@@ -366,8 +367,8 @@ def expected_compare_rows(name, run):
 def test_compare_two_trainer_runs(run_dir, second_run_dir, tmp_path, capsys):
     import pandas as pd
 
-    from nerve_hf.analysis import plots
-    from nerve_hf.analysis.runs import COMPARE_COLUMNS, load_compare_inputs
+    from nerve_hf.analysis import run_plots
+    from nerve_hf.analysis.compare import COMPARE_COLUMNS, load_compare_inputs
 
     out = tmp_path / "cmp"
     assert main(["report", str(run_dir), str(second_run_dir), "--out", str(out)]) == 0
@@ -389,7 +390,7 @@ def test_compare_two_trainer_runs(run_dir, second_run_dir, tmp_path, capsys):
     runs = load_compare_inputs([run_dir, second_run_dir])
     assert list(runs) == names
     for split in ("train", "eval"):
-        figure = plots.plot_compare(runs, split)
+        figure = run_plots.plot_compare(runs, split)
         visible = [ax for ax in figure.axes if ax.get_visible()]
         plotted = [ax for ax in visible if ax.lines]
         assert len(plotted) == 2 * len(METRIC_NAMES)  # trajectories and last-step profiles

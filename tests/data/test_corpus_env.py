@@ -13,7 +13,7 @@ from nerve_hf.data import (
     load_embedded_corpus,
 )
 from nerve_hf.data import tokenizer as tokenizer_module
-from nerve_hf.data.corpus import is_validation_path
+from nerve_hf.data.corpus_files import is_validation_path
 
 
 def _module(i: int) -> str:

@@ -21,7 +21,7 @@ from nerve_hf.data import (
     tokenize_and_group,
 )
 from nerve_hf.data import tokenizer as tokenizer_module
-from nerve_hf.data.corpus import is_validation_path
+from nerve_hf.data.corpus_files import is_validation_path
 
 SMALL = 400_000  # corpus cap for these tests: ~25 files, fast to load and to train a tokenizer on
 CODE = 'def f(x, *, π=3.14):\n\t"""ünïcode — docstring"""\n    return {"a": [x ** 2]}  # trailing\n\n'

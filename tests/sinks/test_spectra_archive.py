@@ -71,21 +71,22 @@ def test_archive_files_are_whole_or_absent_and_probe_layout_matches(tmp_path):
 
 
 def test_report_draws_the_spectrum_evolution_from_the_archive(tmp_path):
-    from nerve_hf.analysis import plots, runs
+    from nerve_hf.analysis import run_plots
+    from nerve_hf.analysis.report import write_report
 
     trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1)], max_steps=6, eval_steps=2)
     trainer.train()
     trainer.save_state()
-    result = runs.write_report(tmp_path)
+    result = write_report(tmp_path)
     names = {p.name for p in result.files}
     assert {"spectra_train.png", "cumulative_train.png", "spectra_eval.png", "cumulative_eval.png"} <= names
     spectra = load_spectra(tmp_path)
-    figure = plots.plot_spectrum_evolution(spectra, "train")
+    figure = run_plots.plot_spectrum_evolution(spectra, "train")
     panels = [ax for ax in figure.axes if ax.get_visible() and ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["ffn.0 pre", "ffn.0 post", "ffn.1 pre", "ffn.1 post"]
     assert all(len(ax.get_lines()) == 6 for ax in panels)  # one line per measured step
     assert panels[0].get_xscale() == panels[0].get_yscale() == "log"
-    cumulative = plots.plot_spectrum_evolution(spectra, "eval", cumulative=True)
+    cumulative = run_plots.plot_spectrum_evolution(spectra, "eval", cumulative=True)
     lines = [ax for ax in cumulative.axes if ax.get_title()][0].get_lines()
     assert len(lines) == 3 + 1  # evaluations at steps 2, 4, 6, and the uniform diagonal
     assert lines[0].get_ydata()[-1] == pytest.approx(1.0)

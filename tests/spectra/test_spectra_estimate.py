@@ -10,7 +10,8 @@ from trainer_helpers import VOCAB, tiny_gpt2
 
 from nerve_hf import CovarianceAccumulator, spectra
 from nerve_hf.metrics import METRIC_NAMES
-from nerve_hf.spectra.estimate import estimated_metric_values, estimated_metrics, slq_trace
+from nerve_hf.spectra.estimate import estimated_metric_values, estimated_metrics
+from nerve_hf.spectra.slq import slq_trace
 
 ESTIMATED = ("se_pre", "se_post", "eee_pre", "eee_post", "js")
 
