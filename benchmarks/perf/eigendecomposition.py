@@ -23,7 +23,7 @@ from _common import add_common_args, apply_threads, devices, write_result
 from torch.utils.benchmark import Timer
 
 from nerve_hf.metrics import participation_ratio, spectral_entropy
-from nerve_hf.spectra import _eigvalsh, participation_ratio_from_covariance
+from nerve_hf.spectra.exact import _eigvalsh, participation_ratio_from_covariance
 
 
 def covariances(layers: int, dim: int, device: torch.device) -> torch.Tensor:

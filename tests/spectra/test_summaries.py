@@ -9,7 +9,8 @@ import torch
 from reference import spectrum_reference
 from trainer_helpers import make_trainer, tiny_gpt2
 
-from nerve_hf import FFNTracker, NerveCallback, summaries
+from nerve_hf import FFNTracker, NerveCallback
+from nerve_hf import extra_metrics as summaries
 from nerve_hf.sinks.records import read_records
 from nerve_hf.stats.covariance import CovarianceAccumulator
 
