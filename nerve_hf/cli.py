@@ -69,12 +69,13 @@ def _argument_type(annotation):
 
 def add_option_arguments(parser: argparse.ArgumentParser, cls, descriptions: dict[str, str]) -> dict[str, object]:
     """One argument per field of option set ``cls``: a positional for a field without a default, else
-    ``--<field-with-dashes>``; help, ``metavar`` and ``group`` from the field's metadata (groups in order of
-    first use, described by ``descriptions``); the type from the annotation (:func:`_argument_type`). A bool
-    field is a switch: ``--name`` when its default is False, ``--no-name`` when it is True. Values are only
+    ``--<field-with-dashes>``; help, ``metavar`` and ``group`` from the field's metadata (the groups of
+    ``descriptions`` first, in its order and described by it, then the others in order of first use); the type
+    from the annotation (:func:`_argument_type`). A bool field is a switch: ``--name`` when its default is
+    False, ``--name``/``--no-name`` when it is True. Values are only
     converted here: ``cls`` checks them (once, naming the flag). Returns the argument groups by name."""
     hints = typing.get_type_hints(cls)
-    groups: dict[str, object] = {}
+    groups = {name: parser.add_argument_group(name, description) for name, description in descriptions.items()}
     for f in fields(cls):
         meta = f.metadata
         if "group" in meta and meta["group"] not in groups:
@@ -88,7 +89,9 @@ def add_option_arguments(parser: argparse.ArgumentParser, cls, descriptions: dic
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
             if default:
-                where.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f"do not {help_text}")
+                where.add_argument(
+                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=True, help=help_text
+                )
             else:
                 where.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
@@ -113,7 +116,7 @@ def _default_probe_dir(model: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from nerve_hf.data import DEFAULT_CORPUS
     from nerve_hf.probe import ProbeConfig
-    from nerve_hf.probe.api import IMAGE_INPUT, MEASUREMENT, TEXT_INPUT
+    from nerve_hf.probe.config import IMAGE_INPUT, MEASUREMENT, TEXT_INPUT
 
     parser = argparse.ArgumentParser(
         prog="nerve",
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         {
             TEXT_INPUT: f"transformers models; default: the embedded {DEFAULT_CORPUS} corpus",
             IMAGE_INPUT: "timm models; default: the embedded scikit-learn digits",
+            MEASUREMENT: None,
         },
     )
     model = next(action for action in probe._actions if action.dest == "model")
@@ -230,8 +234,8 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace) -> int:
-    from nerve_hf.probe.api import _fmt
     from nerve_hf.probe.series import expand_series, run_series, write_series
+    from nerve_hf.probe.tables import aligned, format_value
 
     checkpoints = expand_series(models, config.revision)
     result = run_series(config, checkpoints, eval_loss=args.eval_loss)
@@ -247,12 +251,11 @@ def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace
     body = []
     for checkpoint, probe in zip(checkpoints, result.results):
         mean = probe.report.mean()
-        cells = [_fmt(mean[name]) for name in METRIC_NAMES] + ([_fmt(probe.loss)] if result.eval_loss else [])
+        cells = [format_value(mean[name]) for name in METRIC_NAMES]
+        cells += [format_value(probe.loss)] if result.eval_loss else []
         body.append([checkpoint.name, str(checkpoint.step), *cells])
-    widths = [max(len(c), *(len(line[i]) for line in body)) for i, c in enumerate(columns)]
     print("layer mean per checkpoint:")
-    for line in [columns, ["-" * w for w in widths], *body]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    print(aligned(columns, body))
     files = sorted(
         {str(p.relative_to(out).parts[0]) + ("/" if len(p.relative_to(out).parts) > 1 else "") for p in written}
     )

@@ -208,13 +208,14 @@ def mapping(name: str, value: Any) -> dict:
 # ----------------------------------------------------------------------------- command lines
 def command_line_fields(cls, prefix: str) -> list[tuple[str, Any, Any]]:
     """``make_dataclass`` fields for ``HfArgumentParser``: each field of option set ``cls`` as
-    ``<prefix><name>``, with its type, default and help (and ``choices``), without the check."""
+    ``<prefix><name>``, with its type, default and help (and ``choices``), without the check and without
+    the ``group`` and ``metavar`` that ``nerve probe``'s own parser reads."""
     import typing
 
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
-        metadata = {k: v for k, v in f.metadata.items() if k != "check"}
+        metadata = {k: v for k, v in f.metadata.items() if k not in ("check", "group", "metavar")}
         metadata["help"] = metadata["help"].replace("%", "%%")  # argparse %-formats help ("k % n" would crash --help)
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         out.append((f"{prefix}{f.name}", hints[f.name], field(default=default, metadata=metadata)))

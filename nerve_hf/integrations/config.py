@@ -1,6 +1,11 @@
 """NerveConfig: what NerveCallback measures and where it writes; one checked field per option.
 
-``scripts/run_clm.py`` derives its ``--nerve_*`` flags from these fields (:mod:`nerve_hf.options`).
+The options of what is measured (layers, max_tokens, flow, position_buckets, cross_layer, spectra) come from
+:class:`~nerve_hf.measurement_options.MeasurementOptions`, shared with ``nerve probe``; the fields here are the
+callback's own. ``scripts/run_clm.py`` derives its ``--nerve_*`` flags from all of them (:mod:`nerve_hf.options`).
+
+>>> NerveConfig().flow, NerveConfig(every_n_steps=10, layers=[0, -1]).layers
+(True, [0, -1])
 """
 
 from __future__ import annotations
@@ -8,25 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from nerve_hf.options import (
-    Validated,
-    boolean,
-    int_list,
-    one_of,
-    option,
-    optional,
-    positive_int,
-    positive_number,
-    text,
-    token_cap,
-)
-from nerve_hf.tracking.measurements.positions import position_bucket_list
+from nerve_hf.measurement_options import MeasurementOptions
+from nerve_hf.options import boolean, one_of, option, optional, positive_int, positive_number, text
+from nerve_hf.spectra.exact import SPECTRA_DTYPES
 
 __all__ = ["NerveConfig"]
 
+METRICS = ("all", "pr")  # values of the metrics option
+
 
 @dataclass
-class NerveConfig(Validated):
+class NerveConfig(MeasurementOptions):
     """What NerveCallback measures and where it writes. Every field is checked when it is set."""
 
     every_n_steps: int = option(
@@ -37,14 +34,6 @@ class NerveConfig(Validated):
     )
     measure_eval: bool = option(
         True, "Measure the evaluation set during every evaluation, logged with the eval prefix.", boolean
-    )
-    layers: Optional[list[int]] = option(
-        None, "Block indices to watch (negative counts from the end); None: every FFN.", optional(int_list)
-    )
-    max_tokens: Optional[int] = option(
-        None,
-        "Per measurement and FFN, count at most this many tokens (pre and post share them); None: all.",
-        optional(token_cap),
     )
     log_per_site: bool = option(
         True, "Log nerve/<site>/<metric> for every FFN as well as nerve/mean/<metric>.", boolean
@@ -65,8 +54,10 @@ class NerveConfig(Validated):
     )
     memory_budget_mb: Optional[float] = option(
         None,
-        "Refuse to start if one measurement's float64 covariance state, 2 x (D^2 + D) x 8 bytes per measured "
-        "FFN, would exceed this many MiB.",
+        "Refuse to start if one measurement's float64 state would exceed this many MiB: per measured FFN "
+        "[(1 + B) x 2 x (D^2 + D) + s x (d^2 + d)] x 8 bytes (D its hidden width, d its model width, B the "
+        "position buckets, s = 2 stages with flow, 1 with cross_layer alone, else 0), plus (d^2 + 2d) x 8 per "
+        "cross-layer pair.",
         optional(positive_number),
     )
     site_sharded: bool = option(
@@ -84,16 +75,8 @@ class NerveConfig(Validated):
         "float64",
         "Eigendecomposition precision: 'float64', or 'float32' (faster on CPUs; its measured error: "
         "benchmarks/results/perf/spectra_precision_cpu.json).",
-        one_of(("float64", "float32")),
-        choices=["float64", "float32"],
-    )
-    spectra: str = option(
-        "exact",
-        "'exact': full eigendecompositions; 'estimate': FFNs at least 4096 wide get SE, EEE and JS from stochastic "
-        "Lanczos quadrature and their top 64 eigenvalues (about 3x faster at 8192; measured error in "
-        "benchmarks/results/perf/spectra_estimate_cpu.md); PR stays exact.",
-        one_of(("exact", "estimate")),
-        choices=["exact", "estimate"],
+        one_of(SPECTRA_DTYPES),
+        choices=list(SPECTRA_DTYPES),
     )
     extra_metrics: bool = option(
         False,
@@ -104,29 +87,8 @@ class NerveConfig(Validated):
     metrics: str = option(
         "all",
         "'all': the seven metrics; 'pr': only pr_pre/pr_post, by the trace identity, no eigendecomposition.",
-        one_of(("all", "pr")),
-        choices=["all", "pr"],
-    )
-
-    flow: bool = option(
-        True,
-        "Also the spectra of each FFN's d-wide input and output (input -> pre -> post -> output: SE/PR/EEE per "
-        "stage, JS between consecutive stages): 2 more d x d states per FFN, about 3% more time per measurement "
-        "(docs/coherence.md).",
-        boolean,
-    )
-    position_buckets: Optional[list[int]] = option(
-        None,
-        "Token-position bucket edges such as [0, 16, 64]: metrics per bucket [e_i, e_i+1) (the last open), logged as "
-        "nerve/<site>/<metric>.pos<bucket>; one more pre/post state pair per bucket and FFN. None: off.",
-        optional(position_bucket_list),
-    )
-    cross_layer: Optional[str] = option(
-        None,
-        "'adjacent' (or 'all' pairs): JS between the spectra of consecutive layers and linear CKA of their FFN "
-        "inputs, logged as nerve/<site>/cka_next, js_pre_next, js_post_next; d x d per pair. None: off.",
-        optional(one_of(("adjacent", "all"))),
-        choices=["adjacent", "all"],
+        one_of(METRICS),
+        choices=list(METRICS),
     )
 
     def __post_init__(self) -> None:

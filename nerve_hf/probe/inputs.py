@@ -21,14 +21,12 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from nerve_hf.data import DEFAULT_CORPUS, EMBEDDED_CORPORA, find_text_column, load_dataset_splits
 from nerve_hf.errors import InputError, first_line
-
-if TYPE_CHECKING:
-    from nerve_hf.probe.api import ProbeConfig
-    from nerve_hf.probe.models import LoadedModel
+from nerve_hf.probe.config import ProbeConfig
+from nerve_hf.probe.models import LoadedModel
 
 __all__ = [
     "TextBatches",
@@ -45,7 +43,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------- the options
-def check_inputs(config: "ProbeConfig", modality: str) -> Optional[str]:
+def check_inputs(config: ProbeConfig, modality: str) -> Optional[str]:
     """Check the data options against the model's ``modality`` (``text`` or ``image``) before anything heavy
     loads; returns the text of ``--text-file`` (read here, once), else None. InputError when they do not fit."""
     if modality == "image":
@@ -61,7 +59,7 @@ def check_inputs(config: "ProbeConfig", modality: str) -> Optional[str]:
     return read_text_file(config.text_file) if config.text_file is not None else None
 
 
-def make_batches(config: "ProbeConfig", loaded: "LoadedModel", seq_len: int, text: Optional[str] = None):
+def make_batches(config: ProbeConfig, loaded: LoadedModel, seq_len: int, text: Optional[str] = None):
     """``(batches, provenance)`` for ``loaded``: images, or ``text`` (what :func:`check_inputs` read) /
     the dataset / the default corpus cut into sequences of ``seq_len`` tokens."""
     if loaded.source.modality == "image":

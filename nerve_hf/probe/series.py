@@ -30,6 +30,10 @@ from typing import Optional, Sequence
 
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.probe.inputs import check_inputs, make_batches
+from nerve_hf.probe.measure import load_checkpoint, measure_checkpoint, probe_settings
+from nerve_hf.probe.models import check_device, classify, default_device
+from nerve_hf.probe.result import ProbeResult, environment
 
 __all__ = [
     "Checkpoint",
@@ -43,9 +47,7 @@ __all__ = [
     "series_frame",
 ]
 
-SPLIT = (
-    "series"  # the split name of a series in the frames shared with nerve_hf.analysis.runs and nerve_hf.analysis.plots
-)
+SPLIT = "series"  # the split name of a series in the frames shared with nerve_hf.analysis.runs and run_plots
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _STEP = re.compile(r"^(?:.*[-_/])?step[-_]?(\d+)$", re.IGNORECASE)
 
@@ -161,10 +163,6 @@ def run_series(
     config, checkpoints: Sequence[Checkpoint], *, eval_loss: bool = False, progress: Optional[bool] = None
 ) -> SeriesResult:
     """Measure every checkpoint on the batches built from the first one; InputError for bad input."""
-    from nerve_hf.probe.api import ProbeResult, load_checkpoint, measure_checkpoint, probe_settings
-    from nerve_hf.probe.inputs import check_inputs, make_batches
-    from nerve_hf.probe.models import check_device, classify, default_device
-
     if not checkpoints:
         raise InputError("the series has no checkpoints")
     show = config.progress if progress is None else progress
@@ -267,7 +265,6 @@ def write_series(result: SeriesResult, out_dir, with_plots: bool = True) -> list
     import numpy as np
 
     from nerve_hf.analysis import run_plots as plots
-    from nerve_hf.probe.api import _environment
     from nerve_hf.sinks.archive import spectra_npz
     from nerve_hf.sinks.files import write_bytes, write_csv, write_figure, write_json
 
@@ -290,7 +287,7 @@ def write_series(result: SeriesResult, out_dir, with_plots: bool = True) -> list
         ],
         "data": result.data,
         "settings": result.settings,
-        "environment": _environment(),
+        "environment": environment(),
         "created": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
         "metrics": list(METRIC_NAMES),
         "loss": "mean next-token cross-entropy over the real tokens (labels = input_ids, pads excluded)"

@@ -168,6 +168,7 @@ def test_probe_gpt2_equals_tracker_on_the_same_batches(gpt2_dir, text_file, tmp_
             "--out",
             str(out),
             "--no-progress",
+            "--no-flow",  # the rows and files without the flow stages
         ]
     )
     assert code == 0
@@ -218,6 +219,7 @@ def test_probe_default_corpus_caps_tokens_and_respects_layers(gpt2_dir, tmp_path
             "--out",
             str(out),
             "--no-progress",
+            "--no-flow",  # the rows and files without the flow stages
             "--no-plots",
         ]
     )
@@ -277,6 +279,7 @@ def test_probe_bert_encoder_on_a_local_dataset(bert_dir, tmp_path):
                 "--out",
                 str(out),
                 "--no-progress",
+                "--no-flow",  # the rows and files without the flow stages
                 "--no-plots",
             ]
         )
@@ -327,6 +330,7 @@ def test_probe_timm_mixer_checkpoint_on_embedded_digits(mixer_file, tmp_path):
                 "--out",
                 str(out),
                 "--no-progress",
+                "--no-flow",  # the rows and files without the flow stages
             ]
         )
         == 0

@@ -96,7 +96,7 @@ def test_probe_options_are_checked():
         ProbeConfig(model="m", position_buckets=[4, 2])
     with pytest.raises(ValueError, match="cross-layer"):
         ProbeConfig(model="m", cross_layer="every")
-    config = ProbeConfig(model="m")
+    config = ProbeConfig(model="m", flow=False)  # flow is on by default (MeasurementOptions)
     assert (config.flow, config.position_buckets, config.cross_layer) == (False, None, None)
 
 

@@ -21,7 +21,7 @@ TEXT = "\n".join(
     f"def function_{i}(value, other={i}):\n    result = value * {i} + other\n    return str(result) + 'x{i % 7}'\n"
     for i in range(40)
 )
-ARGS = ["--max-tokens", "150", "--seq-len", "20", "--batch-size", "3", "--no-progress"]
+ARGS = ["--max-tokens", "150", "--seq-len", "20", "--batch-size", "3", "--no-progress", "--no-flow"]  # pre/post only
 STEPS = (2, 4, 10)
 
 

@@ -207,7 +207,7 @@ def test_the_callback_and_the_probe_pass_spectra_on(monkeypatch, tmp_path):
     from trainer_helpers import make_trainer
 
     from nerve_hf import NerveCallback
-    from nerve_hf.probe.api import probe_model
+    from nerve_hf.probe.measure import probe_model
     from nerve_hf.spectra import estimate as spectra_estimate
 
     monkeypatch.setattr(spectra_estimate, "ESTIMATE_MIN_DIM", 30)  # the tests' GPT-2 FFNs are 37 wide
