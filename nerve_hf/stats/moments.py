@@ -23,7 +23,6 @@ the base owns everything else:
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping, NamedTuple, Optional, Sequence
 
@@ -32,6 +31,7 @@ from torch import Tensor
 
 from nerve_hf.parallel import comm
 from nerve_hf.stats.kernels import add_scatter_and_low_rank
+from nerve_hf.stats.state_checks import checked_integers, checked_tensors
 
 __all__ = [
     "MomentsLayout",
@@ -42,8 +42,6 @@ __all__ = [
     "reduce_totals",
     "local_m2_about",
     "common_device",
-    "checked_integers",
-    "checked_tensors",
 ]
 
 
@@ -395,39 +393,3 @@ def common_device(accumulators: Iterable[StreamingMoments], group=None) -> torch
         return devices.pop()
     backend = torch.distributed.get_backend(group)
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def checked_integers(
-    state: Mapping[str, Any], where: str, integer_keys: Sequence[str], tensor_keys: Iterable[str] = ()
-) -> dict[str, int]:
-    """``integer_keys`` of an accumulator's state dict as non-negative ints, after checking that these and
-    ``tensor_keys`` are all there. Integers may be Python, NumPy or 0-d torch scalars, or integral floats;
-    never bools. A problem raises ``ValueError`` starting with ``where`` and naming the field."""
-    missing = [key for key in (*integer_keys, *tensor_keys) if key not in state]
-    if missing:
-        raise ValueError(f"{where} the state has no {', '.join(map(repr, missing))} (keys: {sorted(map(str, state))}).")
-    integers = {}
-    for key in integer_keys:
-        value = state[key]
-        scalar = value.item() if isinstance(value, Tensor) and value.ndim == 0 else value
-        integral = isinstance(scalar, numbers.Integral) or (
-            isinstance(scalar, numbers.Real) and float(scalar).is_integer()
-        )
-        if isinstance(scalar, bool) or not integral or scalar < 0:
-            raise ValueError(f"{where} state[{key!r}] must be a non-negative integer, got {value!r}.")
-        integers[key] = int(scalar)
-    return integers
-
-
-def checked_tensors(state: Mapping[str, Any], where: str, shapes: Mapping[str, tuple], count: int) -> None:
-    """Check that each ``state[key]`` of ``shapes`` is a floating tensor of that shape, finite when ``count > 0``."""
-    for key, shape in shapes.items():
-        value = state[key]
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{where} state[{key!r}] must be a tensor, got {type(value).__name__}.")
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{where} state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)}.")
-        if not value.is_floating_point():
-            raise ValueError(f"{where} state[{key!r}] must be floating point, got {value.dtype}.")
-        if count > 0 and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{where} state[{key!r}] holds NaN or Inf, but count is {count}.")
