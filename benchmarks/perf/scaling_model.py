@@ -142,10 +142,8 @@ def _worker(out: str) -> None:
         return wrapped
 
     import nerve_hf.parallel.comm as distributed
-    import nerve_hf.stats.covariance as covariance
 
-    covariance.all_reduce_sum = timed(covariance.all_reduce_sum)
-    for name in ("reduce_scatter_sum", "reduce_sum", "all_gather"):
+    for name in ("all_reduce_sum", "reduce_scatter_sum", "reduce_sum", "all_gather"):
         setattr(distributed, name, timed(getattr(distributed, name)))
     dist.barrier()
     start = time.perf_counter()

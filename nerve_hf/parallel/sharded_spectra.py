@@ -4,10 +4,11 @@ A tracker under ``torch.distributed`` measures M sites (each a pre and a post co
 processes. Instead of all-reducing every covariance and having every process decompose all 2M of them:
 
 1. one all-reduce of ``[n, skipped, n·μ]`` per covariance gives every process the counts and global means
-   (:func:`nerve_hf.stats.covariance.reduce_totals`);
+   (:func:`nerve_hf.stats.moments.reduce_totals`);
 2. the sites are dealt to the processes so that each gets about the same eigendecomposition work
    (cost ~ D³, :func:`assign_owners`);
-3. one reduce-scatter of the covariances' upper triangles, moved to the global mean, delivers to each
+3. one reduce-scatter of the covariances' upper triangles, moved to the global mean
+   (:meth:`~nerve_hf.stats.moments.StreamingMoments.m2_about`), delivers to each
    process the exact sum of only the covariances it decomposes;
 4. each process eigendecomposes and summarises its share (:func:`nerve_hf.spectra.metric_values`);
 5. one all-gather of the metric rows (and spectra) gives every process every row, so all log the same.
@@ -30,7 +31,8 @@ from torch import Tensor
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.parallel import comm as distributed
 from nerve_hf.spectra import metric_values
-from nerve_hf.stats.covariance import CovarianceAccumulator, common_device, local_m2_about, reduce_totals
+from nerve_hf.stats.covariance import CovarianceAccumulator
+from nerve_hf.stats.moments import common_device, reduce_totals
 
 __all__ = ["assign_owners", "sharded_metric_values", "gather_rows", "exchange_bytes"]
 
@@ -106,8 +108,8 @@ def sharded_metric_values(
         offset = 0
         for i in share:
             for side in (0, 1):
-                acc, (_, _, mean) = accs[2 * i + side], totals[2 * i + side]
-                upper = _upper(local_m2_about(acc, mean, device))  # [D(D+1)/2]
+                acc, total = accs[2 * i + side], totals[2 * i + side]
+                upper = _upper(acc.m2_about(total.means, device))  # [D(D+1)/2]
                 buffer[offset : offset + upper.numel()] = upper
                 offset += upper.numel()
         return buffer
@@ -128,14 +130,14 @@ def sharded_metric_values(
     for i in mine:
         pair = []
         for side in (0, 1):
-            n = totals[2 * i + side][0]
+            n = totals[2 * i + side].count
             size = dims[i] * (dims[i] + 1) // 2
             pair.append(_Summed(dims[i], _full(received[offset : offset + size], dims[i]), n))
             offset += size
         owned_pairs.append(tuple(pair))
     values, spectra = metric_values(owned_pairs, metrics, spectra_dtype)
 
-    counts = [totals[2 * i][0] for i in mine]
+    counts = [totals[2 * i].count for i in mine]
     return gather_rows(values, spectra, counts, shares, dims, metrics, device, group)
 
 
@@ -187,12 +189,12 @@ class _Summed:
     """A synced covariance held by its owner: what :func:`metric_values` reads of an accumulator."""
 
     def __init__(self, dim: int, m2: Tensor, count: int) -> None:
-        self.dim, self._m2, self.count, self.device = dim, m2, count, m2.device
+        self.dim, self.m2, self.count, self.device = dim, m2, count, m2.device  # m2: [D, D] summed
 
     def covariance(self) -> Tensor:
         if self.count < 2:
-            return torch.full_like(self._m2, float("nan"))
-        return self._m2 / (self.count - 1)
+            return torch.full_like(self.m2, float("nan"))
+        return self.m2 / (self.count - 1)
 
 
 def _upper(matrix: Tensor) -> Tensor:

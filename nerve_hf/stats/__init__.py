@@ -1,1 +1,2 @@
-"""Streaming statistics with an exact reduction: covariance and cross-covariance accumulators, batch kernels."""
+"""Streaming statistics with an exact reduction: the moments base, the covariance and cross-covariance
+accumulators, batch kernels."""

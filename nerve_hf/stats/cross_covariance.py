@@ -10,8 +10,8 @@ parallel update of Chan, Golub & LeVeque (1979), written for two streams::
 Each batch is centred on its own mean rounded to the working precision (fp32, or fp64 when both
 streams are fp64), multiplied with TF32 kept out, and the rounding remainder r is removed in float64
 (Σ(x − s_x)(y − s_y)ᵀ = C_b + n r_x r_yᵀ), as :mod:`nerve_hf.stats.covariance` does for one stream.
-:meth:`CrossCovarianceAccumulator.sync` sums the statistics of every process exactly (two packed
-all-reduces, through :mod:`nerve_hf.parallel.comm`).
+The merge, persistence and exact sync (two packed all-reduces, through :mod:`nerve_hf.parallel.comm`)
+are the base class's, :class:`~nerve_hf.stats.moments.StreamingMoments`; C is its second moment.
 
 Linear CKA (Kornblith et al., 2019) of the two streams, with centred covariances:
 ``CKA = ‖Σ_xy‖_F² / (‖Σ_xx‖_F ‖Σ_yy‖_F)`` in [0, 1]; the factors 1/(n − 1) cancel, so it is computed from
@@ -28,19 +28,18 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from nerve_hf.parallel.comm import all_reduce_sum, is_distributed
-from nerve_hf.stats.covariance import checked_integers, checked_tensors
 from nerve_hf.stats.kernels import exact_fp32_matmul
+from nerve_hf.stats.moments import MomentsLayout, StreamingMoments, sync_moments
 
 __all__ = ["CrossCovarianceAccumulator", "sync_cross_accumulators", "linear_cka"]
 
 
-class CrossCovarianceAccumulator:
+class CrossCovarianceAccumulator(StreamingMoments):
     """Running means and cross-covariance of aligned row streams x ``[N, dim_x]`` and y ``[N, dim_y]``.
 
     Args:
@@ -50,49 +49,24 @@ class CrossCovarianceAccumulator:
     A row pair where either row holds NaN or Inf is skipped and counted in :attr:`skipped`.
     """
 
+    # C = Σ (x − μ_x)(y − μ_y)ᵀ [d_x, d_y]: rows from the first mean, columns from the second
+    LAYOUT = MomentsLayout(widths=("dim_x", "dim_y"), means=("mean_x", "mean_y"), moment="cross", moment_of=(0, 1))
+
     def __init__(self, dim_x: int, dim_y: int, device: Optional[torch.device | str] = None) -> None:
         if int(dim_x) < 1 or int(dim_y) < 1:
             raise ValueError(f"widths must be positive integers, got {dim_x} and {dim_y}")
         self.dim_x, self.dim_y = int(dim_x), int(dim_y)
-        self._device = torch.device(device) if device is not None else None
-        self.reset()
-
-    # ----------------------------------------------------------------- state
-    def reset(self) -> None:
-        """Forget every row pair seen so far (keeps the widths and device)."""
-        self._n = 0
-        self._skipped = 0
-        self._mean_x: Optional[Tensor] = None  # [d_x] float64
-        self._mean_y: Optional[Tensor] = None  # [d_y] float64
-        self._cross: Optional[Tensor] = None  # [d_x, d_y] float64: Σ (x − μ_x)(y − μ_y)ᵀ
-        self._global: Optional[tuple[int, int, Tensor, Tensor, Tensor]] = None  # after sync()
-
-    def _allocate(self, device: torch.device) -> None:
-        if self._device is None:
-            self._device = device
-        self._mean_x = torch.zeros(self.dim_x, dtype=torch.float64, device=self._device)
-        self._mean_y = torch.zeros(self.dim_y, dtype=torch.float64, device=self._device)
-        self._cross = torch.zeros(self.dim_x, self.dim_y, dtype=torch.float64, device=self._device)
-
-    @property
-    def device(self) -> Optional[torch.device]:
-        return self._device
-
-    def _state(self):
-        """(count, skipped, mean_x, mean_y, cross): the synced totals after :meth:`sync`, else this process's."""
-        if self._global is not None:
-            return self._global
-        return self._n, self._skipped, self._mean_x, self._mean_y, self._cross
+        super().__init__((self.dim_x, self.dim_y), device)
 
     @property
     def count(self) -> int:
         """Row pairs in the statistics (all processes after :meth:`sync`)."""
-        return self._state()[0]
+        return self.moments().count
 
     @property
     def skipped(self) -> int:
         """Row pairs dropped because either row held NaN or Inf."""
-        return self._state()[1]
+        return self.moments().skipped
 
     # ---------------------------------------------------------------- update
     def update(self, x: Tensor, y: Tensor) -> None:
@@ -130,21 +104,7 @@ class CrossCovarianceAccumulator:
         scatter.sub_(torch.outer(rem_x, rem_y), alpha=1.0 / n)  # now about the exact batch means
         mean_x = shift_x.to(torch.float64) + rem_x / n
         mean_y = shift_y.to(torch.float64) + rem_y / n
-        self._merge(n, mean_x, mean_y, scatter)
-
-    def _merge(self, n_b: int, mean_x: Tensor, mean_y: Tensor, cross: Tensor) -> None:
-        """Chan et al.'s update of (n, μ_x, μ_y, C) with a batch's (n_b, μ_x,b, μ_y,b, C_b)."""
-        self._global = None
-        if self._mean_x is None:
-            self._allocate(mean_x.device)
-        mean_x, mean_y, cross = mean_x.to(self._device), mean_y.to(self._device), cross.to(self._device)
-        n_a = self._n
-        n = n_a + n_b
-        delta_x, delta_y = mean_x - self._mean_x, mean_y - self._mean_y
-        self._cross.add_(cross).add_(torch.outer(delta_x, delta_y), alpha=n_a * n_b / n)
-        self._mean_x.add_(delta_x, alpha=n_b / n)
-        self._mean_y.add_(delta_y, alpha=n_b / n)
-        self._n = n
+        self._merge_moments(n, (mean_x, mean_y), scatter)
 
     def merge(self, other: "CrossCovarianceAccumulator") -> "CrossCovarianceAccumulator":
         """Fold another accumulator's row pairs into this one (as if they had been updated here)."""
@@ -153,19 +113,12 @@ class CrossCovarianceAccumulator:
                 f"cannot merge cross-covariances of widths ({self.dim_x}, {self.dim_y}) and "
                 f"({other.dim_x}, {other.dim_y})"
             )
-        self._skipped += other._skipped
-        if other._n > 0:
-            self._merge(other._n, other._mean_x, other._mean_y, other._cross)
-        return self
-
-    def sync(self, group=None) -> None:
-        """Sum the statistics of all processes of ``group`` exactly; a no-op on one process."""
-        sync_cross_accumulators([self], group)
+        return super().merge(other)
 
     # --------------------------------------------------------------- results
     def mean(self) -> tuple[Tensor, Tensor]:
         """(μ_x ``[dim_x]``, μ_y ``[dim_y]``), float64 (NaN before any row)."""
-        n, _, mean_x, mean_y, _ = self._state()
+        n, _, (mean_x, mean_y), _ = self.moments()
         if n == 0:
             nan = float("nan")
             return (
@@ -176,7 +129,7 @@ class CrossCovarianceAccumulator:
 
     def scatter(self) -> Tensor:
         """Σ (x − μ_x)(y − μ_y)ᵀ, float64 ``[dim_x, dim_y]`` (zeros before any row)."""
-        n, _, _, _, cross = self._state()
+        n, _, _, cross = self.moments()
         if n == 0:
             return torch.zeros(self.dim_x, self.dim_y, dtype=torch.float64, device=self._device)
         return cross.clone()
@@ -188,42 +141,8 @@ class CrossCovarianceAccumulator:
             return torch.full((self.dim_x, self.dim_y), float("nan"), dtype=torch.float64, device=self._device)
         return self.scatter() / (n - 1)
 
-    # ----------------------------------------------------------- persistence
-    def state_dict(self) -> dict:
-        """This process's own statistics (never the synced totals), as CPU tensors."""
-        zeros = torch.zeros
-        return {
-            "dim_x": self.dim_x,
-            "dim_y": self.dim_y,
-            "count": self._n,
-            "skipped": self._skipped,
-            "mean_x": (self._mean_x if self._n else zeros(self.dim_x, dtype=torch.float64)).detach().cpu().clone(),
-            "mean_y": (self._mean_y if self._n else zeros(self.dim_y, dtype=torch.float64)).detach().cpu().clone(),
-            "cross": (self._cross if self._n else zeros(self.dim_x, self.dim_y, dtype=torch.float64))
-            .detach()
-            .cpu()
-            .clone(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; an invalid ``state`` raises ``ValueError``, changing nothing."""
-        where = "CrossCovarianceAccumulator.load_state_dict:"
-        shapes = {"mean_x": (self.dim_x,), "mean_y": (self.dim_y,), "cross": (self.dim_x, self.dim_y)}
-        integers = checked_integers(state, where, ("dim_x", "dim_y", "count", "skipped"), shapes)
-        if (integers["dim_x"], integers["dim_y"]) != (self.dim_x, self.dim_y):
-            raise ValueError(
-                f"{where} the state is for widths ({integers['dim_x']}, {integers['dim_y']}), but this "
-                f"accumulator has ({self.dim_x}, {self.dim_y})."
-            )
-        checked_tensors(state, where, shapes, integers["count"])
-        self.reset()
-        self._skipped = integers["skipped"]
-        if integers["count"] > 0:
-            self._allocate(self._device or torch.device("cpu"))
-            self._n = integers["count"]
-            self._mean_x.copy_(state["mean_x"])
-            self._mean_y.copy_(state["mean_y"])
-            self._cross.copy_(state["cross"])
+    def _widths_mismatch(self, widths: tuple[int, ...]) -> str:
+        return f"the state is for widths {widths}, but this accumulator has ({self.dim_x}, {self.dim_y})."
 
     def __repr__(self) -> str:
         return (
@@ -238,61 +157,9 @@ def sync_cross_accumulators(accumulators: Sequence[CrossCovarianceAccumulator], 
     With processes holding (n_i, μ_x,i, μ_y,i, C_i): n = Σ n_i, μ = Σ n_i μ_i / n and
     C = Σ [C_i + n_i (μ_x,i − μ_x)(μ_y,i − μ_y)ᵀ], pure sums. A no-op on one process; this process's
     own statistics stay as they were, so syncing again never counts a row twice.
+    :func:`~nerve_hf.stats.moments.sync_moments` does it, for accumulators of any kind.
     """
-    if not is_distributed(group) or not accumulators:
-        return
-    devices = {acc.device for acc in accumulators if acc.device is not None}
-    if len(devices) > 1:
-        raise ValueError(f"accumulators synced together must share one device, got {sorted(map(str, devices))}")
-    if devices:
-        device = devices.pop()
-    else:
-        backend = torch.distributed.get_backend(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-    def local(acc, attr, size):
-        value = getattr(acc, attr)
-        return value.to(device) if value is not None else torch.zeros(size, dtype=torch.float64, device=device)
-
-    first = torch.cat(
-        [
-            torch.cat(
-                [
-                    torch.tensor([acc._n, acc._skipped], dtype=torch.float64, device=device),
-                    local(acc, "_mean_x", acc.dim_x) * acc._n,
-                    local(acc, "_mean_y", acc.dim_y) * acc._n,
-                ]
-            )
-            for acc in accumulators
-        ]
-    )
-    all_reduce_sum(first, group)
-    totals, offset = [], 0
-    for acc in accumulators:
-        n, skipped = int(first[offset]), int(first[offset + 1])
-        mean_x = first[offset + 2 : offset + 2 + acc.dim_x] / max(n, 1)
-        mean_y = first[offset + 2 + acc.dim_x : offset + 2 + acc.dim_x + acc.dim_y] / max(n, 1)
-        totals.append((n, skipped, mean_x, mean_y))
-        offset += 2 + acc.dim_x + acc.dim_y
-    parts = []
-    for acc, (_, _, mean_x, mean_y) in zip(accumulators, totals):
-        if acc._n == 0:
-            parts.append(torch.zeros(acc.dim_x * acc.dim_y, dtype=torch.float64, device=device))
-            continue
-        # this process's scatter about the global means: C_i + n_i (μ_x,i − μ_x)(μ_y,i − μ_y)ᵀ
-        about = torch.addr(
-            acc._cross.to(device), acc._mean_x.to(device) - mean_x, acc._mean_y.to(device) - mean_y, alpha=acc._n
-        )
-        parts.append(about.reshape(-1))
-    second = torch.cat(parts)
-    all_reduce_sum(second, group)
-    offset = 0
-    for acc, (n, skipped, mean_x, mean_y) in zip(accumulators, totals):
-        size = acc.dim_x * acc.dim_y
-        cross = second[offset : offset + size].view(acc.dim_x, acc.dim_y)
-        offset += size
-        target = acc._device or device
-        acc._global = (n, skipped, mean_x.to(target), mean_y.to(target), cross.to(target))
+    sync_moments(accumulators, group)
 
 
 def linear_cka(cross: Tensor, scatter_x: Tensor, scatter_y: Tensor) -> float:
