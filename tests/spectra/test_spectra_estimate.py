@@ -221,5 +221,5 @@ def test_the_callback_and_the_probe_pass_spectra_on(monkeypatch, tmp_path):
     calls.clear()
     from trainer_helpers import tiny_gpt2
 
-    probe_model(tiny_gpt2(), [{"input_ids": torch.randint(1, 50, (2, 9))}], spectra="estimate")
+    probe_model(tiny_gpt2(), [{"input_ids": torch.randint(1, 50, (2, 9))}], spectra="estimate", flow=False)
     assert calls == [30]
