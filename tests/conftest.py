@@ -1,4 +1,6 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and the check that process-launching tests carry their marker."""
+
+import inspect
 
 import pytest
 
@@ -9,3 +11,30 @@ def hub(tmp_path, monkeypatch):
     from hub_copies import HubCache
 
     return HubCache(tmp_path / "hub", monkeypatch)
+
+
+# What a test (or one of its fixtures) calls when it starts torch.distributed processes.
+LAUNCHES = ("torchrun(", "torch.distributed.run")
+
+
+def _source(function) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that launches torch.distributed processes, itself or through a fixture, without the
+    ``distributed`` marker: ``-m "not distributed"`` has to leave every such test out."""
+    unmarked = []
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is None or item.get_closest_marker("distributed") is not None:
+            continue
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        functions = [function] + [fixture.func for defs in fixtures.values() for fixture in defs]
+        if any(launch in _source(f) for f in functions for launch in LAUNCHES):
+            unmarked.append(item.nodeid)
+    if unmarked:
+        raise pytest.UsageError(f"tests that launch processes need @pytest.mark.distributed: {unmarked}")

@@ -45,6 +45,7 @@ def test_plain_pytorch(tmp_path):
         assert 0 < row["se_pre"] <= math.log(37) and 1 <= row["pr_pre"] <= 37 and 0 <= row["js"] <= math.log(2)
 
 
+@pytest.mark.distributed
 def test_accelerate_loop_on_two_processes(tmp_path):
     run(
         sys.executable,

@@ -233,6 +233,7 @@ def test_bad_options_raise():
         NerveCallback(every_n_step=5)
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one(tmp_path):
     torchrun("trainer_run.py", str(tmp_path / "two"), "1", nproc=2)
     torchrun("trainer_run.py", str(tmp_path / "one"), "2", nproc=1)

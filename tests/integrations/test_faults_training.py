@@ -301,6 +301,7 @@ def test_predict_is_measured_as_its_own_split(tmp_path):
     assert keys(read_records(tmp_path / RECORDS)) == [("test", 0, "ffn.0"), ("test", 0, "ffn.1")]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("n_eval,per_device", [(5, 2), (7, 3)])
 def test_two_processes_uneven_eval_set_equal_one(tmp_path, n_eval, per_device):
     torchrun("uneven_eval.py", str(tmp_path / "two"), str(n_eval), str(per_device), nproc=2)

@@ -14,6 +14,7 @@ from distributed_helpers import torchrun
 from nerve_hf.metrics import METRIC_NAMES
 
 
+@pytest.mark.distributed
 def test_fsdp2_training_loop_on_two_processes_equals_one(tmp_path):
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()

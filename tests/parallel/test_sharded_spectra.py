@@ -27,6 +27,7 @@ def test_owners_balance_the_cubic_work():
     assert sorted(assign_owners([11] * 8, 4)) == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "nproc,n_layer,metrics",
     [(2, 3, "all"), (4, 3, "all"), (2, 3, "pr"), (4, 1, "all")],  # last: reduce per owner
@@ -64,6 +65,7 @@ def test_each_rank_decomposes_its_share_and_all_log_the_same(tmp_path, nproc, n_
     assert sum(one["decomposed"]) == (2 * n_layer if metrics == "all" else 0)  # one process: every matrix
 
 
+@pytest.mark.distributed
 def test_site_sharded_processes_measure_their_own_ffns_on_their_own_tokens(tmp_path):
     """3 FFNs over 2 processes: each keeps state for its own (in host memory), counts only its tokens,
     and every process ends with all three rows; the budget counts only the FFNs a process owns

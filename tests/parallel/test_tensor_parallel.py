@@ -8,6 +8,8 @@ from distributed_helpers import torchrun
 
 from nerve_hf.metrics import METRIC_NAMES
 
+pytestmark = pytest.mark.distributed
+
 
 @pytest.mark.parametrize(
     "nproc,intermediate,how",

@@ -240,6 +240,7 @@ def test_single_process_sync_is_a_no_op():
     torch.testing.assert_close(acc.covariance(), before, rtol=0, atol=0)
 
 
+@pytest.mark.distributed
 def test_two_processes_gloo_sync_exact(tmp_path):
     out = tmp_path / "synced.pt"
     torchrun("covariance_sync.py", str(out))

@@ -333,6 +333,7 @@ def test_cross_covariance_skips_nonfinite_pairs_and_cka_bounds():
         acc.update(x, y[:10])
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one(tmp_path):
     """2 gloo processes, uneven shares: cross-covariance sync, and a tracker with flow, position buckets and
     cross_layer, give the numbers of one process on all the tokens."""

@@ -21,7 +21,7 @@ from nerve_hf.spectra import eigenvalues_batched
 from nerve_hf.stats.covariance import CovarianceAccumulator, exact_fp32_matmul
 from nerve_hf.tracking.tracker import FFNTracker
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture
