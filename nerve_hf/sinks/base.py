@@ -7,7 +7,7 @@ once per kind of failure through :class:`WarnOnce` and the next measurement is t
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from nerve_hf.report import SpectralReport
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["Sink", "WarnOnce"]
 
 
+@runtime_checkable
 class Sink(Protocol):
     """One output of the measurements (a file, a logger)."""
 
