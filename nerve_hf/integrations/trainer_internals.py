@@ -2,9 +2,9 @@
 
 A ``TrainerCallback`` gets ``args``, ``state``, ``control`` and a few objects (model, dataloaders) per event;
 it is never given the Trainer, its callback list, the other callbacks or accelerate's state. Four things the
-callback needs are not offered publicly (checked against transformers 5.x and accelerate 1.x); each is
-reached here and nowhere else, and ``tests/integrations/test_trainer_internals.py`` fails when a release
-changes what these functions rely on:
+callback needs are not offered publicly; each is reached here and nowhere else, and
+``tests/integrations/test_trainer_internals.py`` fails when a transformers or accelerate release changes what
+these functions rely on:
 
 - **The Trainer's callback list** (:func:`find_callback_handler`, :func:`place_after_default_flow`). The
   Trainer calls ``on_log`` of its callbacks in list order, and the ``report_to`` integrations are added
