@@ -26,11 +26,15 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from nerve_hf.sinks.base import WarnOnce
 from nerve_hf.sinks.files import write_bytes
+
+if TYPE_CHECKING:
+    from nerve_hf.report import SpectralReport
 
 __all__ = [
     "ARCHIVE_DIRNAME",
@@ -39,6 +43,7 @@ __all__ = [
     "drop_measurements_after",
     "load_spectra",
     "load_position_spectra",
+    "SpectraArchiveSink",
 ]
 
 ARCHIVE_DIRNAME = "nerve_spectra"
@@ -177,3 +182,48 @@ def load_position_spectra(run_dir: str | os.PathLike):
         ]
 
     return pd.DataFrame(_read_rows(run_dir, rows_of), columns=["split", "step", "site", "bucket", "pre", "post"])
+
+
+class SpectraArchiveSink:
+    """Archives every measurement's spectra (pre/post, and the flow's and position buckets' when the report
+    has them) in ``<run_dir>/nerve_spectra/`` with :func:`write_measurement`; a report without spectra writes
+    nothing, and a failed write warns once while later measurements are tried again.
+
+    >>> import tempfile, torch
+    >>> from nerve_hf.report import SpectralReport
+    >>> run = tempfile.mkdtemp()
+    >>> sink = SpectraArchiveSink(run)
+    >>> for step in (2, 4):
+    ...     sink.write(SpectralReport(eigenvalues={"ffn.0": (torch.ones(2), torch.ones(2))}), "train", step)
+    >>> sink.drop_after(2)
+    >>> load_spectra(run)[["split", "step", "site"]].values.tolist()
+    [['train', 2, 'ffn.0']]
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self._warn = WarnOnce()
+
+    def write(self, report: SpectralReport, split: str, step: int) -> None:
+        if not report.eigenvalues:
+            return
+        try:
+            write_measurement(
+                self.run_dir, split, step, report.eigenvalues, report.flow_eigenvalues, report.position_eigenvalues
+            )
+        except OSError as error:
+            self._warn(
+                "archive",
+                f"NerveCallback: spectra are not being written to {self.run_dir / ARCHIVE_DIRNAME} "
+                f"({type(error).__name__}: {error}); the metrics still are. Later measurements are tried again.",
+            )
+
+    def drop_after(self, step: int) -> None:
+        try:
+            drop_measurements_after(self.run_dir, step)
+        except OSError as error:
+            self._warn(
+                "drop",
+                f"NerveCallback: could not drop the spectra after step {step} in {self.run_dir} "
+                f"({type(error).__name__}: {error}); a step may be archived twice",
+            )

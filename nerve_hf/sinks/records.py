@@ -15,9 +15,13 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
+from nerve_hf.sinks.base import WarnOnce
 from nerve_hf.sinks.files import jsonable, write_bytes
+
+if TYPE_CHECKING:
+    from nerve_hf.report import SpectralReport
 
 __all__ = [
     "RECORDS_FILENAME",
@@ -27,6 +31,8 @@ __all__ = [
     "scan_records",
     "skipped_lines_message",
     "drop_records_after",
+    "report_records",
+    "RecordsSink",
 ]
 
 RECORDS_FILENAME = "nerve_metrics.jsonl"
@@ -129,3 +135,70 @@ def drop_records_after(path: str | os.PathLike, step: int) -> int:
     if len(kept) < len(records) or skipped:
         write_bytes(path, _encode(kept))
     return len(records) - len(kept)
+
+
+def _beyond_rows(report: SpectralReport, row: dict) -> dict:
+    """What the options beyond the paper add to a site's record: ``positions`` (its bucket rows) and,
+    towards the next layer, ``cka_next``, ``js_pre_next`` and ``js_post_next``; nothing when they are off."""
+    extra = {}
+    if report.positions:
+        extra["positions"] = [
+            {k: v for k, v in bucket.items() if k not in ("site", "layer", "dim")}
+            for bucket in report.positions
+            if bucket["site"] == row["site"]
+        ]
+    prefix = f"nerve/{row['site']}/"
+    for key, value in report.to_log_dict().items() if report.cross_layer else ():
+        if key.startswith(prefix) and key.endswith("_next"):
+            extra[key[len(prefix) :]] = value
+    return extra
+
+
+def report_records(report: SpectralReport, split: str, step: int) -> list[dict]:
+    """One record per row of ``report``: ``step, split, sites`` (the number of rows), the row, and what the
+    options beyond the paper add to it (position buckets, the cross-layer values towards the next layer)."""
+    return [
+        {"step": step, "split": split, "sites": len(report.rows), **row, **_beyond_rows(report, row)}
+        for row in report.rows
+    ]
+
+
+class RecordsSink:
+    """Appends every measurement's records (:func:`report_records`) to a JSONL file, e.g.
+    ``<output_dir>/nerve_metrics.jsonl``; a failed write warns once and later measurements are tried again.
+
+    >>> import tempfile
+    >>> from nerve_hf.report import SpectralReport
+    >>> path = Path(tempfile.mkdtemp()) / RECORDS_FILENAME
+    >>> sink = RecordsSink(path)
+    >>> for step in (2, 4):
+    ...     sink.write(SpectralReport(rows=[{"site": "ffn.0", "layer": 0, "pr_pre": 3.5}]), "train", step)
+    >>> sink.drop_after(2)
+    >>> [(r["step"], r["split"], r["sites"], r["pr_pre"]) for r in read_records(path)]
+    [(2, 'train', 1, 3.5)]
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._warn = WarnOnce()
+
+    def write(self, report: SpectralReport, split: str, step: int) -> None:
+        try:
+            append_records(self.path, report_records(report, split, step))
+        except OSError as error:
+            self._warn(
+                "write",
+                f"NerveCallback: records are not being written to {self.path} ({type(error).__name__}: {error}); "
+                f"the metrics still reach the Trainer's logs and report_to integrations. Later measurements "
+                f"are tried again without a new warning.",
+            )
+
+    def drop_after(self, step: int) -> None:
+        try:
+            drop_records_after(self.path, step)
+        except OSError as error:
+            self._warn(
+                "drop",
+                f"NerveCallback: could not drop the records after step {step} in {self.path.parent} "
+                f"({type(error).__name__}: {error}); a step may be kept twice (nerve report keeps the last)",
+            )
