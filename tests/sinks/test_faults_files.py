@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 import pytest
 from fault_helpers import read_only, run_python, tear_last_line
-from test_probe import gpt2_dir  # noqa: F401 - a fixture, used through model_dir
-from test_report import synthetic_run
+from tests.probe.test_probe import gpt2_dir  # noqa: F401 - a fixture, used through model_dir
+from tests.analysis.test_report import synthetic_run
 
 from nerve_hf.analysis.runs import load_run
 from nerve_hf.cli import main
