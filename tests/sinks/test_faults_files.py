@@ -11,14 +11,14 @@ import warnings
 import numpy as np
 import pytest
 from fault_helpers import read_only, run_python, tear_last_line
-from tests.probe.test_probe import gpt2_dir  # noqa: F401 - a fixture, used through model_dir
-from tests.analysis.test_report import synthetic_run
 
 from nerve_hf.analysis.runs import load_run
 from nerve_hf.cli import main
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sinks.records import RECORDS_FILENAME, append_records, drop_records_after, read_records
+from tests.analysis.test_report import synthetic_run
+from tests.probe.test_probe import gpt2_dir  # noqa: F401 - a fixture, used through model_dir
 
 CLI = "import sys; from nerve_hf.cli import main; sys.exit(main(sys.argv[1:]))"
 
