@@ -31,7 +31,7 @@ own state for one window, receives the rows that count, and adds its part to the
 ...     _ = model(torch.randn(3, 5, 4))
 >>> rows = tracker.compute().rows
 >>> list(zip(*[(row["site"], row["tokens"], row["pre_rows"]) for row in rows]))
-[('ffn.0', 'ffn.1'), [15, 15], [15, 15]]
+[('ffn.0', 'ffn.1'), (15, 15), (15, 15)]
 """
 
 from __future__ import annotations
