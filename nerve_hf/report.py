@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from nerve_hf.metrics import METRIC_NAMES
-from nerve_hf.sites import next_sites
-from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_KEYS
-from nerve_hf.tracking.measurements.flow import FLOW_KEYS
-from nerve_hf.tracking.measurements.positions import POSITION_KEYS
+from nerve_hf.tracking.measurements.base import nan_mean
+from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_KEYS, cross_layer_log_dict
+from nerve_hf.tracking.measurements.flow import flow_names
+from nerve_hf.tracking.measurements.positions import POSITION_KEYS, position_log_dict
 
 # Keys of every row, in column order.
 ROW_KEYS = ("site", "layer", "dim", "tokens") + METRIC_NAMES
@@ -46,7 +45,7 @@ class SpectralReport:
 
     rows: list[dict] = field(default_factory=list)
     eigenvalues: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    # Filled only by the tracker options that ask for them (nerve_hf.coherence); empty otherwise.
+    # Filled only by the measurements the tracker's options add (nerve_hf.tracking.measurements); empty otherwise.
     flow_eigenvalues: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # site -> (input, output)
     positions: list[dict] = field(default_factory=list)  # one row per site and position bucket: POSITION_KEYS
     position_eigenvalues: dict[tuple[str, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -57,12 +56,12 @@ class SpectralReport:
 
     def _flow_names(self) -> list[str]:
         """The flow metrics the rows carry (none without ``flow``)."""
-        return [name for name in FLOW_KEYS[1:] if self.rows and all(name in row for row in self.rows)]
+        return flow_names(self.rows)
 
     def mean(self) -> dict[str, float]:
         """Average of each metric over the sites that have it defined (NaN if none has); with ``flow``,
         of the flow metrics too."""
-        return {name: _mean(row[name] for row in self.rows) for name in (*METRIC_NAMES, *self._flow_names())}
+        return {name: nan_mean(row[name] for row in self.rows) for name in (*METRIC_NAMES, *self._flow_names())}
 
     def to_log_dict(self, prefix: str = "nerve") -> dict[str, float]:
         """Flat ``{f"{prefix}/{site}/{metric}": value}`` for every row, plus ``f"{prefix}/mean/{metric}"``.
@@ -76,22 +75,8 @@ class SpectralReport:
         names = (*METRIC_NAMES, *self._flow_names())
         out = {f"{prefix}/{row['site']}/{name}": row[name] for row in self.rows for name in names}
         out.update({f"{prefix}/mean/{name}": value for name, value in self.mean().items()})
-        if self.positions:
-            buckets: dict[str, list[dict]] = {}
-            for row in self.positions:
-                buckets.setdefault(row["bucket"], []).append(row)
-                for name in METRIC_NAMES:
-                    out[f"{prefix}/{row['site']}/{name}.pos{row['bucket']}"] = row[name]
-            for bucket, rows in buckets.items():
-                for name in METRIC_NAMES:
-                    out[f"{prefix}/mean/{name}.pos{bucket}"] = _mean(row[name] for row in rows)
-        following = next_sites(self.rows)
-        adjacent = [row for row in self.cross_layer if following.get(row["site_a"]) == row["site_b"]]
-        for row in adjacent:
-            for name in ("cka", "js_pre", "js_post"):
-                out[f"{prefix}/{row['site_a']}/{name}_next"] = row[name]
-        for name in ("cka", "js_pre", "js_post") if adjacent else ():
-            out[f"{prefix}/mean/{name}_next"] = _mean(row[name] for row in adjacent)
+        out.update(position_log_dict(self.positions, prefix))  # each measurement's own keys
+        out.update(cross_layer_log_dict(self.rows, self.cross_layer, prefix))
         return out
 
     def to_pandas(self):
@@ -121,9 +106,3 @@ class SpectralReport:
         import pandas as pd
 
         return pd.DataFrame(self.cross_layer, columns=list(CROSS_LAYER_KEYS))
-
-
-def _mean(values) -> float:
-    """Mean of the values that are not NaN (NaN if none is)."""
-    kept = [value for value in values if not math.isnan(value)]
-    return math.fsum(kept) / len(kept) if kept else float("nan")

@@ -1,11 +1,13 @@
 """What a forward hook needs to know about a call: its inputs, its batch, and whether autograd runs it.
 
-Pure helpers of :class:`nerve_hf.FFNTracker`; nothing here keeps state.
+Helpers of the hook points (:mod:`nerve_hf.tracking.points`) and token sources
+(:mod:`nerve_hf.tracking.tokens`); the only state kept here is :class:`WarnOnce`'s set of warnings given.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +19,20 @@ __all__ = [
     "first_tensor",
     "batch_size",
     "mask_position",
+    "WarnOnce",
 ]
+
+
+class WarnOnce:
+    """Give each warning (by key) once per owner: a hook firing every forward warns the first time only."""
+
+    def __init__(self) -> None:
+        self.given: set[str] = set()
+
+    def __call__(self, key: str, message: str) -> None:
+        if key not in self.given:
+            self.given.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def check_no_replicating_data_parallel(model: nn.Module) -> None:

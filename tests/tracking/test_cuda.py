@@ -19,6 +19,7 @@ from nerve_hf import NerveCallback, NerveConfig
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.spectra import eigenvalues_batched
 from nerve_hf.stats.covariance import CovarianceAccumulator, exact_fp32_matmul
+from nerve_hf.tracking.points import FFNHookPoints
 from nerve_hf.tracking.tracker import FFNTracker
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -156,7 +157,7 @@ def test_tracked_forward_never_waits_for_the_gpu():
     attention = torch.ones_like(ids)
     attention[1, 5:] = 0
     tracker = FFNTracker(model, max_tokens=30)
-    recorded = FFNTracker._record
+    recorded = FFNHookPoints.record
 
     def record_strictly(self, *args, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
@@ -165,7 +166,7 @@ def test_tracked_forward_never_waits_for_the_gpu():
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    tracker._record = record_strictly.__get__(tracker)
+    tracker.points.record = record_strictly.__get__(tracker.points)
     with tracker, torch.no_grad():
         model(ids, attention_mask=attention)
     assert [row["tokens"] for row in tracker.compute().rows] == [30, 30]

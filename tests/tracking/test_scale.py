@@ -258,6 +258,7 @@ def test_config_validation_of_the_new_options():
 
 def test_compute_decomposes_in_bounded_batches_with_the_same_result(monkeypatch):
     import nerve_hf.spectra as spectra_module
+    import nerve_hf.spectra.exact as exact_spectra  # where eigen_batches reads EIGEN_BATCH_BYTES
 
     model = gpt2(n_layer=3)
     tracker = FFNTracker(model)
@@ -266,9 +267,9 @@ def test_compute_decomposes_in_bounded_batches_with_the_same_result(monkeypatch)
     together = tracker.compute()
     accs = [acc for state in tracker._states for acc in (state.pre, state.post)]
     assert [len(b) for b in list(spectra_module.eigen_batches(accs))] == [6]
-    monkeypatch.setattr(spectra_module, "EIGEN_BATCH_BYTES", 2 * 37 * 37 * 8)  # two matrices at a time
+    monkeypatch.setattr(exact_spectra, "EIGEN_BATCH_BYTES", 2 * 37 * 37 * 8)  # two matrices at a time
     assert [len(b) for b in list(spectra_module.eigen_batches(accs))] == [2, 2, 2]
-    monkeypatch.setattr(spectra_module, "EIGEN_BATCH_BYTES", 1)  # smaller than one matrix: one at a time
+    monkeypatch.setattr(exact_spectra, "EIGEN_BATCH_BYTES", 1)  # smaller than one matrix: one at a time
     assert [len(b) for b in list(spectra_module.eigen_batches(accs))] == [1] * 6
     apart = tracker.compute()
     for a, b in zip(together.rows, apart.rows):

@@ -20,6 +20,7 @@ from trainer_helpers import tiny_gpt2
 
 from nerve_hf.stats import kernels as scatter
 from nerve_hf.stats.covariance import CovarianceAccumulator
+from nerve_hf.tracking.points import FFNHookPoints
 from nerve_hf.tracking.tracker import FFNTracker
 
 # aten ops that copy a value to the host (what bool(t), t.item(), t.tolist() and boolean indexing call)
@@ -140,7 +141,7 @@ def test_tracked_forward_with_padding_and_a_token_cap_has_no_host_read_in_its_ho
     attention[1, 7:] = 0
     attention[2, 4:] = 0
     reads = HostReads()
-    original = FFNTracker._record
+    original = FFNHookPoints.record
 
     def record_watched(self, *args, **kwargs):
         with reads:
@@ -150,7 +151,7 @@ def test_tracked_forward_with_padding_and_a_token_cap_has_no_host_read_in_its_ho
     with host_tracker, torch.no_grad():
         model(ids, attention_mask=attention)
     expected = host_tracker.compute()
-    monkeypatch.setattr(FFNTracker, "_record", record_watched)
+    monkeypatch.setattr(FFNHookPoints, "record", record_watched)
     tracker = FFNTracker(model, max_tokens=20)
     with tracker, torch.no_grad():
         model(ids, attention_mask=attention)

@@ -1,0 +1,167 @@
+"""The measurement protocol, and the collection of one window's measurements.
+
+A measurement is one feature of a tracker (the pre/post pair, flow, position buckets, cross-layer, or
+one of your own). It subscribes to hook stages (``input``, ``pre``, ``post``, ``output``), keeps its
+own state for one window, receives the rows that count, and adds its part to the report:
+
+>>> import torch
+>>> from torch import nn
+>>> from nerve_hf import FFNTracker
+>>> class RowCount(Measurement):
+...     name, stages = "row_count", ("pre",)
+...     def bind(self, table):
+...         super().bind(table)
+...         self.counts = [0] * len(table.sites)
+...     def update(self, site, stage, rows, keep, positions):
+...         self.counts[site] += rows.shape[0] if keep is None else int(keep.sum())
+...     def reset(self):
+...         self.counts = [0] * len(self.counts)
+...     def compute(self, report, context):
+...         for row, i in zip(report.rows, context.watched):
+...             row["pre_rows"] = self.counts[i]
+>>> class Block(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 4)
+...     def forward(self, x):
+...         return x + self.fc2(self.act(self.fc1(x)))
+>>> model = nn.Sequential(Block(), Block())
+>>> tracker = FFNTracker(model, measurements=[RowCount])
+>>> with tracker:
+...     _ = model(torch.randn(3, 5, 4))
+>>> rows = tracker.compute().rows
+>>> list(zip(*[(row["site"], row["tokens"], row["pre_rows"]) for row in rows]))
+[('ffn.0', 'ffn.1'), (15, 15), (15, 15)]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from torch import Tensor
+
+from nerve_hf.stats.covariance import CovarianceAccumulator
+from nerve_hf.tracking.site_table import SiteTable
+
+__all__ = ["Measurement", "MeasurementCollection", "ComputeContext", "standin_pair", "nan_mean"]
+
+# A zero-argument function giving the position of each row handed to update() ([N] int64), or None.
+Positions = Callable[[], Optional[Tensor]]
+
+
+@dataclass
+class ComputeContext:
+    """What :meth:`Measurement.compute` needs besides its own state.
+
+    Attributes:
+        table: the sites and their widths.
+        watched: indices of the sites the window watches, in report order (``report.rows[k]`` is site
+            ``watched[k]`` once the pre/post measurement has added its rows).
+        reducer: the tracker's :class:`~nerve_hf.tracking.reducers.Reducer` (cross-process reduction).
+        metrics, spectra_dtype: as :func:`nerve_hf.spectra.metric_values` takes them.
+    """
+
+    table: SiteTable
+    watched: list[int]
+    reducer: object
+    metrics: str
+    spectra_dtype: str
+
+
+class Measurement:
+    """One feature of a tracker window (torchmetrics' ``Metric`` is the idea).
+
+    Subclasses set :attr:`name` and :attr:`stages`, and override :meth:`update`, :meth:`reset` and
+    :meth:`compute`; :meth:`state_bytes` feeds ``memory_budget_mb``. One instance serves one window.
+    """
+
+    name: str = "measurement"
+    stages: tuple[str, ...] = ()  # hook stages it needs: a subset of ("input", "pre", "post", "output")
+    budget_terms: dict[str, int] = {}  # numbers the memory budget's message quotes (e.g. {"B": 3})
+
+    def bind(self, table: SiteTable) -> None:
+        """Called once by the tracker with its sites, before any row arrives."""
+        self.table = table
+
+    def state_bytes(self, indices: Sequence[int]) -> int:
+        """Bytes of state this measurement keeps for sites ``indices`` (widths known so far)."""
+        return 0
+
+    def update(self, site: int, stage: str, rows: Tensor, keep: Optional[Tensor], positions: Positions) -> None:
+        """Rows ``[N, W]`` of ``stage`` at site index ``site``; ``keep`` ``[N]`` bool (rows that count) or
+        None (all do); ``positions()`` their token positions ``[N]`` (computed on the first call)."""
+
+    def end_forward(self) -> None:
+        """The recorded top-level forward ended (or the hooks were removed)."""
+
+    def reset(self) -> None:
+        """Forget every row."""
+
+    def compute(self, report, context: ComputeContext) -> None:
+        """Add this measurement's part to ``report`` (a :class:`~nerve_hf.report.SpectralReport`)."""
+
+    def accumulators(self, site: int) -> dict:
+        """Named accumulators of site index ``site`` (for inspection: ``Window.states``)."""
+        return {}
+
+
+class MeasurementCollection:
+    """One window's measurements, composed (torchmetrics' ``MetricCollection`` is the idea): rows of a
+    stage go to the measurements that subscribed to it, reports are assembled in order."""
+
+    def __init__(self, measurements: Sequence[Measurement], table: SiteTable) -> None:
+        names = [m.name for m in measurements]
+        if len(set(names)) != len(names):
+            raise ValueError(f"measurements need distinct names, got {names}")
+        self.measurements = list(measurements)
+        for measurement in self.measurements:
+            measurement.bind(table)
+        self.by_stage = {
+            stage: [m for m in self.measurements if stage in m.stages] for stage in ("input", "pre", "post", "output")
+        }
+
+    @property
+    def stages(self) -> set[str]:
+        """The stages some measurement subscribed to."""
+        return {stage for stage, subscribed in self.by_stage.items() if subscribed}
+
+    def get(self, name: str) -> Optional[Measurement]:
+        return next((m for m in self.measurements if m.name == name), None)
+
+    def update(self, site: int, stage: str, rows: Tensor, keep: Optional[Tensor], positions: Positions) -> None:
+        for measurement in self.by_stage[stage]:
+            measurement.update(site, stage, rows, keep, positions)
+
+    def end_forward(self) -> None:
+        for measurement in self.measurements:
+            measurement.end_forward()
+
+    def reset(self) -> None:
+        for measurement in self.measurements:
+            measurement.reset()
+
+    def state_bytes(self, indices: Sequence[int]) -> int:
+        return sum(measurement.state_bytes(indices) for measurement in self.measurements)
+
+    def compute(self, report, context: ComputeContext) -> None:
+        for measurement in self.measurements:
+            measurement.compute(report, context)
+
+    def accumulators(self, site: int) -> dict:
+        merged: dict = {}
+        for measurement in self.measurements:
+            merged.update(measurement.accumulators(site))
+        return merged
+
+
+def standin_pair() -> tuple[CovarianceAccumulator, CovarianceAccumulator]:
+    """Empty width-1 accumulators for a site whose widths are unknown: NaN metrics, 0 tokens."""
+    return CovarianceAccumulator(1), CovarianceAccumulator(1)
+
+
+def nan_mean(values) -> float:
+    """Mean of the values that are not NaN (NaN if none is)."""
+    kept = [value for value in values if not math.isnan(value)]
+    return math.fsum(kept) / len(kept) if kept else float("nan")
