@@ -21,6 +21,7 @@ from torch import nn
 import model_adapters
 from model_adapters import Adapter, ResolvedSite
 from nerve_hf import spectra as spectra_module  # compute()'s argument `spectra` hides the module name
+from nerve_hf.measurement_options import MEASUREMENT_DEFAULTS
 from nerve_hf.options import boolean, optional, positive_number, token_cap
 from nerve_hf.parallel.tensor_parallel import data_parallel_group
 from nerve_hf.report import SpectralReport
@@ -73,9 +74,11 @@ class FFNTracker:
             ``[(1 + B) × 2 × (D² + D) + s × (d² + d)] × 8`` bytes, plus ``(d² + 2d) × 8`` per layer pair,
             for B position buckets and s = 2 with ``flow`` (input, output), 1 with only ``cross_layer``.
             :meth:`compute` needs, transiently, about 4 x min(that state, 1 GiB or one FFN's D² x 8).
-        flow: also the d-wide FFN input (the up/gate projection's input) and output (the down projection's
-            output): rows gain :data:`~nerve_hf.tracking.measurements.flow.FLOW_KEYS` (SE/PR/EEE per stage, JS
-            input -> pre and post -> output over zero-padded spectra) and the report ``flow_eigenvalues``.
+        flow: (on by default, as for the callback and the probe: one default in
+            :data:`~nerve_hf.measurement_options.MEASUREMENT_DEFAULTS`) also the d-wide FFN input (the up/gate
+            projection's input) and output (the down projection's output): rows gain
+            :data:`~nerve_hf.tracking.measurements.flow.FLOW_KEYS` (SE/PR/EEE per stage, JS input -> pre and
+            post -> output over zero-padded spectra) and the report ``flow_eigenvalues``.
         position_buckets: strictly increasing token positions ``[0, 16, 64, ...]``: one (pre, post) pair
             of accumulators per bucket [e_i, e_{i+1}) (the last is open) beside the overall pair, reported in
             ``report.positions``. A token's position is the number of real (``attention_mask``) tokens before
@@ -124,7 +127,7 @@ class FFNTracker:
         group=None,
         site_sharded: bool = False,
         state_device: torch.device | str | None = None,
-        flow: bool = False,
+        flow: bool = MEASUREMENT_DEFAULTS["flow"],
         position_buckets: Sequence[int] | None = None,
         cross_layer: str | None = None,
         measurements: Sequence[Measurement | Callable[[], Measurement]] = (),
