@@ -27,6 +27,9 @@ class ResolvedSite:
     pre: nn.Module  # its OUTPUT is pre (chunked by pre_chunk)
     post: nn.Module  # its first positional INPUT is post
     pre_chunk: tuple[int, int] | None = None
+    kind: str = "dense"  # FFNSite.kind
+    stack: str = ""  # FFNSite.stack
+    tokens: str = "attention_mask"  # FFNSite.tokens: the token source of the stack
 
 
 def _join(*parts: str) -> str:
@@ -61,6 +64,9 @@ def _resolve_family(index: dict[str, nn.Module], site: FFNSite) -> list[Resolved
                         pre=index[pre_path],
                         post=index[post_path],
                         pre_chunk=site.pre_chunk,
+                        kind=site.kind,
+                        stack=site.stack,
+                        tokens=site.tokens,
                     )
                 )
         if rows:

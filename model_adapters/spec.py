@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What a site measures: a plain FFN, an always-on shared expert, or routed experts.
+KINDS = ("dense", "shared_expert", "expert")
+
 
 @dataclass(frozen=True)
 class FFNSite:
@@ -23,6 +26,12 @@ class FFNSite:
             post-activation (the down projection).
         pre_chunk: ``(index, chunks)`` when ``pre`` is a fused projection: pre is
             ``output.chunk(chunks, dim=-1)[index]`` (Phi-3 ``gate_up_proj``: gate = ``(0, 2)``).
+        kind: what the FFN is: ``"dense"`` (a plain FFN), ``"shared_expert"`` (an always-on expert beside
+            routed ones) or ``"expert"`` (routed experts).
+        stack: which stack of the model the blocks belong to (``"encoder"``, ``"decoder"``, ``"vision"``,
+            ...); ``""`` for a model with one stack.
+        tokens: the token source of that stack, by name (``nerve_hf.tracking.tokens``): ``"attention_mask"``
+            (the call's mask, the default).
     """
 
     name: str
@@ -30,6 +39,13 @@ class FFNSite:
     pre: str
     post: str
     pre_chunk: tuple[int, int] | None = None
+    kind: str = "dense"
+    stack: str = ""
+    tokens: str = "attention_mask"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"FFNSite {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
