@@ -49,7 +49,6 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
 
 from nerve_hf.integrations import trainer_internals as internals
 from nerve_hf.integrations.config import NerveConfig
@@ -133,7 +132,7 @@ class NerveCallback(TrainerCallback):
         self._pending: Optional[tuple[int, dict]] = None  # (step, logs) of the last train measurement
         self._placed = False
         self._warned: set[str] = set()
-        self._handler: Optional[CallbackHandler] = None  # the Trainer's callback list, once found
+        self._handler = None  # the Trainer's callback list, once found
         self._sinks: Optional[tuple[tuple, list[Sink]]] = None  # ((id(args), output_dir), their sinks)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -161,7 +160,7 @@ class NerveCallback(TrainerCallback):
         self._set_up(trainer.model, refuse_bad_input=True)
         return self
 
-    def _place_in(self, handler: CallbackHandler) -> None:
+    def _place_in(self, handler) -> None:
         """Move this callback ahead of the integrations in ``handler``'s list."""
         self._placed = True
         self._handler = handler  # also where the TensorBoard integration's writer is found

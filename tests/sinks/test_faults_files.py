@@ -245,7 +245,7 @@ def test_probe_out_whose_parent_cannot_be_created(model_dir, tmp_path, capsys, n
 def test_probe_out_read_only_in_a_real_process(model_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 20)
-    args = [str(model_dir), "--text-file", str(text), "--no-plots", "--device", "cpu", "--no-progress"]
+    args = [str(model_dir), "--text-file", str(text), "--no-plots", "--device", "cpu", "--no-progress", "--no-flow"]
     for out, reason in ((tmp_path / "locked", "is not writable"), (tmp_path / "locked" / "sub", "cannot be created")):
         (tmp_path / "locked").mkdir(exist_ok=True)
         with read_only(tmp_path / "locked"):

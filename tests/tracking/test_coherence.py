@@ -211,7 +211,7 @@ def test_position_buckets_without_mask_use_the_sequence_index_and_skip_leading_p
 @pytest.mark.parametrize("bad", [[], [3, 3], [5, 2], [-1, 4], "0,16", [0, 1.5], [True, 3]])
 def test_position_buckets_are_checked(bad):
     with pytest.raises((TypeError, ValueError), match="position_buckets"):
-        FFNTracker(build("gpt2"), position_buckets=bad)
+        FFNTracker(build("gpt2"), position_buckets=bad, flow=False)
 
 
 def test_memory_budget_counts_buckets_flow_and_pairs():
@@ -271,7 +271,7 @@ def test_cross_layer_all_pairs_with_token_cap_over_several_forwards():
 
 def test_cross_layer_choice_is_checked():
     with pytest.raises(ValueError, match="cross_layer"):
-        FFNTracker(build("gpt2"), cross_layer="neighbours")
+        FFNTracker(build("gpt2"), cross_layer="neighbours", flow=False)
 
 
 # ----------------------------------------------------------------------------- the accumulator

@@ -111,7 +111,7 @@ def test_token_cap_gives_pre_and_post_the_same_tokens():
     handle = model.transformer.h[1].mlp.c_fc.register_forward_hook(
         lambda module, args, out: captured.append(out.detach().double())
     )
-    tracker = FFNTracker(model, max_tokens=45)
+    tracker = FFNTracker(model, max_tokens=45, flow=False)
     with tracker, torch.no_grad():
         for inputs in batches:
             model(**inputs)
@@ -131,7 +131,7 @@ def test_token_cap_gives_pre_and_post_the_same_tokens():
 
 def test_pr_fast_path_equals_eigendecomposition_and_skips_it(monkeypatch):
     model = gpt2()
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, torch.no_grad():
         model(**padded_batch([20, 17, 25], seed=4))
     full = tracker.compute()
@@ -158,22 +158,22 @@ def test_memory_budget_refuses_with_the_numbers_before_allocating():
     needed = covariance_state_bytes([37, 37])  # 2 FFNs x 2 sides x (37^2 + 37) x 8 bytes
     assert needed == 2 * 2 * (37 * 37 + 37) * 8
     with pytest.raises(MemoryBudgetError, match=r"2 FFNs of width 37 needs 0\.0429 MiB.*memory_budget_mb=0\.04"):
-        FFNTracker(model, memory_budget_mb=0.04)
+        FFNTracker(model, memory_budget_mb=0.04, flow=False)
     assert issubclass(MemoryBudgetError, ValueError)
-    FFNTracker(model, memory_budget_mb=0.05)  # fits
-    FFNTracker(model, layers=[0], memory_budget_mb=0.025)  # one FFN fits a smaller budget
+    FFNTracker(model, memory_budget_mb=0.05, flow=False)  # fits
+    FFNTracker(model, layers=[0], memory_budget_mb=0.025, flow=False)  # one FFN fits a smaller budget
     with pytest.raises(ValueError, match="positive"):
-        FFNTracker(model, memory_budget_mb=0)
+        FFNTracker(model, memory_budget_mb=0, flow=False)
 
 
 def test_memory_budget_for_a_llama_70b_sized_model_built_on_meta():
     # 80 FFNs of width 28672 would need 2 x 28672^2 x 8 bytes each, ~0.96 TiB; nothing is allocated.
     model = gpt2(n_layer=80, n_inner=28672, device="meta")
     with pytest.raises(MemoryBudgetError) as error:
-        FFNTracker(model, memory_budget_mb=80 * 1024)
+        FFNTracker(model, memory_budget_mb=80 * 1024, flow=False)
     message = str(error.value)
     assert "80 FFNs of width 28672" in message and "needs 1,003,555 MiB" in message and "layers_per_step" in message
-    assert FFNTracker(model, layers=[0, 1, 2, 3], memory_budget_mb=80 * 1024).sites[-1].site == "ffn.3"
+    assert FFNTracker(model, layers=[0, 1, 2, 3], memory_budget_mb=80 * 1024, flow=False).sites[-1].site == "ffn.3"
 
 
 def test_callback_memory_budget_raises_at_trainer_construction(tmp_path):
@@ -261,7 +261,7 @@ def test_compute_decomposes_in_bounded_batches_with_the_same_result(monkeypatch)
     import nerve_hf.spectra.exact as exact_spectra  # where eigen_batches reads EIGEN_BATCH_BYTES
 
     model = gpt2(n_layer=3)
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, torch.no_grad():
         model(**padded_batch([30, 21], seed=5))
     together = tracker.compute()

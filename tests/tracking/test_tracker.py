@@ -224,6 +224,7 @@ def capture_reference(model, blocks, ffn_input: str | None, pre_post, inputs) ->
 
 
 def run_tracker(model, *inputs_list, **tracker_kwargs):
+    tracker_kwargs.setdefault("flow", False)  # pre/post only unless a test asks for the flow
     tracker = FFNTracker(model, **tracker_kwargs)
     with tracker, torch.no_grad():
         for inputs in inputs_list:
@@ -260,7 +261,7 @@ def test_timm_mlp_mixer_token_and_channel_sites():
         model(images)
     for hook in hooks:
         hook.remove()
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, torch.no_grad():
         model(images)
     report = tracker.compute()
@@ -324,7 +325,7 @@ def test_padding_changes_result_without_mask():
 def test_positional_attention_mask_is_used():
     model = build("gpt2")
     inputs = batch(side="right")
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, torch.no_grad():
         # GPT2LMHeadModel.forward(input_ids, past_key_values, attention_mask, ...)
         model(inputs["input_ids"], None, inputs["attention_mask"])
@@ -343,7 +344,7 @@ def test_mismatched_mask_warns_once_and_counts_all_rows():
             return self.mixer(x)
 
     model = Wrapper()
-    tracker = FFNTracker(model, adapter=__import__("model_adapters").get_adapter(model.mixer))
+    tracker = FFNTracker(model, adapter=__import__("model_adapters").get_adapter(model.mixer), flow=False)
     with tracker, pytest.warns(RuntimeWarning, match="does not match"):
         model(torch.randn(2, 3, 8, 8), attention_mask=torch.ones(2, 5))
     assert tracker.compute().rows[0]["tokens"] == 2 * 8  # token MLP rows: images x channels
@@ -357,7 +358,7 @@ def test_gradient_checkpointing_counts_each_token_once(use_reentrant):
     expected = run_tracker(model, inputs)
     model.train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker:
         out = model(**inputs, labels=inputs["input_ids"])
         out.loss.backward()
@@ -381,7 +382,7 @@ def test_max_tokens_keeps_same_first_tokens_for_pre_and_post():
 def test_layers_selection_and_accumulation_across_enters():
     model = build("gpt2")
     inputs = batch()
-    tracker = FFNTracker(model, layers=[-1])
+    tracker = FFNTracker(model, layers=[-1], flow=False)
     assert [site.site for site in tracker.sites] == ["ffn.1"]
     for _ in range(2):
         with tracker, torch.no_grad():
@@ -391,12 +392,12 @@ def test_layers_selection_and_accumulation_across_enters():
     report = tracker.compute()
     assert report.rows[0]["tokens"] == 0 and np.isnan(report.rows[0]["pr_pre"])
     with pytest.raises(ValueError, match="out of range"):
-        FFNTracker(model, layers=[2])
+        FFNTracker(model, layers=[2], flow=False)
 
 
 def test_calls_outside_the_tracked_forward_are_not_counted():
     model = build("gpt2")
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, pytest.warns(RuntimeWarning, match="outside a forward"):
         model.transformer.h[0].mlp(torch.randn(2, 3, HIDDEN))
     assert tracker.compute().rows[0]["tokens"] == 0
@@ -410,7 +411,7 @@ def _hook_count(model: nn.Module) -> int:
 def test_hooks_removed_after_exception_and_reentry_works():
     model = build("gpt2")
     before = _hook_count(model)
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with pytest.raises(RuntimeError, match="boom"):
         with tracker:
             assert _hook_count(model) > before
@@ -432,12 +433,12 @@ def test_inference_mode_and_bf16_autocast():
     model = build("llama")
     inputs = batch()
     expected = run_tracker(model, inputs)
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, torch.inference_mode():
         model(**inputs)
     for a, b in zip(tracker.compute().rows, expected.rows):
         assert a["tokens"] == b["tokens"] and a["pr_pre"] == pytest.approx(b["pr_pre"], rel=1e-5)
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(**inputs)
     for a, b in zip(tracker.compute().rows, expected.rows):
@@ -480,7 +481,7 @@ def test_width_learned_lazily_when_modules_are_not_linear():
 
     torch.manual_seed(0)
     model = Net()
-    tracker = FFNTracker(model, adapter=Adapter(sites=(FFNSite("ffn", "blocks", "up", "down"),)))
+    tracker = FFNTracker(model, adapter=Adapter(sites=(FFNSite("ffn", "blocks", "up", "down"),)), flow=False)
     empty = tracker.compute().rows[0]
     assert (empty["dim"], empty["tokens"]) == (0, 0) and np.isnan(empty["se_pre"])
     x = torch.randn(40, 6)
@@ -493,8 +494,8 @@ def test_width_learned_lazily_when_modules_are_not_linear():
 def test_when_predicate_records_only_chosen_forwards():
     model = build("gpt2")
     inputs = batch()
-    eval_only = FFNTracker(model, when=lambda module: not module.training)
-    everything = FFNTracker(model)
+    eval_only = FFNTracker(model, when=lambda module: not module.training, flow=False)
+    everything = FFNTracker(model, flow=False)
     with eval_only, everything, torch.no_grad():
         model.train()
         model(**inputs)

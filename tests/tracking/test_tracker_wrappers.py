@@ -44,20 +44,20 @@ def gpt2_and_expected():
 def test_data_parallel_on_one_device_is_measured_and_over_several_refused(gpt2_and_expected):
     model, inputs, expected = gpt2_and_expected
     dp = nn.DataParallel(model)  # no GPU here: no replicas, the wrapper calls the model itself
-    tracker = FFNTracker(dp)
+    tracker = FFNTracker(dp, flow=False)
     assert tracker.root is model
     with torch.no_grad(), tracker:
         dp(**inputs)
     assert_same_report(tracker.compute(), expected)
     dp.device_ids = [0, 1]  # what it holds on a machine with two GPUs: threaded replicas, sliced batches
     with pytest.raises(ValueError, match="DataParallel over 2 devices .* DistributedDataParallel"):
-        FFNTracker(dp)
+        FFNTracker(dp, flow=False)
 
 
 def test_ddp_wrapped(process_group, gpt2_and_expected):
     model, inputs, expected = gpt2_and_expected
     ddp = nn.parallel.DistributedDataParallel(model)
-    tracker = FFNTracker(ddp)
+    tracker = FFNTracker(ddp, flow=False)
     assert tracker.root is model
     with tracker:
         out = ddp(**inputs, labels=inputs["input_ids"])
@@ -90,7 +90,7 @@ def test_checkpoint_wrapped_blocks_count_once(gpt2_and_expected):
     model.train()
     apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "GPT2Block")
     assert "transformer.h.0._checkpoint_wrapped_module.mlp.c_fc" in dict(model.named_modules())
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker:
         # use_cache=False: a recomputed block would otherwise append to the KV cache twice
         model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()  # backward re-runs blocks
@@ -129,12 +129,12 @@ def small_net():
 
 def test_torch_compile_entered_before_first_call(small_net):
     model, x, mask = small_net
-    expected = FFNTracker(model)
+    expected = FFNTracker(model, flow=False)
     with expected:
         model(x, attention_mask=mask)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
-    tracker = FFNTracker(compiled)
+    tracker = FFNTracker(compiled, flow=False)
     assert tracker.root is model
     for _ in range(2):
         with tracker:
@@ -152,7 +152,7 @@ def test_torch_compile_after_first_call(small_net):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
     compiled(x, attention_mask=mask)  # traced without hooks
-    tracker = FFNTracker(compiled)
+    tracker = FFNTracker(compiled, flow=False)
     with tracker, pytest.warns(RuntimeWarning, match="skip_nnmodule_hook_guards"):
         compiled(x, attention_mask=mask)
     assert tracker.compute().rows[0]["tokens"] == 0  # the documented limitation, made loud
@@ -162,7 +162,7 @@ def test_torch_compile_after_first_call(small_net):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="eager")
         compiled(x, attention_mask=mask)
-        tracker = FFNTracker(compiled)
+        tracker = FFNTracker(compiled, flow=False)
         with tracker:
             compiled(x, attention_mask=mask)
         assert tracker.compute().rows[0]["tokens"] == 18

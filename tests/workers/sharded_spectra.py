@@ -37,7 +37,7 @@ def main(out: str, n_layer: int, metrics: str) -> None:
 
     model = tiny_gpt2(n_layer=n_layer).double().eval()  # float64: exact activations, only the reduction differs
     ids = torch.randint(1, VOCAB, (8, 9), generator=torch.Generator().manual_seed(3))
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, torch.no_grad():
         model(input_ids=ids.chunk(world)[rank])
     report = tracker.compute(metrics=metrics)

@@ -18,9 +18,9 @@ def main(out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = tiny_gpt2(n_layer=3).double().eval()
     ids = torch.randint(1, VOCAB, (8, 9), generator=torch.Generator().manual_seed(3)).chunk(world)[rank]
-    sharded = FFNTracker(model, site_sharded=True, state_device="cpu", memory_budget_mb=0.05)
+    sharded = FFNTracker(model, site_sharded=True, state_device="cpu", memory_budget_mb=0.05, flow=False)
     alone, _ = dist.new_subgroups(group_size=1)
-    local = FFNTracker(model, group=alone)  # every FFN on this process's tokens only, for reference
+    local = FFNTracker(model, group=alone, flow=False)  # every FFN on this process's tokens only, for reference
     more = dict(flow=True, position_buckets=[0, 4])  # the owner measures the stages and buckets too
     sharded_more = FFNTracker(model, site_sharded=True, state_device="cpu", **more)
     local_more = FFNTracker(model, group=alone, **more)
