@@ -168,7 +168,7 @@ class NerveCallback(TrainerCallback):
 
     def _place_ahead_of_integrations(self) -> None:
         """First event of a callback given as ``Trainer(callbacks=[...])`` or ``add_callback``: find the
-        Trainer's callback list (the CallbackHandler calling this event, up the call stack) and move ahead
+        Trainer's callback list (through trainer_internals, up the call stack) and move ahead
         of the integrations there. :meth:`add_to` does the same without the search."""
         if self._placed:
             return
