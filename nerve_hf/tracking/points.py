@@ -299,7 +299,8 @@ class FFNHookPoints:
         if window is None:
             return
         site = self.table.sites[index]
-        with torch.no_grad(), torch.inference_mode(False):
+        # inference_mode(False) turns grad mode on: no_grad() inside it, so no graph reaches the parameters
+        with torch.inference_mode(False), torch.no_grad():
             call = read_call(site.experts, args, kwargs, site.router, self._routers.pop(index, None))
             if call is None:
                 self._warn("experts-call", f"FFNTracker: cannot read the routing of {site.pre_path}; not counted")

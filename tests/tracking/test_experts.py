@@ -365,3 +365,52 @@ def test_expert_round_robin_and_subset_bound_the_state():
         FFNTracker(model, experts=[4])
     with pytest.raises(ValueError, match="not both"):
         FFNTracker(model, experts=[0], experts_per_step=1)
+
+
+def test_training_step_gradients_unchanged_and_checkpoint_recompute_not_counted():
+    batch = _batch()
+    grads = []
+    for tracked in (False, True):
+        model = _build("qwen2_moe").train()
+        model.activation_checkpointing_enable()
+        tracker = FFNTracker(model, flow=False)
+        if tracked:
+            tracker.attach()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        tracker.detach()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        if tracked:
+            report = tracker.compute()
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    n_real = int(batch["attention_mask"].sum())
+    for row in report.routing:  # once per token, though checkpointing re-ran every block in backward
+        assert (row["tokens"], row["assignments"]) == (n_real, 2 * n_real)
+
+
+def test_granitemoe_shared_mlp_is_a_shared_expert():
+    torch.manual_seed(0)
+    config = tf.GraniteMoeSharedConfig(
+        hidden_size=32, intermediate_size=48, shared_intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+        **ATTN,
+    )  # fmt: skip
+    model, batch = tf.GraniteMoeSharedForCausalLM(config).eval(), _batch()
+    gate_rows = []
+    handle = model.model.layers[0].shared_mlp.input_linear.register_forward_hook(
+        lambda m, a, out: gate_rows.append(out.detach().chunk(2, dim=-1)[0])
+    )
+    post_rows = []
+    handle2 = model.model.layers[0].shared_mlp.output_linear.register_forward_pre_hook(
+        lambda m, a: post_rows.append(a[0].detach())
+    )
+    tracker = FFNTracker(model, flow=False)
+    with tracker, torch.no_grad():
+        model(**batch)
+    handle.remove(), handle2.remove()
+    report = tracker.compute()
+    shared = [row for row in report.rows if row["kind"] == "shared_expert"]
+    assert [row["site"] for row in shared] == ["shared_expert.0", "shared_expert.1"] and shared[0]["dim"] == 64
+    real = batch["attention_mask"].bool()
+    want = activation_metrics(gate_rows[0][real], post_rows[0][real])
+    for metric in METRIC_NAMES:
+        assert _close(shared[0][metric], want[metric]), metric
+    assert {row["kind"] for row in report.rows} == {"shared_expert", "expert"}
