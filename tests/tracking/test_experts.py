@@ -414,3 +414,42 @@ def test_granitemoe_shared_mlp_is_a_shared_expert():
     for metric in METRIC_NAMES:
         assert _close(shared[0][metric], want[metric]), metric
     assert {row["kind"] for row in report.rows} == {"shared_expert", "expert"}
+
+
+def test_trainer_run_logs_layer_summaries_and_records_every_expert(tmp_path):
+    import itertools
+    import json
+
+    from nerve_hf import NerveCallback
+
+    model = _build("mixtral").train()
+    torch.manual_seed(0)
+    lengths = [12, 9, 7, 12, 5, 10, 12, 8]
+    data = [
+        {
+            "input_ids": torch.randint(0, 61, (12,)),
+            "attention_mask": torch.tensor([1] * n + [0] * (12 - n)),
+            "labels": torch.randint(0, 61, (12,)),
+        }
+        for n in lengths
+    ]
+    args = tf.TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1, report_to=[], use_cpu=True
+    )
+    trainer = tf.Trainer(model=model, args=args, train_dataset=data, callbacks=[NerveCallback(every_n_steps=1)])
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "nerve/mean/experts/pr_post_mean" in log]
+    assert len(logs) == 2 and all("nerve/experts.1/router/load_cv" in log for log in logs)
+    assert not any(key.startswith("nerve/experts[") for log in logs for key in log)
+    records = [json.loads(line) for line in open(tmp_path / "nerve_metrics.jsonl")]
+    per_step = {}
+    for step in (1, 2):  # the Trainer shuffles: each step holds 4 of the samples, the two steps all 8
+        sums = set()
+        for layer in (0, 1):
+            rows = [r for r in records if r["step"] == step and r["layer"] == layer]
+            assert sorted(r["expert"] for r in rows) == [0, 1, 2, 3] and {r["kind"] for r in rows} == {"expert"}
+            sums.add(sum(r["tokens"] for r in rows))
+        assert len(sums) == 1  # every layer: the same real tokens x top-k
+        per_step[step] = sums.pop()
+    assert per_step[1] + per_step[2] == sum(lengths) * 2  # real tokens x top-k, never a pad
+    assert per_step[1] in {2 * sum(four) for four in itertools.combinations(lengths, 4)}
