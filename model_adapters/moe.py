@@ -30,9 +30,12 @@ non-MoE blocks of Jamba/Llama 4/Qwen MoE with ``mlp_only_layers``) of kind ``"de
 
 from __future__ import annotations
 
-from .spec import Adapter, ExpertsSpec, FFNSite
+from torch import nn
 
-__all__ = ["ADAPTERS", "moe_adapter"]
+from .spec import Adapter, ExpertsSpec, FFNSite
+from .unwrap import module_index, unwrap_model
+
+__all__ = ["ADAPTERS", "detect_moe_adapter", "moe_adapter"]
 
 
 def moe_adapter(
@@ -98,3 +101,61 @@ ADAPTERS = {
     ),
     "llama4_text": _LLAMA4,
 }
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    """A routed-experts module of transformers' ``use_experts_implementation`` convention (the decorator
+    sets ``is_concatenated``): 3-D ``down_proj`` and ``gate_up_proj`` or ``up_proj``, called with the routing."""
+    down = getattr(module, "down_proj", None)
+    up = (
+        getattr(module, "gate_up_proj", None) if getattr(module, "has_gate", True) else getattr(module, "up_proj", None)
+    )
+    return (
+        hasattr(module, "is_concatenated")
+        and isinstance(down, nn.Parameter)
+        and isinstance(up, nn.Parameter)
+        and down.ndim == 3
+        and up.ndim == 3
+    )
+
+
+def _gated_mlp(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "gate_proj", None), nn.Linear) and isinstance(
+        getattr(module, "down_proj", None), nn.Linear
+    )
+
+
+def detect_moe_adapter(model: nn.Module) -> Adapter | None:
+    """An adapter for an MoE model the table does not know, from its structure: the blocks of a
+    ``ModuleList`` holding fused experts modules (:func:`_is_fused_experts`), each block's gated MLP whose
+    path names ``shared`` as its shared expert, and the other gated MLPs (``gate_proj``/``down_proj``) as
+    dense FFNs. None when no fused experts module is found."""
+    index = module_index(unwrap_model(model))
+    for cpath, container in index.items():
+        if not isinstance(container, nn.ModuleList):
+            continue
+        experts, shared, dense = set(), set(), set()
+        for block in container:
+            for path, module in block.named_modules():
+                if _is_fused_experts(module):
+                    experts.add(path)
+                elif path and _gated_mlp(module) and not any(p in experts for p in _parents(path)):
+                    (shared if "shared" in path else dense).add(path)
+        if not experts:
+            continue
+        if len(experts) > 1 or len(shared) > 1 or len(dense) > 1:
+            return None  # several candidates per block: refuse rather than guess
+        sites = [FFNSite("ffn", cpath, f"{p}.gate_proj", f"{p}.down_proj", optional=True) for p in dense]
+        sites += [
+            FFNSite("shared_expert", cpath, f"{p}.gate_proj", f"{p}.down_proj", kind="shared_expert", optional=True)
+            for p in shared
+        ]
+        path = experts.pop()
+        sites.append(FFNSite("experts", cpath, path, path, kind="expert", experts=ExpertsSpec(), optional=True))
+        return Adapter(sites=tuple(sites), gated=True)
+    return None
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))]

@@ -83,7 +83,7 @@ def get_adapter(model: nn.Module) -> Adapter:
     for key in lookup_keys(model):
         if key in _REGISTRY:
             return _REGISTRY[key]
-    detected = detect_adapter(model)
+    detected = moe.detect_moe_adapter(model) or detect_adapter(model)
     if detected is not None:
         return detected
     inner = unwrap_model(model)

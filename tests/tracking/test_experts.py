@@ -40,7 +40,11 @@ def _jamba():
     )  # fmt: skip
 
 
-# family -> (model class, config factory, top-k, expected kinds)
+def _config(cls, **kwargs):
+    return lambda: cls.config_class(**kwargs, **ATTN)
+
+
+# family -> (model class, config factory). The last five are not in the table: found by detect_moe_adapter.
 FAMILIES = {
     "mixtral": (
         tf.MixtralForCausalLM,
@@ -105,6 +109,44 @@ FAMILIES = {
         ),  # fmt: skip
     ),
 }
+
+
+# Not in the table: found by model_adapters.moe.detect_moe_adapter.
+FAMILIES.update(
+    glm4_moe=(
+        tf.Glm4MoeForCausalLM,
+        _config(
+            tf.Glm4MoeForCausalLM, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
+            n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16,
+        ),
+    ),
+    ernie4_5_moe=(
+        tf.Ernie4_5_MoeForCausalLM,
+        _config(
+            tf.Ernie4_5_MoeForCausalLM, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+            moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=16,
+        ),
+    ),
+    deepseek_v2=(
+        tf.DeepseekV2ForCausalLM,
+        _config(
+            tf.DeepseekV2ForCausalLM, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+            topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        ),
+    ),
+    phimoe=(
+        tf.PhimoeForCausalLM,
+        _config(tf.PhimoeForCausalLM, hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    minimax=(
+        tf.MiniMaxForCausalLM,
+        _config(
+            tf.MiniMaxForCausalLM, hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+            head_dim=16,
+        ),
+    ),
+)  # fmt: skip
 
 
 def _build(family: str, implementation: str | None = None):
