@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import bert, gpt, llama, timm_mixer
+from . import bert, gpt, llama, moe, timm_mixer
 from .detect import detect_adapter
 from .spec import Adapter
 from .unwrap import unwrap_model
 
 # key -> Adapter. Keys are `config.model_type` for transformers models and the class name for others
 # (timm). A fresh dict per import; `register_adapter` adds to it.
-_REGISTRY: dict[str, Adapter] = {**gpt.ADAPTERS, **llama.ADAPTERS, **bert.ADAPTERS, **timm_mixer.ADAPTERS}
+_REGISTRY: dict[str, Adapter] = {
+    **gpt.ADAPTERS,
+    **llama.ADAPTERS,
+    **bert.ADAPTERS,
+    **timm_mixer.ADAPTERS,
+    **moe.ADAPTERS,
+}
 
 
 def register_adapter(key: str, adapter: Adapter, *, overwrite: bool = False) -> None:
@@ -77,7 +83,7 @@ def get_adapter(model: nn.Module) -> Adapter:
     for key in lookup_keys(model):
         if key in _REGISTRY:
             return _REGISTRY[key]
-    detected = detect_adapter(model)
+    detected = moe.detect_moe_adapter(model) or detect_adapter(model)
     if detected is not None:
         return detected
     inner = unwrap_model(model)

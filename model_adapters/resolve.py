@@ -7,7 +7,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .spec import Adapter, FFNSite
+from .spec import Adapter, ExpertsSpec, FFNSite
 from .unwrap import module_index, unwrap_model
 
 
@@ -30,6 +30,8 @@ class ResolvedSite:
     kind: str = "dense"  # FFNSite.kind
     stack: str = ""  # FFNSite.stack
     tokens: str = "attention_mask"  # FFNSite.tokens: the token source of the stack
+    experts: ExpertsSpec | None = None  # FFNSite.experts (kind "expert": pre and post are the experts module)
+    router: nn.Module | None = None  # the router module of ExpertsSpec.router, when it names one
 
 
 def _join(*parts: str) -> str:
@@ -43,6 +45,13 @@ def _containers(index: dict[str, nn.Module], suffix: str) -> list[str]:
         for path, module in index.items()
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and (path == suffix or path.endswith("." + suffix))
     ]
+
+
+def _router(index: dict[str, nn.Module], cpath: str, layer: int, site: FFNSite) -> nn.Module | None:
+    """The router module of an experts site whose spec names one."""
+    if site.experts is None or not site.experts.router:
+        return None
+    return index.get(_join(cpath, str(layer), site.experts.router))
 
 
 def _resolve_family(index: dict[str, nn.Module], site: FFNSite) -> list[ResolvedSite]:
@@ -67,6 +76,8 @@ def _resolve_family(index: dict[str, nn.Module], site: FFNSite) -> list[Resolved
                         kind=site.kind,
                         stack=site.stack,
                         tokens=site.tokens,
+                        experts=site.experts,
+                        router=_router(index, cpath, layer, site),
                     )
                 )
         if rows:
@@ -98,6 +109,8 @@ def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | No
     sites: list[ResolvedSite] = []
     for family in adapter.sites:
         rows = _resolve_family(index, family)
+        if not rows and family.optional:
+            continue
         if not rows:
             raise ValueError(
                 f"{type(unwrap_model(model)).__name__}: no blocks matching {family.blocks!r} contain "

@@ -11,6 +11,41 @@ from dataclasses import dataclass
 # What a site measures: a plain FFN, an always-on shared expert, or routed experts.
 KINDS = ("dense", "shared_expert", "expert")
 
+# How a routed-experts module is called (see ExpertsSpec.routing).
+ROUTINGS = ("call", "scaled")
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """How one family's fused routed experts compute, for a site of kind ``"expert"``.
+
+    Fields left ``None`` are read from the experts module, where transformers'
+    ``use_experts_implementation`` puts them (``has_gate``, ``has_bias``, ``is_transposed``,
+    ``is_concatenated``); the gate is the module's own ``_apply_gate`` when it has one.
+
+    Attributes:
+        routing: ``"call"``: ``forward(hidden_states [N, D], top_k_index [N, k], top_k_weights [N, k])``,
+            outputs weighted after the down projection; ``"scaled"`` (Llama 4): ``forward(x [E*N, D])``
+            with every token repeated per expert and scaled by its router score, the choice read from
+            the ``router`` module's logits (its ``top_k`` largest).
+        router: path inside a block of the router module (``"scaled"`` only).
+        gated: gate/up experts (``gate_up_proj``) or up-only ones (``up_proj``).
+        transposed: weights stored ``[E, in, out]`` instead of ``[E, out, in]``.
+        concatenated: ``gate_up_proj`` holds ``[gate; up]``; False: interleaved (gpt-oss: gate = ``[..., ::2]``).
+        bias: ``gate_up_proj_bias`` / ``up_proj_bias`` and ``down_proj_bias`` exist.
+    """
+
+    routing: str = "call"
+    router: str = ""
+    gated: bool | None = None
+    transposed: bool | None = None
+    concatenated: bool | None = None
+    bias: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"ExpertsSpec: routing must be one of {ROUTINGS}, got {self.routing!r}")
+
 
 @dataclass(frozen=True)
 class FFNSite:
@@ -32,6 +67,8 @@ class FFNSite:
             ...); ``""`` for a model with one stack.
         tokens: the token source of that stack, by name (``nerve_hf.tracking.tokens``): ``"attention_mask"``
             (the call's mask, the default).
+        experts: for ``kind="expert"``: how the experts module (``pre`` and ``post`` both name it) computes.
+        optional: the family may be absent from a model (dense layers of an MoE whose config has none).
     """
 
     name: str
@@ -42,10 +79,14 @@ class FFNSite:
     kind: str = "dense"
     stack: str = ""
     tokens: str = "attention_mask"
+    experts: ExpertsSpec | None = None
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"FFNSite {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.kind == "expert") != (self.experts is not None):
+            raise ValueError(f"FFNSite {self.name!r}: a site of kind 'expert' (and only one) needs `experts`")
 
 
 @dataclass(frozen=True)

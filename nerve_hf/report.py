@@ -9,13 +9,14 @@ from torch import Tensor
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.tracking.measurements.base import nan_mean
 from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_KEYS, cross_layer_log_dict
+from nerve_hf.tracking.measurements.experts import ROUTING_KEYS, experts_log_dict
 from nerve_hf.tracking.measurements.flow import flow_names
 from nerve_hf.tracking.measurements.positions import POSITION_KEYS, position_log_dict
 
-# Keys of every row, in column order.
-ROW_KEYS = ("site", "layer", "dim", "tokens") + METRIC_NAMES
+# Keys of every row, in column order; rows of routed experts add ``expert``.
+ROW_KEYS = ("site", "layer", "dim", "tokens") + METRIC_NAMES + ("kind",)
 
-__all__ = ["METRIC_NAMES", "ROW_KEYS", "SpectralReport"]
+__all__ = ["METRIC_NAMES", "ROUTING_KEYS", "ROW_KEYS", "SpectralReport"]
 
 
 @dataclass
@@ -24,7 +25,7 @@ class SpectralReport:
 
     Attributes:
         rows: one dict per site with :data:`ROW_KEYS`: ``site`` (str, ``"ffn.3"``), ``layer``,
-            ``dim``, ``tokens`` (int) and the seven metrics (float, NaN when undefined); with the
+            ``dim``, ``tokens`` (int), the seven metrics (float, NaN when undefined) and ``kind``; with the
             tracker's ``flow`` also :data:`~nerve_hf.tracking.measurements.flow.FLOW_KEYS`
             (``extra_metrics``: its summaries).
         eigenvalues: site -> (pre, post) eigenvalues, descending float64 CPU tensors ``[dim]``.
@@ -35,6 +36,11 @@ class SpectralReport:
             (all NaN for a bucket no token reached).
         cross_layer: ``cross_layer``: per pair of layers,
             :data:`~nerve_hf.tracking.measurements.cross_layer.CROSS_LAYER_KEYS`.
+        routing: MoE models: per layer of routed experts, its routing statistics
+            (:data:`~nerve_hf.tracking.measurements.experts.ROUTING_KEYS`).
+
+    Rows say what they measured with ``kind``: ``"dense"``, ``"shared_expert"`` or ``"expert"`` (one row
+    per routed expert, with ``expert``, its index in the layer); a row without ``kind`` is dense.
 
     >>> ones, nans = {m: 1.0 for m in METRIC_NAMES}, {m: float("nan") for m in METRIC_NAMES}
     >>> r = SpectralReport(rows=[dict(site="ffn.0", layer=0, dim=3, tokens=9, **ones),
@@ -50,6 +56,7 @@ class SpectralReport:
     positions: list[dict] = field(default_factory=list)  # one row per site and position bucket: POSITION_KEYS
     position_eigenvalues: dict[tuple[str, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
     cross_layer: list[dict] = field(default_factory=list)  # one row per pair of layers: CROSS_LAYER_KEYS
+    routing: list[dict] = field(default_factory=list)  # one row per MoE layer: ROUTING_KEYS
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -58,10 +65,19 @@ class SpectralReport:
         """The flow metrics the rows carry (none without ``flow``)."""
         return flow_names(self.rows)
 
-    def mean(self) -> dict[str, float]:
-        """Average of each metric over the sites that have it defined (NaN if none has); with ``flow``,
-        of the flow metrics too."""
-        return {name: nan_mean(row[name] for row in self.rows) for name in (*METRIC_NAMES, *self._flow_names())}
+    def _of_kind(self, kind: str) -> list[dict]:
+        return [row for row in self.rows if row.get("kind", "dense") == kind]
+
+    def mean(self, kind: str | None = None) -> dict[str, float]:
+        """Average of each metric over the sites of one kind that have it defined (NaN if none has); with
+        ``flow``, of the flow metrics too. ``kind`` None: the dense FFNs, or where a model has none, its
+        shared experts, else its routed experts (never two kinds averaged together)."""
+        if kind is None:
+            kind = next((k for k in ("dense", "shared_expert", "expert") if self._of_kind(k)), "dense")
+        rows = self._of_kind(kind)
+        return {
+            name: nan_mean(row.get(name, float("nan")) for row in rows) for name in (*METRIC_NAMES, *self._flow_names())
+        }
 
     def to_log_dict(self, prefix: str = "nerve") -> dict[str, float]:
         """Flat ``{f"{prefix}/{site}/{metric}": value}`` for every row, plus ``f"{prefix}/mean/{metric}"``.
@@ -69,12 +85,20 @@ class SpectralReport:
         Options beyond the paper add: ``flow``, the flow metrics under the same keys
         (``nerve/ffn.0/se_input``); ``position_buckets``, ``f"{prefix}/{site}/{metric}.pos{bucket}"`` and
         the layer mean ``f"{prefix}/mean/{metric}.pos{bucket}"`` (``nerve/mean/pr_pre.pos0-16``);
+        MoE models: ``f"{prefix}/mean/{metric}"`` over dense FFNs only, ``f"{prefix}/mean/shared_expert/{metric}"``
+        over shared experts, and per layer of routed experts the summaries over its experts and its
+        routing statistics (:func:`~nerve_hf.tracking.measurements.experts.experts_log_dict`; no per-expert key);
         ``cross_layer``, for each layer and the next tracked one, ``f"{prefix}/{site}/cka_next"``,
         ``js_pre_next`` and ``js_post_next``, and their layer means ``f"{prefix}/mean/cka_next"``, ...
         """
         names = (*METRIC_NAMES, *self._flow_names())
-        out = {f"{prefix}/{row['site']}/{name}": row[name] for row in self.rows for name in names}
-        out.update({f"{prefix}/mean/{name}": value for name, value in self.mean().items()})
+        sites = [row for row in self.rows if row.get("kind") != "expert"]  # experts: per-layer summaries
+        out = {f"{prefix}/{row['site']}/{name}": row[name] for row in sites for name in names if name in row}
+        if self._of_kind("dense"):
+            out.update({f"{prefix}/mean/{name}": value for name, value in self.mean("dense").items()})
+        if self._of_kind("shared_expert"):
+            out.update({f"{prefix}/mean/shared_expert/{k}": v for k, v in self.mean("shared_expert").items()})
+        out.update(experts_log_dict(self.rows, self.routing, prefix))
         out.update(position_log_dict(self.positions, prefix))  # each measurement's own keys
         out.update(cross_layer_log_dict(self.rows, self.cross_layer, prefix))
         return out
@@ -84,9 +108,10 @@ class SpectralReport:
         rows carry, ``compute(extra_metrics=True)``).
 
         >>> ones = {m: 1.0 for m in METRIC_NAMES}
-        >>> frame = SpectralReport(rows=[dict(site="ffn.0", layer=0, dim=3, tokens=9, **ones)]).to_pandas()
+        >>> row = dict(site="ffn.0", layer=0, dim=3, tokens=9, **ones, kind="dense")
+        >>> frame = SpectralReport(rows=[row]).to_pandas()
         >>> frame.shape, list(frame.columns[:5])
-        ((1, 11), ['site', 'layer', 'dim', 'tokens', 'se_pre'])
+        ((1, 12), ['site', 'layer', 'dim', 'tokens', 'se_pre'])
         """
         import pandas as pd  # imported on use: pandas is only needed here
 

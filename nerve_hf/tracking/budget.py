@@ -11,7 +11,12 @@ from typing import Callable, Iterable, Optional, Sequence
 __all__ = ["MemoryBudgetError", "covariance_state_bytes", "format_mib", "check_memory_budget"]
 
 # Measurements the budget's message describes by formula; others are named.
-_DESCRIBED = ("prepost", "stage_covariances", "flow", "positions", "cross_layer")
+_DESCRIBED = ("prepost", "stage_covariances", "flow", "positions", "cross_layer", "experts")
+
+
+# What the message adds for routed experts (measurements.experts.Experts).
+_EXPERTS_TERM = ", plus 2 x (F^2 + F) x 8 per measured routed expert of width F"
+_EXPERTS_HINT = " or experts (experts=[...] a subset, experts_per_step=n a round-robin share per step)"
 
 
 class MemoryBudgetError(ValueError):
@@ -61,6 +66,8 @@ def check_memory_budget(
         f"FFNTracker: tracking {len(dims)} FFNs needs {format_mib(needed)} MiB of float64 state "
         f"([(1 + B) x 2 x (D^2 + D) + s x (d^2 + d)] x 8 bytes per FFN with "
         f"B={terms.get('B', 0)} position buckets and s={terms.get('s', 0)} flow stages, "
-        f"plus (d^2 + 2d) x 8 per layer pair{', plus the state of ' + ', '.join(others) if others else ''}), over "
-        f"memory_budget_mb={limit_mb:,g}. Track fewer FFNs or buckets, or raise the budget."
+        f"plus (d^2 + 2d) x 8 per layer pair{', plus the state of ' + ', '.join(others) if others else ''}"
+        f"{_EXPERTS_TERM if 'experts' in names else ''}), over "
+        f"memory_budget_mb={limit_mb:,g}. Track fewer FFNs or buckets{_EXPERTS_HINT if 'experts' in names else ''}, "
+        f"or raise the budget."
     )

@@ -19,6 +19,13 @@ Token accounting, the part that is easy to get wrong:
 
 Each firing hands the recording window's measurements ``(site, stage, rows [N, W], keep [N] bool or None,
 positions)``, with ``positions()`` computed only when a measurement asks.
+
+Routed experts (sites of kind ``"expert"``) have one stage, ``experts``: a forward pre-hook (with kwargs)
+on the fused experts module reads its call ``(hidden_states [N, D], top_k_index [N, k], top_k_weights
+[N, k])``; the site's token source says which of the N rows are real tokens (the rows are the block's
+``[B, T, D]`` input flattened, so ``[B*T]`` maps onto the mask), and
+:mod:`nerve_hf.tracking.experts_compute` recomputes each expert's pre and post on the real assignments.
+The measurements receive an :class:`~nerve_hf.tracking.experts_compute.ExpertRows` as ``rows``.
 """
 
 from __future__ import annotations
@@ -32,17 +39,31 @@ import model_adapters
 from model_adapters import Adapter, ResolvedSite
 from nerve_hf.parallel.tensor_parallel import full_width, modules_under_fsdp, sharded_width
 from nerve_hf.tracking.call_inputs import WarnOnce, eager, first_tensor, in_backward
+from nerve_hf.tracking.experts_compute import ExpertsLayout, expert_rows, read_call
 from nerve_hf.tracking.site_table import SiteTable
 from nerve_hf.tracking.tokens import TokenSource
 from nerve_hf.tracking.windows import Window
 
 __all__ = ["STAGES", "resolve_sites", "site_dim", "FFNHookPoints"]
 
-STAGES = ("input", "pre", "post", "output")
+STAGES = ("input", "pre", "post", "output", "experts")
+
+
+def _site_stages(site: ResolvedSite) -> tuple[str, ...]:
+    """The stages a site has: ``experts`` for routed experts, the four others for every other FFN."""
+    return ("experts",) if site.kind == "expert" else STAGES[:4]
 
 
 def site_dim(site: ResolvedSite) -> Optional[int]:
-    """d_ff from the module shapes; ValueError when pre and post disagree; None if unreadable."""
+    """d_ff from the module shapes (an expert's width for routed experts); ValueError when pre and post
+    disagree; None if unreadable."""
+    if site.kind == "expert":
+        if getattr(site.pre, "_is_expert_parallel", False):
+            raise ValueError(
+                f"{site.site}: the experts of {site.pre_path} are sharded by expert parallelism; measuring "
+                f"routed experts under expert parallelism is not supported (track layers without it)"
+            )
+        return ExpertsLayout.of(site.pre, site.experts).sizes(site.pre)[1]
     pre_dims, post_dims = model_adapters.linear_dims(site.pre), model_adapters.linear_dims(site.post)
     if pre_dims is None or post_dims is None:
         return None
@@ -62,6 +83,8 @@ def site_dim(site: ResolvedSite) -> Optional[int]:
 
 def _io_dims(site: ResolvedSite) -> dict[str, Optional[int]]:
     """input = the pre module's input width, output = the post module's output width (None: unreadable)."""
+    if site.kind == "expert":
+        return {"input": None, "output": None}
     pre_dims, post_dims = model_adapters.linear_dims(site.pre), model_adapters.linear_dims(site.post)
     return {"input": pre_dims[0] if pre_dims else None, "output": post_dims[1] if post_dims else None}
 
@@ -121,7 +144,13 @@ class FFNHookPoints:
         # functions, which record only while attached.
         self._begin_hook, self._end_hook = eager(self._forward_begins), eager(self._forward_ends)
         owned = [i for i in range(len(table.sites)) if owns(i)]
-        self._points = [(i, stage, eager(self._hook(i, stage))) for i in owned for stage in STAGES if stage in stages]
+        self._points = [
+            (i, stage, eager(self._hook(i, stage)))
+            for i in owned
+            for stage in _site_stages(table.sites[i])
+            if stage in stages
+        ]
+        self._routers: dict[int, object] = {}  # site -> its router's last output ("scaled" routing)
 
     @property
     def active(self) -> bool:
@@ -130,7 +159,12 @@ class FFNHookPoints:
     def _hook(self, index: int, stage: str):
         """The hook of site ``index``'s ``stage``: a forward hook reading the output (pre, output) or a
         forward pre-hook reading the first input (input, post)."""
-        if stage in ("pre", "output"):
+        if stage == "experts":
+
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                self.record_experts(index, module, args, kwargs)
+
+        elif stage in ("pre", "output"):
 
             def hook(module: nn.Module, args: tuple, output) -> None:
                 self.record(index, stage, first_tensor(output))
@@ -151,11 +185,13 @@ class FFNHookPoints:
             for module in dict.fromkeys((self.model, self.root)):  # distinct, in order
                 self._handles.append(module.register_forward_pre_hook(self._begin_hook, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._end_hook, always_call=True))
-            for order in (("pre", "post"), ("input", "output")):  # pre/post of every site first
+            for order in (("pre", "post", "experts"), ("input", "output")):  # pre/post of every site first
                 for index, stage, hook in self._points:
                     if stage in order:
                         site = self.table.sites[index]
-                        module = site.pre if stage in ("input", "pre") else site.post
+                        module = site.pre if stage in ("input", "pre", "experts") else site.post
+                        if stage == "experts" and site.router is not None:
+                            self._handles.append(site.router.register_forward_hook(self._router_hook(index)))
                         if stage in ("pre", "output"):
                             self._handles.append(module.register_forward_hook(hook))
                         else:
@@ -231,6 +267,55 @@ class FFNHookPoints:
                 return None if at is None else at[:n]
 
             window.measurements.update(index, stage, rows, keep, positions)
+            self._recorded = True
+
+    def _router_hook(self, index: int):
+        """Keeps the router's output for the experts call that follows it ("scaled" routing)."""
+
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            self._routers[index] = output
+
+        return eager(hook)
+
+    def _gate(self, index: int) -> Optional[Window]:
+        """The window recording site ``index`` now, or None (not attached, not watched, or outside a
+        top-level forward: warned once unless a gradient-checkpoint recompute)."""
+        window = self._window
+        if not self._handles or (self._depth > 0 and (window is None or not window.watches(index))):
+            return None
+        if self._depth == 0:
+            if not in_backward():
+                self._warn(
+                    "outside",
+                    f"FFNTracker: an FFN ran outside a forward of {type(self.root).__name__}; not counted "
+                    f"(call the model passed to FFNTracker, not one of its submodules)",
+                )
+            return None
+        return window
+
+    def record_experts(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """One call of site ``index``'s experts module: its real assignments, recomputed, to the measurements."""
+        window = self._gate(index)
+        if window is None:
+            return
+        site = self.table.sites[index]
+        # inference_mode(False) turns grad mode on: no_grad() inside it, so no graph reaches the parameters
+        with torch.inference_mode(False), torch.no_grad():
+            call = read_call(site.experts, args, kwargs, site.router, self._routers.pop(index, None))
+            if call is None:
+                self._warn("experts-call", f"FFNTracker: cannot read the routing of {site.pre_path}; not counted")
+                return
+            with torch.autocast(call.inputs.device.type, enabled=False):
+                n = call.tokens
+                ids = torch.arange(n, device=call.top_k_index.device).unsqueeze(1)  # [N, 1]: token row numbers
+                ids, keep = self.sources[index].select(ids)
+                ids, keep = window.cap.apply(index, "experts", ids, keep)
+                real = torch.zeros(n, dtype=torch.bool, device=ids.device)  # [N]
+                real[ids[:, 0]] = True if keep is None else keep
+                layout = ExpertsLayout.of(module, site.experts)
+                wanted = window.measurements.experts_wanted(index)
+                rows = expert_rows(module, layout, call, real, wanted)
+            window.measurements.update(index, "experts", rows, None, lambda: None)
             self._recorded = True
 
     def _prepare(self, index: int, stage: str, x: Tensor) -> Tensor:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from torch import Tensor
+
 from nerve_hf import spectra
-from nerve_hf.parallel.comm import is_distributed, rank, world_size
+from nerve_hf.parallel.comm import all_reduce_sum, is_distributed, rank, world_size
 from nerve_hf.parallel.sharded_spectra import assign_owners, gather_rows, sharded_metric_values
 from nerve_hf.parallel.tensor_parallel import NO_REDUCTION
 from nerve_hf.stats.covariance import CovarianceAccumulator, common_device, sync_accumulators
@@ -39,6 +41,11 @@ class Reducer:
 
     def sync(self, accumulators: Sequence[CovarianceAccumulator]) -> None:
         """Make each accumulator hold the statistics of every process it is reduced over."""
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (counts: float64, on the host) summed over the processes measuring its site: the
+        data-parallel group; site-sharded, the other processes hold zeros for sites they do not own."""
+        return tensor
 
     def sync_cross(self, accumulators: Sequence[CrossCovarianceAccumulator]) -> None:
         """:meth:`sync` for cross-covariances."""
@@ -66,6 +73,11 @@ class SummedReducer(Reducer):
     def sync_cross(self, accumulators: Sequence[CrossCovarianceAccumulator]) -> None:
         if is_distributed(self.group):
             sync_cross_accumulators(accumulators, self.group)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        if not is_distributed(self.group):
+            return tensor
+        return all_reduce_sum(tensor.to(common_device([], self.group)), self.group).cpu()
 
 
 class SiteShardedReducer(SummedReducer):

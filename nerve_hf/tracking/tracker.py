@@ -29,6 +29,7 @@ from nerve_hf.tracking.budget import MemoryBudgetError, check_memory_budget, cov
 from nerve_hf.tracking.call_inputs import check_no_replicating_data_parallel
 from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, MeasurementCollection
 from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_CHOICES, CrossLayer, layer_pairs
+from nerve_hf.tracking.measurements.experts import Experts
 from nerve_hf.tracking.measurements.flow import Flow
 from nerve_hf.tracking.measurements.positions import PositionBuckets, check_buckets
 from nerve_hf.tracking.measurements.prepost import PrePost
@@ -92,6 +93,10 @@ class FFNTracker:
         token_source: the :class:`~nerve_hf.tracking.tokens.TokenSource` deciding which rows of every
             site count; ``None``: :class:`~nerve_hf.tracking.tokens.AttentionMaskTokens` (the call's
             ``attention_mask``, ``keep_samples``).
+        experts: MoE models: measure only these routed experts (indices, in every MoE layer); ``None``: all.
+        experts_per_step: MoE models: measure a share of this many routed experts per window, the next
+            share after each :meth:`reset` (the expert round-robin); ``None``: all. The state per measured
+            expert is 2 × (F² + F) × 8 bytes, counted by ``memory_budget_mb``.
 
     Use as a context manager; hooks exist only inside ``with tracker:`` and are removed on exit, also
     when an exception leaves the block. Accumulated statistics persist across ``with`` blocks until
@@ -132,7 +137,11 @@ class FFNTracker:
         cross_layer: str | None = None,
         measurements: Sequence[Measurement | Callable[[], Measurement]] = (),
         token_source: TokenSource | None = None,
+        experts: Sequence[int] | None = None,
+        experts_per_step: int | None = None,
     ) -> None:
+        self._experts_options = {"experts": experts, "experts_per_step": experts_per_step}
+        Experts(**self._experts_options)  # refuses bad options before anything is resolved
         max_tokens = optional(token_cap)("max_tokens", max_tokens)  # the checks NerveConfig's fields use
         self.flow = boolean("flow", flow)
         self.position_buckets = check_buckets(position_buckets)
@@ -185,6 +194,7 @@ class FFNTracker:
             *([flow] if flow else []),
             *([PositionBuckets(self.position_buckets)] if self.position_buckets is not None else []),
             *([CrossLayer(self._layer_pairs, inputs=flow)] if self._layer_pairs else []),
+            *([Experts(**self._experts_options)] if any(s.kind == "expert" for s in self._table.sites) else []),
         ]
 
     def _check_budget(self) -> None:

@@ -37,7 +37,7 @@ own state for one window, receives the rows that count, and adds its part to the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 from torch import Tensor
@@ -78,7 +78,8 @@ class Measurement:
     """
 
     name: str = "measurement"
-    stages: tuple[str, ...] = ()  # hook stages it needs: a subset of ("input", "pre", "post", "output")
+    stages: tuple[str, ...] = ()  # hook stages it needs: a subset of ("input", "pre", "post", "output", "experts")
+    kinds: tuple[str, ...] = ("dense", "shared_expert")  # the kinds of site it measures (ResolvedSite.kind)
     budget_terms: dict[str, int] = {}  # numbers the memory budget's message quotes (e.g. {"B": 3})
 
     def bind(self, table: SiteTable) -> None:
@@ -95,6 +96,10 @@ class Measurement:
 
     def end_forward(self) -> None:
         """The recorded top-level forward ended (or the hooks were removed)."""
+
+    def wanted_experts(self, site: int) -> Optional[set[int]]:
+        """For the ``experts`` stage: the experts of site ``site`` whose rows it needs now (None: all)."""
+        return None
 
     def reset(self) -> None:
         """Forget every row."""
@@ -118,9 +123,15 @@ class MeasurementCollection:
         self.measurements = list(measurements)
         for measurement in self.measurements:
             measurement.bind(table)
+        self.table = table
         self.by_stage = {
-            stage: [m for m in self.measurements if stage in m.stages] for stage in ("input", "pre", "post", "output")
+            stage: [m for m in self.measurements if stage in m.stages]
+            for stage in ("input", "pre", "post", "output", "experts")
         }
+
+    def _of_kinds(self, measurement: Measurement, indices: Sequence[int]) -> list[int]:
+        """The sites among ``indices`` whose kind ``measurement`` measures."""
+        return [i for i in indices if self.table.sites[i].kind in measurement.kinds]
 
     @property
     def stages(self) -> set[str]:
@@ -138,16 +149,27 @@ class MeasurementCollection:
         for measurement in self.measurements:
             measurement.end_forward()
 
+    def experts_wanted(self, site: int) -> Optional[set[int]]:
+        """The experts of site ``site`` some ``experts``-stage measurement needs (None: all)."""
+        wanted: set[int] = set()
+        for measurement in self.by_stage["experts"]:
+            experts = measurement.wanted_experts(site)
+            if experts is None:
+                return None
+            wanted |= experts
+        return wanted
+
     def reset(self) -> None:
         for measurement in self.measurements:
             measurement.reset()
 
     def state_bytes(self, indices: Sequence[int]) -> int:
-        return sum(measurement.state_bytes(indices) for measurement in self.measurements)
+        return sum(measurement.state_bytes(self._of_kinds(measurement, indices)) for measurement in self.measurements)
 
     def compute(self, report, context: ComputeContext) -> None:
+        """Each measurement computes over the watched sites of the kinds it measures."""
         for measurement in self.measurements:
-            measurement.compute(report, context)
+            measurement.compute(report, replace(context, watched=self._of_kinds(measurement, context.watched)))
 
     def accumulators(self, site: int) -> dict:
         merged: dict = {}

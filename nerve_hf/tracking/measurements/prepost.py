@@ -64,6 +64,7 @@ class PrePost(Measurement):
                     "dim": int(self.table.dims[i] or 0),
                     "tokens": int(count),
                     **row_values,
+                    "kind": sites[i].kind,
                 }
             )
             if spectra is not None:

@@ -1,0 +1,175 @@
+"""Recompute each routed expert's pre and post from the fused experts module's own inputs and parameters.
+
+transformers runs routed experts inside one module (``gate_up_proj [E, 2F, D]`` or ``[E, D, 2F]``,
+``down_proj``) through an experts implementation (``eager``, ``batched_mm``, ``grouped_mm``, ...): no
+per-expert module exists to hook. A forward pre-hook on that module reads its call, and this module
+recomputes, for the real (token, expert) assignments only, what every expert computes:
+
+* pre = the expert's gate projection output (its up projection for up-only experts), bias included
+  (gpt-oss: the gate columns with bias, before the clamp);
+* post = the down projection's input, before router weighting: the module's own ``_apply_gate`` on the
+  gate/up output (so gpt-oss's clamped SwiGLU is its own), or its ``act_fn`` for up-only experts.
+
+Whatever implementation the model uses, the inputs and parameters are the same, so the numbers are too.
+Cost: one more gate/up projection over the measured assignments, only on measured forwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from model_adapters import ExpertsSpec
+
+__all__ = ["ExpertCall", "ExpertRows", "ExpertsLayout", "expert_rows", "read_call"]
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How one experts module stores its weights (the spec's fields, else the module's attributes)."""
+
+    gated: bool
+    transposed: bool
+    concatenated: bool
+    bias: bool
+
+    @classmethod
+    def of(cls, module: nn.Module, spec: ExpertsSpec) -> "ExpertsLayout":
+        def pick(value, attribute, default):
+            return value if value is not None else bool(getattr(module, attribute, default))
+
+        return cls(
+            gated=pick(spec.gated, "has_gate", True),
+            transposed=pick(spec.transposed, "is_transposed", False),
+            concatenated=pick(spec.concatenated, "is_concatenated", True),
+            bias=pick(spec.bias, "has_bias", False),
+        )
+
+    def up_weight(self, module: nn.Module) -> Tensor:
+        """``gate_up_proj`` (gated) or ``up_proj``: ``[E, out, in]`` (``[E, in, out]`` transposed)."""
+        return module.gate_up_proj if self.gated else module.up_proj
+
+    def sizes(self, module: nn.Module) -> tuple[int, int]:
+        """(E, F): the number of experts and each expert's width."""
+        weight = self.up_weight(module)
+        width = weight.shape[2] if self.transposed else weight.shape[1]
+        return int(weight.shape[0]), int(width // 2 if self.gated else width)
+
+    def project(self, module: nn.Module, expert: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(pre, post), each ``[n, F]``, of ``expert`` on its inputs ``x`` ``[n, D]``, in ``x``'s dtype."""
+        weight = self.up_weight(module)[expert]
+        out = x @ weight if self.transposed else nn.functional.linear(x, weight)  # [n, 2F] or [n, F]
+        if self.bias:
+            out = out + (module.gate_up_proj_bias if self.gated else module.up_proj_bias)[expert]
+        if not self.gated:
+            return out, module.act_fn(out)
+        width = out.shape[-1] // 2
+        gate = out[..., :width] if self.concatenated else out[..., ::2]
+        if hasattr(module, "_apply_gate"):
+            return gate, module._apply_gate(out)
+        up = out[..., width:] if self.concatenated else out[..., 1::2]
+        return gate, module.act_fn(gate) * up
+
+
+@dataclass
+class ExpertCall:
+    """One call of an experts module, as routed.
+
+    Attributes:
+        inputs: ``[N, D]`` token rows (routing ``"call"``), or ``[E, N, D]`` per-expert rows (``"scaled"``).
+        top_k_index: ``[N, k]`` expert of each (token, slot); ids ``>= E`` (expert-parallel sentinels) skipped.
+        top_k_weights: ``[N, k]`` router weight of each (token, slot).
+    """
+
+    inputs: Tensor
+    top_k_index: Tensor
+    top_k_weights: Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.top_k_index.shape[0])
+
+
+def _argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...]) -> Optional[Tensor]:
+    if len(args) > position:
+        return args[position]
+    return next((kwargs[name] for name in names if name in kwargs), None)
+
+
+def read_call(
+    spec: ExpertsSpec, args: tuple, kwargs: dict, router: Optional[nn.Module], router_output
+) -> Optional[ExpertCall]:
+    """The routed call of an experts module from its forward's ``args``/``kwargs`` (and, for ``"scaled"``
+    routing, the router module and its last output ``(scores [N, E], logits [N, E])``); None if unreadable."""
+    hidden = _argument(args, kwargs, 0, ("hidden_states",))
+    if not isinstance(hidden, Tensor):
+        return None
+    if spec.routing == "scaled":
+        if router_output is None:
+            return None
+        scores, logits = router_output[0], router_output[1]
+        index = torch.topk(logits, router.top_k, dim=1).indices  # the router's own choice: [N, k]
+        experts = scores.shape[1]
+        return ExpertCall(hidden.reshape(experts, -1, hidden.shape[-1]), index, scores.gather(1, index))
+    index = _argument(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts"))
+    weights = _argument(args, kwargs, 2, ("top_k_weights", "routing_weights"))
+    if not isinstance(index, Tensor) or not isinstance(weights, Tensor):
+        return None
+    return ExpertCall(hidden.reshape(-1, hidden.shape[-1]), index, weights)
+
+
+@dataclass
+class ExpertRows:
+    """The real (token, expert) assignments of one call, recomputed and grouped by expert.
+
+    Attributes:
+        pre, post: expert -> ``[n_e, F]`` rows, for the experts in ``wanted`` that received any.
+        assignments: ``[E]`` float64, real assignments per expert (every expert, wanted or not).
+        tokens: the number of real tokens.
+        entropy: sum over real tokens of the entropy of their normalised top-k router weights.
+    """
+
+    pre: dict[int, Tensor]
+    post: dict[int, Tensor]
+    assignments: Tensor
+    tokens: int
+    entropy: float
+
+
+def _entropy_sum(weights: Tensor) -> float:
+    """Sum over rows of the entropy (nats) of each row of ``weights`` ``[n, k]``, normalised to 1."""
+    p = weights.double()
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return float(-(p * p.clamp_min(1e-300).log()).sum())
+
+
+def expert_rows(
+    module: nn.Module, layout: ExpertsLayout, call: ExpertCall, real: Tensor, wanted: Optional[set[int]]
+) -> ExpertRows:
+    """Recompute the experts of ``call`` on its real tokens (``real`` ``[N]`` bool); ``wanted``: the experts
+    whose pre/post to compute (None: all). Reads the expert counts on the host (one sync)."""
+    n_experts, _ = layout.sizes(module)
+    n_tokens, k = call.top_k_index.shape
+    index = call.top_k_index.reshape(-1)  # [N*k]
+    token = torch.arange(n_tokens, device=index.device).repeat_interleave(k)  # [N*k]
+    valid = real.to(index.device)[token] & (index >= 0) & (index < n_experts)
+    index, token = index[valid], token[valid]  # [S]
+    assignments = torch.bincount(index, minlength=n_experts)  # [E]
+    order = torch.argsort(index, stable=True)
+    index, token = index[order], token[order]
+    counts = assignments.tolist()  # the host sync
+    pre, post = {}, {}
+    start = 0
+    for expert, count in enumerate(counts):
+        stop = start + count
+        if count and (wanted is None or expert in wanted):
+            rows = token[start:stop]
+            x = call.inputs[rows] if call.inputs.ndim == 2 else call.inputs[expert, rows]  # [n_e, D]
+            pre[expert], post[expert] = layout.project(module, expert, x)
+        start = stop
+    n_real = int(real.sum())
+    weights = call.top_k_weights.reshape(n_tokens, -1)[real.to(call.top_k_weights.device)]
+    return ExpertRows(pre, post, assignments.double().cpu(), n_real, _entropy_sum(weights) if n_real else 0.0)
