@@ -19,6 +19,7 @@ __all__ = [
     "first_tensor",
     "batch_size",
     "mask_position",
+    "argument_position",
     "WarnOnce",
 ]
 
@@ -80,9 +81,14 @@ def batch_size(args: tuple, kwargs: dict) -> int | None:
 
 def mask_position(model: nn.Module) -> int | None:
     """Positional index of ``attention_mask`` in ``model.forward``, or None."""
+    return argument_position(model, "attention_mask")
+
+
+def argument_position(model: nn.Module, name: str) -> int | None:
+    """Positional index of the argument ``name`` in ``model.forward``, or None."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return None
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return positional.index("attention_mask") if "attention_mask" in positional else None
+    return positional.index(name) if name in positional else None

@@ -13,6 +13,10 @@ site gets today:
 * on devices where reading a tensor on the host waits for the device
   (:attr:`~nerve_hf.stats.covariance.CovarianceAccumulator.HOST_SYNC_DEVICE_TYPES`: CPU is not one) it
   returns all rows and a keep mask instead of the real rows, so a hook never waits;
+* without a mask, a packed or padding-free call (``position_ids``, or the flash-attention kwarg
+  ``cu_seq_lens_q``) gives the real tokens and positions instead: the collators' trailing padding is
+  left out and each token's position is its position in its own sequence
+  (:class:`~nerve_hf.tracking.packed.PackedRows` states the rule);
 * a token's position is the number of real tokens before it in its sequence (left padding does not
   shift it), or without a mask its index along the sequence axis.
 
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 
 from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.tracking.call_inputs import WarnOnce, batch_size, mask_position
+from nerve_hf.tracking.packed import PackedRows
 
 __all__ = ["TokenSource", "AttentionMaskTokens", "TokenCap"]
 
@@ -69,17 +74,25 @@ class AttentionMaskTokens(TokenSource):
 
     def __init__(self, root: nn.Module) -> None:
         self._mask_position = mask_position(root)
+        self._packed = PackedRows(root)
         self._warn = WarnOnce()
         self.end()
 
     def begin(self, args: tuple, kwargs: dict, keep_samples=None) -> None:
         self.end()
         self._mask = self._find_mask(args, kwargs)
+        if self._mask is None:
+            packed = self._packed.read(args, kwargs)
+            if packed is not None:
+                self._mask, self._packed_positions = packed  # [B, T] bool, [B, T] int64
+                self._mask_from = "position_ids"
         if keep_samples is not None:
             self._limit_samples(args, kwargs, keep_samples)
 
     def end(self) -> None:
         self._mask: Optional[Tensor] = None  # [B, T] bool of the running top-level forward
+        self._mask_from = "attention_mask"  # what gave the mask (named in warnings)
+        self._packed_positions: Optional[Tensor] = None  # [B, T] int64 of a packed call without a mask
         self._keep: Optional[int] = None  # leading samples that count when there is no mask; None: all
         self._rows: dict[torch.device, Tensor] = {}  # device -> the mask's True rows (or the mask itself)
         self._positions: dict[tuple, Optional[Tensor]] = {}  # (device, shape) -> positions of the rows
@@ -136,7 +149,7 @@ class AttentionMaskTokens(TokenSource):
         if not self._matches_mask(x):
             self._warn(
                 "mask-shape",
-                f"FFNTracker: attention_mask {tuple(self._mask.shape)} does not match activations "
+                f"FFNTracker: {self._mask_from} {tuple(self._mask.shape)} does not match activations "
                 f"{tuple(x.shape)}; counting all their rows",
             )
             return flat, None
@@ -150,15 +163,17 @@ class AttentionMaskTokens(TokenSource):
         return flat.index_select(0, rows), None  # [N, D]
 
     def positions(self, x: Tensor) -> Optional[Tensor]:
-        """With a mask, ``attention_mask.cumsum(-1) - 1`` of each selected row; without one, the index
-        along the sequence axis (dim -2); None for flat rows without a mask (warned once)."""
+        """With a mask, ``attention_mask.cumsum(-1) - 1`` of each selected row (a packed call: its
+        in-sequence positions); without one, the index along the sequence axis (dim -2); None for flat
+        rows without a mask (warned once)."""
         key = (x.device, tuple(x.shape))
         if key in self._positions:
             return self._positions[key]
         positions = None
         lead = tuple(x.shape[:-1])
         if self._mask is not None and self._matches_mask(x):
-            counted = (self._mask.long().cumsum(-1) - 1).reshape(-1).to(x.device)  # [B*T]
+            counted = self._packed_positions if self._packed_positions is not None else self._mask.long().cumsum(-1) - 1
+            counted = counted.reshape(-1).to(x.device)  # [B*T]
             if _on_host_path(x.device):  # select kept the real rows
                 counted = counted[self._mask.reshape(-1).to(x.device)]  # [N]
             positions = counted
