@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from nerve_hf import spectra
-from nerve_hf.parallel.comm import is_distributed, rank, world_size
+from nerve_hf.parallel.comm import any_true, is_distributed, rank, world_size
 from nerve_hf.parallel.sharded_spectra import assign_owners, gather_rows, sharded_metric_values
 from nerve_hf.parallel.tensor_parallel import NO_REDUCTION
 from nerve_hf.stats.covariance import CovarianceAccumulator, common_device, sync_accumulators
@@ -37,6 +37,10 @@ class Reducer:
         values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
         return values, kept, [first.count for first, _ in pairs]
 
+    def any_lost(self, lost: bool) -> bool:
+        """Whether any process reduced with this one lost rows (``lost``: this process did). Collective."""
+        return lost
+
     def sync(self, accumulators: Sequence[CovarianceAccumulator]) -> None:
         """Make each accumulator hold the statistics of every process it is reduced over."""
 
@@ -58,6 +62,9 @@ class SummedReducer(Reducer):
         if is_distributed(self.group):
             return sharded_metric_values(pairs, metrics, self.group, spectra_dtype)
         return super().measure_pairs(pairs, metrics, spectra_dtype, sites)
+
+    def any_lost(self, lost: bool) -> bool:
+        return any_true(lost, self.group)
 
     def sync(self, accumulators: Sequence[CovarianceAccumulator]) -> None:
         if is_distributed(self.group):
