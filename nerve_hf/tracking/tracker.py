@@ -303,10 +303,9 @@ class FFNTracker:
         if metrics not in spectra_module.METRIC_SETS:
             raise ValueError(f"metrics must be one of {spectra_module.METRIC_SETS}, got {metrics!r}")
         chosen = self.window(window)
-        if self._reducer.any_lost(chosen.failed is not None):  # collective: every process learns it
-            raise WindowLostError(
-                f"window {chosen.name!r} lost rows: {chosen.failed or 'recording failed on another process'}"
-            )
+        self._reducer.lost = chosen.failed  # sent with the rows: every process raises at the same point
+        if chosen.failed is not None and not self._reducer.exchanges():
+            raise WindowLostError(f"window {chosen.name!r} lost rows: {chosen.failed}")
         watched = [i for i in range(len(self._table.sites)) if chosen.watches(i)]
         report = SpectralReport()
         chosen.measurements.compute(report, ComputeContext(self._table, watched, self._reducer, metrics, spectra_dtype))

@@ -207,3 +207,29 @@ def test_an_allocation_failure_inside_a_hook_is_a_lost_window_not_a_crash(tmp_pa
         proc.stdout
     )
     assert "WARNED True" in proc.stdout
+
+
+# ------------------------------------------------------------------ a failure on one process of two
+@pytest.mark.distributed
+def test_a_failure_on_one_rank_is_nan_on_every_rank_and_training_goes_on(tmp_path):
+    """Rank 1's eigendecomposition raises at step 2 while rank 0 is in the exchange, and its hook fails at
+    step 3: no collective is left waiting (gloo would abort), both ranks log NaN for exactly those steps, and
+    the same finite values for the others."""
+    import json
+
+    from distributed_helpers import torchrun
+
+    torchrun("rank_failure.py", str(tmp_path), nproc=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, result in enumerate(results):
+        assert result["step"] == 4
+        logged = {int(step): values for step, values in result["logged"].items()}
+        assert sorted(logged) == [1, 2, 3, 4]
+        for step in (2, 3):
+            assert all(math.isnan(v) for v in logged[step]), (rank, step)
+        for step in (1, 4):
+            assert all(math.isfinite(v) for v in logged[step]), (rank, step)
+            assert logged[step] == results[0]["logged"][str(step)]  # the ranks agree
+        lost = [w for w in result["warnings"] if "lost" in w]
+        assert lost, (rank, result["warnings"])
+    assert any("LinAlgError" in w for w in results[1]["warnings"])
