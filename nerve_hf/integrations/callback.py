@@ -288,6 +288,8 @@ class NerveCallback(TrainerCallback):
             if not self._set_up(model):
                 return
             self._catch_up(model, eval_dataloader)
+            evaluation = internals.running_evaluation()
+            self._evaluation = weakref.ref(evaluation) if evaluation is not None else None
         else:
             self._set_up(model)
             if self._first_batch_missed():
