@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import MISSING, field, fields
 from typing import Any, Callable, Optional, Sequence
 
@@ -43,7 +44,9 @@ __all__ = [
     "one_of",
     "int_list",
     "text",
+    "device",
     "mapping",
+    "OptionConflictError",
     "command_line_fields",
     "from_command_line",
 ]
@@ -66,6 +69,10 @@ class OptionError(InputError):
 
 class OptionValueError(OptionError):
     """The option has the right type but a value out of range (a ``ValueError``)."""
+
+
+class OptionConflictError(InputError):
+    """Options that are each valid but cannot go together; the message names both."""
 
 
 class OptionTypeError(OptionError, TypeError):
@@ -113,11 +120,18 @@ def _checks(cls) -> dict[str, Check]:
 
 # ----------------------------------------------------------------------------- checks
 def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and not _is_numpy_bool(value)
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")  # never imported here: a NumPy scalar exists only if NumPy is loaded
+    return numpy is not None and isinstance(value, numpy.bool_)
 
 
 def boolean(name: str, value: Any) -> bool:
-    """True or False (not 0/1, not a string)."""
+    """True or False, also as a NumPy boolean (not 0/1, not a string)."""
+    if _is_numpy_bool(value):
+        return bool(value)
     if not isinstance(value, bool):
         raise OptionTypeError(name, "True or False", value)
     return value
@@ -144,11 +158,11 @@ token_cap = at_least(2, "an integer of at least 2 (a covariance needs two tokens
 def positive_number(name: str, value: Any) -> float:
     """A finite real number > 0 (int or float, not a bool)."""
     requirement = "a positive number"
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or _is_numpy_bool(value):
         raise OptionTypeError(name, requirement, value)
     if not (math.isfinite(value) and value > 0):
         raise OptionValueError(name, requirement, value)
-    return value
+    return value if isinstance(value, int) else float(value)
 
 
 def optional(check: Check) -> Check:
@@ -195,6 +209,32 @@ def text(name: str, value: Any) -> str:
     """A string."""
     if not isinstance(value, str):
         raise OptionTypeError(name, "a string", value)
+    return value
+
+
+def device(name: str, value: Any) -> Any:
+    """A device that exists on this machine: a string torch parses (``"cpu"``, ``"cuda:1"``) or a
+    ``torch.device``; its accelerator must be available and its index below the device count."""
+    import torch
+
+    requirement = "a device such as 'cpu' or 'cuda:0'"
+    if not isinstance(value, (str, torch.device)):
+        raise OptionTypeError(name, requirement, value)
+    try:
+        parsed = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise OptionValueError(name, requirement, value) from None
+    if parsed.type == "cpu":
+        return value
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if parsed.type == "meta" or available is None or not available():
+        raise OptionValueError(name, f"{requirement} that exists here (no {parsed.type} device is available)", value)
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise OptionValueError(
+            name, f"{requirement} that exists here ({count} {parsed.type} device(s): index 0..{count - 1})", value
+        )
     return value
 
 

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nerve_hf.analysis import run_plots
-from nerve_hf.analysis.runs import load_run, split_order
+from nerve_hf.analysis.runs import load_run, split_order, with_layer_mean
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
-from nerve_hf.report import ROW_KEYS
 
 __all__ = ["COMPARE_COLUMNS", "CompareResult", "load_compare_inputs", "compare_table", "write_compare"]
 
@@ -67,24 +66,8 @@ def _zoo_runs(path: Path) -> dict:
                 )
         frame = pd.DataFrame(rows)
         frame[list(METRIC_NAMES)] = frame[list(METRIC_NAMES)].astype(float)
-        out[f"{experiment}/{key}"] = _with_mean(frame)
+        out[f"{experiment}/{key}"] = with_layer_mean(frame)
     return out
-
-
-def _with_mean(metrics):
-    """``metrics`` (per-site rows) with a ``site == "mean"`` row per (split, step), as
-    :func:`nerve_hf.analysis.runs.load_run` adds them."""
-    import pandas as pd
-
-    columns = ["step", "split", *ROW_KEYS]
-    mean = (
-        metrics.groupby(["split", "step"], sort=False)
-        .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
-        .reset_index()
-        .assign(site="mean", layer=-1, dim=math.nan)
-    )
-    frame = pd.concat([metrics[columns], mean[columns]], ignore_index=True)
-    return frame.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
 
 
 def load_compare_inputs(paths) -> dict:

@@ -19,8 +19,8 @@ def correlations(table, min_points: int = MIN_POINTS):
 
     ``table``: :func:`aligned` rows (or a :class:`RunData`). Pairs where the metric or the loss is NaN
     are left out; ``n`` counts the pairs used. With fewer than ``min_points`` pairs, or a constant
-    series, r and p are NaN. Rows: splits (train, eval, ...), sites (``mean`` first, then by layer),
-    metrics in :data:`nerve_hf.metrics.METRIC_NAMES` order.
+    series, r and p are NaN. Rows: splits (train, eval, ...), sites (``mean`` first where the split has a
+    layer mean, then by layer), metrics in :data:`nerve_hf.metrics.METRIC_NAMES` order.
     """
     import numpy as np
     import pandas as pd
@@ -32,7 +32,8 @@ def correlations(table, min_points: int = MIN_POINTS):
     for split in split_order(table["split"]):
         part = table[table["split"] == split]
         sites = part[["site", "layer"]].drop_duplicates("site")
-        sites = ["mean"] + [s for s in sites.sort_values("layer", kind="stable")["site"] if s != "mean"]
+        layers = [s for s in sites.sort_values("layer", kind="stable")["site"] if s != "mean"]
+        sites = (["mean"] if (part["site"] == "mean").any() else []) + layers  # no mean: sites differ by step
         for site in sites:
             rows = part[part["site"] == site].sort_values("step")
             for name in METRIC_NAMES:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nerve_hf.analysis import run_plots
 from nerve_hf.analysis.correlations import MIN_POINTS, correlations
-from nerve_hf.analysis.runs import RunData, aligned, load_run, split_order
+from nerve_hf.analysis.runs import RunData, aligned, load_run, split_order, splits_without_mean
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sinks.archive import load_spectra
@@ -18,8 +18,8 @@ __all__ = ["summary_markdown", "ReportResult", "write_report"]
 
 
 def _few_points_message(run: RunData, corr, min_points: int) -> str:
-    counts = corr[corr["site"] == "mean"].groupby("split")["n"].max() if len(corr) else None
-    measured = run.metrics[run.metrics["site"] == "mean"].groupby("split")["step"].nunique()
+    counts = corr.groupby("split")["n"].max() if len(corr) else None
+    measured = run.metrics.groupby("split")["step"].nunique()
     parts = []
     for split in split_order(measured.index):
         paired = int(counts.get(split, 0)) if counts is not None else 0
@@ -54,12 +54,22 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
         "",
     ]
 
+    rotating = splits_without_mean(run.metrics)
     for split in split_order(corr["split"]):
         part = corr[(corr["split"] == split) & (corr["site"] == "mean")]
-        lines += [f"## `{split}`: layer-mean metric vs loss", "", "| metric | r | p | n |", "|---|---:|---:|---:|"]
-        lines += [
-            f"| {row.metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |" for row in part.itertuples()
-        ]
+        if split in rotating:
+            lines += [
+                f"## `{split}`: no layer mean",
+                "",
+                "Its measurements do not all cover the same FFN sites (a `layers_per_step` run measures another "
+                "group of layers at each step), so no layer mean is built; each site's own series is below.",
+            ]
+        else:
+            lines += [f"## `{split}`: layer-mean metric vs loss", "", "| metric | r | p | n |", "|---|---:|---:|---:|"]
+            lines += [
+                f"| {row.metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |"
+                for row in part.itertuples()
+            ]
         layers = corr[(corr["split"] == split) & (corr["site"] != "mean")].dropna(subset=["r"])
         if len(layers):
             top = layers.reindex(layers["r"].abs().sort_values(ascending=False).index).head(5)
@@ -139,7 +149,7 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
             f"trajectories_{safe}.png": run_plots.plot_trajectories(run.metrics, split, run.losses),
             f"heatmaps_{safe}.png": run_plots.plot_heatmaps(run.metrics, split),
         }
-        if (table["split"] == split).any():
+        if ((table["split"] == split) & (table["site"] == "mean")).any():
             made[f"scatter_{safe}.png"] = run_plots.plot_metric_vs_loss(table, corr, split)
         if split in set(spectra["split"]):
             made[f"spectra_{safe}.png"] = run_plots.plot_spectrum_evolution(spectra, split)

@@ -56,7 +56,8 @@ def plot_trajectories(metrics, split: str, losses=None, title: str | None = None
                     label=site if len(sites) <= 12 else None,
                 )
             mean = frame[frame["site"] == "mean"].sort_values("step")
-            ax.plot(mean["step"], mean[name], color="black", linewidth=2, label="mean")
+            if len(mean):  # none when the sites differ from step to step (layers_per_step)
+                ax.plot(mean["step"], mean[name], color="black", linewidth=2, label="mean")
             ax.set_title(METRIC_LABELS[name])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

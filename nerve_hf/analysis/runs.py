@@ -39,7 +39,7 @@ from nerve_hf.report import ROW_KEYS
 from nerve_hf.sinks.records import RECORDS_FILENAME, scan_records, skipped_lines_message
 from nerve_hf.sites import layer_of
 
-__all__ = ["RunData", "load_run", "aligned", "split_order"]
+__all__ = ["RunData", "load_run", "aligned", "split_order", "with_layer_mean", "splits_without_mean"]
 
 STATE_FILENAME = "trainer_state.json"
 _EVAL_LOSS = re.compile(r"^(eval(?:_.+)?)_loss$")  # eval_loss -> eval; eval_code_loss -> eval_code
@@ -214,18 +214,40 @@ def load_run(run_dir) -> RunData:
             f"every measurement in {sources['records']!r} is incomplete (records missing after a "
             f"crash): nothing to report"
         )
-    mean = (
-        metrics.groupby(["split", "step"], sort=False)
-        .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
-        .reset_index()
-    )
-    mean = mean.assign(site="mean", layer=-1, dim=math.nan)
-    metrics = pd.concat([metrics, mean[columns]], ignore_index=True)
-    metrics = metrics.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
+    metrics = with_layer_mean(metrics)
 
     losses = pd.DataFrame(_losses(log_history), columns=["step", "split", "loss"])
     losses = losses.drop_duplicates(subset=["step", "split"], keep="last").sort_values(["split", "step"])
     return RunData(run_dir=run_dir, metrics=metrics, losses=losses.reset_index(drop=True), sources=sources)
+
+
+def splits_without_mean(metrics) -> list[str]:
+    """The splits whose measurements do not all cover the same set of sites (``layers_per_step`` runs,
+    rotating over groups of layers): a mean over them would mix different layers from step to step."""
+    per_step = metrics[metrics["site"] != "mean"].groupby(["split", "step"], sort=False)["site"].agg(frozenset)
+    kinds = per_step.groupby(level="split", sort=False).nunique()
+    return split_order(kinds[kinds > 1].index)
+
+
+def with_layer_mean(metrics):
+    """``metrics`` (per-site rows: step, split, site, layer, dim, tokens, metrics) with a ``site == "mean"``
+    row per (split, step): the average over its sites, as logged under ``nerve/mean/...``; ``layer`` -1,
+    ``tokens`` the mean over sites. Only for splits where every step has the same set of sites: a
+    ``layers_per_step`` run measures a different group at each step, and has no layer mean (as the
+    callback logs none)."""
+    import pandas as pd
+
+    columns = ["step", "split", *ROW_KEYS]
+    rotating = splits_without_mean(metrics)
+    same_sites = metrics[~metrics["split"].isin(rotating)]
+    mean = (
+        same_sites.groupby(["split", "step"], sort=False)
+        .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
+        .reset_index()
+        .assign(site="mean", layer=-1, dim=math.nan)
+    )
+    frame = pd.concat([metrics[columns], mean[columns]], ignore_index=True)
+    return frame.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
 
 
 def aligned(run: RunData):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -130,10 +131,10 @@ class NerveCallback(TrainerCallback):
         self._tracking = TrainerTracker(self.config, adapter, self._warn_once)  # the tracker and its gates
         self._eval_incomplete: Optional[str] = None  # why the running evaluation cannot be measured whole
         self._pending: Optional[tuple[int, dict]] = None  # (step, logs) of the last train measurement
-        self._placed = False
         self._warned: set[str] = set()
         self._handler = None  # the Trainer's callback list, once found
         self._sinks: Optional[tuple[tuple, list[Sink]]] = None  # ((id(args), output_dir), their sinks)
+        self._evaluation = None  # weak reference to the running evaluation's marker (trainer_internals)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -161,20 +162,27 @@ class NerveCallback(TrainerCallback):
         return self
 
     def _place_in(self, handler) -> None:
-        """Move this callback ahead of the integrations in ``handler``'s list."""
-        self._placed = True
+        """Move this callback ahead of the integrations in ``handler``'s list; a new Trainer's list (one
+        callback object given to a second Trainer) also starts this callback's state tied to a Trainer
+        afresh: its sinks (the TensorBoard writer, the records file), a pending log and unfinished windows."""
+        if self._handler is not None and handler is not self._handler:
+            self._sinks = None
+            self._pending = None
+            self._eval_incomplete = None
+            self._tracking.forget_windows()
         self._handler = handler  # also where the TensorBoard integration's writer is found
         internals.place_after_default_flow(handler, self)
 
     def _place_ahead_of_integrations(self) -> None:
-        """First event of a callback given as ``Trainer(callbacks=[...])`` or ``add_callback``: find the
-        Trainer's callback list (through trainer_internals, up the call stack) and move ahead
-        of the integrations there. :meth:`add_to` does the same without the search."""
-        if self._placed:
-            return
-        self._placed = True
+        """Every event of a callback given as ``Trainer(callbacks=[...])`` or ``add_callback``: find the
+        Trainer's callback list (through trainer_internals, up the call stack); the first time
+        in a list, move ahead of the integrations there. :meth:`add_to` does the same without the search."""
         handler = internals.find_callback_handler(self)
+        if handler is not None and handler is self._handler:
+            return
         if handler is None:
+            if self._handler is not None:
+                return  # an event called by hand: stay where we are
             self._warn_once(
                 "placement",
                 "NerveCallback could not find the Trainer's callback list; report_to integrations that run "
@@ -239,6 +247,7 @@ class NerveCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._tracking.refuse_data_parallel(args)
         self._set_up(model)
+        self._discard_unfinished()
         if not (state.is_world_process_zero and args.output_dir):
             return
         # A resumed run re-measures nothing before its checkpoint: drop what came after it.
@@ -248,6 +257,8 @@ class NerveCallback(TrainerCallback):
     @_never_raises("this step is not measured")
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._pending = None
+        self._set_up(model)  # a new Trainer's list is found here too
+        self._discard_unfinished()
         self._tracking.in_train_step = True  # between on_step_begin and on_step_end: no forward is an evaluation
         step = state.global_step + 1  # the optimizer step these micro-batches belong to
         if not self.config.measure_train or step % self.config.every_n_steps:
@@ -271,11 +282,58 @@ class NerveCallback(TrainerCallback):
     def on_prediction_step(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         if not self.config.measure_eval:
             return
-        if self._tracking.tracker is None:  # added after the Trainer was built and first called here
+        tracking = self._tracking
+        if tracking.tracker is None:  # added after the Trainer was built and first called here
             if not self._set_up(model):
                 return
             self._catch_up(model, eval_dataloader)
-        self._tracking.tracker.commit("eval")  # an evaluation is running: its batches add up until it is measured
+            evaluation = internals.running_evaluation()
+            self._evaluation = weakref.ref(evaluation) if evaluation is not None else None
+        else:
+            self._set_up(model)
+            if self._first_batch_missed():
+                tracking.tracker.reset("eval")
+                self._catch_up(model, eval_dataloader)
+        tracking.tracker.commit("eval")  # an evaluation is running: its batches add up until it is measured
+
+    def _first_batch_missed(self) -> bool:
+        """At an evaluation's prediction step: whether the eval window may not hold exactly this evaluation's
+        first batch, because a training step never ended (its gate kept the batch out) or an earlier
+        evaluation never ended (its batches are still in the window). Either is discarded with a warning."""
+        evaluation = internals.running_evaluation()
+        known = self._evaluation() if self._evaluation is not None else None
+        new_evaluation = evaluation is not None and evaluation is not known
+        if evaluation is not None:
+            self._evaluation = weakref.ref(evaluation)
+        return self._discard_unfinished(keep_eval=not new_evaluation)
+
+    def _discard_unfinished(self, keep_eval: bool = False) -> bool:
+        """Windows that did not complete, whatever ended them (an exception or an interrupt mid-step or
+        mid-evaluation, caught by the user): a measured training step that never reached ``on_step_end``,
+        an evaluation whose batches were confirmed but never measured. Each is discarded with a warning;
+        True if any was."""
+        tracking = self._tracking
+        discarded = tracking.end_stray_forward()
+        if tracking.measured_step is not None or tracking.in_train_step:
+            step = tracking.measured_step
+            if step is not None:
+                self._warn_once(
+                    f"unfinished:train:{step}",
+                    f"NerveCallback: training step {step} did not complete (interrupted or raised); its "
+                    f"measurement is discarded",
+                )
+                tracking.tracker.reset("train")
+            tracking.measured_step, tracking.in_train_step = None, False
+            discarded = True
+        if not keep_eval and tracking.tracker is not None and tracking.tracker.window("eval").confirmed:
+            self._warn_once(
+                f"unfinished:eval:{tracking.eval_count}",
+                "NerveCallback: an evaluation did not complete (interrupted or raised); its batches are "
+                "discarded and the next evaluation is measured from its first batch",
+            )
+            tracking.tracker.reset("eval")
+            discarded = True
+        return discarded
 
     def _catch_up(self, model: nn.Module, dataloader) -> None:
         """Set up during an evaluation: the first batch ran before the hooks existed, so run it again.

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 from nerve_hf.measurement_options import MeasurementOptions
-from nerve_hf.options import boolean, one_of, option, optional, positive_int, positive_number, text
+from nerve_hf.options import (
+    OptionConflictError,
+    boolean,
+    device,
+    one_of,
+    option,
+    optional,
+    positive_int,
+    positive_number,
+)
 from nerve_hf.spectra.exact import SPECTRA_DTYPES
 
 __all__ = ["NerveConfig"]
@@ -68,8 +77,9 @@ class NerveConfig(MeasurementOptions):
     )
     state_device: Optional[str] = option(
         None,
-        "Where the float64 covariance state lives ('cpu': host memory); None: the activations' device.",
-        optional(text),
+        "Where the float64 covariance state lives ('cpu': host memory, 'cuda:1', ...; it must exist here); None: "
+        "the activations' device.",
+        optional(device),
     )
     spectra_dtype: str = option(
         "float64",
@@ -93,9 +103,9 @@ class NerveConfig(MeasurementOptions):
 
     def __post_init__(self) -> None:
         if self.layers_per_step is not None and not self.log_per_site:
-            raise ValueError("layers_per_step logs per-site keys only; it needs log_per_site=True")
+            raise OptionConflictError("layers_per_step logs per-site keys only; it needs log_per_site=True")
         if self.site_sharded and self.cross_layer is not None:
-            raise ValueError(
+            raise OptionConflictError(
                 "cross_layer cannot be measured with site_sharded=True: the two layers of a pair may belong to "
                 "different processes; leave one of them off"
             )

@@ -25,6 +25,11 @@ these functions rely on:
   leaves the same samples out of the spectra. ``DataLoaderShard.base_dataloader`` is the process's own
   shard, whose first batch is re-run when the callback was set up during an evaluation.
 
+- **Which evaluation is running** (:func:`running_evaluation`): an evaluation that raised leaves no event
+  behind, so the next one must be told apart from it by something that exists once per evaluation. Each
+  call of ``Trainer.evaluation_loop`` makes its own ``all_losses`` container (a local of that frame); the
+  callback keeps a weak reference to it, so the first batch of the next evaluation shows a new one.
+
 The Trainer also appends a copy of ``logs`` to ``state.log_history`` just before ``on_log``;
 :func:`add_to_last_log` puts the callback's keys there too.
 """
@@ -45,6 +50,7 @@ __all__ = [
     "padded_last_batch",
     "process_shard",
     "add_to_last_log",
+    "running_evaluation",
 ]
 
 
@@ -122,3 +128,14 @@ def add_to_last_log(state, extra: dict) -> None:
     """Add ``extra`` to the record the Trainer appended to ``state.log_history`` for this step's ``on_log``."""
     if state.log_history and state.log_history[-1].get("step") == state.global_step:
         state.log_history[-1].update(extra)
+
+
+def running_evaluation(frame: Optional[FrameType] = None):
+    """An object that exists once per running ``Trainer.evaluation_loop`` call (its ``all_losses``
+    container), found up the call stack from ``frame`` (default the caller's); None outside one."""
+    frame = frame if frame is not None else sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "evaluation_loop":
+            return frame.f_locals.get("all_losses")
+        frame = frame.f_back
+    return None

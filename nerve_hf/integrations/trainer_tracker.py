@@ -134,6 +134,24 @@ class TrainerTracker:
         if self.tracker is not None:
             self.tracker.detach()
 
+    def end_stray_forward(self) -> bool:
+        """Between the Trainer's events no forward runs; one that seems to is a forward a KeyboardInterrupt
+        ended (torch skips the hooks that would have closed it). Forget it (hooks off and on again), so the
+        next forward is a top-level one again; True if there was one."""
+        tracker = self.tracker
+        if tracker is None or not tracker.active or not tracker.points.in_forward:
+            return False
+        tracker.detach()
+        tracker.attach()
+        return True
+
+    def forget_windows(self) -> None:
+        """A new Trainer: nothing recorded for the previous one carries over."""
+        self.measured_step, self.in_train_step = None, False
+        if self.tracker is not None:
+            self.tracker.reset("train")
+            self.tracker.reset("eval")
+
     def _train_gate(self, module: nn.Module) -> bool:
         """The ``train`` window records a forward: train mode during a measured step."""
         return self.config.measure_train and module.training and self.measured_step is not None

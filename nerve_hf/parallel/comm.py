@@ -23,6 +23,7 @@ __all__ = [
     "reduce_scatter_sum",
     "reduce_sum",
     "all_gather",
+    "any_true",
 ]
 
 
@@ -85,3 +86,17 @@ def all_gather(tensor: Tensor, group=None) -> Tensor:
     out = tensor.new_empty(size * tensor.numel())
     dist.all_gather_into_tensor(out, tensor, group=group)
     return out
+
+
+def any_true(flag: bool, group=None) -> bool:
+    """Whether ``flag`` is True on any process of ``group`` (one all-reduce of one number; ``flag`` itself on
+    one process). Every process must call it at the same point."""
+    if not is_distributed(group):
+        return bool(flag)
+    import torch
+
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item() > 0)

@@ -18,7 +18,11 @@ reduction 1: Σ (D + 2) · 8; reduce-scatter: W · K · 8, K = max over processe
 Σ_{owned sites} D(D + 1) (two triangles of D(D + 1)/2), or, when that buffer would be more than twice
 the real data (more processes than FFNs), one reduce per owner: Σ D(D + 1) · 8; all-gather: max over
 processes of Σ_{owned sites} (8 + 2D) · 8 (a count, seven metrics, two spectra; 8 + 0 with
-``metrics="pr"``). :func:`exchange_bytes` computes them.
+``metrics="pr"``), plus 8 bytes: whether the process lost its rows. :func:`exchange_bytes` computes them.
+
+A failure on one process never leaves the others waiting in a collective: every local step between the
+exchanges is guarded, a failed one contributes zeros or NaN rows of the same size, the exchanges go on, and
+after the all-gather every process raises :class:`RowsLostError` naming the processes that failed.
 """
 
 from __future__ import annotations
@@ -34,7 +38,20 @@ from nerve_hf.spectra import metric_values
 from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.stats.moments import common_device, reduce_totals
 
-__all__ = ["assign_owners", "sharded_metric_values", "gather_rows", "exchange_bytes"]
+__all__ = [
+    "assign_owners",
+    "sharded_metric_values",
+    "gather_rows",
+    "local_metric_values",
+    "exchange_bytes",
+    "RowsLostError",
+]
+
+
+class RowsLostError(RuntimeError):
+    """Some process lost its rows of a measurement (a failed hook or eigendecomposition); raised by every
+    process after the exchange, so all of them agree that the measurement is lost."""
+
 
 _N_METRICS = len(METRIC_NAMES)
 
@@ -73,7 +90,7 @@ def exchange_bytes(dims: Sequence[int], world: int, metrics: str = "all") -> dic
     owners = assign_owners(dims, world)
     shares = [[d for d, o in zip(dims, owners) if o == r] for r in range(world)]
     triangles = [sum(d * (d + 1) for d in share) for share in shares]
-    gathered = max(sum(_payload(d, metrics) for d in share) for share in shares)
+    gathered = max(sum(_payload(d, metrics) for d in share) for share in shares) + 1  # + the lost flag
     out = {"totals": sum(2 * (d + 2) * 8 for d in dims), "reduce_scatter": 0, "reduce": 0, "all_gather": gathered * 8}
     if _uses_reduce_scatter(triangles):
         out["reduce_scatter"] = world * max(triangles) * 8
@@ -87,10 +104,13 @@ def sharded_metric_values(
     metrics: str = "all",
     group=None,
     spectra_dtype: str = "float64",
+    lost: Optional[str] = None,
 ) -> tuple[list[dict[str, float]], list[Optional[tuple[Tensor, Tensor]]], list[int]]:
     """What :func:`nerve_hf.spectra.metric_values` returns for the synced pairs, plus each pair's
     global row count, computed with each process decomposing only its share. Collective over ``group``.
-    The accumulators keep their own statistics (no synced state is stored on them)."""
+    The accumulators keep their own statistics (no synced state is stored on them). ``lost``: why this
+    process's statistics are incomplete (then, as after a local failure here, every process raises
+    :class:`RowsLostError` once the rows are exchanged)."""
     world, me = distributed.world_size(group), distributed.rank(group)
     accs = [acc for pair in pairs for acc in pair]
     device = common_device(accs)
@@ -114,16 +134,26 @@ def sharded_metric_values(
                 offset += upper.numel()
         return buffer
 
+    def guarded_triangles(share: list[int], length: int) -> Tensor:
+        """:func:`triangles`, or zeros of the same length when building them fails here (noted in ``lost``)."""
+        nonlocal lost
+        if lost is None:
+            try:
+                return triangles(share, length)
+            except Exception as error:  # noqa: BLE001 - the other processes are waiting in the exchange
+                lost = f"{type(error).__name__}: {error}"
+        return torch.zeros(length, dtype=torch.float64, device=device)
+
     if _uses_reduce_scatter(sizes):  # chunk r: the triangles of process r's share, padded to the largest
         chunk = max(sizes)
-        buffer = torch.cat([triangles(share, chunk) for share in shares])
+        buffer = torch.cat([guarded_triangles(share, chunk) for share in shares])
         received = distributed.reduce_scatter_sum(buffer, group)  # [K] this process's sums
         del buffer
     else:  # few FFNs, many processes: one reduce to each owner
         received = None
         for r, share in enumerate(shares):
             if share:
-                summed = distributed.reduce_sum(triangles(share, sizes[r]), r, group)
+                summed = distributed.reduce_sum(guarded_triangles(share, sizes[r]), r, group)
                 received = summed if r == me else received
 
     owned_pairs, offset = [], 0
@@ -135,10 +165,25 @@ def sharded_metric_values(
             pair.append(_Summed(dims[i], _full(received[offset : offset + size], dims[i]), n))
             offset += size
         owned_pairs.append(tuple(pair))
-    values, spectra = metric_values(owned_pairs, metrics, spectra_dtype)
+    values, spectra, lost = local_metric_values(owned_pairs, [dims[i] for i in mine], metrics, spectra_dtype, lost)
 
     counts = [totals[2 * i].count for i in mine]
-    return gather_rows(values, spectra, counts, shares, dims, metrics, device, group)
+    return gather_rows(values, spectra, counts, shares, dims, metrics, device, group, lost=lost)
+
+
+def local_metric_values(pairs, dims: Sequence[int], metrics: str, spectra_dtype: str, lost: Optional[str]):
+    """(values, spectra, lost) of this process's own pairs: :func:`metric_values`, or NaN rows of the same
+    shape when ``lost`` is set or the computation fails here (``lost`` then says why)."""
+    if lost is None:
+        try:
+            values, spectra = metric_values(pairs, metrics, spectra_dtype)
+            return values, spectra, None
+        except Exception as error:  # noqa: BLE001 - the other processes are waiting in the exchange
+            lost = f"{type(error).__name__}: {error}"
+    nan = float("nan")
+    values = [dict.fromkeys(METRIC_NAMES, nan) for _ in dims]
+    spectra = [(torch.full((d,), nan, dtype=torch.float64), torch.full((d,), nan, dtype=torch.float64)) for d in dims]
+    return values, spectra, lost
 
 
 def gather_rows(
@@ -150,13 +195,17 @@ def gather_rows(
     metrics: str,
     device: torch.device,
     group=None,
+    lost: Optional[str] = None,
 ) -> tuple[list[dict[str, float]], list[Optional[tuple[Tensor, Tensor]]], list[int]]:
     """Every process's rows for every site, from each process's rows of its own share (``shares[r]``:
     the site indices process r computed, in the order of its ``values``). One all-gather, each process's
-    rows padded to the largest share's payload (row count, seven metrics, and both spectra for "all")."""
-    payload = max(sum(_payload(dims[i], metrics) for i in share) for share in shares)
+    rows padded to the largest share's payload (row count, seven metrics, and both spectra for "all"),
+    after a flag saying whether the process lost its rows (``lost``: why). If any process did, every
+    process raises :class:`RowsLostError` after the all-gather."""
+    payload = max(sum(_payload(dims[i], metrics) for i in share) for share in shares) + 1
     packed = torch.full((payload,), float("nan"), dtype=torch.float64)
-    offset = 0
+    packed[0] = 0.0 if lost is None else 1.0
+    offset = 1
     for row, eigs, count in zip(values, spectra, counts):
         packed[offset] = float(count)
         packed[offset + 1 : offset + 1 + _N_METRICS] = torch.tensor(
@@ -167,13 +216,17 @@ def gather_rows(
             packed[offset : offset + 2 * eigs[0].numel()] = torch.cat(eigs)
             offset += 2 * eigs[0].numel()
     gathered = distributed.all_gather(packed.to(device), group).cpu()  # [W * payload]
+    failed = [r for r in range(len(shares)) if gathered[r * payload] != 0]
+    if failed:
+        here = f" (here: {lost})" if lost is not None else ""
+        raise RowsLostError(f"process(es) {failed} of {len(shares)} lost their rows of this measurement{here}")
 
     n_sites = len(dims)
     all_values: list[dict[str, float]] = [{} for _ in range(n_sites)]
     all_spectra: list[Optional[tuple[Tensor, Tensor]]] = [None] * n_sites
     all_counts = [0] * n_sites
     for r, share in enumerate(shares):
-        offset = r * payload
+        offset = r * payload + 1
         for i in share:
             all_counts[i] = int(gathered[offset])
             all_values[i] = dict(zip(METRIC_NAMES, gathered[offset + 1 : offset + 1 + _N_METRICS].tolist()))

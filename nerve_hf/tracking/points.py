@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 import model_adapters
 from model_adapters import Adapter, ResolvedSite
+from nerve_hf.errors import first_line
 from nerve_hf.parallel.tensor_parallel import full_width, modules_under_fsdp, sharded_width
 from nerve_hf.tracking.call_inputs import WarnOnce, eager, first_tensor, in_backward
 from nerve_hf.tracking.experts_compute import ExpertsLayout, expert_rows, read_call
@@ -156,6 +157,11 @@ class FFNHookPoints:
     def active(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def in_forward(self) -> bool:
+        """A top-level forward is running, or never ended: a KeyboardInterrupt skips torch's always-call hooks."""
+        return self._depth > 0
+
     def _hook(self, index: int, stage: str):
         """The hook of site ``index``'s ``stage``: a forward hook reading the output (pre, output) or a
         forward pre-hook reading the first input (input, post)."""
@@ -167,12 +173,14 @@ class FFNHookPoints:
         elif stage in ("pre", "output"):
 
             def hook(module: nn.Module, args: tuple, output) -> None:
-                self.record(index, stage, first_tensor(output))
+                self._record_or_fail(index, stage, lambda: first_tensor(output))
 
         else:
 
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                self.record(index, stage, args[0] if args and isinstance(args[0], Tensor) else first_tensor(kwargs))
+                self._record_or_fail(
+                    index, stage, lambda: args[0] if args and isinstance(args[0], Tensor) else first_tensor(kwargs)
+                )
 
         return hook
 
@@ -239,6 +247,20 @@ class FFNHookPoints:
                     "(torch._dynamo.config.skip_nnmodule_hook_guards): enter the tracker before the first "
                     "compiled call, or set torch._dynamo.config.skip_nnmodule_hook_guards = False.",
                 )
+
+    def _record_or_fail(self, index: int, stage: str, tensor: Callable[[], Optional[Tensor]]) -> None:
+        """A hook never raises into the model's forward: a failure (an allocation that fails, ...) marks the
+        recording window as lost (:meth:`~nerve_hf.tracking.windows.Window.fail`) and warns once."""
+        window = self._window
+        if window is not None and window.failed is not None:
+            return  # lost already: nothing more is recorded until its reset
+        try:
+            self.record(index, stage, tensor())
+        except Exception as error:  # noqa: BLE001
+            reason = f"{self.table.sites[index].site} {stage}: {type(error).__name__}: {first_line(error)}"
+            if window is not None:
+                window.fail(reason)
+            self._warn(f"hook:{type(error).__name__}", f"FFNTracker: recording failed ({reason}); this window is lost")
 
     def record(self, index: int, stage: str, x: Optional[Tensor]) -> None:
         """One firing: site ``index``'s ``stage`` produced ``x`` ([..., W])."""

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from nerve_hf import spectra
 from nerve_hf.parallel.comm import all_reduce_sum, is_distributed, rank, world_size
-from nerve_hf.parallel.sharded_spectra import assign_owners, gather_rows, sharded_metric_values
+from nerve_hf.parallel.sharded_spectra import assign_owners, gather_rows, local_metric_values, sharded_metric_values
 from nerve_hf.parallel.tensor_parallel import NO_REDUCTION
 from nerve_hf.stats.covariance import CovarianceAccumulator, common_device, sync_accumulators
 from nerve_hf.stats.cross_covariance import CrossCovarianceAccumulator, sync_cross_accumulators
@@ -38,6 +38,13 @@ class Reducer:
         """(values, spectra, counts) of accumulator pairs, pair k being one of site ``sites[k]``'s."""
         values, kept = spectra.metric_values(pairs, metrics, spectra_dtype)
         return values, kept, [first.count for first, _ in pairs]
+
+    lost = None  # why this process's window lost rows (set by the tracker before each compute), or None
+
+    def exchanges(self) -> bool:
+        """Whether :meth:`measure_pairs` exchanges rows with other processes (then a loss anywhere is learnt
+        there by every process, which all raise after the exchange)."""
+        return False
 
     def sync(self, accumulators: Sequence[CovarianceAccumulator]) -> None:
         """Make each accumulator hold the statistics of every process it is reduced over."""
@@ -63,8 +70,11 @@ class SummedReducer(Reducer):
 
     def measure_pairs(self, pairs: Pairs, metrics: str, spectra_dtype: str, sites: Sequence[int]):
         if is_distributed(self.group):
-            return sharded_metric_values(pairs, metrics, self.group, spectra_dtype)
+            return sharded_metric_values(pairs, metrics, self.group, spectra_dtype, lost=self.lost)
         return super().measure_pairs(pairs, metrics, spectra_dtype, sites)
+
+    def exchanges(self) -> bool:
+        return is_distributed(self.group)
 
     def sync(self, accumulators: Sequence[CovarianceAccumulator]) -> None:
         if is_distributed(self.group):
@@ -94,11 +104,11 @@ class SiteShardedReducer(SummedReducer):
         me, world = rank(self.group), world_size(self.group)
         shares = [[k for k, i in enumerate(sites) if self.owners[i] == r] for r in range(world)]
         own = [pairs[k] for k in shares[me]]
-        values, kept = spectra.metric_values(own, metrics, spectra_dtype)
-        device = common_device([acc for pair in own for acc in pair])  # none measured here: the backend's
         dims = [first.dim for first, _ in pairs]  # the same on every process: widths known at construction
+        device = common_device([acc for pair in own for acc in pair])  # none measured here: the backend's
+        values, kept, lost = local_metric_values(own, [dims[k] for k in shares[me]], metrics, spectra_dtype, self.lost)
         counts = [first.count for first, _ in own]
-        return gather_rows(values, kept, counts, shares, dims, metrics, device, self.group)
+        return gather_rows(values, kept, counts, shares, dims, metrics, device, self.group, lost=lost)
 
 
 def choose_reducer(group, site_sharded: bool, dims: Sequence[int | None], has_pairs: bool) -> Reducer:

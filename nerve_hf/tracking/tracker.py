@@ -22,7 +22,7 @@ import model_adapters
 from model_adapters import Adapter, ResolvedSite
 from nerve_hf import spectra as spectra_module  # compute()'s argument `spectra` hides the module name
 from nerve_hf.measurement_options import MEASUREMENT_DEFAULTS
-from nerve_hf.options import boolean, optional, positive_number, token_cap
+from nerve_hf.options import boolean, device, optional, positive_number, token_cap
 from nerve_hf.parallel.tensor_parallel import data_parallel_group
 from nerve_hf.report import SpectralReport
 from nerve_hf.tracking.budget import MemoryBudgetError, check_memory_budget, covariance_state_bytes
@@ -36,9 +36,9 @@ from nerve_hf.tracking.measurements.prepost import PrePost
 from nerve_hf.tracking.points import FFNHookPoints, resolve_sites
 from nerve_hf.tracking.reducers import choose_reducer
 from nerve_hf.tracking.tokens import AttentionMaskTokens, TokenCap, TokenSource
-from nerve_hf.tracking.windows import SiteWindow, Window
+from nerve_hf.tracking.windows import SiteWindow, Window, WindowLostError
 
-__all__ = ["FFNTracker", "MemoryBudgetError", "Window", "covariance_state_bytes"]
+__all__ = ["FFNTracker", "MemoryBudgetError", "Window", "WindowLostError", "covariance_state_bytes"]
 
 
 class FFNTracker:
@@ -144,6 +144,7 @@ class FFNTracker:
         Experts(**self._experts_options)  # refuses bad options before anything is resolved
         max_tokens = optional(token_cap)("max_tokens", max_tokens)  # the checks NerveConfig's fields use
         self.flow = boolean("flow", flow)
+        state_device = optional(device)("state_device", state_device)  # parses and exists here
         self.position_buckets = check_buckets(position_buckets)
         if cross_layer is not None and cross_layer not in CROSS_LAYER_CHOICES:
             raise ValueError(f"cross_layer must be one of {CROSS_LAYER_CHOICES} or None, got {cross_layer!r}")
@@ -271,7 +272,9 @@ class FFNTracker:
         """Metrics of every site the window watches, over what it recorded so far, synced across processes.
 
         Collective under ``torch.distributed``: every rank must call it. The window keeps its
-        statistics; call :meth:`reset` to start a new measurement.
+        statistics; call :meth:`reset` to start a new measurement. If a hook failed while the window
+        recorded (on any process: an allocation failure, ...), every process raises
+        :class:`WindowLostError` here, after agreeing on it: the window's rows are incomplete.
 
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> _ = torch.manual_seed(0)
@@ -310,6 +313,9 @@ class FFNTracker:
         if metrics not in spectra_module.METRIC_SETS:
             raise ValueError(f"metrics must be one of {spectra_module.METRIC_SETS}, got {metrics!r}")
         chosen = self.window(window)
+        self._reducer.lost = chosen.failed  # sent with the rows: every process raises at the same point
+        if chosen.failed is not None and not self._reducer.exchanges():
+            raise WindowLostError(f"window {chosen.name!r} lost rows: {chosen.failed}")
         watched = [i for i in range(len(self._table.sites)) if chosen.watches(i)]
         report = SpectralReport()
         chosen.measurements.compute(report, ComputeContext(self._table, watched, self._reducer, metrics, spectra_dtype))

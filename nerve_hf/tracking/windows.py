@@ -22,7 +22,11 @@ from model_adapters import ResolvedSite
 from nerve_hf.tracking.measurements.base import MeasurementCollection
 from nerve_hf.tracking.tokens import TokenCap
 
-__all__ = ["Window", "SiteWindow"]
+__all__ = ["Window", "SiteWindow", "WindowLostError"]
+
+
+class WindowLostError(RuntimeError):
+    """A window cannot be measured: recording into it failed (here or on another process)."""
 
 
 class SiteWindow:
@@ -77,6 +81,7 @@ class Window:
         self.groups: list[list[int]] = []  # site indices of each round-robin group
         self.active: frozenset[int] = frozenset()  # site indices watched now
         self.confirmed = False
+        self.failed: Optional[str] = None  # why recording into this window failed since its last reset
         self._sites = 0  # how many sites the tracker has (see bind)
 
     def bind(self, sites: Sequence[ResolvedSite], measurements: MeasurementCollection, cap: TokenCap) -> None:
@@ -131,7 +136,13 @@ class Window:
         self._reset_states()
         self.confirmed = False
 
+    def fail(self, reason: str) -> None:
+        """A hook failed while recording into this window: its rows are incomplete until :meth:`reset`."""
+        if self.failed is None:
+            self.failed = reason
+
     def _reset_states(self) -> None:
+        self.failed = None
         if self.measurements is not None:
             self.measurements.reset()
         self.cap.reset()

@@ -435,3 +435,45 @@ def test_compare_bad_input_is_one_line(run_dir, tmp_path, capsys):
     assert main(["report", str(run_dir), str(bogus), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a model-zoo result file" in err[0]
+
+
+# ------------------------------------------------------------------------------------ layers_per_step runs
+def test_layers_per_step_run_has_no_layer_mean(tmp_path):
+    """A round-robin run measures ffn.0 at odd steps and ffn.1 at even ones: no step holds both, so a
+    "layer mean" over steps would be a different single layer each time. The report builds none; each site's
+    correlation uses that site's own steps only."""
+    out = tmp_path / "run"
+    callback = NerveCallback(every_n_steps=1, layers_per_step=1)
+    trainer = make_trainer(out, [callback], max_steps=8, eval_strategy="no", logging_steps=1)
+    trainer.train()
+    trainer.save_state()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert not any("nerve/mean/se_pre" in entry for entry in history)  # the callback logs no mean either
+    run = load_run(out)
+    assert "mean" not in set(run.metrics["site"])
+    assert [sorted(set(part["site"])) for _, part in run.metrics.groupby("step")] == [["ffn.0"], ["ffn.1"]] * 4
+    corr = correlations(run)
+    assert sorted(set(corr["site"])) == ["ffn.0", "ffn.1"]
+    for row in corr.itertuples():
+        x, y = independent_pairs(out, "train", row.site, row.metric)
+        assert row.n == len(x) == 4
+        assert row.r == pytest.approx(stats.pearsonr(x, y).statistic, rel=1e-9, abs=1e-12), (row.site, row.metric)
+    assert main(["report", str(out), "--min-points", "3"]) == 0
+    summary = (out / "nerve_report" / "summary.md").read_text()
+    assert "layer-mean" not in summary and "## `train`: no layer mean" in summary
+    written = json.loads(json.dumps(sorted(p.name for p in (out / "nerve_report").iterdir())))
+    assert "scatter_train.png" not in written and "trajectories_train.png" in written
+
+
+def test_a_mean_needs_the_same_sites_at_every_step_of_its_split(tmp_path):
+    run, state = synthetic_run(tmp_path / "run", {"train": "loss", "eval": "eval_loss"})
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    records = read_jsonl(run / "nerve_metrics.jsonl")
+    # eval step 20 measured ffn.0 only, step 30 ffn.1 only (records that say so: nothing is missing)
+    dropped = {("eval", 20, "ffn.1"), ("eval", 30, "ffn.0")}
+    kept = [{**r, "sites": 1 if r["split"] == "eval" and r["step"] in (20, 30) else 2} for r in records]
+    kept = [r for r in kept if (r["split"], r["step"], r["site"]) not in dropped]
+    (run / "nerve_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    loaded = load_run(run)
+    means = loaded.metrics[loaded.metrics["site"] == "mean"]
+    assert sorted(set(means["split"])) == ["train"] and means["step"].tolist() == [10, 20, 30, 40]
