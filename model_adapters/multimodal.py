@@ -4,7 +4,7 @@ spliced into it. The text mask is never applied to the vision tower, whatever it
 
 Paths read from the installed modeling files:
 
-* LLaVA: ``vision_tower`` (a CLIP/SigLIP vision model: ``vision_model.encoder.layers.N.mlp.fc1/fc2``)
+* LLaVA: ``vision_tower`` (a CLIP/SigLIP vision model: ``encoder.layers.N.mlp.fc1/fc2``)
   and ``language_model.layers.N.mlp`` (gated ``gate_proj``/``down_proj``). A LLaVA with another
   vision tower does not fit this entry and is refused (pass an adapter).
 * Qwen2-VL: ``visual.blocks.N.mlp`` (``fc1`` -> act -> ``fc2`` on flat patch rows ``[patches, D]``);
@@ -22,7 +22,7 @@ def _vlm(vision: FFNSite) -> Adapter:
 
 # config.model_type -> Adapter
 ADAPTERS = {
-    "llava": _vlm(FFNSite("vision.ffn", "vision_tower.vision_model.encoder.layers", "mlp.fc1", "mlp.fc2",
+    "llava": _vlm(FFNSite("vision.ffn", "vision_tower.encoder.layers", "mlp.fc1", "mlp.fc2",
                           stack="vision", tokens="all")),
     "qwen2_vl": _vlm(FFNSite("vision.ffn", "visual.blocks", "mlp.fc1", "mlp.fc2", stack="vision", tokens="all")),
     "qwen2_5_vl": _vlm(FFNSite("vision.ffn", "visual.blocks", "mlp.gate_proj", "mlp.down_proj",

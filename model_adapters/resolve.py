@@ -92,9 +92,9 @@ def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | No
         Sites ordered by family (adapter order), then by layer.
 
     Raises:
-        ValueError: a family resolves to nothing (a family of a named ``stack`` whose blocks container this
-            model lacks altogether, such as the decoder of ``T5EncoderModel``, is left out instead, as long
-            as another family resolves); :class:`LayerRangeError` (a ValueError) when ``layers`` names a
+        ValueError: a family resolves to nothing (an ``optional`` family whose blocks container this model
+            lacks altogether, such as the decoder of ``T5EncoderModel``, is left out instead, as long as
+            another family resolves); :class:`LayerRangeError` (a ValueError) when ``layers`` names a
             block that no family has.
     """
     name = type(unwrap_model(model)).__name__
@@ -103,7 +103,7 @@ def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | No
     for family in adapter.sites:
         rows = _resolve_family(index, family)
         if not rows:
-            if family.stack and len(adapter.sites) > 1 and not _containers(index, family.blocks):
+            if family.optional and not _containers(index, family.blocks):
                 continue  # this model has no such stack
             raise ValueError(
                 f"{name}: no blocks matching {family.blocks!r} contain "

@@ -10,6 +10,9 @@ Read from the installed transformers modeling files:
   ``T5DenseGatedActDense`` (act(``wi_0``) * ``wi_1`` -> ``wo``; pre = ``wi_0``).
 * BART / mBART / Pegasus / Marian / Whisper: ``fc1`` -> act -> ``fc2`` directly in each of
   ``{encoder,decoder}.layers.N``. Whisper's encoder takes no mask (every frame of its input counts).
+
+The decoder is ``optional``: encoder-only classes (``T5EncoderModel``, ``WhisperForAudioClassification``)
+measure their encoder.
 """
 
 from .spec import Adapter, ByConfig, FFNSite
@@ -22,7 +25,7 @@ def _t5(gated: bool) -> Adapter:
             FFNSite("encoder.ffn", "encoder.block", f"layer.1.{pre}", "layer.1.DenseReluDense.wo",
                     stack="encoder", tokens="encoder"),
             FFNSite("decoder.ffn", "decoder.block", f"layer.2.{pre}", "layer.2.DenseReluDense.wo",
-                    stack="decoder", tokens="decoder"),
+                    stack="decoder", tokens="decoder", optional=True),
         ),
         gated=gated,
     )  # fmt: skip
@@ -32,7 +35,7 @@ def _fc(encoder_tokens: str = "encoder") -> Adapter:
     return Adapter(
         sites=(
             FFNSite("encoder.ffn", "encoder.layers", "fc1", "fc2", stack="encoder", tokens=encoder_tokens),
-            FFNSite("decoder.ffn", "decoder.layers", "fc1", "fc2", stack="decoder", tokens="decoder"),
+            FFNSite("decoder.ffn", "decoder.layers", "fc1", "fc2", stack="decoder", tokens="decoder", optional=True),
         )
     )
 

@@ -34,6 +34,9 @@ class FFNSite:
             ``"attention_mask"`` (the call's mask, the default), ``"encoder"`` (the call's mask, on an
             encoder), ``"decoder"`` (``decoder_attention_mask``, else the labels' real positions, else all),
             ``"all"`` (every row: vision towers, audio encoders).
+        optional: some classes of the model type lack this stack altogether (``T5EncoderModel`` has no
+            decoder): when no container matches ``blocks`` the family is left out; when one does but its
+            blocks do not hold ``pre`` and ``post``, the adapter is refused as for any other family.
     """
 
     name: str
@@ -44,6 +47,7 @@ class FFNSite:
     kind: str = "dense"
     stack: str = ""
     tokens: str = "attention_mask"
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
