@@ -111,15 +111,15 @@ def test_each_stack_counts_its_own_tokens(family, lengths, tmp_path):
     capture = StackCapture(model, sites)
     report = train(model, lengths, tmp_path)
     capture.remove()
+    # rows in module order, encoder first: exactly the dataset's own lengths (each step sees every sample once)
+    src, tgt = (STEPS * sum(n) for n in zip(*lengths))
+    assert [row["tokens"] for row in report.rows] == [src] * LAYERS + [tgt] * LAYERS
     assert [row["site"] for row in report.rows] == list(sites)
     for row in report.rows:
         stack = row["site"].split(".")[0]
         assert row["stack"] == stack and row["layer"] == int(row["site"].rsplit(".", 1)[1])
         pre, post = capture.rows(row["site"], encoder_rows if stack == "encoder" else decoder_rows)
         assert_site(row, pre, post)
-        # exact: the dataset's own lengths, every step sees every sample once
-        own = [src if stack == "encoder" else tgt for src, tgt in lengths]
-        assert row["tokens"] == STEPS * sum(own)
 
 
 def test_t5_layers_are_block_indices_within_each_stack(tmp_path):
