@@ -191,7 +191,8 @@ def nan_values() -> dict[str, float]:
 
 
 def nan_rows(sites: Iterable) -> list[dict]:
-    """Report rows (``site, layer, dim, tokens`` and NaN metrics) for sites measured without a result."""
+    """Report rows (``site, layer, dim, tokens``, ``stack`` for a site of a model with several stacks, and
+    NaN metrics) for sites measured without a result."""
     return [{"site": s.site, "layer": s.layer, "dim": 0, "tokens": 0, **_stack(s), **nan_values()} for s in sites]
 
 
