@@ -48,12 +48,15 @@ class StackCapture:
         for handle in self.handles:
             handle.remove()
 
-    def rows(self, name: str, select: Select) -> tuple[np.ndarray, np.ndarray]:
-        """``(pre [N, D], post [N, D])`` float64 of site ``name`` over the rows ``select`` keeps."""
+    def rows(self, name: str, select: Select, calls=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(pre [N, D], post [N, D])`` float64 of site ``name`` over the rows ``select`` keeps, in the
+        top-level calls numbered ``calls`` (None: all)."""
         out = []
         for stage in ("pre", "post"):
             kept = []
             for call, x in self.seen[name][stage]:
+                if calls is not None and call not in calls:
+                    continue
                 mask = select(self.calls[call], x)
                 kept.append(x.reshape(-1, x.shape[-1]) if mask is None else x[mask.bool()])
             out.append(torch.cat(kept).numpy())

@@ -10,6 +10,8 @@ are also checked against the dataset's own lengths.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
@@ -25,7 +27,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from nerve_hf import FFNTracker
+from nerve_hf import FFNTracker, NerveCallback
 
 VOCAB, HIDDEN, LAYERS = 64, 32, 2
 STEPS = 2  # each step one batch of every sample (no shuffling can change the padded lengths)
@@ -131,3 +133,29 @@ def test_t5_layers_are_block_indices_within_each_stack(tmp_path):
     for row in report.rows:
         select = encoder_rows if row["stack"] == "encoder" else decoder_rows
         assert_site(row, *capture.rows(row["site"], select))
+
+
+def test_nerve_callback_logs_each_stacks_own_tokens(tmp_path):
+    """The callback under Seq2SeqTrainer, every step measured: each step's records against the capture of
+    that step's one forward (equal source and target lengths: the case that used to pick wrong rows)."""
+    model, sites = bart()
+    capture = StackCapture(model, sites)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=len(EQUAL), max_steps=STEPS, learning_rate=1e-2,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        logging_steps=1,
+    )  # fmt: skip
+    collator = DataCollatorForSeq2Seq(tokenizer(), model=model, label_pad_token_id=-100)
+    callback = NerveCallback(every_n_steps=1, flow=False)
+    trainer = Seq2SeqTrainer(
+        model=model, args=args, train_dataset=dataset(EQUAL), data_collator=collator, callbacks=[callback]
+    )
+    trainer.train()
+    capture.remove()
+    records = [json.loads(line) for line in (tmp_path / "nerve_metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train" and r["site"] in sites]
+    assert sorted({r["step"] for r in train}) == list(range(1, STEPS + 1))
+    for record in train:
+        assert record["stack"] == record["site"].split(".")[0]
+        select = encoder_rows if record["stack"] == "encoder" else decoder_rows
+        assert_site(record, *capture.rows(record["site"], select, calls={record["step"] - 1}))
