@@ -207,3 +207,53 @@ def test_encoder_only_class_measures_its_encoder_and_unknown_sources_are_refused
                                   tokens="no_such_source")  # fmt: skip
     with pytest.raises(ValueError, match="unknown token source"):
         FFNTracker(encoder_only, adapter=model_adapters.Adapter(sites=(site,)))
+
+
+def test_device_path_selects_the_same_rows_and_positions_without_host_reads(monkeypatch):
+    """On accelerators the sources hand all rows and a keep mask to the accumulators (no host read in a
+    hook); forced onto CPU tensors, the rows, counts and position buckets equal the host path's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nerve_hf.stats.covariance import CovarianceAccumulator
+    from nerve_hf.tracking.points import FFNHookPoints
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in {"_local_scalar_dense", "nonzero", "masked_select", "item"}:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = t5().double()
+    generator = torch.Generator().manual_seed(4)
+    ids, targets = torch.randint(2, 50, (3, 8), generator=generator), torch.randint(2, 50, (3, 6), generator=generator)
+    padded = torch.tensor([[0] * 6, [0] * 2 + [1] * 4, [0] * 5 + [1]]).bool()
+    batch = dict(input_ids=ids, attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [0, 0] + [1] * 6]),
+                 labels=targets.masked_fill(padded, -100))  # fmt: skip
+
+    def measure():
+        tracker = FFNTracker(model, flow=False, position_buckets=[0, 3])
+        with tracker, torch.no_grad():
+            model(**batch)
+        return tracker.compute()
+
+    host = measure()
+    monkeypatch.setattr(CovarianceAccumulator, "HOST_SYNC_DEVICE_TYPES", ())
+    reads, record = HostReads(), FFNHookPoints.record
+
+    def watched(self, *args, **kwargs):
+        with reads:
+            return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(FFNHookPoints, "record", watched)
+    device = measure()
+    assert reads.seen == []
+    assert [row["tokens"] for row in device.rows] == [row["tokens"] for row in host.rows] == [19, 19, 13, 13]
+    assert len(device.positions) == len(host.positions) == 2 * len(host.rows)  # two buckets per site
+    for got, want in zip(device.rows + device.positions, host.rows + host.positions):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value), key
