@@ -7,7 +7,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .spec import Adapter, FFNSite
+from .spec import Adapter, ByConfig, FFNSite
 from .unwrap import module_index, unwrap_model
 
 
@@ -79,12 +79,14 @@ def _resolve_family(index: dict[str, nn.Module], site: FFNSite) -> list[Resolved
     return next(iter(found.values()), [])
 
 
-def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | None = None) -> list[ResolvedSite]:
+def resolve_sites(
+    model: nn.Module, adapter: Adapter | ByConfig, layers: Iterable[int] | None = None
+) -> list[ResolvedSite]:
     """Resolve every site of ``adapter`` on ``model`` (wrappers are looked through).
 
     Args:
         model: the model, possibly wrapped.
-        adapter: where the FFNs are.
+        adapter: where the FFNs are (a ``ByConfig`` picks by the model's config).
         layers: block indices to keep, within each family's own blocks (negative indices count from the
             end of each family; ``[0]`` keeps the first block of the encoder and of the decoder); None keeps all.
 
@@ -98,6 +100,8 @@ def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | No
             block that no family has.
     """
     name = type(unwrap_model(model)).__name__
+    if isinstance(adapter, ByConfig):  # a table entry passed as is: the layout this model's config picks
+        adapter = adapter.adapter_for(getattr(unwrap_model(model), "config", None))
     index = module_index(unwrap_model(model))
     sites: list[ResolvedSite] = []
     for family in adapter.sites:
