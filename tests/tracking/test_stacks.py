@@ -74,27 +74,34 @@ def test_llava_vision_tower_counts_every_patch_even_when_its_shape_is_the_text_m
     check_report(report, capture, {"vision": all_rows, "text": text_rows})
 
 
-def qwen2_vl():
+def qwen2_vl(family: str = "qwen2_vl"):
+    """Qwen2-VL (vision MLP fc1 -> act -> fc2) or Qwen2.5-VL (gated vision MLP), tiny, float64."""
     torch.manual_seed(0)
-    config = transformers.Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=HIDDEN, hidden_size=HIDDEN, mlp_ratio=2, num_heads=2, in_channels=3,
-                           patch_size=2, spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(hidden_size=HIDDEN, intermediate_size=41, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=64,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
-        image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63,
-    )  # fmt: skip
-    model = transformers.Qwen2VLForConditionalGeneration(config).eval().double()  # float64: exact spectra
-    sites = {
-        f"vision.ffn.{i}": (f"model.visual.blocks.{i}.mlp.fc1", f"model.visual.blocks.{i}.mlp.fc2") for i in range(2)
-    }
+    text = dict(hidden_size=HIDDEN, intermediate_size=41, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=64,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})  # fmt: skip
+    tokens = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+    patches = dict(depth=2, num_heads=2, in_channels=3, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision = dict(embed_dim=HIDDEN, hidden_size=HIDDEN, mlp_ratio=2, **patches)
+        config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **tokens)
+        model, up, down = transformers.Qwen2VLForConditionalGeneration(config), "fc1", "fc2"
+    else:
+        vision = dict(hidden_size=HIDDEN, intermediate_size=37, out_hidden_size=HIDDEN, window_size=8,
+                      fullatt_block_indexes=[1], **patches)  # fmt: skip
+        config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tokens)
+        model, up, down = transformers.Qwen2_5_VLForConditionalGeneration(config), "gate_proj", "down_proj"
+    model = model.eval().double()  # float64: exact spectra
+    blocks = "model.visual.blocks"
+    sites = {f"vision.ffn.{i}": (f"{blocks}.{i}.mlp.{up}", f"{blocks}.{i}.mlp.{down}") for i in range(2)}
     sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
                                 f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
     return model, sites
 
 
-def test_qwen2_vl_flat_patch_rows_all_count_when_their_number_is_batch_times_length():
-    model, sites = qwen2_vl()
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen2_vl_flat_patch_rows_all_count_when_their_number_is_batch_times_length(family):
+    model, sites = qwen2_vl(family)
     capture = StackCapture(model, sites)
     generator = torch.Generator().manual_seed(1)
     with FFNTracker(model, flow=False) as tracker, torch.no_grad():
