@@ -8,11 +8,12 @@
 from .detect import detect_adapter, find_ffn, linear_dims
 from .registry import get_adapter, lookup_keys, register_adapter, supported_types
 from .resolve import LayerRangeError, ResolvedSite, resolve_sites
-from .spec import Adapter, ExpertsSpec, FFNSite
+from .spec import Adapter, ByConfig, ExpertsSpec, FFNSite
 from .unwrap import unwrap_model
 
 __all__ = [
     "Adapter",
+    "ByConfig",
     "ExpertsSpec",
     "FFNSite",
     "LayerRangeError",

@@ -4,28 +4,31 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import bert, gpt, llama, moe, timm_mixer
+from . import bert, gpt, llama, moe, multimodal, seq2seq, timm_mixer, vision
 from .detect import detect_adapter
-from .spec import Adapter
+from .spec import Adapter, ByConfig
 from .unwrap import unwrap_model
 
-# key -> Adapter. Keys are `config.model_type` for transformers models and the class name for others
-# (timm). A fresh dict per import; `register_adapter` adds to it.
-_REGISTRY: dict[str, Adapter] = {
+# key -> Adapter (or ByConfig, when the layout depends on the config). Keys are `config.model_type` for
+# transformers models and the class name for others (timm). A fresh dict per import; `register_adapter` adds to it.
+_REGISTRY: dict[str, Adapter | ByConfig] = {
     **gpt.ADAPTERS,
     **llama.ADAPTERS,
     **bert.ADAPTERS,
     **timm_mixer.ADAPTERS,
     **moe.ADAPTERS,
+    **seq2seq.ADAPTERS,
+    **vision.ADAPTERS,
+    **multimodal.ADAPTERS,
 }
 
 
-def register_adapter(key: str, adapter: Adapter, *, overwrite: bool = False) -> None:
+def register_adapter(key: str, adapter: Adapter | ByConfig, *, overwrite: bool = False) -> None:
     """Teach the registry a new architecture.
 
     Args:
         key: ``config.model_type`` of a transformers model, or the model's class name.
-        adapter: where its FFNs are.
+        adapter: where its FFNs are (a :class:`~model_adapters.spec.ByConfig` when that depends on the config).
         overwrite: replace an existing entry instead of raising.
 
     >>> from torch import nn
@@ -43,8 +46,8 @@ def register_adapter(key: str, adapter: Adapter, *, overwrite: bool = False) -> 
     ('up', True)
     >>> _ = _REGISTRY.pop("Tiny")  # leave the registry as it was
     """
-    if not isinstance(adapter, Adapter):
-        raise TypeError(f"adapter must be a model_adapters.Adapter, got {type(adapter).__name__}")
+    if not isinstance(adapter, (Adapter, ByConfig)):
+        raise TypeError(f"adapter must be a model_adapters.Adapter or ByConfig, got {type(adapter).__name__}")
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"an adapter for {key!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = adapter
@@ -70,7 +73,8 @@ def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model`` (wrappers are looked through): table entry, else structural detection.
 
     Raises:
-        ValueError: nothing in the table and no FFN-shaped blocks; the message shows how to register one.
+        ValueError: nothing in the table and no FFN-shaped blocks (the message shows how to register one),
+            or a table entry whose config attribute has a value it does not know.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> config = LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
@@ -82,7 +86,10 @@ def get_adapter(model: nn.Module) -> Adapter:
     """
     for key in lookup_keys(model):
         if key in _REGISTRY:
-            return _REGISTRY[key]
+            entry = _REGISTRY[key]
+            if isinstance(entry, ByConfig):
+                return entry.adapter_for(getattr(unwrap_model(model), "config", None))
+            return entry
     detected = moe.detect_moe_adapter(model) or detect_adapter(model)
     if detected is not None:
         return detected

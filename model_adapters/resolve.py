@@ -7,7 +7,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .spec import Adapter, ExpertsSpec, FFNSite
+from .spec import Adapter, ByConfig, ExpertsSpec, FFNSite
 from .unwrap import module_index, unwrap_model
 
 
@@ -90,43 +90,55 @@ def _resolve_family(index: dict[str, nn.Module], site: FFNSite) -> list[Resolved
     return next(iter(found.values()), [])
 
 
-def resolve_sites(model: nn.Module, adapter: Adapter, layers: Iterable[int] | None = None) -> list[ResolvedSite]:
+def resolve_sites(
+    model: nn.Module, adapter: Adapter | ByConfig, layers: Iterable[int] | None = None
+) -> list[ResolvedSite]:
     """Resolve every site of ``adapter`` on ``model`` (wrappers are looked through).
 
     Args:
         model: the model, possibly wrapped.
-        adapter: where the FFNs are.
-        layers: block indices to keep (negative indices count from the end); None keeps all.
+        adapter: where the FFNs are (a ``ByConfig`` picks by the model's config).
+        layers: block indices to keep, within each family's own blocks (negative indices count from the
+            end of each family; ``[0]`` keeps the first block of the encoder and of the decoder); None keeps all.
 
     Returns:
         Sites ordered by family (adapter order), then by layer.
 
     Raises:
-        ValueError: a family resolves to nothing; :class:`LayerRangeError` (a ValueError) when ``layers``
-            names a block that does not exist.
+        ValueError: a family resolves to nothing (an ``optional`` family that resolves to nothing, such as
+            the decoder of ``T5EncoderModel`` or the dense layers of an MoE without any, is left out instead,
+            as long as another family resolves); :class:`LayerRangeError` (a ValueError) when ``layers`` names a
+            block that no family has.
     """
+    name = type(unwrap_model(model)).__name__
+    if isinstance(adapter, ByConfig):  # a table entry passed as is: the layout this model's config picks
+        adapter = adapter.adapter_for(getattr(unwrap_model(model), "config", None))
     index = module_index(unwrap_model(model))
     sites: list[ResolvedSite] = []
     for family in adapter.sites:
         rows = _resolve_family(index, family)
         if not rows and family.optional:
-            continue
+            continue  # this model has no such stack (or, in an MoE, no such dense layers)
         if not rows:
             raise ValueError(
-                f"{type(unwrap_model(model)).__name__}: no blocks matching {family.blocks!r} contain "
+                f"{name}: no blocks matching {family.blocks!r} contain "
                 f"both {family.pre!r} and {family.post!r}; the adapter does not fit this model."
             )
         sites.extend(rows)
+    if not sites:
+        raise ValueError(f"{name}: none of the adapter's stacks {[f.blocks for f in adapter.sites]} exist here")
     if layers is None:
         return sites
-    n_blocks = 1 + max(s.layer for s in sites)
-    wanted = set()
+    n_of = {}  # family -> its number of blocks
+    for s in sites:
+        n_of[s.family] = max(n_of.get(s.family, 0), s.layer + 1)
+    n_blocks = max(n_of.values())
     layers = list(layers)
     for layer in layers:
         if not -n_blocks <= layer < n_blocks:
             raise LayerRangeError(
-                f"layers={layers}: layer {layer} is out of range; {type(unwrap_model(model)).__name__} has "
+                f"layers={layers}: layer {layer} is out of range; {name} has "
                 f"{n_blocks} blocks, so valid layers are 0..{n_blocks - 1} (or -{n_blocks}..-1 from the end)"
             )
-        wanted.add(layer % n_blocks)
-    return [s for s in sites if s.layer in wanted]
+    wanted = {family: {layer % n for layer in layers if -n <= layer < n} for family, n in n_of.items()}
+    return [s for s in sites if s.layer in wanted[s.family]]

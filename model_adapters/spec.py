@@ -65,10 +65,13 @@ class FFNSite:
             routed ones) or ``"expert"`` (routed experts).
         stack: which stack of the model the blocks belong to (``"encoder"``, ``"decoder"``, ``"vision"``,
             ...); ``""`` for a model with one stack.
-        tokens: the token source of that stack, by name (``nerve_hf.tracking.tokens``): ``"attention_mask"``
-            (the call's mask, the default).
+        tokens: the token source of that stack, by name (``nerve_hf.tracking.stack_tokens``):
+            ``"attention_mask"`` (the call's mask, the default), ``"encoder"`` (the call's mask, on an
+            encoder), ``"decoder"`` (``decoder_attention_mask``, else the labels' real positions, else all),
+            ``"all"`` (every row: vision towers, audio encoders).
+        optional: some models of the type lack this family altogether (``T5EncoderModel`` has no decoder;
+            an MoE config may have no dense layers): when it resolves to nothing it is left out.
         experts: for ``kind="expert"``: how the experts module (``pre`` and ``post`` both name it) computes.
-        optional: the family may be absent from a model (dense layers of an MoE whose config has none).
     """
 
     name: str
@@ -102,6 +105,28 @@ class Adapter:
     gated: bool = False
 
 
-def ffn(blocks: str, pre: str, post: str, *, gated: bool = False, pre_chunk=None) -> Adapter:
+@dataclass(frozen=True)
+class ByConfig:
+    """Adapters of one model type whose FFN modules depend on a config attribute (T5's ``is_gated_act``
+    picks ``wi`` or ``wi_0``/``wi_1``).
+
+    Attributes:
+        attribute: the ``model.config`` attribute read.
+        choices: ``(value, Adapter)`` pairs; a value not listed is refused with a message naming it.
+    """
+
+    attribute: str
+    choices: tuple[tuple[object, Adapter], ...]
+
+    def adapter_for(self, config) -> Adapter:
+        value = getattr(config, self.attribute, None)
+        for choice, adapter in self.choices:
+            if value == choice:
+                return adapter
+        known = [choice for choice, _ in self.choices]
+        raise ValueError(f"config.{self.attribute}={value!r} is not one of the known layouts {known}")
+
+
+def ffn(blocks: str, pre: str, post: str, *, gated: bool = False, pre_chunk=None, tokens="attention_mask") -> Adapter:
     """Shorthand for the common case: one site family named ``ffn``."""
-    return Adapter(sites=(FFNSite("ffn", blocks, pre, post, pre_chunk),), gated=gated)
+    return Adapter(sites=(FFNSite("ffn", blocks, pre, post, pre_chunk, tokens=tokens),), gated=gated)

@@ -103,10 +103,10 @@ def cli_markdown() -> str:
 
 def _registry():
     """key -> Adapter, as the registry holds it now, and the module that defines each entry."""
-    from model_adapters import bert, gpt, llama, registry, timm_mixer
+    from model_adapters import bert, gpt, llama, multimodal, registry, seq2seq, timm_mixer, vision
 
     families = {}
-    for module in (gpt, llama, bert, timm_mixer):
+    for module in (gpt, llama, bert, timm_mixer, seq2seq, vision, multimodal):
         for key in module.ADAPTERS:
             families[key] = f"{module.__name__.rsplit('.', 1)[-1]}.py"
     return {key: registry._REGISTRY[key] for key in registry.supported_types()}, families
@@ -116,16 +116,21 @@ def adapters_markdown() -> str:
     """The supported-architecture table: one row per FFN site family of every registered adapter."""
     adapters, families = _registry()
     lines = [
-        "| key | in `model_adapters/` | site | blocks | pre (output of) | post (input of) | gated |",
-        "|---|---|---|---|---|---|---|",
+        "| key | in `model_adapters/` | site | blocks | pre (output of) | post (input of) | gated | stack | tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, adapter in adapters.items():
-        for site in adapter.sites:
-            pre = f"`{site.pre}`" + (f" chunk {site.pre_chunk[0]} of {site.pre_chunk[1]}" if site.pre_chunk else "")
-            lines.append(
-                f"| `{key}` | `{families.get(key, 'register_adapter')}` | `{site.name}` | `{site.blocks}` | {pre} | "
-                f"`{site.post}` | {'yes' if adapter.gated else 'no'} |"
-            )
+    for key, entry in adapters.items():
+        # a ByConfig entry: one set of rows per config value
+        choices = getattr(entry, "choices", None) or ((None, entry),)
+        for value, adapter in choices:
+            when = f" (`{entry.attribute}={value}`)" if value is not None else ""
+            for site in adapter.sites:
+                pre = f"`{site.pre}`" + (f" chunk {site.pre_chunk[0]} of {site.pre_chunk[1]}" if site.pre_chunk else "")
+                lines.append(
+                    f"| `{key}` | `{families.get(key, 'register_adapter')}` | `{site.name}` | `{site.blocks}` | "
+                    f"{pre}{when} | `{site.post}` | {'yes' if adapter.gated else 'no'} | {site.stack or '—'} | "
+                    f"`{site.tokens}` |"
+                )
     return "\n".join(lines) + f"\n\n{len(adapters)} registry keys.\n"
 
 

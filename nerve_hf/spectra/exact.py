@@ -191,8 +191,15 @@ def nan_values() -> dict[str, float]:
 
 
 def nan_rows(sites: Iterable) -> list[dict]:
-    """Report rows (``site, layer, dim, tokens`` and NaN metrics) for sites measured without a result."""
-    return [{"site": s.site, "layer": s.layer, "dim": 0, "tokens": 0, **nan_values()} for s in sites]
+    """Report rows (``site, layer, dim, tokens``, ``stack`` for a site of a model with several stacks, and
+    NaN metrics) for sites measured without a result."""
+    return [{"site": s.site, "layer": s.layer, "dim": 0, "tokens": 0, **_stack(s), **nan_values()} for s in sites]
+
+
+def _stack(site) -> dict:
+    """``{"stack": ...}`` for a site of a model with several stacks, else ``{}``."""
+    stack = getattr(site, "stack", "")
+    return {"stack": stack} if stack else {}
 
 
 def spectra_of(accs: Sequence[HasCovariance], dtype: str = "float64") -> list[Tensor]:

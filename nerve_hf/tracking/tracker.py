@@ -35,7 +35,8 @@ from nerve_hf.tracking.measurements.positions import PositionBuckets, check_buck
 from nerve_hf.tracking.measurements.prepost import PrePost
 from nerve_hf.tracking.points import FFNHookPoints, resolve_sites
 from nerve_hf.tracking.reducers import choose_reducer
-from nerve_hf.tracking.tokens import AttentionMaskTokens, TokenCap, TokenSource
+from nerve_hf.tracking.stack_tokens import sources_for_sites
+from nerve_hf.tracking.tokens import TokenCap, TokenSource
 from nerve_hf.tracking.windows import SiteWindow, Window, WindowLostError
 
 __all__ = ["FFNTracker", "MemoryBudgetError", "Window", "WindowLostError", "covariance_state_bytes"]
@@ -91,8 +92,9 @@ class FFNTracker:
             options above build, each a class or factory (called once per window) or an instance (it
             serves the first window; every other window gets a copy).
         token_source: the :class:`~nerve_hf.tracking.tokens.TokenSource` deciding which rows of every
-            site count; ``None``: :class:`~nerve_hf.tracking.tokens.AttentionMaskTokens` (the call's
-            ``attention_mask``, ``keep_samples``).
+            site count; ``None``: each site's own, by the name its stack gives in the adapter
+            (:mod:`nerve_hf.tracking.stack_tokens`; single-stack models: the call's ``attention_mask``).
+            An unknown name raises ValueError here.
         experts: MoE models: measure only these routed experts (indices, in every MoE layer); ``None``: all.
         experts_per_step: MoE models: measure a share of this many routed experts per window, the next
             share after each :meth:`reset` (the expert round-robin); ``None``: all. The state per measured
@@ -174,7 +176,8 @@ class FFNTracker:
         for window, window_parts in zip(windows, parts):  # made before any is bound: copies hold no table
             window.bind(self._table.sites, MeasurementCollection(window_parts, self._table), TokenCap(max_tokens))
         self._check_budget()
-        source = token_source if token_source is not None else AttentionMaskTokens(self.root)
+        # Each site's token source: token_source for all, else the source its stack names in the table.
+        tokens_for = sources_for_sites(self.root, self._table.sites, token_source)
         self.points = FFNHookPoints(
             model,
             self.root,
@@ -183,7 +186,7 @@ class FFNTracker:
             self._windows,
             stages=set().union(*(window.measurements.stages for window in windows)),
             owns=self._reducer.owns,
-            tokens_for=lambda site: source,
+            tokens_for=tokens_for,
             on_width=self._check_budget,
         )
 

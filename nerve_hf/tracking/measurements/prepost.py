@@ -63,6 +63,7 @@ class PrePost(Measurement):
                     "layer": sites[i].layer,
                     "dim": int(self.table.dims[i] or 0),
                     "tokens": int(count),
+                    **({"stack": sites[i].stack} if sites[i].stack else {}),  # models with several stacks
                     **row_values,
                     "kind": sites[i].kind,
                 }

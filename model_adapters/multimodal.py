@@ -1,0 +1,30 @@
+"""Vision–language models: a vision tower whose patch rows all count (token source ``"all"``) and a
+language model counting the call's ``attention_mask``, which covers the text and the image tokens
+spliced into it. The text mask is never applied to the vision tower, whatever its shape.
+
+Paths read from the installed modeling files:
+
+* LLaVA: ``vision_tower`` (a CLIP/SigLIP vision model: ``encoder.layers.N.mlp.fc1/fc2``)
+  and ``language_model.layers.N.mlp`` (gated ``gate_proj``/``down_proj``). A LLaVA with another
+  vision tower does not fit this entry and is refused (pass an adapter).
+* Qwen2-VL: ``visual.blocks.N.mlp`` (``fc1`` -> act -> ``fc2`` on flat patch rows ``[patches, D]``);
+  Qwen2.5-VL's are gated (``gate_proj``/``up_proj``/``down_proj``); ``language_model.layers.N.mlp``.
+"""
+
+from .spec import Adapter, FFNSite
+
+_TEXT = FFNSite("text.ffn", "language_model.layers", "mlp.gate_proj", "mlp.down_proj", stack="text")
+
+
+def _vlm(vision: FFNSite) -> Adapter:
+    return Adapter(sites=(vision, _TEXT), gated=True)
+
+
+# config.model_type -> Adapter
+ADAPTERS = {
+    "llava": _vlm(FFNSite("vision.ffn", "vision_tower.encoder.layers", "mlp.fc1", "mlp.fc2",
+                          stack="vision", tokens="all")),
+    "qwen2_vl": _vlm(FFNSite("vision.ffn", "visual.blocks", "mlp.fc1", "mlp.fc2", stack="vision", tokens="all")),
+    "qwen2_5_vl": _vlm(FFNSite("vision.ffn", "visual.blocks", "mlp.gate_proj", "mlp.down_proj",
+                               stack="vision", tokens="all")),
+}  # fmt: skip

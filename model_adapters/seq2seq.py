@@ -1,0 +1,56 @@
+"""Encoder–decoder models: the encoder's and the decoder's FFNs as two site families, each counting the
+tokens of its own stack (the encoder the call's ``attention_mask``; the decoder ``decoder_attention_mask``,
+else the labels' real positions). ``layer`` is the block index within each stack.
+
+Read from the installed transformers modeling files:
+
+* T5 / mT5 / UMT5: ``{encoder,decoder}.block.N`` holds a ``layer`` list (self-attention, [cross-attention],
+  FFN); the FFN is its last entry, ``layer.1`` in the encoder and ``layer.2`` in the decoder.
+  ``DenseReluDense`` is ``T5DenseActDense`` (``wi`` -> act -> ``wo``) or, when ``config.is_gated_act``,
+  ``T5DenseGatedActDense`` (act(``wi_0``) * ``wi_1`` -> ``wo``; pre = ``wi_0``).
+* BART / mBART / Pegasus / Marian / Whisper: ``fc1`` -> act -> ``fc2`` directly in each of
+  ``{encoder,decoder}.layers.N``. Whisper's encoder takes no mask (every frame of its input counts).
+
+The decoder is ``optional``: encoder-only classes (``T5EncoderModel``, ``WhisperForAudioClassification``)
+measure their encoder.
+"""
+
+from .spec import Adapter, ByConfig, FFNSite
+
+
+def _t5(gated: bool) -> Adapter:
+    pre = "DenseReluDense.wi_0" if gated else "DenseReluDense.wi"
+    return Adapter(
+        sites=(
+            FFNSite("encoder.ffn", "encoder.block", f"layer.1.{pre}", "layer.1.DenseReluDense.wo",
+                    stack="encoder", tokens="encoder"),
+            FFNSite("decoder.ffn", "decoder.block", f"layer.2.{pre}", "layer.2.DenseReluDense.wo",
+                    stack="decoder", tokens="decoder", optional=True),
+        ),
+        gated=gated,
+    )  # fmt: skip
+
+
+def _fc(encoder_tokens: str = "encoder") -> Adapter:
+    return Adapter(
+        sites=(
+            FFNSite("encoder.ffn", "encoder.layers", "fc1", "fc2", stack="encoder", tokens=encoder_tokens),
+            FFNSite("decoder.ffn", "decoder.layers", "fc1", "fc2", stack="decoder", tokens="decoder", optional=True),
+        )
+    )
+
+
+_T5 = ByConfig("is_gated_act", ((False, _t5(gated=False)), (True, _t5(gated=True))))
+_BART = _fc()
+
+# config.model_type -> Adapter (or ByConfig)
+ADAPTERS = {
+    "t5": _T5,
+    "mt5": _T5,
+    "umt5": _T5,
+    "bart": _BART,
+    "mbart": _BART,
+    "pegasus": _BART,
+    "marian": _BART,
+    "whisper": _fc(encoder_tokens="all"),
+}

@@ -1,0 +1,266 @@
+"""Models with several stacks: each FFN counts the rows of its own stack, never a mask given for another.
+
+Every case is checked against an independent float64 capture of each FFN's own pre/post
+(``tests/stack_reference.py``), with the real rows chosen by the test: a vision tower's every patch row,
+a language model's ``attention_mask``, a decoder's ``decoder_attention_mask``. The vision cases construct
+on purpose the coincidence that used to fool the tracker: the vision activations' leading shape equals
+the text mask's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from datasets import Dataset
+from stack_reference import StackCapture, all_rows, assert_site, decoder_rows, encoder_rows
+
+import model_adapters
+from nerve_hf import FFNTracker
+
+HIDDEN = 32
+SMALL = dict(hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+
+
+def text_rows(call: dict, x: torch.Tensor) -> torch.Tensor:
+    return call["attention_mask"] != 0
+
+
+def check_report(report, capture: StackCapture, select_by_stack: dict) -> None:
+    for row in report.rows:
+        assert_site(row, *capture.rows(row["site"], select_by_stack[row["stack"]]))
+
+
+# ----------------------------------------------------------------------------- vision–language models
+def llava():
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(image_size=16, patch_size=4, **SMALL),
+        text_config=transformers.LlamaConfig(
+            hidden_size=HIDDEN, intermediate_size=41, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=64,
+        ),
+        image_token_id=63, vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )  # fmt: skip
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    sites = {f"vision.ffn.{i}": (f"model.vision_tower.encoder.layers.{i}.mlp.fc1",
+                                 f"model.vision_tower.encoder.layers.{i}.mlp.fc2") for i in range(2)}  # fmt: skip
+    sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
+                                f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
+    return model, sites
+
+
+def test_llava_vision_tower_counts_every_patch_even_when_its_shape_is_the_text_masks():
+    model, sites = llava()
+    capture = StackCapture(model, sites)
+    generator = torch.Generator().manual_seed(1)
+    with FFNTracker(model, flow=False) as tracker, torch.no_grad():
+        for _ in range(2):
+            # 2 images of 16 patches + a class token: vision rows [2, 17, D]; text mask [2, 17]: sample 0 is
+            # one text token and 16 image tokens, sample 1 16 image tokens and a pad
+            ids = torch.randint(1, 60, (2, 17), generator=generator)
+            ids[0, 1:] = 63
+            ids[1, :16] = 63
+            mask = torch.ones(2, 17, dtype=torch.long)
+            mask[1, 16] = 0
+            pixels = torch.randn(2, 3, 16, 16, generator=generator)
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    capture.remove()
+    report = tracker.compute()
+    # rows in module order, vision tower first: every patch (and class token) row of both forwards
+    assert [row["tokens"] for row in report.rows] == [2 * 2 * 17] * 2 + [2 * 33] * 2
+    assert [row["site"] for row in report.rows] == list(sites)
+    assert {row["stack"] for row in report.rows} == {"vision", "text"}
+    check_report(report, capture, {"vision": all_rows, "text": text_rows})
+
+
+def qwen2_vl(family: str = "qwen2_vl"):
+    """Qwen2-VL (vision MLP fc1 -> act -> fc2) or Qwen2.5-VL (gated vision MLP), tiny, float64."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=HIDDEN, intermediate_size=41, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=64,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})  # fmt: skip
+    tokens = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+    patches = dict(depth=2, num_heads=2, in_channels=3, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision = dict(embed_dim=HIDDEN, hidden_size=HIDDEN, mlp_ratio=2, **patches)
+        config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **tokens)
+        model, up, down = transformers.Qwen2VLForConditionalGeneration(config), "fc1", "fc2"
+    else:
+        vision = dict(hidden_size=HIDDEN, intermediate_size=37, out_hidden_size=HIDDEN, window_size=8,
+                      fullatt_block_indexes=[1], **patches)  # fmt: skip
+        config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tokens)
+        model, up, down = transformers.Qwen2_5_VLForConditionalGeneration(config), "gate_proj", "down_proj"
+    model = model.eval().double()  # float64: exact spectra
+    blocks = "model.visual.blocks"
+    sites = {f"vision.ffn.{i}": (f"{blocks}.{i}.mlp.{up}", f"{blocks}.{i}.mlp.{down}") for i in range(2)}
+    sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
+                                f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
+    return model, sites
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen2_vl_flat_patch_rows_all_count_when_their_number_is_batch_times_length(family):
+    model, sites = qwen2_vl(family)
+    capture = StackCapture(model, sites)
+    generator = torch.Generator().manual_seed(1)
+    with FFNTracker(model, flow=False) as tracker, torch.no_grad():
+        for start in (2, 7):
+            # two images of grid 1x4x4: 32 flat patch rows [32, D] = B*T of the text mask [2, 16]
+            ids = torch.randint(1, 59, (2, 16), generator=generator)
+            ids[0, start : start + 4] = 60
+            ids[1, 1:5] = 60
+            mask = torch.ones(2, 16, dtype=torch.long)
+            mask[1, 11:] = 0
+            model(
+                input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == 60).long(),
+                pixel_values=torch.randn(32, 24, generator=generator, dtype=torch.float64),
+                image_grid_thw=torch.tensor([[1, 4, 4]] * 2),
+            )  # fmt: skip
+    capture.remove()
+    report = tracker.compute()
+    assert [row["tokens"] for row in report.rows] == [64, 64, 54, 54]  # vision first: every patch row
+    assert [row["site"] for row in report.rows] == list(sites)
+    check_report(report, capture, {"vision": all_rows, "text": text_rows})
+
+
+# ----------------------------------------------------------------------------- a vision Trainer
+def test_vit_under_trainer_counts_every_patch(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_labels=3, hidden_dropout_prob=0.0, **SMALL)
+    model = transformers.ViTForImageClassification(config)
+    sites = {f"ffn.{i}": (f"vit.layers.{i}.mlp.fc1", f"vit.layers.{i}.mlp.fc2") for i in range(2)}
+    generator = torch.Generator().manual_seed(2)
+    data = Dataset.from_dict(
+        {"pixel_values": torch.randn(6, 3, 16, 16, generator=generator).tolist(), "labels": [0, 1, 2, 0, 1, 2]}
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=2, save_strategy="no", report_to=[],
+        use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0, logging_steps=1,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    capture = StackCapture(model, sites)
+    with FFNTracker(model, flow=False) as tracker:
+        trainer.train()
+    capture.remove()
+    report = tracker.compute()
+    assert [row["site"] for row in report.rows] == list(sites)
+    assert all(row["stack"] == "vision" for row in report.rows)
+    check_report(report, capture, {"vision": all_rows})
+    assert [row["tokens"] for row in report.rows] == [6 * 17] * 2  # 2 steps x 3 images x (16 patches + class)
+
+
+# ----------------------------------------------------------------------------- the token sources themselves
+def t5(**overrides):
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=50, d_model=HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+                                   dropout_rate=0.0, decoder_start_token_id=0, **overrides)  # fmt: skip
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def test_decoder_attention_mask_comes_before_labels():
+    model = t5()
+    sites = {f"{stack}.ffn.{i}": (f"{stack}.block.{i}.layer.{n}.DenseReluDense.wi",
+                                  f"{stack}.block.{i}.layer.{n}.DenseReluDense.wo")
+             for stack, n in (("encoder", 1), ("decoder", 2)) for i in range(2)}  # fmt: skip
+    capture = StackCapture(model, sites)
+    generator = torch.Generator().manual_seed(3)
+    ids, targets = torch.randint(2, 50, (3, 8), generator=generator), torch.randint(2, 50, (3, 8), generator=generator)
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 7 + [0]])
+    decoder_mask = torch.tensor([[1] * 6 + [0] * 2, [1] * 8, [1] * 3 + [0] * 5])  # not the labels' positions
+    labels = targets.masked_fill(torch.tensor([[0] * 8, [0] * 4 + [1] * 4, [0] * 8]).bool(), -100)
+    with FFNTracker(model, flow=False) as tracker, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=targets, decoder_attention_mask=decoder_mask,
+              labels=labels)  # fmt: skip
+    capture.remove()
+    report = tracker.compute()
+    check_report(report, capture, {"encoder": encoder_rows, "decoder": decoder_rows})
+    assert [row["tokens"] for row in report.rows] == [20, 20, 17, 17]
+
+
+def test_decoder_rows_of_another_length_count_nothing_and_warn():
+    from nerve_hf.tracking.stack_tokens import DecoderTokens
+
+    source = DecoderTokens(t5())
+    source.begin((), {"labels": torch.tensor([[5, 6, -100], [7, -100, -100]])}, None)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        rows, keep = source.select(torch.randn(2, 4, 7))  # a decoder forward over 4 positions
+    assert rows.shape == (0, 7) and keep is None
+    rows, _ = source.select(torch.randn(2, 3, 7))
+    assert rows.shape == (3, 7)
+    assert source.positions(torch.randn(2, 3, 7)).tolist() == [0, 1, 0]
+
+
+def test_masks_are_never_matched_to_flat_rows_and_all_rows_keeps_samples_only_where_it_can_tell():
+    from nerve_hf.tracking.stack_tokens import AllRowsTokens, EncoderTokens
+
+    encoder = EncoderTokens(t5())
+    encoder.begin((), {"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}, None)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        assert encoder.select(torch.randn(6, 5))[0].shape == (0, 5)  # [B*T, D] is not the encoder's [B, T, D]
+    vision = AllRowsTokens(t5())
+    vision.begin((), {"pixel_values": torch.randn(4, 3, 8, 8)}, lambda batch: 2)
+    assert vision.select(torch.randn(4, 5, 7))[0].shape == (10, 7)  # the first 2 images' rows
+    with pytest.warns(RuntimeWarning, match="cannot tell"):
+        assert vision.select(torch.randn(20, 7))[0].shape == (0, 7)  # flat patches: which are the first 2's?
+
+
+def test_encoder_only_class_measures_its_encoder_and_unknown_sources_are_refused():
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=50, d_model=HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=2)
+    encoder_only = transformers.T5EncoderModel(config)
+    assert [s.site for s in FFNTracker(encoder_only, flow=False).sites] == ["encoder.ffn.0", "encoder.ffn.1"]
+    site = model_adapters.FFNSite("ffn", "encoder.block", "layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wo",
+                                  tokens="no_such_source")  # fmt: skip
+    with pytest.raises(ValueError, match="unknown token source"):
+        FFNTracker(encoder_only, adapter=model_adapters.Adapter(sites=(site,)))
+
+
+def test_device_path_selects_the_same_rows_and_positions_without_host_reads(monkeypatch):
+    """On accelerators the sources hand all rows and a keep mask to the accumulators (no host read in a
+    hook); forced onto CPU tensors, the rows, counts and position buckets equal the host path's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nerve_hf.stats.covariance import CovarianceAccumulator
+    from nerve_hf.tracking.points import FFNHookPoints
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in {"_local_scalar_dense", "nonzero", "masked_select", "item"}:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = t5().double()
+    generator = torch.Generator().manual_seed(4)
+    ids, targets = torch.randint(2, 50, (3, 8), generator=generator), torch.randint(2, 50, (3, 6), generator=generator)
+    padded = torch.tensor([[0] * 6, [0] * 2 + [1] * 4, [0] * 5 + [1]]).bool()
+    batch = dict(input_ids=ids, attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [0, 0] + [1] * 6]),
+                 labels=targets.masked_fill(padded, -100))  # fmt: skip
+
+    def measure():
+        tracker = FFNTracker(model, flow=False, position_buckets=[0, 3])
+        with tracker, torch.no_grad():
+            model(**batch)
+        return tracker.compute()
+
+    host = measure()
+    monkeypatch.setattr(CovarianceAccumulator, "HOST_SYNC_DEVICE_TYPES", ())
+    reads, record = HostReads(), FFNHookPoints.record
+
+    def watched(self, *args, **kwargs):
+        with reads:
+            return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(FFNHookPoints, "record", watched)
+    device = measure()
+    assert reads.seen == []
+    assert [row["tokens"] for row in device.rows] == [row["tokens"] for row in host.rows] == [19, 19, 13, 13]
+    assert len(device.positions) == len(host.positions) == 2 * len(host.rows)  # two buckets per site
+    for got, want in zip(device.rows + device.positions, host.rows + host.positions):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value), key
