@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import bert, gpt, llama, timm_mixer
+from . import bert, functional, fused, gpt, llama, text, timm_mixer
 from .detect import detect_adapter
+from .refusals import REFUSALS
 from .spec import Adapter
 from .unwrap import unwrap_model
 
 # key -> Adapter. Keys are `config.model_type` for transformers models and the class name for others
 # (timm). A fresh dict per import; `register_adapter` adds to it.
-_REGISTRY: dict[str, Adapter] = {**gpt.ADAPTERS, **llama.ADAPTERS, **bert.ADAPTERS, **timm_mixer.ADAPTERS}
+_REGISTRY: dict[str, Adapter] = {}
+_REGISTRY.update(gpt.ADAPTERS)
+_REGISTRY.update(llama.ADAPTERS)
+_REGISTRY.update(bert.ADAPTERS)
+_REGISTRY.update(timm_mixer.ADAPTERS)
+_REGISTRY.update(fused.ADAPTERS)
+_REGISTRY.update(functional.ADAPTERS)
+_REGISTRY.update(text.ADAPTERS)
 
 
 def register_adapter(key: str, adapter: Adapter, *, overwrite: bool = False) -> None:
@@ -64,7 +72,8 @@ def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model`` (wrappers are looked through): table entry, else structural detection.
 
     Raises:
-        ValueError: nothing in the table and no FFN-shaped blocks; the message shows how to register one.
+        ValueError: a known architecture with nothing to measure (``refusals.REFUSALS``, the reason in the
+            message), or nothing in the table and no FFN-shaped blocks; the message shows how to register one.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> config = LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
@@ -77,6 +86,11 @@ def get_adapter(model: nn.Module) -> Adapter:
     for key in lookup_keys(model):
         if key in _REGISTRY:
             return _REGISTRY[key]
+        if key in REFUSALS:
+            raise ValueError(
+                f"{type(unwrap_model(model)).__name__} (key {key!r}) is refused: {REFUSALS[key]}. "
+                f"If it does have an FFN, register one with model_adapters.register_adapter({key!r}, ...)."
+            )
     detected = detect_adapter(model)
     if detected is not None:
         return detected

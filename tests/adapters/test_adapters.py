@@ -85,7 +85,7 @@ def test_detector_finds_custom_linear_gelu_linear():
     captured = {}
     for i, block in enumerate(model.stack):
         block.ffn.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach().double()))
-    tracker = FFNTracker(model)
+    tracker = FFNTracker(model, flow=False)
     with tracker, torch.no_grad():
         model(x)
     reference = {}
@@ -148,7 +148,7 @@ def test_register_adapter_by_class_name():
         assert get_adapter(model) is adapter
         with pytest.raises(ValueError, match="already registered"):
             register_adapter("Odd", adapter)
-        tracker = FFNTracker(model)
+        tracker = FFNTracker(model, flow=False)
         with tracker:
             model(torch.randn(5, 4))
         assert [(r["site"], r["tokens"], r["dim"]) for r in tracker.compute().rows] == [
