@@ -204,6 +204,8 @@ def real_rows(x: torch.Tensor, inputs: dict) -> torch.Tensor:
         mask = inputs.get(key)
         if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             return x[mask.bool()]
+        if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():  # flattened (OPT's fc1)
+            return x[mask.reshape(-1).bool()]
     return x.reshape(-1, x.shape[-1])
 
 
