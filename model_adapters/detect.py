@@ -1,9 +1,16 @@
 """Fallback for models not in the table: find FFN-shaped modules by their structure.
 
-An FFN-shaped module has, among its direct children, a linear up projection ``d -> h``, an activation
-module and, registered after the up projection, a linear down projection ``h -> d``. A second ``d -> h``
-projection makes it gated (pre = the one whose name contains "gate", else the first registered).
+An FFN-shaped module has, among its direct children, a linear up projection ``d -> h``, an elementwise
+activation module and, registered after the up projection, a linear down projection ``h -> d``. A second
+``d -> h`` projection makes it gated (pre = the one whose name contains "gate", else the first registered).
 Only FFNs inside an indexed block container (``ModuleList``/``Sequential``) are sites.
+
+Detection refuses rather than guesses. It never takes:
+- a softmax (or any activation that is not elementwise) for the activation;
+- a module whose path or class is attention, a router, a norm or a gate of one, or whose projections
+  are attention's (``q``/``k``/``v``/``o``, ``*_out`` of attention);
+- blocks of a non-text tower (vision, audio, ...): those run on their own inputs with their own token
+  source, which only a table entry can name.
 """
 
 from __future__ import annotations
@@ -16,6 +23,17 @@ from .spec import Adapter, FFNSite
 from .unwrap import module_index, unwrap_model
 
 _ACTIVATION_NAME = re.compile(r"gelu|relu|silu|swish|mish|tanh|sigmoid|activation|softplus|elu", re.IGNORECASE)
+# Activation classes that are not elementwise: a row's values mixed (softmax) or halves combined (GLU).
+_NOT_ELEMENTWISE = re.compile(r"softm|logsoftmax|multiheadattention|^glu$|threshold", re.IGNORECASE)
+# Path segments or class names of modules that are not FFNs, whatever their shape.
+_NOT_FFN = re.compile(r"att(n|ention)|_att$|^att$|router|gating|norm|rotary|conv|ssm|mixer|embed", re.IGNORECASE)
+# Child names of attention projections.
+_ATTENTION_CHILD = re.compile(r"^(project_)?[qkvo]$|^[qkvo]_proj$|^(query|key|value)$|attention_out|^out_proj$")
+# Path segments of towers other than the text stack.
+_OTHER_TOWER = re.compile(
+    r"vision|visual|image|img|audio|speech|video|patch|pixel|vit|siglip|clip|perceiver|resampler|projector",
+    re.IGNORECASE,
+)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -28,9 +46,22 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _is_activation(module: nn.Module) -> bool:
+    """An elementwise activation module (GELU, SiLU, ...); never a softmax."""
     cls = type(module)
+    if _NOT_ELEMENTWISE.search(cls.__name__):
+        return False
     return cls.__module__ in ("torch.nn.modules.activation", "transformers.activations") or bool(
         _ACTIVATION_NAME.search(cls.__name__)
+    )
+
+
+def _excluded(path: str, module: nn.Module) -> bool:
+    """True for a module detection must not take for an FFN: attention, router, norm, another tower."""
+    parts = path.split(".")
+    return bool(
+        _NOT_FFN.search(type(module).__name__)
+        or any(_NOT_FFN.search(part) or _OTHER_TOWER.search(part) for part in parts)
+        or _OTHER_TOWER.search(type(module).__name__)
     )
 
 
@@ -45,6 +76,8 @@ def find_ffn(module: nn.Module) -> tuple[str, str, bool] | None:
     if not any(_is_activation(child) for _, child in children):
         return None
     linears = [(name, dims) for name, child in children if (dims := linear_dims(child)) is not None]
+    if any(_ATTENTION_CHILD.search(name) for name, _ in linears):
+        return None  # attention's projections, with its softmax or gate between them
     for j in range(len(linears) - 1, 0, -1):  # down projection candidates, last registered first
         down_name, (h, d) = linears[j]
         ups = [name for name, dims in linears[:j] if dims == (d, h)]
@@ -69,7 +102,7 @@ def detect_adapter(model: nn.Module) -> Adapter | None:
     index = module_index(unwrap_model(model))
     patterns: dict[tuple[str, str, str, str], bool] = {}  # (container, in-block path, pre, post) -> gated
     for path, module in index.items():
-        ffn = find_ffn(module)
+        ffn = None if _excluded(path, module) else find_ffn(module)
         split = _split_block_path(path, index) if ffn else None
         if split is None:
             continue

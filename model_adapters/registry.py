@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import bert, gpt, llama, moe, multimodal, seq2seq, timm_mixer, vision
+from . import bert, functional, fused, gpt, llama, moe, multimodal, seq2seq, text, timm_mixer, vision
 from .detect import detect_adapter
+from .refusals import REFUSALS
 from .spec import Adapter, ByConfig
 from .unwrap import unwrap_model
 
 # key -> Adapter (or ByConfig, when the layout depends on the config). Keys are `config.model_type` for
 # transformers models and the class name for others (timm). A fresh dict per import; `register_adapter` adds to it.
-_REGISTRY: dict[str, Adapter | ByConfig] = {
-    **gpt.ADAPTERS,
-    **llama.ADAPTERS,
-    **bert.ADAPTERS,
-    **timm_mixer.ADAPTERS,
-    **moe.ADAPTERS,
-    **seq2seq.ADAPTERS,
-    **vision.ADAPTERS,
-    **multimodal.ADAPTERS,
-}
+_REGISTRY: dict[str, Adapter | ByConfig] = {}
+_REGISTRY.update(gpt.ADAPTERS)
+_REGISTRY.update(llama.ADAPTERS)
+_REGISTRY.update(bert.ADAPTERS)
+_REGISTRY.update(timm_mixer.ADAPTERS)
+_REGISTRY.update(fused.ADAPTERS)
+_REGISTRY.update(functional.ADAPTERS)
+_REGISTRY.update(text.ADAPTERS)
+_REGISTRY.update(moe.ADAPTERS)
+_REGISTRY.update(seq2seq.ADAPTERS)
+_REGISTRY.update(vision.ADAPTERS)
+_REGISTRY.update(multimodal.ADAPTERS)
 
 
 def register_adapter(key: str, adapter: Adapter | ByConfig, *, overwrite: bool = False) -> None:
@@ -73,7 +76,8 @@ def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model`` (wrappers are looked through): table entry, else structural detection.
 
     Raises:
-        ValueError: nothing in the table and no FFN-shaped blocks (the message shows how to register one),
+        ValueError: a known architecture with nothing to measure (``refusals.REFUSALS``, the reason in the
+            message), nothing in the table and no FFN-shaped blocks (the message shows how to register one),
             or a table entry whose config attribute has a value it does not know.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -90,6 +94,11 @@ def get_adapter(model: nn.Module) -> Adapter:
             if isinstance(entry, ByConfig):
                 return entry.adapter_for(getattr(unwrap_model(model), "config", None))
             return entry
+        if key in REFUSALS:
+            raise ValueError(
+                f"{type(unwrap_model(model)).__name__} (key {key!r}) is refused: {REFUSALS[key]}. "
+                f"If it does have an FFN, register one with model_adapters.register_adapter({key!r}, ...)."
+            )
     detected = moe.detect_moe_adapter(model) or detect_adapter(model)
     if detected is not None:
         return detected

@@ -6,6 +6,8 @@ Each builder returns one block of Markdown; :mod:`hooks` puts it where a page sa
 - ``cli``: ``--help`` of ``nerve``, of each of its subcommands and of ``scripts/run_clm.py``'s own
   argument groups, from the real parsers.
 - ``adapters``: the supported-architecture table, from the adapter registry.
+- ``families``: the supported families grouped by kind, with each stack's token source, and the refused
+  families with their reasons, from the registry and ``model_adapters.refusals``.
 - ``options``: the ``NerveConfig`` options table, from the dataclass fields (their help and default).
 - ``variants``: the model zoo's variants, from ``nerve_zoo.VARIANTS``.
 - ``benchmarks``: ``benchmarks/README.md``, its headings moved one level down.
@@ -101,14 +103,29 @@ def cli_markdown() -> str:
     return "\n".join(out)
 
 
+def _table_modules():
+    """Every module of ``model_adapters`` that holds table entries (an ``ADAPTERS`` dict), by file name."""
+    import importlib
+    import pkgutil
+
+    import model_adapters
+
+    modules = {}
+    for info in pkgutil.iter_modules(model_adapters.__path__):
+        module = importlib.import_module(f"model_adapters.{info.name}")
+        if isinstance(getattr(module, "ADAPTERS", None), dict):
+            modules[f"{info.name}.py"] = module
+    return modules
+
+
 def _registry():
     """key -> Adapter, as the registry holds it now, and the module that defines each entry."""
-    from model_adapters import bert, gpt, llama, multimodal, registry, seq2seq, timm_mixer, vision
+    from model_adapters import registry
 
     families = {}
-    for module in (gpt, llama, bert, timm_mixer, seq2seq, vision, multimodal):
+    for filename, module in _table_modules().items():
         for key in module.ADAPTERS:
-            families[key] = f"{module.__name__.rsplit('.', 1)[-1]}.py"
+            families[key] = filename
     return {key: registry._REGISTRY[key] for key in registry.supported_types()}, families
 
 
@@ -132,6 +149,43 @@ def adapters_markdown() -> str:
                     f"`{site.tokens}` |"
                 )
     return "\n".join(lines) + f"\n\n{len(adapters)} registry keys.\n"
+
+
+_KIND_TITLES = {
+    "dense": "Dense FFNs",
+    "shared_expert": "Shared experts (always on, beside routed experts)",
+    "expert": "Routed experts",
+}
+
+
+def families_markdown() -> str:
+    """Supported families by kind (one row per key and site family, with its stack and token source), then
+    the families the table refuses and why."""
+    from model_adapters.refusals import REFUSALS
+
+    adapters, files = _registry()
+    by_kind: dict[str, list[str]] = {kind: [] for kind in _KIND_TITLES}
+    for key, adapter in adapters.items():
+        for site in adapter.sites:
+            chunk = f" (chunk {site.pre_chunk[0]} of {site.pre_chunk[1]})" if site.pre_chunk else ""
+            by_kind.setdefault(site.kind, []).append(
+                f"| `{key}` | `{files.get(key, 'register_adapter')}` | {site.stack or 'the model'} | "
+                f"`{site.blocks}` | `{site.pre}`{chunk} -> `{site.post}` | `{site.tokens}` |"
+            )
+    out = []
+    for kind, rows in by_kind.items():
+        if not rows:
+            continue
+        out += [
+            f"### {_KIND_TITLES.get(kind, kind)}\n",
+            "| key | in `model_adapters/` | stack | blocks | pre -> post | token source |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    out += ["### Refused, with the reason\n", "| key | why |", "|---|---|"]
+    out += [f"| `{key}` | {_cell(reason)} |" for key, reason in sorted(REFUSALS.items())]
+    return "\n".join(out) + "\n"
 
 
 def options_markdown() -> str:
@@ -171,6 +225,7 @@ def benchmarks_markdown() -> str:
 GENERATORS = {
     "cli": cli_markdown,
     "adapters": adapters_markdown,
+    "families": families_markdown,
     "options": options_markdown,
     "variants": variants_markdown,
     "benchmarks": benchmarks_markdown,
