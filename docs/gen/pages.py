@@ -165,8 +165,10 @@ def families_markdown() -> str:
 
     adapters, files = _registry()
     by_kind: dict[str, list[str]] = {kind: [] for kind in _KIND_TITLES}
-    for key, adapter in adapters.items():
-        for site in adapter.sites:
+    for key, entry in adapters.items():
+        # a ByConfig entry (the layout depends on a config attribute): the sites of every layout it knows
+        layouts = [adapter for _, adapter in entry.choices] if hasattr(entry, "choices") else [entry]
+        for site in dict.fromkeys(site for adapter in layouts for site in adapter.sites):
             chunk = f" (chunk {site.pre_chunk[0]} of {site.pre_chunk[1]})" if site.pre_chunk else ""
             by_kind.setdefault(site.kind, []).append(
                 f"| `{key}` | `{files.get(key, 'register_adapter')}` | {site.stack or 'the model'} | "
