@@ -44,7 +44,6 @@ import functools
 import warnings
 import weakref
 from dataclasses import asdict, fields
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -52,14 +51,10 @@ from torch import nn
 from transformers import TrainerCallback
 
 from nerve_hf.integrations import trainer_internals as internals
+from nerve_hf.integrations.callback_sinks import CallbackSinks
 from nerve_hf.integrations.config import NerveConfig
 from nerve_hf.integrations.log_keys import eval_prefix, log_dict
 from nerve_hf.integrations.trainer_tracker import TrainerTracker
-from nerve_hf.report import SpectralReport
-from nerve_hf.sinks.archive import SpectraArchiveSink
-from nerve_hf.sinks.base import Sink
-from nerve_hf.sinks.histograms import HistogramSink
-from nerve_hf.sinks.records import RECORDS_FILENAME, RecordsSink
 
 __all__ = ["NerveConfig", "NerveCallback"]
 
@@ -133,7 +128,7 @@ class NerveCallback(TrainerCallback):
         self._pending: Optional[tuple[int, dict]] = None  # (step, logs) of the last train measurement
         self._warned: set[str] = set()
         self._handler = None  # the Trainer's callback list, once found
-        self._sinks: Optional[tuple[tuple, list[Sink]]] = None  # ((id(args), output_dir), their sinks)
+        self._sinks = CallbackSinks(self.config, lambda: self._handler)
         self._evaluation = None  # weak reference to the running evaluation's marker (trainer_internals)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -166,7 +161,7 @@ class NerveCallback(TrainerCallback):
         callback object given to a second Trainer) also starts this callback's state tied to a Trainer
         afresh: its sinks (the TensorBoard writer, the records file), a pending log and unfinished windows."""
         if self._handler is not None and handler is not self._handler:
-            self._sinks = None
+            self._sinks.forget()
             self._pending = None
             self._eval_incomplete = None
             self._tracking.forget_windows()
@@ -202,38 +197,6 @@ class NerveCallback(TrainerCallback):
         """Remove every hook this callback placed on the model."""
         self._tracking.detach()
 
-    # ------------------------------------------------------------ outputs
-    def _sinks_for(self, args) -> list[Sink]:
-        """Where this callback's measurements go for the Trainer's ``args``; built once per ``args`` and
-        output folder, so that each sink warns once per run."""
-        key = (id(args), args.output_dir)
-        if self._sinks is None or self._sinks[0] != key:
-            self._sinks = (key, self._build_sinks(args))
-        return self._sinks[1]
-
-    def _build_sinks(self, args) -> list[Sink]:
-        """One sink per output the configuration asks for (an output is one more line here)."""
-        run_dir = args.output_dir
-        sinks: list[Sink] = []
-        if self.config.save_spectra and run_dir:
-            sinks.append(SpectraArchiveSink(run_dir))
-        sinks.append(
-            HistogramSink(
-                tensorboard=lambda: internals.tensorboard_writer(self._handler, args),
-                wandb=lambda: internals.wandb_module(args),
-            )
-        )
-        if self.config.write_jsonl and run_dir:
-            sinks.append(RecordsSink(Path(run_dir) / RECORDS_FILENAME))
-        return sinks
-
-    def _write(self, args, state, report: SpectralReport, split: str) -> None:
-        """Hand the report to every sink (rank 0); a failed write warns once there and the run goes on."""
-        if not state.is_world_process_zero:
-            return
-        for sink in self._sinks_for(args):
-            sink.write(report, split, state.global_step)
-
     # ------------------------------------------------------------ Trainer events
     @_never_raises("the callback stays idle")
     def _init_end(self, args, model) -> None:
@@ -251,8 +214,7 @@ class NerveCallback(TrainerCallback):
         if not (state.is_world_process_zero and args.output_dir):
             return
         # A resumed run re-measures nothing before its checkpoint: drop what came after it.
-        for sink in self._sinks_for(args):
-            sink.drop_after(state.global_step)
+        self._sinks.drop_after(args, state.global_step)
 
     @_never_raises("this step is not measured")
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -274,7 +236,7 @@ class NerveCallback(TrainerCallback):
             return
         step, tracking.measured_step = tracking.measured_step, None
         report = tracking.measure("train")
-        self._write(args, state, report, "train")
+        self._sinks.write(args, state, report, "train")
         self._pending = (step, log_dict(report, self.config))
         control.should_log = True  # the loss of these very micro-batches is logged at this step
 
@@ -387,7 +349,7 @@ class NerveCallback(TrainerCallback):
             return None
         incomplete, self._eval_incomplete = self._eval_incomplete, None
         report = self._tracking.measure("eval", incomplete)
-        self._write(args, state, report, prefix.rstrip("_"))
+        self._sinks.write(args, state, report, prefix.rstrip("_"))
         self._tracking.next_eval_group()
         return log_dict(report, self.config, prefix)
 
