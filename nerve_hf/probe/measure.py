@@ -216,7 +216,7 @@ def measure_checkpoint(
     """``(report, loss)``: ``loaded`` measured on ``batches`` (its mean token loss when ``eval_loss``,
     else None). The model is moved to ``device``, unless it was placed by a device map or quantized
     (then inputs go to its first module's device). The memory plan is printed on stderr before the work
-    and kept in ``loaded.memory_plan``."""
+    (with the progress bar) and kept in ``loaded.memory_plan``."""
     if eval_loss and loaded.provenance.get("auto_class") != "AutoModelForCausalLM":
         raise InputError(f"--eval-loss needs a causal language model; {spec!r} is a {loaded.provenance.get('class')}")
     loss = TokenLoss() if eval_loss else None
@@ -225,7 +225,8 @@ def measure_checkpoint(
 
     def show_plan(plan) -> None:
         loaded.memory_plan = plan.to_dict()
-        print(plan.format(), file=sys.stderr)
+        if config.progress if progress is None else progress:  # --no-progress: stderr stays quiet
+            print(plan.format(), file=sys.stderr)
 
     try:
         report = probe_model(

@@ -145,6 +145,7 @@ def test_auto_device_map_with_small_max_memory_through_run_probe_and_cli(llama_d
     config = ProbeConfig(
         str(llama_dir), device_map="auto", max_memory="cpu:40KB", offload_folder=str(offload), **common
     )
+    config.progress = True  # the plan is printed with the progress bar
     placed = run_probe(config)
     assert "disk" in placed.model["device_map"].values() and "cpu" in placed.model["device_map"].values()
     assert placed.model["quantization"] is None and placed.settings["device"] == "cpu"
@@ -283,3 +284,59 @@ def test_memory_plan_refuses_before_any_forward_when_a_device_is_short(llama_dir
     assert "--layers" in str(error.value) and "--state-device cpu" in str(error.value) and not calls
     rows = probe_model(model, _batches(model.config.vocab_size), layers=[0], flow=False).rows
     assert [row["tokens"] for row in rows] == [2 * (3 * 11 - 4)] and calls
+
+
+class QuantLinear(torch.nn.Module):
+    """A GPTQ-style packed layer that is not an ``nn.Linear``: int8 weight and per-row scale as buffers,
+    sizes as ``infeatures``/``outfeatures`` (auto-gptq's names)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.infeatures, self.outfeatures = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(dim=1, keepdim=True) / 127  # [out, 1]
+        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))  # [out, in]
+        self.register_buffer("scales", scale)
+
+    def forward(self, x):
+        return x @ (self.qweight.to(x.dtype) * self.scales).T  # [..., out]
+
+
+def test_quantized_linear_layers_outside_nn_linear_are_sites_with_their_widths(llama_dir):
+    import model_adapters
+
+    model = _load(llama_dir)
+    for block in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(block.mlp, name, QuantLinear(getattr(block.mlp, name)))
+    assert model_adapters.linear_dims(model.model.layers[0].mlp.gate_proj) == (24, 37)
+    assert model_adapters.find_ffn(model.model.layers[0].mlp) == ("gate_proj", "down_proj", True)
+    tracker = FFNTracker(model, flow=False)
+    assert plan_memory(model, tracker).unknown_widths == []  # widths known before any forward
+    batches = _batches(model.config.vocab_size)
+    got = probe_model(model, batches, flow=False).rows
+    assert_rows_equal(got, _own_rows(model, batches), **ROUND_OFF)
+
+
+# ------------------------------------------------------------------------------ GPU and CPU (benchmarks/perf/run_gpu.sh)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_device_map_over_gpu_and_cpu(llama_dir, tmp_path):
+    """device_map="auto" with room for part of the model on the GPU: the rest is kept on the CPU and run on
+    the GPU (accelerate's CPU offload); rows equal those of the whole model on the GPU and own hooks."""
+    layer_bytes = sum(t.nbytes for t in _load(llama_dir).model.layers[0].parameters())
+    placed = _load(llama_dir, device_map="auto", max_memory={0: 3 * layer_bytes, "cpu": "1GiB"})
+    assert 0 in placed.hf_device_map.values() and "cpu" in placed.hf_device_map.values(), placed.hf_device_map
+    whole = _load(llama_dir).to("cuda")
+    batches = _batches(whole.config.vocab_size)
+    tracker = FFNTracker(placed, flow=False)
+    plan = plan_memory(placed, tracker)
+    got = probe_model(placed, batches, flow=False).rows
+    assert_rows_equal(got, probe_model(whole, batches, flow=False).rows, **ROUND_OFF)
+    assert_rows_equal(got, _own_rows(placed, batches), **ROUND_OFF)
+    assert plan.device("cuda:0").sites == N_LAYERS  # CPU-kept layers run, and are measured, on the GPU
+    assert plan.device("cuda:0").state_bytes == N_LAYERS * 2 * (37 * 37 + 37) * 8
+    assert plan.device("cpu").model_bytes > 0 and plan.device("cuda:0").model_bytes > 0
+    with torch.no_grad(), tracker:
+        for batch in batches:
+            placed(**{k: v.to("cuda") for k, v in batch.items()})
+    assert _state_tensors(tracker) == {"cuda:0": plan.device("cuda:0").state_bytes}
