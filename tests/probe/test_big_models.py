@@ -318,7 +318,7 @@ def test_quantized_linear_layers_outside_nn_linear_are_sites_with_their_widths(l
     assert_rows_equal(got, _own_rows(model, batches), **ROUND_OFF)
 
 
-# ------------------------------------------------------------------------------ GPU and CPU (benchmarks/perf/run_gpu.sh)
+# ------------------------------------------------------------- GPU and CPU (benchmarks/perf/run_gpu.sh)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_auto_device_map_over_gpu_and_cpu(llama_dir, tmp_path):
     """device_map="auto" with room for part of the model on the GPU: the rest is kept on the CPU and run on
