@@ -145,10 +145,9 @@ def load_checkpoint(config: ProbeConfig, spec: str | None = None, revision: str 
 
     spec = config.model if spec is None else spec
     source = classify(spec, config.timm_arch)
-    device_map = config.device_map
-    if device_map is None and config.quantization is not None:  # quantized while loading: on the probe's device
-        device_map = check_device(config.device or default_device())
-    placement = Placement(device_map, config.max_memory, config.offload_folder, config.quantization)
+    # quantized weights (while loading, or saved so) load on the probe's device: nothing moves them after
+    device = check_device(config.device or default_device()) if config.device_map is None else None
+    placement = Placement(config.device_map, config.max_memory, config.offload_folder, config.quantization, device)
     loaded = load_model(
         source,
         tokenizer=config.tokenizer,

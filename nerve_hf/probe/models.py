@@ -134,7 +134,7 @@ def _load_transformers(
     causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
     auto = AutoModelForCausalLM if causal else AutoModel
     torch_dtype = _torch_dtype(dtype)
-    placed = placement.kwargs()  # device_map, max_memory, offload_folder, quantization_config
+    placed = placement.kwargs(quantized is not None)  # device_map, max_memory, offload_folder, quantization_config
     try:
         model = auto.from_pretrained(
             source.spec, dtype="auto" if torch_dtype is None else torch_dtype, **options, **placed

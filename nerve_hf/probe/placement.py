@@ -171,17 +171,21 @@ class Placement:
     max_memory: Optional[dict] = None
     offload_folder: Optional[str] = None
     quantization: Optional[dict] = None
+    device: Optional[str] = None  # where quantized weights go without a device map (they are never moved after)
 
     @property
     def dispatches(self) -> bool:
         """Whether loading places the model itself (then nothing may move it)."""
         return self.device_map is not None or self.quantization is not None
 
-    def kwargs(self) -> dict:
-        """The keyword arguments of ``from_pretrained`` (InputError for a quantization config it rejects)."""
+    def kwargs(self, prequantized: bool = False) -> dict:
+        """The keyword arguments of ``from_pretrained`` (InputError for a quantization config it rejects);
+        ``prequantized``: the checkpoint was saved quantized (it loads on ``device`` without a device map)."""
         out: dict = {}
         if self.device_map is not None:
             out["device_map"] = self.device_map
+        elif (prequantized or self.quantization is not None) and self.device is not None:
+            out["device_map"] = self.device
         if self.max_memory is not None:
             out["max_memory"] = self.max_memory
         if self.offload_folder is not None:

@@ -197,15 +197,23 @@ def test_prequantized_checkpoint_of_an_unreadable_method_refused_with_its_name(l
 
 
 # ------------------------------------------------------------------------------ quantized weights
-def test_torchao_int8_ffn_projections_measured_on_their_real_outputs(llama_dir, tmp_path):
-    pytest.importorskip("torchao")
-    loaded, adapter, sites = load_checkpoint(ProbeConfig(str(llama_dir), quantization=INT8, device="cpu"))
+# method, its package, the config nerve probe is given, the FFN projections as loaded
+QUANTIZED = [
+    ("torchao", "torchao", INT8, "Linear(weight=Int8Tensor)"),
+    # optimum-quanto is not in the test extra: this case runs where it is installed
+    ("quanto", "optimum.quanto", {"quant_method": "quanto", "weights": "int8"}, "QLinear(weight=WeightQBytesTensor)"),
+]
+
+
+@pytest.mark.parametrize("method, package, quantization, classes", QUANTIZED, ids=[q[0] for q in QUANTIZED])
+def test_quantized_ffn_projections_measured_on_their_real_outputs(llama_dir, method, package, quantization, classes):
+    pytest.importorskip(package)
+    config = ProbeConfig(str(llama_dir), quantization=quantization, device="cpu")
+    loaded, adapter, sites = load_checkpoint(config)
     model = loaded.model
-    weight = model.model.layers[1].mlp.down_proj.weight
-    assert type(weight).__name__ == "Int8Tensor"
     assert [site.site for site in sites] == [f"ffn.{i}" for i in range(N_LAYERS)]
-    assert loaded.provenance["quantization"]["method"] == "torchao"
-    assert loaded.provenance["quantization"]["ffn_modules"] == ["Linear(weight=Int8Tensor)"]
+    assert loaded.provenance["quantization"]["method"] == method
+    assert loaded.provenance["quantization"]["ffn_modules"] == [classes]
     batches = _batches(model.config.vocab_size)
     got = probe_model(model, batches, adapter=adapter, flow=False).rows
     assert_rows_equal(got, _own_rows(model, batches), **ROUND_OFF)
@@ -213,9 +221,14 @@ def test_torchao_int8_ffn_projections_measured_on_their_real_outputs(llama_dir, 
     drift = max(abs(a["pr_pre"] - b["pr_pre"]) / b["pr_pre"] for a, b in zip(got, unquantized))
     assert drift > 1e-5  # the int8 weights' outputs were measured, not float ones
 
+
+def test_checkpoint_saved_quantized_probed_by_the_command(llama_dir, tmp_path):
+    pytest.importorskip("torchao")
+    loaded, _, _ = load_checkpoint(ProbeConfig(str(llama_dir), quantization=INT8, device="cpu"))
+    assert type(loaded.model.model.layers[1].mlp.down_proj.weight).__name__ == "Int8Tensor"
     # a checkpoint saved quantized: nerve probe reads its method from config.json and says so
     saved = tmp_path / "int8"
-    model.save_pretrained(saved)
+    loaded.model.save_pretrained(saved)
     loaded.tokenizer.save_pretrained(saved)
     out = tmp_path / "out"
     args = ["--text-file", str(llama_dir / "corpus.txt"), "--seq-len", "16", "--max-tokens", "200", "--no-flow"]
