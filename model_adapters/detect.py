@@ -37,11 +37,18 @@ _OTHER_TOWER = re.compile(
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of a Linear or a GPT-2 style Conv1D, else None."""
+    """(in_features, out_features) of a Linear (quantized subclasses included), a GPT-2 style Conv1D, or a
+    quantized linear layer that is not an ``nn.Linear`` but says its sizes (GPTQ ``QuantLinear``: ``infeatures``/
+    ``outfeatures``; AWQ ``WQLinear_*``, HQQ, EETQ ...: ``in_features``/``out_features``), else None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
         return module.nx, module.nf  # transformers.pytorch_utils.Conv1D: weight [in, out]
+    if "linear" in type(module).__name__.lower():
+        for names in (("in_features", "out_features"), ("infeatures", "outfeatures")):
+            sizes = [getattr(module, name, None) for name in names]
+            if all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+                return sizes[0], sizes[1]
     return None
 
 

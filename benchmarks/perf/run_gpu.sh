@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the performance work in one call, sized for one H100/H200 and at most 8 minutes:
 #   1. the CUDA tests (tests/test_cuda.py): a tracked forward under torch.cuda.set_sync_debug_mode("error"),
-#      the bf16 split product against float64, side-stream spectra, the tracker and callback on the GPU;
+#      the bf16 split product against float64, side-stream spectra, the tracker and callback on the GPU; and
+#      a model split over the GPU and the CPU by device_map="auto", probed (tests/probe/test_big_models.py);
 #   2. accumulator throughput (split product vs IEEE fp32 vs one bf16 GEMM), eigendecomposition
 #      (batched vs side streams), probe throughput (GPT-2-small shape, tracked vs plain forward, bf16),
 #      training overhead (GPT-2 small's shape in bf16, 64k tokens per step: --shape gpt2-small --batch 512);
@@ -28,7 +29,7 @@ LOG=$OUT/run_gpu.log
 
 # seconds | command (run from the repository root)
 STEPS=(
-    "90|$PYTHON -m pytest tests/test_cuda.py -q -p no:xdist"
+    "90|$PYTHON -m pytest tests/test_cuda.py tests/probe/test_big_models.py::test_cuda_auto_device_map_over_gpu_and_cpu -q -p no:xdist"
     "50|$PYTHON benchmarks/perf/accumulator_throughput.py --device cuda"
     "70|$PYTHON benchmarks/perf/eigendecomposition.py --device cuda --quick"
     "60|$PYTHON benchmarks/perf/probe_throughput.py --device cuda"

@@ -31,8 +31,9 @@ from nerve_hf.options import (
     token_cap,
 )
 from nerve_hf.probe.models import DTYPES
+from nerve_hf.probe.placement import DEVICE_MAP_STRATEGIES, device_map_option, max_memory_option, quantization_option
 
-__all__ = ["ProbeConfig", "TEXT_INPUT", "IMAGE_INPUT", "MEASUREMENT", "text_list"]
+__all__ = ["ProbeConfig", "TEXT_INPUT", "IMAGE_INPUT", "PLACEMENT", "MEASUREMENT", "text_list"]
 
 
 def text_list(name: str, value) -> list[str]:
@@ -53,7 +54,7 @@ def _flag(name: str) -> str:
 
 # Argument groups of ``nerve probe --help`` (the ``group`` of a field's metadata); MEASUREMENT is the group of
 # the shared measurement options.
-TEXT_INPUT, IMAGE_INPUT = "text input", "image input"
+TEXT_INPUT, IMAGE_INPUT, PLACEMENT = "text input", "image input", "model placement"
 
 
 @dataclass
@@ -170,7 +171,48 @@ class ProbeConfig(MeasurementOptions):
         False, "allow transformers to run modelling code shipped with the checkpoint", boolean, group=MEASUREMENT
     )
     progress: bool = option(True, "show a progress bar on stderr", boolean, group=MEASUREMENT)
+    # ---------------------------------------------------------------------------- model placement
+    device_map: Optional[str] = option(
+        None,
+        f"place the weights as accelerate's big-model inference does (transformers checkpoints): "
+        f"{', '.join(DEVICE_MAP_STRATEGIES)}, one device, or a JSON object of module name -> device "
+        f"(GPU index, 'cpu', 'disk'); the model is never moved, inputs go to its first module's device",
+        optional(device_map_option),
+        group=PLACEMENT,
+        metavar="MAP",
+    )
+    max_memory: Optional[str] = option(
+        None,
+        "memory per device for the weights with --device-map, e.g. 0:70GiB,cpu:200GiB (what does not fit "
+        "goes to the next device, then to --offload-folder)",
+        optional(max_memory_option),
+        group=PLACEMENT,
+        metavar="DEV:SIZE,...",
+    )
+    offload_folder: Optional[str] = option(
+        None, "folder for the weights offloaded to disk by --device-map", optional(text), group=PLACEMENT, metavar="DIR"
+    )
+    quantization: Optional[dict] = option(
+        None,
+        "quantize the weights while loading: a transformers quantization config as a JSON object, e.g. "
+        '\'{"quant_method": "bitsandbytes_4bit", "load_in_4bit": true}\' (a pre-quantized checkpoint needs none)',
+        optional(quantization_option),
+        group=PLACEMENT,
+        metavar="JSON",
+    )
+    state_device: Optional[str] = option(
+        None,
+        "where the float64 covariance state lives ('cpu': host memory); default: each FFN's own device",
+        optional(text),
+        group=PLACEMENT,
+        metavar="DEVICE",
+    )
 
     def __post_init__(self) -> None:
         if self.text_file is not None and self.dataset is not None:
             raise InputError("give --text-file or --dataset, not both")
+        if self.device_map is not None and self.device is not None:
+            raise InputError("give --device or --device-map, not both: a device-mapped model is never moved")
+        for name in ("max_memory", "offload_folder"):
+            if getattr(self, name) is not None and self.device_map is None:
+                raise InputError(f"--{name.replace('_', '-')} places weights with --device-map: give --device-map too")

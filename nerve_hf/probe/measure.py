@@ -29,6 +29,7 @@ from nerve_hf.probe.config import ProbeConfig
 from nerve_hf.probe.inputs import check_inputs, make_batches
 from nerve_hf.probe.layers import choose_layers
 from nerve_hf.probe.models import check_device, classify, default_device, load_model
+from nerve_hf.probe.placement import Placement, input_device, is_dispatched
 from nerve_hf.probe.result import ProbeResult
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ def probe_model(
     position_buckets: Sequence[int] | None = MEASUREMENT_DEFAULTS["position_buckets"],
     cross_layer: str | None = MEASUREMENT_DEFAULTS["cross_layer"],
     spectra: str = MEASUREMENT_DEFAULTS["spectra"],
+    state_device=None,
+    on_plan=None,
 ) -> SpectralReport:
     """NerVE metrics of ``model``'s FFNs on ``batches``.
 
@@ -79,11 +82,16 @@ def probe_model(
         model: a model the adapters understand (transformers, timm Mixer, FFN-shaped blocks).
         batches: dicts of keyword inputs (``input_ids``, ``attention_mask`` [B, T]; pads are not counted)
             or tensors passed positionally (images ``[B, C, H, W]``). Moved to ``device`` (default: the
-            model's) and, if floating, to the model's dtype.
+            device of the model's first module; under a device map, its first entry's execution device)
+            and, if floating, to the model's dtype. The model itself is never moved.
         adapter: as for :class:`nerve_hf.FFNTracker`.
         layers, max_tokens, flow, position_buckets, cross_layer, spectra: what is measured, defaults and
             meaning as in :class:`~nerve_hf.measurement_options.MeasurementOptions`.
         progress: show a tqdm bar (``total``: number of batches, if ``batches`` has no ``len``).
+        state_device: where the float64 state lives (``"cpu"``: host memory); None: each FFN's own device.
+        on_plan: called with the :class:`~nerve_hf.probe.memory_plan.MemoryPlan` before the first batch
+            (the plan is checked either way: :class:`~nerve_hf.probe.memory_plan.MemoryPlanError` when the
+            state and eigendecomposition do not fit in a device's free memory).
         on_output: called with ``(batch, output)`` after each forward pass (the batch as moved), e.g.
             :class:`TokenLoss`.
 
@@ -91,10 +99,11 @@ def probe_model(
     """
     import torch
 
+    from nerve_hf.probe.memory_plan import plan_memory
     from nerve_hf.tracking.tracker import FFNTracker
 
     parameter = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (parameter.device if parameter is not None else None)
+    device = torch.device(device) if device is not None else input_device(model)
     dtype = parameter.dtype if parameter is not None else None
     tracker = FFNTracker(
         model,
@@ -104,7 +113,12 @@ def probe_model(
         flow=flow,
         position_buckets=position_buckets,
         cross_layer=cross_layer,
+        state_device=state_device,
     )
+    plan = plan_memory(model, tracker, spectra)
+    if on_plan is not None:
+        on_plan(plan)
+    plan.check()
     was_training = model.training
     model.eval()
     try:
@@ -131,6 +145,9 @@ def load_checkpoint(config: ProbeConfig, spec: str | None = None, revision: str 
 
     spec = config.model if spec is None else spec
     source = classify(spec, config.timm_arch)
+    # quantized weights (while loading, or saved so) load on the probe's device: nothing moves them after
+    device = check_device(config.device or default_device()) if config.device_map is None else None
+    placement = Placement(config.device_map, config.max_memory, config.offload_folder, config.quantization, device)
     loaded = load_model(
         source,
         tokenizer=config.tokenizer,
@@ -139,6 +156,7 @@ def load_checkpoint(config: ProbeConfig, spec: str | None = None, revision: str 
         dtype=config.dtype,
         revision=revision,
         trust_remote_code=config.trust_remote_code,
+        placement=placement,
     )
     try:
         adapter = model_adapters.get_adapter(loaded.model)
@@ -151,7 +169,20 @@ def load_checkpoint(config: ProbeConfig, spec: str | None = None, revision: str 
     except (ValueError, IndexError) as error:
         raise InputError(f"cannot measure {spec!r}: {first_line(error)}") from None
     choose_layers([{"site": site.site, "layer": site.layer} for site in sites], config.spectra_layers)
+    if loaded.provenance.get("quantization") is not None:  # what the FFN projections are, as loaded
+        loaded.provenance["quantization"]["ffn_modules"] = projection_classes(sites)
     return loaded, adapter, sites
+
+
+def projection_classes(sites) -> list[str]:
+    """The classes of the watched FFNs' projection modules and of their weights, e.g.
+    ``Linear(weight=Int8Tensor)``: what a quantized checkpoint's FFNs are as loaded."""
+    found = {}
+    for site in sites:
+        for module in (site.pre, site.post):
+            weight = getattr(module, "weight", None)
+            found[f"{type(module).__name__}(weight={type(weight).__name__})"] = None
+    return list(found)
 
 
 class TokenLoss:
@@ -182,11 +213,20 @@ def measure_checkpoint(
     config: ProbeConfig, spec: str, loaded, adapter, batches, device: str, *, eval_loss: bool = False, progress=None
 ):
     """``(report, loss)``: ``loaded`` measured on ``batches`` (its mean token loss when ``eval_loss``,
-    else None). The model is moved to ``device``."""
+    else None). The model is moved to ``device``, unless it was placed by a device map or quantized
+    (then inputs go to its first module's device). The memory plan is printed on stderr before the work
+    (with the progress bar) and kept in ``loaded.memory_plan``."""
     if eval_loss and loaded.provenance.get("auto_class") != "AutoModelForCausalLM":
         raise InputError(f"--eval-loss needs a causal language model; {spec!r} is a {loaded.provenance.get('class')}")
     loss = TokenLoss() if eval_loss else None
-    model = loaded.model.to(device)
+    dispatched = is_dispatched(loaded.model)
+    model = loaded.model if dispatched else loaded.model.to(device)
+
+    def show_plan(plan) -> None:
+        loaded.memory_plan = plan.to_dict()
+        if config.progress if progress is None else progress:  # --no-progress: stderr stays quiet
+            print(plan.format(), file=sys.stderr)
+
     try:
         report = probe_model(
             model,
@@ -201,8 +241,11 @@ def measure_checkpoint(
             position_buckets=config.position_buckets,
             cross_layer=config.cross_layer,
             spectra=config.spectra,
+            device=None if dispatched else device,
+            state_device=config.state_device,
+            on_plan=show_plan,
         )
-    except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
+    except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read, no memory
         raise InputError(f"cannot measure {spec!r}: {first_line(error)}") from None
     except (RuntimeError, AssertionError, TypeError) as error:  # the model rejected its input
         raise InputError(f"the forward pass of {spec!r} failed ({type(error).__name__}): {first_line(error)}") from None
@@ -217,7 +260,7 @@ def probe_settings(config: ProbeConfig, device: str, seq_len: int, model) -> dic
         settings["revision"] = revision[0]
     parameter = next(model.parameters(), None)
     settings.update(
-        device=str(device),
+        device=str(input_device(model)) if is_dispatched(model) else str(device),
         seq_len_used=seq_len,
         dtype_used=str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
     )
@@ -239,4 +282,5 @@ def run_probe(config: ProbeConfig, *, eval_loss: bool = False) -> ProbeResult:
     batches, data = make_batches(config, loaded, seq_len, file_text)
     report, loss = measure_checkpoint(config, config.model, loaded, adapter, batches, device, eval_loss=eval_loss)
     settings = probe_settings(config, device, seq_len, loaded.model)
+    settings["memory_plan"] = loaded.memory_plan
     return ProbeResult(report=report, model=loaded.provenance, data=data, settings=settings, loss=loss)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nerve_hf.errors import InputError, first_line
+from nerve_hf.probe.placement import Placement, check_quant_method, quantization_of
 
 __all__ = ["ModelSource", "LoadedModel", "classify", "load_model", "default_device", "check_device", "DTYPES"]
 
@@ -88,6 +89,7 @@ class LoadedModel:
     data_config: dict | None = None  # image models: timm's input_size (C, H, W), mean, std, ...
     max_length: int | None = None  # longest sequence the model accepts (text models)
     provenance: dict = field(default_factory=dict)
+    memory_plan: dict | None = None  # the probe's memory plan (MemoryPlan.to_dict), once made
 
 
 def _torch_dtype(name: str):
@@ -97,8 +99,22 @@ def _torch_dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
+def _placement_provenance(model) -> dict:
+    """Where the weights were placed (the device map, JSON-safe) and how they were quantized (None: not)."""
+    device_map = getattr(model, "hf_device_map", None)
+    return {
+        "device_map": {name: str(device) for name, device in device_map.items()} if device_map else None,
+        "quantization": quantization_of(model),
+    }
+
+
 def _load_transformers(
-    source: ModelSource, tokenizer_spec: str | None, dtype: str, revision: str | None, trust_remote_code: bool
+    source: ModelSource,
+    tokenizer_spec: str | None,
+    dtype: str,
+    revision: str | None,
+    trust_remote_code: bool,
+    placement: Placement,
 ) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -110,12 +126,19 @@ def _load_transformers(
         config = AutoConfig.from_pretrained(source.spec, **options)
     except Exception as error:  # noqa: BLE001 - OSError, ValueError, KeyError, HTTP errors ...
         raise InputError(f"cannot load the config of {source.spec!r} {where}: {first_line(error)}") from None
+    quantized = getattr(config, "quantization_config", None)  # a pre-quantized checkpoint
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
+        check_quant_method(str(getattr(method, "value", method)), f"{source.spec!r} was quantized")
     architectures = list(getattr(config, "architectures", None) or [])
     causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
     auto = AutoModelForCausalLM if causal else AutoModel
     torch_dtype = _torch_dtype(dtype)
+    placed = placement.kwargs(quantized is not None)  # device_map, max_memory, offload_folder, quantization_config
     try:
-        model = auto.from_pretrained(source.spec, dtype="auto" if torch_dtype is None else torch_dtype, **options)
+        model = auto.from_pretrained(
+            source.spec, dtype="auto" if torch_dtype is None else torch_dtype, **options, **placed
+        )
     except Exception as error:  # noqa: BLE001
         raise InputError(f"cannot load model {source.spec!r} {where}: {first_line(error)}") from None
     try:
@@ -140,6 +163,7 @@ def _load_transformers(
         "commit": getattr(config, "_commit_hash", None),
         "tokenizer": tokenizer_spec or source.spec,
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        **_placement_provenance(model),
     }
     return LoadedModel(
         model, source, tokenizer=tokenizer, max_length=min(limits) if limits else None, provenance=provenance
@@ -274,11 +298,16 @@ def load_model(
     dtype: str = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    placement: Placement | None = None,
 ) -> LoadedModel:
-    """Load what :func:`classify` found (on CPU; the caller moves it). InputError on failure."""
+    """Load what :func:`classify` found: on the CPU (the caller moves it), or where ``placement`` puts a
+    transformers checkpoint (device map, offload, quantization: then nothing moves it). InputError on failure."""
+    placement = placement or Placement()
     if source.library == "timm":
+        if placement.dispatches:
+            raise InputError(f"{source.spec!r} is a timm model: --device-map and --quantization are for transformers")
         return _load_timm(source, timm_arch, timm_kwargs, dtype)
-    return _load_transformers(source, tokenizer, dtype, revision, trust_remote_code)
+    return _load_transformers(source, tokenizer, dtype, revision, trust_remote_code, placement)
 
 
 def default_device() -> str:
