@@ -238,10 +238,12 @@ def _run_frames(frame):
 
     columns = ["step", "split", *ROW_KEYS]
     metrics = frame.assign(split=SPLIT)[columns]
-    mean = metrics.groupby(["split", "step"], sort=False).agg(
+    # the layer mean is over the dense FFNs only, as the report's nerve/mean keys are
+    dense = metrics[metrics["kind"] == "dense"]
+    mean = dense.groupby(["split", "step"], sort=False).agg(
         {**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"}
     )
-    mean = mean.reset_index().assign(site="mean", layer=-1, dim=math.nan)
+    mean = mean.reset_index().assign(site="mean", layer=-1, dim=math.nan, kind="dense")
     metrics = pd.concat([metrics, mean[columns]], ignore_index=True)
     metrics = metrics.sort_values(["step", "layer", "site"], kind="stable").reset_index(drop=True)
     losses = None
