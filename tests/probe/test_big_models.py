@@ -1,6 +1,7 @@
 """Checkpoints that do not fit on one device (#31): device maps with CPU and disk offload, weights quantized
-by torchao (weight-only int8, on the CPU), and the memory plan made before the work. Every value is checked
-against the whole, unquantized or own-hook float64 reference on the same tokens."""
+by optimum-quanto (int8 weights, on the CPU; torchao too where it is installed), and the memory plan made
+before the work. Every value is checked against the whole, unquantized or own-hook float64 reference on the
+same tokens."""
 
 import json
 
@@ -199,8 +200,9 @@ def test_prequantized_checkpoint_of_an_unreadable_method_refused_with_its_name(l
 # ------------------------------------------------------------------------------ quantized weights
 # method, its package, the config nerve probe is given, the FFN projections as loaded
 QUANTIZED = [
+    # torchao is not in the test extra (importing it makes torch log deprecation warnings on stderr in every
+    # process that imports transformers, which the one-line error tests forbid): this case runs where it is installed
     ("torchao", "torchao", INT8, "Linear(weight=Int8Tensor)"),
-    # optimum-quanto is not in the test extra: this case runs where it is installed
     ("quanto", "optimum.quanto", {"quant_method": "quanto", "weights": "int8"}, "QLinear(weight=WeightQBytesTensor)"),
 ]
 
