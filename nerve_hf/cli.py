@@ -308,11 +308,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``nerve`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from nerve_hf.errors import InputError, one_line
+    from nerve_hf.errors import InputError, MissingExtraError, one_line
 
     try:
         return _probe(args) if args.command == "probe" else _report(args)
-    except InputError as error:
+    except (InputError, MissingExtraError) as error:
         print(f"nerve {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nerve_hf.analysis import run_plots
 from nerve_hf.analysis.runs import load_run, split_order
-from nerve_hf.errors import InputError
+from nerve_hf.errors import InputError, requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.report import ROW_KEYS
 
@@ -33,7 +33,8 @@ class CompareResult:
 def _zoo_runs(path: Path) -> dict:
     """The runs of a model-zoo result file (``benchmarks/results/<preset>/<experiment>.json``): name
     ``<experiment>/<run>`` -> metrics DataFrame (split ``eval``: the zoo measures on its eval batches)."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
@@ -74,7 +75,8 @@ def _zoo_runs(path: Path) -> dict:
 def _with_mean(metrics):
     """``metrics`` (per-site rows) with a ``site == "mean"`` row per (split, step), as
     :func:`nerve_hf.analysis.runs.load_run` adds them."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     columns = ["step", "split", *ROW_KEYS]
     mean = (
@@ -112,7 +114,8 @@ def load_compare_inputs(paths) -> dict:
 
 def compare_table(runs: dict):
     """``compare.csv``: every run's per-site measurements, run, split, step, site, layer, tokens, metrics."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     parts = [frame[frame["site"] != "mean"].assign(run=name) for name, frame in runs.items()]
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COMPARE_COLUMNS)

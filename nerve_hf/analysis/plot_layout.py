@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 
 __all__ = ["METRIC_LABELS", "new_figure", "integer_axis", "panel_grid", "even_ticks"]
@@ -24,14 +25,16 @@ METRIC_LABELS = {name: _label(name) for name in METRIC_NAMES}  # metric column -
 
 def new_figure(width: float, height: float):
     """A ``width`` x ``height`` inch figure with the constrained layout, built without pyplot."""
-    from matplotlib.figure import Figure
+    with requires("analysis"):
+        from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
 def integer_axis(ax) -> None:
     """Integer ticks only on the x axis of ``ax`` (layers, steps)."""
-    from matplotlib.ticker import MaxNLocator
+    with requires("analysis"):
+        from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 

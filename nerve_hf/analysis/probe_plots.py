@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from nerve_hf.analysis.plot_layout import METRIC_LABELS, even_ticks, integer_axis, new_figure, panel_grid
+from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sites import family
 
@@ -26,7 +27,8 @@ _PAIRS = (("se", "spectral entropy (SE)"), ("pr", "participation ratio (PR)"), (
 
 
 def _frame(rows):
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     return rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
 
@@ -104,7 +106,8 @@ def plot_spectra(eigenvalues: dict, sites: list[str], title: str | None = None):
 def plot_flow(rows, title: str | None = None):
     """Variance flow through each FFN (``flow=True`` rows): SE, PR and EEE at input -> pre -> post -> output,
     one line per layer (colour = depth), and JS between consecutive stages per layer."""
-    from matplotlib import colormaps
+    with requires("analysis"):
+        from matplotlib import colormaps
 
     frame = _frame(rows)
     stages = ("input", "pre", "post", "output")
@@ -147,7 +150,8 @@ def plot_flow(rows, title: str | None = None):
 
 def plot_position_buckets(positions, title: str | None = None):
     """Each metric against the position bucket, one line per layer (``SpectralReport.positions``)."""
-    from matplotlib import colormaps
+    with requires("analysis"):
+        from matplotlib import colormaps
 
     frame = _frame(positions)
     buckets = list(dict.fromkeys(frame["bucket"]))

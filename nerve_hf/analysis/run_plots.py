@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from nerve_hf.analysis.plot_layout import METRIC_LABELS, even_ticks, integer_axis, new_figure, panel_grid
+from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sites import family
 
@@ -33,7 +34,8 @@ def _site_order(frame) -> list[str]:
 def plot_trajectories(metrics, split: str, losses=None, title: str | None = None):
     """Each metric over training steps, one line per layer (colour = depth) and the layer mean (black);
     with ``losses`` (step, split, loss) a last panel shows the loss of the same split."""
-    from matplotlib import colormaps
+    with requires("analysis"):
+        from matplotlib import colormaps
 
     frame = metrics[metrics["split"] == split]
     sites = _site_order(frame)
@@ -125,7 +127,9 @@ def plot_spectrum_evolution(spectra, split: str, cumulative: bool = False):
     ``spectra``: :func:`nerve_hf.sinks.archive.load_spectra`'s DataFrame (split, step, site, pre, post).
     """
     import numpy as np
-    from matplotlib import cm, colors
+
+    with requires("analysis"):
+        from matplotlib import cm, colors
 
     frame = spectra[spectra["split"] == split]
     sites = list(dict.fromkeys(frame["site"]))
@@ -216,7 +220,8 @@ def plot_compare(runs: dict, split: str):
     legend_ax.legend(handles, labels, loc="center", fontsize=8, title="run")
     all_families = list(dict.fromkeys(family(site) for name in names for site in runs[name]["site"] if site != "mean"))
     if len(all_families) > 1 and rows * columns + n < len(axes):  # which line style is which FFN family
-        from matplotlib.lines import Line2D
+        with requires("analysis"):
+            from matplotlib.lines import Line2D
 
         style_ax = axes[rows * columns + n]
         style_ax.set_visible(True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from nerve_hf.errors import InputError
+from nerve_hf.errors import InputError, requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.report import ROW_KEYS
 from nerve_hf.sinks.records import RECORDS_FILENAME, scan_records, skipped_lines_message
@@ -164,7 +164,8 @@ def load_run(run_dir) -> RunData:
     """Read a run directory (or one of its ``checkpoint-N`` folders); InputError if it is not one, or if its
     records file is empty or holds no JSON record. Unreadable record lines and incomplete measurements are
     left out, each kind with one RuntimeWarning."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

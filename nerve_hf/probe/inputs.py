@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from nerve_hf.data import DEFAULT_CORPUS, EMBEDDED_CORPORA, find_text_column, load_dataset_splits
-from nerve_hf.errors import InputError, first_line
+from nerve_hf.errors import InputError, first_line, requires
 from nerve_hf.probe.config import ProbeConfig
 from nerve_hf.probe.models import LoadedModel
 
@@ -261,8 +261,10 @@ def image_dir_images(directory: str | os.PathLike, n: int, data_config: dict):
     """Up to ``n`` images of the folder ``directory`` (sorted by name, searched recursively) through timm's
     eval transform for ``data_config``, as ``[n, C, H, W]``; files that are not images are passed over."""
     import torch
-    from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform
+
+    with requires("probe"):
+        from PIL import Image, UnidentifiedImageError
+        from timm.data import create_transform
 
     directory = Path(directory)  # checked to be a folder by check_inputs
     transform = create_transform(**data_config, is_training=False)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nerve_hf.errors import InputError
+from nerve_hf.errors import InputError, requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.probe.inputs import check_inputs, make_batches
 from nerve_hf.probe.measure import load_checkpoint, measure_checkpoint, probe_settings
@@ -214,7 +214,8 @@ def run_series(
 
 def series_frame(result: SeriesResult):
     """One row per checkpoint and FFN site: checkpoint, step, the row keys and (with a loss) ``loss``."""
-    import pandas as pd
+    with requires("probe"):
+        import pandas as pd
 
     from nerve_hf.report import ROW_KEYS
 
@@ -232,7 +233,8 @@ def series_frame(result: SeriesResult):
 def _run_frames(frame):
     """``(metrics, losses)`` in the shape of :class:`nerve_hf.analysis.runs.RunData` (split ``series``, with the
     layer-mean rows), for the shared plots and correlations."""
-    import pandas as pd
+    with requires("probe"):
+        import pandas as pd
 
     from nerve_hf.report import ROW_KEYS
 
