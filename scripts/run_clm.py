@@ -380,7 +380,21 @@ def build_model(model_args: ModelArguments, config, tokenizer):
     embeddings = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > embeddings:  # a tokenizer with added tokens: give them rows
         model.resize_token_embeddings(len(tokenizer))
+    name_causal_lm_loss(model)
     return model
+
+
+def name_causal_lm_loss(model) -> None:
+    """Name the loss a causal LM computes when its class name does not (``GPT2LMHeadModel``: ``loss_type`` None).
+
+    Such a model falls back to ``ForCausalLMLoss`` anyway (with a "``loss_type=None`` ... unrecognized" warning),
+    but the Trainer, seeing no ``ForCausalLM`` loss type, then counts every label for ``num_items_in_batch``
+    instead of the B(T-1) shifted ones, and its ``loss``/``eval_loss`` come out (T-1)/T of the mean next-token
+    loss (127/128 at block size 128). Naming the loss it computes makes both the mean next-token loss: the one
+    upstream's run_clm.py reports and ``nerve probe --eval-loss`` reports.
+    """
+    if getattr(model, "loss_type", "") is None and not getattr(model.config, "is_encoder_decoder", False):
+        model.loss_type = "ForCausalLM"
 
 
 def low_cpu_mem_usage_kwargs(model_args: ModelArguments) -> dict:
