@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="output folder (default: ./nerve_probe_<model name>)")
     run.add_argument("--no-plots", action="store_true", help="write report.json/csv and eigenvalues.npz only")
     run.add_argument(
+        "--no-series",
+        action="store_true",
+        help="probe MODEL as one model even when it is a run directory holding checkpoint-N folders "
+        "(the final model the Trainer saved there)",
+    )
+    run.add_argument(
         "--eval-loss",
         action="store_true",
         help="also the mean token loss of a causal LM on the same tokens (labels = input_ids, pads excluded); "
@@ -210,7 +216,7 @@ def _probe(args: argparse.Namespace) -> int:
     from nerve_hf.sinks.files import check_writable_dir
 
     models = list(args.model)
-    series = is_series(models, args.revision)
+    series = is_series(models, args.revision) and not (args.no_series and len(models) == 1)
     default_out = _default_probe_dir(models[0]) + ("_series" if series and len(models) > 1 else "")
     # First of all: an unusable --out must not cost a model load and a measurement.
     out = check_writable_dir(args.out or default_out, "--out" if args.out else "the default --out")
@@ -234,10 +240,14 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace) -> int:
-    from nerve_hf.probe.series import expand_series, run_series, write_series
+    from nerve_hf.probe.series import expand_series, run_dir_note, run_series, write_series
     from nerve_hf.probe.tables import aligned, format_value
 
     checkpoints = expand_series(models, config.revision)
+    for note in filter(None, map(run_dir_note, models)):
+        print(note)
+    if args.eval_loss and len(checkpoints) < 3:
+        print(f"{len(checkpoints)} checkpoints: Pearson r needs at least 3 points, so series_correlations.csv is blank")
     result = run_series(config, checkpoints, eval_loss=args.eval_loss)
     written = write_series(result, out, with_plots=not args.no_plots)
     data = result.data
