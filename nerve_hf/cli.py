@@ -275,6 +275,7 @@ def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace
 
 def _report(args: argparse.Namespace) -> int:
     from nerve_hf.analysis.report import write_report
+    from nerve_hf.analysis.trend import FEW_POINTS
     from nerve_hf.sinks.files import check_writable_dir
 
     if args.out is not None:
@@ -290,7 +291,15 @@ def _report(args: argparse.Namespace) -> int:
         cells = "  ".join(
             f"{row.metric}={row.r:+.3f}" if row.r == row.r else f"{row.metric}=nan" for row in part.itertuples()
         )
-        print(f"  {split} (n={int(part['n'].max())}): {cells}")
+        n = int(part["n"].max())
+        print(f"  {split} (n={n}): {cells}")
+        changes = "  ".join(
+            f"{row.metric}={row.r_diff:+.3f}" if row.r_diff == row.r_diff else f"{row.metric}=nan"
+            for row in part.itertuples()
+        )
+        print(f"  {split} r of step-to-step changes, trend removed (n={n - 1 if n else 0}): {changes}")
+        if bool(part["few_points"].any()):
+            print(f"  {split}: r from fewer than {FEW_POINTS} points; read it as a trend, not as evidence")
     print(f"wrote {len(result.files)} files to {result.out_dir}/: {', '.join(p.name for p in result.files)}")
     return 0
 

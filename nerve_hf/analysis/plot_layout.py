@@ -11,7 +11,7 @@ import math
 from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 
-__all__ = ["METRIC_LABELS", "new_figure", "integer_axis", "panel_grid", "even_ticks"]
+__all__ = ["METRIC_LABELS", "new_figure", "integer_axis", "panel_grid", "even_ticks", "grid"]
 
 
 def _label(name: str) -> str:
@@ -55,3 +55,8 @@ def even_ticks(n: int, most: int = 6) -> list[float]:
     if n <= most:
         return list(range(n))
     return [i * (n - 1) / (most - 1) for i in range(most)]
+
+
+def grid(ax) -> None:
+    """The one grid style of every NerVE panel: major ticks only, light (log axes get no minor grid)."""
+    ax.grid(alpha=0.3, which="major")

@@ -38,6 +38,7 @@ from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.report import ROW_KEYS
 from nerve_hf.sinks.records import RECORDS_FILENAME, scan_records, skipped_lines_message
 from nerve_hf.sites import layer_of
+from nerve_hf.tracking.measurements.flow import FLOW_KEYS
 
 __all__ = ["RunData", "load_run", "aligned", "split_order"]
 
@@ -50,7 +51,8 @@ _LOG_KEY = re.compile(r"^(?:(eval(?:_.+)?)_)?nerve/(.+)/([a-z_]+)$")  # [eval_]n
 class RunData:
     """A run's measurements and losses as long DataFrames.
 
-    ``metrics``: step, split, site, layer, dim, tokens and the seven metrics; one row per FFN site per
+    ``metrics``: step, split, site, layer, dim, tokens and the seven metrics (and the variance-flow metrics
+    ``se_input``, ..., ``js_post_output`` of a run measured with ``flow=True``); one row per FFN site per
     measurement plus a ``site == "mean"`` row per measurement (the average over sites with the metric
     defined, as logged under ``nerve/mean/...``; ``layer`` is -1, ``tokens`` the mean over sites). A
     measurement with site records missing (a crash during its write) is left out whole.
@@ -204,9 +206,10 @@ def load_run(run_dir) -> RunData:
             f"{STATE_FILENAME}): train with callbacks=[nerve_hf.NerveCallback(...)]"
         )
 
-    columns = ["step", "split", *ROW_KEYS]
+    flow = [key for key in FLOW_KEYS if key != "dim_input" and any(key in r for r in records)]  # flow=True runs
+    columns = ["step", "split", *ROW_KEYS, *flow]
     metrics = pd.DataFrame(records).reindex(columns=[*columns, "sites"])
-    metrics[list(METRIC_NAMES)] = metrics[list(METRIC_NAMES)].astype(float)
+    metrics[list(METRIC_NAMES) + flow] = metrics[list(METRIC_NAMES) + flow].astype(float)
     # A resumed run may have measured a step twice: the last record wins.
     metrics = metrics.drop_duplicates(subset=["step", "split", "site"], keep="last")
     metrics = _complete_steps(metrics, sources["records"])[columns]
@@ -217,7 +220,7 @@ def load_run(run_dir) -> RunData:
         )
     mean = (
         metrics.groupby(["split", "step"], sort=False)
-        .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
+        .agg({**{name: "mean" for name in [*METRIC_NAMES, *flow]}, "tokens": "mean"})
         .reset_index()
     )
     mean = mean.assign(site="mean", layer=-1, dim=math.nan)

@@ -569,3 +569,19 @@ def test_run_clm_names_the_causal_lm_loss(run_clm):
     assert model.loss_type is None  # transformers: "loss_type=None ... unrecognized" and the (T-1)/T count
     run_clm.name_causal_lm_loss(model)
     assert model.loss_type == "ForCausalLM"
+
+
+def test_help_lists_the_nerve_flags_first(run_clm):
+    """issue #29: --help shows the --nerve* group right after a short usage; --no_nerve_<flag> says what it does."""
+    text = run_clm.build_parser().format_help()
+    lines = text.splitlines()
+    group = lines.index("NerVE (nerve_hf.NerveCallback; every NerveConfig option):")
+    assert group < 5 and lines[group + 1].lstrip().startswith("--nerve ")
+    assert text.index("--nerve_metrics") < text.index("--model_name_or_path") < text.index("--output_dir")
+    negative = text[text.index("--no_nerve_flow, --no-nerve-flow") :].split("\n  --")[0]
+    assert "turn --nerve_flow off; it is on by default" in " ".join(negative.split())
+    model_args, data_args, training_args, nerve_args = run_clm.parse_args(
+        ["--output_dir", "x", "--nerve", "--no_nerve_flow", "--block_size", "16"]
+    )
+    assert nerve_args.nerve and nerve_args.config().flow is False and data_args.block_size == 16
+    assert training_args.output_dir == "x" and model_args.model_name_or_path is None
