@@ -141,8 +141,9 @@ def plot_spectrum_evolution(spectra, split: str, cumulative: bool = False):
     ``cumulative=False``: normalised eigenvalues λᵢ/Σλ against rank i on log-log axes, cut at
     :data:`SPECTRUM_FLOOR` × λ₁: eigenvalues below it are round-off of the float32 activations, not data.
     Where the last measurement's spectrum ends before the width D (a pre-activation of a d-wide input has
-    rank ≤ d < D), a dotted line marks that rank. ``True``: the cumulative share of variance against rank,
-    the curve EEE integrates (its excess over the uniform spectrum's k/D, dashed).
+    rank ≤ d < D), the ranks beyond it are shaded and labelled with that rank. ``True``: the cumulative
+    share of variance against rank, the curve EEE integrates (its excess over the uniform spectrum's k/D,
+    dashed).
 
     ``spectra``: :func:`nerve_hf.sinks.archive.load_spectra`'s DataFrame (split, step, site, pre, post).
     """
@@ -182,7 +183,7 @@ def plot_spectrum_evolution(spectra, split: str, cumulative: bool = False):
                 ax.set_yscale("log")
                 ax.set_ylabel("λᵢ / Σλ")
                 if rank_bound is not None and rank_bound < dim:
-                    ax.axvline(rank_bound, color="0.35", linestyle=":", linewidth=1)
+                    ax.axvspan(rank_bound, dim, color="0.9", linewidth=0, zorder=0)  # beyond the rank: round-off
                     ax.text(
                         rank_bound,
                         0.97,
