@@ -14,10 +14,10 @@ setup() {
     if [ ! -x "$PY" ]; then
         python3 -m venv "$VENV"
     fi
-    # One environment for every command: the test and docs extras always go in together. Install only
+    # One environment for every command: every extra (all, test, docs) goes in together. Install only
     # when setup.cfg changed since the last install (keeps reruns fast); the stamp names the extras, so
     # a .venv installed before an extra was added is brought up to date.
-    local extras="test,docs"
+    local extras="all,test,docs"
     local stamp="$VENV/.nerve_installed"
     if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
         "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip

@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="output folder (default: ./nerve_probe_<model name>)")
     run.add_argument("--no-plots", action="store_true", help="write report.json/csv and eigenvalues.npz only")
     run.add_argument(
+        "--no-series",
+        action="store_true",
+        help="probe MODEL as one model even when it is a run directory holding checkpoint-N folders "
+        "(the final model the Trainer saved there)",
+    )
+    run.add_argument(
         "--eval-loss",
         action="store_true",
         help="also the mean token loss of a causal LM on the same tokens (labels = input_ids, pads excluded); "
@@ -210,7 +216,7 @@ def _probe(args: argparse.Namespace) -> int:
     from nerve_hf.sinks.files import check_writable_dir
 
     models = list(args.model)
-    series = is_series(models, args.revision)
+    series = is_series(models, args.revision) and not (args.no_series and len(models) == 1)
     default_out = _default_probe_dir(models[0]) + ("_series" if series and len(models) > 1 else "")
     # First of all: an unusable --out must not cost a model load and a measurement.
     out = check_writable_dir(args.out or default_out, "--out" if args.out else "the default --out")
@@ -234,10 +240,14 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace) -> int:
-    from nerve_hf.probe.series import expand_series, run_series, write_series
+    from nerve_hf.probe.series import expand_series, run_dir_note, run_series, write_series
     from nerve_hf.probe.tables import aligned, format_value
 
     checkpoints = expand_series(models, config.revision)
+    for note in filter(None, map(run_dir_note, models)):
+        print(note)
+    if args.eval_loss and len(checkpoints) < 3:
+        print(f"{len(checkpoints)} checkpoints: Pearson r needs at least 3 points, so series_correlations.csv is blank")
     result = run_series(config, checkpoints, eval_loss=args.eval_loss)
     written = write_series(result, out, with_plots=not args.no_plots)
     data = result.data
@@ -265,6 +275,7 @@ def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace
 
 def _report(args: argparse.Namespace) -> int:
     from nerve_hf.analysis.report import write_report
+    from nerve_hf.analysis.trend import FEW_POINTS
     from nerve_hf.sinks.files import check_writable_dir
 
     if args.out is not None:
@@ -280,7 +291,15 @@ def _report(args: argparse.Namespace) -> int:
         cells = "  ".join(
             f"{row.metric}={row.r:+.3f}" if row.r == row.r else f"{row.metric}=nan" for row in part.itertuples()
         )
-        print(f"  {split} (n={int(part['n'].max())}): {cells}")
+        n = int(part["n"].max())
+        print(f"  {split} (n={n}): {cells}")
+        changes = "  ".join(
+            f"{row.metric}={row.r_diff:+.3f}" if row.r_diff == row.r_diff else f"{row.metric}=nan"
+            for row in part.itertuples()
+        )
+        print(f"  {split} r of step-to-step changes, trend removed (n={n - 1 if n else 0}): {changes}")
+        if bool(part["few_points"].any()):
+            print(f"  {split}: r from fewer than {FEW_POINTS} points; read it as a trend, not as evidence")
     print(f"wrote {len(result.files)} files to {result.out_dir}/: {', '.join(p.name for p in result.files)}")
     return 0
 
@@ -308,11 +327,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``nerve`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from nerve_hf.errors import InputError, one_line
+    from nerve_hf.errors import InputError, MissingExtraError, one_line
 
     try:
         return _probe(args) if args.command == "probe" else _report(args)
-    except InputError as error:
+    except (InputError, MissingExtraError) as error:
         print(f"nerve {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

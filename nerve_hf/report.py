@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.tracking.measurements.base import nan_mean
 from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_KEYS, cross_layer_log_dict
@@ -113,7 +114,8 @@ class SpectralReport:
         >>> frame.shape, list(frame.columns[:5])
         ((1, 12), ['site', 'layer', 'dim', 'tokens', 'se_pre'])
         """
-        import pandas as pd  # imported on use: pandas is only needed here
+        with requires("analysis"):
+            import pandas as pd  # imported on use: pandas is only needed here
 
         extra = [key for key in dict.fromkeys(k for row in self.rows for k in row) if key not in ROW_KEYS]
         return pd.DataFrame(self.rows, columns=list(ROW_KEYS) + extra)
@@ -121,13 +123,15 @@ class SpectralReport:
     def positions_to_pandas(self):
         """:attr:`positions` as a ``pandas.DataFrame`` with columns
         :data:`~nerve_hf.tracking.measurements.positions.POSITION_KEYS`."""
-        import pandas as pd
+        with requires("analysis"):
+            import pandas as pd
 
         return pd.DataFrame(self.positions, columns=list(POSITION_KEYS))
 
     def cross_layer_to_pandas(self):
         """:attr:`cross_layer` as a ``pandas.DataFrame`` with columns
         :data:`~nerve_hf.tracking.measurements.cross_layer.CROSS_LAYER_KEYS`."""
-        import pandas as pd
+        with requires("analysis"):
+            import pandas as pd
 
         return pd.DataFrame(self.cross_layer, columns=list(CROSS_LAYER_KEYS))

@@ -6,8 +6,8 @@ BPE trained on it locally (cached after the first run), and the model is built f
 ``scripts/run_clm.py --nerve`` with periodic evaluation, checkpoints and TensorBoard logs, then prints the
 last measurement of every FFN layer from ``<output_dir>/nerve_metrics.jsonl``.
 
-    python scripts/demo.py                  # ~3 minutes on 2 CPU cores; output in runs/demo
-    python scripts/demo.py --quick          # ~30 s smoke run
+    python scripts/demo.py                  # ~23 core-minutes (11.5 min on 2 cores); output in runs/demo
+    python scripts/demo.py --quick          # ~30 s smoke test of every stage; too short for trends
     tensorboard --logdir runs/demo          # loss, eval loss and nerve/* curves
 """
 
@@ -61,7 +61,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--max-steps", type=int, default=None, help="Optimizer steps (default: 600, or 40 with --quick)."
     )
     parser.add_argument(
-        "--quick", action="store_true", help="A tiny model for ~30 s: a smoke test of the whole pipeline."
+        "--quick",
+        action="store_true",
+        help="A tiny model for ~30 s: a smoke test that every stage runs (too short for trends).",
     )
     parser.add_argument("--no-nerve", action="store_true", help="Train without the NerVE callback (for comparison).")
     parser.add_argument("--nerve-every", type=int, default=None, help="Measure every N steps (default: preset's).")

@@ -209,6 +209,7 @@ def _nerve_arguments():
             "__post_init__": __post_init__,
             "config": config,
             "__doc__": "NerVE: eigenspectra of each FFN's pre-/post-activation covariance, measured while training.",
+            "_argument_group_name": "NerVE (nerve_hf.NerveCallback; every NerveConfig option)",
         },
     )
 
@@ -217,17 +218,41 @@ NERVE_PREFIX = "nerve_"
 NerveArguments = _nerve_arguments()
 
 
-def parse_args(argv: Optional[list[str]] = None):
-    """Parse the command line (or ``argv``); a single ``.json``/``.yaml`` argument is a config file."""
+def build_parser():
+    """The command line's parser: the ``--nerve*`` flags first, as one argument group (``--help`` lists them
+    before the ~800 lines of model, data and ``TrainingArguments`` flags), each ``--no_nerve_<flag>`` saying
+    what it turns off. Its dataclasses, in parse order: NerveArguments, ModelArguments, DataTrainingArguments,
+    TrainingArguments."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, NerveArguments))
+    parser = HfArgumentParser((NerveArguments, ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser.usage = (
+        "%(prog)s [--nerve] [--nerve_<option> VALUE ...] [model, data and TrainingArguments flags ...]\n"
+        "       %(prog)s ARGS.json | ARGS.yaml"
+    )  # argparse's own usage lists all ~250 flags before the first description
+    nerve = next(group for group in parser._action_groups if group.title == NerveArguments._argument_group_name)
+    parser._action_groups.remove(nerve)
+    parser._action_groups.insert(1, nerve)  # after the positionals, before "options" (argparse prints in order)
+    for action in parser._actions:
+        negative = next((o for o in action.option_strings if o.startswith(f"--no_{NERVE_PREFIX}")), None)
+        if negative is not None:
+            action.help = f"turn --{action.dest} off; it is on by default"
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None):
+    """Parse the command line (or ``argv``); a single ``.json``/``.yaml`` argument is a config file.
+    Returns ``(model_args, data_args, training_args, nerve_args)``."""
+    parser = build_parser()
     args = sys.argv[1:] if argv is None else list(argv)
     if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(json_file=args[0])
-    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=args[0])
-    return parser.parse_args_into_dataclasses(args=split_comma_lists(args, LIST_FLAGS))
+        parsed = parser.parse_json_file(json_file=args[0])
+    elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        parsed = parser.parse_yaml_file(yaml_file=args[0])
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=split_comma_lists(args, LIST_FLAGS))
+    nerve, model, data, training = parsed[:4]
+    return (model, data, training, nerve, *parsed[4:])
 
 
 LIST_FLAGS = ("--nerve_layers",)  # list flags that also take "0,5,-1" (the form of upstream's comma lists)
@@ -380,7 +405,21 @@ def build_model(model_args: ModelArguments, config, tokenizer):
     embeddings = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > embeddings:  # a tokenizer with added tokens: give them rows
         model.resize_token_embeddings(len(tokenizer))
+    name_causal_lm_loss(model)
     return model
+
+
+def name_causal_lm_loss(model) -> None:
+    """Name the loss a causal LM computes when its class name does not (``GPT2LMHeadModel``: ``loss_type`` None).
+
+    Such a model falls back to ``ForCausalLMLoss`` anyway (with a "``loss_type=None`` ... unrecognized" warning),
+    but the Trainer, seeing no ``ForCausalLM`` loss type, then counts every label for ``num_items_in_batch``
+    instead of the B(T-1) shifted ones, and its ``loss``/``eval_loss`` come out (T-1)/T of the mean next-token
+    loss (127/128 at block size 128). Naming the loss it computes makes both the mean next-token loss: the one
+    upstream's run_clm.py reports and ``nerve probe --eval-loss`` reports.
+    """
+    if getattr(model, "loss_type", "") is None and not getattr(model.config, "is_encoder_decoder", False):
+        model.loss_type = "ForCausalLM"
 
 
 def low_cpu_mem_usage_kwargs(model_args: ModelArguments) -> dict:

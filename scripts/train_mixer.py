@@ -51,6 +51,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from transformers import TrainingArguments, set_seed
 
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nerve_zoo is not installed: it lives in the checkout
     import nerve_zoo as zoo
     from nerve_zoo.image_training import MixerForImageClassification, build_trainer, nerve_callback
 

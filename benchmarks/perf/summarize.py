@@ -54,17 +54,20 @@ def training(r: dict) -> list[str]:
         "",
     ]
     if "overhead" in r:
+        paper = "paper" in next(iter(r["overhead"].values()))["kinds"]  # result files before issue #29: "naive"
         out += [
-            "| every_n_steps | callback | wall time vs none | one measurement (s) | overhead at this N (per-step) "
-            "| projected at every 100 | peak RSS MB (none) |",
-            "|---|---|---|---|---|---|---|",
+            "| every_n_steps | callback | wall time vs none | one measurement (s) | one measurement vs paper (fp32) "
+            "| overhead at this N (per-step) | projected at every 100 | peak RSS MB (none) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for every_n, s in r["overhead"].items():
             base_rss = s["kinds"]["none"]["peak_rss_mb"]
-            for kind in [kind for kind in ("nerve", "nerve_pr", "nerve_f32", "naive") if kind in s["kinds"]]:
+            for kind in [kind for kind in OVERHEAD_KINDS if kind in s["kinds"]]:
                 k = s["kinds"][kind]
+                ratio = _vs_paper(s["kinds"], kind)
                 out.append(
-                    f"| {every_n} | {kind} | {k['wall_ratio_median']:.3f} | {k['measurement_event_seconds']:.3f} | "
+                    f"| {every_n} | {LABELS.get(kind, kind)} | {k['wall_ratio_median']:.3f} | "
+                    f"{k['measurement_event_seconds']:.3f} | {'' if ratio is None else f'{ratio:.2f}×'} | "
                     f"{k['per_step_overhead_pct']:.2f}% | {k['projected_overhead_pct_at_every_100']:.2f}% | "
                     f"{k['peak_rss_mb']:.0f} ({base_rss:.0f}) |"
                 )
@@ -73,27 +76,46 @@ def training(r: dict) -> list[str]:
             "`wall time vs none` compares medians of whole runs and needs a quiet machine to resolve a few "
             "percent; `one measurement` (median measured step minus median unmeasured step of the same runs) "
             "divided by N unmeasured steps gives the overhead columns; `nerve_f32` is NerveCallback with "
-            '`spectra_dtype="float32"`.',
+            '`spectra_dtype="float32"`, `nerve_f32_noflow` also with `flow=False`; `paper` is the baseline, the '
+            "paper's released code's approach in float32 (keep the step's activations, one fp32 covariance and "
+            "one fp32 `eigvalsh` per matrix), `paper_f64` the same in float64; `vs paper` divides each kind's "
+            "measurement by the unmeasured step of its own runs before the ratio, so load that changes between "
+            "runs cancels; a ratio below 1 means faster than the paper's approach"
+            + ("." if paper else " (this file predates the float32 baseline: its `naive` row is `paper_f64`)."),
             "",
         ]
     if "memory_sweep" in r:
         m = r["memory_sweep"]
+        base = "paper" if "paper" in m["rows"][0] else "naive"
+        copies = m.get("expected_paper_mb_per_1k_tokens", m.get("expected_naive_mb_per_1k_tokens"))
         out += [
             f"Memory against tokens per measurement (peak RSS over the no-callback run; expected NerveCallback "
-            f"state {m['expected_nerve_state_mb']:.1f} MiB, naive copies {m['expected_naive_mb_per_1k_tokens']:.1f} "
+            f"state {m['expected_nerve_state_mb']:.1f} MiB, the paper's approach's fp32 copies {copies:.1f} "
             f"MiB per 1k tokens):",
             "",
-            "| tokens / measurement | NerveCallback MB | naive MB | CUDA NerveCallback MB | CUDA naive MB |",
+            "| tokens / measurement | NerveCallback MB | paper's approach MB | CUDA NerveCallback MB | CUDA paper MB |",
             "|---|---|---|---|---|",
         ]
         for row in m["rows"]:
-            cuda = [row[k].get("cuda_over_none_mb") for k in ("nerve", "naive")]
+            cuda = [row[k].get("cuda_over_none_mb") for k in ("nerve", base)]
             cuda_s = [f"{c:.0f}" if c is not None else "" for c in cuda]
             out.append(
                 f"| {row['tokens_per_measurement']} | {row['nerve']['peak_rss_over_none_mb']:.0f} | "
-                f"{row['naive']['peak_rss_over_none_mb']:.0f} | {cuda_s[0]} | {cuda_s[1]} |"
+                f"{row[base]['peak_rss_over_none_mb']:.0f} | {cuda_s[0]} | {cuda_s[1]} |"
             )
     return out
+
+
+def _vs_paper(kinds: dict, kind: str):
+    """One measurement's cost over the paper's float32 approach's, each first divided by the unmeasured step of
+    its own runs (so a machine whose load changes between runs does not move the ratio); None without it."""
+    paper = kinds.get("paper", {}).get("per_step_overhead_pct")
+    return kinds[kind]["per_step_overhead_pct"] / paper if paper else None
+
+
+# Row order of the overhead tables: ours, then the paper's approach (fp32, the baseline) and its fp64 row.
+OVERHEAD_KINDS = ("nerve", "nerve_pr", "nerve_f32", "nerve_f32_noflow", "paper", "paper_f64", "naive")
+LABELS = {"naive": "paper_f64 (naive)"}
 
 
 def probe(r: dict) -> list[str]:

@@ -8,11 +8,15 @@ corpus) that differ only in their callbacks:
 * ``nerve``: ``NerveCallback(every_n_steps=N)`` (streaming float64 covariance, O(D²) memory per FFN).
 * ``nerve_pr``: ``NerveCallback(every_n_steps=N, metrics="pr")``: PR only, no eigendecomposition.
 * ``nerve_f32``: ``NerveCallback(every_n_steps=N, spectra_dtype="float32")``: float32 eigendecompositions.
-* ``naive``: a re-implementation of the approach of the paper's released code: at a measured step it
-  keeps a copy of every pre/post activation of that step's micro-batches, then concatenates them and
-  computes each covariance (float64, two-pass) and its eigenvalues: O(N·D) memory. (The released code
-  also calls ``gc.collect()`` per layer; that is left out here, so the baseline is faster than the
-  original.)
+* ``nerve_f32_noflow``: the same without the variance flow (``flow=False``): pre/post only, as the paper.
+* ``paper`` (the baseline): a float32 re-implementation of the approach of the paper's released code: at a
+  measured step it keeps a copy of every pre/post activation of that step's micro-batches, then concatenates
+  them and computes one float32 covariance and one float32 ``eigvalsh`` per matrix: O(N·D) memory. (The
+  released code also calls ``gc.collect()`` per layer; that is left out here, so the baseline is faster than
+  the original.) Every ratio is stated against it (``event_vs_paper``: one measurement's cost over the
+  paper's).
+* ``paper_f64``: the same in float64 (two-pass covariance, float64 eigenvalues), the baseline's second row
+  (named ``naive`` in result files before issue #29).
 
 Each run is a fresh subprocess (so peak RSS belongs to that run alone); runs of the three kinds are
 alternated and repeated, and medians are reported:
@@ -23,7 +27,7 @@ alternated and repeated, and medians are reported:
    end-to-end times on a noisy machine. ``--quick`` runs every_n_steps 10 only and projects the
    overhead at 100 from the measured event cost (labelled ``projected``).
 2. ``memory sweep``: peak RSS (and CUDA max allocated) against tokens per measurement (gradient
-   accumulation grows the measured step): NerveCallback stays flat, the naive baseline grows linearly.
+   accumulation grows the measured step): NerveCallback stays flat, the paper's approach grows linearly.
 
 Run: ``python benchmarks/perf/training_overhead.py --device auto [--quick] [--d-ff 1024 --batch 16]``
 (``--d-ff`` and ``--batch`` change the FFN width and the sequences per step from the demo's; the file name
@@ -70,17 +74,18 @@ SHAPES = {
 BATCH = _DEMO["batch_size"]  # sequences per micro-batch
 
 
-# ----------------------------------------------------------------------------- the naive baseline
-def _naive_callback_class():
+# ----------------------------------------------------------------------------- the paper's approach
+def _paper_callback_class():
     from transformers import TrainerCallback
 
     from nerve_hf.metrics import spectrum_metrics
 
-    class NaiveFullActivationCallback(TrainerCallback):
-        """Keeps every pre/post activation of a measured step; covariance and eigenvalues afterwards."""
+    class PaperFullActivationCallback(TrainerCallback):
+        """Keeps every pre/post activation of a measured step; one covariance and one ``eigvalsh`` per matrix
+        afterwards, in ``dtype`` (float32: the paper's released code; float64: the second row)."""
 
-        def __init__(self, every_n_steps: int) -> None:
-            self.every_n_steps = every_n_steps
+        def __init__(self, every_n_steps: int, dtype: torch.dtype = torch.float32) -> None:
+            self.every_n_steps, self.dtype = every_n_steps, dtype
             self.handles = []
             self.kept: dict[int, tuple[list, list]] = {}
             self.last: dict | None = None
@@ -109,16 +114,16 @@ def _naive_callback_class():
             for layer, (pre, post) in self.kept.items():
                 spectra = []
                 for chunks in (pre, post):
-                    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double()  # [N, D]
+                    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).to(self.dtype)  # [N, D]
                     x = x - x.mean(0)
                     cov = x.T @ x / (x.shape[0] - 1)  # [D, D]
                     spectra.append(torch.linalg.eigvalsh(cov).flip(-1))
-                metrics = spectrum_metrics(spectra[0].cpu(), spectra[1].cpu())
+                metrics = spectrum_metrics(spectra[0].double().cpu(), spectra[1].double().cpu())
                 results[f"ffn.{layer}"] = {k: float(v) for k, v in metrics.items()}
             self.kept = {}
             self.last = results
 
-    return NaiveFullActivationCallback
+    return PaperFullActivationCallback
 
 
 # ----------------------------------------------------------------------------- one run (a subprocess)
@@ -163,18 +168,19 @@ def worker(config: dict) -> dict:
 
     kind = config["callback"]
     callbacks = []
-    if kind in ("nerve", "nerve_pr", "nerve_f32"):
+    if kind in NERVE_KINDS:
         callbacks.append(
             NerveCallback(
                 every_n_steps=config["every_n"],
                 write_jsonl=False,
                 measure_eval=False,
                 metrics="pr" if kind == "nerve_pr" else "all",
-                spectra_dtype="float32" if kind == "nerve_f32" else "float64",
+                spectra_dtype="float32" if kind.startswith("nerve_f32") else "float64",
+                flow=kind != "nerve_f32_noflow",
             )
         )
-    elif kind == "naive":
-        callbacks.append(_naive_callback_class()(config["every_n"]))
+    elif kind in PAPER_KINDS:
+        callbacks.append(_paper_callback_class()(config["every_n"], PAPER_KINDS[kind]))
     timer = StepTimes()
     callbacks.append(timer)  # after the measuring callback: its on_step_end time is inside the step
 
@@ -205,9 +211,9 @@ def worker(config: dict) -> dict:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     first = {}
-    if kind in ("nerve", "nerve_pr", "nerve_f32"):
+    if kind in NERVE_KINDS:
         first = {k.split("/")[1]: v for k, v in trainer.state.log_history[0].items() if k.endswith("/pr_pre")}
-    elif kind == "naive" and callbacks[0].last is not None:
+    elif kind in PAPER_KINDS and callbacks[0].last is not None:
         first = {site: m["pr_pre"] for site, m in callbacks[0].last.items()}
     return {
         **config,
@@ -233,7 +239,9 @@ def run_worker(config: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the two experiments
-KINDS = ("none", "nerve", "nerve_pr", "nerve_f32", "naive")
+NERVE_KINDS = ("nerve", "nerve_pr", "nerve_f32", "nerve_f32_noflow")
+PAPER_KINDS = {"paper": torch.float32, "paper_f64": torch.float64}  # the baseline first
+KINDS = ("none", *NERVE_KINDS, *PAPER_KINDS)
 
 
 def overhead(device: torch.device, args, tmp: Path) -> dict:
@@ -289,11 +297,13 @@ def summarise_overhead(runs: dict[str, list[dict]], every_n: int) -> dict:
         "unmeasured_step_seconds_median": step_median,
         "kinds": {},
     }
+    events = {}
     for kind in KINDS[1:]:
         seconds = [r["train_seconds"] for r in runs[kind]]
         measured = [t for r in runs[kind] for t, m in zip(r["step_seconds"], r["measured"]) if m]
         unmeasured = [t for r in runs[kind] for t, m in zip(r["step_seconds"], r["measured"]) if not m]
         event = statistics.median(measured) - statistics.median(unmeasured)
+        events[kind] = event
         summary["kinds"][kind] = {
             "train_seconds": seconds,
             "wall_ratio_median": statistics.median(seconds) / base,  # vs none
@@ -306,6 +316,12 @@ def summarise_overhead(runs: dict[str, list[dict]], every_n: int) -> dict:
             "cuda_max_allocated_mb": runs[kind][0]["cuda_max_allocated_mb"],
             "pr_pre_last_measurement": runs[kind][0]["pr_pre_last_measurement"],
         }
+    paper = summary["kinds"]["paper"]["per_step_overhead_pct"]
+    for kind in KINDS[1:]:  # one measurement's cost over the paper's float32 approach's
+        k = summary["kinds"][kind]
+        k["event_vs_paper"] = events[kind] / events["paper"] if events["paper"] > 0 else None  # seconds
+        # each event over its own runs' unmeasured step first: robust to a machine whose load changes between runs
+        k["normalised_event_vs_paper"] = k["per_step_overhead_pct"] / paper if paper > 0 else None
     summary["kinds"]["none"] = {
         "train_seconds": [r["train_seconds"] for r in runs["none"]],
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs["none"]),
@@ -320,7 +336,7 @@ def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
     rows = []
     for accum in accums:
         row = {"grad_accum": accum, "tokens_per_measurement": batch * accum * SEQ}
-        for kind in ("none", "nerve", "naive"):
+        for kind in ("none", "nerve", "paper"):
             config = dict(
                 callback=kind,
                 every_n=1,
@@ -335,7 +351,7 @@ def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
             )
             result = run_worker(config)
             row[kind] = {"peak_rss_mb": result["peak_rss_mb"], "cuda_max_allocated_mb": result["cuda_max_allocated_mb"]}
-        for kind in ("nerve", "naive"):
+        for kind in ("nerve", "paper"):
             row[kind]["peak_rss_over_none_mb"] = row[kind]["peak_rss_mb"] - row["none"]["peak_rss_mb"]
             if row[kind]["cuda_max_allocated_mb"] is not None:
                 row[kind]["cuda_over_none_mb"] = (
@@ -343,7 +359,7 @@ def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
                 )
         print(
             f"  {row['tokens_per_measurement']:>7} tokens/measurement: peak RSS over none: nerve "
-            f"{row['nerve']['peak_rss_over_none_mb']:7.1f} MB, naive {row['naive']['peak_rss_over_none_mb']:7.1f} MB",
+            f"{row['nerve']['peak_rss_over_none_mb']:7.1f} MB, paper {row['paper']['peak_rss_over_none_mb']:7.1f} MB",
             flush=True,
         )
         rows.append(row)
@@ -351,7 +367,7 @@ def memory_sweep(device: torch.device, args, tmp: Path) -> dict:
     return {
         "rows": rows,
         "expected_nerve_state_mb": layers * 2 * (d * d + d) * 8 / 2**20,
-        "expected_naive_mb_per_1k_tokens": layers * 2 * 1000 * d * 4 / 2**20,  # fp32 copies of pre and post
+        "expected_paper_mb_per_1k_tokens": layers * 2 * 1000 * d * 4 / 2**20,  # fp32 copies of pre and post
     }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nerve_hf.analysis import run_plots
 from nerve_hf.analysis.runs import load_run, split_order, with_layer_mean
-from nerve_hf.errors import InputError
+from nerve_hf.errors import InputError, requires
 from nerve_hf.metrics import METRIC_NAMES
 
 __all__ = ["COMPARE_COLUMNS", "CompareResult", "load_compare_inputs", "compare_table", "write_compare"]
@@ -32,7 +32,8 @@ class CompareResult:
 def _zoo_runs(path: Path) -> dict:
     """The runs of a model-zoo result file (``benchmarks/results/<preset>/<experiment>.json``): name
     ``<experiment>/<run>`` -> metrics DataFrame (split ``eval``: the zoo measures on its eval batches)."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
@@ -95,7 +96,8 @@ def load_compare_inputs(paths) -> dict:
 
 def compare_table(runs: dict):
     """``compare.csv``: every run's per-site measurements, run, split, step, site, layer, tokens, metrics."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     parts = [frame[frame["site"] != "mean"].assign(run=name) for name, frame in runs.items()]
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COMPARE_COLUMNS)

@@ -6,6 +6,7 @@ import math
 import warnings
 
 from nerve_hf.analysis.runs import RunData, aligned, split_order
+from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 
 __all__ = ["MIN_POINTS", "CORRELATION_COLUMNS", "correlations"]
@@ -23,7 +24,9 @@ def correlations(table, min_points: int = MIN_POINTS):
     layer mean, then by layer), metrics in :data:`nerve_hf.metrics.METRIC_NAMES` order.
     """
     import numpy as np
-    import pandas as pd
+
+    with requires("analysis"):
+        import pandas as pd
     from scipy import stats
 
     if isinstance(table, RunData):

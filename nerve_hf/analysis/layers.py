@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+from nerve_hf.errors import requires
+
 __all__ = ["layer_matrix"]
 
 
@@ -12,7 +14,8 @@ def layer_matrix(rows: Sequence[dict], cross_rows: Sequence[dict], key: str, fam
     """A symmetric depth x depth ``pandas.DataFrame`` (index and columns: layers) of ``key`` (``cka``,
     ``js_pre`` or ``js_post``) from :attr:`SpectralReport.cross_layer` rows; the diagonal is 1 for CKA,
     0 for JS; pairs not measured are NaN. ``family``: the site family (default: the first)."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     from nerve_hf.sites import family as family_of
 

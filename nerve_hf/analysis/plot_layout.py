@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 
+from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 
-__all__ = ["METRIC_LABELS", "new_figure", "integer_axis", "panel_grid", "even_ticks"]
+__all__ = ["METRIC_LABELS", "new_figure", "integer_axis", "panel_grid", "even_ticks", "grid"]
 
 
 def _label(name: str) -> str:
@@ -24,14 +25,16 @@ METRIC_LABELS = {name: _label(name) for name in METRIC_NAMES}  # metric column -
 
 def new_figure(width: float, height: float):
     """A ``width`` x ``height`` inch figure with the constrained layout, built without pyplot."""
-    from matplotlib.figure import Figure
+    with requires("analysis"):
+        from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
 def integer_axis(ax) -> None:
     """Integer ticks only on the x axis of ``ax`` (layers, steps)."""
-    from matplotlib.ticker import MaxNLocator
+    with requires("analysis"):
+        from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -52,3 +55,8 @@ def even_ticks(n: int, most: int = 6) -> list[float]:
     if n <= most:
         return list(range(n))
     return [i * (n - 1) / (most - 1) for i in range(most)]
+
+
+def grid(ax) -> None:
+    """The one grid style of every NerVE panel: major ticks only, light (log axes get no minor grid)."""
+    ax.grid(alpha=0.3, which="major")

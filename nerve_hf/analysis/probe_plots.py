@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 
-from nerve_hf.analysis.plot_layout import METRIC_LABELS, even_ticks, integer_axis, new_figure, panel_grid
+from nerve_hf.analysis.plot_layout import METRIC_LABELS, even_ticks, grid, integer_axis, new_figure, panel_grid
+from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sites import family
 
@@ -26,7 +27,8 @@ _PAIRS = (("se", "spectral entropy (SE)"), ("pr", "participation ratio (PR)"), (
 
 
 def _frame(rows):
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     return rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
 
@@ -51,7 +53,7 @@ def plot_layer_metrics(rows, title: str | None = None):
         ax.set_title(label)
         integer_axis(ax)
         ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
+        grid(ax)
         ax.legend(fontsize=8)
     if title:
         figure.suptitle(title)
@@ -71,7 +73,7 @@ def plot_js(rows, title: str | None = None):
     ax.set_xlabel("layer")
     ax.set_ylabel("JS divergence")
     ax.set_title(title or "JS(pre, post) per layer")
-    ax.grid(alpha=0.3)
+    grid(ax)
     ax.legend(fontsize=8)
     return figure
 
@@ -79,9 +81,13 @@ def plot_js(rows, title: str | None = None):
 def plot_spectra(eigenvalues: dict, sites: list[str], title: str | None = None):
     """Log-log eigenvalue spectra (rank vs eigenvalue) of ``sites``: pre and post panels.
 
-    ``eigenvalues``: site -> (pre, post), descending. Zero eigenvalues have no logarithm and are left out.
+    ``eigenvalues``: site -> (pre, post), descending. Eigenvalues below
+    :data:`~nerve_hf.analysis.run_plots.SPECTRUM_FLOOR` × λ₁ (round-off of the float32 activations, zeros
+    included) are left out, as in the run report's spectrum figure.
     """
     import numpy as np
+
+    from nerve_hf.analysis.run_plots import SPECTRUM_FLOOR
 
     figure = new_figure(11, 4)
     axes = figure.subplots(1, 2, sharey=True)
@@ -89,11 +95,11 @@ def plot_spectra(eigenvalues: dict, sites: list[str], title: str | None = None):
     for side, ax in zip((0, 1), axes):
         for site, color in zip(sites, colors):
             values = np.asarray(eigenvalues[site][side], dtype=np.float64)
-            keep = values > 0
+            keep = (values > 0) & (values >= SPECTRUM_FLOOR * values.max(initial=0))
             ax.loglog(np.arange(1, len(values) + 1)[keep], values[keep], color=color, label=site)
         ax.set_title(("pre" if side == 0 else "post") + "-activation spectrum")
         ax.set_xlabel("rank")
-        ax.grid(alpha=0.3, which="both")
+        grid(ax)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("eigenvalue")
     if title:
@@ -104,7 +110,8 @@ def plot_spectra(eigenvalues: dict, sites: list[str], title: str | None = None):
 def plot_flow(rows, title: str | None = None):
     """Variance flow through each FFN (``flow=True`` rows): SE, PR and EEE at input -> pre -> post -> output,
     one line per layer (colour = depth), and JS between consecutive stages per layer."""
-    from matplotlib import colormaps
+    with requires("analysis"):
+        from matplotlib import colormaps
 
     frame = _frame(rows)
     stages = ("input", "pre", "post", "output")
@@ -125,7 +132,7 @@ def plot_flow(rows, title: str | None = None):
                 )
         ax.set_xticks(range(4), stages)
         ax.set_title(label)
-        ax.grid(alpha=0.3)
+        grid(ax)
     axes[0].legend(fontsize=6, ncol=2)
     ax = axes[3]
     for name, group in groups:
@@ -139,7 +146,7 @@ def plot_flow(rows, title: str | None = None):
     integer_axis(ax)
     ax.set_xlabel("layer")
     ax.set_title("JS between consecutive stages")
-    ax.grid(alpha=0.3)
+    grid(ax)
     ax.legend(fontsize=7)
     figure.suptitle(title or "variance flow through the FFN: input -> pre -> post -> output")
     return figure
@@ -147,7 +154,8 @@ def plot_flow(rows, title: str | None = None):
 
 def plot_position_buckets(positions, title: str | None = None):
     """Each metric against the position bucket, one line per layer (``SpectralReport.positions``)."""
-    from matplotlib import colormaps
+    with requires("analysis"):
+        from matplotlib import colormaps
 
     frame = _frame(positions)
     buckets = list(dict.fromkeys(frame["bucket"]))
@@ -167,7 +175,7 @@ def plot_position_buckets(positions, title: str | None = None):
         ax.set_xticks(range(len(buckets)), buckets, fontsize=7, rotation=30)
         ax.set_xlabel("token positions")
         ax.set_title(METRIC_LABELS[name])
-        ax.grid(alpha=0.3)
+        grid(ax)
     axes[0].legend(fontsize=6, ncol=2)
     figure.suptitle(title or "NerVE metrics per position bucket")
     return figure

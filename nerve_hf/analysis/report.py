@@ -10,6 +10,7 @@ from pathlib import Path
 from nerve_hf.analysis import run_plots
 from nerve_hf.analysis.correlations import MIN_POINTS, correlations
 from nerve_hf.analysis.runs import RunData, aligned, load_run, split_order, splits_without_mean
+from nerve_hf.analysis.trend import FEW_POINTS, trend_free_correlations
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sinks.archive import load_spectra
@@ -50,11 +51,15 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
         "Train spectra are paired with the training loss the Trainer logged at the same step (its running "
         "mean since the previous log); eval spectra with the eval loss of the same evaluation. Pearson r and "
         "two-sided p from `scipy.stats.pearsonr`; NaN where fewer than "
-        f"{MIN_POINTS} pairs or a constant series.",
+        f"{MIN_POINTS} pairs or a constant series. A metric and a loss that both drift with the step correlate "
+        "strongly whatever links them: r(Δ) is Pearson r of their step-to-step changes (first differences), "
+        "which the shared trend does not inflate, over n(Δ) = n − 1 changes. r from fewer than "
+        f"{FEW_POINTS} points is flagged (few).",
         "",
     ]
 
     rotating = splits_without_mean(run.metrics)
+    has_trend = "r_diff" in corr
     for split in split_order(corr["split"]):
         part = corr[(corr["split"] == split) & (corr["site"] == "mean")]
         if split in rotating:
@@ -64,12 +69,17 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
                 "Its measurements do not all cover the same FFN sites (a `layers_per_step` run measures another "
                 "group of layers at each step), so no layer mean is built; each site's own series is below.",
             ]
-        else:
-            lines += [f"## `{split}`: layer-mean metric vs loss", "", "| metric | r | p | n |", "|---|---:|---:|---:|"]
-            lines += [
-                f"| {row.metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |"
-                for row in part.itertuples()
-            ]
+            continue
+        head, rule = "| metric | r | p | n |", "|---|---:|---:|---:|"
+        if has_trend:
+            head, rule = head + " r(Δ) | p(Δ) | n(Δ) | |", rule + "---:|---:|---:|---|"
+        lines += [f"## `{split}`: layer-mean metric vs loss", "", head, rule]
+        for row in part.itertuples():
+            line = f"| {row.metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |"
+            if has_trend:
+                flag = f"few (< {FEW_POINTS})" if row.few_points else ""
+                line += f" {_num(row.r_diff, '+.4f')} | {_num(row.p_diff, '.2e')} | {row.n_diff} | {flag} |"
+            lines.append(line)
         layers = corr[(corr["split"] == split) & (corr["site"] != "mean")].dropna(subset=["r"])
         if len(layers):
             top = layers.reindex(layers["r"].abs().sort_values(ascending=False).index).head(5)
@@ -140,6 +150,8 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
         out_dir = check_writable_dir(
             run.run_dir / "nerve_report", "report folder", "pass --out with a folder you can write to"
         )
+    trend = trend_free_correlations(table, min_points)
+    corr = corr.merge(trend, on=["split", "site", "metric"], how="left", sort=False)
     files = [write_csv(out_dir / "correlations.csv", corr)]
     spectra = load_spectra(run.run_dir)  # the run's spectra archive (empty without one)
     figures: dict[str, list[str]] = {}

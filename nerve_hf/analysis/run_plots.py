@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 
-from nerve_hf.analysis.plot_layout import METRIC_LABELS, even_ticks, integer_axis, new_figure, panel_grid
+from nerve_hf.analysis.plot_layout import METRIC_LABELS, even_ticks, grid, integer_axis, new_figure, panel_grid
+from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sites import family
+from nerve_hf.tracking.measurements.flow import FLOW_STAGES
 
 __all__ = [
     "plot_trajectories",
@@ -19,7 +21,12 @@ __all__ = [
     "plot_metric_vs_loss",
     "plot_spectrum_evolution",
     "plot_compare",
+    "SPECTRUM_FLOOR",
 ]
+
+# Spectrum figures draw eigenvalues down to this fraction of the largest: the covariance is accumulated from
+# float32 activations (round-off ~1e-7 of λ₁), so smaller ones are round-off, not spectrum.
+SPECTRUM_FLOOR = 1e-7
 
 
 def _site_order(frame) -> list[str]:
@@ -32,19 +39,31 @@ def _site_order(frame) -> list[str]:
 
 def plot_trajectories(metrics, split: str, losses=None, title: str | None = None):
     """Each metric over training steps, one line per layer (colour = depth) and the layer mean (black);
-    with ``losses`` (step, split, loss) a last panel shows the loss of the same split."""
-    from matplotlib import colormaps
+    with ``losses`` (step, split, loss) a panel shows the loss of the same split; a run measured with
+    ``flow=True`` gains three flow panels: the layer-mean SE, PR and EEE at each stage of the FFN (input ->
+    pre -> post -> output) over the steps, as the probe's ``flow.png`` shows them across layers."""
+    with requires("analysis"):
+        from matplotlib import colormaps
 
     frame = metrics[metrics["split"] == split]
     sites = _site_order(frame)
     loss = None if losses is None else losses[losses["split"] == split].sort_values("step")
     panels = list(METRIC_NAMES) + (["loss"] if loss is not None and len(loss) else [])
+    flow = [key for key in ("se", "pr", "eee") if f"{key}_input" in frame and frame[f"{key}_input"].notna().any()]
+    panels += [f"flow:{key}" for key in flow]
     figure, axes = panel_grid(len(panels))
     cmap = colormaps["viridis"]
+    mean = frame[frame["site"] == "mean"].sort_values("step")
     for ax, name in zip(axes, panels):
         if name == "loss":
             ax.plot(loss["step"], loss["loss"], color="C3", marker=".")
             ax.set_title(f"{split} loss")
+        elif name.startswith("flow:"):
+            key = name.removeprefix("flow:")
+            for stage, color in zip(FLOW_STAGES, ("C0", "C1", "C2", "C4")):
+                ax.plot(mean["step"], mean[f"{key}_{stage}"], color=color, linewidth=1.5, label=stage)
+            ax.set_title(f"{key.upper()} through the FFN (layer mean)")
+            ax.legend(fontsize=6)
         else:
             for i, site in enumerate(sites):
                 series = frame[frame["site"] == site].sort_values("step")
@@ -60,7 +79,7 @@ def plot_trajectories(metrics, split: str, losses=None, title: str | None = None
                 ax.plot(mean["step"], mean[name], color="black", linewidth=2, label="mean")
             ax.set_title(METRIC_LABELS[name])
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+        grid(ax)
     axes[0].legend(fontsize=6, ncol=2)
     figure.suptitle(title or f"NerVE metrics per layer over training ({split})")
     return figure
@@ -111,7 +130,7 @@ def plot_metric_vs_loss(aligned, correlations, split: str, site: str = "mean"):
         )
         ax.set_xlabel(METRIC_LABELS[name])
         ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
+        grid(ax)
     figure.colorbar(scatter, ax=list(axes[: len(METRIC_NAMES)]), shrink=0.6, label="step")
     figure.suptitle(f"{site} metrics vs {split} loss of the same step")
     return figure
@@ -119,14 +138,21 @@ def plot_metric_vs_loss(aligned, correlations, split: str, site: str = "mean"):
 
 def plot_spectrum_evolution(spectra, split: str, cumulative: bool = False):
     """How each FFN's spectrum changed over a run: one panel pair (pre, post) per FFN, one line per
-    measurement coloured by step (viridis, colour bar). ``cumulative=False``: normalised eigenvalues
-    λᵢ/Σλ against rank i on log-log axes; ``True``: the cumulative share of variance against rank,
-    the curve EEE integrates (its excess over the diagonal).
+    measurement coloured by step (viridis, colour bar), the rank on a log axis.
+
+    ``cumulative=False``: normalised eigenvalues λᵢ/Σλ against rank i on log-log axes, cut at
+    :data:`SPECTRUM_FLOOR` × λ₁: eigenvalues below it are round-off of the float32 activations, not data.
+    Where the last measurement's spectrum ends before the width D (a pre-activation of a d-wide input has
+    rank ≤ d < D), the ranks beyond it are shaded and labelled with that rank. ``True``: the cumulative
+    share of variance against rank, the curve EEE integrates (its excess over the uniform spectrum's k/D,
+    dashed).
 
     ``spectra``: :func:`nerve_hf.sinks.archive.load_spectra`'s DataFrame (split, step, site, pre, post).
     """
     import numpy as np
-    from matplotlib import cm, colors
+
+    with requires("analysis"):
+        from matplotlib import cm, colors
 
     frame = spectra[spectra["split"] == split]
     sites = list(dict.fromkeys(frame["site"]))
@@ -135,31 +161,52 @@ def plot_spectrum_evolution(spectra, split: str, cumulative: bool = False):
     figure, axes = panel_grid(2 * len(sites), columns=4, size=(3.4, 2.7))
     for index, site in enumerate(sites):
         for side, ax in zip(("pre", "post"), axes[2 * index : 2 * index + 2]):
+            rank_bound, dim = None, 0
             for row in frame[frame["site"] == site].sort_values("step").itertuples():
-                values = np.clip(np.asarray(getattr(row, side), dtype=np.float64), 0, None)
+                values = np.sort(np.clip(np.asarray(getattr(row, side), dtype=np.float64), 0, None))[::-1]
                 if not np.isfinite(values).all() or values.sum() <= 0:
                     continue
-                share = values / values.sum()
-                rank = np.arange(1, len(share) + 1)
+                share, dim = values / values.sum(), len(values)
+                rank = np.arange(1, dim + 1)
                 color = cm.viridis(norm(row.step))
                 if cumulative:
                     ax.plot(rank, np.cumsum(share), color=color, linewidth=1)
                 else:
-                    keep = share > 0
-                    ax.loglog(rank[keep], share[keep], color=color, linewidth=1)
+                    keep = share >= SPECTRUM_FLOOR * share[0]
+                    ax.plot(rank[keep], share[keep], color=color, linewidth=1)
+                    rank_bound = int(keep.sum())  # of the last measurement drawn
+            ax.set_xscale("log")
             if cumulative:
-                dim = len(frame[frame["site"] == site].iloc[0][side])
-                ax.plot([0, dim], [0, 1], color="0.6", linestyle="--", linewidth=0.8, label="uniform")
+                rank = np.arange(1, dim + 1)
+                ax.plot(rank, rank / max(dim, 1), color="0.6", linestyle="--", linewidth=0.8, label="uniform")
                 ax.set_ylim(0, 1.02)
                 ax.set_ylabel("cumulative variance share")
             else:
+                ax.set_yscale("log")
                 ax.set_ylabel("λᵢ / Σλ")
+                if rank_bound is not None and rank_bound < dim:
+                    ax.axvspan(rank_bound, dim, color="0.9", linewidth=0, zorder=0)  # beyond the rank: round-off
+                    ax.text(
+                        rank_bound,
+                        0.97,
+                        f"rank {rank_bound} < D={dim} ",
+                        transform=ax.get_xaxis_transform(),
+                        fontsize=7,
+                        ha="right",
+                        va="top",
+                        color="0.25",
+                    )
+            if dim:
+                ax.set_xlim(1, dim)
             ax.set_title(f"{site} {side}", fontsize=9)
             ax.set_xlabel("rank i")
-            ax.grid(alpha=0.3, which="both")
+            grid(ax)
     mapper = cm.ScalarMappable(norm=norm, cmap="viridis")
     figure.colorbar(mapper, ax=list(axes[: 2 * len(sites)]), label="step", shrink=0.8)
-    what = "cumulative variance" if cumulative else "normalised eigenvalue spectra"
+    if cumulative:
+        what = "cumulative variance share"
+    else:
+        what = f"normalised eigenvalue spectra (cut at {SPECTRUM_FLOOR:.0e} of λ₁)"
     figure.suptitle(f"{split}: {what} over the run ({len(steps)} measurements)")
     return figure
 
@@ -206,18 +253,19 @@ def plot_compare(runs: dict, split: str):
     for metric, ax in zip(METRIC_NAMES, trajectory_axes):
         ax.set_title(f"{METRIC_LABELS[metric]}, layer mean")
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+        grid(ax)
     for metric, ax in zip(METRIC_NAMES, profile_axes):
         ax.set_title(f"{METRIC_LABELS[metric]}, last step, per layer")
         ax.set_xlabel("layer")
         integer_axis(ax)
-        ax.grid(alpha=0.3)
+        grid(ax)
     legend_ax.axis("off")
     handles, labels = trajectory_axes[0].get_legend_handles_labels()
     legend_ax.legend(handles, labels, loc="center", fontsize=8, title="run")
     all_families = list(dict.fromkeys(family(site) for name in names for site in runs[name]["site"] if site != "mean"))
     if len(all_families) > 1 and rows * columns + n < len(axes):  # which line style is which FFN family
-        from matplotlib.lines import Line2D
+        with requires("analysis"):
+            from matplotlib.lines import Line2D
 
         style_ax = axes[rows * columns + n]
         style_ax.set_visible(True)

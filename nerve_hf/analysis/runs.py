@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from nerve_hf.errors import InputError
+from nerve_hf.errors import InputError, requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.report import ROW_KEYS
 from nerve_hf.sinks.records import RECORDS_FILENAME, scan_records, skipped_lines_message
 from nerve_hf.sites import layer_of
+from nerve_hf.tracking.measurements.flow import FLOW_KEYS
 
 __all__ = ["RunData", "load_run", "aligned", "split_order", "with_layer_mean", "splits_without_mean"]
 
@@ -50,7 +51,8 @@ _LOG_KEY = re.compile(r"^(?:(eval(?:_.+)?)_)?nerve/(.+)/([a-z_]+)$")  # [eval_]n
 class RunData:
     """A run's measurements and losses as long DataFrames.
 
-    ``metrics``: step, split, site, layer, dim, tokens and the seven metrics; one row per FFN site per
+    ``metrics``: step, split, site, layer, dim, tokens and the seven metrics (and the variance-flow metrics
+    ``se_input``, ..., ``js_post_output`` of a run measured with ``flow=True``); one row per FFN site per
     measurement plus a ``site == "mean"`` row per measurement (the average over sites with the metric
     defined, as logged under ``nerve/mean/...``; ``layer`` is -1, ``tokens`` the mean over sites). A
     measurement with site records missing (a crash during its write) is left out whole.
@@ -164,7 +166,8 @@ def load_run(run_dir) -> RunData:
     """Read a run directory (or one of its ``checkpoint-N`` folders); InputError if it is not one, or if its
     records file is empty or holds no JSON record. Unreadable record lines and incomplete measurements are
     left out, each kind with one RuntimeWarning."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -203,9 +206,10 @@ def load_run(run_dir) -> RunData:
             f"{STATE_FILENAME}): train with callbacks=[nerve_hf.NerveCallback(...)]"
         )
 
-    columns = ["step", "split", *ROW_KEYS]
+    flow = [key for key in FLOW_KEYS if key != "dim_input" and any(key in r for r in records)]  # flow=True runs
+    columns = ["step", "split", *ROW_KEYS, *flow]
     metrics = pd.DataFrame(records).reindex(columns=[*columns, "sites"])
-    metrics[list(METRIC_NAMES)] = metrics[list(METRIC_NAMES)].astype(float)
+    metrics[list(METRIC_NAMES) + flow] = metrics[list(METRIC_NAMES) + flow].astype(float)
     # A resumed run may have measured a step twice: the last record wins.
     metrics = metrics.drop_duplicates(subset=["step", "split", "site"], keep="last")
     metrics = _complete_steps(metrics, sources["records"])[columns]
@@ -230,21 +234,23 @@ def splits_without_mean(metrics) -> list[str]:
 
 
 def with_layer_mean(metrics):
-    """``metrics`` (per-site rows: step, split, site, layer, dim, tokens, metrics) with a ``site == "mean"``
-    row per (split, step): the average over its sites, as logged under ``nerve/mean/...``; ``layer`` -1,
-    ``tokens`` the mean over sites. Only for splits where every step has the same set of sites: a
-    ``layers_per_step`` run measures a different group at each step, and has no layer mean (as the
-    callback logs none)."""
+    """``metrics`` (per-site rows: step, split, site, layer, kind, dim, tokens, metrics, and the flow metrics
+    of a ``flow=True`` run) with a ``site == "mean"`` row per (split, step): the average over its dense FFNs,
+    as logged under ``nerve/mean/...``; ``layer`` -1, ``tokens`` the mean over sites. Only for splits where
+    every step has the same set of sites: a ``layers_per_step`` run measures a different group at each step,
+    and has no layer mean (as the callback logs none)."""
     import pandas as pd
 
-    columns = ["step", "split", *ROW_KEYS]
+    flow = [key for key in FLOW_KEYS if key != "dim_input" and key in metrics.columns]
+    columns = ["step", "split", *ROW_KEYS, *flow]
     rotating = splits_without_mean(metrics)
     same_sites = metrics[~metrics["split"].isin(rotating)]
+    dense = same_sites[same_sites["kind"].fillna("dense") == "dense"]  # records written before kinds: dense
     mean = (
-        same_sites.groupby(["split", "step"], sort=False)
-        .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
+        dense.groupby(["split", "step"], sort=False)
+        .agg({**{name: "mean" for name in [*METRIC_NAMES, *flow]}, "tokens": "mean"})
         .reset_index()
-        .assign(site="mean", layer=-1, dim=math.nan)
+        .assign(site="mean", layer=-1, dim=math.nan, kind="dense")
     )
     frame = pd.concat([metrics[columns], mean[columns]], ignore_index=True)
     return frame.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)

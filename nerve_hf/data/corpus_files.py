@@ -10,6 +10,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from nerve_hf.errors import requires
+
 __all__ = [
     "TEST_DIRS",
     "stable_hash",
@@ -99,7 +101,8 @@ def capped_splits(sources, max_bytes: int | None, validation_percent: float) -> 
 
 def as_dataset_dict(splits: dict[str, dict[str, list]]):
     """``capped_splits``' columns as a ``datasets.DatasetDict`` of string columns ``text`` and ``path``."""
-    import datasets
+    with requires("probe"):
+        import datasets
 
     features = datasets.Features({"text": datasets.Value("string"), "path": datasets.Value("string")})
     return datasets.DatasetDict(

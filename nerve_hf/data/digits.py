@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from nerve_hf.errors import requires
+
 __all__ = ["DIGITS_SOURCE", "load_digits"]
 
 DIGITS_SOURCE = "sklearn.datasets.load_digits"  # provenance string for result files
@@ -19,7 +21,9 @@ def load_digits():
     """``(images, labels)``: float64 ``[1797, 8, 8]`` grey values scaled to [0, 1] (exact multiples of 1/16),
     int64 ``[1797]`` classes 0-9, in scikit-learn's order."""
     import numpy as np
-    from sklearn.datasets import load_digits as sklearn_digits
+
+    with requires("probe"):
+        from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
     return digits.images / 16.0, digits.target.astype(np.int64)  # raw grey values are integers 0..16

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from itertools import chain
 
+from nerve_hf.errors import requires
+
 DEFAULT_MAP_BATCH_SIZE = 1000  # documents concatenated per map batch; the remainder of each batch is dropped
 
 
@@ -66,7 +68,8 @@ def tokenize_and_group(
     exactly ``block_size`` token ids. ``append_eos`` puts the tokenizer's eos after every document (the
     GPT-2 pretraining convention; the tokenizer itself does not add it).
     """
-    import datasets
+    with requires("probe"):
+        import datasets
 
     def one(ds, name=None):
         kwargs = dict(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nerve_hf.data.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, load_embedded_corpus
-from nerve_hf.errors import InputError
+from nerve_hf.errors import InputError, requires
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ HUB_TEXT_DATASETS: dict[str, HubTextDataset] = {
 
 
 def _is_string(feature) -> bool:
-    import datasets
+    with requires("probe"):
+        import datasets
 
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
@@ -58,7 +59,8 @@ def _is_string(feature) -> bool:
 def _column_kinds(data, read_row: bool) -> dict[str, bool] | None:
     """``{column: holds strings}`` of a row (a dict), a ``datasets.Features`` or a split (its features, else
     its first row, read only if ``read_row``); None when unknown."""
-    import datasets
+    with requires("probe"):
+        import datasets
 
     if isinstance(data, datasets.Features):
         return {name: _is_string(feature) for name, feature in data.items()}
@@ -127,7 +129,8 @@ def load_dataset_splits(
     ``datasets.load_dataset(name, config)``: a Hub id or a local folder of data files, with the default
     subset of :data:`HUB_TEXT_DATASETS` when ``config`` is None. Errors of ``datasets`` propagate as raised.
     """
-    import datasets
+    with requires("probe"):
+        import datasets
 
     if name in EMBEDDED_CORPORA:
         logger.info("using the embedded corpus %r (offline)", name)
@@ -154,7 +157,8 @@ def _no_rows():
 
 def _as_stream(split):
     """A map-style split as an ``IterableDataset`` (an empty one cannot be sharded, so it gets a generator)."""
-    import datasets
+    with requires("probe"):
+        import datasets
 
     if len(split) == 0:
         return datasets.IterableDataset.from_generator(_no_rows, features=split.features)
@@ -170,7 +174,8 @@ def _file_builder(path: str) -> str:
 
 
 def _load_files(train_file, validation_file, validation_split_percentage, keep_linebreaks, cache_dir):
-    import datasets
+    with requires("probe"):
+        import datasets
 
     files = {name: path for name, path in (("train", train_file), ("validation", validation_file)) if path}
     builders = {_file_builder(path) for path in files.values()}
@@ -188,7 +193,8 @@ def _load_files(train_file, validation_file, validation_split_percentage, keep_l
 
 def _carve_validation(train, percentage: float):
     """Split a map-style train set into train/validation by row position (the run_clm convention)."""
-    import datasets
+    with requires("probe"):
+        import datasets
 
     n_val = int(len(train) * percentage / 100)
     if percentage > 0 and n_val == 0 and len(train) > 1:
@@ -201,7 +207,8 @@ def _carve_validation(train, percentage: float):
 def _train_validation(raw, name: str, streaming: bool, percentage: float, streaming_validation_docs: int):
     """``train`` and ``validation`` of ``raw``: its own validation split (the table's name for it, else
     ``validation``), else the first documents of a stream, else a share of the map-style train split."""
-    import datasets
+    with requires("probe"):
+        import datasets
 
     spec = HUB_TEXT_DATASETS.get(name)
     validation = spec.validation_split if spec and spec.validation_split else "validation"

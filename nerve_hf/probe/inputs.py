@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from nerve_hf.data import DEFAULT_CORPUS, EMBEDDED_CORPORA, find_text_column, load_dataset_splits
-from nerve_hf.errors import InputError, first_line
+from nerve_hf.errors import InputError, first_line, requires
 from nerve_hf.probe.config import ProbeConfig
 from nerve_hf.probe.models import LoadedModel
 
@@ -84,12 +84,17 @@ def make_batches(config: ProbeConfig, loaded: LoadedModel, seq_len: int, text: O
         source = {"kind": "text", "source": "text-file", "path": str(Path(config.text_file).resolve())}
     else:
         name = config.dataset or DEFAULT_CORPUS
-        column, documents = dataset_documents(name, config.dataset_config, config.dataset_split, config.text_column)
+        read: list[str] = []  # the splits the tokens came from, in order, filled as they are read
+        column, documents = dataset_documents(
+            name, config.dataset_config, config.dataset_split, config.text_column, read=read
+        )
         embedded = name in EMBEDDED_CORPORA
         source = {"kind": "text", "source": f"embedded:{name}" if embedded else "dataset", "name": name}
         if not embedded:
-            source.update(config=config.dataset_config, split=config.dataset_split, column=column)
+            source.update(config=config.dataset_config, column=column)
     made = tokenize_documents(documents, loaded.tokenizer, seq_len, config.batch_size, config.max_tokens)
+    if config.text_file is None:
+        source["split"] = "+".join(read)  # "validation", or "validation+train" when it ran out
     source.update(
         documents=made.documents,
         sequences=made.sequences,
@@ -119,22 +124,33 @@ def read_text_file(path: str | os.PathLike) -> str:
 
 
 def dataset_documents(
-    name: str, config: str | None = None, split: str = "train", column: str | None = None
+    name: str,
+    config: str | None = None,
+    split: str = "train",
+    column: str | None = None,
+    read: list[str] | None = None,
 ) -> tuple[str, Iterator[str]]:
     """``(text column, documents)`` of one split of dataset ``name`` (an embedded corpus: its validation
     split, then its training split), in dataset order, streamed where the data allows. The dataset is
     opened and its first row read here, so a bad name, split or column fails at this call (an InputError)
-    and the column is known before tokenising."""
+    and the column is known before tokenising. ``read``, when given, receives the name of each split as its
+    first row is read (what ``report.json`` records as the split read)."""
     embedded = name in EMBEDDED_CORPORA
+    read = [] if read is None else read
     try:
         splits = load_dataset_splits(name, config, streaming=not embedded)
         if embedded:
-            parts = [splits["validation"], splits["train"]]
+            names = ["validation", "train"]
         elif split not in splits:
             raise InputError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)}")
         else:
-            parts = [splits[split]]
-        rows = itertools.chain.from_iterable(parts)
+            names = [split]
+
+        def part(which):
+            read.append(which)
+            yield from splits[which]
+
+        rows = itertools.chain.from_iterable(part(which) for which in names)
         first = next(rows, None)
     except InputError:
         raise
@@ -261,8 +277,10 @@ def image_dir_images(directory: str | os.PathLike, n: int, data_config: dict):
     """Up to ``n`` images of the folder ``directory`` (sorted by name, searched recursively) through timm's
     eval transform for ``data_config``, as ``[n, C, H, W]``; files that are not images are passed over."""
     import torch
-    from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform
+
+    with requires("probe"):
+        from PIL import Image, UnidentifiedImageError
+        from timm.data import create_transform
 
     directory = Path(directory)  # checked to be a folder by check_inputs
     transform = create_transform(**data_config, is_training=False)

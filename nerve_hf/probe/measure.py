@@ -252,9 +252,13 @@ def measure_checkpoint(
     return report, (loss.mean if loss is not None else None)
 
 
-def probe_settings(config: ProbeConfig, device: str, seq_len: int, model) -> dict:
-    """The options that shaped a measurement, as ``report.json`` records them (one revision as a string)."""
+def probe_settings(config: ProbeConfig, device: str, seq_len: int, model, data: dict | None = None) -> dict:
+    """The options that shaped a measurement, as ``report.json`` records them (one revision as a string).
+    ``dataset_split`` is the split the tokens were read from (``data["split"]`` of :func:`make_batches`:
+    ``validation`` for the embedded corpus, ``validation+train`` when it needed both), None when no dataset
+    was read (a text file, images)."""
     settings = {key: value for key, value in asdict(config).items() if key not in ("progress",)}
+    settings["dataset_split"] = (data or {}).get("split")
     revision = settings.get("revision")
     if isinstance(revision, list) and len(revision) == 1:
         settings["revision"] = revision[0]
@@ -281,6 +285,6 @@ def run_probe(config: ProbeConfig, *, eval_loss: bool = False) -> ProbeResult:
     seq_len = min(config.seq_len, loaded.max_length) if loaded.max_length else config.seq_len
     batches, data = make_batches(config, loaded, seq_len, file_text)
     report, loss = measure_checkpoint(config, config.model, loaded, adapter, batches, device, eval_loss=eval_loss)
-    settings = probe_settings(config, device, seq_len, loaded.model)
+    settings = probe_settings(config, device, seq_len, loaded.model, data)
     settings["memory_plan"] = loaded.memory_plan
     return ProbeResult(report=report, model=loaded.provenance, data=data, settings=settings, loss=loss)

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nerve_hf.errors import InputError, first_line
+from nerve_hf.errors import InputError, first_line, requires
 from nerve_hf.probe.placement import Placement, check_quant_method, quantization_of
 
 __all__ = ["ModelSource", "LoadedModel", "classify", "load_model", "default_device", "check_device", "DTYPES"]
@@ -201,7 +201,8 @@ def _timm_constructor(arch: str):
     ``timm.models.mlp_mixer.MlpMixer`` (a model of custom sizes, given by --timm-kwargs)."""
     import importlib
 
-    import timm
+    with requires("probe"):
+        import timm
     from torch import nn
 
     if timm.is_model(arch):
@@ -241,8 +242,9 @@ def _data_config(model, config: dict) -> dict:
 
 
 def _load_timm(source: ModelSource, timm_arch: str | None, timm_kwargs: dict | None, dtype: str) -> LoadedModel:
-    import timm
-    from timm.data import resolve_model_data_config
+    with requires("probe"):
+        import timm
+        from timm.data import resolve_model_data_config
 
     kwargs = dict(timm_kwargs or {})
     try:

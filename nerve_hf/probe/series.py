@@ -2,8 +2,9 @@
 
 A series is given as
 
-* a run directory: a folder without ``config.json`` holding ``checkpoint-N`` folders (the Trainer's
-  ``output_dir``), probed in step order;
+* a run directory: a folder holding ``checkpoint-N`` folders (the Trainer's ``output_dir``), probed in step
+  order; the final model the Trainer saves beside them (its ``config.json``) is not part of the series
+  (:func:`run_dir_note` says so; ``nerve probe RUN_DIR --no-series`` probes it alone);
 * several MODEL paths or Hub ids (``nerve probe A B C``), in the order given;
 * one Hub id with several revisions (``--revision step1000,step2000``, Pythia's convention).
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nerve_hf.errors import InputError
+from nerve_hf.errors import InputError, requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.probe.inputs import check_inputs, make_batches
 from nerve_hf.probe.measure import load_checkpoint, measure_checkpoint, probe_settings
@@ -39,6 +40,7 @@ __all__ = [
     "Checkpoint",
     "SeriesResult",
     "is_run_dir",
+    "run_dir_note",
     "parse_step",
     "expand_series",
     "is_series",
@@ -74,9 +76,33 @@ def _checkpoint_dirs(folder: Path) -> list[Path]:
 
 
 def is_run_dir(spec: str) -> bool:
-    """A folder without ``config.json`` that holds ``checkpoint-N`` folders."""
+    """A folder that holds ``checkpoint-N`` folders (with or without a final model of its own)."""
     path = Path(spec).expanduser()
-    return path.is_dir() and not (path / "config.json").is_file() and bool(_checkpoint_dirs(path))
+    return path.is_dir() and bool(_checkpoint_dirs(path))
+
+
+def run_dir_note(spec: str) -> Optional[str]:
+    """What ``nerve probe`` takes from run directory ``spec``, when it also holds a final model (None if not).
+
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp())
+    >>> for name in ("checkpoint-50", "checkpoint-100"): (run / name).mkdir()
+    >>> (run / "config.json").write_text("{}") and None
+    >>> note = run_dir_note(str(run)).replace(str(run), "RUN")
+    >>> note.split(": ")[0]
+    'RUN holds 2 checkpoints (checkpoint-50 ... checkpoint-100) and a final model (config.json)'
+    >>> note.split("; ")[1]
+    'the final model alone: nerve probe RUN --no-series'
+    """
+    path = Path(spec).expanduser()
+    dirs = _checkpoint_dirs(path) if path.is_dir() else []
+    if not dirs or not (path / "config.json").is_file():
+        return None
+    return (
+        f"{spec} holds {len(dirs)} checkpoints ({dirs[0].name} ... {dirs[-1].name}) and a final model "
+        f"(config.json): probing the {len(dirs)} checkpoints as a series, without the final model; "
+        f"the final model alone: nerve probe {spec} --no-series"
+    )
 
 
 def is_series(models: Sequence[str], revisions: Optional[Sequence[str]]) -> bool:
@@ -104,8 +130,8 @@ def expand_series(models: Sequence[str], revisions: Optional[Sequence[str]] = No
         revision = revisions[0] if revisions else None
         for spec in models:
             path = Path(spec).expanduser()
-            if path.is_dir() and not (path / "config.json").is_file():
-                dirs = _checkpoint_dirs(path)
+            dirs = _checkpoint_dirs(path) if path.is_dir() else []
+            if dirs or (path.is_dir() and not (path / "config.json").is_file()):
                 if not dirs:
                     raise InputError(
                         f"{spec!r} is a folder without config.json and without checkpoint-N folders: "
@@ -197,7 +223,7 @@ def run_series(
             report, loss = measure_checkpoint(
                 config, checkpoint.spec, loaded, adapter, batches, device, eval_loss=eval_loss, progress=False
             )
-            settings = probe_settings(config, device, seq_len, loaded.model)
+            settings = probe_settings(config, device, seq_len, loaded.model, out.data)
             out.results.append(
                 ProbeResult(report=report, model=loaded.provenance, data=out.data, settings=settings, loss=loss)
             )
@@ -214,7 +240,8 @@ def run_series(
 
 def series_frame(result: SeriesResult):
     """One row per checkpoint and FFN site: checkpoint, step, the row keys and (with a loss) ``loss``."""
-    import pandas as pd
+    with requires("probe"):
+        import pandas as pd
 
     from nerve_hf.report import ROW_KEYS
 
@@ -232,7 +259,8 @@ def series_frame(result: SeriesResult):
 def _run_frames(frame):
     """``(metrics, losses)`` in the shape of :class:`nerve_hf.analysis.runs.RunData` (split ``series``, with the
     layer-mean rows), for the shared plots and correlations."""
-    import pandas as pd
+    with requires("probe"):
+        import pandas as pd
 
     from nerve_hf.report import ROW_KEYS
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from nerve_hf.errors import requires
 from nerve_hf.sinks.base import WarnOnce
 from nerve_hf.sinks.files import write_bytes
 
@@ -135,7 +136,8 @@ def load_spectra(run_dir: str | os.PathLike):
     eigenvalue arrays (float32, descending), sorted by split, step and site order, and ``input`` and
     ``output`` columns (NaN where a measurement has no flow) when any measurement has them. A file that
     cannot be read (a disk error) is skipped with one warning naming it."""
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     def rows_of(data) -> list[dict]:
         sites = dict.fromkeys(
@@ -172,7 +174,8 @@ def load_position_spectra(run_dir: str | os.PathLike):
     >>> frame[["split", "step", "site", "bucket"]].values.tolist(), frame["pre"][0].tolist()
     ([['eval', 20, 'ffn.0', '0-16']], [2.0, 1.0])
     """
-    import pandas as pd
+    with requires("analysis"):
+        import pandas as pd
 
     def rows_of(data) -> list[dict]:
         found = [match for match in map(_POSITION_KEY.match, data.files) if match]

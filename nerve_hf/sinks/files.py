@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from nerve_hf.errors import InputError
+from nerve_hf.errors import InputError, requires
 
 __all__ = ["check_writable_dir", "jsonable", "write_bytes", "write_text", "write_json", "write_csv", "write_figure"]
 
@@ -112,7 +112,8 @@ def write_csv(path: str | os.PathLike, frame) -> Path:
 
 def write_figure(path: str | os.PathLike, figure, dpi: int = 100) -> Path:
     """A matplotlib Figure as PNG, rendered with the Agg canvas (never a display backend)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    with requires("analysis"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)  # attaches itself as figure.canvas
     buffer = io.BytesIO()

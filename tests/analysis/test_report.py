@@ -477,3 +477,71 @@ def test_a_mean_needs_the_same_sites_at_every_step_of_its_split(tmp_path):
     loaded = load_run(run)
     means = loaded.metrics[loaded.metrics["site"] == "mean"]
     assert sorted(set(means["split"])) == ["train"] and means["step"].tolist() == [10, 20, 30, 40]
+
+
+def test_trend_free_correlation_beside_pearson_r(run_dir, report_dir):
+    """issue #29: r of the first differences (the shared trend removed), n, and the few-points flag."""
+    import numpy as np
+    import pandas as pd
+
+    out, stdout = report_dir
+    written = pd.read_csv(out / "correlations.csv")
+    for split, site, metric in [("train", "mean", "se_pre"), ("train", "ffn.1", "pr_post"), ("eval", "mean", "js")]:
+        x, y = independent_pairs(run_dir, split, site, metric)
+        row = written[(written["split"] == split) & (written["site"] == site) & (written["metric"] == metric)].iloc[0]
+        assert row["n_diff"] == len(x) - 1 and bool(row["few_points"]) == (len(x) < 8)
+        if len(x) - 1 >= 3:
+            want = stats.pearsonr(np.diff(x), np.diff(y))
+            assert row["r_diff"] == pytest.approx(want.statistic, rel=1e-9, abs=1e-12)
+            assert row["p_diff"] == pytest.approx(want.pvalue, rel=1e-9, abs=1e-12)
+        else:  # eval: 3 points, 2 changes: too few for r
+            assert math.isnan(row["r_diff"])
+    assert "train r of step-to-step changes, trend removed (n=5)" in stdout
+    assert "train: r from fewer than 8 points" in stdout
+    summary = (out / "summary.md").read_text()
+    assert "| metric | r | p | n | r(Δ) | p(Δ) | n(Δ) | |" in summary and "few (< 8)" in summary
+
+
+def test_report_shows_the_variance_flow(run_dir):
+    """The callback measures the flow by default: the report's run keeps it and draws a flow panel per metric."""
+    from nerve_hf.analysis import run_plots
+
+    run = load_run(run_dir)
+    records = [r for r in read_jsonl(run_dir / "nerve_metrics.jsonl") if r["split"] == "eval" and r["step"] == 4]
+    mean = run.metrics[(run.metrics["split"] == "eval") & (run.metrics["site"] == "mean") & (run.metrics["step"] == 4)]
+    for key in ("se_input", "pr_output", "js_input_pre"):
+        assert mean[key].item() == pytest.approx(sum(r[key] for r in records) / len(records), rel=1e-12)
+    figure = run_plots.plot_trajectories(run.metrics, "eval", run.losses)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
+    assert titles[-3:] == [f"{k} through the FFN (layer mean)" for k in ("SE", "PR", "EEE")]
+    flow_ax = [ax for ax in figure.axes if ax.get_title() == "SE through the FFN (layer mean)"][0]
+    lines = {line.get_label(): line.get_ydata() for line in flow_ax.get_lines()}
+    assert lines["input"][1] == pytest.approx(mean["se_input"].item(), rel=1e-12)
+
+
+def test_spectrum_figures_cut_at_the_floor_on_log_rank_axes(run_dir):
+    import numpy as np
+
+    from nerve_hf.analysis import run_plots
+    from nerve_hf.sinks.archive import load_spectra
+
+    spectra = load_spectra(run_dir)
+    figure = run_plots.plot_spectrum_evolution(spectra, "train")
+    panels = [ax for ax in figure.axes if ax.get_visible() and ax.get_title().startswith("ffn.")]
+    assert len(panels) == 4 and {ax.get_xscale() for ax in panels} == {"log"}
+    assert not any(
+        line.get_visible()
+        for ax in panels
+        for line in ax.xaxis.get_minorticklines()
+        if ax.xaxis._minor_tick_kw.get("gridOn")
+    )
+    for ax in panels:
+        for line in ax.get_lines():
+            y = np.asarray(line.get_ydata(), dtype=float)
+            if len(y) > 2:  # a spectrum, not the rank-bound marker
+                assert y.min() >= run_plots.SPECTRUM_FLOOR * y.max() * (1 - 1e-12)
+    cumulative = run_plots.plot_spectrum_evolution(spectra, "train", cumulative=True)
+    panels = [ax for ax in cumulative.axes if ax.get_visible() and ax.get_title().startswith("ffn.")]
+    assert {ax.get_xscale() for ax in panels} == {"log"}
+    first = panels[0].get_lines()[0]
+    assert np.asarray(first.get_xdata())[0] == 1 and np.asarray(first.get_ydata())[-1] == pytest.approx(1.0)

@@ -517,3 +517,71 @@ def test_demo_quick_with_nerve(demo, demo_cache, tmp_path, capsys):
     assert all(r["step"] == 40 for (split, _), r in latest.items() if split == "train")
     printed = capsys.readouterr().out
     assert "[train] last measurement per FFN" in printed
+
+
+def test_eval_loss_is_the_mean_next_token_loss_the_probe_reports(run_clm, tokenizer_dir, texts, tmp_path):
+    """eval_loss and perplexity are the mean next-token cross-entropy over the B(T-1) predicted tokens (issue #29:
+    GPT2LMHeadModel's unnamed loss made the Trainer divide by B*T, i.e. (T-1)/T of it), as the probe reports it."""
+    import torch
+
+    from nerve_hf.probe.measure import TokenLoss
+
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    argv = common_args(tmp_path, tokenizer_dir) + [
+        "--train_file",
+        str(train_file),
+        "--validation_split_percentage",
+        "10",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "2",
+        "--max_eval_samples",
+        "11",
+    ]
+    metrics = run_clm.main(argv)
+    model_args, data_args, training_args, _ = run_clm.parse_args(argv)
+    tokenizer = run_clm.load_tokenizer(model_args, data_args)
+    _, blocks = run_clm.prepare_datasets(data_args, model_args, tokenizer, BLOCK, training_args)
+    ids = torch.tensor(blocks["input_ids"])  # [11, BLOCK]: the evaluation blocks
+    assert ids.shape == (11, BLOCK) and metrics["eval_samples"] == 11
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert model.loss_type is None  # the name is not saved: run_clm gives it to the model it trains
+    probe = TokenLoss()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()  # [11, BLOCK, V]
+        probe({"input_ids": ids}, model(input_ids=ids))
+    # reference: float64 log-softmax, position t predicting token t+1, averaged over 11 * (BLOCK - 1) tokens
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    want = float(-logp.gather(-1, ids[:, 1:, None]).mean())
+    assert metrics["eval_loss"] == pytest.approx(want, rel=1e-5)  # not want * (BLOCK - 1) / BLOCK
+    assert probe.mean == pytest.approx(want, rel=1e-9)
+    assert metrics["perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
+
+
+def test_run_clm_names_the_causal_lm_loss(run_clm):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11))
+    assert model.loss_type is None  # transformers: "loss_type=None ... unrecognized" and the (T-1)/T count
+    run_clm.name_causal_lm_loss(model)
+    assert model.loss_type == "ForCausalLM"
+
+
+def test_help_lists_the_nerve_flags_first(run_clm):
+    """issue #29: --help shows the --nerve* group right after a short usage; --no_nerve_<flag> says what it does."""
+    text = run_clm.build_parser().format_help()
+    lines = text.splitlines()
+    group = lines.index("NerVE (nerve_hf.NerveCallback; every NerveConfig option):")
+    assert group < 5 and lines[group + 1].lstrip().startswith("--nerve ")
+    assert text.index("--nerve_metrics") < text.index("--model_name_or_path") < text.index("--output_dir")
+    negative = text[text.index("--no_nerve_flow, --no-nerve-flow") :].split("\n  --")[0]
+    assert "turn --nerve_flow off; it is on by default" in " ".join(negative.split())
+    model_args, data_args, training_args, nerve_args = run_clm.parse_args(
+        ["--output_dir", "x", "--nerve", "--no_nerve_flow", "--block_size", "16"]
+    )
+    assert nerve_args.nerve and nerve_args.config().flow is False and data_args.block_size == 16
+    assert training_args.output_dir == "x" and model_args.model_name_or_path is None

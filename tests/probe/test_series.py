@@ -319,3 +319,48 @@ def test_run_dir_without_checkpoints_and_mixed_architectures(run_dir, text_file,
     assert main(["probe", str(other), "--text-file", str(text_file), "--out", str(out), *ARGS]) == 2
     line = one_error_line(capsys.readouterr())
     assert "mixed architectures in one series" in line and "tokenizer" in line
+
+
+def test_run_dir_with_a_final_model_is_a_series(run_dir, text_file, single, tmp_path, capsys):
+    """The Trainer saves its final model (config.json) beside the checkpoint-N folders: still a series (issue #29),
+    and the probe says so and how to probe the final model alone."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(run / "checkpoint-10" / name, run / name)  # the final model = the last checkpoint here
+    out = tmp_path / "o"
+    assert main(["probe", str(run), "--text-file", str(text_file), "--out", str(out), "--no-plots", *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert f"{run} holds 3 checkpoints (checkpoint-2 ... checkpoint-10) and a final model (config.json)" in printed
+    assert f"the final model alone: nerve probe {run} --no-series" in printed
+    content = json.loads((out / "series.json").read_text())
+    assert [(c["checkpoint"], c["step"]) for c in content["checkpoints"]] == [(f"checkpoint-{s}", s) for s in STEPS]
+    alone = tmp_path / "alone"
+    assert main(["probe", str(run), "--no-series", "--text-file", str(text_file), "--out", str(alone), *ARGS]) == 0
+    assert not (alone / "series.json").exists()
+    rows = json.loads((alone / "report.json").read_text())["rows"]
+    for got, want in zip(rows, single[10][0]["rows"]):
+        for name in METRIC_NAMES:
+            assert_close(got[name], want[name])
+
+
+def test_two_checkpoints_say_r_needs_three_points(run_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "two"
+    two = [str(run_dir / "checkpoint-2"), str(run_dir / "checkpoint-4")]
+    assert (
+        main(["probe", *two, "--text-file", str(text_file), "--out", str(out), "--eval-loss", "--no-plots", *ARGS]) == 0
+    )
+    assert "2 checkpoints: Pearson r needs at least 3 points" in capsys.readouterr().out
+    table = pd.read_csv(out / "series_correlations.csv")
+    assert table["r"].isna().all() and (table["n"] == 2).all()
+
+
+def test_report_records_the_split_read(run_dir, text_file, tmp_path):
+    out = tmp_path / "embedded"
+    checkpoint = str(run_dir / "checkpoint-2")
+    assert main(["probe", checkpoint, "--out", str(out), "--no-plots", *ARGS]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["dataset_split"] == report["data"]["split"] == "validation"  # 150 tokens of it
+    out = tmp_path / "file"
+    assert main(["probe", checkpoint, "--text-file", str(text_file), "--out", str(out), "--no-plots", *ARGS]) == 0
+    assert json.loads((out / "report.json").read_text())["settings"]["dataset_split"] is None
