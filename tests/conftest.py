@@ -4,6 +4,9 @@ import inspect
 
 import pytest
 
+# Scripts that tests start as processes: never imported by pytest (their module-level code is a run's set-up).
+collect_ignore = ["workers"]
+
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):

@@ -22,9 +22,10 @@ class Blocker(importlib.abc.MetaPathFinder):
         return None
 
 
-sys.meta_path.insert(0, Blocker())
-for _name in BLOCKED:
-    sys.modules[_name] = None  # `import pandas` raises ImportError; find_spec("pandas") is None
+if __name__ == "__main__":  # run as a script only: importing this file blocks nothing
+    sys.meta_path.insert(0, Blocker())
+    for _name in BLOCKED:
+        sys.modules[_name] = None  # `import pandas` raises ImportError; find_spec("pandas") is None
 
 import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
