@@ -172,5 +172,6 @@ class ProbeConfig(MeasurementOptions):
     progress: bool = option(True, "show a progress bar on stderr", boolean, group=MEASUREMENT)
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the measurement options' own cross-field checks
         if self.text_file is not None and self.dataset is not None:
             raise InputError("give --text-file or --dataset, not both")

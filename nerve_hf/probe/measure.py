@@ -72,6 +72,8 @@ def probe_model(
     position_buckets: Sequence[int] | None = MEASUREMENT_DEFAULTS["position_buckets"],
     cross_layer: str | None = MEASUREMENT_DEFAULTS["cross_layer"],
     spectra: str = MEASUREMENT_DEFAULTS["spectra"],
+    experts: Sequence[int] | None = MEASUREMENT_DEFAULTS["experts"],
+    experts_per_step: int | None = MEASUREMENT_DEFAULTS["experts_per_step"],
 ) -> SpectralReport:
     """NerVE metrics of ``model``'s FFNs on ``batches``.
 
@@ -81,8 +83,8 @@ def probe_model(
             or tensors passed positionally (images ``[B, C, H, W]``). Moved to ``device`` (default: the
             model's) and, if floating, to the model's dtype.
         adapter: as for :class:`nerve_hf.FFNTracker`.
-        layers, max_tokens, flow, position_buckets, cross_layer, spectra: what is measured, defaults and
-            meaning as in :class:`~nerve_hf.measurement_options.MeasurementOptions`.
+        layers, max_tokens, flow, position_buckets, cross_layer, spectra, experts, experts_per_step: what is
+            measured, defaults and meaning as in :class:`~nerve_hf.measurement_options.MeasurementOptions`.
         progress: show a tqdm bar (``total``: number of batches, if ``batches`` has no ``len``).
         on_output: called with ``(batch, output)`` after each forward pass (the batch as moved), e.g.
             :class:`TokenLoss`.
@@ -104,6 +106,8 @@ def probe_model(
         flow=flow,
         position_buckets=position_buckets,
         cross_layer=cross_layer,
+        experts=experts,
+        experts_per_step=experts_per_step,
     )
     was_training = model.training
     model.eval()
@@ -201,6 +205,8 @@ def measure_checkpoint(
             position_buckets=config.position_buckets,
             cross_layer=config.cross_layer,
             spectra=config.spectra,
+            experts=config.experts,
+            experts_per_step=config.experts_per_step,
         )
     except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read
         raise InputError(f"cannot measure {spec!r}: {first_line(error)}") from None
