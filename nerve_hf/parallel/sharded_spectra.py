@@ -91,6 +91,8 @@ def sharded_metric_values(
     """What :func:`nerve_hf.spectra.metric_values` returns for the synced pairs, plus each pair's
     global row count, computed with each process decomposing only its share. Collective over ``group``.
     The accumulators keep their own statistics (no synced state is stored on them)."""
+    if not pairs:  # no site of this kind (an MoE model without dense FFNs): every rank skips alike
+        return [], [], []
     world, me = distributed.world_size(group), distributed.rank(group)
     accs = [acc for pair in pairs for acc in pair]
     device = common_device(accs)
