@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nerve_hf.analysis import run_plots
+from nerve_hf.analysis import expert_plots, run_plots
 from nerve_hf.analysis.correlations import MIN_POINTS, correlations
 from nerve_hf.analysis.runs import RunData, aligned, load_run, split_order
 from nerve_hf.errors import InputError
@@ -144,6 +144,7 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
         if split in set(spectra["split"]):
             made[f"spectra_{safe}.png"] = run_plots.plot_spectrum_evolution(spectra, split)
             made[f"cumulative_{safe}.png"] = run_plots.plot_spectrum_evolution(spectra, split, cumulative=True)
+        made.update(expert_plots.run_expert_figures(run, split, safe))  # MoE runs: expert x layer, summaries
         for name, figure in made.items():
             files.append(write_figure(out_dir / name, figure))
         figures[split] = list(made)
