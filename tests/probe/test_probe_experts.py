@@ -60,7 +60,7 @@ def test_probe_writes_every_expert_and_the_routing(mixtral_dir, tmp_path):
     want, n_tokens = _by_hand(mixtral_dir)
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
-    assert [(r["layer"], r["expert"], r["kind"]) for r in rows] == [(l, e, "expert") for l in (0, 1) for e in range(4)]
+    assert [(r["layer"], r["expert"], r["kind"]) for r in rows] == [(n, e, "expert") for n in (0, 1) for e in range(4)]
     for got, row in zip(rows, want.rows):
         assert got["site"] == row["site"] and got["tokens"] == row["tokens"]
         for metric in METRIC_NAMES:
