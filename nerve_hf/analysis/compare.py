@@ -81,8 +81,10 @@ def _with_mean(metrics):
         metrics.groupby(["split", "step"], sort=False)
         .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
         .reset_index()
-        .assign(site="mean", layer=-1, dim=math.nan)
+        .assign(site="mean", layer=-1, dim=math.nan, kind=None)
     )
+    if "kind" not in metrics:  # the model zoo's result files: dense FFNs, saved before rows said their kind
+        metrics = metrics.assign(kind="dense")
     frame = pd.concat([metrics[columns], mean[columns]], ignore_index=True)
     return frame.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
 

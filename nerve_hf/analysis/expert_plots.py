@@ -67,14 +67,15 @@ def expert_matrix(rows: Iterable[dict], name: str):
 
 
 def plot_expert_heatmaps(rows: Iterable[dict], title: str = ""):
-    """Expert x layer heatmaps of PR post, the PR gain and the tokens routed to each expert (blank: an expert
-    not measured, or with fewer than two tokens for a metric)."""
+    """Expert x layer heatmaps of PR post, the PR gain (diverging colours centred at 1: post wider than pre
+    is red) and the tokens routed to each expert (grey: an expert not measured, or with fewer than two tokens
+    for a metric)."""
     rows = expert_rows(rows)
     figure = new_figure(4.2 * len(HEATMAPS), 3.6)
     axes = figure.subplots(1, len(HEATMAPS), squeeze=False).ravel()
     for ax, (name, label, cmap) in zip(axes, HEATMAPS):
         layers, experts, matrix = expert_matrix(rows, name)
-        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap)
+        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=_cmap(cmap), norm=_norm(name, matrix))
         figure.colorbar(image, ax=ax, shrink=0.85)
         ax.set_title(label)
         ax.set_xlabel("layer")
@@ -85,6 +86,23 @@ def plot_expert_heatmaps(rows: Iterable[dict], title: str = ""):
         ax.set_yticks(yticks, [str(experts[i]) for i in yticks], fontsize=7)
     figure.suptitle(title or "routed experts: expert x layer")
     return figure
+
+
+def _cmap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name].with_extremes(bad="lightgrey")
+
+
+def _norm(name: str, matrix):
+    """The PR gain's colours centred at 1 (no change) when its values lie on both sides; else linear."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    finite = matrix[np.isfinite(matrix)]
+    if name == "pr_gain" and finite.size and finite.min() < 1 < finite.max():
+        return TwoSlopeNorm(vcenter=1.0, vmin=float(finite.min()), vmax=float(finite.max()))
+    return None
 
 
 def summary_rows(rows: Iterable[dict]) -> list[dict]:

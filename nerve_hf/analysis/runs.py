@@ -219,7 +219,7 @@ def load_run(run_dir) -> RunData:
         .agg({**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"})
         .reset_index()
     )
-    mean = mean.assign(site="mean", layer=-1, dim=math.nan)
+    mean = mean.assign(site="mean", layer=-1, dim=math.nan, kind=None)  # every ROW_KEYS column, "kind" too
     metrics = pd.concat([metrics, mean[columns]], ignore_index=True)
     metrics = metrics.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
 
