@@ -94,6 +94,7 @@ def test_round_robin_over_steps_and_per_layer_summaries_in_tensorboard(tmp_path)
             assert sum(r["tokens"] for r in rows) <= 2 * tokens
     assert sum(logs[s]["nerve/experts.0/router/tokens"] for s in (1, 2)) == sum(LENGTHS)
     assert not any(tag.startswith("train/nerve/experts[") for tag in events.Tags()["scalars"])
+    assert not any("experts[" in tag for tag in events.Tags()["histograms"])  # per-expert spectra: the archive
 
 
 def _expert_parallel(model):
@@ -112,3 +113,16 @@ def test_expert_parallelism_is_refused_with_a_clear_message(tmp_path):
     trainer.train()  # the run goes on, unmeasured
     assert not any(key.startswith("nerve/") for log in trainer.state.log_history for key in log)
     assert not math.isnan(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_histograms_skip_routed_experts():
+    from nerve_hf.report import SpectralReport
+    from nerve_hf.sinks.histograms import spectrum_shares
+
+    spectrum = (torch.tensor([3.0, 1.0], dtype=torch.float64), torch.tensor([2.0, 2.0], dtype=torch.float64))
+    rows = [{"site": "ffn.0", "kind": "dense"}, {"site": "experts[0].1", "kind": "expert", "expert": 0}]
+    report = SpectralReport(rows=rows, eigenvalues={"ffn.0": spectrum, "experts[0].1": spectrum})
+    assert sorted(spectrum_shares(report, "train")) == [
+        "train/nerve/ffn.0/log10_spectrum_post",
+        "train/nerve/ffn.0/log10_spectrum_pre",
+    ]
