@@ -15,9 +15,11 @@ import math
 from typing import Iterable, Optional
 
 from nerve_hf.analysis.plot_layout import even_ticks, integer_axis, new_figure
+from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.tracking.measurements.experts import expert_summaries
 
 __all__ = [
+    "collapse_experts",
     "expert_rows",
     "expert_matrix",
     "layer_summaries",
@@ -190,6 +192,30 @@ def routing_from_logs(log_history: list[dict], split: str) -> Optional[object]:
                 if layer.isdigit() and value is not None and not math.isnan(float(value)):
                     out.append({"step": int(entry["step"]), "layer": int(layer), "load_cv": float(value)})
     return pd.DataFrame(out) if out else None
+
+
+def collapse_experts(metrics):
+    """``metrics`` (:attr:`~nerve_hf.analysis.runs.RunData.metrics`) with the routed experts' rows of each
+    (split, step, MoE layer) replaced by one row, site ``"<family>.<layer>"``: ``tokens`` their sum, each metric
+    the token-weighted mean over the experts that have it (what ``nerve/<family>.<layer>/<metric>_mean`` logs).
+    Other rows are kept as they are; a run without experts is returned unchanged."""
+    import pandas as pd
+
+    if "kind" not in metrics or not (metrics["kind"] == "expert").any():
+        return metrics
+    is_expert = metrics["kind"] == "expert"
+    experts = metrics[is_expert].assign(family=metrics.loc[is_expert, "site"].str.partition("[")[0])
+    rows = []
+    for (split, step, family, layer), group in experts.groupby(["split", "step", "family", "layer"], sort=False):
+        row = {"step": step, "split": split, "site": f"{family}.{layer}", "layer": layer, "kind": "expert"}
+        row.update(dim=group["dim"].iloc[0], tokens=group["tokens"].sum())
+        for name in METRIC_NAMES:
+            kept = group[group[name].notna()]
+            weight = kept["tokens"].sum()
+            row[name] = float((kept[name] * kept["tokens"]).sum() / weight) if weight else float("nan")
+        rows.append(row)
+    frame = pd.concat([metrics[~is_expert], pd.DataFrame(rows)[list(metrics.columns)]], ignore_index=True)
+    return frame.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
 
 
 def run_expert_figures(run, split: str, safe: str) -> dict:

@@ -135,9 +135,10 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
     figures: dict[str, list[str]] = {}
     for split in split_order(run.metrics["split"]):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
+        lines = expert_plots.collapse_experts(run.metrics)  # MoE: a line per layer (its experts' mean)
         made = {
-            f"trajectories_{safe}.png": run_plots.plot_trajectories(run.metrics, split, run.losses),
-            f"heatmaps_{safe}.png": run_plots.plot_heatmaps(run.metrics, split),
+            f"trajectories_{safe}.png": run_plots.plot_trajectories(lines, split, run.losses),
+            f"heatmaps_{safe}.png": run_plots.plot_heatmaps(lines, split),
         }
         if (table["split"] == split).any():
             made[f"scatter_{safe}.png"] = run_plots.plot_metric_vs_loss(table, corr, split)

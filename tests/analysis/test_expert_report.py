@@ -78,5 +78,12 @@ def test_report_draws_expert_heatmaps_and_summaries(moe_run, tmp_path):
         for name in ("pr_post_mean", "pr_post_min", "pr_gain_mean", "pr_gain_max"):
             want = logged[row.step][f"nerve/experts.{row.layer}/{name}"]
             assert getattr(row, name) == pytest.approx(want, rel=1e-9)
+    # trajectories and heatmaps draw a line per MoE layer: the token-weighted mean over its experts
+    collapsed = expert_plots.collapse_experts(result.run.metrics)
+    layer_rows = collapsed[collapsed["site"].isin(["experts.0", "experts.1"])]
+    assert len(layer_rows) == 4 * 2 and not collapsed["site"].str.contains(r"\[").any()
+    for row in layer_rows.itertuples():
+        assert row.pr_post == pytest.approx(logged[row.step][f"nerve/{row.site}/pr_post_mean"], rel=1e-9)
+        assert row.tokens == sum(r["tokens"] for r in records if r["step"] == row.step and r["layer"] == row.layer)
     routing = expert_plots.routing_from_logs(history, "train")
     assert len(routing) == 4 * 2 and not any(math.isnan(v) for v in routing["load_cv"])
