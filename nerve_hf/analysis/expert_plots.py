@@ -174,7 +174,7 @@ def _colours(n: int) -> list:
     from matplotlib import colormaps
 
     cmap = colormaps["viridis"]
-    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+    return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]  # short of the palest yellow
 
 
 def routing_from_logs(log_history: list[dict], split: str) -> Optional[object]:

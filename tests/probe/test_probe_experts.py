@@ -15,17 +15,15 @@ from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.tracking.measurements.experts import ROUTING_KEYS
 
 
-@pytest.fixture(scope="module")
-def mixtral_dir(tmp_path_factory):
+def _save_mixtral(path, seed: int = 0):
     import transformers as tf
 
-    path = tmp_path_factory.mktemp("mixtral")
     tokenizer = _bpe_tokenizer()
     config = tf.MixtralConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
         num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2, bos_token_id=1, eos_token_id=1,
     )  # fmt: skip
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = tf.MixtralForCausalLM(config)
     with torch.no_grad():  # make every expert distinct (fused expert weights start from the same init)
         for name, param in model.named_parameters():
@@ -36,7 +34,13 @@ def mixtral_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    return _save_mixtral(tmp_path_factory.mktemp("mixtral"))
+
+
 def _probe(mixtral_dir, tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     text_file = tmp_path / "code.txt"
     text_file.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "out"
@@ -100,3 +104,22 @@ def test_probe_expert_subset_and_refusals(mixtral_dir, tmp_path, capsys):
     assert "has 4 experts" in capsys.readouterr().err
     assert main(["probe", str(mixtral_dir), "--experts", "1", "--experts-per-step", "2"]) != 0
     assert "not both" in capsys.readouterr().err
+
+
+def test_checkpoint_series_of_a_moe_keeps_expert_rows_and_routing(mixtral_dir, tmp_path):
+    run = tmp_path / "run"
+    for step, seed in ((1, 0), (2, 5)):
+        _save_mixtral(run / f"checkpoint-{step}", seed)
+    out = _probe(run, tmp_path)
+    frame = pd.read_csv(out / "series.csv")
+    assert list(frame["expert"]) == [e for _ in (1, 2) for _ in (0, 1) for e in range(4)]
+    content = json.loads((out / "series.json").read_text())
+    for entry, seed in zip(content["checkpoints"], (0, 5)):
+        single = _probe(_save_mixtral(tmp_path / f"single{seed}", seed), tmp_path / f"p{seed}")
+        want = json.loads((single / "report.json").read_text())
+        assert entry["routing"] == want["routing"]
+        for got, row in zip(entry["rows"], want["rows"]):
+            assert (got["site"], got["expert"], got["tokens"]) == (row["site"], row["expert"], row["tokens"])
+            assert got["pr_post"] == pytest.approx(row["pr_post"], rel=1e-9, nan_ok=True)
+    for name in ("series_trajectories.png", "series_heatmaps.png", "series_experts.png"):
+        assert_png(out / name)
