@@ -35,3 +35,11 @@ def test_two_processes_each_half_the_batch_equal_one(tmp_path):
         assert got["assignments_per_expert"] == want["assignments_per_expert"]
         for key in ("dead_fraction", "load_cv", "router_entropy", "load_entropy"):
             assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    # site-sharded: each MoE layer measured by its owner on the owner's tokens; every rank reports every
+    # expert, and each layer's rows and routing agree on that subsample (real tokens x top-2)
+    halves = (sum(LENGTHS[:3]), sum(LENGTHS[3:]))
+    assert [r["site"] for r in synced["sharded_rows"]] == [r["site"] for r in one.rows]
+    for routing in synced["sharded_routing"]:
+        assert routing["tokens"] in halves and routing["assignments"] == 2 * routing["tokens"]
+        rows = [r for r in synced["sharded_rows"] if r["layer"] == routing["layer"]]
+        assert [r["tokens"] for r in rows] == routing["assignments_per_expert"]

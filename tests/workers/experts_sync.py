@@ -37,8 +37,14 @@ def main(out_path: str) -> None:
     with tracker, torch.no_grad():
         net(**inputs)
     report = tracker.compute()
+    sharded = FFNTracker(net, flow=False, site_sharded=True)  # each rank owns some MoE layers, on its own tokens
+    with sharded, torch.no_grad():
+        net(**inputs)
+    by_site = sharded.compute()
     if rank == 0:
-        torch.save({"rows": report.rows, "routing": report.routing}, out_path)
+        saved = {"rows": report.rows, "routing": report.routing}
+        saved.update(sharded_rows=by_site.rows, sharded_routing=by_site.routing)
+        torch.save(saved, out_path)
     dist.barrier()
     dist.destroy_process_group()
 
