@@ -126,3 +126,28 @@ def test_histograms_skip_routed_experts():
         "train/nerve/ffn.0/log10_spectrum_post",
         "train/nerve/ffn.0/log10_spectrum_pre",
     ]
+
+
+def test_each_evaluation_measures_the_next_share_of_experts_on_every_batch(tmp_path):
+    callback = NerveCallback(every_n_steps=1, experts_per_step=2, measure_train=False)
+    trainer = _trainer(tmp_path, callback, per_device_eval_batch_size=3)  # 8 samples: 3 eval batches
+    trainer.eval_dataset = _data()
+    for _ in range(2):
+        trainer.evaluate()
+    records = [json.loads(line) for line in open(tmp_path / "nerve_metrics.jsonl")]
+    assert {r["split"] for r in records} == {"eval"}
+    evaluations = sorted({r["step"] for r in records})  # both at step 0: told apart by the order of records
+    assert evaluations == [0]
+    shares = [sorted({r["expert"] for r in records[i : i + 4]}) for i in (0, 4)]
+    assert shares == [[0, 1], [2, 3]]
+    # every eval batch reached the share's rows: the tokens of each expert are those of all 8 samples
+    model, data = trainer.model.eval(), _data()
+    tracker = FFNTracker(model, flow=False)
+    with tracker, torch.no_grad():
+        for start in (0, 3, 6):
+            batch = {k: torch.stack([d[k] for d in data[start : start + 3]]) for k in ("input_ids", "attention_mask")}
+            model(**batch)
+    want = {(r["layer"], r["expert"]): r["tokens"] for r in tracker.compute().rows}
+    assert all(r["tokens"] == want[(r["layer"], r["expert"])] for r in records)
+    logs = [log for log in trainer.state.log_history if "eval_nerve/experts.0/router/tokens" in log]
+    assert [log["eval_nerve/experts.0/router/tokens"] for log in logs] == [sum(LENGTHS)] * 2
