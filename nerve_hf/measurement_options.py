@@ -7,13 +7,18 @@ fields; functions that take these options as keywords (:func:`nerve_hf.probe.pro
 MODEL) can inherit them.
 
 >>> MeasurementOptions()
-MeasurementOptions(layers=None, max_tokens=None, flow=True, position_buckets=None, cross_layer=None, spectra='exact')
+MeasurementOptions(layers=None, max_tokens=None, flow=True, position_buckets=None, cross_layer=None, spectra='exact', \
+experts=None, experts_per_step=None)
 >>> default("flow"), MEASUREMENT_DEFAULTS["spectra"]
 (True, 'exact')
 >>> MeasurementOptions(spectra="fast")
 Traceback (most recent call last):
 ...
 nerve_hf.options.OptionValueError: spectra must be one of 'exact', 'estimate', got 'fast'
+>>> MeasurementOptions(experts=[0], experts_per_step=2)
+Traceback (most recent call last):
+...
+nerve_hf.errors.InputError: give experts (a subset) or experts_per_step (a round-robin share), not both
 """
 
 from __future__ import annotations
@@ -22,7 +27,18 @@ from dataclasses import MISSING, dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
-from nerve_hf.options import Validated, boolean, int_list, one_of, option, optional, token_cap
+from nerve_hf.errors import InputError
+from nerve_hf.options import (
+    OptionValueError,
+    Validated,
+    boolean,
+    int_list,
+    one_of,
+    option,
+    optional,
+    positive_int,
+    token_cap,
+)
 from nerve_hf.spectra.estimate import DEFAULT_TOP_K, ESTIMATE_MIN_DIM
 from nerve_hf.spectra.exact import SPECTRA_METHODS
 from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_CHOICES
@@ -33,6 +49,14 @@ __all__ = ["MEASUREMENT", "MeasurementOptions", "MEASUREMENT_DEFAULTS", "default
 # The argument group of these options in ``nerve probe --help`` (a field's ``group`` metadata). ``metavar``
 # metadata is how ``nerve probe`` spells a value (comma lists); run_clm's flags leave both out.
 MEASUREMENT = "measurement"
+
+
+def expert_indices(name: str, value: Any) -> list[int]:
+    """A non-empty list of routed-expert indices (ints >= 0), sorted, each once."""
+    indices = int_list(name, value)
+    if any(index < 0 for index in indices):
+        raise OptionValueError(name, "a non-empty list of expert indices >= 0 such as [0, 5]", value)
+    return sorted(set(indices))
 
 
 @dataclass(kw_only=True)
@@ -91,6 +115,26 @@ class MeasurementOptions(Validated):
         group=MEASUREMENT,
         metavar="|".join(SPECTRA_METHODS),
     )
+    experts: Optional[list[int]] = option(
+        None,
+        "MoE models: measure only these routed experts (indices, in every MoE layer); each measured expert keeps "
+        "2 x (F^2 + F) x 8 bytes of state. None: every expert.",
+        optional(expert_indices),
+        group=MEASUREMENT,
+        metavar="I,J,...",
+    )
+    experts_per_step: Optional[int] = option(
+        None,
+        "MoE models: measure a share of this many routed experts per measurement, the next share each time "
+        "(the expert round-robin), to bound the state; the routing statistics still cover every expert. "
+        "None: every expert each time.",
+        optional(positive_int),
+        group=MEASUREMENT,
+    )
+
+    def __post_init__(self) -> None:
+        if self.experts is not None and self.experts_per_step is not None:
+            raise InputError("give experts (a subset) or experts_per_step (a round-robin share), not both")
 
 
 def _defaults() -> Mapping[str, Any]:

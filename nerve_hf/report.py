@@ -128,6 +128,13 @@ class SpectralReport:
 
         return pd.DataFrame(self.positions, columns=list(POSITION_KEYS))
 
+    def routing_to_pandas(self):
+        """:attr:`routing` as a ``pandas.DataFrame`` with columns
+        :data:`~nerve_hf.tracking.measurements.experts.ROUTING_KEYS` and ``assignments_per_expert`` (a list)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.routing, columns=[*ROUTING_KEYS, "assignments_per_expert"])
+
     def cross_layer_to_pandas(self):
         """:attr:`cross_layer` as a ``pandas.DataFrame`` with columns
         :data:`~nerve_hf.tracking.measurements.cross_layer.CROSS_LAYER_KEYS`."""

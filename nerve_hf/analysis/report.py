@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nerve_hf.analysis import run_plots
+from nerve_hf.analysis import expert_plots, run_plots
 from nerve_hf.analysis.correlations import MIN_POINTS, correlations
 from nerve_hf.analysis.runs import RunData, aligned, load_run, split_order, splits_without_mean
 from nerve_hf.analysis.trend import FEW_POINTS, trend_free_correlations
@@ -157,15 +157,17 @@ def write_report(run_dir, out_dir=None, min_points: int = MIN_POINTS) -> ReportR
     figures: dict[str, list[str]] = {}
     for split in split_order(run.metrics["split"]):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
+        lines = expert_plots.collapse_experts(run.metrics)  # MoE: a line per layer (its experts' mean)
         made = {
-            f"trajectories_{safe}.png": run_plots.plot_trajectories(run.metrics, split, run.losses),
-            f"heatmaps_{safe}.png": run_plots.plot_heatmaps(run.metrics, split),
+            f"trajectories_{safe}.png": run_plots.plot_trajectories(lines, split, run.losses),
+            f"heatmaps_{safe}.png": run_plots.plot_heatmaps(lines, split),
         }
         if ((table["split"] == split) & (table["site"] == "mean")).any():
             made[f"scatter_{safe}.png"] = run_plots.plot_metric_vs_loss(table, corr, split)
         if split in set(spectra["split"]):
             made[f"spectra_{safe}.png"] = run_plots.plot_spectrum_evolution(spectra, split)
             made[f"cumulative_{safe}.png"] = run_plots.plot_spectrum_evolution(spectra, split, cumulative=True)
+        made.update(expert_plots.run_expert_figures(run, split, safe))  # MoE runs: expert x layer, summaries
         for name, figure in made.items():
             files.append(write_figure(out_dir / name, figure))
         figures[split] = list(made)

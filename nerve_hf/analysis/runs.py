@@ -241,6 +241,8 @@ def with_layer_mean(metrics):
     and has no layer mean (as the callback logs none)."""
     import pandas as pd
 
+    if "kind" not in metrics:  # the model zoo's result files: dense FFNs, saved before rows said their kind
+        metrics = metrics.assign(kind="dense")
     flow = [key for key in FLOW_KEYS if key != "dim_input" and key in metrics.columns]
     columns = ["step", "split", *ROW_KEYS, *flow]
     rotating = splits_without_mean(metrics)

@@ -1,6 +1,7 @@
 """NerveConfig: what NerveCallback measures and where it writes; one checked field per option.
 
-The options of what is measured (layers, max_tokens, flow, position_buckets, cross_layer, spectra) come from
+The options of what is measured (layers, max_tokens, flow, position_buckets, cross_layer, spectra, experts,
+experts_per_step) come from
 :class:`~nerve_hf.measurement_options.MeasurementOptions`, shared with ``nerve probe``; the fields here are the
 callback's own. ``scripts/run_clm.py`` derives its ``--nerve_*`` flags from all of them (:mod:`nerve_hf.options`).
 
@@ -102,6 +103,7 @@ class NerveConfig(MeasurementOptions):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the measurement options' own cross-field checks
         if self.layers_per_step is not None and not self.log_per_site:
             raise OptionConflictError("layers_per_step logs per-site keys only; it needs log_per_site=True")
         if self.site_sharded and self.cross_layer is not None:

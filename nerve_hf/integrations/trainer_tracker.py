@@ -20,6 +20,7 @@ from nerve_hf.integrations import trainer_internals as internals
 from nerve_hf.integrations.config import NerveConfig
 from nerve_hf.parallel import comm as distributed
 from nerve_hf.report import SpectralReport
+from nerve_hf.tracking.measurements.experts import ExpertRangeError
 from nerve_hf.tracking.tracker import FFNTracker, MemoryBudgetError
 from nerve_hf.tracking.windows import Window
 
@@ -54,8 +55,8 @@ class TrainerTracker:
     def set_up(self, model: Optional[nn.Module], refuse_bad_input: bool = False) -> bool:
         """Build the tracker once a model is known; False while nothing can be measured.
 
-        ``refuse_bad_input`` (while the Trainer is being built): a layer the model does not have or a
-        memory budget too small raises; later the same problems warn and leave the callback idle.
+        ``refuse_bad_input`` (while the Trainer is being built): a layer or routed expert the model does not
+        have or a memory budget too small raises; later the same problems warn and leave the callback idle.
         """
         if self.failed or model is None:
             return False
@@ -66,7 +67,7 @@ class TrainerTracker:
         try:
             self.tracker = self._build(model)
             self.eval_count = 0
-        except (MemoryBudgetError, LayerRangeError) as error:
+        except (MemoryBudgetError, LayerRangeError, ExpertRangeError) as error:
             if refuse_bad_input:
                 raise  # asked for explicitly: refusing to start is the point
             self.disable(f"NerveCallback is disabled: {error}")
@@ -102,6 +103,8 @@ class TrainerTracker:
             flow=config.flow,
             position_buckets=config.position_buckets,
             cross_layer=config.cross_layer,
+            experts=config.experts,
+            experts_per_step=config.experts_per_step,
         )
 
     def disable(self, message: str) -> None:

@@ -111,6 +111,8 @@ def sharded_metric_values(
     The accumulators keep their own statistics (no synced state is stored on them). ``lost``: why this
     process's statistics are incomplete (then, as after a local failure here, every process raises
     :class:`RowsLostError` once the rows are exchanged)."""
+    if not pairs:  # no site of this kind (an MoE model without dense FFNs): every rank skips alike
+        return [], [], []
     world, me = distributed.world_size(group), distributed.rank(group)
     accs = [acc for pair in pairs for acc in pair]
     device = common_device(accs)

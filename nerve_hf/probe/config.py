@@ -209,6 +209,7 @@ class ProbeConfig(MeasurementOptions):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the measurement options' own cross-field checks
         if self.text_file is not None and self.dataset is not None:
             raise InputError("give --text-file or --dataset, not both")
         if self.device_map is not None and self.device is not None:

@@ -75,6 +75,8 @@ def probe_model(
     spectra: str = MEASUREMENT_DEFAULTS["spectra"],
     state_device=None,
     on_plan=None,
+    experts: Sequence[int] | None = MEASUREMENT_DEFAULTS["experts"],
+    experts_per_step: int | None = MEASUREMENT_DEFAULTS["experts_per_step"],
 ) -> SpectralReport:
     """NerVE metrics of ``model``'s FFNs on ``batches``.
 
@@ -85,8 +87,8 @@ def probe_model(
             device of the model's first module; under a device map, its first entry's execution device)
             and, if floating, to the model's dtype. The model itself is never moved.
         adapter: as for :class:`nerve_hf.FFNTracker`.
-        layers, max_tokens, flow, position_buckets, cross_layer, spectra: what is measured, defaults and
-            meaning as in :class:`~nerve_hf.measurement_options.MeasurementOptions`.
+        layers, max_tokens, flow, position_buckets, cross_layer, spectra, experts, experts_per_step: what is
+            measured, defaults and meaning as in :class:`~nerve_hf.measurement_options.MeasurementOptions`.
         progress: show a tqdm bar (``total``: number of batches, if ``batches`` has no ``len``).
         state_device: where the float64 state lives (``"cpu"``: host memory); None: each FFN's own device.
         on_plan: called with the :class:`~nerve_hf.probe.memory_plan.MemoryPlan` before the first batch
@@ -114,6 +116,8 @@ def probe_model(
         position_buckets=position_buckets,
         cross_layer=cross_layer,
         state_device=state_device,
+        experts=experts,
+        experts_per_step=experts_per_step,
     )
     plan = plan_memory(model, tracker, spectra)
     if on_plan is not None:
@@ -244,6 +248,8 @@ def measure_checkpoint(
             device=None if dispatched else device,
             state_device=config.state_device,
             on_plan=show_plan,
+            experts=config.experts,
+            experts_per_step=config.experts_per_step,
         )
     except (ValueError, IndexError) as error:  # layers out of range, widths the adapter cannot read, no memory
         raise InputError(f"cannot measure {spec!r}: {first_line(error)}") from None

@@ -54,6 +54,8 @@ class ProbeResult:
             content["positions"] = self.report.positions
         if self.report.cross_layer:
             content["cross_layer"] = self.report.cross_layer
+        if self.report.routing:  # MoE models: per layer of routed experts, its routing statistics
+            content["routing"] = self.report.routing
         if self.loss is not None:
             content["loss"] = self.loss
         return content

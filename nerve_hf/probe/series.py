@@ -14,7 +14,9 @@ checkpoint is measured on them; a later checkpoint whose tokenizer or architectu
 revision or folder name, else its position in the series (0, 1, ...).
 
 :func:`write_series` writes ``series.csv`` / ``series.json`` (one row per checkpoint and FFN site, with
-``checkpoint`` and ``step`` columns, and ``loss`` with ``eval_loss``), ``spectra/<checkpoint>.npz`` (the
+``checkpoint`` and ``step`` columns, ``expert`` for MoE models, and ``loss`` with ``eval_loss``; MoE
+checkpoints' routing statistics in ``series.json``, their per-layer summaries over experts in
+``series_experts.png``), ``spectra/<checkpoint>.npz`` (the
 keys of :func:`nerve_hf.sinks.archive.spectra_npz`), ``series_correlations.csv`` (Pearson r of each
 metric with the loss, per layer and for the layer mean) and the trajectory plots.
 """
@@ -246,13 +248,15 @@ def series_frame(result: SeriesResult):
     from nerve_hf.report import ROW_KEYS
 
     rows = []
+    has_experts = any("expert" in row for probe in result.results for row in probe.report.rows)
+    keys = [*ROW_KEYS, "expert"] if has_experts else list(ROW_KEYS)  # MoE: each routed expert's index
     for checkpoint, probe in zip(result.checkpoints, result.results):
         for row in probe.report.rows:
             extra = {"loss": probe.loss} if result.eval_loss else {}
             rows.append(
-                {"checkpoint": checkpoint.name, "step": checkpoint.step, **{k: row[k] for k in ROW_KEYS}, **extra}
+                {"checkpoint": checkpoint.name, "step": checkpoint.step, **{k: row.get(k) for k in keys}, **extra}
             )
-    columns = ["checkpoint", "step", *ROW_KEYS] + (["loss"] if result.eval_loss else [])
+    columns = ["checkpoint", "step", *keys] + (["loss"] if result.eval_loss else [])
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -294,6 +298,7 @@ def write_series(result: SeriesResult, out_dir, with_plots: bool = True) -> list
     """Write the series' table, spectra, correlations (with a loss) and plots into ``out_dir``."""
     import numpy as np
 
+    from nerve_hf.analysis import expert_plots
     from nerve_hf.analysis import run_plots as plots
     from nerve_hf.sinks.archive import spectra_npz
     from nerve_hf.sinks.files import write_bytes, write_csv, write_figure, write_json
@@ -311,6 +316,7 @@ def write_series(result: SeriesResult, out_dir, with_plots: bool = True) -> list
                 "loss": probe.loss,
                 "mean": probe.report.mean(),
                 "rows": probe.report.rows,
+                **({"routing": probe.report.routing} if probe.report.routing else {}),  # MoE models
                 "model": probe.model,
             }
             for checkpoint, probe in zip(result.checkpoints, result.results)
@@ -335,9 +341,14 @@ def write_series(result: SeriesResult, out_dir, with_plots: bool = True) -> list
     if not with_plots:
         return written
     metrics, losses = _run_frames(frame)
+    metrics = expert_plots.collapse_experts(metrics)  # MoE: a line per layer (its experts' token-weighted mean)
     title = f"NerVE metrics per layer over {len(result.checkpoints)} checkpoints"
     written.append(
         write_figure(out_dir / "series_trajectories.png", plots.plot_trajectories(metrics, SPLIT, losses, title=title))
     )
     written.append(write_figure(out_dir / "series_heatmaps.png", plots.plot_heatmaps(metrics, SPLIT)))
+    if "expert" in frame:  # MoE: per-layer summaries over the checkpoints
+        summaries = expert_plots.layer_summaries(frame.assign(split=SPLIT).to_dict("records"), SPLIT)
+        figure = expert_plots.plot_expert_summaries(summaries, SPLIT)
+        written.append(write_figure(out_dir / "series_experts.png", figure))
     return written

@@ -17,13 +17,17 @@ def write_probe(
     """Write ``report.json``, ``report.csv``, ``eigenvalues.npz`` and (``with_plots``) the PNG plots into ``out_dir``;
     with the tracker's options beyond the paper also ``flow_eigenvalues.npz`` and ``flow.png`` (flow),
     ``positions.csv``, ``position_eigenvalues.npz`` and ``positions.png`` (position buckets),
-    ``cross_layer.csv``, ``cka_matrix.csv`` and ``cross_layer.png`` (cross-layer coherence).
+    ``cross_layer.csv``, ``cka_matrix.csv`` and ``cross_layer.png`` (cross-layer coherence); MoE models also
+    ``routing.csv`` (the routing statistics per layer; the expert rows are in ``report.csv``/``report.json``,
+    their spectra in ``eigenvalues.npz`` as ``experts[<e>].<layer>/pre``) and ``experts.png`` (expert x layer
+    heatmaps; the per-layer plots then show each MoE layer's token-weighted mean over its experts).
 
     Every file is written atomically; files already in ``out_dir`` that this does not produce are kept.
     Returns the paths written.
     """
     import numpy as np
 
+    from nerve_hf.analysis import expert_plots
     from nerve_hf.analysis import probe_plots as plots
     from nerve_hf.sinks.archive import spectra_npz
     from nerve_hf.sinks.files import write_bytes, write_csv, write_figure, write_json
@@ -59,6 +63,8 @@ def write_probe(
             matrix = layer_matrix(rows, report.cross_layer, "cka", family=name).reset_index()
             file = "cka_matrix.csv" if len(families) == 1 else f"cka_matrix_{name}.csv"
             written.append(write_csv(out_dir / file, matrix))
+    if report.routing:  # MoE models: one row per layer of routed experts (assignments per expert as a list)
+        written.append(write_csv(out_dir / "routing.csv", report.routing_to_pandas()))
     if not with_plots:
         return written
     if report.rows and "se_input" in report.rows[0]:
@@ -69,6 +75,10 @@ def write_probe(
     if report.cross_layer:
         figure = plots.plot_cross_layer(rows, report.cross_layer, f"cross-layer coherence: {title}")
         written.append(write_figure(out_dir / "cross_layer.png", figure))
+    if expert_plots.expert_rows(rows):  # MoE: the heatmaps, and one line per layer (mean over its experts)
+        figure = expert_plots.plot_expert_heatmaps(rows, f"routed experts: {title}")
+        written.append(write_figure(out_dir / "experts.png", figure))
+        rows = [row for row in rows if row.get("kind") != "expert"] + expert_plots.summary_rows(rows)
     written.append(write_figure(out_dir / "metrics_per_layer.png", plots.plot_layer_metrics(rows, title)))
     written.append(write_figure(out_dir / "js_per_layer.png", plots.plot_js(rows, f"JS(pre, post) per layer: {title}")))
     if sites and result.report.eigenvalues:

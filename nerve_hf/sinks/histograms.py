@@ -21,7 +21,8 @@ __all__ = ["spectrum_shares", "HistogramSink"]
 
 def spectrum_shares(report: SpectralReport, split: str) -> dict[str, np.ndarray]:
     """``{tag: log10(λ / Σλ) of the positive λ}`` for every (site, pre|post) spectrum of ``report`` that has a
-    positive value and no NaN or Inf.
+    positive value and no NaN or Inf; not for routed experts (rows of ``kind == "expert"``: a large MoE has
+    thousands; the spectra archive keeps theirs).
 
     >>> from nerve_hf.report import SpectralReport
     >>> pre, post = torch.tensor([9.0, 1.0, 0.0], dtype=torch.float64), torch.full((3,), float("nan"))
@@ -29,7 +30,10 @@ def spectrum_shares(report: SpectralReport, split: str) -> dict[str, np.ndarray]
     {'eval/nerve/ffn.0/log10_spectrum_pre': array([-0.04575749, -1.        ])}
     """
     shares = {}
+    experts = {row["site"] for row in report.rows if row.get("kind") == "expert"}  # thousands in a large MoE
     for site, sides in report.eigenvalues.items():
+        if site in experts:  # routed experts' spectra go to the archive only, like their rows to the records
+            continue
         for side, values in zip(("pre", "post"), sides):
             values = values[values > 0]  # [k]: the positive eigenvalues
             if values.numel() and bool(torch.isfinite(values).all()):

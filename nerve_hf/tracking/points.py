@@ -61,8 +61,10 @@ def site_dim(site: ResolvedSite) -> Optional[int]:
     if site.kind == "expert":
         if getattr(site.pre, "_is_expert_parallel", False):
             raise ValueError(
-                f"{site.site}: the experts of {site.pre_path} are sharded by expert parallelism; measuring "
-                f"routed experts under expert parallelism is not supported (track layers without it)"
+                f"{site.site}: the experts of {site.pre_path} are sharded by expert parallelism (each process "
+                f"holds some of them); measuring routed experts under expert parallelism is not supported: load "
+                f"the model without it (no ep_size / enable_expert_parallel in its DistributedConfig; data "
+                f"parallelism is measured exactly), or pass layers= without its MoE layers"
             )
         return ExpertsLayout.of(site.pre, site.experts).sizes(site.pre)[1]
     pre_dims, post_dims = model_adapters.linear_dims(site.pre), model_adapters.linear_dims(site.post)

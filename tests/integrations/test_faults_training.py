@@ -61,6 +61,8 @@ BAD_OPTIONS = {
     "flow": [1, "yes", None],
     "position_buckets": [[4, 2], [-1, 3], "0,16", [0.5], [], [True]],
     "cross_layer": ["neighbours", 2, True],
+    "experts": [[-1], "0,1", [], [0.5], [True], 3],
+    "experts_per_step": [0, -2, "4", 1.5, True],
 }
 
 

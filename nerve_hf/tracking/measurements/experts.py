@@ -15,7 +15,8 @@ assignments. ``report.routing`` gets one row per MoE layer (:data:`ROUTING_KEYS`
 
 State: ``2 × (F² + F) × 8`` bytes per measured expert (allocated at its first rows), ``E × 8`` per layer for
 the routing counts. ``experts`` (a subset of expert indices) or ``experts_per_step`` (a share of the
-experts per measurement window, the next share after each :meth:`reset`, like ``layers_per_step``) bound it.
+experts per measurement window, the next share at the first :meth:`reset` after a :meth:`compute`, like
+``layers_per_step``) bound it.
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ from nerve_hf.tracking.experts_compute import ExpertsLayout
 from nerve_hf.tracking.measurements.base import ComputeContext, Measurement
 from nerve_hf.tracking.site_table import SiteTable
 
-__all__ = ["Experts", "ROUTING_KEYS", "experts_log_dict", "SUMMARY_METRICS"]
+__all__ = ["Experts", "ExpertRangeError", "ROUTING_KEYS", "experts_log_dict", "SUMMARY_METRICS"]
 
 ROUTING_KEYS = (
     "site", "layer", "experts", "tokens", "assignments", "dead_fraction", "load_cv", "router_entropy", "load_entropy",
 )  # fmt: skip
 # The per-layer summaries over experts: every metric and the PR gain pr_post / pr_pre.
 SUMMARY_METRICS = (*METRIC_NAMES, "pr_gain")
+
+
+class ExpertRangeError(ValueError):
+    """``experts`` names an expert index an MoE layer of the model does not have."""
 
 
 def _check_experts(experts, experts_per_step) -> tuple[Optional[tuple[int, ...]], Optional[int]]:
@@ -61,8 +66,8 @@ class Experts(Measurement):
 
     Args:
         experts: measure only these expert indices (in every MoE layer); None: all.
-        experts_per_step: measure a share of this many experts per window, the next share after each
-            :meth:`reset`; None: all at once.
+        experts_per_step: measure a share of this many experts per window, the next share at the first
+            :meth:`reset` after a :meth:`compute` (resets that only start a window keep it); None: all at once.
     """
 
     name = "experts"
@@ -72,6 +77,7 @@ class Experts(Measurement):
     def __init__(self, experts: Optional[Sequence[int]] = None, experts_per_step: Optional[int] = None) -> None:
         self.subset, self.per_step = _check_experts(experts, experts_per_step)
         self.turn = 0
+        self._reported = False  # compute() ran since the last reset
 
     def bind(self, table: SiteTable) -> None:
         super().bind(table)
@@ -80,7 +86,7 @@ class Experts(Measurement):
             if site.kind == "expert":
                 self.sizes[i] = ExpertsLayout.of(site.pre, site.experts).sizes(site.pre)[0]
                 if self.subset is not None and self.subset[-1] >= self.sizes[i]:
-                    raise ValueError(
+                    raise ExpertRangeError(
                         f"experts={list(self.subset)}: {site.site} has {self.sizes[i]} experts (0..{self.sizes[i] - 1})"
                     )
         self._pairs: dict[tuple[int, int], tuple[CovarianceAccumulator, CovarianceAccumulator]] = {}
@@ -138,10 +144,13 @@ class Experts(Measurement):
             for acc in pair:
                 acc.reset()
         self._routing = {}
-        self.turn += 1  # the next share of experts (experts_per_step)
+        if self._reported:  # the next share of experts (experts_per_step), once this one was computed: a
+            self.turn += 1  # reset that starts a window (the callback's, at a measured step) keeps the share
+        self._reported = False
 
     def compute(self, report, context: ComputeContext) -> None:
         """One row per measured expert of every watched MoE layer, and one routing row per layer."""
+        self._reported = True
         for i in context.watched:
             site = self.table.sites[i]
             experts = self.measured(i)
