@@ -204,7 +204,7 @@ def expected_report(model, scenario: Scenario, shares: list[dict]) -> dict:
     for layer in scenario.tracked_layers():
         stages = {name: np.concatenate([c[layer][name] for c in counted]) for name in counted[0][layer]}
         site = {"site": f"ffn.{layer}", "layer": layer, "dim": FFN_WIDTH}
-        row = {**site, "tokens": stages["pre"].shape[0], **metrics(stages["pre"], stages["post"])}
+        row = {**site, "kind": "dense", "tokens": stages["pre"].shape[0], **metrics(stages["pre"], stages["post"])}
         if scenario.flow:
             row.update(flow_metrics(stages))
         rows.append(row)
@@ -226,10 +226,10 @@ def expected_report(model, scenario: Scenario, shares: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- comparison
 def assert_same_row(got: dict, want: dict, rel: float = 1e-9, abs: float = 1e-12) -> None:
-    """Exactly the keys of ``want``; its integer fields equal, every metric within ``rel``/``abs``."""
+    """Exactly the keys of ``want``; its integer and text fields equal, every metric within ``rel``/``abs``."""
     assert set(got) == set(want), (want.get("site"), sorted(set(got) ^ set(want)))
     for key, value in want.items():
-        if key in INTEGER_KEYS:
+        if key in INTEGER_KEYS or isinstance(value, str):  # counts, names and the kind: equal
             assert got[key] == value, (want["site"], want.get("bucket"), key)
         else:
             assert math.isfinite(value), f"the scenario leaves {want['site']} {key} undefined"
