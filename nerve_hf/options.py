@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import sys
 from dataclasses import MISSING, field, fields
 from typing import Any, Callable, Optional, Sequence
@@ -72,7 +73,18 @@ class OptionValueError(OptionError):
 
 
 class OptionConflictError(InputError):
-    """Options that are each valid but cannot go together; the message names both."""
+    """Options that are each valid but cannot go together; the message names both (``options``: their names)."""
+
+    def __init__(self, message: str, options: Sequence[str] = ()) -> None:
+        self.message, self.options = message, tuple(options)
+        super().__init__(message)
+
+    def renamed(self, rename: Callable[[str], str]) -> "OptionConflictError":
+        """The same error with each option's name as ``rename`` gives it (a command-line flag)."""
+        message = self.message
+        for name in self.options:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}\b", rename(name), message)
+        return type(self)(message, self.options)
 
 
 class OptionTypeError(OptionError, TypeError):
@@ -268,3 +280,5 @@ def from_command_line(cls, values: dict[str, Any], prefix: str):
         return cls(**{name[len(prefix) :]: value for name, value in values.items()})
     except OptionError as error:
         raise error.renamed(f"--{prefix}{error.option}") from None
+    except OptionConflictError as error:
+        raise error.renamed(lambda name: f"--{prefix}{name}") from None
