@@ -44,6 +44,7 @@ __all__ = [
     "positive_number",
     "one_of",
     "int_list",
+    "is_integer",
     "text",
     "device",
     "mapping",
@@ -140,6 +141,16 @@ def _is_numpy_bool(value: Any) -> bool:
     return numpy is not None and isinstance(value, numpy.bool_)
 
 
+def _is_numpy_vector(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray) and value.ndim == 1
+
+
+def is_integer(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool (Python's or NumPy's)."""
+    return _is_int(value)
+
+
 def boolean(name: str, value: Any) -> bool:
     """True or False, also as a NumPy boolean (not 0/1, not a string)."""
     if _is_numpy_bool(value):
@@ -208,6 +219,8 @@ def one_of(choices: Sequence[str]) -> Check:
 def int_list(name: str, value: Any) -> list[int]:
     """A non-empty list (or tuple) of integers, returned as a new list."""
     requirement = "a non-empty list of integers such as [0, -1]"
+    if _is_numpy_vector(value):
+        value = list(value)  # a 1-D NumPy array: its items are NumPy scalars, checked below
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise OptionTypeError(name, requirement, value)
     if not value:
