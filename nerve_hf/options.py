@@ -49,6 +49,7 @@ __all__ = [
     "device",
     "mapping",
     "OptionConflictError",
+    "OptionFixedError",
     "command_line_fields",
     "from_command_line",
 ]
@@ -114,6 +115,9 @@ class Validated:
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _checks(type(self)).get(name)
+        fixed = self.__dict__.get("_fixed_by")
+        if check is not None and fixed is not None:
+            raise OptionFixedError(f"{name} cannot change: {fixed}")
         if check is not None:
             try:
                 value = check(name, value)
@@ -121,6 +125,15 @@ class Validated:
                 rename = type(self).option_name
                 raise (error.renamed(rename(name)) if rename else error) from None
         object.__setattr__(self, name, value)
+
+    def fix(self, reason: str) -> None:
+        """Refuse every later assignment to an option, with ``reason`` (why the options are fixed now) in the
+        error: for a config that an object in use was built from."""
+        object.__setattr__(self, "_fixed_by", reason)
+
+
+class OptionFixedError(InputError, AttributeError):
+    """An option assigned after the object built from it started (see :meth:`Validated.fix`)."""
 
 
 def _checks(cls) -> dict[str, Check]:

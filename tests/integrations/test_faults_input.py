@@ -66,3 +66,56 @@ def test_run_clm_names_a_cache_folder_that_is_a_file(tmp_path, inside):
     env = dict(os.environ, NERVE_HF_CACHE=str(cache / "sub" if inside else cache))
     line = one_line(run_clm(tmp_path, "--do_train", "--max_steps", "1", env=env))
     assert "NERVE_HF_CACHE" in line and str(cache) in line and "not a folder" in line
+
+
+# ------------------------------------------------------------------ options changed after the Trainer is built
+CHANGED = {  # one new valid value per option: every one of them is refused once a Trainer holds the callback
+    "layers": [1],
+    "max_tokens": 8,
+    "flow": False,
+    "position_buckets": [0, 4],
+    "cross_layer": "adjacent",
+    "spectra": "estimate",
+    "every_n_steps": 3,
+    "measure_train": False,
+    "measure_eval": False,
+    "log_per_site": False,
+    "save_spectra": False,
+    "write_jsonl": False,
+    "layers_per_step": 1,
+    "memory_budget_mb": 1000.0,
+    "site_sharded": True,
+    "state_device": "cpu",
+    "spectra_dtype": "float32",
+    "extra_metrics": True,
+    "metrics": "pr",
+}
+
+
+def test_every_option_has_a_change_listed():
+    from dataclasses import fields
+
+    from nerve_hf import NerveConfig
+
+    assert set(CHANGED) == {f.name for f in fields(NerveConfig)}
+
+
+def test_options_changed_after_the_trainer_is_built_are_refused_and_keep_measuring(tmp_path):
+    from trainer_helpers import make_trainer
+
+    from nerve_hf import NerveCallback, NerveConfig
+    from nerve_hf.sinks.records import read_records
+
+    callback = NerveCallback(every_n_steps=1, flow=False)
+    callback.config.max_tokens = 16  # before a Trainer: still free
+    trainer = make_trainer(tmp_path, [callback], max_steps=2, eval_strategy="no")
+    for name, value in CHANGED.items():
+        with pytest.raises(InputError, match=rf"^{name} cannot change: NerveCallback's options are fixed once"):
+            setattr(callback.config, name, value)
+    with pytest.raises(InputError, match=r"^config cannot change"):
+        callback.config = NerveConfig(layers=[1])
+    assert callback.config.layers is None and callback.config.max_tokens == 16
+    trainer.train()
+    records = list(read_records(tmp_path / "nerve_metrics.jsonl"))
+    assert sorted((r["step"], r["site"]) for r in records) == [(1, "ffn.0"), (1, "ffn.1"), (2, "ffn.0"), (2, "ffn.1")]
+    assert {r["tokens"] for r in records} == {16}
