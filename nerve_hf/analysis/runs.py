@@ -161,6 +161,24 @@ def _read_records_file(path: Path) -> list[dict]:
     return scan.records
 
 
+def _warn_several_runs(records: list[dict], path: Path) -> None:
+    """One RuntimeWarning when ``records`` (in file order) come from more than one run (their ``run`` ids;
+    records without one count as one unnamed run): it names each run and its steps, and says that where
+    two runs measured the same (split, step, site), the later record is the one reported."""
+    runs: dict[str, list[int]] = {}
+    for record in records:
+        runs.setdefault(str(record.get("run") or "(no run id)"), []).append(int(record.get("step", 0)))
+    if len(runs) < 2:
+        return
+    described = ", ".join(f"{run} (steps {min(steps)}-{max(steps)})" for run, steps in runs.items())
+    warnings.warn(
+        f"{str(path)!r} holds the records of {len(runs)} runs: {described}; where they measured the same "
+        f"step the later record is reported. Keep one run's records per file.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _complete_steps(metrics, source: str):
     """``metrics`` without its incomplete (split, step) measurements, with one RuntimeWarning naming them.
 
@@ -223,6 +241,7 @@ def load_run(run_dir) -> RunData:
         last_step = max((int(e["step"]) for e in log_history if "step" in e), default=None)
     if records_path.is_file():
         records = _read_records_file(records_path)
+        _warn_several_runs(records, records_path)
         sources = {"records": str(records_path), "state": str(state_path)}
     else:
         records = _records_from_log_history(log_history)

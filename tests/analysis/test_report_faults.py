@@ -59,3 +59,17 @@ def test_a_bad_flag_value_is_one_line_not_the_usage(args, named):
     proc = nerve(*args)
     line = one_line(proc, f"nerve {args[0]}")
     assert named in line and "usage" not in proc.stderr
+
+
+def test_report_on_two_runs_appended_in_one_file_names_both(tmp_path):
+    run, state = synthetic_run(tmp_path / "run", {"train": "loss"})
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    path = run / "nerve_metrics.jsonl"
+    lines = path.read_text().splitlines()
+    tagged = [json.dumps({"run": "aaaaaaaaaaaa", **json.loads(line)}) for line in lines]
+    tagged += [json.dumps({"run": "bbbbbbbbbbbb", **json.loads(line)}) for line in lines[:4]]  # steps 10, 20
+    path.write_text("\n".join(tagged) + "\n")
+    proc = nerve("report", str(run), "--out", str(tmp_path / "rep"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [line for line in proc.stderr.splitlines() if "holds the records of 2 runs" in line]
+    assert len(warned) == 1 and "aaaaaaaaaaaa (steps 10-40)" in warned[0] and "bbbbbbbbbbbb (steps 10-20)" in warned[0]
