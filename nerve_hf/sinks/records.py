@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Optional
 
 from nerve_hf.sinks.base import WarnOnce
-from nerve_hf.sinks.files import jsonable, write_bytes
+from nerve_hf.sinks.files import jsonable, remove_partial_writes, write_bytes
 
 if TYPE_CHECKING:
     from nerve_hf.report import SpectralReport
@@ -234,6 +234,7 @@ class RecordsSink:
         file holds up to ``step`` (their run id) and drops what came after; started afresh, the records of
         earlier runs are moved aside (:func:`move_earlier_runs`), with one warning that says where."""
         try:
+            remove_partial_writes(self.path.parent, self.path.name)  # a killed rewrite's partial copy
             if step > 0:
                 self.run = run_at(self.path, step) or self.run
             else:
