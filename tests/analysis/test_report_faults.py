@@ -36,9 +36,9 @@ def test_report_refuses_a_trainer_state_with_a_wrong_log_history(tmp_path, histo
 def test_report_reads_a_file_of_a_run_as_its_run(tmp_path, name):
     run, state = synthetic_run(tmp_path / "run", {"train": "loss"})
     (run / "trainer_state.json").write_text(json.dumps(state))
-    proc = nerve("report", str(run / name), "--out", str(tmp_path / "report"))
+    proc = nerve("report", str(run / name))  # the default --out: the run's own nerve_report/
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"({run})" in proc.stdout and (tmp_path / "report" / "correlations.csv").is_file()
+    assert f"({run})" in proc.stdout and (run / "nerve_report" / "correlations.csv").is_file()
 
 
 def test_report_on_another_file_asks_for_the_run_directory(tmp_path):
