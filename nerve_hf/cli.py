@@ -108,6 +108,14 @@ def add_option_arguments(parser: argparse.ArgumentParser, cls, descriptions: dic
     return groups
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` (and, through ``parser_class``, its subcommands) whose errors are one line on
+    stderr and exit 2, without the usage (``--help`` prints it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _default_probe_dir(model: str) -> str:
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model.rstrip("/\\")).name or model)
     return f"nerve_probe_{name.strip('._') or 'model'}"
@@ -118,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nerve_hf.probe import ProbeConfig
     from nerve_hf.probe.config import IMAGE_INPUT, MEASUREMENT, TEXT_INPUT
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="nerve",
         description="NerVE: eigenspectrum metrics (SE, PR, EEE, JS) of transformer feed-forward networks.",
     )
@@ -280,7 +288,8 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_writable_dir(args.out)  # before reading the run; write_report checks its default folder itself
-    if len(args.run_dir) > 1 or args.run_dir[0].endswith(".json"):
+    first = Path(args.run_dir[0])
+    if len(args.run_dir) > 1 or (first.suffix == ".json" and first.name != "trainer_state.json"):  # a result file
         return _compare(args)
     result = write_report(args.run_dir[0], args.out, min_points=args.min_points)
     corr = result.correlations

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import sys
 from dataclasses import MISSING, field, fields
 from typing import Any, Callable, Optional, Sequence
@@ -43,10 +44,12 @@ __all__ = [
     "positive_number",
     "one_of",
     "int_list",
+    "is_integer",
     "text",
     "device",
     "mapping",
     "OptionConflictError",
+    "OptionFixedError",
     "command_line_fields",
     "from_command_line",
 ]
@@ -72,7 +75,18 @@ class OptionValueError(OptionError):
 
 
 class OptionConflictError(InputError):
-    """Options that are each valid but cannot go together; the message names both."""
+    """Options that are each valid but cannot go together; the message names both (``options``: their names)."""
+
+    def __init__(self, message: str, options: Sequence[str] = ()) -> None:
+        self.message, self.options = message, tuple(options)
+        super().__init__(message)
+
+    def renamed(self, rename: Callable[[str], str]) -> "OptionConflictError":
+        """The same error with each option's name as ``rename`` gives it (a command-line flag)."""
+        message = self.message
+        for name in self.options:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}\b", rename(name), message)
+        return type(self)(message, self.options)
 
 
 class OptionTypeError(OptionError, TypeError):
@@ -101,6 +115,9 @@ class Validated:
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _checks(type(self)).get(name)
+        fixed = self.__dict__.get("_fixed_by")
+        if check is not None and fixed is not None:
+            raise OptionFixedError(f"{name} cannot change: {fixed}")
         if check is not None:
             try:
                 value = check(name, value)
@@ -108,6 +125,15 @@ class Validated:
                 rename = type(self).option_name
                 raise (error.renamed(rename(name)) if rename else error) from None
         object.__setattr__(self, name, value)
+
+    def fix(self, reason: str) -> None:
+        """Refuse every later assignment to an option, with ``reason`` (why the options are fixed now) in the
+        error: for a config that an object in use was built from."""
+        object.__setattr__(self, "_fixed_by", reason)
+
+
+class OptionFixedError(InputError, AttributeError):
+    """An option assigned after the object built from it started (see :meth:`Validated.fix`)."""
 
 
 def _checks(cls) -> dict[str, Check]:
@@ -126,6 +152,16 @@ def _is_int(value: Any) -> bool:
 def _is_numpy_bool(value: Any) -> bool:
     numpy = sys.modules.get("numpy")  # never imported here: a NumPy scalar exists only if NumPy is loaded
     return numpy is not None and isinstance(value, numpy.bool_)
+
+
+def _is_numpy_vector(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray) and value.ndim == 1
+
+
+def is_integer(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool (Python's or NumPy's)."""
+    return _is_int(value)
 
 
 def boolean(name: str, value: Any) -> bool:
@@ -196,6 +232,8 @@ def one_of(choices: Sequence[str]) -> Check:
 def int_list(name: str, value: Any) -> list[int]:
     """A non-empty list (or tuple) of integers, returned as a new list."""
     requirement = "a non-empty list of integers such as [0, -1]"
+    if _is_numpy_vector(value):
+        value = list(value)  # a 1-D NumPy array: its items are NumPy scalars, checked below
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise OptionTypeError(name, requirement, value)
     if not value:
@@ -268,3 +306,5 @@ def from_command_line(cls, values: dict[str, Any], prefix: str):
         return cls(**{name[len(prefix) :]: value for name, value in values.items()})
     except OptionError as error:
         raise error.renamed(f"--{prefix}{error.option}") from None
+    except OptionConflictError as error:
+        raise error.renamed(lambda name: f"--{prefix}{name}") from None

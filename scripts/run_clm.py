@@ -226,6 +226,7 @@ def build_parser():
     from transformers import HfArgumentParser, TrainingArguments
 
     parser = HfArgumentParser((NerveArguments, ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser.allow_abbrev = False  # a prefix such as --nerve_every_n_step is an unknown flag, not a silent match
     parser.usage = (
         "%(prog)s [--nerve] [--nerve_<option> VALUE ...] [model, data and TrainingArguments flags ...]\n"
         "       %(prog)s ARGS.json | ARGS.yaml"
@@ -250,9 +251,28 @@ def parse_args(argv: Optional[list[str]] = None):
     elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
         parsed = parser.parse_yaml_file(yaml_file=args[0])
     else:
-        parsed = parser.parse_args_into_dataclasses(args=split_comma_lists(args, LIST_FLAGS))
+        parsed = parser.parse_args_into_dataclasses(
+            args=split_comma_lists(args, LIST_FLAGS), return_remaining_strings=True
+        )
+        refuse_unknown(parsed[-1], parser)
+        parsed = parsed[:-1]
     nerve, model, data, training = parsed[:4]
     return (model, data, training, nerve, *parsed[4:])
+
+
+def refuse_unknown(remaining: list[str], parser) -> None:
+    """Arguments no flag took: an :class:`ArgumentError` naming the first, with the closest flag if any."""
+    if not remaining:
+        return
+    from difflib import get_close_matches
+
+    unknown = next((arg for arg in remaining if arg.startswith("-")), remaining[0])
+    flag = unknown.partition("=")[0]
+    known = [option for action in parser._actions for option in action.option_strings]
+    close = get_close_matches(flag, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close and flag.startswith("-") else ""
+    what = "unknown flag" if flag.startswith("-") else "unexpected argument"
+    raise ArgumentError(f"{what} {flag}{hint} (see --help)")
 
 
 LIST_FLAGS = ("--nerve_layers",)  # list flags that also take "0,5,-1" (the form of upstream's comma lists)

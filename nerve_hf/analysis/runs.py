@@ -73,6 +73,40 @@ def _state_file(run_dir: Path) -> Optional[Path]:
     return max(checkpoints, key=lambda p: int(p.name[11:])) / STATE_FILENAME if checkpoints else None
 
 
+def _run_folder(path: Path) -> Path:
+    """The run directory ``path`` names: itself, or the folder of its records or trainer state file."""
+    if path.is_dir():
+        return path
+    if path.is_file() and path.name in (RECORDS_FILENAME, STATE_FILENAME):
+        return path.parent  # RUN/nerve_metrics.jsonl or RUN/trainer_state.json: the run is its folder
+    if path.exists():
+        raise InputError(f"{str(path)!r} is a file: pass the run directory (the Trainer's output_dir)")
+    raise InputError(f"run directory {str(path)!r} does not exist")
+
+
+def _log_history(state_path: Path) -> list[dict]:
+    """``log_history`` of a trainer state: a list of objects whose ``step`` (where given) is an integer."""
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{str(state_path)!r} is not a readable trainer state: {error}") from None
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    wrong = None
+    if not isinstance(history, list):
+        wrong = f"log_history is {type(history).__name__ if isinstance(state, dict) else 'missing'}, not a list"
+    else:
+        bad = next((e for e in history if not isinstance(e, dict) or not _is_step(e.get("step", 0))), None)
+        if bad is not None:
+            wrong = f"log_history holds {bad!r}, not an object with an integer step"
+    if wrong is not None:
+        raise InputError(f"{str(state_path)!r} is not a trainer state: {wrong}")
+    return history
+
+
+def _is_step(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+
+
 def _losses(log_history: list[dict]) -> list[dict]:
     out = []
     for entry in log_history:
@@ -127,6 +161,24 @@ def _read_records_file(path: Path) -> list[dict]:
     return scan.records
 
 
+def _warn_several_runs(records: list[dict], path: Path) -> None:
+    """One RuntimeWarning when ``records`` (in file order) come from more than one run (their ``run`` ids;
+    records without one count as one unnamed run): it names each run and its steps, and says that where
+    two runs measured the same (split, step, site), the later record is the one reported."""
+    runs: dict[str, list[int]] = {}
+    for record in records:
+        runs.setdefault(str(record.get("run") or "(no run id)"), []).append(int(record.get("step", 0)))
+    if len(runs) < 2:
+        return
+    described = ", ".join(f"{run} (steps {min(steps)}-{max(steps)})" for run, steps in runs.items())
+    warnings.warn(
+        f"{str(path)!r} holds the records of {len(runs)} runs: {described}; where they measured the same "
+        f"step the later record is reported. Keep one run's records per file.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _complete_steps(metrics, source: str):
     """``metrics`` without its incomplete (split, step) measurements, with one RuntimeWarning naming them.
 
@@ -169,19 +221,14 @@ def load_run(run_dir) -> RunData:
     with requires("analysis"):
         import pandas as pd
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise InputError(f"run directory {str(run_dir)!r} does not exist")
+    run_dir = _run_folder(Path(run_dir))
     state_path = _state_file(run_dir)
     if state_path is None:
         raise InputError(
             f"{str(run_dir)!r} has no {STATE_FILENAME} (nor a checkpoint-N/ with one): call trainer.save_state() "
             f"at the end of training, or point at the Trainer's output_dir"
         )
-    try:
-        log_history = json.loads(state_path.read_text(encoding="utf-8")).get("log_history", [])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-        raise InputError(f"{str(state_path)!r} is not a readable trainer state: {error}") from None
+    log_history = _log_history(state_path)
 
     records_path = run_dir / RECORDS_FILENAME
     last_step = None
@@ -194,6 +241,7 @@ def load_run(run_dir) -> RunData:
         last_step = max((int(e["step"]) for e in log_history if "step" in e), default=None)
     if records_path.is_file():
         records = _read_records_file(records_path)
+        _warn_several_runs(records, records_path)
         sources = {"records": str(records_path), "state": str(state_path)}
     else:
         records = _records_from_log_history(log_history)

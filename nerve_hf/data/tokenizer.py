@@ -27,13 +27,24 @@ _FORMAT_VERSION = 1  # bump when the training recipe below changes, so old cache
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where ``nerve_hf`` caches artefacts: ``cache_dir``, else ``$NERVE_HF_CACHE``, else ``~/.cache/nerve_hf``."""
+    """Where ``nerve_hf`` caches artefacts: ``cache_dir``, else ``$NERVE_HF_CACHE``, else ``~/.cache/nerve_hf``.
+    A path that exists but is not a folder is refused (an ``InputError`` naming where it came from)."""
     if cache_dir is not None:
-        return Path(cache_dir)
+        return _folder(Path(cache_dir), "the cache folder")
     env = os.environ.get("NERVE_HF_CACHE")
     if env:
-        return Path(env)
-    return Path.home() / ".cache" / "nerve_hf"
+        return _folder(Path(env), "NERVE_HF_CACHE")
+    return _folder(Path.home() / ".cache" / "nerve_hf", "the cache folder")
+
+
+def _folder(path: Path, source: str) -> Path:
+    from nerve_hf.errors import InputError
+
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the folder itself or the nearest above
+    if existing is not None and not existing.is_dir():
+        inside = "" if existing == path else f" (inside {str(existing)!r}, a file)"
+        raise InputError(f"{source} {str(path)!r} is not a folder{inside}; point it at a folder")
+    return path
 
 
 def tokenizer_cache_key(vocab_size: int, corpus: str, corpus_fingerprint: str) -> str:

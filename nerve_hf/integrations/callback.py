@@ -55,8 +55,15 @@ from nerve_hf.integrations.callback_sinks import CallbackSinks
 from nerve_hf.integrations.config import NerveConfig
 from nerve_hf.integrations.log_keys import eval_prefix, log_dict
 from nerve_hf.integrations.trainer_tracker import TrainerTracker
+from nerve_hf.options import OptionFixedError
 
 __all__ = ["NerveConfig", "NerveCallback"]
+
+
+FIXED = (
+    "NerveCallback's options are fixed once it is given to a Trainer (its hooks and outputs are built from "
+    "them); build a new NerveCallback(...) with the options wanted"
+)
 
 
 def _never_raises(lost: str):
@@ -121,7 +128,7 @@ class NerveCallback(TrainerCallback):
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown NerveCallback options {unknown}; known: {sorted(known)}")
-        self.config = config if config is not None else NerveConfig(**options)
+        self._config = config if config is not None else NerveConfig(**options)
         self.adapter = adapter
         self._tracking = TrainerTracker(self.config, adapter, self._warn_once)  # the tracker and its gates
         self._eval_incomplete: Optional[str] = None  # why the running evaluation cannot be measured whole
@@ -130,6 +137,17 @@ class NerveCallback(TrainerCallback):
         self._handler = None  # the Trainer's callback list, once found
         self._sinks = CallbackSinks(self.config, lambda: self._handler)
         self._evaluation = None  # weak reference to the running evaluation's marker (trainer_internals)
+
+    @property
+    def config(self) -> NerveConfig:
+        """The options; fixed once the callback meets a Trainer (assigning one then raises OptionFixedError)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: NerveConfig) -> None:
+        if self._handler is not None:
+            raise OptionFixedError(f"config cannot change: {FIXED}")
+        raise AttributeError("pass the options to NerveCallback(...); config is read-only")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -166,6 +184,7 @@ class NerveCallback(TrainerCallback):
             self._eval_incomplete = None
             self._tracking.forget_windows()
         self._handler = handler  # also where the TensorBoard integration's writer is found
+        self._config.fix(FIXED)  # the hooks, sinks and gates are built from it: one rule for every option
         internals.place_after_default_flow(handler, self)
 
     def _place_ahead_of_integrations(self) -> None:

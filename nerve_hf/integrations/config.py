@@ -105,9 +105,13 @@ class NerveConfig(MeasurementOptions):
     def __post_init__(self) -> None:
         super().__post_init__()  # the measurement options' own cross-field checks
         if self.layers_per_step is not None and not self.log_per_site:
-            raise OptionConflictError("layers_per_step logs per-site keys only; it needs log_per_site=True")
+            raise OptionConflictError(
+                "layers_per_step logs per-site keys only; it needs log_per_site=True",
+                ("layers_per_step", "log_per_site"),
+            )
         if self.site_sharded and self.cross_layer is not None:
             raise OptionConflictError(
                 "cross_layer cannot be measured with site_sharded=True: the two layers of a pair may belong to "
-                "different processes; leave one of them off"
+                "different processes; leave one of them off",
+                ("cross_layer", "site_sharded"),
             )

@@ -26,13 +26,13 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import numpy as np
 
 from nerve_hf.errors import requires
 from nerve_hf.sinks.base import WarnOnce
-from nerve_hf.sinks.files import write_bytes
+from nerve_hf.sinks.files import remove_partial_writes, write_bytes
 
 if TYPE_CHECKING:
     from nerve_hf.report import SpectralReport
@@ -103,13 +103,32 @@ def _entries(run_dir: str | os.PathLike) -> list[tuple[str, int, Path]]:
 
 
 def drop_measurements_after(run_dir: str | os.PathLike, step: int) -> int:
-    """Delete the archived measurements of steps after ``step`` (a resumed run re-measures them)."""
+    """Delete the archived measurements of steps after ``step`` (a resumed run re-measures them), and the
+    partial files of writes a killed process left."""
+    remove_partial_writes(Path(run_dir) / ARCHIVE_DIRNAME)
     dropped = 0
     for _, archived_step, path in _entries(run_dir):
         if archived_step > step:
             path.unlink()
             dropped += 1
     return dropped
+
+
+def move_earlier_measurements(run_dir: str | os.PathLike) -> Optional[Path]:
+    """Move the archived measurements of steps after 0 to a new ``<run_dir>/nerve_spectra.earlier[-N]/``;
+    return that folder (None when there were none)."""
+    earlier = [path for _, step, path in _entries(run_dir) if step > 0]
+    if not earlier:
+        return None
+    base = Path(run_dir) / f"{ARCHIVE_DIRNAME}.earlier"
+    aside, n = base, 1
+    while aside.exists():
+        n += 1
+        aside = Path(f"{base}-{n}")
+    aside.mkdir(parents=True)
+    for path in earlier:
+        path.rename(aside / path.name)
+    return aside
 
 
 def _read_rows(run_dir: str | os.PathLike, rows_of) -> list[dict]:
@@ -222,7 +241,18 @@ class SpectraArchiveSink:
             )
 
     def drop_after(self, step: int) -> None:
+        """A training run starts at ``step``: started afresh (0), the measurements an earlier run archived
+        after step 0 are moved to ``nerve_spectra.earlier[-N]/`` with one warning; then what comes after
+        ``step`` is dropped (a resumed run measures it again)."""
         try:
+            if step == 0:
+                moved = move_earlier_measurements(self.run_dir)
+                if moved is not None:
+                    self._warn(
+                        "earlier",
+                        f"NerveCallback: {self.run_dir / ARCHIVE_DIRNAME} held the spectra of an earlier run; "
+                        f"moved to {moved.name}/ (load_spectra reads one run per folder)",
+                    )
             drop_measurements_after(self.run_dir, step)
         except OSError as error:
             self._warn(

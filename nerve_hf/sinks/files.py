@@ -62,6 +62,19 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--out", hint: str =
     return path
 
 
+def remove_partial_writes(folder: str | os.PathLike, name: str = "") -> list[Path]:
+    """Delete the temporary files that :func:`write_bytes` leaves in ``folder`` when its process is killed
+    mid-write (``.<name>.<random>.tmp``; of any name when ``name`` is empty); return them. Call it only where
+    no writer of this run is at work (a run's start)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    partial = [p for p in folder.glob(f".{name}*.tmp") if p.is_file()]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent directories are created); return the path."""
     path = Path(path)

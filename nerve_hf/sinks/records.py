@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Optional
 
 from nerve_hf.sinks.base import WarnOnce
-from nerve_hf.sinks.files import jsonable, write_bytes
+from nerve_hf.sinks.files import jsonable, remove_partial_writes, write_bytes
 
 if TYPE_CHECKING:
     from nerve_hf.report import SpectralReport
@@ -137,6 +138,40 @@ def drop_records_after(path: str | os.PathLike, step: int) -> int:
     return len(records) - len(kept)
 
 
+def new_run_id() -> str:
+    """A new run identity: 12 hexadecimal digits, random."""
+    return uuid.uuid4().hex[:12]
+
+
+def run_at(path: Path, step: int) -> Optional[str]:
+    """The run id of the last record at or before ``step`` in ``path`` (None: no such record has one)."""
+    if not path.exists():
+        return None
+    runs = [r["run"] for r in scan_records(path).records if int(r.get("step", 0)) <= step and r.get("run")]
+    return runs[-1] if runs else None
+
+
+def move_earlier_runs(path: Path, run: str) -> str:
+    """Move the records of runs other than ``run`` from ``path`` to ``<stem>.<their run>.jsonl`` beside it
+    (``<stem>.earlier.jsonl`` for records without a run id); returns what was moved where ('' if nothing)."""
+    if not path.exists():
+        return ""
+    records = scan_records(path).records
+    others: dict[str, list[dict]] = {}
+    for record in records:
+        if record.get("run") != run:
+            others.setdefault(str(record.get("run") or "earlier"), []).append(record)
+    if not others:
+        return ""
+    moved = []
+    for other, kept in others.items():
+        aside = path.with_name(f"{path.stem}.{other}{path.suffix}")
+        append_records(aside, kept)
+        moved.append(f"{len(kept)} records of run {other} moved to {aside.name}")
+    write_bytes(path, _encode([r for r in records if r.get("run") == run]))
+    return "; ".join(moved) + " (nerve report reads one run per file)"
+
+
 def _beyond_rows(report: SpectralReport, row: dict) -> dict:
     """What the options beyond the paper add to a site's record: ``positions`` (its bucket rows) and,
     towards the next layer, ``cka_next``, ``js_pre_next`` and ``js_post_next``; nothing when they are off."""
@@ -178,13 +213,14 @@ class RecordsSink:
     [(2, 'train', 1, 3.5)]
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, run: Optional[str] = None) -> None:
         self.path = Path(path)
+        self.run = run or new_run_id()  # written in every record: a reader tells runs sharing a file apart
         self._warn = WarnOnce()
 
     def write(self, report: SpectralReport, split: str, step: int) -> None:
         try:
-            append_records(self.path, report_records(report, split, step))
+            append_records(self.path, [{"run": self.run, **r} for r in report_records(report, split, step)])
         except OSError as error:
             self._warn(
                 "write",
@@ -194,7 +230,17 @@ class RecordsSink:
             )
 
     def drop_after(self, step: int) -> None:
+        """A training run starts at ``step``: resumed (``step`` > 0), it continues the run whose records the
+        file holds up to ``step`` (their run id) and drops what came after; started afresh, the records of
+        earlier runs are moved aside (:func:`move_earlier_runs`), with one warning that says where."""
         try:
+            remove_partial_writes(self.path.parent, self.path.name)  # a killed rewrite's partial copy
+            if step > 0:
+                self.run = run_at(self.path, step) or self.run
+            else:
+                moved = move_earlier_runs(self.path, self.run)
+                if moved:
+                    self._warn("earlier", f"NerveCallback: {self.path} held the records of an earlier run; {moved}")
             drop_records_after(self.path, step)
         except OSError as error:
             self._warn(

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.options import is_integer
 from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.tracking.budget import covariance_state_bytes
 from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, nan_mean, standin_pair
@@ -37,9 +38,10 @@ def check_buckets(edges) -> Optional[tuple[int, ...]]:
         return None
     if isinstance(edges, (str, bytes)) or not hasattr(edges, "__iter__"):
         raise TypeError(f"position_buckets must be a list of integers such as [0, 16, 64], got {edges!r}")
-    edges = list(edges)
-    if not edges or not all(isinstance(e, int) and not isinstance(e, bool) for e in edges):
+    edges = list(edges)  # a 1-D NumPy array too: its items are NumPy integers
+    if not edges or not all(is_integer(e) for e in edges):
         raise TypeError(f"position_buckets must be a non-empty list of integers such as [0, 16, 64], got {edges!r}")
+    edges = [int(e) for e in edges]
     if edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
         raise ValueError(
             f"position_buckets must be strictly increasing non-negative positions such as [0, 16, 64], got {edges!r}"

@@ -1,0 +1,121 @@
+"""Bad input a user types, second trial: every case is refused as one line on stderr with exit 2, naming the
+flag or file (real processes), and option values of every accepted kind (NumPy scalars too) are taken."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from fault_helpers import REPO
+
+from nerve_hf.errors import InputError
+
+RUN_CLM = REPO / "scripts" / "run_clm.py"
+
+
+def run_clm(tmp_path, *args: str, env=None) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(RUN_CLM), "--output_dir", str(tmp_path / "out"), *args]
+    environment = dict(os.environ if env is None else env)
+    environment["PYTHONPATH"] = str(REPO)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=environment)
+
+
+def one_line(proc, prog: str = "run_clm.py") -> str:
+    """The single line on stderr of a process that refused its input with exit 2."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--nerve_every_n_step", "5"], "--nerve_every_n_step"),  # a prefix is not a silent abbreviation
+        (["--nerve_evry_n_steps", "5"], "--nerve_evry_n_steps"),
+        (["--nerve_site_sharded", "--nerve_cross_layer", "adjacent"], "--nerve_site_sharded"),
+        (["--nerve_layers_per_step", "1", "--nerve_log_per_site", "false"], "--nerve_log_per_site"),
+        (["--nerve_state_device", "gpu"], "--nerve_state_device"),
+        (["--nerve_state_device", ""], "--nerve_state_device"),
+    ],
+)
+def test_run_clm_refuses_a_bad_nerve_flag_in_one_line(tmp_path, args, named):
+    line = one_line(run_clm(tmp_path, "--do_train", "--nerve", *args))
+    assert named in line
+    assert not (tmp_path / "out").exists()  # refused before anything was built
+
+
+def test_run_clm_suggests_the_flag_meant():
+    sys.path.insert(0, str(RUN_CLM.parent))
+    try:
+        import run_clm as script
+    finally:
+        sys.path.remove(str(RUN_CLM.parent))
+    with pytest.raises(script.ArgumentError, match=r"unknown flag --nerve_evry_n_steps; did you mean --nerve_every"):
+        script.parse_args(["--output_dir", "x", "--nerve_evry_n_steps", "5"])
+    with pytest.raises(InputError, match=r"^--nerve_cross_layer cannot be measured with --nerve_site"):
+        script.parse_args(["--output_dir", "x", "--nerve_site_sharded", "--nerve_cross_layer", "adjacent"])
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_run_clm_names_a_cache_folder_that_is_a_file(tmp_path, inside):
+    cache = tmp_path / "cache.txt"
+    cache.write_text("not a folder")
+    env = dict(os.environ, NERVE_HF_CACHE=str(cache / "sub" if inside else cache))
+    line = one_line(run_clm(tmp_path, "--do_train", "--max_steps", "1", env=env))
+    assert "NERVE_HF_CACHE" in line and str(cache) in line and "not a folder" in line
+
+
+# ------------------------------------------------------------------ options changed after the Trainer is built
+CHANGED = {  # one new valid value per option: every one of them is refused once a Trainer holds the callback
+    "layers": [1],
+    "max_tokens": 8,
+    "flow": False,
+    "position_buckets": [0, 4],
+    "cross_layer": "adjacent",
+    "spectra": "estimate",
+    "every_n_steps": 3,
+    "measure_train": False,
+    "measure_eval": False,
+    "log_per_site": False,
+    "save_spectra": False,
+    "write_jsonl": False,
+    "layers_per_step": 1,
+    "memory_budget_mb": 1000.0,
+    "site_sharded": True,
+    "state_device": "cpu",
+    "spectra_dtype": "float32",
+    "extra_metrics": True,
+    "metrics": "pr",
+}
+
+
+def test_every_option_has_a_change_listed():
+    from dataclasses import fields
+
+    from nerve_hf import NerveConfig
+
+    assert set(CHANGED) == {f.name for f in fields(NerveConfig)}
+
+
+def test_options_changed_after_the_trainer_is_built_are_refused_and_keep_measuring(tmp_path):
+    from trainer_helpers import make_trainer
+
+    from nerve_hf import NerveCallback, NerveConfig
+    from nerve_hf.sinks.records import read_records
+
+    callback = NerveCallback(every_n_steps=1, flow=False)
+    callback.config.max_tokens = 16  # before a Trainer: still free
+    trainer = make_trainer(tmp_path, [callback], max_steps=2, eval_strategy="no")
+    for name, value in CHANGED.items():
+        with pytest.raises(InputError, match=rf"^{name} cannot change: NerveCallback's options are fixed once"):
+            setattr(callback.config, name, value)
+    with pytest.raises(InputError, match=r"^config cannot change"):
+        callback.config = NerveConfig(layers=[1])
+    assert callback.config.layers is None and callback.config.max_tokens == 16
+    trainer.train()
+    records = list(read_records(tmp_path / "nerve_metrics.jsonl"))
+    assert sorted((r["step"], r["site"]) for r in records) == [(1, "ffn.0"), (1, "ffn.1"), (2, "ffn.0"), (2, "ffn.1")]
+    assert {r["tokens"] for r in records} == {16}
