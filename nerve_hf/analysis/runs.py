@@ -295,7 +295,8 @@ def with_layer_mean(metrics):
     columns = ["step", "split", *ROW_KEYS, *flow]
     rotating = splits_without_mean(metrics)
     same_sites = metrics[~metrics["split"].isin(rotating)]
-    dense = same_sites[same_sites["kind"].fillna("dense") == "dense"]  # records written before kinds: dense
+    kinds = same_sites["kind"]
+    dense = same_sites[kinds.isna() | (kinds == "dense")]  # records written before rows had kinds: dense
     mean = (
         dense.groupby(["split", "step"], sort=False)
         .agg({**{name: "mean" for name in [*METRIC_NAMES, *flow]}, "tokens": "mean"})
