@@ -60,7 +60,8 @@ def t5_run():
     mask = torch.tensor([[1] * 11, [1] * 7 + [0] * 4])  # 18 real encoder rows of 22
     dec_mask = torch.tensor([[1] * 5 + [0] * 3, [1] * 8])  # 13 real decoder rows of 16
     batch = dict(input_ids=torch.randint(2, 50, (2, 11), generator=gen), attention_mask=mask,
-                 decoder_input_ids=torch.randint(2, 50, (2, 8), generator=gen), decoder_attention_mask=dec_mask)  # fmt: skip
+                 decoder_input_ids=torch.randint(2, 50, (2, 8), generator=gen),
+                 decoder_attention_mask=dec_mask)  # fmt: skip
     capture = StackCapture(model, sites)
     with FFNTracker(model, flow=False) as tracker, torch.no_grad():
         model(**batch)
@@ -100,7 +101,8 @@ def test_mlp_mixer_logs_one_mean_per_mlp_family():
     reference = {}
     for site in ("token_mlp.0", "token_mlp.1", "channel_mlp.0", "channel_mlp.1"):
         pre, post = (captured[(site, stage)].double() for stage in ("pre", "post"))
-        reference[site] = activation_metrics(pre.reshape(-1, pre.shape[-1]).numpy(), post.reshape(-1, post.shape[-1]).numpy())
+        flat = [x.reshape(-1, x.shape[-1]).numpy() for x in (pre, post)]  # token MLP: rows (image, channel)
+        reference[site] = activation_metrics(*flat)
     # the channel MLP's pre has rank 24 of 96: its null eigenvalues hold float32 round-off (JS to ~2e-5)
     _assert_family_keys(report.to_log_dict(), _family_means(reference), rtol=1e-4)
 
