@@ -244,9 +244,11 @@ def with_layer_mean(metrics):
 
     flow = [key for key in FLOW_KEYS if key != "dim_input" and key in metrics.columns]
     columns = ["step", "split", *ROW_KEYS, *flow]
+    if "kind" not in metrics:  # records and result files written before kinds: dense
+        metrics = metrics.assign(kind="dense")
     rotating = splits_without_mean(metrics)
     same_sites = metrics[~metrics["split"].isin(rotating)]
-    dense = same_sites[same_sites["kind"].fillna("dense") == "dense"]  # records written before kinds: dense
+    dense = same_sites[same_sites["kind"].astype(object).fillna("dense") == "dense"]
     mean = family_means(dense, ["split", "step"], [*METRIC_NAMES, *flow])
     frame = pd.concat([metrics[columns], mean[columns]], ignore_index=True)
     return frame.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
