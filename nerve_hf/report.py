@@ -130,8 +130,10 @@ class SpectralReport:
         if self._of_kind("shared_expert"):
             out.update({f"{prefix}/mean/shared_expert/{k}": v for k, v in self.mean("shared_expert").items()})
         out.update(experts_log_dict(self.rows, self.routing, prefix))
-        out.update(position_log_dict(self.positions, prefix))  # each measurement's own keys
-        out.update(cross_layer_log_dict(self.rows, self.cross_layer, prefix))
+        means = {name: mean_name(name, dense) for name in dense}  # other kinds' families: mean/<family>
+        means |= {name: f"mean/{name}" for name in families(row["site"] for row in sites) if name not in means}
+        out.update(position_log_dict(self.positions, prefix, means))  # each measurement's own keys
+        out.update(cross_layer_log_dict(self.rows, self.cross_layer, prefix, means))
         return out
 
     def to_pandas(self):

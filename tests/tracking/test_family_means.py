@@ -147,3 +147,23 @@ def test_rebuilt_means_of_runs_and_series_are_per_family_as_logged():
     assert sorted(series_means.index) == ["mean/decoder.ffn", "mean/encoder.ffn"]
     for site in series_means.index:
         assert series_means.loc[site, "pr_post"] == pytest.approx(log[f"nerve/{site}/pr_post"], rel=1e-12)
+
+
+def test_position_and_cross_layer_means_are_per_family_too():
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+                                   dropout_rate=0.0, decoder_start_token_id=0)  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(3)
+    batch = dict(input_ids=torch.randint(2, 50, (2, 11), generator=gen), attention_mask=torch.ones(2, 11),
+                 decoder_input_ids=torch.randint(2, 50, (2, 8), generator=gen))  # fmt: skip
+    tracker = FFNTracker(model, flow=False, position_buckets=(0, 4), cross_layer="adjacent")
+    with tracker, torch.no_grad():
+        model(**batch)
+    log = tracker.compute().to_log_dict()
+    assert not [key for key in log if key.startswith("nerve/mean/") and key.count("/") == 2]
+    for family in ("encoder.ffn", "decoder.ffn"):
+        for suffix in ("pr_pre.pos0-4", "pr_post.pos4-inf", "cka_next", "js_pre_next"):
+            sites = [log[f"nerve/{family}.{i}/{suffix}"] for i in range(2) if f"nerve/{family}.{i}/{suffix}" in log]
+            assert sites, (family, suffix)
+            assert log[f"nerve/mean/{family}/{suffix}"] == pytest.approx(float(np.nanmean(sites)), rel=1e-12)
