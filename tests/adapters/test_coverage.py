@@ -80,6 +80,15 @@ def _runs_on_text(model) -> None:
         pytest.skip(f"its forward does not run on input_ids alone: {type(error).__name__}: {str(error)[:200]}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (two wait on each other on a loaded machine, several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", shrunk_models.head_classes())
 def test_measured_right_or_refused(name, request):
     if name in EXPECTED:
