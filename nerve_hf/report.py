@@ -8,6 +8,7 @@ from torch import Tensor
 
 from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.sites import families, family, mean_name
 from nerve_hf.tracking.measurements.base import nan_mean
 from nerve_hf.tracking.measurements.cross_layer import CROSS_LAYER_KEYS, cross_layer_log_dict
 from nerve_hf.tracking.measurements.experts import ROUTING_KEYS, experts_log_dict
@@ -69,19 +70,46 @@ class SpectralReport:
     def _of_kind(self, kind: str) -> list[dict]:
         return [row for row in self.rows if row.get("kind", "dense") == kind]
 
-    def mean(self, kind: str | None = None) -> dict[str, float]:
-        """Average of each metric over the sites of one kind that have it defined (NaN if none has); with
-        ``flow``, of the flow metrics too. ``kind`` None: the dense FFNs, or where a model has none, its
-        shared experts, else its routed experts (never two kinds averaged together)."""
+    def families(self, kind: str = "dense") -> list[str]:
+        """The site families of the rows of ``kind``, in row order (``["encoder.ffn", "decoder.ffn"]``)."""
+        return families(row["site"] for row in self._of_kind(kind))
+
+    def mean(self, kind: str | None = None, family_name: str | None = None) -> dict[str, float]:
+        """Average of each metric over the sites of one kind and one family that have it defined (NaN if none
+        has); with ``flow``, of the flow metrics too. ``kind`` None: the dense FFNs, or where a model has none,
+        its shared experts, else its routed experts. ``family_name`` None: the kind's first family (a model
+        with several, an encoder-decoder's ``encoder.ffn`` and ``decoder.ffn``: :meth:`means` has them all).
+        Never two kinds or two families averaged together."""
         if kind is None:
             kind = next((k for k in ("dense", "shared_expert", "expert") if self._of_kind(k)), "dense")
         rows = self._of_kind(kind)
+        if family_name is None and rows:
+            family_name = family(rows[0]["site"])
+        rows = [row for row in rows if family(row["site"]) == family_name]
         return {
             name: nan_mean(row.get(name, float("nan")) for row in rows) for name in (*METRIC_NAMES, *self._flow_names())
         }
 
+    def means(self) -> dict[str, dict[str, float]]:
+        """The layer mean of each family of dense FFNs by its name (:func:`~nerve_hf.sites.mean_name`):
+        ``{"mean": {...}}`` for a model with one family, ``{"mean/encoder.ffn": {...}, "mean/decoder.ffn":
+        {...}}`` for one with several; where the model has no dense FFN, the mean of :meth:`mean`'s kind."""
+        kind = next((k for k in ("dense", "shared_expert", "expert") if self._of_kind(k)), "dense")
+        names = self.families(kind)
+        return {mean_name(name, names): self.mean(kind, name) for name in names} or {"mean": self.mean(kind)}
+
+    def mean_summary(self) -> dict:
+        """:meth:`means` for ``report.json``: the metrics of the one mean (``{"pr_pre": ...}``) for a model with
+        one family, else ``{"mean/<family>": {"pr_pre": ...}, ...}``."""
+        means = self.means()
+        return means["mean"] if list(means) == ["mean"] else means
+
     def to_log_dict(self, prefix: str = "nerve") -> dict[str, float]:
-        """Flat ``{f"{prefix}/{site}/{metric}": value}`` for every row, plus ``f"{prefix}/mean/{metric}"``.
+        """Flat ``{f"{prefix}/{site}/{metric}": value}`` for every row, plus the layer means over each family
+        of dense FFNs (never two families together): ``f"{prefix}/mean/{metric}"`` for a model with one family,
+        ``f"{prefix}/mean/{family}/{metric}"`` for every family of a model with several (an encoder-decoder's
+        ``nerve/mean/encoder.ffn/pr_pre`` and ``nerve/mean/decoder.ffn/pr_pre``, a VLM's ``vision.ffn`` and
+        ``text.ffn``, an MLP-Mixer's ``token_mlp`` and ``channel_mlp``; :func:`~nerve_hf.sites.mean_name`).
 
         Options beyond the paper add: ``flow``, the flow metrics under the same keys
         (``nerve/ffn.0/se_input``); ``position_buckets``, ``f"{prefix}/{site}/{metric}.pos{bucket}"`` and
@@ -95,13 +123,17 @@ class SpectralReport:
         names = (*METRIC_NAMES, *self._flow_names())
         sites = [row for row in self.rows if row.get("kind") != "expert"]  # experts: per-layer summaries
         out = {f"{prefix}/{row['site']}/{name}": row[name] for row in sites for name in names if name in row}
-        if self._of_kind("dense"):
-            out.update({f"{prefix}/mean/{name}": value for name, value in self.mean("dense").items()})
+        dense = self.families("dense")
+        for name in dense:
+            mean = mean_name(name, dense)
+            out.update({f"{prefix}/{mean}/{metric}": value for metric, value in self.mean("dense", name).items()})
         if self._of_kind("shared_expert"):
             out.update({f"{prefix}/mean/shared_expert/{k}": v for k, v in self.mean("shared_expert").items()})
         out.update(experts_log_dict(self.rows, self.routing, prefix))
-        out.update(position_log_dict(self.positions, prefix))  # each measurement's own keys
-        out.update(cross_layer_log_dict(self.rows, self.cross_layer, prefix))
+        means = {name: mean_name(name, dense) for name in dense}  # other kinds' families: mean/<family>
+        means |= {name: f"mean/{name}" for name in families(row["site"] for row in sites) if name not in means}
+        out.update(position_log_dict(self.positions, prefix, means))  # each measurement's own keys
+        out.update(cross_layer_log_dict(self.rows, self.cross_layer, prefix, means))
         return out
 
     def to_pandas(self):

@@ -5,13 +5,23 @@ the family and layer back from the name with these functions only.
 
 >>> family("token_mlp.3"), layer_of("token_mlp.3"), family("mean"), layer_of("mean")
 ('token_mlp', 3, 'mean', -1)
+
+Layer means are over one family of like sites only, named by :func:`mean_name`: ``mean`` for a model with
+one family of dense FFNs (``nerve/mean/pr_pre``), ``mean/<family>`` for each family of a model with several
+(an encoder-decoder's ``nerve/mean/encoder.ffn/pr_pre`` and ``nerve/mean/decoder.ffn/pr_pre``, a VLM's
+``mean/vision.ffn`` and ``mean/text.ffn``, an MLP-Mixer's ``mean/token_mlp`` and ``mean/channel_mlp``).
+
+>>> mean_name("ffn", ["ffn"]), mean_name("decoder.ffn", ["encoder.ffn", "decoder.ffn"])
+('mean', 'mean/decoder.ffn')
+>>> is_mean("mean"), is_mean("mean/token_mlp"), is_mean("ffn.0")
+(True, True, False)
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
-__all__ = ["family", "layer_of", "next_sites"]
+__all__ = ["family", "families", "is_mean", "layer_of", "mean_name", "next_sites"]
 
 
 def _split(site: str) -> tuple[str, int | None]:
@@ -28,6 +38,22 @@ def layer_of(site: str) -> int:
     """``ffn.3`` -> 3; -1 for a name without a layer (``mean``)."""
     layer = _split(site)[1]
     return -1 if layer is None else layer
+
+
+def families(sites: Iterable[str]) -> list[str]:
+    """The families of ``sites``, in order of first appearance (``["encoder.ffn", "decoder.ffn"]``)."""
+    return list(dict.fromkeys(family(site) for site in sites))
+
+
+def mean_name(family: str, all_families: Sequence[str]) -> str:
+    """The name of the layer mean over ``family``: ``mean`` when it is the only family in ``all_families``
+    (the model's families of dense FFNs), else ``mean/<family>``."""
+    return "mean" if list(all_families) in ([], [family]) else f"mean/{family}"
+
+
+def is_mean(site: str) -> bool:
+    """Is ``site`` the name of a layer mean (``mean``, ``mean/<family>``) rather than of an FFN?"""
+    return site == "mean" or site.startswith("mean/")
 
 
 def next_sites(rows: Iterable[dict]) -> dict[str, str]:

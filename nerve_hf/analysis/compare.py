@@ -13,6 +13,7 @@ from nerve_hf.analysis import run_plots
 from nerve_hf.analysis.runs import load_run, split_order, with_layer_mean
 from nerve_hf.errors import InputError, requires
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.sites import is_mean
 
 __all__ = ["COMPARE_COLUMNS", "CompareResult", "load_compare_inputs", "compare_table", "write_compare"]
 
@@ -99,7 +100,7 @@ def compare_table(runs: dict):
     with requires("analysis"):
         import pandas as pd
 
-    parts = [frame[frame["site"] != "mean"].assign(run=name) for name, frame in runs.items()]
+    parts = [frame[~frame["site"].map(is_mean)].assign(run=name) for name, frame in runs.items()]
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COMPARE_COLUMNS)
     return table[COMPARE_COLUMNS].reset_index(drop=True)
 

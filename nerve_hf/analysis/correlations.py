@@ -8,6 +8,7 @@ import warnings
 from nerve_hf.analysis.runs import RunData, aligned, split_order
 from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.sites import is_mean
 
 __all__ = ["MIN_POINTS", "CORRELATION_COLUMNS", "correlations"]
 
@@ -35,8 +36,8 @@ def correlations(table, min_points: int = MIN_POINTS):
     for split in split_order(table["split"]):
         part = table[table["split"] == split]
         sites = part[["site", "layer"]].drop_duplicates("site")
-        layers = [s for s in sites.sort_values("layer", kind="stable")["site"] if s != "mean"]
-        sites = (["mean"] if (part["site"] == "mean").any() else []) + layers  # no mean: sites differ by step
+        ordered = list(sites.sort_values("layer", kind="stable")["site"])
+        sites = [s for s in ordered if is_mean(s)] + [s for s in ordered if not is_mean(s)]  # means first
         for site in sites:
             rows = part[part["site"] == site].sort_values("step")
             for name in METRIC_NAMES:

@@ -14,6 +14,7 @@ from nerve_hf.analysis.trend import FEW_POINTS, trend_free_correlations
 from nerve_hf.errors import InputError
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.sinks.archive import load_spectra
+from nerve_hf.sites import is_mean
 
 __all__ = ["summary_markdown", "ReportResult", "write_report"]
 
@@ -37,7 +38,7 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
     correlations, the last measurement per layer, and links to the figures."""
     lines = [f"# NerVE report: `{run.run_dir}`", ""]
     lines += [f"- measurements: `{run.sources.get('records')}`", f"- losses: `{run.sources.get('state')}`"]
-    sites = run.metrics[run.metrics["site"] != "mean"]["site"].nunique()
+    sites = run.metrics[~run.metrics["site"].map(is_mean)]["site"].nunique()
     for split in split_order(run.metrics["split"]):
         steps = sorted(run.metrics[run.metrics["split"] == split]["step"].unique())
         with_loss = len(set(steps) & set(run.losses[run.losses["split"] == split]["step"]))
@@ -61,7 +62,7 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
     rotating = splits_without_mean(run.metrics)
     has_trend = "r_diff" in corr
     for split in split_order(corr["split"]):
-        part = corr[(corr["split"] == split) & (corr["site"] == "mean")]
+        part = corr[(corr["split"] == split) & corr["site"].map(is_mean)]  # mean, or mean/<family> each
         if split in rotating:
             lines += [
                 f"## `{split}`: no layer mean",
@@ -75,12 +76,13 @@ def summary_markdown(run: RunData, corr, figures: dict[str, list[str]] | None = 
             head, rule = head + " r(Δ) | p(Δ) | n(Δ) | |", rule + "---:|---:|---:|---|"
         lines += [f"## `{split}`: layer-mean metric vs loss", "", head, rule]
         for row in part.itertuples():
-            line = f"| {row.metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |"
+            metric = row.metric if row.site == "mean" else f"{row.metric} ({row.site})"
+            line = f"| {metric} | {_num(row.r, '+.4f')} | {_num(row.p, '.2e')} | {row.n} |"
             if has_trend:
                 flag = f"few (< {FEW_POINTS})" if row.few_points else ""
                 line += f" {_num(row.r_diff, '+.4f')} | {_num(row.p_diff, '.2e')} | {row.n_diff} | {flag} |"
             lines.append(line)
-        layers = corr[(corr["split"] == split) & (corr["site"] != "mean")].dropna(subset=["r"])
+        layers = corr[(corr["split"] == split) & ~corr["site"].map(is_mean)].dropna(subset=["r"])
         if len(layers):
             top = layers.reindex(layers["r"].abs().sort_values(ascending=False).index).head(5)
             lines += ["", "Strongest per-layer correlations:", "", "| site | metric | r | n |", "|---|---|---:|---:|"]

@@ -37,10 +37,10 @@ from nerve_hf.errors import InputError, requires
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.report import ROW_KEYS
 from nerve_hf.sinks.records import RECORDS_FILENAME, scan_records, skipped_lines_message
-from nerve_hf.sites import layer_of
+from nerve_hf.sites import families, family, is_mean, layer_of, mean_name
 from nerve_hf.tracking.measurements.flow import FLOW_KEYS
 
-__all__ = ["RunData", "load_run", "aligned", "split_order", "with_layer_mean", "splits_without_mean"]
+__all__ = ["RunData", "load_run", "aligned", "split_order", "with_layer_mean", "family_means", "splits_without_mean"]
 
 STATE_FILENAME = "trainer_state.json"
 _EVAL_LOSS = re.compile(r"^(eval(?:_.+)?)_loss$")  # eval_loss -> eval; eval_code_loss -> eval_code
@@ -130,7 +130,7 @@ def _records_from_log_history(log_history: list[dict]) -> list[dict]:
         step = entry.get("step")
         for key, value in entry.items():
             match = _LOG_KEY.match(key)
-            if step is None or not match or match.group(3) not in METRIC_NAMES or match.group(2) == "mean":
+            if step is None or not match or match.group(3) not in METRIC_NAMES or is_mean(match.group(2)):
                 continue
             split, site = match.group(1) or "train", match.group(2)
             record = grouped.setdefault(
@@ -276,15 +276,16 @@ def load_run(run_dir) -> RunData:
 def splits_without_mean(metrics) -> list[str]:
     """The splits whose measurements do not all cover the same set of sites (``layers_per_step`` runs,
     rotating over groups of layers): a mean over them would mix different layers from step to step."""
-    per_step = metrics[metrics["site"] != "mean"].groupby(["split", "step"], sort=False)["site"].agg(frozenset)
+    per_step = metrics[~metrics["site"].map(is_mean)].groupby(["split", "step"], sort=False)["site"].agg(frozenset)
     kinds = per_step.groupby(level="split", sort=False).nunique()
     return split_order(kinds[kinds > 1].index)
 
 
 def with_layer_mean(metrics):
     """``metrics`` (per-site rows: step, split, site, layer, kind, dim, tokens, metrics, and the flow metrics
-    of a ``flow=True`` run) with a ``site == "mean"`` row per (split, step): the average over its dense FFNs,
-    as logged under ``nerve/mean/...``; ``layer`` -1, ``tokens`` the mean over sites. Only for splits where
+    of a ``flow=True`` run) with a layer-mean row per (split, step) and family of dense FFNs, as logged under
+    ``nerve/mean/...``: site ``mean`` for a model with one family, ``mean/<family>`` for each family of a model
+    with several (:func:`family_means`); ``layer`` -1, ``tokens`` the mean over sites. Only for splits where
     every step has the same set of sites: a ``layers_per_step`` run measures a different group at each step,
     and has no layer mean (as the callback logs none)."""
     import pandas as pd
@@ -293,18 +294,31 @@ def with_layer_mean(metrics):
         metrics = metrics.assign(kind="dense")
     flow = [key for key in FLOW_KEYS if key != "dim_input" and key in metrics.columns]
     columns = ["step", "split", *ROW_KEYS, *flow]
+    if "kind" not in metrics:  # records and result files written before kinds: dense
+        metrics = metrics.assign(kind="dense")
     rotating = splits_without_mean(metrics)
     same_sites = metrics[~metrics["split"].isin(rotating)]
     kinds = same_sites["kind"]
     dense = same_sites[kinds.isna() | (kinds == "dense")]  # records written before rows had kinds: dense
-    mean = (
-        dense.groupby(["split", "step"], sort=False)
-        .agg({**{name: "mean" for name in [*METRIC_NAMES, *flow]}, "tokens": "mean"})
-        .reset_index()
-        .assign(site="mean", layer=-1, dim=math.nan, kind="dense")
-    )
+    mean = family_means(dense, ["split", "step"], [*METRIC_NAMES, *flow])
     frame = pd.concat([metrics[columns], mean[columns]], ignore_index=True)
     return frame.sort_values(["split", "step", "layer", "site"], kind="stable").reset_index(drop=True)
+
+
+def family_means(dense, by: list[str], names: list[str]):
+    """The layer means of ``dense`` (per-site rows of dense FFNs) per group of the ``by`` columns and site
+    family, never two families together: columns ``by``, ``names``, ``tokens`` (the mean over sites), ``site``
+    (:func:`~nerve_hf.sites.mean_name`: ``mean``, or ``mean/<family>`` where the rows hold several families),
+    ``layer`` -1, ``dim`` NaN, ``kind`` ``"dense"``."""
+    all_families = families(dense["site"])
+    mean = (
+        dense.assign(_family=dense["site"].map(family))
+        .groupby([*by, "_family"], sort=False)
+        .agg({**{name: "mean" for name in names}, "tokens": "mean"})
+        .reset_index()
+    )
+    sites = mean["_family"].map(lambda name: mean_name(name, all_families))
+    return mean.drop(columns="_family").assign(site=sites, layer=-1, dim=math.nan, kind="dense")
 
 
 def aligned(run: RunData):

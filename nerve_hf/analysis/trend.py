@@ -14,6 +14,7 @@ import warnings
 from nerve_hf.analysis.runs import split_order
 from nerve_hf.errors import requires
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.sites import is_mean
 
 __all__ = ["FEW_POINTS", "TREND_COLUMNS", "trend_free_correlations"]
 
@@ -48,7 +49,9 @@ def trend_free_correlations(table, min_points: int = 3):
     for split in split_order(table["split"]):
         part = table[table["split"] == split]
         sites = part[["site", "layer"]].drop_duplicates("site")
-        sites = ["mean"] + [s for s in sites.sort_values("layer", kind="stable")["site"] if s != "mean"]
+        ordered = list(sites.sort_values("layer", kind="stable")["site"])
+        sites = ["mean"] if "mean" not in ordered and not any(map(is_mean, ordered)) else []
+        sites += [s for s in ordered if is_mean(s)] + [s for s in ordered if not is_mean(s)]  # means first
         for site in sites:
             rows = part[part["site"] == site].sort_values("step")
             for name in METRIC_NAMES:

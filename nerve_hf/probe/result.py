@@ -36,7 +36,7 @@ class ProbeResult:
 
         content = {
             "rows": self.report.rows,
-            "mean": self.report.mean(),
+            "mean": self.report.mean_summary(),
             "model": self.model,
             "data": self.data,
             "settings": self.settings,

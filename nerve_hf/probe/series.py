@@ -24,7 +24,6 @@ metric with the loss, per layer and for the layer mean) and the trajectory plots
 from __future__ import annotations
 
 import datetime as _datetime
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -270,12 +269,10 @@ def _run_frames(frame):
 
     columns = ["step", "split", *ROW_KEYS]
     metrics = frame.assign(split=SPLIT)[columns]
-    # the layer mean is over the dense FFNs only, as the report's nerve/mean keys are
-    dense = metrics[metrics["kind"] == "dense"]
-    mean = dense.groupby(["split", "step"], sort=False).agg(
-        {**{name: "mean" for name in METRIC_NAMES}, "tokens": "mean"}
-    )
-    mean = mean.reset_index().assign(site="mean", layer=-1, dim=math.nan, kind="dense")
+    # the layer means are over the dense FFNs only, one per family, as the report's nerve/mean keys are
+    from nerve_hf.analysis.runs import family_means
+
+    mean = family_means(metrics[metrics["kind"] == "dense"], ["split", "step"], list(METRIC_NAMES))
     metrics = pd.concat([metrics, mean[columns]], ignore_index=True)
     metrics = metrics.sort_values(["step", "layer", "site"], kind="stable").reset_index(drop=True)
     losses = None
@@ -314,7 +311,7 @@ def write_series(result: SeriesResult, out_dir, with_plots: bool = True) -> list
                 "spec": checkpoint.spec,
                 "revision": checkpoint.revision,
                 "loss": probe.loss,
-                "mean": probe.report.mean(),
+                "mean": probe.report.mean_summary(),
                 "rows": probe.report.rows,
                 **({"routing": probe.report.routing} if probe.report.routing else {}),  # MoE models
                 "model": probe.model,

@@ -38,12 +38,13 @@ def aligned(columns: list[str], body: list[list[str]]) -> str:
 
 
 def format_table(report: SpectralReport) -> str:
-    """The per-layer metrics as an aligned text table, with the layer mean as its last row; then the tables
-    of the features the report holds (variance flow, position buckets, cross-layer pairs)."""
+    """The per-layer metrics as an aligned text table, with the layer means as its last rows (one per family
+    of dense FFNs); then the tables of the features the report holds (variance flow, position buckets,
+    cross-layer pairs)."""
     columns = ["site", "tokens"] + list(METRIC_NAMES)
     body = [[row["site"], str(row["tokens"])] + [format_value(row[n]) for n in METRIC_NAMES] for row in report.rows]
-    mean = report.mean()
-    body.append(["mean", ""] + [format_value(mean[name]) for name in METRIC_NAMES])
+    for name, mean in report.means().items():  # one per family of dense FFNs: mean, or mean/<family>
+        body.append([name, ""] + [format_value(mean[metric]) for metric in METRIC_NAMES])
     tables = [aligned(columns, body)]
     if report.rows and "se_input" in report.rows[0]:
         flow_columns = ["site"] + [f"{m}_{s}" for m in ("se", "pr", "eee") for s in ("input", "pre", "post", "output")]

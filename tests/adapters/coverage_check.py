@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import model_adapters
+from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.tracking.tracker import FFNTracker
 from tests.reference import activation_metrics
 
@@ -60,11 +61,13 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (1 + float(b.abs().max()))))
 
 
-def _activated(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """act(p) for every activation that accepts a float64 tensor."""
+def _activated(p: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+    """act(p) for every activation (of ``names``; None: all) that accepts a float64 tensor."""
     out = {}
     with torch.no_grad():
         for name, act in ACTS.items():
+            if names is not None and name not in names:
+                continue
             try:
                 out[name] = act(p)
             except RuntimeError:  # parameterised activations (PReLU) of float32 weights
@@ -140,33 +143,40 @@ class Capture:
             ]
         return self._sibling_cache[pre]
 
-    def _acts(self, pre: str, pre_chunk) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """act(pre output) for every activation, and the other chunks of a fused output."""
-        key = (pre, pre_chunk)
+    def _acts(self, pre: str, pre_chunk, names=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """act(pre output) for every activation (of ``names``), and the other chunks of a fused output."""
+        key = (pre, pre_chunk, names)
         if key not in self._act_cache:
             p, others = self.outputs[pre], []
             if pre_chunk is not None:
                 index, chunks = pre_chunk
                 parts = p.chunk(chunks, dim=-1)
                 p, others = parts[index], [part for i, part in enumerate(parts) if i != index]
-            self._act_cache[key] = (_activated(p), others)
+            self._act_cache[key] = (_activated(p, names), others)
         return self._act_cache[key]
 
-    def ffn_relation(self, pre: str, post: str, pre_chunk=None) -> str | None:
-        """How post's input follows from pre's output ("dense act" / "gated act"), or None if it does not."""
+    def ffn_relation(self, pre: str, post: str, pre_chunk=None, names=None) -> str | None:
+        """How post's input follows from pre's output ("dense act" / "gated act"), or None if it does not;
+        ``names``: the activations to try (None: all)."""
+        found = self.ffn_relations(pre, post, pre_chunk, names, first=True)
+        return found[0] if found else None
+
+    def ffn_relations(self, pre: str, post: str, pre_chunk=None, names=None, first=False) -> list[str]:
+        """Every (or the ``first``) relation by which post's input follows from pre's output."""
         if pre not in self.outputs or post not in self.inputs:
-            return None
-        q = self.inputs[post]
-        acts, others = self._acts(pre, pre_chunk)
+            return []
+        q, found = self.inputs[post], []
+        acts, others = self._acts(pre, pre_chunk, names)
         for name, a in acts.items():
             if a.shape != q.shape:
-                return None
+                return []
             if _close(q, a):
-                return f"dense {name}"
-            for u in others + self._siblings(pre):
-                if u.shape == a.shape and _close(q, a * u):
-                    return f"gated {name}"
-        return None
+                found.append(f"dense {name}")
+            elif any(u.shape == a.shape and _close(q, a * u) for u in others + self._siblings(pre)):
+                found.append(f"gated {name}")
+            if found and first:
+                break
+        return found
 
     def ffn_pairs(self) -> set[tuple[str, str]]:
         """Every (pre, post) pair of linears whose values make an FFN, by :meth:`ffn_relation`."""
@@ -185,9 +195,11 @@ class Capture:
                     chunks = [(0, 2), (1, 2)]
                 else:
                     continue
-                chunks = [c for c in chunks if head.ffn_relation(pre, post, c)]
-                if any(self.ffn_relation(pre, post, chunk) for chunk in chunks):
-                    pairs.add((pre, post))
+                for chunk in chunks:  # the full rows only for the activations that hold on the first ones
+                    names = tuple(r.split()[1] for r in head.ffn_relations(pre, post, chunk))
+                    if names and self.ffn_relation(pre, post, chunk, names):
+                        pairs.add((pre, post))
+                        break
         return pairs
 
 
@@ -239,11 +251,18 @@ def check(model: nn.Module) -> str:
         capture.remove()
     assert report.rows, "measured nothing"
     moe = is_moe(model.config)
+    check_routed_experts(report, inputs)
+    assert any(row["tokens"] > 0 for row in report.rows), "no measured FFN ran on the text"
     for row in report.rows:
+        if row.get("kind") == "expert":
+            continue  # routed experts: check_routed_experts
         site = sites[row["site"]]
         where = f"{row['site']} ({site.pre_path} -> {site.post_path})"
         assert not forbidden(site.pre_path) and not forbidden(site.post_path), f"not an FFN: {where}"
-        assert row["tokens"] > 0, f"{where}: no token ran through it"
+        if row["tokens"] == 0:  # a stack that does not run on text (a vision tower): it must say so
+            assert site.pre_path not in capture.calls, f"{where}: 0 tokens, but it ran"
+            assert all(not np.isfinite(row[name]) for name in METRIC_NAMES), f"{where}: metrics without tokens"
+            continue
         relation = capture.ffn_relation(site.pre_path, site.post_path, site.pre_chunk)
         assert relation is not None, f"{where}: post is not act(pre) (or act(gate) * up): not an FFN"
         if moe:
@@ -262,6 +281,27 @@ def check(model: nn.Module) -> str:
     missed = {pair for pair in capture.ffn_pairs() if pair not in measured and pair[1] not in {p for _, p in measured}}
     assert not missed, f"FFNs that ran and are not measured: {sorted(missed)}"
     return f"measured: {len(report.rows)} sites"
+
+
+def check_routed_experts(report, inputs: dict) -> None:
+    """Routed experts (their values are checked against their own reference in tests/tracking/test_experts.py):
+    every expert row says ``kind="expert"`` and its layer; per layer of routed experts, the routing row counts
+    the real tokens of the text (the encoder's or the decoder's) and the expert rows' tokens add up to its
+    (token, expert) assignments, at least one per token."""
+    real = {int(inputs[key].sum()) for key in ("attention_mask", "decoder_attention_mask") if key in inputs}
+    experts = [row for row in report.rows if row.get("kind") == "expert"]
+    for routing in report.routing:
+        family = routing["site"].rpartition(".")[0]
+        rows = [r for r in experts if r["site"].partition("[")[0] == family and r["layer"] == routing["layer"]]
+        where = f"{routing['site']} (routed experts)"
+        assert rows, f"{where}: no expert row"
+        assert routing["tokens"] in real, f"{where}: routed {routing['tokens']} tokens, real: {sorted(real)}"
+        assert sum(r["tokens"] for r in rows) == routing["assignments"] >= routing["tokens"], (
+            f"{where}: expert rows count {sum(r['tokens'] for r in rows)} of {routing['assignments']} assignments"
+        )
+    assert len({(r["site"].partition("[")[0], r["layer"]) for r in experts}) == len(report.routing), (
+        "expert rows without their layer's routing row"
+    )
 
 
 def _says_dense(adapter) -> bool:

@@ -20,38 +20,42 @@ from tests.adapters import coverage_check, shrunk_models
 
 MAX_PARAMETERS = 10_000_000  # bigger after shrinking: a sub-config the generic rules miss; skipped
 
-_MOE = "MoE: routed experts are not measured yet and rows do not say their kind (issue #27)"
-_SEQ2SEQ = "encoder-decoder: the decoder's FFNs count the encoder's mask (issue #26 item 1)"
-_VLM = "vision-language: its tower is not a stack of the table yet (issue #26 item 2)"
+_SEQ2SEQ = "encoder-decoder without a table entry: detection gives its decoder FFNs the encoder's mask (issue #26)"
+_DECODER_ONLY = "the decoder-only head of a seq2seq family: its table entry requires the encoder it lacks (ValueError)"
+_MOE_KIND = "MoE without a table entry: its rows do not say their kind, routed experts not measured (issue #27)"
+_MOE_MISSED = "MoE: dense layers and shared experts that ran are not measured (issue #27)"
 
 # class name -> why it fails today (strict xfail: an XPASS fails, so a fix must remove its entry)
 EXPECTED: dict[str, str] = {
-    "BartForConditionalGeneration": _SEQ2SEQ,
-    "BigBirdPegasusForConditionalGeneration": _SEQ2SEQ,
-    "BlenderbotForConditionalGeneration": _SEQ2SEQ,
-    "BlenderbotSmallForConditionalGeneration": _SEQ2SEQ,
-    "AfmoeForCausalLM": _MOE,
-    "AriaTextForCausalLM": _MOE,
-    "BeamForCausalLM": _MOE,
-    "DeepseekV32ForCausalLM": _MOE,
-    "FlintForCausalLM": _MOE,
-}
-
-
-def expected_by_kind(model) -> str | None:
-    """Why a class the sweep has not listed yet may fail today, from its config: MoE, encoder-decoder or
-    multimodal families (their fixes are table entries of issues #26 and #27). A non-strict xfail."""
-    config = model.config
-    if coverage_check.is_moe(config):
-        return _MOE
-    if getattr(config, "is_encoder_decoder", False):
-        return _SEQ2SEQ
-    if any(hasattr(config, key) for key in ("vision_config", "audio_config", "speech_config", "image_config")):
-        return _VLM
-    return None
+    **dict.fromkeys(
+        ["BigBirdPegasusForConditionalGeneration", "BlenderbotForConditionalGeneration",
+         "BlenderbotSmallForConditionalGeneration", "LEDForConditionalGeneration", "LongT5ForConditionalGeneration",
+         "M2M100ForConditionalGeneration", "MvpForConditionalGeneration", "PLBartForConditionalGeneration",
+         "Pop2PianoForConditionalGeneration", "T5GemmaForConditionalGeneration", "T5Gemma2ForConditionalGeneration"],
+        _SEQ2SEQ,
+    ),
+    **dict.fromkeys(
+        ["BartForCausalLM", "MBartForCausalLM", "MarianForCausalLM", "PegasusForCausalLM", "WhisperForCausalLM"],
+        _DECODER_ONLY,
+    ),
+    **dict.fromkeys(
+        ["BeamForCausalLM", "DeepseekV32ForCausalLM", "DogeForCausalLM", "FlintForCausalLM", "GlmMoeDsaForCausalLM",
+         "Kimi_K25ForConditionalGeneration", "NllbMoeForConditionalGeneration",
+         "SwitchTransformersForConditionalGeneration"],
+        _MOE_KIND,
+    ),
+    **dict.fromkeys(
+        ["ErgoForCausalLM", "NemotronHForCausalLM", "Nemotron3_5TranscribeForConditionalGeneration"], _MOE_MISSED
+    ),
+    "Kosmos2_5ForConditionalGeneration": "its text FFN has a LayerNorm between the activation and fc2 "
+    "(ffn_layernorm): post, fc2's input, is not act(pre)",
+    "PegasusXForConditionalGeneration": "each encoder FFN runs twice in one forward (pre ran 2 times); the "
+    "check's capture keeps one call per module, so its rows are not checked yet",
+}  # fmt: skip
 
 
 def _build(name: str):
+    """The class built once for real from its shrunk config (after a meta build that guards the size)."""
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -63,22 +67,38 @@ def _build(name: str):
         pytest.skip(f"{n:,} parameters after shrinking: a sub-config the generic rules do not shrink")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = shrunk_models.build(name)
-        try:
-            with torch.no_grad():
-                model(**coverage_check.text_inputs(model))
-        except Exception as error:  # noqa: BLE001 - the model itself cannot run on text alone
-            pytest.skip(f"its forward does not run on input_ids alone: {type(error).__name__}: {str(error)[:200]}")
-    return model
+        return shrunk_models.build(name)
+
+
+def _runs_on_text(model) -> None:
+    """Skip a class whose own forward (without the tracker) does not run on text alone."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(**coverage_check.text_inputs(model))
+    except Exception as error:  # noqa: BLE001 - the model itself cannot run on text alone
+        pytest.skip(f"its forward does not run on input_ids alone: {type(error).__name__}: {str(error)[:200]}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (two wait on each other on a loaded machine, several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", shrunk_models.head_classes())
 def test_measured_right_or_refused(name, request):
     if name in EXPECTED:
-        request.applymarker(pytest.mark.xfail(reason=EXPECTED[name], strict=True, raises=AssertionError))
+        request.applymarker(pytest.mark.xfail(reason=EXPECTED[name], strict=True, raises=(AssertionError, ValueError)))
     model = _build(name)
-    reason = None if name in EXPECTED else expected_by_kind(model)
-    if reason is not None:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=False, raises=AssertionError))
-    outcome = coverage_check.check(model)
+    try:
+        outcome = coverage_check.check(model)  # one forward, under the tracker and the capture
+    except AssertionError:
+        raise
+    except Exception:
+        _runs_on_text(model)  # the forward fails without the tracker too: a skip, with its reason
+        raise
     assert outcome.startswith(("measured", "refused"))

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from nerve_hf.metrics import padded_js
-from nerve_hf.sites import next_sites
+from nerve_hf.sites import families, family, mean_name, next_sites
 from nerve_hf.stats.cross_covariance import CrossCovarianceAccumulator, linear_cka
 from nerve_hf.tracking.call_inputs import WarnOnce
 from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, nan_mean
@@ -50,17 +50,25 @@ def layer_pairs(sites, mode: Optional[str]) -> list[tuple[int, int]]:
     return pairs
 
 
-def cross_layer_log_dict(rows: Sequence[dict], cross_rows: Sequence[dict], prefix: str) -> dict[str, float]:
+def cross_layer_log_dict(
+    rows: Sequence[dict], cross_rows: Sequence[dict], prefix: str, means: Optional[dict[str, str]] = None
+) -> dict[str, float]:
     """Log keys of ``SpectralReport.cross_layer``: for each layer and the next tracked one (``rows`` say
-    which that is), ``{prefix}/{site}/cka_next``, ``js_pre_next``, ``js_post_next``, and their means."""
+    which that is), ``{prefix}/{site}/cka_next``, ``js_pre_next``, ``js_post_next``, and their means over each
+    family (``{prefix}/mean/cka_next``; a model with several: ``{prefix}/mean/{family}/cka_next``); ``means``: as
+    :func:`~nerve_hf.tracking.measurements.positions.position_log_dict`'s."""
     following = next_sites(rows)
     adjacent = [row for row in cross_rows if following.get(row["site_a"]) == row["site_b"]]
     out = {}
     for row in adjacent:
         for name in ("cka", "js_pre", "js_post"):
             out[f"{prefix}/{row['site_a']}/{name}_next"] = row[name]
-    for name in ("cka", "js_pre", "js_post") if adjacent else ():
-        out[f"{prefix}/mean/{name}_next"] = nan_mean(row[name] for row in adjacent)
+    all_families = families(row["site_a"] for row in adjacent)
+    for site_family in all_families:
+        members = [row for row in adjacent if family(row["site_a"]) == site_family]
+        mean = (means or {}).get(site_family) or mean_name(site_family, all_families)
+        for name in ("cka", "js_pre", "js_post"):
+            out[f"{prefix}/{mean}/{name}_next"] = nan_mean(row[name] for row in members)
     return out
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.options import is_integer
+from nerve_hf.sites import families, family, mean_name
 from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.tracking.budget import covariance_state_bytes
 from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, nan_mean, standin_pair
@@ -73,18 +74,22 @@ def bucket_labels(edges: Sequence[int]) -> list[tuple[str, int, Optional[int]]]:
     return [(f"{start}-{'inf' if end is None else end}", start, end) for start, end in zip(edges, ends)]
 
 
-def position_log_dict(rows: Sequence[dict], prefix: str) -> dict[str, float]:
+def position_log_dict(rows: Sequence[dict], prefix: str, means: Optional[dict[str, str]] = None) -> dict[str, float]:
     """Log keys of ``SpectralReport.positions``: ``{prefix}/{site}/{metric}.pos{bucket}`` and the layer
-    mean ``{prefix}/mean/{metric}.pos{bucket}``."""
+    mean over each family of sites ``{prefix}/mean/{metric}.pos{bucket}`` (a model with several families:
+    ``{prefix}/mean/{family}/{metric}.pos{bucket}``, :func:`~nerve_hf.sites.mean_name`); ``means``: family -> the
+    name of its mean where the caller knows better (the report: ``mean/shared_expert`` beside ``mean``)."""
     out: dict[str, float] = {}
-    buckets: dict[str, list[dict]] = {}
+    buckets: dict[tuple[str, str], list[dict]] = {}
+    all_families = families(row["site"] for row in rows)
     for row in rows:
-        buckets.setdefault(row["bucket"], []).append(row)
+        buckets.setdefault((row["bucket"], family(row["site"])), []).append(row)
         for name in METRIC_NAMES:
             out[f"{prefix}/{row['site']}/{name}.pos{row['bucket']}"] = row[name]
-    for bucket, members in buckets.items():
+    for (bucket, site_family), members in buckets.items():
+        mean = (means or {}).get(site_family) or mean_name(site_family, all_families)
         for name in METRIC_NAMES:
-            out[f"{prefix}/mean/{name}.pos{bucket}"] = nan_mean(row[name] for row in members)
+            out[f"{prefix}/{mean}/{name}.pos{bucket}"] = nan_mean(row[name] for row in members)
     return out
 
 
