@@ -290,8 +290,6 @@ def with_layer_mean(metrics):
     and has no layer mean (as the callback logs none)."""
     import pandas as pd
 
-    if "kind" not in metrics:  # the model zoo's result files: dense FFNs, saved before rows said their kind
-        metrics = metrics.assign(kind="dense")
     flow = [key for key in FLOW_KEYS if key != "dim_input" and key in metrics.columns]
     columns = ["step", "split", *ROW_KEYS, *flow]
     if "kind" not in metrics:  # records and result files written before kinds: dense
