@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from nerve_hf.tracking.call_inputs import WarnOnce, batch_size
-from nerve_hf.tracking.tokens import AttentionMaskTokens, TokenSource, _on_host_path
+from nerve_hf.tracking.tokens import AttentionMaskTokens, TokenSource, _on_host_path, select_by_mask
 
 __all__ = [
     "StackTokens",
@@ -134,14 +134,7 @@ class StackTokens(TokenSource):
             return flat[:0], None  # [0, D]
         if self._mask is None:
             return (flat if self._keep is None else x[: self._keep].reshape(-1, x.shape[-1])), None
-        rows = self._rows.get(x.device)
-        if not _on_host_path(x.device):
-            if rows is None:
-                rows = self._rows[x.device] = self._mask.reshape(-1).to(x.device)  # [B*T] bool
-            return flat, rows
-        if rows is None:
-            rows = self._rows[x.device] = self._mask.reshape(-1).nonzero().squeeze(1).to(x.device)  # [N]
-        return flat.index_select(0, rows), None  # [N, D]
+        return select_by_mask(flat, self._mask, self._rows)
 
     def positions(self, x: Tensor) -> Optional[Tensor]:
         """Each selected row's position in its sequence: from the stack's mask, else the index along the

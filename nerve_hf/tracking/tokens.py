@@ -35,12 +35,26 @@ from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.tracking.call_inputs import WarnOnce, batch_size, mask_position
 from nerve_hf.tracking.packed import PackedRows
 
-__all__ = ["TokenSource", "AttentionMaskTokens", "TokenCap"]
+__all__ = ["TokenSource", "AttentionMaskTokens", "TokenCap", "select_by_mask"]
 
 
 def _on_host_path(device: torch.device) -> bool:
     """True where selecting rows by index costs no wait for the device (the host path)."""
     return device.type in CovarianceAccumulator.HOST_SYNC_DEVICE_TYPES
+
+
+def select_by_mask(flat: Tensor, mask: Tensor, cache: dict) -> tuple[Tensor, Optional[Tensor]]:
+    """The rows of ``flat`` (``[B*T, D]``) that ``mask`` (``[B, T]`` bool) keeps. Host path: ``([N, D], None)``,
+    the kept indices cached per device in ``cache``; device path: all rows and the mask ``[B*T]`` as the keep
+    mask (no ``nonzero()``: it would wait for the device)."""
+    rows = cache.get(flat.device)
+    if not _on_host_path(flat.device):
+        if rows is None:
+            rows = cache[flat.device] = mask.reshape(-1).to(flat.device)  # [B*T] bool
+        return flat, rows
+    if rows is None:
+        rows = cache[flat.device] = mask.reshape(-1).nonzero().squeeze(1).to(flat.device)  # [N]
+    return flat.index_select(0, rows), None  # [N, D]
 
 
 class TokenSource:
@@ -153,14 +167,7 @@ class AttentionMaskTokens(TokenSource):
                 f"{tuple(x.shape)}; counting all their rows",
             )
             return flat, None
-        rows = self._rows.get(x.device)
-        if not _on_host_path(x.device):
-            if rows is None:
-                rows = self._rows[x.device] = self._mask.reshape(-1).to(x.device)  # [B*T] bool
-            return flat, rows
-        if rows is None:
-            rows = self._rows[x.device] = self._mask.reshape(-1).nonzero().squeeze(1).to(x.device)  # [N]
-        return flat.index_select(0, rows), None  # [N, D]
+        return select_by_mask(flat, self._mask, self._rows)
 
     def positions(self, x: Tensor) -> Optional[Tensor]:
         """With a mask, ``attention_mask.cumsum(-1) - 1`` of each selected row (a packed call: its
