@@ -89,6 +89,8 @@ CHANGED = {  # one new valid value per option: every one of them is refused once
     "spectra_dtype": "float32",
     "extra_metrics": True,
     "metrics": "pr",
+    "experts": [0],
+    "experts_per_step": 2,
 }
 
 

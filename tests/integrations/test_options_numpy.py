@@ -22,6 +22,8 @@ VALID = {  # a valid Python value for fields whose default is None
     "max_tokens": 64,
     "layers_per_step": 1,
     "memory_budget_mb": 100.0,
+    "experts": [0, 1],
+    "experts_per_step": 2,
 }
 AS_NUMPY = {
     bool: lambda v: [np.bool_(v), np.bool_(not v)],
