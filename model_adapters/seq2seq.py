@@ -8,14 +8,19 @@ Read from the installed transformers modeling files:
   FFN); the FFN is its last entry, ``layer.1`` in the encoder and ``layer.2`` in the decoder.
   ``DenseReluDense`` is ``T5DenseActDense`` (``wi`` -> act -> ``wo``) or, when ``config.is_gated_act``,
   ``T5DenseGatedActDense`` (act(``wi_0``) * ``wi_1`` -> ``wo``; pre = ``wi_0``).
-* BART / mBART / Pegasus / Marian / Whisper: ``fc1`` -> act -> ``fc2`` directly in each of
-  ``{encoder,decoder}.layers.N``. Whisper's encoder takes no mask (every frame of its input counts).
+* LongT5 and Pop2Piano: T5's block layout.
+* BART / mBART / Pegasus / Marian / Whisper, and BigBirdPegasus, Blenderbot, BlenderbotSmall, M2M100, Mvp,
+  PLBart: ``fc1`` -> act -> ``fc2`` directly in each of ``{encoder,decoder}.layers.N``. Whisper's encoder
+  takes no mask (every frame of its input counts). LED is not in the table: it pads its input to a multiple
+  of its attention window inside the model, so its encoder rows do not match the call's mask.
+* The ``*ForCausalLM`` head of a BART-like family is its decoder alone, a causal LM (its config says
+  ``is_encoder_decoder=False``): one ``ffn`` family counting the call's ``attention_mask``, like OPT.
 
 The decoder is ``optional``: encoder-only classes (``T5EncoderModel``, ``WhisperForAudioClassification``)
 measure their encoder.
 """
 
-from .spec import Adapter, ByConfig, FFNSite
+from .spec import Adapter, ByConfig, FFNSite, ffn
 
 
 def _t5(gated: bool) -> Adapter:
@@ -31,13 +36,15 @@ def _t5(gated: bool) -> Adapter:
     )  # fmt: skip
 
 
-def _fc(encoder_tokens: str = "encoder") -> Adapter:
-    return Adapter(
+def _fc(encoder_tokens: str = "encoder") -> ByConfig:
+    """A BART-like family: encoder and decoder stacks, or, for its ``*ForCausalLM`` head, the decoder alone."""
+    both = Adapter(
         sites=(
             FFNSite("encoder.ffn", "encoder.layers", "fc1", "fc2", stack="encoder", tokens=encoder_tokens),
             FFNSite("decoder.ffn", "decoder.layers", "fc1", "fc2", stack="decoder", tokens="decoder", optional=True),
         )
     )
+    return ByConfig("is_encoder_decoder", ((True, both), (False, ffn("decoder.layers", pre="fc1", post="fc2"))))
 
 
 _T5 = ByConfig("is_gated_act", ((False, _t5(gated=False)), (True, _t5(gated=True))))
@@ -53,4 +60,12 @@ ADAPTERS = {
     "pegasus": _BART,
     "marian": _BART,
     "whisper": _fc(encoder_tokens="all"),
+    "longt5": _T5,
+    "pop2piano": _T5,
+    "bigbird_pegasus": _BART,
+    "blenderbot": _BART,
+    "blenderbot-small": _BART,
+    "m2m_100": _BART,
+    "mvp": _BART,
+    "plbart": _BART,
 }
