@@ -23,3 +23,32 @@ REFUSALS.update(
         "measuring the main stream's real tokens needs a token source for those streams, which there is not yet",
     }
 )
+
+_UNDESCRIBED_SEQ2SEQ = (
+    "an encoder-decoder the table does not describe yet: structural detection would give its decoder FFNs the "
+    "encoder's mask; an adapter with encoder and decoder stacks (as in model_adapters/seq2seq.py) would measure it"
+)
+_UNDESCRIBED_MOE = (
+    "a mixture-of-experts layout the table does not describe yet: detection would report its FFNs without "
+    "saying which are dense, shared or routed, and miss the routed experts (see model_adapters/moe.py)"
+)
+_MISSED_MOE = (
+    "a hybrid mixture-of-experts model whose dense layers and shared experts detection misses: its rows would "
+    "leave out FFNs that ran (see model_adapters/moe.py)"
+)
+REFUSALS.update(
+    {
+        **dict.fromkeys(("t5gemma", "t5gemma2"), _UNDESCRIBED_SEQ2SEQ),
+        "led": "it pads its input to a multiple of its attention window inside the model, so its encoder rows "
+        "no longer line up with the call's attention_mask",
+        **dict.fromkeys(
+            ("beam", "deepseek_v32", "doge", "flint", "glm_moe_dsa", "kimi_k25", "nllb-moe", "switch_transformers"),
+            _UNDESCRIBED_MOE,
+        ),
+        **dict.fromkeys(("ergo", "nemotron_h", "nemo_speechlm"), _MISSED_MOE),
+        "kosmos-2.5": "its FFN normalises between the activation and fc2 (ffn_layernorm), so fc2's input is not "
+        "the post-activation",
+        "pegasus_x": "each encoder FFN runs twice in one forward (its global and its local tokens), which the "
+        "token sources cannot yet tell apart",
+    }
+)

@@ -20,29 +20,10 @@ from tests.adapters import coverage_check, shrunk_models
 
 MAX_PARAMETERS = 10_000_000  # bigger after shrinking: a sub-config the generic rules miss; skipped
 
-_SEQ2SEQ = "encoder-decoder without a table entry: detection gives its decoder FFNs the encoder's mask (issue #26)"
-_MOE_KIND = "MoE without a table entry: its rows do not say their kind, routed experts not measured (issue #27)"
-_MOE_MISSED = "MoE: dense layers and shared experts that ran are not measured (issue #27)"
 
-# class name -> why it fails today (strict xfail: an XPASS fails, so a fix must remove its entry)
-EXPECTED: dict[str, str] = {
-    **dict.fromkeys(["T5GemmaForConditionalGeneration", "T5Gemma2ForConditionalGeneration"], _SEQ2SEQ),
-    "LEDForConditionalGeneration": "pads its input to a multiple of the attention window inside the model: no "
-    "token source maps its encoder rows back to the call's mask yet (issue #26)",
-    **dict.fromkeys(
-        ["BeamForCausalLM", "DeepseekV32ForCausalLM", "DogeForCausalLM", "FlintForCausalLM", "GlmMoeDsaForCausalLM",
-         "Kimi_K25ForConditionalGeneration", "NllbMoeForConditionalGeneration",
-         "SwitchTransformersForConditionalGeneration"],
-        _MOE_KIND,
-    ),
-    **dict.fromkeys(
-        ["ErgoForCausalLM", "NemotronHForCausalLM", "Nemotron3_5TranscribeForConditionalGeneration"], _MOE_MISSED
-    ),
-    "Kosmos2_5ForConditionalGeneration": "its text FFN has a LayerNorm between the activation and fc2 "
-    "(ffn_layernorm): post, fc2's input, is not act(pre)",
-    "PegasusXForConditionalGeneration": "each encoder FFN runs twice in one forward (pre ran 2 times); the "
-    "check's capture keeps one call per module, so its rows are not checked yet",
-}  # fmt: skip
+# class name -> why it fails today (strict xfail: an XPASS fails, so a fix must remove its entry). Empty: every
+# class builds and is measured right, refused with its reason (model_adapters/refusals.py), or skipped above.
+EXPECTED: dict[str, str] = {}
 
 
 def _build(name: str):
