@@ -63,8 +63,13 @@ class InterruptInForward:
 def test_evaluation_after_an_interrupted_step_counts_its_whole_eval_set(tmp_path):
     trainer = make_trainer(tmp_path, [NerveCallback(every_n_steps=1, flow=False)], max_steps=4, learning_rate=0.0)
     hook = trainer.model.transformer.h[1].mlp.register_forward_pre_hook(InterruptInForward(n=3))  # step 2
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    # Python's own SIGINT handler, whatever the test runner's process installed (xdist workers differ)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     hook.remove()
     with pytest.warns(RuntimeWarning, match="training step 2 did not complete"):
         metrics = trainer.evaluate()
