@@ -40,7 +40,7 @@ __all__ = [
 
 EIGEN_BATCH_BYTES = 1 << 30  # decompose at most this much float64 covariance at once (or one matrix)
 # "all": every metric by eigendecomposition; "pr": PR only, by the trace; "estimate": every metric, FFNs at least
-# spectra_estimate.ESTIMATE_MIN_DIM wide estimated from products with Σ instead of an eigendecomposition
+# nerve_hf.spectra.estimate.ESTIMATE_MIN_DIM wide estimated from products with Σ instead of an eigendecomposition
 METRIC_SETS = ("all", "pr", "estimate")
 SPECTRA_METHODS = ("exact", "estimate")  # how the spectra behind "all" are obtained (metric_set maps them)
 SPECTRA_DTYPES = ("float64", "float32")  # eigendecomposition precision; float32's error: docs/scaling.md
