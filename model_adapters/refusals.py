@@ -24,10 +24,6 @@ REFUSALS.update(
     }
 )
 
-_UNDESCRIBED_SEQ2SEQ = (
-    "an encoder-decoder the table does not describe yet: structural detection would give its decoder FFNs the "
-    "encoder's mask; an adapter with encoder and decoder stacks (as in model_adapters/seq2seq.py) would measure it"
-)
 _UNDESCRIBED_MOE = (
     "a mixture-of-experts layout the table does not describe yet: detection would report its FFNs without "
     "saying which are dense, shared or routed, and miss the routed experts (see model_adapters/moe.py)"
@@ -38,7 +34,6 @@ _MISSED_MOE = (
 )
 REFUSALS.update(
     {
-        **dict.fromkeys(("t5gemma", "t5gemma2"), _UNDESCRIBED_SEQ2SEQ),
         "led": "it pads its input to a multiple of its attention window inside the model, so its encoder rows "
         "no longer line up with the call's attention_mask",
         **dict.fromkeys(

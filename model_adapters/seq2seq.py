@@ -13,6 +13,10 @@ Read from the installed transformers modeling files:
   PLBart: ``fc1`` -> act -> ``fc2`` directly in each of ``{encoder,decoder}.layers.N``. Whisper's encoder
   takes no mask (every frame of its input counts). LED is not in the table: it pads its input to a multiple
   of its attention window inside the model, so its encoder rows do not match the call's mask.
+* T5Gemma: ``{encoder,decoder}.layers.N.mlp`` are Gemma's gated MLPs (``gate_proj``, ``up_proj``,
+  ``down_proj``). T5Gemma2's encoder is a text encoder (``encoder.text_model.layers``, image tokens spliced
+  into its sequence, so the call's mask covers them) beside a SigLIP vision tower
+  (``encoder.vision_tower.encoder.layers``, every patch row counts); its decoder is T5Gemma's.
 * The ``*ForCausalLM`` head of a BART-like family is its decoder alone, a causal LM (its config says
   ``is_encoder_decoder=False``): one ``ffn`` family counting the call's ``attention_mask``, like OPT.
 
@@ -47,6 +51,28 @@ def _fc(encoder_tokens: str = "encoder") -> ByConfig:
     return ByConfig("is_encoder_decoder", ((True, both), (False, ffn("decoder.layers", pre="fc1", post="fc2"))))
 
 
+def _gated_layers(encoder: str, decoder: str) -> Adapter:
+    """Gemma-style gated MLPs (``mlp.gate_proj`` -> act, times ``mlp.up_proj`` -> ``mlp.down_proj``) per stack."""
+    return Adapter(
+        sites=(
+            FFNSite("encoder.ffn", encoder, "mlp.gate_proj", "mlp.down_proj", stack="encoder", tokens="encoder"),
+            FFNSite("decoder.ffn", decoder, "mlp.gate_proj", "mlp.down_proj", stack="decoder", tokens="decoder",
+                    optional=True),
+        ),
+        gated=True,
+    )  # fmt: skip
+
+
+_T5_GEMMA2 = _gated_layers("encoder.text_model.layers", "decoder.layers")
+_T5_GEMMA2 = Adapter(
+    sites=(
+        *_T5_GEMMA2.sites,
+        FFNSite("vision.ffn", "encoder.vision_tower.encoder.layers", "mlp.fc1", "mlp.fc2",
+                stack="vision", tokens="all", optional=True),
+    ),
+    gated=True,
+)  # fmt: skip
+
 _T5 = ByConfig("is_gated_act", ((False, _t5(gated=False)), (True, _t5(gated=True))))
 _BART = _fc()
 
@@ -68,4 +94,6 @@ ADAPTERS = {
     "m2m_100": _BART,
     "mvp": _BART,
     "plbart": _BART,
+    "t5gemma": _gated_layers("encoder.layers", "decoder.layers"),
+    "t5gemma2": _T5_GEMMA2,
 }

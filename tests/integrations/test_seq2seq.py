@@ -25,6 +25,8 @@ from transformers import (
     Seq2SeqTrainingArguments,
     T5Config,
     T5ForConditionalGeneration,
+    T5GemmaConfig,
+    T5GemmaForConditionalGeneration,
 )
 
 from nerve_hf import FFNTracker, NerveCallback
@@ -89,7 +91,26 @@ def bart():
     return model, sites
 
 
-MODELS = {"t5": lambda: t5(gated=False), "t5-gated": lambda: t5(gated=True), "bart": bart}
+def t5gemma():
+    torch.manual_seed(0)
+    stack = dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    config = T5GemmaConfig(
+        encoder=stack, decoder={**stack, "intermediate_size": 41}, vocab_size=VOCAB, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2, decoder_start_token_id=2,
+    )  # fmt: skip
+    model = T5GemmaForConditionalGeneration(config)
+    sites = {
+        f"{stack}.ffn.{i}": (f"model.{stack}.layers.{i}.mlp.gate_proj", f"model.{stack}.layers.{i}.mlp.down_proj")
+        for stack in ("encoder", "decoder")
+        for i in range(LAYERS)
+    }
+    return model, sites
+
+
+MODELS = {"t5": lambda: t5(gated=False), "t5-gated": lambda: t5(gated=True), "bart": bart, "t5gemma": t5gemma}
 
 
 def train(model, lengths, tmp_path, **tracker_options):

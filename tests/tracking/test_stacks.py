@@ -74,6 +74,59 @@ def test_llava_vision_tower_counts_every_patch_even_when_its_shape_is_the_text_m
     check_report(report, capture, {"vision": all_rows, "text": text_rows})
 
 
+def t5gemma2():
+    """T5Gemma2: a SigLIP tower (16 patches an image) and a text encoder that splices in 4 image tokens, and a
+    decoder; each of the three stacks has its own rows."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16)  # fmt: skip
+    vision = dict(model_type="siglip_vision_model", image_size=16, patch_size=4, **{**SMALL, "intermediate_size": 43})
+    tokens = dict(boi_token_index=60, eoi_token_index=61, image_token_index=63)
+    encoder = transformers.T5Gemma2EncoderConfig(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, **tokens
+    )
+    decoder = transformers.T5Gemma2DecoderConfig(**{**text, "intermediate_size": 41})
+    model = transformers.T5Gemma2ForConditionalGeneration(
+        transformers.T5Gemma2Config(encoder=encoder, decoder=decoder, **tokens)
+    ).eval()
+    paths = {"vision": ("model.encoder.vision_tower.encoder.layers", "fc1", "fc2"),
+             "encoder": ("model.encoder.text_model.layers", "gate_proj", "down_proj"),
+             "decoder": ("model.decoder.layers", "gate_proj", "down_proj")}  # fmt: skip
+    return model, {
+        f"{stack}.ffn.{i}": (f"{blocks}.{i}.mlp.{pre}", f"{blocks}.{i}.mlp.{post}")
+        for stack, (blocks, pre, post) in paths.items()
+        for i in range(2)
+    }
+
+
+def test_t5gemma2_counts_patches_source_tokens_and_target_tokens_each_in_its_own_stack():
+    model, sites = t5gemma2()
+    capture = StackCapture(model, sites)
+    generator = torch.Generator().manual_seed(1)
+    with FFNTracker(model, flow=False) as tracker, torch.no_grad():
+        for _ in range(2):
+            # vision rows [2, 16, D] and a source mask [2, 16] on purpose; sources of 16 and 13 real tokens
+            ids = torch.randint(3, 59, (2, 16), generator=generator)
+            ids[:, 2:8] = torch.tensor([60, 63, 63, 63, 63, 61])
+            mask = torch.ones(2, 16, dtype=torch.long)
+            mask[1, 13:] = 0
+            targets = torch.randint(3, 59, (2, 5), generator=generator)
+            target_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+            pixels = torch.randn(2, 3, 16, 16, generator=generator)
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels, decoder_input_ids=targets,
+                  decoder_attention_mask=target_mask)  # fmt: skip
+    capture.remove()
+    report = tracker.compute()
+    by_site = {row["site"]: row for row in report.rows}
+    assert sorted(by_site) == sorted(sites)
+    assert {site: row["tokens"] for site, row in by_site.items()} == {
+        **{f"vision.ffn.{i}": 2 * 2 * 16 for i in range(2)},
+        **{f"encoder.ffn.{i}": 2 * 29 for i in range(2)},
+        **{f"decoder.ffn.{i}": 2 * 7 for i in range(2)},
+    }
+    check_report(report, capture, {"vision": all_rows, "encoder": encoder_rows, "decoder": decoder_rows})
+
+
 def qwen2_vl(family: str = "qwen2_vl"):
     """Qwen2-VL (vision MLP fc1 -> act -> fc2) or Qwen2.5-VL (gated vision MLP), tiny, float64."""
     torch.manual_seed(0)
