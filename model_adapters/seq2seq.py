@@ -11,8 +11,9 @@ Read from the installed transformers modeling files:
 * LongT5 and Pop2Piano: T5's block layout.
 * BART / mBART / Pegasus / Marian / Whisper, and BigBirdPegasus, Blenderbot, BlenderbotSmall, M2M100, Mvp,
   PLBart: ``fc1`` -> act -> ``fc2`` directly in each of ``{encoder,decoder}.layers.N``. Whisper's encoder
-  takes no mask (every frame of its input counts). LED is not in the table: it pads its input to a multiple
-  of its attention window inside the model, so its encoder rows do not match the call's mask.
+  takes no mask (every frame of its input counts). LED's layout is BART's, but its encoder pads its input
+  to a multiple of its attention window inside the model: its token source (``"encoder_window"``) counts
+  the call's mask and never the rows of that padding.
 * T5Gemma: ``{encoder,decoder}.layers.N.mlp`` are Gemma's gated MLPs (``gate_proj``, ``up_proj``,
   ``down_proj``). T5Gemma2's encoder is a text encoder (``encoder.text_model.layers``, image tokens spliced
   into its sequence, so the call's mask covers them) beside a SigLIP vision tower
@@ -94,6 +95,7 @@ ADAPTERS = {
     "m2m_100": _BART,
     "mvp": _BART,
     "plbart": _BART,
+    "led": _fc(encoder_tokens="encoder_window"),
     "t5gemma": _gated_layers("encoder.layers", "decoder.layers"),
     "t5gemma2": _T5_GEMMA2,
 }

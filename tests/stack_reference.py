@@ -74,9 +74,12 @@ def assert_site(row: dict, pre: np.ndarray, post: np.ndarray, rtol: float = 1e-5
 
 
 def encoder_rows(call: dict, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The encoder's real rows: its attention_mask."""
+    """The encoder's real rows: its attention_mask; rows past the mask's length are padding the model added
+    (LED pads its sources to a multiple of its attention window)."""
     mask = call.get("attention_mask")
-    return None if mask is None else mask != 0
+    if mask is None:
+        return None
+    return torch.nn.functional.pad(mask != 0, (0, x.shape[1] - mask.shape[1]), value=False)
 
 
 def decoder_rows(call: dict, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -10,6 +10,9 @@ and :func:`sources_for_sites` makes one source per name for a tracker:
   rows; no mask: every row;
 * ``"decoder"``: :class:`DecoderTokens`, the call's ``decoder_attention_mask`` when given, else the
   positions whose ``labels`` are not ``-100`` (the positions the model's loss counts), else every row;
+* ``"encoder_window"``: :class:`WindowPaddedEncoderTokens`, the encoder's mask extended with padding up to
+  the activations' length, for encoders that pad their input to a multiple of an attention window inside
+  the model (LED);
 * ``"all"``: :class:`AllRowsTokens`, every row (a vision tower's patches, an audio encoder's frames).
 
 A mask is applied only to the stack it belongs to, and only to activations whose leading shape is the
@@ -33,6 +36,7 @@ __all__ = [
     "StackTokens",
     "AllRowsTokens",
     "EncoderTokens",
+    "WindowPaddedEncoderTokens",
     "DecoderTokens",
     "TOKEN_SOURCES",
     "register_token_source",
@@ -187,6 +191,32 @@ class EncoderTokens(StackTokens):
         return mask, None if mask is None else _counted_positions(mask)
 
 
+class WindowPaddedEncoderTokens(EncoderTokens):
+    """An encoder that pads its input on the right inside the model (LED pads ``input_ids`` and the mask to
+    a multiple of its attention window): rows ``[B, T_pad, D]`` past the call's ``[B, T]`` mask are that
+    padding and never count; the mask is extended with False to the activations' length."""
+
+    def describe(self) -> str:
+        return "the encoder's attention_mask (padded to the attention window)"
+
+    def _fit(self, x: Tensor) -> None:
+        mask = self._mask
+        if mask is None or x.ndim != 3 or x.shape[0] != mask.shape[0] or x.shape[1] <= mask.shape[1]:
+            return
+        pad = x.shape[1] - mask.shape[1]
+        self._mask = torch.nn.functional.pad(mask, (0, pad), value=False)  # [B, T_pad]
+        self._at = torch.nn.functional.pad(self._at, (0, pad), value=0)  # [B, T_pad]; padding rows never count
+        self._rows = {}
+
+    def select(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        self._fit(x)
+        return super().select(x)
+
+    def positions(self, x: Tensor) -> Optional[Tensor]:
+        self._fit(x)
+        return super().positions(x)
+
+
 class DecoderTokens(StackTokens):
     """The decoder's rows: ``decoder_attention_mask`` when the call gives one, else the positions whose
     ``labels`` are not -100 (the tokens the model's loss counts; positions are then indices along the
@@ -213,6 +243,7 @@ class DecoderTokens(StackTokens):
 TOKEN_SOURCES: dict[str, Callable[[nn.Module], TokenSource]] = {
     "attention_mask": AttentionMaskTokens,
     "encoder": EncoderTokens,
+    "encoder_window": WindowPaddedEncoderTokens,
     "decoder": DecoderTokens,
     "all": AllRowsTokens,
 }

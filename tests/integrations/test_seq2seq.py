@@ -20,6 +20,8 @@ from transformers import (
     BartConfig,
     BartForConditionalGeneration,
     DataCollatorForSeq2Seq,
+    LEDConfig,
+    LEDForConditionalGeneration,
     PreTrainedTokenizerFast,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -91,6 +93,24 @@ def bart():
     return model, sites
 
 
+def led():
+    """LED pads its sources inside the model to a multiple of its attention window (11 -> 12, 9 -> 12)."""
+    torch.manual_seed(0)
+    config = LEDConfig(
+        vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=41, attention_window=[4] * LAYERS,
+        max_encoder_position_embeddings=32, max_decoder_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=1, decoder_start_token_id=1,
+    )  # fmt: skip
+    model = LEDForConditionalGeneration(config)
+    sites = {
+        f"{stack}.ffn.{i}": (f"led.{stack}.layers.{i}.fc1", f"led.{stack}.layers.{i}.fc2")
+        for stack in ("encoder", "decoder")
+        for i in range(LAYERS)
+    }
+    return model, sites
+
+
 def t5gemma():
     torch.manual_seed(0)
     stack = dict(
@@ -110,7 +130,13 @@ def t5gemma():
     return model, sites
 
 
-MODELS = {"t5": lambda: t5(gated=False), "t5-gated": lambda: t5(gated=True), "bart": bart, "t5gemma": t5gemma}
+MODELS = {
+    "t5": lambda: t5(gated=False),
+    "t5-gated": lambda: t5(gated=True),
+    "bart": bart,
+    "led": led,
+    "t5gemma": t5gemma,
+}
 
 
 def train(model, lengths, tmp_path, **tracker_options):
