@@ -209,15 +209,26 @@ def _block(path: str) -> str | None:
     return match.group(1) if match else None
 
 
-def real_rows(x: torch.Tensor, inputs: dict) -> torch.Tensor:
+def real_rows(x: torch.Tensor, inputs: dict, window_padded: bool = False) -> torch.Tensor:
     """Rows of an activation ``[batch, seq, h]`` at the real positions of the mask of its shape -> ``[N, h]``
-    (the encoder's or the decoder's: the test gives them different lengths); other shapes: every row."""
+    (the encoder's or the decoder's: the test gives them different lengths); with ``window_padded`` (a
+    Longformer-style config with an ``attention_window``: LED pads its input on the right to a multiple of
+    it) a source activation longer than its mask has the mask extended with padding; other shapes: every row."""
     for key in ("attention_mask", "decoder_attention_mask"):
         mask = inputs.get(key)
         if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             return x[mask.bool()]
         if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():  # flattened (OPT's fc1)
             return x[mask.reshape(-1).bool()]
+    mask = inputs.get("attention_mask")
+    if (
+        window_padded
+        and mask is not None
+        and x.dim() == 3
+        and x.shape[0] == mask.shape[0]
+        and x.shape[1] > mask.shape[1]
+    ):
+        return x[torch.nn.functional.pad(mask.bool(), (0, x.shape[1] - mask.shape[1]), value=False)]
     return x.reshape(-1, x.shape[-1])
 
 
@@ -270,8 +281,9 @@ def check(model: nn.Module) -> str:
                 f"{where}: a MoE model's row must say its kind (dense layer, shared or routed expert)"
             )
         assert capture.calls.get(site.pre_path) == 1, f"{where}: pre ran {capture.calls.get(site.pre_path)} times"
-        pre = real_rows(_chunk(capture.outputs[site.pre_path], site.pre_chunk), inputs).numpy()
-        post = real_rows(capture.inputs[site.post_path], inputs).numpy()
+        padded = bool(getattr(model.config, "attention_window", None))
+        pre = real_rows(_chunk(capture.outputs[site.pre_path], site.pre_chunk), inputs, padded).numpy()
+        post = real_rows(capture.inputs[site.post_path], inputs, padded).numpy()
         assert row["tokens"] == pre.shape[0], f"{where}: {row['tokens']} tokens, {pre.shape[0]} real"
         expected = activation_metrics(pre, post)
         for name, value in expected.items():
