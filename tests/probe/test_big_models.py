@@ -1,5 +1,5 @@
 """Checkpoints that do not fit on one device (#31): device maps with CPU and disk offload, weights quantized
-by optimum-quanto (int8 weights, on the CPU; torchao too where it is installed), and the memory plan made
+by optimum-quanto (int8 weights, on the CPU; torchao and bitsandbytes 8- and 4-bit too where they are installed), and the memory plan made
 before the work. Every value is checked against the whole, unquantized or own-hook float64 reference on the
 same tokens."""
 
@@ -204,12 +204,55 @@ QUANTIZED = [
     # process that imports transformers, which the one-line error tests forbid): this case runs where it is installed
     ("torchao", "torchao", INT8, "Linear(weight=Int8Tensor)"),
     ("quanto", "optimum.quanto", {"quant_method": "quanto", "weights": "int8"}, "QLinear(weight=WeightQBytesTensor)"),
+    # bitsandbytes' CPU backend: not in the test extra either (on CPUs with AVX512-BF16, importing it, which
+    # TrainingArguments does whenever it is installed, logs a failed kernel download on stderr); runs where installed
+    (
+        "bitsandbytes",
+        "bitsandbytes",
+        {"quant_method": "bitsandbytes", "load_in_8bit": True},
+        "Linear8bitLt(weight=Int8Params)",
+    ),
+    (
+        "bitsandbytes",
+        "bitsandbytes",
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"},
+        "Linear4bit(weight=Params4bit)",
+    ),
 ]
 
 
-@pytest.mark.parametrize("method, package, quantization, classes", QUANTIZED, ids=[q[0] for q in QUANTIZED])
-def test_quantized_ffn_projections_measured_on_their_real_outputs(llama_dir, method, package, quantization, classes):
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory):
+    """The checkpoint with widths that are multiples of 64: bitsandbytes' 4-bit CPU inference path reshapes
+    each row's absmax into blocks of 64 input features (other widths fail in its own forward)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("wide_llama")
+    tokenizer = _tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+QUANTIZED_IDS = ["torchao", "quanto", "bitsandbytes-8bit", "bitsandbytes-4bit"]
+
+
+@pytest.mark.parametrize("method, package, quantization, classes", QUANTIZED, ids=QUANTIZED_IDS)
+def test_quantized_ffn_projections_measured_on_their_real_outputs(request, method, package, quantization, classes):
     pytest.importorskip(package)
+    llama_dir = request.getfixturevalue("wide_llama_dir" if quantization.get("load_in_4bit") else "llama_dir")
     config = ProbeConfig(str(llama_dir), quantization=quantization, device="cpu")
     loaded, adapter, sites = load_checkpoint(config)
     model = loaded.model
