@@ -48,7 +48,12 @@ __all__ = [
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # transformers quantization methods whose FFN projections stay one module each, called on the FFN's input
 # and returning its output (Linear subclasses, or Linear-like modules with in/out features): the adapters
-# find them under their usual names and the hooks read their real outputs.
+# find them under their usual names and the hooks read their real outputs. As loaded by transformers 5.25:
+# bitsandbytes Linear8bitLt/Linear4bit, quanto QLinear, torchao Linear(weight=<quantized tensor>), fp8 FP8Linear,
+# fbgemm_fp8 FbgemmFp8Linear, compressed-tensors CompressedLinear (nn.Linear subclasses); gptq/awq gptqmodel's
+# *QuantLinear (in_features/out_features); eetq EetqLinear, bitnet BitLinear, higgs HiggsLinear (Linear-like).
+# Fused routed experts whose weights a method quantizes (fp8's FP8Experts, fbgemm's FP8 experts) cannot be
+# recomputed: the tracker refuses them (tracking.experts_compute.ExpertsLayout.check_readable).
 READABLE_METHODS = (
     "aqlm",
     "auto-round",

@@ -1,7 +1,7 @@
 """Checkpoints that do not fit on one device (#31): device maps with CPU and disk offload, weights quantized
-by optimum-quanto (int8 weights, on the CPU; torchao and bitsandbytes 8- and 4-bit too where they are installed), and the memory plan made
-before the work. Every value is checked against the whole, unquantized or own-hook float64 reference on the
-same tokens."""
+by optimum-quanto (int8 weights, on the CPU; torchao and bitsandbytes 8- and 4-bit too where they are
+installed), quantized fused experts refused, and the memory plan made before the work. Every value is
+checked against the whole, unquantized or own-hook float64 reference on the same tokens."""
 
 import json
 
@@ -398,3 +398,31 @@ def test_cuda_auto_device_map_over_gpu_and_cpu(llama_dir, tmp_path):
         for batch in batches:
             placed(**{k: v.to("cuda") for k, v in batch.items()})
     assert _state_tensors(tracker) == {"cuda:0": plan.device("cuda:0").state_bytes}
+
+
+# ------------------------------------------------------------------------------ quantized fused experts
+@pytest.mark.parametrize("quantized", ["float8 weights with scales", "int8 weights"])
+def test_quantized_fused_experts_refused_by_class_and_dtype(quantized):
+    """Routed experts are recomputed from the fused experts module's weights: weights stored as FP8 with
+    their inverse scales (transformers' FP8Experts keeps ``gate_up_proj`` float8 and ``gate_up_proj_scale_inv``)
+    or as integers cannot be, so the tracker refuses them by name instead of measuring garbage."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config)
+    FFNTracker(model, flow=False).detach()  # float experts are measured
+    experts = model.model.layers[1].mlp.experts
+    weight = experts.gate_up_proj.detach()
+    if quantized == "int8 weights":
+        experts.gate_up_proj = torch.nn.Parameter(weight.to(torch.int8), requires_grad=False)
+        match = r"MixtralExperts holds quantized weights \(int8\)"
+    else:
+        experts.gate_up_proj = torch.nn.Parameter(weight.to(torch.float8_e4m3fn), requires_grad=False)
+        experts.gate_up_proj_scale_inv = torch.nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
+        match = r"MixtralExperts holds quantized weights \(float8_e4m3fn, with gate_up_proj_scale_inv\)"
+    with pytest.raises(ValueError, match=match):
+        FFNTracker(model, flow=False)
+    FFNTracker(model, flow=False, layers=[0]).detach()  # the layers without them still are
