@@ -56,6 +56,7 @@ from nerve_hf.integrations.config import NerveConfig
 from nerve_hf.integrations.log_keys import eval_prefix, log_dict
 from nerve_hf.integrations.trainer_tracker import TrainerTracker
 from nerve_hf.options import OptionFixedError
+from nerve_hf.tracking.devices import input_device
 
 __all__ = ["NerveConfig", "NerveCallback"]
 
@@ -326,8 +327,8 @@ class NerveCallback(TrainerCallback):
             from accelerate.utils import send_to_device
 
             batch = next(iter(internals.process_shard(dataloader)))
-            parameter = next(model.parameters())
-            batch = send_to_device(batch, parameter.device)
+            # where the model's first module runs: a dispatched model's first parameter may be on disk (meta)
+            batch = send_to_device(batch, input_device(model))
             with torch.no_grad():
                 model(**batch) if isinstance(batch, dict) else model(batch)
         except Exception as error:  # noqa: BLE001

@@ -19,7 +19,9 @@ from nerve_hf import spectra
 from nerve_hf.integrations import trainer_internals as internals
 from nerve_hf.integrations.config import NerveConfig
 from nerve_hf.parallel import comm as distributed
+from nerve_hf.probe.memory_plan import MemoryPlanError, plan_memory
 from nerve_hf.report import SpectralReport
+from nerve_hf.tracking.devices import is_dispatched
 from nerve_hf.tracking.measurements.experts import ExpertRangeError
 from nerve_hf.tracking.tracker import FFNTracker, MemoryBudgetError
 from nerve_hf.tracking.windows import Window
@@ -57,6 +59,10 @@ class TrainerTracker:
 
         ``refuse_bad_input`` (while the Trainer is being built): a layer or routed expert the model does not
         have or a memory budget too small raises; later the same problems warn and leave the callback idle.
+        A model dispatched by a device map (or quantized) is never moved: each FFN's statistics live on the
+        device its layer runs on (or ``state_device``), and the per-device memory plan of ``nerve probe``
+        (:func:`~nerve_hf.probe.memory_plan.plan_memory`: state and eigendecomposition against each device's
+        free memory) is checked here like the budget.
         """
         if self.failed or model is None:
             return False
@@ -67,7 +73,9 @@ class TrainerTracker:
         try:
             self.tracker = self._build(model)
             self.eval_count = 0
-        except (MemoryBudgetError, LayerRangeError, ExpertRangeError) as error:
+            if is_dispatched(model):  # spread over devices by a device map: each must hold its sites' state
+                plan_memory(model, self.tracker, self.config.spectra).check()
+        except (MemoryBudgetError, MemoryPlanError, LayerRangeError, ExpertRangeError) as error:
             if refuse_bad_input:
                 raise  # asked for explicitly: refusing to start is the point
             self.disable(f"NerveCallback is disabled: {error}")

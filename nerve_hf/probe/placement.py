@@ -3,7 +3,8 @@
 The loading options (checked where they are given, :class:`Placement` passes them to ``from_pretrained``
 as a user of accelerate's big-model inference would) and what is read off a loaded model: whether it was
 dispatched (:func:`is_dispatched`: never move it), the device its inputs go to (:func:`input_device`), the
-device each module runs on (:func:`execution_devices`) and how its weights were quantized
+device each module runs on (:func:`execution_devices`, :func:`device_of`; these four live in
+:mod:`nerve_hf.tracking.devices`, shared with the Trainer's callback) and how its weights were quantized
 (:func:`quantization_of`).
 
 >>> device_map_option("device_map", '{"model.layers.0": "cpu", "model.layers.1": "disk"}')
@@ -25,6 +26,7 @@ from typing import Any, Optional
 
 from nerve_hf.errors import InputError, first_line
 from nerve_hf.options import OptionTypeError, OptionValueError
+from nerve_hf.tracking.devices import device_of, execution_devices, input_device, is_dispatched
 
 __all__ = [
     "DEVICE_MAP_STRATEGIES",
@@ -38,6 +40,7 @@ __all__ = [
     "is_dispatched",
     "input_device",
     "execution_devices",
+    "device_of",
     "quantization_of",
 ]
 
@@ -45,7 +48,12 @@ __all__ = [
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # transformers quantization methods whose FFN projections stay one module each, called on the FFN's input
 # and returning its output (Linear subclasses, or Linear-like modules with in/out features): the adapters
-# find them under their usual names and the hooks read their real outputs.
+# find them under their usual names and the hooks read their real outputs. As loaded by transformers 5.25:
+# bitsandbytes Linear8bitLt/Linear4bit, quanto QLinear, torchao Linear(weight=<quantized tensor>), fp8 FP8Linear,
+# fbgemm_fp8 FbgemmFp8Linear, compressed-tensors CompressedLinear (nn.Linear subclasses); gptq/awq gptqmodel's
+# *QuantLinear (in_features/out_features); eetq EetqLinear, bitnet BitLinear, higgs HiggsLinear (Linear-like).
+# Fused routed experts whose weights a method quantizes (fp8's FP8Experts, fbgemm's FP8 experts) cannot be
+# recomputed: the tracker refuses them (tracking.experts_compute.ExpertsLayout.check_readable).
 READABLE_METHODS = (
     "aqlm",
     "auto-round",
@@ -201,68 +209,6 @@ class Placement:
 
 
 # ----------------------------------------------------------------------------- the loaded model
-def _device(name) -> Any:
-    import torch
-
-    return torch.device(f"cuda:{name}" if isinstance(name, int) else name)
-
-
-def _device_map(model) -> Optional[dict]:
-    device_map = getattr(model, "hf_device_map", None)
-    return dict(device_map) if isinstance(device_map, dict) and device_map else None
-
-
-def is_dispatched(model) -> bool:
-    """True for a model placed by a device map or quantized by transformers: moving it is not ours to do."""
-    return (
-        _device_map(model) is not None
-        or bool(getattr(model, "is_quantized", False))
-        or any(hasattr(module, "_hf_hook") for module in model.modules())
-    )
-
-
-def _main_device(device_map: dict):
-    """Where accelerate runs modules mapped to ``cpu`` or ``disk``: the first other device, else the CPU."""
-    others = [device for device in device_map.values() if device not in ("cpu", "disk")]
-    return _device(others[0] if others else "cpu")
-
-
-def execution_devices(model) -> dict[str, Any]:
-    """Module name -> the device its forward runs on, for the device map's entries (``{}``: none)."""
-    device_map = _device_map(model)
-    if device_map is None:
-        return {}
-    main = _main_device(device_map)  # the CPU when no accelerator is in the map
-    return {name: main if device in ("cpu", "disk") else _device(device) for name, device in device_map.items()}
-
-
-def device_of(model, name: str, fallback):
-    """The device module ``name`` runs on: its longest device-map prefix, else its first real parameter's."""
-    devices = execution_devices(model)
-    for prefix in sorted(devices, key=len, reverse=True):
-        if prefix == "" or name == prefix or name.startswith(prefix + "."):
-            return devices[prefix]
-    module = model.get_submodule(name) if name else model
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.device.type != "meta":
-            return tensor.device
-    return fallback
-
-
-def input_device(model):
-    """Where the inputs go: the device of the model's first module (its first device-map entry, else its
-    first parameter that is not on ``meta``), the CPU for a model without any."""
-    import torch
-
-    devices = execution_devices(model)
-    if devices:
-        return next(iter(devices.values()))
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.device.type != "meta":
-            return tensor.device
-    return torch.device("cpu")
-
-
 def quantization_of(model) -> Optional[dict]:
     """``{"method", "config"}`` of a model quantized by transformers (its ``quantization_config``), else None."""
     config = getattr(getattr(model, "config", None), "quantization_config", None)

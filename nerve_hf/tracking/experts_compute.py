@@ -41,11 +41,32 @@ class ExpertsLayout:
         def pick(value, attribute, default):
             return value if value is not None else bool(getattr(module, attribute, default))
 
-        return cls(
+        layout = cls(
             gated=pick(spec.gated, "has_gate", True),
             transposed=pick(spec.transposed, "is_transposed", False),
             concatenated=pick(spec.concatenated, "is_concatenated", True),
             bias=pick(spec.bias, "has_bias", False),
+        )
+        layout.check_readable(module)
+        return layout
+
+    def check_readable(self, module: nn.Module) -> None:
+        """ValueError when the experts' weights are quantized (float8 or integer data, a quantized tensor
+        subclass, or scales next to them: transformers' ``FP8Experts``, fbgemm's FP8 experts ...): the
+        experts cannot be recomputed from such weights, so they are refused by their class and dtype."""
+        weight = self.up_weight(module)
+        plain = type(weight) in (Tensor, nn.Parameter)
+        real = weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        scales = sorted(name for name, _ in module.named_parameters(recurse=False) if "scale" in name)
+        scales += sorted(name for name, _ in module.named_buffers(recurse=False) if "scale" in name)
+        if plain and real and not scales:
+            return
+        kind = type(weight).__name__ if not plain else str(weight.dtype).replace("torch.", "")
+        raise ValueError(
+            f"the fused experts module {type(module).__name__} holds quantized weights ({kind}"
+            f"{', with ' + ', '.join(scales) if scales else ''}): its routed experts cannot be recomputed from "
+            f"them; load the model unquantized (or with its experts unquantized), or pass layers= without its "
+            f"MoE layers"
         )
 
     def up_weight(self, module: nn.Module) -> Tensor:

@@ -1,7 +1,7 @@
 """Checkpoints that do not fit on one device (#31): device maps with CPU and disk offload, weights quantized
-by optimum-quanto (int8 weights, on the CPU; torchao too where it is installed), and the memory plan made
-before the work. Every value is checked against the whole, unquantized or own-hook float64 reference on the
-same tokens."""
+by optimum-quanto (int8 weights, on the CPU; torchao and bitsandbytes 8- and 4-bit too where they are
+installed), quantized fused experts refused, and the memory plan made before the work. Every value is
+checked against the whole, unquantized or own-hook float64 reference on the same tokens."""
 
 import json
 
@@ -204,12 +204,55 @@ QUANTIZED = [
     # process that imports transformers, which the one-line error tests forbid): this case runs where it is installed
     ("torchao", "torchao", INT8, "Linear(weight=Int8Tensor)"),
     ("quanto", "optimum.quanto", {"quant_method": "quanto", "weights": "int8"}, "QLinear(weight=WeightQBytesTensor)"),
+    # bitsandbytes' CPU backend: not in the test extra either (on CPUs with AVX512-BF16, importing it, which
+    # TrainingArguments does whenever it is installed, logs a failed kernel download on stderr); runs where installed
+    (
+        "bitsandbytes",
+        "bitsandbytes",
+        {"quant_method": "bitsandbytes", "load_in_8bit": True},
+        "Linear8bitLt(weight=Int8Params)",
+    ),
+    (
+        "bitsandbytes",
+        "bitsandbytes",
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"},
+        "Linear4bit(weight=Params4bit)",
+    ),
 ]
 
 
-@pytest.mark.parametrize("method, package, quantization, classes", QUANTIZED, ids=[q[0] for q in QUANTIZED])
-def test_quantized_ffn_projections_measured_on_their_real_outputs(llama_dir, method, package, quantization, classes):
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory):
+    """The checkpoint with widths that are multiples of 64: bitsandbytes' 4-bit CPU inference path reshapes
+    each row's absmax into blocks of 64 input features (other widths fail in its own forward)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("wide_llama")
+    tokenizer = _tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+QUANTIZED_IDS = ["torchao", "quanto", "bitsandbytes-8bit", "bitsandbytes-4bit"]
+
+
+@pytest.mark.parametrize("method, package, quantization, classes", QUANTIZED, ids=QUANTIZED_IDS)
+def test_quantized_ffn_projections_measured_on_their_real_outputs(request, method, package, quantization, classes):
     pytest.importorskip(package)
+    llama_dir = request.getfixturevalue("wide_llama_dir" if quantization.get("load_in_4bit") else "llama_dir")
     config = ProbeConfig(str(llama_dir), quantization=quantization, device="cpu")
     loaded, adapter, sites = load_checkpoint(config)
     model = loaded.model
@@ -355,3 +398,31 @@ def test_cuda_auto_device_map_over_gpu_and_cpu(llama_dir, tmp_path):
         for batch in batches:
             placed(**{k: v.to("cuda") for k, v in batch.items()})
     assert _state_tensors(tracker) == {"cuda:0": plan.device("cuda:0").state_bytes}
+
+
+# ------------------------------------------------------------------------------ quantized fused experts
+@pytest.mark.parametrize("quantized", ["float8 weights with scales", "int8 weights"])
+def test_quantized_fused_experts_refused_by_class_and_dtype(quantized):
+    """Routed experts are recomputed from the fused experts module's weights: weights stored as FP8 with
+    their inverse scales (transformers' FP8Experts keeps ``gate_up_proj`` float8 and ``gate_up_proj_scale_inv``)
+    or as integers cannot be, so the tracker refuses them by name instead of measuring garbage."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config)
+    FFNTracker(model, flow=False).detach()  # float experts are measured
+    experts = model.model.layers[1].mlp.experts
+    weight = experts.gate_up_proj.detach()
+    if quantized == "int8 weights":
+        experts.gate_up_proj = torch.nn.Parameter(weight.to(torch.int8), requires_grad=False)
+        match = r"MixtralExperts holds quantized weights \(int8\)"
+    else:
+        experts.gate_up_proj = torch.nn.Parameter(weight.to(torch.float8_e4m3fn), requires_grad=False)
+        experts.gate_up_proj_scale_inv = torch.nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
+        match = r"MixtralExperts holds quantized weights \(float8_e4m3fn, with gate_up_proj_scale_inv\)"
+    with pytest.raises(ValueError, match=match):
+        FFNTracker(model, flow=False)
+    FFNTracker(model, flow=False, layers=[0]).detach()  # the layers without them still are
