@@ -74,7 +74,7 @@ class TrainerTracker:
             self.tracker = self._build(model)
             self.eval_count = 0
             if is_dispatched(model):  # spread over devices by a device map: each must hold its sites' state
-                plan_memory(model, self.tracker, self.config.spectra).check()
+                plan_memory(model, self.tracker, self.config.spectra).check("NerveCallback", cli=False)
         except (MemoryBudgetError, MemoryPlanError, LayerRangeError, ExpertRangeError) as error:
             if refuse_bad_input:
                 raise  # asked for explicitly: refusing to start is the point

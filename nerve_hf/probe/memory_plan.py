@@ -91,8 +91,15 @@ class MemoryPlan:
             lines.append(f"widths known after the first forward (state not counted): {', '.join(self.unknown_widths)}")
         return "\n".join(lines)
 
-    def check(self) -> None:
-        """MemoryPlanError naming each device that cannot hold its state and peak, and what to do."""
+    def check(self, subject: str = "the probe", cli: bool = True) -> None:
+        """MemoryPlanError naming each device that cannot hold its state and peak, and what to do: the
+        options are named as ``nerve probe``'s flags (``cli``) or as the Python keywords."""
+
+        def option(name: str, value: str = "") -> str:
+            if cli:
+                return f"--{name.replace('_', '-')}" + (f" {value}" if value else "")
+            return f"{name}={value!r}" if value else name
+
         short = [plan for plan in self.devices if not plan.fits]
         if not short:
             return
@@ -103,17 +110,17 @@ class MemoryPlan:
         ]
         host = next((p for p in self.devices if p.device == "cpu"), None)
         hints = [
-            "measure fewer layers per pass (--layers a subset; several passes over subsets rotate through all, "
-            "as layers_per_step does in training)",
-            "keep the state in host memory (--state-device cpu"
+            f"measure fewer layers per pass ({option('layers')} a subset; several passes over subsets rotate "
+            "through all, as layers_per_step does in training)",
+            f"keep the state in host memory ({option('state_device', 'cpu')}"
             + (f": {_mib(host.available_bytes)} MiB free)" if host and host.available_bytes is not None else ")"),
-            "decompose less at once (--spectra estimate: FFNs 4096 or more wide are never decomposed)",
+            f"decompose less at once ({option('spectra', 'estimate')}: FFNs 4096 or more wide are never decomposed)",
         ]
         if any(p.device != "cpu" for p in short):
-            hints.append("leave room on the accelerators (--max-memory lower for the weights)")
+            hints.append(f"leave room on the accelerators ({option('max_memory')} lower for the weights)")
         raise MemoryPlanError(
-            f"the probe does not fit: {'; '.join(parts)}. The state is D x D per FFN whatever the number of "
-            f"tokens (--max-tokens shortens the run, not the state). To fit: " + "; ".join(hints) + "."
+            f"{subject} does not fit: {'; '.join(parts)}. The state is D x D per FFN whatever the number of "
+            f"tokens ({option('max_tokens')} shortens the run, not the state). To fit: " + "; ".join(hints) + "."
         )
 
 
