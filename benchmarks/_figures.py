@@ -98,3 +98,50 @@ def correlation_scatter(result: dict, run: str, path: Path, metrics=("se_pre", "
         ax.set_xlabel("eval loss")
     fig.suptitle(f"{result['experiment']} / {_label(result, run)} (colour: step)", fontsize=9)
     return _save(plt, fig, path)
+
+
+def moe_experts(result: dict, path: Path) -> Path:
+    """The ``moe`` experiment at its final evaluation: per expert, PR_pre and PR_post vs the assignments routed
+    to it; PR gain per expert vs tokens beside the dense FFN's per-layer gains; eval loss of every run; PR gain
+    per layer, experts beside the dense FFN."""
+    from _moe import dense_gains, final_cells
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.0))
+    colours = {"adamw": "tab:blue", "muon": "tab:orange"}
+    shift = {"adamw": -0.12, "muon": 0.12}
+    for run, entry in result["runs"].items():
+        optimizer = entry["settings"]["optimizer"]
+        colour = colours.get(optimizer, "tab:gray")
+        if "experts" in entry:
+            cells = [c for c in final_cells(entry) if c["pr_gain"] is not None]
+            tokens = [c["tokens"] for c in cells]
+            axes[0].scatter(tokens, [c["pr_pre"] for c in cells], s=12, marker="v", color=colour, alpha=0.6,
+                            label=f"{_label(result, run)} PR_pre")  # fmt: skip
+            axes[0].scatter(tokens, [c["pr_post"] for c in cells], s=12, marker="o", color=colour,
+                            label=f"{_label(result, run)} PR_post")  # fmt: skip
+            axes[1].scatter(tokens, [c["pr_gain"] for c in cells], s=12, color=colour, label=_label(result, run))
+            axes[3].scatter([c["layer"] + shift.get(optimizer, 0) for c in cells], [c["pr_gain"] for c in cells],
+                            s=10, color=colour, alpha=0.7, label=_label(result, run))  # fmt: skip
+        else:
+            for k, gain in enumerate(dense_gains(entry)):
+                axes[1].axhline(gain, color=colour, lw=0.8, ls="--", label=_label(result, run) if k == 0 else None)
+            layers = entry["nerve"]["layers"]
+            axes[3].plot(layers, dense_gains(entry), "x--", color=colour, label=_label(result, run))
+        style = "--" if "experts" in entry else "-"
+        axes[2].plot(entry["history"]["step"], entry["history"]["eval_loss"], style, color=colour,
+                     label=_label(result, run))  # fmt: skip
+    axes[0].set_title("per expert: PR_pre (v), PR_post (o)", fontsize=9)
+    axes[1].set_title("PR_post / PR_pre per expert (dashed: dense layers)", fontsize=9)
+    axes[1].axhline(1.0, color="black", lw=0.5)
+    for ax in axes[:2]:
+        ax.set_xscale("log")
+        ax.set_xlabel("assignments routed (eval set)")
+    axes[3].set_title("PR gain per layer: experts (o) vs dense FFN (x)", fontsize=9)
+    axes[3].axhline(1.0, color="black", lw=0.5)
+    axes[3].set_xlabel("layer")
+    axes[2].set_title("eval loss", fontsize=9)
+    axes[2].set_xlabel("step")
+    for ax in axes:
+        ax.legend(fontsize=6)
+    return _save(plt, fig, path)

@@ -449,7 +449,11 @@ def pre_metrics_track_loss(results: dict, threshold: float = -0.9, paper_bound: 
     )
 
 
-CHECKS = (variance_reinjection, normfree_inertia, normfree_relu_pr_gain, muon_vs_adamw, pre_metrics_track_loss)
+from _moe import moe_experts  # noqa: E402  (it builds Finding, defined above)
+
+CHECKS = (
+    variance_reinjection, normfree_inertia, normfree_relu_pr_gain, muon_vs_adamw, pre_metrics_track_loss, moe_experts,
+)  # fmt: skip
 # check -> (topic, what the paper reports): the first two columns of the table across presets
 TOPICS = {
     variance_reinjection: ("variance reinjection (PreLN)", "SE and PR higher after the nonlinearity than before it"),
@@ -460,6 +464,7 @@ TOPICS = {
         "within-run r of SE_pre, PR_pre with loss",
         "r(SE_pre) -0.992, r(PR_pre) -0.985 (GELU); r <= -0.97 across widths",
     ),
+    moe_experts: ("routed experts vs dense FFN (beyond the paper)", "not studied (the paper's FFNs are dense)"),
 }
 
 

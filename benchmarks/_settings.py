@@ -314,6 +314,11 @@ PRESET_SHAPES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "paper": {},
 }
+# the MoE LLaMA takes the dense LLaMA's shape: its intermediate_size D is the dense width, each of its experts
+# has width D / top_k (nerve_zoo.moe), so both have the same active FFN parameters per token
+for _shapes in PRESET_SHAPES.values():
+    if "llama" in _shapes:
+        _shapes["llama_moe"] = dict(_shapes["llama"])
 
 
 def run_settings(recorded: dict) -> RunSettings:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from _data import image_data, lm_data
+from _experts import expert_series, series_records
 from _results import rounded
 from _settings import RunSettings
 from _stats import correlations, nerve_series
@@ -159,7 +160,8 @@ def train_run(settings: RunSettings, progress: bool = True, workdir: str | None 
     train_logs = [log for log in trainer.state.log_history if "loss" in log and "eval_loss" not in log]
     # r is computed on the values as stored (rounded), so that it can be re-derived from the file exactly
     loss_by_step = rounded({int(log["step"]): float(log["eval_loss"]) for log in history})
-    series = rounded(nerve_series(records, split="eval"))
+    series = rounded(nerve_series(series_records(records), split="eval"))  # MoE: a weighted row per layer
+    experts = expert_series(records, trainer.state.log_history, split="eval")  # None without routed experts
     final = {"eval_loss": history[-1]["eval_loss"], "step": history[-1]["step"]}
     if settings.task == "lm":
         final["perplexity"] = math.exp(final["eval_loss"]) if final["eval_loss"] < 50 else math.inf
@@ -178,6 +180,7 @@ def train_run(settings: RunSettings, progress: bool = True, workdir: str | None 
         },
         "nerve": series,
         "correlations": correlations(series, loss_by_step),
+        **({"experts": rounded(experts)} if experts is not None else {}),
         "provenance": {
             **info,
             "steps": trainer.state.global_step,

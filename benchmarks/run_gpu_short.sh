@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All eight experiments with the gpu-short preset on one H100/H200 in at most ~10 minutes, then their tables.
+# All nine experiments (the eight of the paper and moe) with the gpu-short preset on one H100/H200 in at most ~10 minutes, then their tables.
 #
 #   bash benchmarks/run_gpu_short.sh              # train; results in benchmarks/results/gpu-short/
 #   bash benchmarks/run_gpu_short.sh --dry-run    # the plan only, no GPU and no data needed (or DRY_RUN=1)
@@ -29,7 +29,7 @@ for arg in "$@"; do
         *) EXTRA+=("$arg") ;;  # passed to every run.py call (e.g. --set max_steps=500)
     esac
 done
-EXPERIMENTS=(optimizers llama_positional gpt2_width gpt2_normfree gpt2_weightnorm gpt2_norm_position gpt2_activations mixer)
+EXPERIMENTS=(optimizers llama_positional gpt2_width gpt2_normfree gpt2_weightnorm gpt2_norm_position gpt2_activations mixer moe)
 
 if [ "$DRY_RUN" = 1 ]; then
     "$PYTHON" benchmarks/run.py "${EXPERIMENTS[@]}" --preset gpu-short --out "$RESULTS" --dry-run ${EXTRA[@]+"${EXTRA[@]}"}

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _findings import check_all  # noqa: E402
+from _moe import experts_table  # noqa: E402
 from _paper import PAPER_PERPLEXITY, PAPER_REFERENCE, PAPER_WIDTH_R_RANGE, PAPER_WITHIN_RUN_R  # noqa: E402
 from _results import REPLICATES, replicate_seed  # noqa: E402
 from _settings import PRESETS, run_settings, settings_differences  # noqa: E402
@@ -216,6 +217,9 @@ def figure_plan(results: dict, figures_dir: Path) -> list[tuple[Path, object]]:
     if "gpt2_activations" in results and "gelu" in results["gpt2_activations"]["runs"]:
         path = figures_dir / "correlation_gelu.png"
         plan.append((path, functools.partial(_figures.correlation_scatter, results["gpt2_activations"], "gelu", path)))
+    if any("experts" in entry for entry in results.get("moe", {}).get("runs", {}).values()):
+        path = figures_dir / "moe_experts.png"
+        plan.append((path, functools.partial(_figures.moe_experts, results["moe"], path)))
     return plan
 
 
@@ -326,6 +330,14 @@ def render(results: dict, preset: str, figures: list[Path], output: Path, sectio
         ]
         if name == "gpt2_width":
             out += [width_note(result), ""]
+        if any("experts" in entry for entry in result["runs"].values()):
+            out += [
+                "Routed experts at the final evaluation, the (layer, expert) cells of each MoE run pooled (the "
+                "`experts.L` sites of the other tables are assignment-weighted means over a layer's experts):",
+                "",
+                experts_table(result),
+                "",
+            ]
         if len(first["nerve"]["mean"]) > 1:
             out += ["Per FFN family (final evaluation, layer means):", "", family_table(result), ""]
         out += [

@@ -37,6 +37,9 @@ _LAZY = {
     "LLAMA_SIZES": "llama",
     "apply_nope": "llama",
     "NoRotaryEmbedding": "llama",
+    # mixture of experts (Mixtral at the LLaMA shapes)
+    "build_llama_moe": "moe",
+    "llama_moe_config": "moe",
     # MLP-Mixer and images
     "build_mixer": "mixer",
     "MIXER_SIZES": "mixer",
@@ -46,6 +49,7 @@ _LAZY = {
     # optimizers
     "build_optimizer": "optim",
     "CombinedOptimizer": "optim",
+    "ExpertMuon": "optim",
     "split_parameters": "optim",
     "Dion": "dion",
     "dion_power_step": "dion",

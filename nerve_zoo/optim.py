@@ -4,8 +4,9 @@
 
 - ``adamw`` / ``adam`` / ``sgd``: one optimizer, weight decay on >= 2-D tensors only (not on biases,
   norm gains or the learnable LeakyReLU slope).
-- ``muon``: ``torch.optim.Muon`` on the hidden weight matrices, AdamW on the rest;
-- ``dion``: ``nerve_zoo.dion.Dion`` on the hidden weight matrices, AdamW on the rest.
+- ``muon``: ``torch.optim.Muon`` on the hidden weight matrices, ``ExpertMuon`` (the same update per expert)
+  on stacks of expert matrices, AdamW on the rest;
+- ``dion``: ``nerve_zoo.dion.Dion`` on the hidden weight matrices, AdamW on the rest (expert stacks included).
 
 "Hidden weight matrix" (``split_parameters``): a 2-D parameter with both sides > 1 that does not belong
 to an ``nn.Embedding`` (wte, wpe, embed_tokens) or the output head (``get_output_embeddings()`` of a
@@ -13,7 +14,9 @@ transformers model, ``get_classifier()`` of a timm model). Weight-norm gains (``
 not matrices. GPT-2's ``Conv1D`` weights are stored ``[in, out]``; they are marked ``transposed`` so that
 Dion's shape scaling uses fan_out / fan_in, and Muon runs with ``adjust_lr_fn="match_rms_adamw"``
 (``0.2 * sqrt(max(m, n))``, Liu et al. 2025), which is symmetric in the two sides and lets Muon share
-AdamW's learning rate and weight decay.
+AdamW's learning rate and weight decay. "Expert stack" (``split_parameters``): a 3-D parameter with every
+side > 1, transformers' fused routed experts (``gate_up_proj [E, 2F, d]``, ``down_proj [E, d, F]``): E
+matrices stored ``[out, in]``.
 
 Two optimizers are combined in ``CombinedOptimizer``, a real ``torch.optim.Optimizer`` whose
 ``param_groups`` are the inner optimizers' own group dicts. LR schedulers (``get_scheduler``,
@@ -39,6 +42,7 @@ class ParamSplit:
     matrices_transposed: list[nn.Parameter] = field(default_factory=list)  # hidden 2-D weights stored [in, out]
     decay: list[nn.Parameter] = field(default_factory=list)  # other >= 2-D tensors (embeddings, head, conv stem)
     no_decay: list[nn.Parameter] = field(default_factory=list)  # biases, norm gains, scalars
+    expert_stacks: list[nn.Parameter] = field(default_factory=list)  # fused experts [E, out, in]: E matrices
 
 
 def _transposed_module_types() -> tuple[type, ...]:
@@ -75,9 +79,75 @@ def split_parameters(model: nn.Module) -> ParamSplit:
         non_trivial_axes = sum(size > 1 for size in param.shape)  # 1 for biases, gains, [1, out] weight-norm g
         if param.ndim == 2 and non_trivial_axes == 2 and id(param) not in excluded:
             (split.matrices_transposed if id(param) in transposed else split.matrices).append(param)
+        elif param.ndim == 3 and non_trivial_axes == 3:
+            split.expert_stacks.append(param)
         else:
             (split.decay if non_trivial_axes >= 2 else split.no_decay).append(param)
     return split
+
+
+class ExpertMuon(Optimizer):
+    """``torch.optim.Muon``'s update applied to each matrix of 3-D expert stacks ``[E, out, in]``: the momentum
+    buffer and weight decay are elementwise on the stack, the Newton-Schulz orthogonalisation and the shape
+    adjustment of the learning rate are per expert (``[out, in]``), with torch's own functions, so expert
+    ``e`` moves exactly as ``torch.optim.Muon`` moves a 2-D parameter holding ``stack[e]``."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.ndim != 3:
+                    raise ValueError(f"ExpertMuon takes 3-D expert stacks [E, out, in], got shape {list(param.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad  # [E, out, in]
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]  # [E, out, in]
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], param.shape[1:])
+                param.mul_(1 - lr * group["weight_decay"])
+                for expert in range(param.shape[0]):
+                    ortho = _zeropower_via_newtonschulz(
+                        update[expert], group["ns_coefficients"], group["ns_steps"], group["eps"]
+                    )  # [out, in] bfloat16
+                    param[expert].add_(ortho, alpha=-adjusted_lr)
+        return loss
 
 
 def _decay_groups(params_decay, params_no_decay, weight_decay: float) -> list[dict]:
@@ -121,22 +191,26 @@ class CombinedOptimizer(Optimizer):
 
 
 def _adamw(split: ParamSplit, lr: float, weight_decay: float, **kwargs: Any) -> Optimizer:
-    decay = split.matrices + split.matrices_transposed + split.decay
+    decay = split.matrices + split.matrices_transposed + split.expert_stacks + split.decay
     return torch.optim.AdamW(_decay_groups(decay, split.no_decay, weight_decay), lr=lr, **kwargs)
 
 
 def _adam(split: ParamSplit, lr: float, weight_decay: float, **kwargs: Any) -> Optimizer:
-    decay = split.matrices + split.matrices_transposed + split.decay
+    decay = split.matrices + split.matrices_transposed + split.expert_stacks + split.decay
     return torch.optim.Adam(_decay_groups(decay, split.no_decay, weight_decay), lr=lr, **kwargs)
 
 
 def _sgd(split: ParamSplit, lr: float, weight_decay: float, momentum: float = 0.9, **kwargs: Any) -> Optimizer:
-    decay = split.matrices + split.matrices_transposed + split.decay
+    decay = split.matrices + split.matrices_transposed + split.expert_stacks + split.decay
     return torch.optim.SGD(_decay_groups(decay, split.no_decay, weight_decay), lr=lr, momentum=momentum, **kwargs)
 
 
-def _rest_adamw(split: ParamSplit, lr: float, weight_decay: float, adamw_kwargs: dict | None) -> Optimizer:
-    return torch.optim.AdamW(_decay_groups(split.decay, split.no_decay, weight_decay), lr=lr, **(adamw_kwargs or {}))
+def _rest_adamw(
+    split: ParamSplit, lr: float, weight_decay: float, adamw_kwargs: dict | None, stacks: bool = True
+) -> Optimizer:
+    """AdamW on everything but the hidden matrices (and the expert stacks when ``stacks`` is False)."""
+    decay = split.decay + (split.expert_stacks if stacks else [])
+    return torch.optim.AdamW(_decay_groups(decay, split.no_decay, weight_decay), lr=lr, **(adamw_kwargs or {}))
 
 
 def _muon(
@@ -150,15 +224,17 @@ def _muon(
     **muon_kwargs: Any,
 ) -> Optimizer:
     matrices = split.matrices + split.matrices_transposed
-    muon = torch.optim.Muon(
-        matrices,
+    options = dict(
         lr=lr if matrix_lr is None else matrix_lr,
         weight_decay=weight_decay,
         momentum=momentum,
         adjust_lr_fn=adjust_lr_fn,
         **muon_kwargs,
     )
-    return CombinedOptimizer([muon, _rest_adamw(split, lr, weight_decay, adamw_kwargs)])
+    muons = [torch.optim.Muon(matrices, **options)] if matrices else []
+    if split.expert_stacks:
+        muons.append(ExpertMuon(split.expert_stacks, **options))
+    return CombinedOptimizer([*muons, _rest_adamw(split, lr, weight_decay, adamw_kwargs, stacks=False)])
 
 
 def _dion(

@@ -25,6 +25,7 @@ FAMILIES: Mapping[str, str] = MappingProxyType(
     {
         "gpt2": "nerve_zoo.gpt2:build_gpt2",
         "llama": "nerve_zoo.llama:build_llama",
+        "llama_moe": "nerve_zoo.moe:build_llama_moe",
         "mixer": "nerve_zoo.mixer:build_mixer",
     }
 )
@@ -50,6 +51,7 @@ _S34_NORM = "§3.4 LayerNorm placement"
 _S34_WIDTH = "§3.4 FFN width sweep"
 _S_POS = "positional encoding: RoPE vs NoPE (LLaMA on C4)"
 _S_MIXER = "beyond transformers: MLP-Mixer on CIFAR-100"
+_S_MOE = "beyond the paper: mixture of experts vs a dense FFN of the same active parameters"
 
 _ALL = [
     _variant("gpt2-gelu", "gpt2", _S31, "GPT-2, PreLN, GELU FFN (baseline)", activation="gelu"),
@@ -111,6 +113,14 @@ _ALL = [
     ],
     _variant("llama-rope", "llama", _S_POS, "LLaMA with rotary position embeddings (default)", positional="rope"),
     _variant("llama-nope", "llama", _S_POS, "LLaMA without positional encoding (cos=1, sin=0)", positional="nope"),
+    _variant(
+        "llama-moe",
+        "llama_moe",
+        _S_MOE,
+        "LLaMA with 8 SwiGLU experts per block, top-2 (Mixtral), expert width D / 2: the dense LLaMA's active FFN",
+        num_experts=8,
+        top_k=2,
+    ),
     *[
         _variant(
             f"mixer-{token}-{channel}",

@@ -77,7 +77,7 @@ def test_listing_variants_imports_neither_transformers_nor_timm_and_builds_recor
     repo_root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo_root)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout) == len(zoo.VARIANTS) == 21
+    assert int(result.stdout) == len(zoo.VARIANTS) == 22  # 21 + llama-moe (issue 27)
     assert zoo.build_model("gpt2-mixln").config.nerve_zoo_variant == "gpt2-mixln"
 
 
