@@ -118,3 +118,39 @@ def test_a_clean_measurement_after_a_nonfinite_one_warns_nothing():
             model(**batch())
         tracker.compute()
     assert len([w for w in caught if "NaN or Inf" in str(w.message)]) == 1
+
+
+def test_a_trainer_evaluation_with_nan_rows_warns_once_and_logs_the_finite_tokens(tmp_path):
+    """Through NerveCallback: NaN written into one row of each eval batch (eval-mode forwards only, so training
+    stays finite); the eval window warns once, the train windows not at all, and the records count the rest."""
+    from trainer_helpers import make_trainer
+
+    from nerve_hf import NerveCallback
+    from nerve_hf.sinks.records import read_records
+
+    model = tiny_gpt2()
+    poisoned = []
+
+    def poison_eval(module, args):
+        if module.training:
+            return None
+        poisoned.append(args[0].shape[0])
+        x = args[0].clone()  # [B, T, d]
+        x[0, 2] = float("nan")
+        return (x,)
+
+    model.transformer.h[1].mlp.register_forward_pre_hook(poison_eval)
+    callback = NerveCallback(every_n_steps=1, flow=True)
+    trainer = make_trainer(tmp_path, [callback], model=model, max_steps=1, eval_strategy="steps", eval_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    skipped = [str(w.message) for w in caught if "NaN or Inf" in str(w.message)]
+    k = len(poisoned)  # eval batches: one NaN row each
+    assert k == 2 and skipped == [
+        f"non-finite activations skipped: {k} rows holding NaN or Inf at 1 site in window 'eval' "
+        f"(ffn.1: {k} rows; input {k}, pre {k}, post {k}, output {k}); every statistic covers only its finite "
+        "rows (a row's tokens count them)"
+    ]
+    evals = {r["site"]: r for r in read_records(tmp_path / "nerve_metrics.jsonl") if r["split"] == "eval"}
+    assert evals["ffn.1"]["tokens"] == evals["ffn.0"]["tokens"] - k and np.isfinite(evals["ffn.1"]["se_pre"])
