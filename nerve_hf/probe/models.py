@@ -137,10 +137,17 @@ def _load_transformers(
     placed = placement.kwargs(quantized is not None)  # device_map, max_memory, offload_folder, quantization_config
     loading = dict(dtype="auto" if torch_dtype is None else torch_dtype, **options, **placed)
     try:
-        model = auto.from_pretrained(source.spec, **loading)
+        model, info = auto.from_pretrained(source.spec, output_loading_info=True, **loading)
     except Exception as error:  # noqa: BLE001
         reason = _mismatched_weights(auto, source.spec, loading) or first_line(error)
         raise InputError(f"cannot load model {source.spec!r} {where}: {reason}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers initialised them at random and only logs it: measuring them would invent numbers
+        raise InputError(
+            f"cannot load model {source.spec!r} {where}: the weights lack {len(missing)} "
+            f"{'parameter' if len(missing) == 1 else 'parameters'} the config needs ({_listed(missing)}); "
+            "they would be measured at their random initialisation"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_spec or source.spec, **options)
     except Exception as error:  # noqa: BLE001
@@ -241,7 +248,7 @@ def _data_config(model, config: dict) -> dict:
     return config
 
 
-def _mismatched_weights(auto, spec: str, loading: dict, shown: int = 4) -> str | None:
+def _mismatched_weights(auto, spec: str, loading: dict) -> str | None:
     """Why ``auto.from_pretrained(spec, **loading)`` refused the weights, when their shapes do not match the
     config: transformers raises "For details look at the above report!" and logs that report, which a
     one-line error would lose. A second load with ``ignore_mismatched_sizes=True`` and
@@ -254,15 +261,22 @@ def _mismatched_weights(auto, spec: str, loading: dict, shown: int = 4) -> str |
     mismatched = sorted(info.get("mismatched_keys") or ())
     if not mismatched:
         return None
-    listed = "; ".join(
-        f"{name}: checkpoint {tuple(ckpt)}, config {tuple(model)}" for name, ckpt, model in mismatched[:shown]
-    )
-    more = f"; and {len(mismatched) - shown} more" if len(mismatched) > shown else ""
+    listed = _listed([f"{name}: checkpoint {tuple(ckpt)}, config {tuple(model)}" for name, ckpt, model in mismatched])
     noun = "parameter" if len(mismatched) == 1 else "parameters"
     return (
-        f"the weights do not match the config: {len(mismatched)} {noun} of another shape ({listed}{more}); "
+        f"the weights do not match the config: {len(mismatched)} {noun} of another shape ({listed}); "
         f"was config.json edited, or saved with other weights?"
     )
+
+
+def _listed(items: list[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``items``, then how many more.
+
+    >>> _listed(["a", "b", "c"], shown=2)
+    'a; b; and 1 more'
+    """
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
 
 
 def _load_timm(source: ModelSource, timm_arch: str | None, timm_kwargs: dict | None, dtype: str) -> LoadedModel:

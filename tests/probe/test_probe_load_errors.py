@@ -56,3 +56,17 @@ def test_weights_file_edited_names_the_one_parameter(tmp_path):
         f"({key}: checkpoint (36, 24), config (37, 24)); was config.json edited, or saved with other weights?"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_file_missing_a_parameter_is_refused_rather_than_measured_at_random(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    weights_path = tmp_path / "model" / "model.safetensors"
+    weights = load_file(weights_path)
+    del weights["transformer.h.1.mlp.c_fc.weight"]  # transformers would initialise it at random and only log it
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    line = one_line(probe(tmp_path / "model", tmp_path / "out"))
+    assert line.endswith(
+        "the weights lack 1 parameter the config needs (transformer.h.1.mlp.c_fc.weight); they would be measured "
+        "at their random initialisation"
+    )
+    assert not (tmp_path / "out").exists()
