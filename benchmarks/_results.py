@@ -13,7 +13,14 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-SCHEMA_VERSION = 1  # bump when the layout below changes
+# Bump when the layout below, or what a number in it means, changes:
+# 1: a GPT-2 run's losses (eval_loss, train_loss, perplexity) are (T-1)/T of the mean next-token cross-entropy
+#    (T = block_size): GPT2LMHeadModel had no loss_type, so the Trainer divided the B*(T-1) token losses by B*T.
+#    LLaMA and Mixer runs are the same in both versions.
+# 2: every causal LM's loss is the mean next-token cross-entropy over its predicted tokens (nerve_zoo.gpt2 names
+#    GPT-2's loss type), the loss upstream's run_clm.py and `nerve probe --eval-loss` report.
+SCHEMA_VERSION = 2
+SCALED_LOSS_SCHEMAS = (1,)  # result files whose GPT-2 losses carry the (T-1)/T factor
 SIGNIFICANT_DIGITS = 7  # floats are stored rounded: the files stay small and diff-able
 
 
@@ -150,3 +157,29 @@ def write_result(result: dict, path: str | Path) -> Path:
 
 def python_argv() -> list[str]:
     return sys.argv[1:]
+
+
+def scaled_loss_note(results: dict) -> str | None:
+    """The README note for result files (experiment name -> result) written before schema 2 that hold GPT-2
+    language-model runs: their losses are (T-1)/T of the mean next-token cross-entropy. None when none does."""
+    scaled = {
+        name: sorted({entry["settings"]["block_size"] for entry in result["runs"].values()})
+        for name, result in results.items()
+        if result.get("schema_version") in SCALED_LOSS_SCHEMAS
+        and result.get("task") == "lm"
+        and any(str(entry["settings"].get("variant", "")).startswith("gpt2") for entry in result["runs"].values())
+    }
+    if not scaled:
+        return None
+    blocks = sorted({t for sizes in scaled.values() for t in sizes})
+    factors = ", ".join(f"{t - 1}/{t}" for t in blocks)
+    return (
+        f"**Losses of the GPT-2 runs.** These result files ({', '.join(f'`{name}`' for name in scaled)}; schema "
+        f"version {', '.join(map(str, SCALED_LOSS_SCHEMAS))}) were trained before the zoo GPT-2 named its loss type: "
+        f"their eval and train losses are (T-1)/T of the mean next-token cross-entropy (T = the context, so "
+        f"{factors}), and their perplexities exp of that: below the true ones by a factor exp(loss / (T-1)) of the "
+        "reported loss. Every GPT-2 run of one context carries the same factor, so which run has the lower loss, "
+        "and every correlation with the loss (Pearson r does not change when a series is multiplied by a positive "
+        "constant), are unaffected; LLaMA and Mixer runs never carried it. Runs trained now (schema 2) report the "
+        "mean next-token cross-entropy, and `run.py` refuses to add them to a file of schema 1."
+    )

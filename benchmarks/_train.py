@@ -71,6 +71,16 @@ def check_epochs(settings: RunSettings, n_train_blocks: int | None, max_steps: i
         )
 
 
+def check_next_token_loss(model) -> None:
+    """ValueError unless the Trainer will report ``model``'s mean next-token loss: a causal LM whose
+    ``loss_type`` is not ``ForCausalLM`` has its B*(T-1) token losses divided by B*T (result schema 1)."""
+    if getattr(model, "loss_type", None) != "ForCausalLM":
+        raise ValueError(
+            f"{type(model).__name__} has loss_type {getattr(model, 'loss_type', None)!r}: the Trainer would report "
+            "(T-1)/T of its mean next-token loss; set model.loss_type = 'ForCausalLM' where the zoo builds it"
+        )
+
+
 def _max_steps(settings: RunSettings, n_train: int | None) -> int:
     if settings.max_steps > 0:
         return settings.max_steps
@@ -92,6 +102,7 @@ def build_run(settings: RunSettings, output_dir: str, progress: bool = True):
     if settings.task == "lm":
         train, evaluation, vocab_size, info = lm_data(settings)
         model = zoo.build_model(settings.variant, size=settings.size, vocab_size=vocab_size, **settings.model_overrides)
+        check_next_token_loss(model)
         optimizer = zoo.build_optimizer(
             settings.optimizer, model, settings.learning_rate, settings.weight_decay, **settings.optimizer_options
         )

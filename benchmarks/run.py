@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _*.py helpers ne
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nerve_hf, nerve_zoo and model_adapters from a checkout
 
 from _experiments import list_experiments, load_experiment  # noqa: E402
-from _results import add_run, load_result, new_result, result_path, write_result  # noqa: E402
+from _results import SCHEMA_VERSION, add_run, load_result, new_result, result_path, write_result  # noqa: E402
 from _settings import PRESET_NAMES, run_settings, settings_differences  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -167,6 +167,18 @@ def check_resumable(experiment, preset: str, overrides, kept: dict, path: Path) 
             )
 
 
+def check_schema(previous: dict, path: Path) -> None:
+    """A file is completed (``--resume``) or updated (``--runs``) only by runs whose numbers mean what its own
+    do: not across a change of ``SCHEMA_VERSION`` (schema 1's GPT-2 losses carry a (T-1)/T factor)."""
+    version = previous.get("schema_version")
+    if previous.get("runs") and version != SCHEMA_VERSION:
+        raise SystemExit(
+            f"{path} holds runs of result schema {version}, this checkout writes schema {SCHEMA_VERSION} "
+            "(benchmarks/_results.py says what changed: schema 1's GPT-2 losses are (T-1)/T of the mean next-token "
+            "loss); train the experiment into a new file with --out, or complete it from a checkout of its schema"
+        )
+
+
 def run_experiment(
     name: str,
     preset: str,
@@ -186,6 +198,7 @@ def run_experiment(
     if path.is_file() and (resume or runs):
         previous = load_result(path)
         if previous.get("preset") == preset:
+            check_schema(previous, path)
             result["runs"] = previous.get("runs", {})  # --runs updates a file, --resume completes one
             result["corpora"] = previous.get("corpora", {})
     todo = selected_runs(experiment, preset, runs)

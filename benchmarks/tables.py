@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _findings import check_all  # noqa: E402
 from _moe import experts_table  # noqa: E402
 from _paper import PAPER_PERPLEXITY, PAPER_REFERENCE, PAPER_WIDTH_R_RANGE, PAPER_WITHIN_RUN_R  # noqa: E402
-from _results import REPLICATES, replicate_seed  # noqa: E402
+from _results import REPLICATES, replicate_seed, scaled_loss_note  # noqa: E402
 from _settings import PRESETS, run_settings, settings_differences  # noqa: E402
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -297,6 +297,9 @@ def render(results: dict, preset: str, figures: list[Path], output: Path, sectio
             "tokenizer and are NOT comparable with the paper's column. Compare orderings and signs, not values.",
             "",
         ]
+    note = scaled_loss_note(results)
+    if note:
+        out += [note, ""]
     out += ["## Findings checked at this scale", ""]
     for finding in check_all(results):
         out += [f"### {finding.claim}", "", f"**Verdict: {finding.verdict}.**", "", finding.evidence, ""]

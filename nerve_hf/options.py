@@ -50,6 +50,8 @@ __all__ = [
     "mapping",
     "OptionConflictError",
     "OptionFixedError",
+    "FixedList",
+    "FixedDict",
     "command_line_fields",
     "from_command_line",
 ]
@@ -127,13 +129,82 @@ class Validated:
         object.__setattr__(self, name, value)
 
     def fix(self, reason: str) -> None:
-        """Refuse every later assignment to an option, with ``reason`` (why the options are fixed now) in the
-        error: for a config that an object in use was built from."""
+        """Refuse every later change of an option, with ``reason`` (why the options are fixed now) in the
+        error: for a config that an object in use was built from. Assignments raise
+        :class:`OptionFixedError`; list- and dict-valued options become :class:`FixedList` /
+        :class:`FixedDict`, equal to the list or dict they were, whose in-place edits raise it too.
+
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Example(Validated):
+        ...     layers: list = option([0, 1], "blocks", int_list)
+        >>> example = Example()
+        >>> example.fix("it is in use")
+        >>> example.layers == [0, 1]
+        True
+        >>> example.layers.append(2)
+        Traceback (most recent call last):
+        ...
+        nerve_hf.options.OptionFixedError: layers cannot change: it is in use
+        """
         object.__setattr__(self, "_fixed_by", reason)
+        for name in _checks(type(self)):
+            value = getattr(self, name)
+            if isinstance(value, list) and not isinstance(value, FixedList):
+                object.__setattr__(self, name, FixedList(value, name=name, reason=reason))
+            elif isinstance(value, dict) and not isinstance(value, FixedDict):
+                object.__setattr__(self, name, FixedDict(value, name=name, reason=reason))
 
 
 class OptionFixedError(InputError, AttributeError):
-    """An option assigned after the object built from it started (see :meth:`Validated.fix`)."""
+    """An option changed after the object built from it started (see :meth:`Validated.fix`)."""
+
+
+def _refuse(method: str):
+    def refused(self, *args, **kwargs):
+        raise OptionFixedError(f"{self._option} cannot change: {self._reason}")
+
+    refused.__name__ = method
+    return refused
+
+
+class FixedList(list):
+    """The list value of a fixed option: reads as the list it was (an equal ``list``); every in-place edit
+    (``append``, ``x[0] = ...``, ``+=``, ``sort``, ...) raises :class:`OptionFixedError` naming the option.
+    Copies (``list(x)``, ``copy.deepcopy``, pickling) are plain lists."""
+
+    def __init__(self, items=(), *, name: str = "option", reason: str = "it is fixed") -> None:
+        super().__init__(items)
+        self._option, self._reason = name, reason
+
+    for _method in ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse"):
+        locals()[_method] = _refuse(_method)
+    del _method
+    __setitem__ = _refuse("__setitem__")
+    __delitem__ = _refuse("__delitem__")
+    __iadd__ = _refuse("__iadd__")
+    __imul__ = _refuse("__imul__")
+
+    def __reduce_ex__(self, protocol):
+        return list, (list(self),)
+
+
+class FixedDict(dict):
+    """The dict value of a fixed option, as :class:`FixedList` for lists."""
+
+    def __init__(self, items=(), *, name: str = "option", reason: str = "it is fixed") -> None:
+        super().__init__(items)
+        self._option, self._reason = name, reason
+
+    for _method in ("pop", "popitem", "clear", "update", "setdefault"):
+        locals()[_method] = _refuse(_method)
+    del _method
+    __setitem__ = _refuse("__setitem__")
+    __delitem__ = _refuse("__delitem__")
+    __ior__ = _refuse("__ior__")
+
+    def __reduce_ex__(self, protocol):
+        return dict, (dict(self),)
 
 
 def _checks(cls) -> dict[str, Check]:

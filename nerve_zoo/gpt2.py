@@ -114,12 +114,17 @@ def build_gpt2(
     ``activation``: gelu | relu | gelu_new | learnable_lrelu. ``layernorm=False``: NormFree.
     ``ffn_weight_norm``: None | weight | spectral | hyperspherical. ``norm_position``: pre | post | mix
     (``post_fraction`` of the blocks PostLN for mix). ``width_mult``: FFN width D = width_mult * d.
-    Extra keywords go to ``GPT2Config`` (e.g. ``n_positions``, ``resid_pdrop``).
+    Extra keywords go to ``GPT2Config`` (e.g. ``n_positions``, ``resid_pdrop``). The model's ``loss_type`` is
+    ``"ForCausalLM"``: under a Trainer, its loss is the mean next-token cross-entropy over the predicted tokens.
     """
     if not layernorm and norm_position != "pre":
         raise ValueError("norm_position needs LayerNorms; a NormFree model (layernorm=False) has none to place")
     config = gpt2_config(size, vocab_size, activation, width_mult, **config_overrides)
     model = GPT2LMHeadModel(config)
+    # GPT2LMHeadModel's class name maps to no loss type (loss_type None): it computes ForCausalLMLoss anyway, but
+    # the Trainer then counts all B*T labels for the B*(T-1) predicted tokens (num_items_in_batch), and its
+    # loss/eval_loss come out (T-1)/T of the mean next-token cross-entropy. Naming the loss makes them that mean.
+    model.loss_type = "ForCausalLM"
     if activation in MODULE_ACTIVATIONS:
         set_ffn_activation(model, MODULE_ACTIVATIONS[activation])
     if not layernorm:

@@ -135,12 +135,19 @@ def _load_transformers(
     auto = AutoModelForCausalLM if causal else AutoModel
     torch_dtype = _torch_dtype(dtype)
     placed = placement.kwargs(quantized is not None)  # device_map, max_memory, offload_folder, quantization_config
+    loading = dict(dtype="auto" if torch_dtype is None else torch_dtype, **options, **placed)
     try:
-        model = auto.from_pretrained(
-            source.spec, dtype="auto" if torch_dtype is None else torch_dtype, **options, **placed
-        )
+        model, info = auto.from_pretrained(source.spec, output_loading_info=True, **loading)
     except Exception as error:  # noqa: BLE001
-        raise InputError(f"cannot load model {source.spec!r} {where}: {first_line(error)}") from None
+        reason = _mismatched_weights(auto, source.spec, loading) or first_line(error)
+        raise InputError(f"cannot load model {source.spec!r} {where}: {reason}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers initialised them at random and only logs it: measuring them would invent numbers
+        raise InputError(
+            f"cannot load model {source.spec!r} {where}: the weights lack {len(missing)} "
+            f"{'parameter' if len(missing) == 1 else 'parameters'} the config needs ({_listed(missing)}); "
+            "they would be measured at their random initialisation"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_spec or source.spec, **options)
     except Exception as error:  # noqa: BLE001
@@ -239,6 +246,37 @@ def _data_config(model, config: dict) -> dict:
                 )
             break
     return config
+
+
+def _mismatched_weights(auto, spec: str, loading: dict) -> str | None:
+    """Why ``auto.from_pretrained(spec, **loading)`` refused the weights, when their shapes do not match the
+    config: transformers raises "For details look at the above report!" and logs that report, which a
+    one-line error would lose. A second load with ``ignore_mismatched_sizes=True`` and
+    ``output_loading_info=True`` (only on this failing path) gives its ``mismatched_keys``
+    (name, checkpoint shape, model shape); None when that finds none, or cannot load either."""
+    try:
+        _, info = auto.from_pretrained(spec, ignore_mismatched_sizes=True, output_loading_info=True, **loading)
+    except Exception:  # noqa: BLE001 - the first error is reported instead
+        return None
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if not mismatched:
+        return None
+    listed = _listed([f"{name}: checkpoint {tuple(ckpt)}, config {tuple(model)}" for name, ckpt, model in mismatched])
+    noun = "parameter" if len(mismatched) == 1 else "parameters"
+    return (
+        f"the weights do not match the config: {len(mismatched)} {noun} of another shape ({listed}); "
+        f"was config.json edited, or saved with other weights?"
+    )
+
+
+def _listed(items: list[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``items``, then how many more.
+
+    >>> _listed(["a", "b", "c"], shown=2)
+    'a; b; and 1 more'
+    """
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
 
 
 def _load_timm(source: ModelSource, timm_arch: str | None, timm_kwargs: dict | None, dtype: str) -> LoadedModel:

@@ -60,6 +60,9 @@ class CovarianceAccumulator(StreamingMoments):
     Args:
         dim: width D of each row (the FFN hidden width).
         device: where the float64 state lives; ``None`` takes the device of the first batch.
+        warn_nonfinite: warn once, at the first rows holding NaN or Inf, that rows were skipped. The
+            tracker's measurements pass False: they count skips silently and the tracker warns once per
+            measurement for all of its statistics (:func:`nerve_hf.tracking.windows.warn_skipped`).
 
     >>> acc = CovarianceAccumulator(2)
     >>> acc.update(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
@@ -70,11 +73,11 @@ class CovarianceAccumulator(StreamingMoments):
 
     LAYOUT = MomentsLayout(widths=("dim",), means=("mean",), moment="m2")  # M2 = Σ (x − μ)(x − μ)ᵀ [D, D]
 
-    def __init__(self, dim: int, device: Optional[torch.device | str] = None) -> None:
+    def __init__(self, dim: int, device: Optional[torch.device | str] = None, *, warn_nonfinite: bool = True) -> None:
         if int(dim) < 1:
             raise ValueError(f"dim must be a positive integer, got {dim}")
         self.dim = int(dim)
-        self._warned_nonfinite = False
+        self._warned_nonfinite = not warn_nonfinite  # a silent accumulator counts as having warned
         super().__init__((self.dim,), device)
 
     @property
@@ -94,7 +97,7 @@ class CovarianceAccumulator(StreamingMoments):
 
         >>> import warnings
         >>> acc = CovarianceAccumulator(2)
-        >>> with warnings.catch_warnings(record=True):  # the first skip warns once
+        >>> with warnings.catch_warnings(record=True):  # the first skip warns once (unless warn_nonfinite=False)
         ...     acc.update(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3.0, 5.0]]))
         ...     counts = acc.count, acc.skipped
         >>> counts

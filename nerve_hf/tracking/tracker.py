@@ -23,6 +23,7 @@ from model_adapters import Adapter, ResolvedSite
 from nerve_hf import spectra as spectra_module  # compute()'s argument `spectra` hides the module name
 from nerve_hf.measurement_options import MEASUREMENT_DEFAULTS
 from nerve_hf.options import boolean, device, optional, positive_number, token_cap
+from nerve_hf.parallel.comm import is_distributed
 from nerve_hf.parallel.tensor_parallel import data_parallel_group
 from nerve_hf.report import SpectralReport
 from nerve_hf.tracking.budget import MemoryBudgetError, check_memory_budget, covariance_state_bytes
@@ -37,7 +38,7 @@ from nerve_hf.tracking.points import FFNHookPoints, resolve_sites
 from nerve_hf.tracking.reducers import choose_reducer
 from nerve_hf.tracking.stack_tokens import sources_for_sites
 from nerve_hf.tracking.tokens import TokenCap, TokenSource
-from nerve_hf.tracking.windows import SiteWindow, Window, WindowLostError
+from nerve_hf.tracking.windows import SiteWindow, Window, WindowLostError, warn_skipped
 
 __all__ = ["FFNTracker", "MemoryBudgetError", "Window", "WindowLostError", "covariance_state_bytes"]
 
@@ -320,8 +321,10 @@ class FFNTracker:
         if chosen.failed is not None and not self._reducer.exchanges():
             raise WindowLostError(f"window {chosen.name!r} lost rows: {chosen.failed}")
         watched = [i for i in range(len(self._table.sites)) if chosen.watches(i)]
+        skipped = chosen.measurements.skipped_rows(watched)  # this process's rows, read before any sync
         report = SpectralReport()
         chosen.measurements.compute(report, ComputeContext(self._table, watched, self._reducer, metrics, spectra_dtype))
+        warn_skipped(chosen, self._table.sites, skipped, " on this process" if is_distributed() else "")
         if extra_metrics:
             pairs = [report.eigenvalues.get(row["site"]) for row in report.rows]
             extras = spectra_module.extra_values(pairs, [row["tokens"] for row in report.rows])

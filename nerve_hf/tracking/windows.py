@@ -14,6 +14,7 @@ step) and ``eval`` (staged eval-mode forwards outside training steps).
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence
 
 from torch import nn
@@ -22,7 +23,7 @@ from model_adapters import ResolvedSite
 from nerve_hf.tracking.measurements.base import MeasurementCollection
 from nerve_hf.tracking.tokens import TokenCap
 
-__all__ = ["Window", "SiteWindow", "WindowLostError"]
+__all__ = ["Window", "SiteWindow", "WindowLostError", "skipped_message", "warn_skipped"]
 
 
 class WindowLostError(RuntimeError):
@@ -149,3 +150,41 @@ class Window:
 
     def __repr__(self) -> str:
         return f"Window({self.name!r}, staged={self.staged}, groups={len(self.groups)})"
+
+
+_STAGE_ORDER = {"input": 0, "pre": 1, "post": 2, "output": 3}  # the order rows flow through an FFN
+
+
+Skipped = dict[int, dict[str, int]]  # site index -> {what (a stage): rows skipped}
+
+
+def skipped_message(window: str, sites: Sequence[ResolvedSite], skipped: Skipped, where: str = "") -> str:
+    """The one line that says which rows of a measurement were skipped for holding NaN or Inf.
+
+    ``skipped``: site index -> {what (a stage): rows} (:meth:`MeasurementCollection.skipped_rows`); a site's
+    count is its largest (the same rows reach several stages).
+
+    >>> from types import SimpleNamespace
+    >>> sites = [SimpleNamespace(site="ffn.0"), SimpleNamespace(site="ffn.1")]
+    >>> skipped_message("train", sites, {1: {"input": 2, "pre": 2, "post": 1}})
+    "non-finite activations skipped: 2 rows holding NaN or Inf at 1 site in window 'train' (ffn.1: 2 rows; \
+input 2, pre 2, post 1); every statistic covers only its finite rows (a row's tokens count them)"
+    """
+    parts, total = [], 0
+    for i, counts in sorted(skipped.items()):
+        rows = max(counts.values())
+        total += rows
+        named = sorted(counts.items(), key=lambda item: (_STAGE_ORDER.get(item[0], len(_STAGE_ORDER)), item[0]))
+        parts.append(f"{sites[i].site}: {rows} rows; " + ", ".join(f"{name} {n}" for name, n in named))
+    noun = "site" if len(parts) == 1 else "sites"
+    return (
+        f"non-finite activations skipped{where}: {total} rows holding NaN or Inf at {len(parts)} {noun} in window "
+        f"{window!r} ({'; '.join(parts)}); every statistic covers only its finite rows (a row's tokens count them)"
+    )
+
+
+def warn_skipped(window: Window, sites: Sequence[ResolvedSite], skipped: Skipped, where: str = "") -> None:
+    """One RuntimeWarning per measurement of ``window`` for all its skipped rows (none when nothing was
+    skipped); ``where`` qualifies the counts (``" on this process"`` under several processes)."""
+    if skipped:
+        warnings.warn(skipped_message(window.name, sites, skipped, where), RuntimeWarning, stacklevel=3)

@@ -3,6 +3,7 @@ flag or file (real processes), and option values of every accepted kind (NumPy s
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -121,3 +122,57 @@ def test_options_changed_after_the_trainer_is_built_are_refused_and_keep_measuri
     records = list(read_records(tmp_path / "nerve_metrics.jsonl"))
     assert sorted((r["step"], r["site"]) for r in records) == [(1, "ffn.0"), (1, "ffn.1"), (2, "ffn.0"), (2, "ffn.1")]
     assert {r["tokens"] for r in records} == {16}
+
+
+# In-place edits of every list-valued option once the callback is given to a Trainer, each a real edit a
+# user could write; each must raise OptionFixedError naming the option, and the value must stay as given.
+IN_PLACE_EDITS = {
+    "append": lambda v: v.append(1),
+    "extend": lambda v: v.extend([1]),
+    "insert": lambda v: v.insert(0, 1),
+    "remove": lambda v: v.remove(v[0]),
+    "pop": lambda v: v.pop(),
+    "clear": lambda v: v.clear(),
+    "sort": lambda v: v.sort(reverse=True),
+    "reverse": lambda v: v.reverse(),
+    "setitem": lambda v: v.__setitem__(0, 1),
+    "setslice": lambda v: v.__setitem__(slice(0, 1), [1]),
+    "delitem": lambda v: v.__delitem__(0),
+    "iadd": lambda v: v.__iadd__([1]),
+    "imul": lambda v: v.__imul__(2),
+}
+LIST_VALUES = {"layers": [1, 0], "position_buckets": [0, 4], "experts": [0, 2]}
+
+
+def test_every_list_valued_option_is_listed():
+    import typing
+    from dataclasses import fields
+
+    from nerve_hf import NerveConfig
+
+    hints = typing.get_type_hints(NerveConfig)
+    kinds = ("list", "dict", "Sequence")
+    containers = {f.name for f in fields(NerveConfig) if any(kind in str(hints[f.name]) for kind in kinds)}
+    assert containers == set(LIST_VALUES)
+
+
+@pytest.mark.parametrize("name", sorted(LIST_VALUES))
+def test_in_place_edits_of_list_options_after_the_trainer_is_built_are_refused(tmp_path, name):
+    from trainer_helpers import make_trainer
+
+    from nerve_hf import NerveCallback
+
+    value = list(LIST_VALUES[name])
+    callback = NerveCallback(every_n_steps=1, flow=False, **{name: value})
+    value.append(7)  # the caller's own list afterwards is not the option
+    kept = list(getattr(callback.config, name))
+    assert kept == LIST_VALUES[name]
+    make_trainer(tmp_path, [callback], max_steps=1, eval_strategy="no")
+    option = getattr(callback.config, name)
+    for edit, apply in IN_PLACE_EDITS.items():
+        with pytest.raises(InputError, match=rf"^{name} cannot change: NerveCallback's options are fixed once"):
+            apply(option)
+        assert getattr(callback.config, name) == kept, edit
+    with pytest.raises(InputError, match=rf"^{name} cannot change"):
+        option += [1]  # the augmented assignment's in-place step raises before any assignment
+    assert getattr(callback.config, name) == kept and list(copy.deepcopy(callback.config).__dict__[name]) == kept

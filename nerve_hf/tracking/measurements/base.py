@@ -38,14 +38,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
 
 from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.tracking.site_table import SiteTable
 
-__all__ = ["Measurement", "MeasurementCollection", "ComputeContext", "standin_pair", "nan_mean"]
+__all__ = [
+    "Measurement",
+    "MeasurementCollection",
+    "ComputeContext",
+    "standin_pair",
+    "nan_mean",
+    "site_accumulator",
+    "merge_skipped",
+]
 
 # A zero-argument function giving the position of each row handed to update() ([N] int64), or None.
 Positions = Callable[[], Optional[Tensor]]
@@ -110,6 +118,13 @@ class Measurement:
     def accumulators(self, site: int) -> dict:
         """Named accumulators of site index ``site`` (for inspection: ``Window.states``)."""
         return {}
+
+    def skipped_rows(self, site: int) -> dict[str, int]:
+        """Rows of site index ``site`` left out of this measurement's statistics because they held NaN or
+        Inf, by what they are (a stage name such as ``"pre"``): by default the ``skipped`` count of each
+        accumulator :meth:`accumulators` names (those without one are ignored)."""
+        named = self.accumulators(site).items()
+        return {name: acc.skipped for name, acc in named if isinstance(getattr(acc, "skipped", None), int)}
 
 
 class MeasurementCollection:
@@ -177,10 +192,42 @@ class MeasurementCollection:
             merged.update(measurement.accumulators(site))
         return merged
 
+    def skipped_rows(self, indices: Sequence[int]) -> dict[int, dict[str, int]]:
+        """Site index -> {what: rows skipped} for the sites among ``indices`` that skipped any (as far as
+        this process saw them); measurements that saw the same rows (pre/post and its position buckets)
+        count them once: the largest count per name is kept."""
+        out: dict[int, dict[str, int]] = {}
+        for i in indices:
+            measuring = [m for m in self.measurements if self._of_kinds(m, [i])]
+            counts = merge_skipped(measurement.skipped_rows(i) for measurement in measuring)
+            if counts:
+                out[i] = counts
+        return out
+
+
+def site_accumulator(dim: int, device=None) -> CovarianceAccumulator:
+    """A measurement's covariance of ``dim``-wide rows: it counts skipped non-finite rows silently (the
+    tracker warns once per measurement for all of them, :meth:`Measurement.skipped_rows`)."""
+    return CovarianceAccumulator(dim, device, warn_nonfinite=False)
+
+
+def merge_skipped(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """The non-zero skipped counts of several ``{what: rows}``, the largest per name.
+
+    >>> merge_skipped([{"pre": 2, "post": 0}, {"pre": 1, "input": 3}])
+    {'pre': 2, 'input': 3}
+    """
+    merged: dict[str, int] = {}
+    for part in counts:
+        for name, rows in part.items():
+            if rows:
+                merged[name] = max(rows, merged.get(name, 0))
+    return merged
+
 
 def standin_pair() -> tuple[CovarianceAccumulator, CovarianceAccumulator]:
     """Empty width-1 accumulators for a site whose widths are unknown: NaN metrics, 0 tokens."""
-    return CovarianceAccumulator(1), CovarianceAccumulator(1)
+    return site_accumulator(1), site_accumulator(1)
 
 
 def nan_mean(values) -> float:

@@ -19,7 +19,7 @@ from nerve_hf.metrics import padded_js
 from nerve_hf.sites import families, family, mean_name, next_sites
 from nerve_hf.stats.cross_covariance import CrossCovarianceAccumulator, linear_cka
 from nerve_hf.tracking.call_inputs import WarnOnce
-from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, nan_mean
+from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, merge_skipped, nan_mean
 from nerve_hf.tracking.measurements.flow import StageCovariances
 from nerve_hf.tracking.site_table import SiteTable
 
@@ -131,6 +131,17 @@ class CrossLayer(Measurement):
         if acc is None:
             acc = self.cross[pair] = CrossCovarianceAccumulator(dim_x, dim_y, self.table.device)
         return acc
+
+    def skipped_rows(self, site: int) -> dict[str, int]:
+        """Its own input covariances' skipped rows, and per pair ending at ``site`` the row pairs skipped
+        because either input row held NaN or Inf."""
+        own = self.inputs.skipped_rows(site) if self._own_inputs else {}
+        pairs = {
+            f"input paired with {self.table.sites[a].site}": cross.skipped
+            for (a, b), cross in self.cross.items()
+            if b == site
+        }
+        return merge_skipped([own, pairs])
 
     def end_forward(self) -> None:
         self._rows = {}

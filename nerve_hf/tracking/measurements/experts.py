@@ -30,7 +30,7 @@ from nerve_hf.metrics import METRIC_NAMES
 from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.tracking.budget import covariance_state_bytes
 from nerve_hf.tracking.experts_compute import ExpertsLayout
-from nerve_hf.tracking.measurements.base import ComputeContext, Measurement
+from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, site_accumulator
 from nerve_hf.tracking.site_table import SiteTable
 
 __all__ = ["Experts", "ExpertRangeError", "ROUTING_KEYS", "experts_log_dict", "SUMMARY_METRICS"]
@@ -111,8 +111,8 @@ class Experts(Measurement):
         if pair is None:
             dim = self.table.dims[site]
             pair = self._pairs[(site, expert)] = (
-                CovarianceAccumulator(dim, self.table.device),
-                CovarianceAccumulator(dim, self.table.device),
+                site_accumulator(dim, self.table.device),
+                site_accumulator(dim, self.table.device),
             )
         return pair
 
@@ -178,6 +178,12 @@ class Experts(Measurement):
 
     def accumulators(self, site: int) -> dict:
         return {f"expert{e}": pair for (i, e), pair in self._pairs.items() if i == site}
+
+    def skipped_rows(self, site: int) -> dict[str, int]:
+        """(token, expert) assignments skipped, summed over the site's experts, per stage."""
+        pairs = [pair for (i, _), pair in self._pairs.items() if i == site]
+        pre, post = sum(pre.skipped for pre, _ in pairs), sum(post.skipped for _, post in pairs)
+        return {"expert pre": pre, "expert post": post}
 
 
 def routing_row(site: str, layer: int, routing: torch.Tensor) -> dict:

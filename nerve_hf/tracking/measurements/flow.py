@@ -20,7 +20,7 @@ from torch import Tensor
 
 from nerve_hf.metrics import padded_js
 from nerve_hf.stats.covariance import CovarianceAccumulator
-from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, standin_pair
+from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, site_accumulator, standin_pair
 from nerve_hf.tracking.site_table import SiteTable
 
 __all__ = ["FLOW_STAGES", "FLOW_KEYS", "flow_values", "flow_names", "StageCovariances", "Flow"]
@@ -81,7 +81,7 @@ class StageCovariances(Measurement):
         acc = self._accumulators[site].get(stage)
         width = self.table.stage_dims[site].get(stage)
         if acc is None and width is not None:
-            acc = self._accumulators[site][stage] = CovarianceAccumulator(width, self.table.device)
+            acc = self._accumulators[site][stage] = site_accumulator(width, self.table.device)
         return acc
 
     def state_bytes(self, indices: Sequence[int]) -> int:

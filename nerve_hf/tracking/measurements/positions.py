@@ -17,7 +17,7 @@ from nerve_hf.options import is_integer
 from nerve_hf.sites import families, family, mean_name
 from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.tracking.budget import covariance_state_bytes
-from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, nan_mean, standin_pair
+from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, nan_mean, site_accumulator, standin_pair
 from nerve_hf.tracking.site_table import SiteTable
 
 __all__ = [
@@ -115,9 +115,7 @@ class PositionBuckets(Measurement):
         dim = self.table.dims[site]
         if not self._buckets[site] and dim is not None:
             device = self.table.device
-            self._buckets[site] = [
-                (CovarianceAccumulator(dim, device), CovarianceAccumulator(dim, device)) for _ in self.edges
-            ]
+            self._buckets[site] = [(site_accumulator(dim, device), site_accumulator(dim, device)) for _ in self.edges]
         return self._buckets[site]
 
     def state_bytes(self, indices: Sequence[int]) -> int:
@@ -173,3 +171,8 @@ class PositionBuckets(Measurement):
 
     def accumulators(self, site: int) -> dict:
         return {"buckets": self.buckets(site)}
+
+    def skipped_rows(self, site: int) -> dict[str, int]:
+        """The buckets' skipped rows, per stage (the same rows the pre/post measurement skipped)."""
+        pairs = self.buckets(site)
+        return {"pre": sum(pre.skipped for pre, _ in pairs), "post": sum(post.skipped for _, post in pairs)}

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from nerve_hf.stats.covariance import CovarianceAccumulator
 from nerve_hf.tracking.budget import covariance_state_bytes
-from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, standin_pair
+from nerve_hf.tracking.measurements.base import ComputeContext, Measurement, site_accumulator, standin_pair
 from nerve_hf.tracking.site_table import SiteTable
 
 __all__ = ["PrePost"]
@@ -35,8 +35,8 @@ class PrePost(Measurement):
         pair, dim = self._pairs[site], self.table.dims[site]
         if pair is None and dim is not None:
             pair = self._pairs[site] = (
-                CovarianceAccumulator(dim, self.table.device),
-                CovarianceAccumulator(dim, self.table.device),
+                site_accumulator(dim, self.table.device),
+                site_accumulator(dim, self.table.device),
             )
         return pair
 
