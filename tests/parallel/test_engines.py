@@ -1,7 +1,10 @@
 """Large-model engines. FSDP: the Trainer cannot run it on CPU (accelerate enables its FSDP plugin only for accelerator
 back ends; on CPU processes it trains with DDP instead), so the closest case that can run is tested:
 a hand-written loop under FSDP2 ``fully_shard`` on 2 gloo processes equals 1 process on the same
-global batches. The Trainer's own data-parallel path is tested in test_callback and test_faults_training.
+global batches, and on padded batches its token count and metrics equal a float64 capture of both ranks'
+own FFN rows (accelerate sets ``DistributedType.FSDP`` only for accelerator back ends, never for
+``MULTI_CPU``: accelerate/state.py, so neither the Trainer nor ``Accelerator.prepare`` shards on CPU).
+The Trainer's own data-parallel path is tested in test_callback and test_faults_training.
 DeepSpeed ZeRO-3: the ``deepspeed`` package ships as source only and its CPU accelerator needs Intel's
 oneCCL bindings, not gloo, so it does not run here; what is tested is that the tracker never reads a
 parameter that ZeRO-3 has partitioned."""
@@ -57,3 +60,24 @@ def test_tracker_reads_no_partitioned_parameter():
             setattr(module, name, placeholder)
     tracker = FFNTracker(model, memory_budget_mb=1)
     assert [(site.site, dim) for site, dim in zip(tracker.sites, tracker._dims)] == [("ffn.0", 37), ("ffn.1", 37)]
+
+
+@pytest.mark.distributed
+def test_fsdp2_tokens_and_metrics_equal_a_float64_capture(tmp_path):
+    """FSDP2 on 2 gloo processes, padded batches with an attention mask: every rank's rows count the real
+    tokens of the whole global batches, once, and their PR/SE equal a float64 capture of both ranks' own
+    FFN rows (this file's hooks, in the worker), concatenated."""
+    import numpy as np
+    from reference import activation_metrics
+
+    torchrun("fsdp_capture.py", str(tmp_path), nproc=2)
+    captured = [np.load(tmp_path / f"rank{rank}.npz") for rank in range(2)]
+    for rank in range(2):
+        rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [r["site"] for r in rows] == ["ffn.0", "ffn.1"]
+        for i, row in enumerate(rows):
+            pre, post = (np.concatenate([c[f"{i}.{stage}"] for c in captured]) for stage in ("pre", "post"))
+            assert row["tokens"] == pre.shape[0] == post.shape[0] == 47  # fsdp_capture.LENGTHS summed
+            expected = activation_metrics(pre, post)
+            for name in METRIC_NAMES:
+                assert row[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7), (rank, row["site"], name)
