@@ -249,7 +249,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace) -> int:
     from nerve_hf.probe.series import expand_series, run_dir_note, run_series, write_series
-    from nerve_hf.probe.tables import aligned, format_value
+    from nerve_hf.probe.tables import means_per_checkpoint
 
     checkpoints = expand_series(models, config.revision)
     for note in filter(None, map(run_dir_note, models)):
@@ -263,17 +263,9 @@ def _probe_series(config, models: list[str], out: Path, args: argparse.Namespace
     print(
         f"{len(checkpoints)} checkpoints of {result.results[0].model.get('class')} on {amount} of {data.get('source')}"
     )
-    from nerve_hf.metrics import METRIC_NAMES
-
-    columns = ["checkpoint", "step"] + list(METRIC_NAMES) + (["loss"] if result.eval_loss else [])
-    body = []
-    for checkpoint, probe in zip(checkpoints, result.results):
-        mean = probe.report.mean()
-        cells = [format_value(mean[name]) for name in METRIC_NAMES]
-        cells += [format_value(probe.loss)] if result.eval_loss else []
-        body.append([checkpoint.name, str(checkpoint.step), *cells])
-    print("layer mean per checkpoint:")
-    print(aligned(columns, body))
+    rows = [(c.name, c.step, probe.report, probe.loss) for c, probe in zip(checkpoints, result.results)]
+    print("layer means per checkpoint (one line per family of sites, never two averaged together):")
+    print(means_per_checkpoint(rows, with_loss=bool(result.eval_loss)))
     files = sorted(
         {str(p.relative_to(out).parts[0]) + ("/" if len(p.relative_to(out).parts) > 1 else "") for p in written}
     )

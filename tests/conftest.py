@@ -1,8 +1,16 @@
 """Fixtures shared by several test files, and the check that process-launching tests carry their marker."""
 
 import inspect
+import os
 
 import pytest
+import torch
+
+# DeepSpeed (in the test extra) picks its accelerator at first use, which any Trainer set-up reaches once it is
+# installed; with no CUDA device it logs "Setting accelerator to CPU..." on stdout, into doctests comparing
+# stdout. Naming the CPU accelerator up front (processes started by tests inherit it) is the same choice, quiet.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # Scripts that tests start as processes: never imported by pytest (their module-level code is a run's set-up).
 collect_ignore = ["workers"]

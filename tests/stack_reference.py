@@ -2,8 +2,10 @@
 
 The test names each FFN's modules itself (paths read from the transformers modeling files, never asked of
 the library), hooks them (pre = the up/gate projection's output, post = the down projection's input) and
-records, per top-level call of the model, the call's keyword arguments. Which rows are real is decided
-by the test from those arguments (``select``), so the library's token sources are checked, not reused.
+records, per top-level call of the model, the call's keyword arguments (an FFN running outside any
+top-level call, as the encoder ``generate`` runs as a submodule, belongs to no call and is never kept).
+Which rows are real is decided by the test from those arguments (``select``), so the library's token
+sources are checked, not reused.
 """
 
 from __future__ import annotations
@@ -27,20 +29,30 @@ class StackCapture:
     def __init__(self, model: nn.Module, sites: dict[str, tuple[str, str]]) -> None:
         modules = dict(model.named_modules())
         self.calls: list[dict] = []
+        self.depth = 0  # nesting of top-level calls running
         # site -> stage -> [(call index, activation float64)]
         self.seen: dict[str, dict[str, list]] = {name: {"pre": [], "post": []} for name in sites}
-        self.handles = [model.register_forward_pre_hook(self._call, with_kwargs=True)]
+        self.handles = [
+            model.register_forward_pre_hook(self._call, with_kwargs=True),
+            model.register_forward_hook(self._call_ends, always_call=True),
+        ]
         for name, (pre, post) in sites.items():
             self.handles.append(modules[pre].register_forward_hook(self._keep(name, "pre", output=True)))
             self.handles.append(modules[post].register_forward_pre_hook(self._keep(name, "post", output=False)))
 
     def _call(self, module, args, kwargs) -> None:
-        self.calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        self.depth += 1
+        if self.depth == 1:
+            self.calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+
+    def _call_ends(self, module, args, output) -> None:
+        self.depth -= 1
 
     def _keep(self, name: str, stage: str, output: bool):
         def hook(module, args, *rest):
             x = rest[0] if output else args[0]
-            self.seen[name][stage].append((len(self.calls) - 1, x.detach().double().clone()))
+            call = len(self.calls) - 1 if self.depth > 0 else None
+            self.seen[name][stage].append((call, x.detach().double().clone()))
 
         return hook
 
@@ -55,7 +67,7 @@ class StackCapture:
         for stage in ("pre", "post"):
             kept = []
             for call, x in self.seen[name][stage]:
-                if calls is not None and call not in calls:
+                if call is None or (calls is not None and call not in calls):
                     continue
                 mask = select(self.calls[call], x)
                 kept.append(x.reshape(-1, x.shape[-1]) if mask is None else x[mask.bool()])

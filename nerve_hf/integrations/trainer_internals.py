@@ -29,6 +29,11 @@ these functions rely on:
   behind, so the next one must be told apart from it by something that exists once per evaluation. Each
   call of ``Trainer.evaluation_loop`` makes its own ``all_losses`` container (a local of that frame); the
   callback keeps a weak reference to it, so the first batch of the next evaluation shows a new one.
+- **Whether transformers' ``generate`` is running** (:func:`in_generation`): ``Seq2SeqTrainer`` with
+  ``predict_with_generate`` calls ``generate`` before the teacher-forced forward of every evaluation batch;
+  generate's forwards read generated tokens, not the batch's, and neither they nor the calls' arguments
+  say so. A frame of ``transformers/generation/`` on the call stack does. This module imports nothing
+  of ``nerve_hf``, so the token sources and hook points of ``nerve_hf.tracking`` use it too.
 
 The Trainer also appends a copy of ``logs`` to ``state.log_history`` just before ``on_log``;
 :func:`add_to_last_log` puts the callback's keys there too.
@@ -36,6 +41,7 @@ The Trainer also appends a copy of ``logs`` to ``state.log_history`` just before
 
 from __future__ import annotations
 
+import os
 import sys
 from types import FrameType
 from typing import Optional
@@ -51,6 +57,7 @@ __all__ = [
     "process_shard",
     "add_to_last_log",
     "running_evaluation",
+    "in_generation",
 ]
 
 
@@ -139,3 +146,23 @@ def running_evaluation(frame: Optional[FrameType] = None):
             return frame.f_locals.get("all_losses")
         frame = frame.f_back
     return None
+
+
+_GENERATION_DIR: list[str] = []  # transformers' generation package, found on first use
+
+
+def in_generation(frame: Optional[FrameType] = None) -> bool:
+    """True while a ``generate`` of transformers runs: a frame of a module in ``transformers/generation/``
+    (the decoding loops of ``GenerationMixin``, where every model's ``generate`` ends) is up the call stack
+    from ``frame`` (default the caller's). Its forwards read generated tokens (each beam, one cached token
+    per step, the pads of finished sequences), not a batch's data tokens."""
+    if not _GENERATION_DIR:
+        import transformers
+
+        _GENERATION_DIR.append(os.path.join(os.path.dirname(os.path.abspath(transformers.__file__)), "generation", ""))
+    frame = frame if frame is not None else sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_GENERATION_DIR[0]):
+            return True
+        frame = frame.f_back
+    return False

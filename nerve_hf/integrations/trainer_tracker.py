@@ -2,9 +2,10 @@
 
 The tracker feeds two windows (:mod:`nerve_hf.tracking.windows`): ``train`` records the train-mode forwards
 of a measured step (``measured_step`` set), ``eval`` the eval-mode forwards outside training steps
-(``in_train_step`` unset), staged until an evaluation confirms it and without accelerate's padding repeats
-under several processes. NerveCallback decides when a step is measured and when a window is computed; this
-class turns those decisions into hooks, gates and reports, and a failure into a warning and NaN.
+(``in_train_step`` unset, not inside ``generate``), staged until an evaluation confirms it and without
+accelerate's padding repeats under several processes. NerveCallback decides when a step is measured and
+when a window is computed; this class turns those decisions into hooks, gates and reports, and a failure
+into a warning and NaN.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from model_adapters import LayerRangeError
 from nerve_hf import spectra
 from nerve_hf.integrations import trainer_internals as internals
 from nerve_hf.integrations.config import NerveConfig
+from nerve_hf.integrations.trainer_internals import in_generation
 from nerve_hf.parallel import comm as distributed
 from nerve_hf.probe.memory_plan import MemoryPlanError, plan_memory
 from nerve_hf.report import SpectralReport
@@ -168,8 +170,9 @@ class TrainerTracker:
         return self.config.measure_train and module.training and self.measured_step is not None
 
     def _eval_gate(self, module: nn.Module) -> bool:
-        """The ``eval`` window records a forward: eval mode, outside a training step."""
-        return self.config.measure_eval and not module.training and not self.in_train_step
+        """The ``eval`` window records a forward: eval mode, outside a training step, and not one of
+        ``generate``'s (``predict_with_generate``: the teacher-forced forward with labels is measured)."""
+        return self.config.measure_eval and not module.training and not self.in_train_step and not in_generation()
 
     @staticmethod
     def _real_samples(batch_size: int) -> Optional[int]:

@@ -13,11 +13,12 @@ import math
 from typing import TYPE_CHECKING, Optional
 
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.tracking.measurements.base import nan_mean
 
 if TYPE_CHECKING:
     from nerve_hf.report import SpectralReport
 
-__all__ = ["format_table", "aligned", "format_value"]
+__all__ = ["format_table", "aligned", "format_value", "every_mean", "means_per_checkpoint"]
 
 
 def format_value(value: Optional[float]) -> str:
@@ -35,6 +36,37 @@ def aligned(columns: list[str], body: list[list[str]]) -> str:
     for line in body:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
     return "\n".join(lines)
+
+
+def every_mean(report: SpectralReport) -> dict[str, dict[str, float]]:
+    """The layer mean of every family of sites, never two averaged together: the dense families as
+    :meth:`~nerve_hf.report.SpectralReport.means` names them (``mean``, or ``mean/encoder.ffn``,
+    ``mean/decoder.ffn``, ``mean/vision.ffn``...), then the shared experts' ``mean/shared_expert``
+    (``mean/shared_expert/<family>`` where they form several families) and the routed experts'
+    ``mean/expert``, over every expert of every layer (each expert index is a family of its own:
+    ``experts[0]``)."""
+    found = dict(report.means()) if report.families("dense") else {}
+    shared = report.families("shared_expert")
+    for name in shared:
+        found["mean/shared_expert" if len(shared) == 1 else f"mean/shared_expert/{name}"] = report.mean(
+            "shared_expert", name
+        )
+    experts = [row for row in report.rows if row.get("kind") == "expert"]
+    if experts:
+        found["mean/expert"] = {m: nan_mean(row.get(m, math.nan) for row in experts) for m in METRIC_NAMES}
+    return found or report.means()
+
+
+def means_per_checkpoint(rows: list[tuple[str, int, SpectralReport, Optional[float]]], with_loss: bool) -> str:
+    """The table a checkpoint series prints: per checkpoint ``(name, step, report, loss)``, one line per
+    family mean (:func:`every_mean`), with the loss when ``with_loss``."""
+    columns = ["checkpoint", "step", "mean"] + list(METRIC_NAMES) + (["loss"] if with_loss else [])
+    body = []
+    for name, step, report, loss in rows:
+        for mean_name, mean in every_mean(report).items():
+            cells = [format_value(mean[metric]) for metric in METRIC_NAMES]
+            body.append([name, str(step), mean_name, *cells, *([format_value(loss)] if with_loss else [])])
+    return aligned(columns, body)
 
 
 def format_table(report: SpectralReport) -> str:

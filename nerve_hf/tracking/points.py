@@ -8,7 +8,8 @@ Token accounting, the part that is easy to get wrong:
 
 * Only rows of a *top-level* forward of the model are counted. Pre/post hook pairs on the model passed
   in and on its unwrapped root mark when such a forward is running; FFN hooks firing outside it (the
-  forward that gradient checkpointing re-runs during backward) are ignored, so every token counts once.
+  forward that gradient checkpointing re-runs during backward, the encoder ``generate`` runs as a
+  submodule) are ignored, so every token counts once.
 * The site's token source (:mod:`nerve_hf.tracking.tokens`) decides which rows count: by default the
   ``attention_mask`` the model was called with selects the real tokens once per top-level forward, and
   that same selection applies to every stage of every site whose activation is ``[B, T, D]`` (or
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 import model_adapters
 from model_adapters import Adapter, ResolvedSite
 from nerve_hf.errors import first_line
+from nerve_hf.integrations.trainer_internals import in_generation
 from nerve_hf.parallel.tensor_parallel import full_width, modules_under_fsdp, sharded_width
 from nerve_hf.tracking.call_inputs import WarnOnce, eager, first_tensor, in_backward
 from nerve_hf.tracking.experts_compute import ExpertsLayout, expert_rows, read_call
@@ -270,7 +272,8 @@ class FFNHookPoints:
         if x is None or not self._handles or (self._depth > 0 and (window is None or not window.watches(index))):
             return
         if self._depth == 0:
-            if not in_backward():  # a recompute under gradient checkpointing is silently ignored
+            # silently ignored: a recompute under gradient checkpointing, the encoder generate runs
+            if not in_backward() and not in_generation():
                 self._warn(
                     "outside",
                     f"FFNTracker: an FFN ran outside a forward of {type(self.root).__name__}; not counted "
@@ -308,7 +311,7 @@ class FFNHookPoints:
         if not self._handles or (self._depth > 0 and (window is None or not window.watches(index))):
             return None
         if self._depth == 0:
-            if not in_backward():
+            if not in_backward() and not in_generation():
                 self._warn(
                     "outside",
                     f"FFNTracker: an FFN ran outside a forward of {type(self.root).__name__}; not counted "

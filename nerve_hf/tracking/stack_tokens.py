@@ -10,6 +10,11 @@ and :func:`sources_for_sites` makes one source per name for a tracker:
   rows; no mask: every row;
 * ``"decoder"``: :class:`DecoderTokens`, the call's ``decoder_attention_mask`` when given, else the
   positions whose ``labels`` are not ``-100`` (the positions the model's loss counts), else every row;
+  except inside ``generate`` (``Seq2SeqTrainer(predict_with_generate=True)``, or a user's call): its
+  decoder steps, with neither, read generated tokens (beams, one cached token per step, the pads of
+  finished sequences), not the batch's target tokens, and count no rows. The teacher-forced forward
+  with ``labels`` that ``Seq2SeqTrainer`` runs after ``generate`` is the one measured; the encoder
+  ``generate`` runs as a submodule is outside any top-level forward and is not counted either;
 * ``"encoder_window"``: :class:`WindowPaddedEncoderTokens`, the encoder's mask extended with padding up to
   the activations' length, for encoders that pad their input to a multiple of an attention window inside
   the model (LED);
@@ -29,6 +34,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from nerve_hf.integrations.trainer_internals import in_generation
 from nerve_hf.tracking.call_inputs import WarnOnce, batch_size
 from nerve_hf.tracking.tokens import AttentionMaskTokens, TokenSource, _on_host_path, select_by_mask
 
@@ -88,8 +94,13 @@ class StackTokens(TokenSource):
         every row counts."""
         return None, None
 
+    def skips(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this call's rows are none of this stack's data tokens (counted: none, not warned)."""
+        return False
+
     def begin(self, args: tuple, kwargs: dict, keep_samples=None) -> None:
         self.end()
+        self._skip = self.skips(args, kwargs)
         self._mask, self._at = self.stack_mask(args, kwargs)
         if keep_samples is None:
             return
@@ -104,6 +115,7 @@ class StackTokens(TokenSource):
             self._batch, self._keep = batch, max(int(keep), 0)
 
     def end(self) -> None:
+        self._skip = False  # this call counts no rows (see skips)
         self._mask: Optional[Tensor] = None  # [B, T] bool of the running top-level forward
         self._at: Optional[Tensor] = None  # [B, T] int64 positions of the mask's rows
         self._batch: Optional[int] = None  # B of the call when only its first _keep samples count
@@ -111,7 +123,10 @@ class StackTokens(TokenSource):
         self._rows: dict[torch.device, Tensor] = {}  # device -> the mask's True rows (or the mask itself)
 
     def _decidable(self, x: Tensor) -> bool:
-        """Whether this source can tell the real rows of ``x`` (warns once when it cannot)."""
+        """Whether this source can tell the real rows of ``x`` (warns once when it cannot); False for a
+        call it skips."""
+        if self._skip:
+            return False
         if self._mask is not None and tuple(x.shape[:-1]) != tuple(self._mask.shape):
             self._warn(
                 f"shape-{type(self).__name__}",
@@ -220,9 +235,14 @@ class WindowPaddedEncoderTokens(EncoderTokens):
 class DecoderTokens(StackTokens):
     """The decoder's rows: ``decoder_attention_mask`` when the call gives one, else the positions whose
     ``labels`` are not -100 (the tokens the model's loss counts; positions are then indices along the
-    target), else every row."""
+    target), else every row. A call with neither inside ``generate`` is a decoding step over generated
+    tokens: none of its rows count."""
 
     arguments = ("decoder_attention_mask", "labels")
+
+    def skips(self, args, kwargs):
+        given = (self.argument(args, kwargs, name) for name in self.arguments)
+        return all(value is None for value in given) and in_generation()
 
     def describe(self) -> str:
         return "the decoder's (decoder_attention_mask or labels)"

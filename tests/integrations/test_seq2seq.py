@@ -11,6 +11,7 @@ are also checked against the dataset's own lengths.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -206,3 +207,63 @@ def test_nerve_callback_logs_each_stacks_own_tokens(tmp_path):
         assert record["stack"] == record["site"].split(".")[0]
         select = encoder_rows if record["stack"] == "encoder" else decoder_rows
         assert_site(record, *capture.rows(record["site"], select, calls={record["step"] - 1}))
+
+
+def generating_evaluator(model, tmp_path, callbacks=()):
+    """Seq2SeqTrainer(predict_with_generate=True) over the UNEQUAL set, two batches, beam search: every
+    batch runs generate (encoder as a submodule, decoder steps without labels) and then the teacher-forced
+    forward with labels."""
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=len(UNEQUAL) // 2, predict_with_generate=True,
+        generation_max_length=6, generation_num_beams=2, report_to=[], use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    collator = DataCollatorForSeq2Seq(tokenizer(), model=model, label_pad_token_id=-100)
+    return Seq2SeqTrainer(
+        model=model, args=args, eval_dataset=dataset(UNEQUAL), data_collator=collator,
+        compute_metrics=lambda prediction: {"generated": float(prediction.predictions.shape[-1])},
+        callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def teacher_forced(capture: StackCapture) -> set[int]:
+    """The top-level calls that carry labels: the teacher-forced forwards."""
+    return {i for i, call in enumerate(capture.calls) if call.get("labels") is not None}
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_predict_with_generate_measures_the_teacher_forced_forward(family, tmp_path):
+    """generate's decoder steps read generated tokens (2 beams, one cached token a step): they are not the
+    evaluation's target tokens and count nothing; the teacher-forced forward counts exactly its own."""
+    model, sites = MODELS[family]()
+    capture = StackCapture(model, sites)
+    trainer = generating_evaluator(model, tmp_path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with FFNTracker(model, flow=False, when=lambda m: not m.training) as tracker:
+            metrics = trainer.evaluate()
+    capture.remove()
+    assert metrics["eval_generated"] > 1  # generate ran
+    assert len(capture.calls) > 2 * len(teacher_forced(capture)) == 4  # and its decoder steps were calls
+    src, tgt = (sum(n) for n in zip(*UNEQUAL))
+    report = tracker.compute()
+    assert [row["tokens"] for row in report.rows] == [src] * LAYERS + [tgt] * LAYERS
+    assert not [w for w in seen if "FFNTracker" in str(w.message)]  # nothing to warn about
+    for row in report.rows:
+        select = encoder_rows if row["stack"] == "encoder" else decoder_rows
+        assert_site(row, *capture.rows(row["site"], select, calls=teacher_forced(capture)))
+
+
+def test_predict_with_generate_under_the_callback(tmp_path):
+    """NerveCallback's eval records of a predict_with_generate evaluation: the teacher-forced forwards only."""
+    model, sites = bart()
+    capture = StackCapture(model, sites)
+    trainer = generating_evaluator(model, tmp_path, [NerveCallback(flow=False)])
+    trainer.evaluate()
+    capture.remove()
+    records = [json.loads(line) for line in (tmp_path / "nerve_metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval" and r["site"] in sites]
+    assert [r["site"] for r in evals] == list(sites)
+    for record in evals:
+        select = encoder_rows if record["stack"] == "encoder" else decoder_rows
+        assert_site(record, *capture.rows(record["site"], select, calls=teacher_forced(capture)))

@@ -136,3 +136,17 @@ def test_evaluation_metrics_carry_their_runtime_under_the_prefix(tmp_path, key_p
     trainer.train()
     final = trainer.state.log_history[-1]
     assert "train_runtime" in final and eval_prefix(final) is None  # the end-of-training record is not one
+
+
+def test_generate_runs_its_forwards_from_the_generation_package():
+    """in_generation: every forward generate makes (the prefill and each decoding step) has a frame of
+    transformers/generation/ above it; a direct call of the model has none."""
+    from trainer_helpers import tiny_gpt2
+
+    model, seen = tiny_gpt2().eval(), []
+    model.register_forward_pre_hook(lambda module, args: seen.append(internals.in_generation()))
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        model(input_ids=ids)
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert seen[0] is False and len(seen) == 4 and all(seen[1:])

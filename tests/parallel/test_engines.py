@@ -1,9 +1,14 @@
 """Large-model engines. FSDP: the Trainer cannot run it on CPU (accelerate enables its FSDP plugin only for accelerator
 back ends; on CPU processes it trains with DDP instead), so the closest case that can run is tested:
 a hand-written loop under FSDP2 ``fully_shard`` on 2 gloo processes equals 1 process on the same
-global batches. The Trainer's own data-parallel path is tested in test_callback and test_faults_training.
-DeepSpeed ZeRO-3: the ``deepspeed`` package ships as source only and its CPU accelerator needs Intel's
-oneCCL bindings, not gloo, so it does not run here; what is tested is that the tracker never reads a
+global batches, and on padded batches its token count and metrics equal a float64 capture of both ranks'
+own FFN rows (accelerate sets ``DistributedType.FSDP`` only for accelerator back ends, never for
+``MULTI_CPU``: accelerate/state.py, so neither the Trainer nor ``Accelerator.prepare`` shards on CPU).
+The Trainer's own data-parallel path is tested in test_callback and test_faults_training.
+DeepSpeed ZeRO-3 runs on CPU processes: DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``) falls back
+to gloo without Intel's oneCCL bindings, and the Trainer with ``use_cpu=True`` sees both processes (without
+it, accelerate counts one process and each rank trains on the same samples). The Trainer with a ZeRO-3
+config and a torch optimizer is tested against float64 captures; and that the tracker never reads a
 parameter that ZeRO-3 has partitioned."""
 
 import json
@@ -57,3 +62,62 @@ def test_tracker_reads_no_partitioned_parameter():
             setattr(module, name, placeholder)
     tracker = FFNTracker(model, memory_budget_mb=1)
     assert [(site.site, dim) for site, dim in zip(tracker.sites, tracker._dims)] == [("ffn.0", 37), ("ffn.1", 37)]
+
+
+@pytest.mark.distributed
+def test_fsdp2_tokens_and_metrics_equal_a_float64_capture(tmp_path):
+    """FSDP2 on 2 gloo processes, padded batches with an attention mask: every rank's rows count the real
+    tokens of the whole global batches, once, and their PR/SE equal a float64 capture of both ranks' own
+    FFN rows (this file's hooks, in the worker), concatenated."""
+    import numpy as np
+    from reference import activation_metrics
+
+    torchrun("fsdp_capture.py", str(tmp_path), nproc=2)
+    captured = [np.load(tmp_path / f"rank{rank}.npz") for rank in range(2)]
+    for rank in range(2):
+        rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [r["site"] for r in rows] == ["ffn.0", "ffn.1"]
+        for i, row in enumerate(rows):
+            pre, post = (np.concatenate([c[f"{i}.{stage}"] for c in captured]) for stage in ("pre", "post"))
+            assert row["tokens"] == pre.shape[0] == post.shape[0] == 47  # fsdp_capture.LENGTHS summed
+            expected = activation_metrics(pre, post)
+            for name in METRIC_NAMES:
+                assert row[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7), (rank, row["site"], name)
+
+
+@pytest.mark.distributed
+def test_deepspeed_zero3_trainer_on_two_cpu_processes_equals_a_float64_capture(tmp_path):
+    """The Trainer under DeepSpeed ZeRO-3 on 2 CPU processes (DeepSpeed's CPU accelerator over gloo, a torch
+    AdamW): parameters are partitioned, the FFN activations the hooks see are full. The callback's one
+    measured step counts the real tokens of the global batch once, and its PR/SE equal (1) a float64 capture
+    of both ranks' own FFN rows and (2) a single process's float64 capture of the same model on the same
+    four sequences, without DeepSpeed."""
+    import numpy as np
+    import torch
+    from reference import activation_metrics
+    from trainer_helpers import tiny_gpt2
+
+    from nerve_hf.sinks.records import read_records
+
+    torchrun("deepspeed_zero3.py", str(tmp_path), nproc=2)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"processes": 2, "partitioned": True}
+    captured = [np.load(tmp_path / f"rank{rank}.npz") for rank in range(2)]
+    data = np.load(tmp_path / "data.npz")
+    mask = torch.from_numpy(data["mask"]).bool()  # [4, 9]
+    model, alone = tiny_gpt2().eval(), {}
+    for i, block in enumerate(model.transformer.h):
+        block.mlp.c_fc.register_forward_hook(lambda m, a, y, k=f"{i}.pre": alone.update({k: y[mask].double()}))
+        block.mlp.c_proj.register_forward_pre_hook(lambda m, a, k=f"{i}.post": alone.update({k: a[0][mask].double()}))
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(data["input_ids"]), attention_mask=mask.long())
+    records = [r for r in read_records(tmp_path / "nerve_metrics.jsonl") if r["split"] == "train"]
+    assert [(r["site"], r["step"]) for r in records] == [("ffn.0", 1), ("ffn.1", 1)]
+    for i, record in enumerate(records):
+        pre, post = (np.concatenate([c[f"{i}.{stage}"] for c in captured]) for stage in ("pre", "post"))
+        assert record["tokens"] == pre.shape[0] == alone[f"{i}.pre"].shape[0] == 22  # deepspeed_zero3.LENGTHS summed
+        ranks = activation_metrics(pre, post)
+        single = activation_metrics(alone[f"{i}.pre"].numpy(), alone[f"{i}.post"].numpy())
+        for name in METRIC_NAMES:
+            assert record[name] == pytest.approx(ranks[name], rel=1e-5, abs=1e-7), (record["site"], name)
+            assert record[name] == pytest.approx(single[name], rel=1e-5, abs=1e-7), (record["site"], name)
