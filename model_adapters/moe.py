@@ -75,6 +75,7 @@ def moe_adapter(
 
 
 _MLP = moe_adapter("mlp")
+_DEEPSEEK = moe_adapter("mlp", shared=("mlp.shared_experts.gate_proj", "mlp.shared_experts.down_proj"))
 _LLAMA4 = moe_adapter(
     "feed_forward",
     spec=ExpertsSpec(
@@ -90,7 +91,9 @@ ADAPTERS = {
     "qwen3_moe": _MLP,
     "gpt_oss": _MLP,
     "qwen2_moe": moe_adapter("mlp", shared=("mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj")),
-    "deepseek_v3": moe_adapter("mlp", shared=("mlp.shared_experts.gate_proj", "mlp.shared_experts.down_proj")),
+    "deepseek_v3": _DEEPSEEK,
+    "deepseek_v32": _DEEPSEEK,
+    "glm_moe_dsa": _DEEPSEEK,
     "jamba": moe_adapter("feed_forward"),
     "granitemoe": moe_adapter("block_sparse_moe", dense=None),
     "granitemoeshared": moe_adapter(

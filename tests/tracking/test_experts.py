@@ -32,6 +32,16 @@ def _deepseek():
     )  # fmt: skip
 
 
+def _deepseek_sparse_attention(cls):
+    """DeepSeek-V3.2 / GLM-MoE-DSA: DeepSeek-V3's MoE blocks (mlp_layer_types) under sparse attention."""
+    return lambda: cls(
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, mlp_layer_types=["dense", "sparse"], n_group=1, topk_group=1, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, index_topk=4, index_head_dim=16,
+        index_n_heads=2, **ATTN,
+    )  # fmt: skip
+
+
 def _jamba():
     return tf.JambaConfig(
         hidden_size=32, intermediate_size=48, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
@@ -88,6 +98,8 @@ FAMILIES = {
         ),  # fmt: skip
     ),
     "deepseek_v3": (tf.DeepseekV3ForCausalLM, _deepseek),
+    "deepseek_v32": (tf.DeepseekV32ForCausalLM, _deepseek_sparse_attention(tf.DeepseekV32Config)),
+    "glm_moe_dsa": (tf.GlmMoeDsaForCausalLM, _deepseek_sparse_attention(tf.GlmMoeDsaConfig)),
     "jamba": (tf.JambaForCausalLM, _jamba),
     "granitemoe": (
         tf.GraniteMoeForCausalLM,
@@ -309,7 +321,7 @@ def test_every_expert_matches_float64_reference(family):
     assert set(top_k) == {row["layer"] for row in report.rows if row["kind"] == "expert"}
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "jamba", "llama4"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen2_moe", "jamba", "llama4"])
 def test_dense_and_shared_rows_say_their_kind_and_are_never_averaged_together(family):
     model, batch = _build(family), _batch()
     tracker = FFNTracker(model, flow=False)
