@@ -84,8 +84,17 @@ _LLAMA4 = moe_adapter(
     shared=("feed_forward.shared_expert.gate_proj", "feed_forward.shared_expert.down_proj"),
 )
 
+# DBRX: per expert, gate = w1 and up = v1 (each [E*F, D], stacked), act(gate) * up, out = . @ w2
+_DBRX = moe_adapter(
+    "ffn",
+    blocks="blocks",
+    dense=None,
+    spec=ExpertsSpec(gated=True, transposed=False, bias=False, gate_up="mlp.w1", up="mlp.v1", act="mlp.activation_fn"),
+)
+
 # config.model_type -> Adapter
 ADAPTERS = {
+    "dbrx": _DBRX,
     "mixtral": _MLP,
     "olmoe": _MLP,
     "qwen3_moe": _MLP,

@@ -33,6 +33,13 @@ class ExpertsSpec:
         transposed: weights stored ``[E, in, out]`` instead of ``[E, out, in]``.
         concatenated: ``gate_up_proj`` holds ``[gate; up]``; False: interleaved (gpt-oss: gate = ``[..., ::2]``).
         bias: ``gate_up_proj_bias`` / ``up_proj_bias`` and ``down_proj_bias`` exist.
+        gate_up: path inside the experts module of the gate/up weight (of the gate alone when ``up`` is set,
+            of the up projection of up-only experts) when it is not ``gate_up_proj``/``up_proj``: a 3-D
+            parameter ``[E, out, in]``, a 2-D one stacking the experts ``[E*out, in]`` (DBRX ``mlp.w1``), or,
+            with ``{}`` for the expert's index, each expert's ``nn.Linear`` (``expert_{}.wi``: its bias too).
+        up: path of a separate up weight, laid out as ``gate_up`` (DBRX ``mlp.v1``); ``""``: none.
+        act: path of the activation module, ``{}`` for the expert's index; ``""``: the module's
+            ``_apply_gate`` when it has one, else its ``act_fn``.
     """
 
     routing: str = "call"
@@ -41,6 +48,9 @@ class ExpertsSpec:
     transposed: bool | None = None
     concatenated: bool | None = None
     bias: bool | None = None
+    gate_up: str = ""
+    up: str = ""
+    act: str = ""
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:

@@ -27,14 +27,28 @@ from model_adapters import ExpertsSpec
 __all__ = ["ExpertCall", "ExpertRows", "ExpertsLayout", "expert_rows", "read_call"]
 
 
+def _get(module: nn.Module, path: str):
+    """The attribute at dotted ``path`` below ``module`` (submodules, ``ModuleDict`` keys, parameters)."""
+    target = module
+    for part in path.split("."):
+        target = getattr(target, part)
+    return target
+
+
 @dataclass(frozen=True)
 class ExpertsLayout:
-    """How one experts module stores its weights (the spec's fields, else the module's attributes)."""
+    """How one experts module stores its weights (the spec's fields, else the module's attributes).
+
+    ``gate_up``/``up``/``act`` are paths inside the module (``{}``: the expert's index); ``gate_up`` empty:
+    the module's ``gate_up_proj`` (gated) or ``up_proj``."""
 
     gated: bool
     transposed: bool
     concatenated: bool
     bias: bool
+    gate_up: str = ""
+    up: str = ""
+    act: str = ""
 
     @classmethod
     def of(cls, module: nn.Module, spec: ExpertsSpec) -> "ExpertsLayout":
@@ -46,32 +60,54 @@ class ExpertsLayout:
             transposed=pick(spec.transposed, "is_transposed", False),
             concatenated=pick(spec.concatenated, "is_concatenated", True),
             bias=pick(spec.bias, "has_bias", False),
+            gate_up=spec.gate_up or ("gate_up_proj" if pick(spec.gated, "has_gate", True) else "up_proj"),
+            up=spec.up,
+            act=spec.act,
         )
 
-    def up_weight(self, module: nn.Module) -> Tensor:
-        """``gate_up_proj`` (gated) or ``up_proj``: ``[E, out, in]`` (``[E, in, out]`` transposed)."""
-        return module.gate_up_proj if self.gated else module.up_proj
+    def count(self, module: nn.Module) -> int:
+        """E: the experts' count (a 3-D weight's first dimension, else the module's ``num_experts``)."""
+        weight = _get(module, self.gate_up)
+        return int(weight.shape[0]) if "{}" not in self.gate_up and weight.ndim == 3 else int(module.num_experts)
+
+    def _weight(self, module: nn.Module, path: str, expert: int) -> tuple[Tensor, Optional[Tensor]]:
+        """(weight ``[out, in]`` (``[in, out]`` transposed), bias or None) of ``expert`` at ``path``."""
+        target = _get(module, path.format(expert))
+        if isinstance(target, nn.Linear):  # one module per expert
+            return target.weight, target.bias
+        if target.ndim == 2:  # the experts stacked along the first dimension: [E*out, in]
+            return target.view(self.count(module), -1, target.shape[-1])[expert], None
+        return target[expert], None
 
     def sizes(self, module: nn.Module) -> tuple[int, int]:
         """(E, F): the number of experts and each expert's width."""
-        weight = self.up_weight(module)
-        width = weight.shape[2] if self.transposed else weight.shape[1]
-        return int(weight.shape[0]), int(width // 2 if self.gated else width)
+        weight, _ = self._weight(module, self.gate_up, 0)
+        width = weight.shape[1] if self.transposed else weight.shape[0]
+        return self.count(module), int(width // 2 if self.gated and not self.up else width)
+
+    def _project(self, module: nn.Module, path: str, expert: int, x: Tensor) -> Tensor:
+        weight, bias = self._weight(module, path, expert)
+        out = x @ weight if self.transposed else nn.functional.linear(x, weight)  # [n, out]
+        return out if bias is None else out + bias
+
+    def _act(self, module: nn.Module, expert: int):
+        return _get(module, self.act.format(expert)) if self.act else module.act_fn
 
     def project(self, module: nn.Module, expert: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """(pre, post), each ``[n, F]``, of ``expert`` on its inputs ``x`` ``[n, D]``, in ``x``'s dtype."""
-        weight = self.up_weight(module)[expert]
-        out = x @ weight if self.transposed else nn.functional.linear(x, weight)  # [n, 2F] or [n, F]
+        out = self._project(module, self.gate_up, expert, x)  # [n, 2F] or [n, F]
         if self.bias:
             out = out + (module.gate_up_proj_bias if self.gated else module.up_proj_bias)[expert]
         if not self.gated:
-            return out, module.act_fn(out)
+            return out, self._act(module, expert)(out)
+        if self.up:  # gate and up in two weights
+            return out, self._act(module, expert)(out) * self._project(module, self.up, expert, x)
         width = out.shape[-1] // 2
         gate = out[..., :width] if self.concatenated else out[..., ::2]
-        if hasattr(module, "_apply_gate"):
+        if hasattr(module, "_apply_gate") and not self.act:
             return gate, module._apply_gate(out)
         up = out[..., width:] if self.concatenated else out[..., 1::2]
-        return gate, module.act_fn(gate) * up
+        return gate, self._act(module, expert)(gate) * up
 
 
 @dataclass

@@ -11,6 +11,7 @@ without the tracker; every experts implementation gives the same numbers.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -47,6 +48,14 @@ def _jamba():
         hidden_size=32, intermediate_size=48, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
         expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0, mamba_d_state=8, mamba_dt_rank=8,
         use_mamba_kernels=False, **ATTN,
+    )  # fmt: skip
+
+
+def _dbrx():
+    return tf.DbrxConfig(
+        d_model=32, n_heads=2, n_layers=2, max_seq_len=64, vocab_size=61,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2),
     )  # fmt: skip
 
 
@@ -101,6 +110,7 @@ FAMILIES = {
     "deepseek_v32": (tf.DeepseekV32ForCausalLM, _deepseek_sparse_attention(tf.DeepseekV32Config)),
     "glm_moe_dsa": (tf.GlmMoeDsaForCausalLM, _deepseek_sparse_attention(tf.GlmMoeDsaConfig)),
     "jamba": (tf.JambaForCausalLM, _jamba),
+    "dbrx": (tf.DbrxForCausalLM, _dbrx),
     "granitemoe": (
         tf.GraniteMoeForCausalLM,
         lambda: tf.GraniteMoeConfig(
@@ -183,18 +193,33 @@ def _batch():
     return {"input_ids": ids, "attention_mask": mask}
 
 
+# Experts modules without a 3-D down_proj, by class name.
+_OTHER_EXPERTS = ("DbrxExperts",)
+
+
 def _experts_modules(model):
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(getattr(module, "down_proj", None), torch.nn.Parameter) and module.down_proj.ndim == 3
+        if (isinstance(getattr(module, "down_proj", None), torch.nn.Parameter) and module.down_proj.ndim == 3)
+        or type(module).__name__ in _OTHER_EXPERTS
     }
+
+
+def _n_experts(module) -> int:
+    return module.down_proj.shape[0] if hasattr(module, "down_proj") else module.num_experts
 
 
 def _reference_expert(module, expert: int, x):
     """float64 (pre, post, output) of ``expert`` on rows ``x`` [n, D], written from each family's code."""
     x = x.double()
     name = type(module).__name__
+    if name == "DbrxExperts":  # w1 (gate), v1 (up), w2 (down): each [E*F, D]; out = (silu(gate) * up) @ w2
+        mlp = module.mlp
+        w1, v1, w2 = (w.view(module.num_experts, -1, x.shape[-1])[expert].double() for w in (mlp.w1, mlp.v1, mlp.w2))
+        gate = x @ w1.T
+        post = torch.nn.functional.silu(gate) * (x @ v1.T)
+        return gate, post, post @ w2
     down = module.down_proj[expert].double()
     if name == "GptOssExperts":  # [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU
         gate_up = x @ module.gate_up_proj[expert].double() + module.gate_up_proj_bias[expert].double()
@@ -256,6 +281,7 @@ def _reference(capture: _Capture, real):
             rows = [(e, n, x[e, n]) for n in range(index.shape[0]) for e in index[n].tolist()]
         else:
             hidden, index, weights = call["args"][:3]
+            hidden, output = hidden.reshape(-1, hidden.shape[-1]), output.reshape(-1, output.shape[-1])  # DBRX: 3-D
             total = torch.zeros_like(output)
             for n in range(index.shape[0]):
                 for slot, e in enumerate(index[n].tolist()):
@@ -274,7 +300,7 @@ def _reference(capture: _Capture, real):
 
 
 def _layer_of(name: str) -> int:
-    return int(name.split("layers.")[1].split(".")[0])
+    return int(re.search(r"\.(\d+)\.", name).group(1))  # the block index: layers.3 / blocks.3
 
 
 def _close(got: float, want: float, rel=2e-4, abs=1e-6) -> bool:
@@ -303,7 +329,7 @@ def test_every_expert_matches_float64_reference(family):
     for name, experts in reference.items():
         layer, call = _layer_of(name), capture.calls[name]
         k = call["router"][0].top_k if "router" in call else call["args"][1].shape[1]
-        n_experts = call["module"].down_proj.shape[0]
+        n_experts = _n_experts(call["module"])
         top_k[layer] = k
         layer_rows = [expert_rows[(layer, e)] for e in range(n_experts)]
         assert sum(row["tokens"] for row in layer_rows) == int(real.sum()) * k  # real tokens x top-k
