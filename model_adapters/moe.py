@@ -92,8 +92,28 @@ _DBRX = moe_adapter(
     spec=ExpertsSpec(gated=True, transposed=False, bias=False, gate_up="mlp.w1", up="mlp.v1", act="mlp.activation_fn"),
 )
 
+# JetMoe: the router groups the tokens by expert before mlp.input_linear ([E, 2F, D], [gate; up]);
+# act = mlp.activation. Its attention experts (self_attention.experts) are not FFNs.
+_JETMOE = Adapter(
+    sites=(
+        FFNSite(
+            "experts",
+            "layers",
+            "mlp.input_linear",
+            "mlp",
+            kind="expert",
+            experts=ExpertsSpec(
+                routing="grouped", router="mlp.router", gated=True, transposed=False, concatenated=True,
+                bias=False, gate_up="input_linear.weight", act="activation",
+            ),
+        ),
+    ),
+    gated=True,
+)  # fmt: skip
+
 # config.model_type -> Adapter
 ADAPTERS = {
+    "jetmoe": _JETMOE,
     "dbrx": _DBRX,
     "mixtral": _MLP,
     "olmoe": _MLP,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 KINDS = ("dense", "shared_expert", "expert")
 
 # How a routed-experts module is called (see ExpertsSpec.routing).
-ROUTINGS = ("call", "scaled")
+ROUTINGS = ("call", "scaled", "grouped", "one_hot")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,12 @@ class ExpertsSpec:
         routing: ``"call"``: ``forward(hidden_states [N, D], top_k_index [N, k], top_k_weights [N, k])``,
             outputs weighted after the down projection; ``"scaled"`` (Llama 4): ``forward(x [E*N, D])``
             with every token repeated per expert and scaled by its router score, the choice read from
-            the ``router`` module's logits (its ``top_k`` largest).
-        router: path inside a block of the router module (``"scaled"`` only).
+            the ``router`` module's logits (its ``top_k`` largest); ``"grouped"`` (JetMoe):
+            ``forward(x [N*k, D], expert_size)``, the rows grouped by expert in the order of the ``router``'s
+            output ``(index_sorted_experts, batch_index, batch_gates, expert_size, logits)``; ``"one_hot"``
+            (Switch Transformers): ``forward(hidden_states [N, D], selected [N, k, E] one-hot, weights [N, k])``,
+            a slot with no expert (dropped over capacity) skipped.
+        router: path inside a block of the router module (``"scaled"`` and ``"grouped"``).
         gated: gate/up experts (``gate_up_proj``) or up-only ones (``up_proj``).
         transposed: weights stored ``[E, in, out]`` instead of ``[E, out, in]``.
         concatenated: ``gate_up_proj`` holds ``[gate; up]``; False: interleaved (gpt-oss: gate = ``[..., ::2]``).
@@ -81,7 +85,9 @@ class FFNSite:
             ``"all"`` (every row: vision towers, audio encoders).
         optional: some models of the type lack this family altogether (``T5EncoderModel`` has no decoder;
             an MoE config may have no dense layers): when it resolves to nothing it is left out.
-        experts: for ``kind="expert"``: how the experts module (``pre`` and ``post`` both name it) computes.
+        experts: for ``kind="expert"``: how the experts compute. ``pre`` names the module whose call carries
+            the routed inputs (hooked), ``post`` the module holding the experts' weights; both name the experts
+            module, except where the routed rows reach a submodule (JetMoe: ``mlp.input_linear`` and ``mlp``).
     """
 
     name: str

@@ -139,22 +139,45 @@ def read_call(
     spec: ExpertsSpec, args: tuple, kwargs: dict, router: Optional[nn.Module], router_output
 ) -> Optional[ExpertCall]:
     """The routed call of an experts module from its forward's ``args``/``kwargs`` (and, for ``"scaled"``
-    routing, the router module and its last output ``(scores [N, E], logits [N, E])``); None if unreadable."""
+    and ``"grouped"`` routing, the router module and its last output); None if unreadable."""
     hidden = _argument(args, kwargs, 0, ("hidden_states",))
     if not isinstance(hidden, Tensor):
         return None
-    if spec.routing == "scaled":
+    if spec.routing == "scaled":  # router output: (scores [N, E], logits [N, E])
         if router_output is None:
             return None
         scores, logits = router_output[0], router_output[1]
         index = torch.topk(logits, router.top_k, dim=1).indices  # the router's own choice: [N, k]
         experts = scores.shape[1]
         return ExpertCall(hidden.reshape(experts, -1, hidden.shape[-1]), index, scores.gather(1, index))
-    index = _argument(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts"))
-    weights = _argument(args, kwargs, 2, ("top_k_weights", "routing_weights"))
+    if spec.routing == "grouped":
+        return None if router_output is None else _grouped_call(hidden, router, router_output)
+    index = _argument(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts", "router_mask"))
+    weights = _argument(args, kwargs, 2, ("top_k_weights", "routing_weights", "router_probs"))
     if not isinstance(index, Tensor) or not isinstance(weights, Tensor):
         return None
-    return ExpertCall(hidden.reshape(-1, hidden.shape[-1]), index, weights)
+    if spec.routing == "one_hot":  # selected [N, k, E] one-hot, all zeros where a slot was dropped
+        experts = index.shape[-1]
+        index = torch.where(index.sum(-1) > 0, index.argmax(-1), experts)  # [N, k]; E: no expert (skipped)
+    return ExpertCall(hidden.reshape(-1, hidden.shape[-1]), index.reshape(-1, index.shape[-1]), weights)
+
+
+def _grouped_call(rows: Tensor, router: nn.Module, output) -> ExpertCall:
+    """JetMoe: ``rows`` ``[N*k, D]`` = the tokens grouped by expert, as the router's output
+    ``(index_sorted_experts [N*k], batch_index [N*k], batch_gates [N*k], expert_size [E], logits [N, E])``
+    orders them; back to token rows ``[N, D]``, top-k experts ``[N, k]`` and their weights ``[N, k]``."""
+    order, token, gates, sizes, logits = output[:5]
+    n, k = logits.shape[0], router.top_k
+    expert = torch.repeat_interleave(  # [N*k]: the expert of each grouped row
+        torch.arange(len(sizes), device=rows.device), torch.as_tensor(sizes, device=rows.device)
+    )
+    index = torch.empty(n * k, dtype=torch.long, device=rows.device)
+    index[order] = expert  # row j of the group is slot order[j] of the flattened [N, k] choice
+    weights = torch.empty(n * k, dtype=gates.dtype, device=rows.device)
+    weights[order] = gates
+    hidden = rows.new_empty(n, rows.shape[-1])
+    hidden[token] = rows  # every copy of a token is the same row
+    return ExpertCall(hidden, index.view(n, k), weights.view(n, k))
 
 
 @dataclass

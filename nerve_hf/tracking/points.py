@@ -66,7 +66,7 @@ def site_dim(site: ResolvedSite) -> Optional[int]:
                 f"the model without it (no ep_size / enable_expert_parallel in its DistributedConfig; data "
                 f"parallelism is measured exactly), or pass layers= without its MoE layers"
             )
-        return ExpertsLayout.of(site.pre, site.experts).sizes(site.pre)[1]
+        return ExpertsLayout.of(site.post, site.experts).sizes(site.post)[1]
     pre_dims, post_dims = model_adapters.linear_dims(site.pre), model_adapters.linear_dims(site.post)
     if pre_dims is None or post_dims is None:
         return None
@@ -336,9 +336,9 @@ class FFNHookPoints:
                 ids, keep = window.cap.apply(index, "experts", ids, keep)
                 real = torch.zeros(n, dtype=torch.bool, device=ids.device)  # [N]
                 real[ids[:, 0]] = True if keep is None else keep
-                layout = ExpertsLayout.of(module, site.experts)
+                layout = ExpertsLayout.of(site.post, site.experts)  # post: the module holding the weights
                 wanted = window.measurements.experts_wanted(index)
-                rows = expert_rows(module, layout, call, real, wanted)
+                rows = expert_rows(site.post, layout, call, real, wanted)
             window.measurements.update(index, "experts", rows, None, lambda: None)
             self._recorded = True
 

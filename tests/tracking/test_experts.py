@@ -111,6 +111,19 @@ FAMILIES = {
     "glm_moe_dsa": (tf.GlmMoeDsaForCausalLM, _deepseek_sparse_attention(tf.GlmMoeDsaConfig)),
     "jamba": (tf.JambaForCausalLM, _jamba),
     "dbrx": (tf.DbrxForCausalLM, _dbrx),
+    "jetmoe": (
+        tf.JetMoeForCausalLM,
+        lambda: tf.JetMoeConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            kv_channels=16,
+            num_key_value_heads=2,
+            vocab_size=61,
+            num_hidden_layers=2,
+        ),
+    ),
     "granitemoe": (
         tf.GraniteMoeForCausalLM,
         lambda: tf.GraniteMoeConfig(
@@ -194,7 +207,7 @@ def _batch():
 
 
 # Experts modules without a 3-D down_proj, by class name.
-_OTHER_EXPERTS = ("DbrxExperts",)
+_OTHER_EXPERTS = ("DbrxExperts", "JetMoeMoE")
 
 
 def _experts_modules(model):
@@ -207,6 +220,8 @@ def _experts_modules(model):
 
 
 def _n_experts(module) -> int:
+    if type(module).__name__ == "JetMoeMoE":
+        return module.router.num_experts
     return module.down_proj.shape[0] if hasattr(module, "down_proj") else module.num_experts
 
 
@@ -214,6 +229,10 @@ def _reference_expert(module, expert: int, x):
     """float64 (pre, post, output) of ``expert`` on rows ``x`` [n, D], written from each family's code."""
     x = x.double()
     name = type(module).__name__
+    if name == "JetMoeMoE":  # input_linear [E, 2F, D] ([gate; up]), output_linear [E, D, F]
+        gate, up = (x @ module.input_linear.weight[expert].double().T).chunk(2, dim=-1)
+        post = torch.nn.functional.silu(gate) * up
+        return gate, post, post @ module.output_linear.weight[expert].double().T
     if name == "DbrxExperts":  # w1 (gate), v1 (up), w2 (down): each [E*F, D]; out = (silu(gate) * up) @ w2
         mlp = module.mlp
         w1, v1, w2 = (w.view(module.num_experts, -1, x.shape[-1])[expert].double() for w in (mlp.w1, mlp.v1, mlp.w2))
@@ -265,6 +284,17 @@ class _Capture:
             handle.remove()
 
 
+def _routing(module, args):
+    """(hidden [N, D], top-k experts [N, k] (-1: dropped), weights [N, k], output bias) of one experts call."""
+    if type(module).__name__ == "JetMoeMoE":  # called on [B, S, D]; routes inside: top-k logits, softmaxed
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        logits = module.router.layer(hidden).float()  # the model's own float32 logits: the same choice
+        values, index = logits.topk(module.router.top_k, dim=1)
+        return hidden, index, torch.softmax(values.double(), dim=1), module.bias.double()
+    hidden, index, weights = args[:3]
+    return hidden.reshape(-1, hidden.shape[-1]), index, weights, 0.0  # DBRX: hidden [B, S, D]
+
+
 @torch.no_grad()
 def _reference(capture: _Capture, real):
     """layer name -> {expert: (pre [n, F], post [n, F])} over real assignments; checks each module's output."""
@@ -280,14 +310,16 @@ def _reference(capture: _Capture, real):
             torch.testing.assert_close(full.reshape(output.shape), output, rtol=1e-4, atol=1e-5)
             rows = [(e, n, x[e, n]) for n in range(index.shape[0]) for e in index[n].tolist()]
         else:
-            hidden, index, weights = call["args"][:3]
-            hidden, output = hidden.reshape(-1, hidden.shape[-1]), output.reshape(-1, output.shape[-1])  # DBRX: 3-D
-            total = torch.zeros_like(output)
+            hidden, index, weights, bias = _routing(module, call["args"])
+            output = output.reshape(-1, output.shape[-1])
+            total = torch.zeros_like(output) + bias
             for n in range(index.shape[0]):
                 for slot, e in enumerate(index[n].tolist()):
-                    total[n] += weights[n, slot].double() * _reference_expert(module, e, hidden[n : n + 1])[2][0]
+                    if e >= 0:  # -1: the slot was dropped (over capacity)
+                        total[n] += weights[n, slot].double() * _reference_expert(module, e, hidden[n : n + 1])[2][0]
             torch.testing.assert_close(total, output, rtol=1e-4, atol=1e-5)
-            rows = [(e, n, hidden[n]) for n in range(index.shape[0]) for e in index[n].tolist()]
+            rows = [(e, n, hidden[n]) for n in range(index.shape[0]) for e in index[n].tolist() if e >= 0]
+        call["k"] = index.shape[1]
         per_expert = {}
         for e, n, x in rows:
             if real[n]:
@@ -328,7 +360,7 @@ def test_every_expert_matches_float64_reference(family):
     top_k = {}
     for name, experts in reference.items():
         layer, call = _layer_of(name), capture.calls[name]
-        k = call["router"][0].top_k if "router" in call else call["args"][1].shape[1]
+        k = call["k"]
         n_experts = _n_experts(call["module"])
         top_k[layer] = k
         layer_rows = [expert_rows[(layer, e)] for e in range(n_experts)]
