@@ -20,7 +20,7 @@ The decoder is ``optional``: encoder-only classes (``T5EncoderModel``, ``Whisper
 measure their encoder.
 """
 
-from .spec import Adapter, ByConfig, FFNSite, ffn
+from .spec import Adapter, ByConfig, ExpertsSpec, FFNSite, ffn
 
 
 def _t5(gated: bool) -> Adapter:
@@ -47,6 +47,25 @@ def _fc(encoder_tokens: str = "encoder") -> ByConfig:
     return ByConfig("is_encoder_decoder", ((True, both), (False, ffn("decoder.layers", pre="fc1", post="fc2"))))
 
 
+# Switch Transformers' experts: a ModuleDict of T5 FFNs (expert_{e}.wi -> act -> wo), called with a one-hot
+# top-1 choice [N, 1, E] from which the router already dropped the tokens over an expert's capacity.
+_SWITCH_EXPERTS = ExpertsSpec(
+    routing="one_hot", gated=False, transposed=False, bias=False, gate_up="expert_{}.wi", act="expert_{}.act"
+)
+
+
+def _switch_stack(stack: str, ff: str, tokens: str) -> tuple[FFNSite, FFNSite]:
+    """One stack of Switch Transformers: T5 blocks whose FFN (``layer.{ff}.mlp``) is dense or sparse."""
+    blocks, mlp = f"{stack}.block", f"layer.{ff}.mlp"
+    return (
+        FFNSite(f"{stack}.ffn", blocks, f"{mlp}.wi", f"{mlp}.wo", stack=stack, tokens=tokens, optional=True),
+        FFNSite(f"{stack}.experts", blocks, f"{mlp}.experts", f"{mlp}.experts", kind="expert",
+                experts=_SWITCH_EXPERTS, stack=stack, tokens=tokens, optional=True),
+    )  # fmt: skip
+
+
+_SWITCH = Adapter(sites=(*_switch_stack("encoder", "1", "encoder"), *_switch_stack("decoder", "2", "decoder")))
+
 _T5 = ByConfig("is_gated_act", ((False, _t5(gated=False)), (True, _t5(gated=True))))
 _BART = _fc()
 
@@ -68,4 +87,5 @@ ADAPTERS = {
     "m2m_100": _BART,
     "mvp": _BART,
     "plbart": _BART,
+    "switch_transformers": _SWITCH,
 }

@@ -67,8 +67,10 @@ class ExpertsLayout:
 
     def count(self, module: nn.Module) -> int:
         """E: the experts' count (a 3-D weight's first dimension, else the module's ``num_experts``)."""
+        if "{}" in self.gate_up:
+            return int(module.num_experts)
         weight = _get(module, self.gate_up)
-        return int(weight.shape[0]) if "{}" not in self.gate_up and weight.ndim == 3 else int(module.num_experts)
+        return int(weight.shape[0]) if weight.ndim == 3 else int(module.num_experts)
 
     def _weight(self, module: nn.Module, path: str, expert: int) -> tuple[Tensor, Optional[Tensor]]:
         """(weight ``[out, in]`` (``[in, out]`` transposed), bias or None) of ``expert`` at ``path``."""

@@ -331,8 +331,10 @@ class FFNHookPoints:
                 return
             with torch.autocast(call.inputs.device.type, enabled=False):
                 n = call.tokens
-                ids = torch.arange(n, device=call.top_k_index.device).unsqueeze(1)  # [N, 1]: token row numbers
-                ids, keep = self.sources[index].select(ids)
+                source = self.sources[index]
+                shape = source.token_shape(n) if hasattr(source, "token_shape") else (n,)  # [N] or [B, T]
+                ids = torch.arange(n, device=call.top_k_index.device).view(*shape, 1)  # token row numbers
+                ids, keep = source.select(ids)
                 ids, keep = window.cap.apply(index, "experts", ids, keep)
                 real = torch.zeros(n, dtype=torch.bool, device=ids.device)  # [N]
                 real[ids[:, 0]] = True if keep is None else keep

@@ -59,6 +59,13 @@ def _dbrx():
     )  # fmt: skip
 
 
+def _switch(capacity: int = 64):
+    return lambda: tf.SwitchTransformersConfig(
+        d_model=32, d_ff=48, d_kv=16, num_heads=2, num_layers=2, num_decoder_layers=2, num_experts=4,
+        encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=capacity, vocab_size=61,
+    )  # fmt: skip
+
+
 def _config(cls, **kwargs):
     return lambda: cls.config_class(**kwargs, **ATTN)
 
@@ -111,6 +118,7 @@ FAMILIES = {
     "glm_moe_dsa": (tf.GlmMoeDsaForCausalLM, _deepseek_sparse_attention(tf.GlmMoeDsaConfig)),
     "jamba": (tf.JambaForCausalLM, _jamba),
     "dbrx": (tf.DbrxForCausalLM, _dbrx),
+    "switch_transformers": (tf.SwitchTransformersForConditionalGeneration, _switch()),
     "jetmoe": (
         tf.JetMoeForCausalLM,
         lambda: tf.JetMoeConfig(
@@ -197,17 +205,21 @@ def _build(family: str, implementation: str | None = None):
     return model
 
 
-def _batch():
+def _batch(model=None):
     torch.manual_seed(1)
     ids = torch.randint(0, 61, (3, 11))
     mask = torch.ones(3, 11, dtype=torch.long)
     mask[1, 7:] = 0
     mask[2, :4] = 0  # left padding
-    return {"input_ids": ids, "attention_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if model is not None and model.config.is_encoder_decoder:  # the decoder: another length, its own padding
+        batch["decoder_input_ids"] = torch.randint(0, 61, (3, 9))
+        batch["decoder_attention_mask"] = torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 3 + [0] * 6])
+    return batch
 
 
 # Experts modules without a 3-D down_proj, by class name.
-_OTHER_EXPERTS = ("DbrxExperts", "JetMoeMoE")
+_OTHER_EXPERTS = ("DbrxExperts", "JetMoeMoE", "SwitchTransformersExperts")
 
 
 def _experts_modules(model):
@@ -229,6 +241,10 @@ def _reference_expert(module, expert: int, x):
     """float64 (pre, post, output) of ``expert`` on rows ``x`` [n, D], written from each family's code."""
     x = x.double()
     name = type(module).__name__
+    if name == "SwitchTransformersExperts":  # a T5 FFN per expert: relu(x @ wi.T) @ wo.T
+        wi, wo = module[f"expert_{expert}"].wi.weight.double(), module[f"expert_{expert}"].wo.weight.double()
+        pre = x @ wi.T
+        return pre, torch.relu(pre), torch.relu(pre) @ wo.T
     if name == "JetMoeMoE":  # input_linear [E, 2F, D] ([gate; up]), output_linear [E, D, F]
         gate, up = (x @ module.input_linear.weight[expert].double().T).chunk(2, dim=-1)
         post = torch.nn.functional.silu(gate) * up
@@ -292,11 +308,13 @@ def _routing(module, args):
         values, index = logits.topk(module.router.top_k, dim=1)
         return hidden, index, torch.softmax(values.double(), dim=1), module.bias.double()
     hidden, index, weights = args[:3]
+    if type(module).__name__ == "SwitchTransformersExperts":  # one-hot [N, 1, E]; all zeros: dropped
+        index = torch.where(index.sum(-1) > 0, index.argmax(-1), -1)
     return hidden.reshape(-1, hidden.shape[-1]), index, weights, 0.0  # DBRX: hidden [B, S, D]
 
 
 @torch.no_grad()
-def _reference(capture: _Capture, real):
+def _reference(capture: _Capture, real_of):
     """layer name -> {expert: (pre [n, F], post [n, F])} over real assignments; checks each module's output."""
     out = {}
     for name, call in capture.calls.items():
@@ -320,7 +338,7 @@ def _reference(capture: _Capture, real):
             torch.testing.assert_close(total, output, rtol=1e-4, atol=1e-5)
             rows = [(e, n, hidden[n]) for n in range(index.shape[0]) for e in index[n].tolist() if e >= 0]
         call["k"] = index.shape[1]
-        per_expert = {}
+        per_expert, real = {}, real_of(name)
         for e, n, x in rows:
             if real[n]:
                 pre, post, _ = _reference_expert(module, e, x[None])
@@ -339,10 +357,22 @@ def _close(got: float, want: float, rel=2e-4, abs=1e-6) -> bool:
     return (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=rel, abs=abs)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_expert_matches_float64_reference(family):
-    model, batch = _build(family), _batch()
-    real = batch["attention_mask"].reshape(-1).bool()
+def _stack_of(name: str) -> str:
+    """The stack of an experts module of an encoder-decoder ("encoder." / "decoder."), else ""."""
+    head = name.split(".")[0]
+    return head if head in ("encoder", "decoder") else ""
+
+
+def _real_of(batch):
+    """experts module name -> [N] bool: the real tokens of its stack (the decoder's mask for the decoder)."""
+    return lambda name: (
+        batch["decoder_attention_mask" if _stack_of(name) == "decoder" else "attention_mask"].reshape(-1).bool()
+    )
+
+
+def _check_against_reference(model, batch, every_slot: bool = True) -> dict:
+    """The tracker's expert and routing rows against the float64 reference; outputs bitwise unchanged.
+    ``every_slot``: every (real token, slot) reaches an expert (no capacity drop): tokens = real x top-k."""
     with torch.no_grad():
         plain = model(**batch).logits
     capture = _Capture(model)
@@ -353,22 +383,28 @@ def test_every_expert_matches_float64_reference(family):
     assert torch.equal(plain, tracked)  # the model's outputs are bitwise unchanged
     report = tracker.compute()
     assert all(row["kind"] in ("dense", "shared_expert", "expert") for row in report.rows)
-    reference = _reference(capture, real)
+    real_of = _real_of(batch)
+    reference = _reference(capture, real_of)
     assert reference, "the family has routed experts"
-    expert_rows = {(row["layer"], row["expert"]): row for row in report.rows if row["kind"] == "expert"}
-    routing = {row["layer"]: row for row in report.routing}
-    top_k = {}
+    routed = [row for row in report.rows if row["kind"] == "expert"]
+    expert_rows = {(row["site"].partition("[")[0], row["layer"], row["expert"]): row for row in routed}
+    routing = {(row["site"].rpartition(".")[0], row["layer"]): row for row in report.routing}
+    layers = {}
     for name, experts in reference.items():
-        layer, call = _layer_of(name), capture.calls[name]
-        k = call["k"]
-        n_experts = _n_experts(call["module"])
-        top_k[layer] = k
-        layer_rows = [expert_rows[(layer, e)] for e in range(n_experts)]
-        assert sum(row["tokens"] for row in layer_rows) == int(real.sum()) * k  # real tokens x top-k
-        assert routing[layer]["assignments"] == int(real.sum()) * k and routing[layer]["tokens"] == int(real.sum())
+        stack, call, real = _stack_of(name), capture.calls[name], real_of(name)
+        layer = (f"{stack}.experts" if stack else "experts", _layer_of(name))
+        k, n_experts = call["k"], _n_experts(call["module"])
+        layers[layer] = k
+        layer_rows = [expert_rows[(*layer, e)] for e in range(n_experts)]
+        assigned = sum(pre.shape[0] for pre, _ in experts.values())  # real (token, expert) assignments
+        assert sum(row["tokens"] for row in layer_rows) == routing[layer]["assignments"] == assigned
+        assert routing[layer]["tokens"] == int(real.sum())
+        if every_slot:
+            assert assigned == int(real.sum()) * k  # real tokens x top-k
         for e, row in enumerate(layer_rows):
             pre, post = experts.get(e, (torch.zeros(0, row["dim"]),) * 2)
             assert row["tokens"] == pre.shape[0] and row["dim"] == pre.shape[1]
+            assert row.get("stack") == (stack or None)
             assert routing[layer]["assignments_per_expert"][e] == pre.shape[0]
             if pre.shape[0] < 2:
                 assert all(math.isnan(row[m]) for m in METRIC_NAMES)
@@ -376,7 +412,32 @@ def test_every_expert_matches_float64_reference(family):
             want = activation_metrics(pre, post)
             for metric in METRIC_NAMES:
                 assert _close(row[metric], want[metric]), (name, e, metric, row[metric], want[metric])
-    assert set(top_k) == {row["layer"] for row in report.rows if row["kind"] == "expert"}
+    assert set(layers) == {(row["site"].partition("[")[0], row["layer"]) for row in routed}
+    return layers
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_expert_matches_float64_reference(family):
+    model = _build(family)
+    _check_against_reference(model, _batch(model))
+
+
+def test_switch_tokens_dropped_over_capacity_are_not_counted():
+    """Switch Transformers' router drops the tokens over an expert's capacity (2 per sequence here): they
+    reach no expert, so they are in no expert's rows, though they are real tokens of the routing row."""
+    FAMILIES["switch_capacity"] = (tf.SwitchTransformersForConditionalGeneration, _switch(capacity=2))
+    try:
+        model = _build("switch_capacity")
+    finally:
+        del FAMILIES["switch_capacity"]
+    batch = _batch(model)
+    layers = _check_against_reference(model, batch, every_slot=False)
+    tracker = FFNTracker(model, flow=False)
+    with tracker, torch.no_grad():
+        model(**batch)
+    routing = {row["site"]: row for row in tracker.compute().routing}
+    assert set(routing) == {"encoder.experts.1", "decoder.experts.1"} and set(layers.values()) == {1}
+    assert routing["encoder.experts.1"]["assignments"] < routing["encoder.experts.1"]["tokens"]  # some dropped
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen2_moe", "jamba", "llama4"])

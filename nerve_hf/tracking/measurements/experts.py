@@ -169,6 +169,7 @@ class Experts(Measurement):
                         **row_values,
                         "kind": "expert",
                         "expert": expert,
+                        **({"stack": site.stack} if site.stack else {}),  # models with several stacks
                     }
                 )
                 if spectra is not None:
