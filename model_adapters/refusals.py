@@ -42,10 +42,15 @@ REFUSALS.update(
         "led": "it pads its input to a multiple of its attention window inside the model, so its encoder rows "
         "no longer line up with the call's attention_mask",
         **dict.fromkeys(
-            ("beam", "doge", "flint", "kimi_k25", "nllb-moe"),
+            ("beam", "doge", "flint", "kimi_k25"),
             _UNDESCRIBED_MOE,
         ),
         **dict.fromkeys(("ergo", "nemotron_h", "nemo_speechlm"), _MISSED_MOE),
+        "nllb-moe": "its experts module does not run the experts its router chooses: NllbMoeSparseMLP passes the "
+        "router's one-hot top-1 mask [N, E] (modeling_nllb_moe.py:384) and NllbMoeExperts one-hots it again "
+        "(one_hot(router_mask, num_classes=num_experts), modeling_nllb_moe.py:353), so expert_0 runs on every "
+        "zero of the mask and expert_1 on every one, whatever the router chose: per-expert rows would describe "
+        "no routed expert",
         "kosmos-2.5": "its FFN normalises between the activation and fc2 (ffn_layernorm), so fc2's input is not "
         "the post-activation",
         "pegasus_x": "each encoder FFN runs twice in one forward (its global and its local tokens), which the "

@@ -626,3 +626,29 @@ def test_trainer_run_logs_layer_summaries_and_records_every_expert(tmp_path):
         per_step[step] = sums.pop()
     assert per_step[1] + per_step[2] == sum(lengths) * 2  # real tokens x top-k, never a pad
     assert per_step[1] in {2 * sum(four) for four in itertools.combinations(lengths, 4)}
+
+
+def test_nllb_moe_is_refused_because_its_experts_ignore_the_router():
+    """The refusal's reason, observed: NLLB-MoE's experts module runs experts 0 and 1 only, whatever the
+    router chose (a transformers release that fixes it fails this test: then measure it instead)."""
+    import model_adapters
+
+    config = tf.NllbMoeConfig(
+        d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_experts=4, vocab_size=61, encoder_sparse_step=2,
+        decoder_sparse_step=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.NllbMoeForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match="does not run the experts its router chooses"):
+        model_adapters.get_adapter(model)
+    moe = model.model.encoder.layers[1].ffn
+    ran, chosen = {}, []
+    for e in range(4):
+        moe.experts[f"expert_{e}"].fc1.register_forward_hook(lambda m, a, o, e=e: ran.__setitem__(e, a[0].shape[0]))
+    moe.router.register_forward_hook(lambda m, a, out: chosen.append(out[0].sum(0)))
+    ids = torch.randint(3, 61, (2, 9))
+    with torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=ids[:, :5])
+    assert set(ran) <= {0, 1}  # only experts 0 and 1 ever run ...
+    assert chosen[0][2:].sum() > 0 and ran.get(0, 0) > chosen[0][0]  # ... though the router chose others
