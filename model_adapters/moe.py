@@ -48,34 +48,49 @@ def moe_adapter(
     shared_chunk: tuple[int, int] | None = None,
     dense: tuple[str, str] | None = ("gate_proj", "down_proj"),
     dense_block: str | None = None,
+    stack: str = "",
 ) -> Adapter:
     """An MoE family: routed experts at ``{block}.{experts}``; optionally a shared expert
     (``(pre, post)`` paths inside a block, fused gate/up split by ``shared_chunk``) and dense FFNs
-    (``(pre, post)`` under ``dense_block``, default ``block``) on the blocks that are not MoE."""
+    (``(pre, post)`` under ``dense_block``, default ``block``) on the blocks that are not MoE. ``stack``:
+    the stack of a model with several (site names ``{stack}.ffn``, ...; the call's attention_mask)."""
+    name = (lambda family: f"{stack}.{family}") if stack else (lambda family: family)
     sites = []
     if dense is not None:
         prefix = dense_block or block
-        sites.append(FFNSite("ffn", blocks, f"{prefix}.{dense[0]}", f"{prefix}.{dense[1]}", optional=True))
+        sites.append(
+            FFNSite(name("ffn"), blocks, f"{prefix}.{dense[0]}", f"{prefix}.{dense[1]}", stack=stack, optional=True)
+        )
     if shared is not None:
         sites.append(
             FFNSite(
-                "shared_expert",
+                name("shared_expert"),
                 blocks,
                 shared[0],
                 shared[1],
                 pre_chunk=shared_chunk,
                 kind="shared_expert",
+                stack=stack,
                 optional=True,
             )
         )
     path = f"{block}.{experts}"
     spec = spec if spec is not None else ExpertsSpec()
-    sites.append(FFNSite("experts", blocks, path, path, kind="expert", experts=spec, optional=True))
+    sites.append(FFNSite(name("experts"), blocks, path, path, kind="expert", experts=spec, stack=stack, optional=True))
     return Adapter(sites=tuple(sites), gated=True)
 
 
 _MLP = moe_adapter("mlp")
-_DEEPSEEK = moe_adapter("mlp", shared=("mlp.shared_experts.gate_proj", "mlp.shared_experts.down_proj"))
+_DEEPSEEK_SHARED = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.down_proj")
+_DEEPSEEK = moe_adapter("mlp", shared=_DEEPSEEK_SHARED)
+# Kimi-K2.5: a vision tower (fc1 -> act -> fc2, every patch row) and a DeepSeek-V3 language model
+_KIMI_K25 = Adapter(
+    sites=(
+        FFNSite("vision.ffn", "vision_tower.layers", "mlp.fc1", "mlp.fc2", stack="vision", tokens="all"),
+        *moe_adapter("mlp", blocks="language_model.layers", shared=_DEEPSEEK_SHARED, stack="text").sites,
+    ),
+    gated=True,
+)
 _LLAMA4 = moe_adapter(
     "feed_forward",
     spec=ExpertsSpec(
@@ -123,6 +138,7 @@ ADAPTERS = {
     "deepseek_v3": _DEEPSEEK,
     "deepseek_v32": _DEEPSEEK,
     "glm_moe_dsa": _DEEPSEEK,
+    "kimi_k25": _KIMI_K25,
     "jamba": moe_adapter("feed_forward"),
     "granitemoe": moe_adapter("block_sparse_moe", dense=None),
     "granitemoeshared": moe_adapter(

@@ -42,7 +42,7 @@ REFUSALS.update(
         "led": "it pads its input to a multiple of its attention window inside the model, so its encoder rows "
         "no longer line up with the call's attention_mask",
         **dict.fromkeys(
-            ("beam", "doge", "flint", "kimi_k25"),
+            ("beam", "doge", "flint"),
             _UNDESCRIBED_MOE,
         ),
         **dict.fromkeys(("ergo", "nemotron_h", "nemo_speechlm"), _MISSED_MOE),

@@ -43,6 +43,13 @@ def _deepseek_sparse_attention(cls):
     )  # fmt: skip
 
 
+def _kimi_k25():
+    """Kimi-K2.5: a vision tower (not run on text) and a DeepSeek-V3 language model."""
+    text = _deepseek().to_dict()
+    vision = dict(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_hidden_layers=2)
+    return tf.Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=32)
+
+
 def _jamba():
     return tf.JambaConfig(
         hidden_size=32, intermediate_size=48, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
@@ -117,6 +124,7 @@ FAMILIES = {
     "deepseek_v32": (tf.DeepseekV32ForCausalLM, _deepseek_sparse_attention(tf.DeepseekV32Config)),
     "glm_moe_dsa": (tf.GlmMoeDsaForCausalLM, _deepseek_sparse_attention(tf.GlmMoeDsaConfig)),
     "jamba": (tf.JambaForCausalLM, _jamba),
+    "kimi_k25": (tf.Kimi_K25ForConditionalGeneration, _kimi_k25),
     "dbrx": (tf.DbrxForCausalLM, _dbrx),
     "switch_transformers": (tf.SwitchTransformersForConditionalGeneration, _switch()),
     "jetmoe": (
@@ -358,9 +366,10 @@ def _close(got: float, want: float, rel=2e-4, abs=1e-6) -> bool:
 
 
 def _stack_of(name: str) -> str:
-    """The stack of an experts module of an encoder-decoder ("encoder." / "decoder."), else ""."""
+    """The stack of an experts module: an encoder-decoder's "encoder" / "decoder", a vision-language
+    model's "text", else ""."""
     head = name.split(".")[0]
-    return head if head in ("encoder", "decoder") else ""
+    return head if head in ("encoder", "decoder") else "text" if ".language_model." in name else ""
 
 
 def _real_of(batch):
