@@ -148,6 +148,13 @@ ADAPTERS = {
         shared_chunk=(0, 2),
     ),
     "llama4_text": _LLAMA4,
+    # NemotronH: each block's mixer is Mamba-2, attention, a dense MLP (up -> relu^2 -> down) or an MoE of
+    # up-only experts (has_gate=False) with a shared MLP expert
+    "nemotron_h": moe_adapter(
+        "mixer",
+        dense=("up_proj", "down_proj"),
+        shared=("mixer.shared_experts.up_proj", "mixer.shared_experts.down_proj"),
+    ),
 }
 
 

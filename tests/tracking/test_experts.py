@@ -50,6 +50,16 @@ def _kimi_k25():
     return tf.Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=32)
 
 
+def _nemotron_h():
+    """NemotronH: per block a mixer (here routed experts, attention, a dense MLP, routed experts again)."""
+    return tf.NemotronHConfig(
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, moe_shared_expert_intermediate_size=32,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, head_dim=16,
+        layers_block_type=["moe", "full_attention", "mlp", "moe"], num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=61, num_hidden_layers=4, use_cache=False,
+    )  # fmt: skip
+
+
 def _jamba():
     return tf.JambaConfig(
         hidden_size=32, intermediate_size=48, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
@@ -125,6 +135,7 @@ FAMILIES = {
     "glm_moe_dsa": (tf.GlmMoeDsaForCausalLM, _deepseek_sparse_attention(tf.GlmMoeDsaConfig)),
     "jamba": (tf.JambaForCausalLM, _jamba),
     "kimi_k25": (tf.Kimi_K25ForConditionalGeneration, _kimi_k25),
+    "nemotron_h": (tf.NemotronHForCausalLM, _nemotron_h),
     "dbrx": (tf.DbrxForCausalLM, _dbrx),
     "switch_transformers": (tf.SwitchTransformersForConditionalGeneration, _switch()),
     "jetmoe": (
@@ -249,6 +260,10 @@ def _reference_expert(module, expert: int, x):
     """float64 (pre, post, output) of ``expert`` on rows ``x`` [n, D], written from each family's code."""
     x = x.double()
     name = type(module).__name__
+    if name == "NemotronHExperts":  # up-only experts: relu(x @ up.T)^2 @ down.T
+        pre = x @ module.up_proj[expert].double().T
+        post = torch.relu(pre) ** 2
+        return pre, post, post @ module.down_proj[expert].double().T
     if name == "SwitchTransformersExperts":  # a T5 FFN per expert: relu(x @ wi.T) @ wo.T
         wi, wo = module[f"expert_{expert}"].wi.weight.double(), module[f"expert_{expert}"].wo.weight.double()
         pre = x @ wi.T
@@ -449,7 +464,9 @@ def test_switch_tokens_dropped_over_capacity_are_not_counted():
     assert routing["encoder.experts.1"]["assignments"] < routing["encoder.experts.1"]["tokens"]  # some dropped
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen2_moe", "jamba", "llama4"])
+@pytest.mark.parametrize(
+    "family", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen2_moe", "jamba", "llama4", "nemotron_h"]
+)
 def test_dense_and_shared_rows_say_their_kind_and_are_never_averaged_together(family):
     model, batch = _build(family), _batch()
     tracker = FFNTracker(model, flow=False)
