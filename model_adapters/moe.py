@@ -81,6 +81,7 @@ def moe_adapter(
 
 
 _MLP = moe_adapter("mlp")
+_QWEN2_MOE = moe_adapter("mlp", shared=("mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"))
 _DEEPSEEK_SHARED = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.down_proj")
 _DEEPSEEK = moe_adapter("mlp", shared=_DEEPSEEK_SHARED)
 # Kimi-K2.5: a vision tower (fc1 -> act -> fc2, every patch row) and a DeepSeek-V3 language model
@@ -134,7 +135,9 @@ ADAPTERS = {
     "olmoe": _MLP,
     "qwen3_moe": _MLP,
     "gpt_oss": _MLP,
-    "qwen2_moe": moe_adapter("mlp", shared=("mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj")),
+    "qwen2_moe": _QWEN2_MOE,
+    "flint": _QWEN2_MOE,  # Qwen2-MoE's layout; its shared expert is added without a gate
+    "beam": _MLP,  # dense mlp_layer_types blocks and routed experts (their own fp32 _apply_gate)
     "deepseek_v3": _DEEPSEEK,
     "deepseek_v32": _DEEPSEEK,
     "glm_moe_dsa": _DEEPSEEK,

@@ -42,7 +42,7 @@ REFUSALS.update(
         "led": "it pads its input to a multiple of its attention window inside the model, so its encoder rows "
         "no longer line up with the call's attention_mask",
         **dict.fromkeys(
-            ("beam", "doge", "flint"),
+            ("doge",),
             _UNDESCRIBED_MOE,
         ),
         **dict.fromkeys(("ergo", "nemo_speechlm"), _MISSED_MOE),

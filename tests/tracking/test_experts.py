@@ -136,6 +136,37 @@ FAMILIES = {
     "jamba": (tf.JambaForCausalLM, _jamba),
     "kimi_k25": (tf.Kimi_K25ForConditionalGeneration, _kimi_k25),
     "nemotron_h": (tf.NemotronHForCausalLM, _nemotron_h),
+    "flint": (
+        tf.FlintForCausalLM,
+        lambda: tf.FlintConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0],
+            head_dim=16,
+            layer_types=["full_attention", "full_attention"],
+            **ATTN,
+        ),
+    ),
+    "beam": (
+        tf.BeamForCausalLM,
+        lambda: tf.BeamConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            mlp_layer_types=["dense", "sparse"],
+            head_dim=16,
+            layer_types=["full_attention", "full_attention"],
+            **ATTN,
+        ),
+    ),
     "dbrx": (tf.DbrxForCausalLM, _dbrx),
     "switch_transformers": (tf.SwitchTransformersForConditionalGeneration, _switch()),
     "jetmoe": (
@@ -465,7 +496,8 @@ def test_switch_tokens_dropped_over_capacity_are_not_counted():
 
 
 @pytest.mark.parametrize(
-    "family", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen2_moe", "jamba", "llama4", "nemotron_h"]
+    "family",
+    ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen2_moe", "jamba", "llama4", "nemotron_h", "flint", "beam"],
 )
 def test_dense_and_shared_rows_say_their_kind_and_are_never_averaged_together(family):
     model, batch = _build(family), _batch()
