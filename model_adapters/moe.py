@@ -151,6 +151,14 @@ ADAPTERS = {
         shared_chunk=(0, 2),
     ),
     "llama4_text": _LLAMA4,
+    # Ergo: dense first blocks (up -> relu^2 -> down), up-only experts [E, D, F] (transposed) whose per-expert
+    # RMSNorm follows the down projection, and a shared expert (its norm after down_proj too)
+    "ergo": moe_adapter(
+        "mlp",
+        dense=("up_proj", "down_proj"),
+        shared=("mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"),
+        spec=ExpertsSpec(gated=False, transposed=True, bias=False),
+    ),
     # NemotronH: each block's mixer is Mamba-2, attention, a dense MLP (up -> relu^2 -> down) or an MoE of
     # up-only experts (has_gate=False) with a shared MLP expert
     "nemotron_h": moe_adapter(

@@ -45,7 +45,7 @@ REFUSALS.update(
             ("doge",),
             _UNDESCRIBED_MOE,
         ),
-        **dict.fromkeys(("ergo", "nemo_speechlm"), _MISSED_MOE),
+        **dict.fromkeys(("nemo_speechlm",), _MISSED_MOE),
         "nllb-moe": "its experts module does not run the experts its router chooses: NllbMoeSparseMLP passes the "
         "router's one-hot top-1 mask [N, E] (modeling_nllb_moe.py:384) and NllbMoeExperts one-hots it again "
         "(one_hot(router_mask, num_classes=num_experts), modeling_nllb_moe.py:353), so expert_0 runs on every "

@@ -136,6 +136,20 @@ FAMILIES = {
     "jamba": (tf.JambaForCausalLM, _jamba),
     "kimi_k25": (tf.Kimi_K25ForConditionalGeneration, _kimi_k25),
     "nemotron_h": (tf.NemotronHForCausalLM, _nemotron_h),
+    "ergo": (
+        tf.ErgoForCausalLM,
+        lambda: tf.ErgoConfig(
+            hidden_size=32,
+            first_dense_intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_layer_types=["dense", "sparse"],
+            head_dim=16,
+            **ATTN,
+        ),
+    ),
     "flint": (
         tf.FlintForCausalLM,
         lambda: tf.FlintConfig(
@@ -291,6 +305,13 @@ def _reference_expert(module, expert: int, x):
     """float64 (pre, post, output) of ``expert`` on rows ``x`` [n, D], written from each family's code."""
     x = x.double()
     name = type(module).__name__
+    if name == "ErgoExperts":  # up-only experts [E, D, F]: relu(x @ up)^2 @ down, then the expert's RMSNorm
+        pre = x @ module.up_proj[expert].double()
+        post = torch.relu(pre) ** 2
+        out = torch.nn.functional.rms_norm(
+            post @ module.down_proj[expert].double(), (x.shape[-1],), eps=module.post_expert_norm.eps
+        )
+        return pre, post, out * module.post_expert_norm.weight[expert].double()
     if name == "NemotronHExperts":  # up-only experts: relu(x @ up.T)^2 @ down.T
         pre = x @ module.up_proj[expert].double().T
         post = torch.relu(pre) ** 2
@@ -497,7 +518,18 @@ def test_switch_tokens_dropped_over_capacity_are_not_counted():
 
 @pytest.mark.parametrize(
     "family",
-    ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen2_moe", "jamba", "llama4", "nemotron_h", "flint", "beam"],
+    [
+        "deepseek_v3",
+        "deepseek_v32",
+        "glm_moe_dsa",
+        "qwen2_moe",
+        "jamba",
+        "llama4",
+        "nemotron_h",
+        "flint",
+        "beam",
+        "ergo",
+    ],
 )
 def test_dense_and_shared_rows_say_their_kind_and_are_never_averaged_together(family):
     model, batch = _build(family), _batch()
