@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .spec import Adapter, ExpertsSpec, FFNSite
+from .spec import Adapter, ByConfig, ExpertsSpec, FFNSite, ffn
 from .unwrap import module_index, unwrap_model
 
 __all__ = ["ADAPTERS", "detect_moe_adapter", "moe_adapter"]
@@ -127,8 +127,23 @@ _JETMOE = Adapter(
     gated=True,
 )  # fmt: skip
 
+# Doge: a gated MLP, or (is_moe) DogeCDMoE, whose routed experts are single neurons
+_DOGE = ByConfig(
+    "is_moe",
+    (
+        (False, ffn("layers", pre="mlp.gate_proj", post="mlp.down_proj", gated=True)),
+        (
+            True,
+            "DogeCDMoE routes each token to single-neuron experts, rows of down_embed/up_embed (nn.Embedding, "
+            "modeling_doge.py:401-402) whose pre-activation is one scalar per token (line 431): a 1 x 1 covariance "
+            "has no spectrum to measure",
+        ),
+    ),
+)
+
 # config.model_type -> Adapter
 ADAPTERS = {
+    "doge": _DOGE,
     "jetmoe": _JETMOE,
     "dbrx": _DBRX,
     "mixtral": _MLP,

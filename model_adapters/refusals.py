@@ -28,24 +28,15 @@ _UNDESCRIBED_SEQ2SEQ = (
     "an encoder-decoder the table does not describe yet: structural detection would give its decoder FFNs the "
     "encoder's mask; an adapter with encoder and decoder stacks (as in model_adapters/seq2seq.py) would measure it"
 )
-_UNDESCRIBED_MOE = (
-    "a mixture-of-experts layout the table does not describe yet: detection would report its FFNs without "
-    "saying which are dense, shared or routed, and miss the routed experts (see model_adapters/moe.py)"
-)
-_MISSED_MOE = (
-    "a hybrid mixture-of-experts model whose dense layers and shared experts detection misses: its rows would "
-    "leave out FFNs that ran (see model_adapters/moe.py)"
-)
 REFUSALS.update(
     {
         **dict.fromkeys(("t5gemma", "t5gemma2"), _UNDESCRIBED_SEQ2SEQ),
         "led": "it pads its input to a multiple of its attention window inside the model, so its encoder rows "
         "no longer line up with the call's attention_mask",
-        **dict.fromkeys(
-            ("doge",),
-            _UNDESCRIBED_MOE,
-        ),
-        **dict.fromkeys(("nemo_speechlm",), _MISSED_MOE),
+        "nemo_speechlm": "its language model is NemotronH (in the table), but its audio stacks "
+        "(audio_tower.asr_encoder, the diarization model's audio tower, word_timestamp_encoder: fc1 -> act -> fc2) "
+        "count the frames of input_features_mask, subsampled inside the model (modeling_nemotron3_5_transcribe.py:415, "
+        "580-596), for which there is no token source yet: their rows would count padded frames",
         "nllb-moe": "its experts module does not run the experts its router chooses: NllbMoeSparseMLP passes the "
         "router's one-hot top-1 mask [N, E] (modeling_nllb_moe.py:384) and NllbMoeExperts one-hots it again "
         "(one_hot(router_mask, num_classes=num_experts), modeling_nllb_moe.py:353), so expert_0 runs on every "

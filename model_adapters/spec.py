@@ -128,15 +128,18 @@ class ByConfig:
 
     Attributes:
         attribute: the ``model.config`` attribute read.
-        choices: ``(value, Adapter)`` pairs; a value not listed is refused with a message naming it.
+        choices: ``(value, Adapter)`` pairs, or ``(value, reason)`` for a layout refused with that reason;
+            a value not listed is refused with a message naming it.
     """
 
     attribute: str
-    choices: tuple[tuple[object, Adapter], ...]
+    choices: tuple[tuple[object, Adapter | str], ...]
 
     def adapter_for(self, config) -> Adapter:
         value = getattr(config, self.attribute, None)
         for choice, adapter in self.choices:
+            if value == choice and isinstance(adapter, str):
+                raise ValueError(f"config.{self.attribute}={value!r} is refused: {adapter}")
             if value == choice:
                 return adapter
         known = [choice for choice, _ in self.choices]

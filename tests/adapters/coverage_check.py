@@ -222,7 +222,10 @@ def real_rows(x: torch.Tensor, inputs: dict) -> torch.Tensor:
 
 
 def is_moe(config) -> bool:
-    """Does the config (or a sub-config) declare routed experts?"""
+    """Does the config (or a sub-config) declare routed experts? An explicit ``is_moe`` flag decides
+    (Doge keeps ``num_experts`` in its dense configs)."""
+    if isinstance(getattr(config, "is_moe", None), bool):
+        return config.is_moe
     keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
     for value in vars(config).values():
         if hasattr(value, "to_dict") and value is not config and is_moe(value):

@@ -742,3 +742,18 @@ def test_nllb_moe_is_refused_because_its_experts_ignore_the_router():
         model(input_ids=ids, decoder_input_ids=ids[:, :5])
     assert set(ran) <= {0, 1}  # only experts 0 and 1 ever run ...
     assert chosen[0][2:].sum() > 0 and ran.get(0, 0) > chosen[0][0]  # ... though the router chose others
+
+
+def test_doge_dense_is_measured_and_its_single_neuron_experts_are_refused():
+    """Doge's dense form is a gated MLP (measured, as the coverage test checks); its MoE form's routed experts
+    are rows of two embeddings, one neuron each (refused: a 1 x 1 covariance has no spectrum)."""
+    import model_adapters
+
+    kwargs = dict(hidden_size=32, intermediate_size=48, num_experts=16, num_experts_per_tok=2, **ATTN)
+    dense = tf.DogeForCausalLM(tf.DogeConfig(is_moe=False, **kwargs))
+    assert [(s.pre, s.post) for s in model_adapters.get_adapter(dense).sites] == [("mlp.gate_proj", "mlp.down_proj")]
+    moe = tf.DogeForCausalLM(tf.DogeConfig(is_moe=True, **kwargs))
+    with pytest.raises(ValueError, match="is_moe=True is refused: DogeCDMoE routes each token to single-neuron"):
+        model_adapters.get_adapter(moe)
+    layer = moe.model.layers[0].mlp
+    assert layer.down_embed.weight.shape == layer.up_embed.weight.shape == (16, 32)  # [E, D]: one neuron per expert
