@@ -553,7 +553,7 @@ def test_dense_and_shared_rows_say_their_kind_and_are_never_averaged_together(fa
 
 
 @pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe", "ergo", "nemotron_h", "beam"])
 def test_every_experts_implementation_gives_the_same_numbers(family, implementation):
     rows = {}
     for impl in ("eager", implementation):
