@@ -1,17 +1,21 @@
 """Mixture-of-experts families: where each block's routed experts, shared expert and dense FFN are.
 
-Every MoE block of transformers 5.x keeps its routed experts fused in one module (``gate_up_proj
+Most MoE blocks of transformers 5.x keep their routed experts fused in one module (``gate_up_proj
 [E, 2F, D]`` and ``down_proj [E, D, F]``, or transposed) whose forward takes ``(hidden_states [N, D],
 top_k_index [N, k], top_k_weights [N, k])``; there is no per-expert ``nn.Linear``. A site of kind
-``"expert"`` names that module (``pre`` and ``post`` both), and its :class:`~model_adapters.spec.ExpertsSpec`
-says how the experts compute:
+``"expert"`` names that module (``pre``: the module whose call is hooked; ``post``: the module holding the
+weights; the same module but for JetMoe), and its :class:`~model_adapters.spec.ExpertsSpec` says how the
+experts compute:
 
 ==============  ==============================  ===========================================================
 family          experts module                  how an expert computes (pre / post)
 ==============  ==============================  ===========================================================
 Mixtral, OLMoE,  ``mlp.experts``                 ``gate_up_proj [E, 2F, D]``, ``[gate; up]``: pre = gate,
 Qwen2/3-MoE,                                     post = act(gate) * up (the module's ``_apply_gate``)
-DeepSeek-V3
+DeepSeek-V3/
+V3.2, GLM-MoE-
+DSA, Flint,
+Beam, Kimi-K2.5
 gpt-oss         ``mlp.experts``                 ``[E, D, 2F]`` (transposed), gate/up interleaved, biases:
                                                 pre = gate columns + bias before the clamp, post = the
                                                 module's clamped SwiGLU ``(up + 1) * gate * sigmoid(alpha gate)``
@@ -21,11 +25,23 @@ GraniteMoE      ``block_sparse_moe.experts``    as Mixtral; GraniteMoeShared add
 Llama 4         ``feed_forward.experts``        ``[E, D, 2F]``, ``[gate; up]``, input already scaled by the
                                                 router score (sigmoid), every token repeated per expert; the
                                                 choice is the router's top-k logits
+DBRX            ``ffn.experts``                 gate ``mlp.w1``, up ``mlp.v1``, each ``[E*F, D]`` stacked:
+                                                post = ``mlp.activation_fn(gate) * up``
+JetMoe          ``mlp.input_linear`` / ``mlp``  the router groups the tokens by expert before
+                                                ``input_linear [E, 2F, D]`` (``[gate; up]``); act
+                                                ``mlp.activation`` (routing ``"grouped"``)
+NemotronH       ``mixer.experts``               up-only ``up_proj [E, F, D]``: post = relu(pre)^2
+Ergo            ``mlp.experts``                 up-only ``up_proj [E, D, F]`` (transposed): post = relu(pre)^2
+                                                (the expert's RMSNorm follows the down projection)
+Switch          ``layer.N.mlp.experts``         per-expert ``expert_{e}.wi`` -> act -> ``wo`` in the encoder
+Transformers    (``model_adapters/seq2seq``)    and the decoder; top-1 one-hot choice, tokens over an
+                                                expert's capacity dropped (routing ``"one_hot"``)
 ==============  ==============================  ===========================================================
 
 Shared experts are sites of kind ``"shared_expert"``, dense FFNs (DeepSeek-V3's first layers, the
 non-MoE blocks of Jamba/Llama 4/Qwen MoE with ``mlp_only_layers``) of kind ``"dense"``; both are
-``optional`` families, present only in the blocks that have them.
+``optional`` families, present only in the blocks that have them. Doge's MoE form (single-neuron experts)
+and NLLB-MoE (its experts ignore the router) are refused with their reasons (``model_adapters/refusals``).
 """
 
 from __future__ import annotations

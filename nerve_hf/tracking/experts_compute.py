@@ -8,7 +8,12 @@ recomputes, for the real (token, expert) assignments only, what every expert com
 * pre = the expert's gate projection output (its up projection for up-only experts), bias included
   (gpt-oss: the gate columns with bias, before the clamp);
 * post = the down projection's input, before router weighting: the module's own ``_apply_gate`` on the
-  gate/up output (so gpt-oss's clamped SwiGLU is its own), or its ``act_fn`` for up-only experts.
+  gate/up output (so gpt-oss's clamped SwiGLU is its own), or its ``act_fn`` (or the activation the
+  spec names) for up-only experts.
+
+Other layouts are named by the spec: separate gate and up weights (DBRX), experts stacked ``[E*F, D]``,
+one ``nn.Linear`` per expert (Switch Transformers); and other routings: Llama 4's scaled rows, JetMoe's
+rows grouped by expert, Switch's one-hot choice with capacity drops (:func:`read_call`).
 
 Whatever implementation the model uses, the inputs and parameters are the same, so the numbers are too.
 Cost: one more gate/up projection over the measured assignments, only on measured forwards.
