@@ -24,21 +24,17 @@ REFUSALS.update(
     }
 )
 
-_UNDESCRIBED_MOE = (
-    "a mixture-of-experts layout the table does not describe yet: detection would report its FFNs without "
-    "saying which are dense, shared or routed, and miss the routed experts (see model_adapters/moe.py)"
-)
-_MISSED_MOE = (
-    "a hybrid mixture-of-experts model whose dense layers and shared experts detection misses: its rows would "
-    "leave out FFNs that ran (see model_adapters/moe.py)"
-)
 REFUSALS.update(
     {
-        **dict.fromkeys(
-            ("beam", "deepseek_v32", "doge", "flint", "glm_moe_dsa", "kimi_k25", "nllb-moe", "switch_transformers"),
-            _UNDESCRIBED_MOE,
-        ),
-        **dict.fromkeys(("ergo", "nemotron_h", "nemo_speechlm"), _MISSED_MOE),
+        "nemo_speechlm": "its language model is NemotronH (in the table), but its audio stacks "
+        "(audio_tower.asr_encoder, the diarization model's audio tower, word_timestamp_encoder: fc1 -> act -> fc2) "
+        "count the frames of input_features_mask, subsampled inside the model (modeling_nemotron3_5_transcribe.py:415, "
+        "580-596), for which there is no token source yet: their rows would count padded frames",
+        "nllb-moe": "its experts module does not run the experts its router chooses: NllbMoeSparseMLP passes the "
+        "router's one-hot top-1 mask [N, E] (modeling_nllb_moe.py:384) and NllbMoeExperts one-hots it again "
+        "(one_hot(router_mask, num_classes=num_experts), modeling_nllb_moe.py:353), so expert_0 runs on every "
+        "zero of the mask and expert_1 on every one, whatever the router chose: per-expert rows would describe "
+        "no routed expert",
         "kosmos-2.5": "its FFN normalises between the activation and fc2 (ffn_layernorm), so fc2's input is not "
         "the post-activation",
         "pegasus_x": "each encoder FFN runs twice in one forward (its global and its local tokens), which the "

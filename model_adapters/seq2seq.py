@@ -25,7 +25,7 @@ The decoder is ``optional``: encoder-only classes (``T5EncoderModel``, ``Whisper
 measure their encoder.
 """
 
-from .spec import Adapter, ByConfig, FFNSite, ffn
+from .spec import Adapter, ByConfig, ExpertsSpec, FFNSite, ffn
 
 
 def _t5(gated: bool) -> Adapter:
@@ -64,15 +64,34 @@ def _gated_layers(encoder: str, decoder: str) -> Adapter:
     )  # fmt: skip
 
 
-_T5_GEMMA2 = _gated_layers("encoder.text_model.layers", "decoder.layers")
 _T5_GEMMA2 = Adapter(
     sites=(
-        *_T5_GEMMA2.sites,
+        *_gated_layers("encoder.text_model.layers", "decoder.layers").sites,
         FFNSite("vision.ffn", "encoder.vision_tower.encoder.layers", "mlp.fc1", "mlp.fc2",
                 stack="vision", tokens="all", optional=True),
     ),
     gated=True,
 )  # fmt: skip
+
+
+# Switch Transformers' experts: a ModuleDict of T5 FFNs (expert_{e}.wi -> act -> wo), called with a one-hot
+# top-1 choice [N, 1, E] from which the router already dropped the tokens over an expert's capacity.
+_SWITCH_EXPERTS = ExpertsSpec(
+    routing="one_hot", gated=False, transposed=False, bias=False, gate_up="expert_{}.wi", act="expert_{}.act"
+)
+
+
+def _switch_stack(stack: str, ff: str, tokens: str) -> tuple[FFNSite, FFNSite]:
+    """One stack of Switch Transformers: T5 blocks whose FFN (``layer.{ff}.mlp``) is dense or sparse."""
+    blocks, mlp = f"{stack}.block", f"layer.{ff}.mlp"
+    return (
+        FFNSite(f"{stack}.ffn", blocks, f"{mlp}.wi", f"{mlp}.wo", stack=stack, tokens=tokens, optional=True),
+        FFNSite(f"{stack}.experts", blocks, f"{mlp}.experts", f"{mlp}.experts", kind="expert",
+                experts=_SWITCH_EXPERTS, stack=stack, tokens=tokens, optional=True),
+    )  # fmt: skip
+
+
+_SWITCH = Adapter(sites=(*_switch_stack("encoder", "1", "encoder"), *_switch_stack("decoder", "2", "decoder")))
 
 _T5 = ByConfig("is_gated_act", ((False, _t5(gated=False)), (True, _t5(gated=True))))
 _BART = _fc()
@@ -98,4 +117,5 @@ ADAPTERS = {
     "led": _fc(encoder_tokens="encoder_window"),
     "t5gemma": _gated_layers("encoder.layers", "decoder.layers"),
     "t5gemma2": _T5_GEMMA2,
+    "switch_transformers": _SWITCH,
 }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 KINDS = ("dense", "shared_expert", "expert")
 
 # How a routed-experts module is called (see ExpertsSpec.routing).
-ROUTINGS = ("call", "scaled")
+ROUTINGS = ("call", "scaled", "grouped", "one_hot")
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,23 @@ class ExpertsSpec:
         routing: ``"call"``: ``forward(hidden_states [N, D], top_k_index [N, k], top_k_weights [N, k])``,
             outputs weighted after the down projection; ``"scaled"`` (Llama 4): ``forward(x [E*N, D])``
             with every token repeated per expert and scaled by its router score, the choice read from
-            the ``router`` module's logits (its ``top_k`` largest).
-        router: path inside a block of the router module (``"scaled"`` only).
+            the ``router`` module's logits (its ``top_k`` largest); ``"grouped"`` (JetMoe):
+            ``forward(x [N*k, D], expert_size)``, the rows grouped by expert in the order of the ``router``'s
+            output ``(index_sorted_experts, batch_index, batch_gates, expert_size, logits)``; ``"one_hot"``
+            (Switch Transformers): ``forward(hidden_states [N, D], selected [N, k, E] one-hot, weights [N, k])``,
+            a slot with no expert (dropped over capacity) skipped.
+        router: path inside a block of the router module (``"scaled"`` and ``"grouped"``).
         gated: gate/up experts (``gate_up_proj``) or up-only ones (``up_proj``).
         transposed: weights stored ``[E, in, out]`` instead of ``[E, out, in]``.
         concatenated: ``gate_up_proj`` holds ``[gate; up]``; False: interleaved (gpt-oss: gate = ``[..., ::2]``).
         bias: ``gate_up_proj_bias`` / ``up_proj_bias`` and ``down_proj_bias`` exist.
+        gate_up: path inside the experts module of the gate/up weight (of the gate alone when ``up`` is set,
+            of the up projection of up-only experts) when it is not ``gate_up_proj``/``up_proj``: a 3-D
+            parameter ``[E, out, in]``, a 2-D one stacking the experts ``[E*out, in]`` (DBRX ``mlp.w1``), or,
+            with ``{}`` for the expert's index, each expert's ``nn.Linear`` (``expert_{}.wi``: its bias too).
+        up: path of a separate up weight, laid out as ``gate_up`` (DBRX ``mlp.v1``); ``""``: none.
+        act: path of the activation module, ``{}`` for the expert's index; ``""``: the module's
+            ``_apply_gate`` when it has one, else its ``act_fn``.
     """
 
     routing: str = "call"
@@ -41,6 +52,9 @@ class ExpertsSpec:
     transposed: bool | None = None
     concatenated: bool | None = None
     bias: bool | None = None
+    gate_up: str = ""
+    up: str = ""
+    act: str = ""
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -71,7 +85,9 @@ class FFNSite:
             ``"all"`` (every row: vision towers, audio encoders).
         optional: some models of the type lack this family altogether (``T5EncoderModel`` has no decoder;
             an MoE config may have no dense layers): when it resolves to nothing it is left out.
-        experts: for ``kind="expert"``: how the experts module (``pre`` and ``post`` both name it) computes.
+        experts: for ``kind="expert"``: how the experts compute. ``pre`` names the module whose call carries
+            the routed inputs (hooked), ``post`` the module holding the experts' weights; both name the experts
+            module, except where the routed rows reach a submodule (JetMoe: ``mlp.input_linear`` and ``mlp``).
     """
 
     name: str
@@ -112,15 +128,18 @@ class ByConfig:
 
     Attributes:
         attribute: the ``model.config`` attribute read.
-        choices: ``(value, Adapter)`` pairs; a value not listed is refused with a message naming it.
+        choices: ``(value, Adapter)`` pairs, or ``(value, reason)`` for a layout refused with that reason;
+            a value not listed is refused with a message naming it.
     """
 
     attribute: str
-    choices: tuple[tuple[object, Adapter], ...]
+    choices: tuple[tuple[object, Adapter | str], ...]
 
     def adapter_for(self, config) -> Adapter:
         value = getattr(config, self.attribute, None)
         for choice, adapter in self.choices:
+            if value == choice and isinstance(adapter, str):
+                raise ValueError(f"config.{self.attribute}={value!r} is refused: {adapter}")
             if value == choice:
                 return adapter
         known = [choice for choice, _ in self.choices]

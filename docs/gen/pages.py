@@ -140,6 +140,8 @@ def adapters_markdown() -> str:
         # a ByConfig entry: one set of rows per config value
         choices = getattr(entry, "choices", None) or ((None, entry),)
         for value, adapter in choices:
+            if isinstance(adapter, str):  # a layout refused with its reason (families_markdown lists it)
+                continue
             when = f" (`{entry.attribute}={value}`)" if value is not None else ""
             for site in adapter.sites:
                 pre = f"`{site.pre}`" + (f" chunk {site.pre_chunk[0]} of {site.pre_chunk[1]}" if site.pre_chunk else "")
@@ -164,10 +166,15 @@ def families_markdown() -> str:
     from model_adapters.refusals import REFUSALS
 
     adapters, files = _registry()
+    refused = dict(REFUSALS)  # key -> reason, with the layouts a ByConfig entry refuses
     by_kind: dict[str, list[str]] = {kind: [] for kind in _KIND_TITLES}
     for key, entry in adapters.items():
         # a ByConfig entry (the layout depends on a config attribute): the sites of every layout it knows
         layouts = [adapter for _, adapter in entry.choices] if hasattr(entry, "choices") else [entry]
+        refused.update(
+            {f"{key} ({entry.attribute}={v})": a for v, a in getattr(entry, "choices", ()) if isinstance(a, str)}
+        )
+        layouts = [adapter for adapter in layouts if not isinstance(adapter, str)]
         for site in dict.fromkeys(site for adapter in layouts for site in adapter.sites):
             chunk = f" (chunk {site.pre_chunk[0]} of {site.pre_chunk[1]})" if site.pre_chunk else ""
             by_kind.setdefault(site.kind, []).append(
@@ -186,7 +193,7 @@ def families_markdown() -> str:
             "",
         ]
     out += ["### Refused, with the reason\n", "| key | why |", "|---|---|"]
-    out += [f"| `{key}` | {_cell(reason)} |" for key, reason in sorted(REFUSALS.items())]
+    out += [f"| `{key}` | {_cell(reason)} |" for key, reason in sorted(refused.items())]
     return "\n".join(out) + "\n"
 
 

@@ -8,7 +8,12 @@ recomputes, for the real (token, expert) assignments only, what every expert com
 * pre = the expert's gate projection output (its up projection for up-only experts), bias included
   (gpt-oss: the gate columns with bias, before the clamp);
 * post = the down projection's input, before router weighting: the module's own ``_apply_gate`` on the
-  gate/up output (so gpt-oss's clamped SwiGLU is its own), or its ``act_fn`` for up-only experts.
+  gate/up output (so gpt-oss's clamped SwiGLU is its own), or its ``act_fn`` (or the activation the
+  spec names) for up-only experts.
+
+Other layouts are named by the spec: separate gate and up weights (DBRX), experts stacked ``[E*F, D]``,
+one ``nn.Linear`` per expert (Switch Transformers); and other routings: Llama 4's scaled rows, JetMoe's
+rows grouped by expert, Switch's one-hot choice with capacity drops (:func:`read_call`).
 
 Whatever implementation the model uses, the inputs and parameters are the same, so the numbers are too.
 Cost: one more gate/up projection over the measured assignments, only on measured forwards.
@@ -27,14 +32,28 @@ from model_adapters import ExpertsSpec
 __all__ = ["ExpertCall", "ExpertRows", "ExpertsLayout", "expert_rows", "read_call"]
 
 
+def _get(module: nn.Module, path: str):
+    """The attribute at dotted ``path`` below ``module`` (submodules, ``ModuleDict`` keys, parameters)."""
+    target = module
+    for part in path.split("."):
+        target = getattr(target, part)
+    return target
+
+
 @dataclass(frozen=True)
 class ExpertsLayout:
-    """How one experts module stores its weights (the spec's fields, else the module's attributes)."""
+    """How one experts module stores its weights (the spec's fields, else the module's attributes).
+
+    ``gate_up``/``up``/``act`` are paths inside the module (``{}``: the expert's index); ``gate_up`` empty:
+    the module's ``gate_up_proj`` (gated) or ``up_proj``."""
 
     gated: bool
     transposed: bool
     concatenated: bool
     bias: bool
+    gate_up: str = ""
+    up: str = ""
+    act: str = ""
 
     @classmethod
     def of(cls, module: nn.Module, spec: ExpertsSpec) -> "ExpertsLayout":
@@ -46,6 +65,9 @@ class ExpertsLayout:
             transposed=pick(spec.transposed, "is_transposed", False),
             concatenated=pick(spec.concatenated, "is_concatenated", True),
             bias=pick(spec.bias, "has_bias", False),
+            gate_up=spec.gate_up or ("gate_up_proj" if pick(spec.gated, "has_gate", True) else "up_proj"),
+            up=spec.up,
+            act=spec.act,
         )
         layout.check_readable(module)
         return layout
@@ -54,7 +76,8 @@ class ExpertsLayout:
         """ValueError when the experts' weights are quantized (float8 or integer data, a quantized tensor
         subclass, or scales next to them: transformers' ``FP8Experts``, fbgemm's FP8 experts ...): the
         experts cannot be recomputed from such weights, so they are refused by their class and dtype."""
-        weight = self.up_weight(module)
+        target = _get(module, self.gate_up.format(0))  # the fused parameter, or expert 0's own module
+        weight = target.weight if isinstance(target, nn.Module) else target
         plain = type(weight) in (Tensor, nn.Parameter)
         real = weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
         scales = sorted(name for name, _ in module.named_parameters(recurse=False) if "scale" in name)
@@ -69,30 +92,51 @@ class ExpertsLayout:
             f"MoE layers"
         )
 
-    def up_weight(self, module: nn.Module) -> Tensor:
-        """``gate_up_proj`` (gated) or ``up_proj``: ``[E, out, in]`` (``[E, in, out]`` transposed)."""
-        return module.gate_up_proj if self.gated else module.up_proj
+    def count(self, module: nn.Module) -> int:
+        """E: the experts' count (a 3-D weight's first dimension, else the module's ``num_experts``)."""
+        if "{}" in self.gate_up:
+            return int(module.num_experts)
+        weight = _get(module, self.gate_up)
+        return int(weight.shape[0]) if weight.ndim == 3 else int(module.num_experts)
+
+    def _weight(self, module: nn.Module, path: str, expert: int) -> tuple[Tensor, Optional[Tensor]]:
+        """(weight ``[out, in]`` (``[in, out]`` transposed), bias or None) of ``expert`` at ``path``."""
+        target = _get(module, path.format(expert))
+        if isinstance(target, nn.Linear):  # one module per expert
+            return target.weight, target.bias
+        if target.ndim == 2:  # the experts stacked along the first dimension: [E*out, in]
+            return target.view(self.count(module), -1, target.shape[-1])[expert], None
+        return target[expert], None
 
     def sizes(self, module: nn.Module) -> tuple[int, int]:
         """(E, F): the number of experts and each expert's width."""
-        weight = self.up_weight(module)
-        width = weight.shape[2] if self.transposed else weight.shape[1]
-        return int(weight.shape[0]), int(width // 2 if self.gated else width)
+        weight, _ = self._weight(module, self.gate_up, 0)
+        width = weight.shape[1] if self.transposed else weight.shape[0]
+        return self.count(module), int(width // 2 if self.gated and not self.up else width)
+
+    def _project(self, module: nn.Module, path: str, expert: int, x: Tensor) -> Tensor:
+        weight, bias = self._weight(module, path, expert)
+        out = x @ weight if self.transposed else nn.functional.linear(x, weight)  # [n, out]
+        return out if bias is None else out + bias
+
+    def _act(self, module: nn.Module, expert: int):
+        return _get(module, self.act.format(expert)) if self.act else module.act_fn
 
     def project(self, module: nn.Module, expert: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """(pre, post), each ``[n, F]``, of ``expert`` on its inputs ``x`` ``[n, D]``, in ``x``'s dtype."""
-        weight = self.up_weight(module)[expert]
-        out = x @ weight if self.transposed else nn.functional.linear(x, weight)  # [n, 2F] or [n, F]
+        out = self._project(module, self.gate_up, expert, x)  # [n, 2F] or [n, F]
         if self.bias:
             out = out + (module.gate_up_proj_bias if self.gated else module.up_proj_bias)[expert]
         if not self.gated:
-            return out, module.act_fn(out)
+            return out, self._act(module, expert)(out)
+        if self.up:  # gate and up in two weights
+            return out, self._act(module, expert)(out) * self._project(module, self.up, expert, x)
         width = out.shape[-1] // 2
         gate = out[..., :width] if self.concatenated else out[..., ::2]
-        if hasattr(module, "_apply_gate"):
+        if hasattr(module, "_apply_gate") and not self.act:
             return gate, module._apply_gate(out)
         up = out[..., width:] if self.concatenated else out[..., 1::2]
-        return gate, module.act_fn(gate) * up
+        return gate, self._act(module, expert)(gate) * up
 
 
 @dataclass
@@ -124,22 +168,45 @@ def read_call(
     spec: ExpertsSpec, args: tuple, kwargs: dict, router: Optional[nn.Module], router_output
 ) -> Optional[ExpertCall]:
     """The routed call of an experts module from its forward's ``args``/``kwargs`` (and, for ``"scaled"``
-    routing, the router module and its last output ``(scores [N, E], logits [N, E])``); None if unreadable."""
+    and ``"grouped"`` routing, the router module and its last output); None if unreadable."""
     hidden = _argument(args, kwargs, 0, ("hidden_states",))
     if not isinstance(hidden, Tensor):
         return None
-    if spec.routing == "scaled":
+    if spec.routing == "scaled":  # router output: (scores [N, E], logits [N, E])
         if router_output is None:
             return None
         scores, logits = router_output[0], router_output[1]
         index = torch.topk(logits, router.top_k, dim=1).indices  # the router's own choice: [N, k]
         experts = scores.shape[1]
         return ExpertCall(hidden.reshape(experts, -1, hidden.shape[-1]), index, scores.gather(1, index))
-    index = _argument(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts"))
-    weights = _argument(args, kwargs, 2, ("top_k_weights", "routing_weights"))
+    if spec.routing == "grouped":
+        return None if router_output is None else _grouped_call(hidden, router, router_output)
+    index = _argument(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts", "router_mask"))
+    weights = _argument(args, kwargs, 2, ("top_k_weights", "routing_weights", "router_probs"))
     if not isinstance(index, Tensor) or not isinstance(weights, Tensor):
         return None
-    return ExpertCall(hidden.reshape(-1, hidden.shape[-1]), index, weights)
+    if spec.routing == "one_hot":  # selected [N, k, E] one-hot, all zeros where a slot was dropped
+        experts = index.shape[-1]
+        index = torch.where(index.sum(-1) > 0, index.argmax(-1), experts)  # [N, k]; E: no expert (skipped)
+    return ExpertCall(hidden.reshape(-1, hidden.shape[-1]), index.reshape(-1, index.shape[-1]), weights)
+
+
+def _grouped_call(rows: Tensor, router: nn.Module, output) -> ExpertCall:
+    """JetMoe: ``rows`` ``[N*k, D]`` = the tokens grouped by expert, as the router's output
+    ``(index_sorted_experts [N*k], batch_index [N*k], batch_gates [N*k], expert_size [E], logits [N, E])``
+    orders them; back to token rows ``[N, D]``, top-k experts ``[N, k]`` and their weights ``[N, k]``."""
+    order, token, gates, sizes, logits = output[:5]
+    n, k = logits.shape[0], router.top_k
+    expert = torch.repeat_interleave(  # [N*k]: the expert of each grouped row
+        torch.arange(len(sizes), device=rows.device), torch.as_tensor(sizes, device=rows.device)
+    )
+    index = torch.empty(n * k, dtype=torch.long, device=rows.device)
+    index[order] = expert  # row j of the group is slot order[j] of the flattened [N, k] choice
+    weights = torch.empty(n * k, dtype=gates.dtype, device=rows.device)
+    weights[order] = gates
+    hidden = rows.new_empty(n, rows.shape[-1])
+    hidden[token] = rows  # every copy of a token is the same row
+    return ExpertCall(hidden, index.view(n, k), weights.view(n, k))
 
 
 @dataclass

@@ -68,7 +68,7 @@ def site_dim(site: ResolvedSite) -> Optional[int]:
                 f"the model without it (no ep_size / enable_expert_parallel in its DistributedConfig; data "
                 f"parallelism is measured exactly), or pass layers= without its MoE layers"
             )
-        return ExpertsLayout.of(site.pre, site.experts).sizes(site.pre)[1]
+        return ExpertsLayout.of(site.post, site.experts).sizes(site.post)[1]
     pre_dims, post_dims = model_adapters.linear_dims(site.pre), model_adapters.linear_dims(site.post)
     if pre_dims is None or post_dims is None:
         return None
@@ -334,14 +334,16 @@ class FFNHookPoints:
                 return
             with torch.autocast(call.inputs.device.type, enabled=False):
                 n = call.tokens
-                ids = torch.arange(n, device=call.top_k_index.device).unsqueeze(1)  # [N, 1]: token row numbers
-                ids, keep = self.sources[index].select(ids)
+                source = self.sources[index]
+                shape = source.token_shape(n) if hasattr(source, "token_shape") else (n,)  # [N] or [B, T]
+                ids = torch.arange(n, device=call.top_k_index.device).view(*shape, 1)  # token row numbers
+                ids, keep = source.select(ids)
                 ids, keep = window.cap.apply(index, "experts", ids, keep)
                 real = torch.zeros(n, dtype=torch.bool, device=ids.device)  # [N]
                 real[ids[:, 0]] = True if keep is None else keep
-                layout = ExpertsLayout.of(module, site.experts)
+                layout = ExpertsLayout.of(site.post, site.experts)  # post: the module holding the weights
                 wanted = window.measurements.experts_wanted(index)
-                rows = expert_rows(module, layout, call, real, wanted)
+                rows = expert_rows(site.post, layout, call, real, wanted)
             window.measurements.update(index, "experts", rows, None, lambda: None)
             self._recorded = True
 

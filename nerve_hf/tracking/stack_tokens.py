@@ -146,6 +146,11 @@ class StackTokens(TokenSource):
     def describe(self) -> str:
         return type(self).__name__
 
+    def token_shape(self, n: int) -> tuple[int, ...]:
+        """The mask's ``[B, T]`` when it holds ``n`` rows: a routed-experts call flattens the block's
+        ``[B, T, D]`` input row-major, so its rows are the mask's (only that call says so)."""
+        return tuple(self._mask.shape) if self._mask is not None and self._mask.numel() == n else (n,)
+
     def select(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Host path: the real rows ``([N, D], None)``; device path: all rows and a ``[B*T]`` keep mask."""
         flat = x.reshape(-1, x.shape[-1])  # [M, D]

@@ -78,6 +78,11 @@ class TokenSource:
         not), or None when unknown."""
         return None
 
+    def token_shape(self, n: int) -> tuple[int, ...]:
+        """The leading shape of ``n`` token rows that a block flattened row-major from its ``[B, T, D]``
+        input (a routed-experts call's ``[N, D]``), as :meth:`select` reads rows: here ``(n,)``."""
+        return (n,)
+
 
 class AttentionMaskTokens(TokenSource):
     """The real tokens of the top-level call's ``attention_mask`` (see the module docstring).

@@ -11,6 +11,7 @@ without the tracker; every experts implementation gives the same numbers.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -32,11 +33,53 @@ def _deepseek():
     )  # fmt: skip
 
 
+def _deepseek_sparse_attention(cls):
+    """DeepSeek-V3.2 / GLM-MoE-DSA: DeepSeek-V3's MoE blocks (mlp_layer_types) under sparse attention."""
+    return lambda: cls(
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, mlp_layer_types=["dense", "sparse"], n_group=1, topk_group=1, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, index_topk=4, index_head_dim=16,
+        index_n_heads=2, **ATTN,
+    )  # fmt: skip
+
+
+def _kimi_k25():
+    """Kimi-K2.5: a vision tower (not run on text) and a DeepSeek-V3 language model."""
+    text = _deepseek().to_dict()
+    vision = dict(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_hidden_layers=2)
+    return tf.Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=32)
+
+
+def _nemotron_h():
+    """NemotronH: per block a mixer (here routed experts, attention, a dense MLP, routed experts again)."""
+    return tf.NemotronHConfig(
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, moe_shared_expert_intermediate_size=32,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, head_dim=16,
+        layers_block_type=["moe", "full_attention", "mlp", "moe"], num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=61, num_hidden_layers=4, use_cache=False,
+    )  # fmt: skip
+
+
 def _jamba():
     return tf.JambaConfig(
         hidden_size=32, intermediate_size=48, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
         expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0, mamba_d_state=8, mamba_dt_rank=8,
         use_mamba_kernels=False, **ATTN,
+    )  # fmt: skip
+
+
+def _dbrx():
+    return tf.DbrxConfig(
+        d_model=32, n_heads=2, n_layers=2, max_seq_len=64, vocab_size=61,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2),
+    )  # fmt: skip
+
+
+def _switch(capacity: int = 64):
+    return lambda: tf.SwitchTransformersConfig(
+        d_model=32, d_ff=48, d_kv=16, num_heads=2, num_layers=2, num_decoder_layers=2, num_experts=4,
+        encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=capacity, vocab_size=61,
     )  # fmt: skip
 
 
@@ -88,7 +131,71 @@ FAMILIES = {
         ),  # fmt: skip
     ),
     "deepseek_v3": (tf.DeepseekV3ForCausalLM, _deepseek),
+    "deepseek_v32": (tf.DeepseekV32ForCausalLM, _deepseek_sparse_attention(tf.DeepseekV32Config)),
+    "glm_moe_dsa": (tf.GlmMoeDsaForCausalLM, _deepseek_sparse_attention(tf.GlmMoeDsaConfig)),
     "jamba": (tf.JambaForCausalLM, _jamba),
+    "kimi_k25": (tf.Kimi_K25ForConditionalGeneration, _kimi_k25),
+    "nemotron_h": (tf.NemotronHForCausalLM, _nemotron_h),
+    "ergo": (
+        tf.ErgoForCausalLM,
+        lambda: tf.ErgoConfig(
+            hidden_size=32,
+            first_dense_intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_layer_types=["dense", "sparse"],
+            head_dim=16,
+            **ATTN,
+        ),
+    ),
+    "flint": (
+        tf.FlintForCausalLM,
+        lambda: tf.FlintConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0],
+            head_dim=16,
+            layer_types=["full_attention", "full_attention"],
+            **ATTN,
+        ),
+    ),
+    "beam": (
+        tf.BeamForCausalLM,
+        lambda: tf.BeamConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            mlp_layer_types=["dense", "sparse"],
+            head_dim=16,
+            layer_types=["full_attention", "full_attention"],
+            **ATTN,
+        ),
+    ),
+    "dbrx": (tf.DbrxForCausalLM, _dbrx),
+    "switch_transformers": (tf.SwitchTransformersForConditionalGeneration, _switch()),
+    "jetmoe": (
+        tf.JetMoeForCausalLM,
+        lambda: tf.JetMoeConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            kv_channels=16,
+            num_key_value_heads=2,
+            vocab_size=61,
+            num_hidden_layers=2,
+        ),
+    ),
     "granitemoe": (
         tf.GraniteMoeForCausalLM,
         lambda: tf.GraniteMoeConfig(
@@ -162,27 +269,67 @@ def _build(family: str, implementation: str | None = None):
     return model
 
 
-def _batch():
+def _batch(model=None):
     torch.manual_seed(1)
     ids = torch.randint(0, 61, (3, 11))
     mask = torch.ones(3, 11, dtype=torch.long)
     mask[1, 7:] = 0
     mask[2, :4] = 0  # left padding
-    return {"input_ids": ids, "attention_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if model is not None and model.config.is_encoder_decoder:  # the decoder: another length, its own padding
+        batch["decoder_input_ids"] = torch.randint(0, 61, (3, 9))
+        batch["decoder_attention_mask"] = torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 3 + [0] * 6])
+    return batch
+
+
+# Experts modules without a 3-D down_proj, by class name.
+_OTHER_EXPERTS = ("DbrxExperts", "JetMoeMoE", "SwitchTransformersExperts")
 
 
 def _experts_modules(model):
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(getattr(module, "down_proj", None), torch.nn.Parameter) and module.down_proj.ndim == 3
+        if (isinstance(getattr(module, "down_proj", None), torch.nn.Parameter) and module.down_proj.ndim == 3)
+        or type(module).__name__ in _OTHER_EXPERTS
     }
+
+
+def _n_experts(module) -> int:
+    if type(module).__name__ == "JetMoeMoE":
+        return module.router.num_experts
+    return module.down_proj.shape[0] if hasattr(module, "down_proj") else module.num_experts
 
 
 def _reference_expert(module, expert: int, x):
     """float64 (pre, post, output) of ``expert`` on rows ``x`` [n, D], written from each family's code."""
     x = x.double()
     name = type(module).__name__
+    if name == "ErgoExperts":  # up-only experts [E, D, F]: relu(x @ up)^2 @ down, then the expert's RMSNorm
+        pre = x @ module.up_proj[expert].double()
+        post = torch.relu(pre) ** 2
+        out = torch.nn.functional.rms_norm(
+            post @ module.down_proj[expert].double(), (x.shape[-1],), eps=module.post_expert_norm.eps
+        )
+        return pre, post, out * module.post_expert_norm.weight[expert].double()
+    if name == "NemotronHExperts":  # up-only experts: relu(x @ up.T)^2 @ down.T
+        pre = x @ module.up_proj[expert].double().T
+        post = torch.relu(pre) ** 2
+        return pre, post, post @ module.down_proj[expert].double().T
+    if name == "SwitchTransformersExperts":  # a T5 FFN per expert: relu(x @ wi.T) @ wo.T
+        wi, wo = module[f"expert_{expert}"].wi.weight.double(), module[f"expert_{expert}"].wo.weight.double()
+        pre = x @ wi.T
+        return pre, torch.relu(pre), torch.relu(pre) @ wo.T
+    if name == "JetMoeMoE":  # input_linear [E, 2F, D] ([gate; up]), output_linear [E, D, F]
+        gate, up = (x @ module.input_linear.weight[expert].double().T).chunk(2, dim=-1)
+        post = torch.nn.functional.silu(gate) * up
+        return gate, post, post @ module.output_linear.weight[expert].double().T
+    if name == "DbrxExperts":  # w1 (gate), v1 (up), w2 (down): each [E*F, D]; out = (silu(gate) * up) @ w2
+        mlp = module.mlp
+        w1, v1, w2 = (w.view(module.num_experts, -1, x.shape[-1])[expert].double() for w in (mlp.w1, mlp.v1, mlp.w2))
+        gate = x @ w1.T
+        post = torch.nn.functional.silu(gate) * (x @ v1.T)
+        return gate, post, post @ w2
     down = module.down_proj[expert].double()
     if name == "GptOssExperts":  # [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU
         gate_up = x @ module.gate_up_proj[expert].double() + module.gate_up_proj_bias[expert].double()
@@ -228,8 +375,21 @@ class _Capture:
             handle.remove()
 
 
+def _routing(module, args):
+    """(hidden [N, D], top-k experts [N, k] (-1: dropped), weights [N, k], output bias) of one experts call."""
+    if type(module).__name__ == "JetMoeMoE":  # called on [B, S, D]; routes inside: top-k logits, softmaxed
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        logits = module.router.layer(hidden).float()  # the model's own float32 logits: the same choice
+        values, index = logits.topk(module.router.top_k, dim=1)
+        return hidden, index, torch.softmax(values.double(), dim=1), module.bias.double()
+    hidden, index, weights = args[:3]
+    if type(module).__name__ == "SwitchTransformersExperts":  # one-hot [N, 1, E]; all zeros: dropped
+        index = torch.where(index.sum(-1) > 0, index.argmax(-1), -1)
+    return hidden.reshape(-1, hidden.shape[-1]), index, weights, 0.0  # DBRX: hidden [B, S, D]
+
+
 @torch.no_grad()
-def _reference(capture: _Capture, real):
+def _reference(capture: _Capture, real_of):
     """layer name -> {expert: (pre [n, F], post [n, F])} over real assignments; checks each module's output."""
     out = {}
     for name, call in capture.calls.items():
@@ -243,14 +403,17 @@ def _reference(capture: _Capture, real):
             torch.testing.assert_close(full.reshape(output.shape), output, rtol=1e-4, atol=1e-5)
             rows = [(e, n, x[e, n]) for n in range(index.shape[0]) for e in index[n].tolist()]
         else:
-            hidden, index, weights = call["args"][:3]
-            total = torch.zeros_like(output)
+            hidden, index, weights, bias = _routing(module, call["args"])
+            output = output.reshape(-1, output.shape[-1])
+            total = torch.zeros_like(output) + bias
             for n in range(index.shape[0]):
                 for slot, e in enumerate(index[n].tolist()):
-                    total[n] += weights[n, slot].double() * _reference_expert(module, e, hidden[n : n + 1])[2][0]
+                    if e >= 0:  # -1: the slot was dropped (over capacity)
+                        total[n] += weights[n, slot].double() * _reference_expert(module, e, hidden[n : n + 1])[2][0]
             torch.testing.assert_close(total, output, rtol=1e-4, atol=1e-5)
-            rows = [(e, n, hidden[n]) for n in range(index.shape[0]) for e in index[n].tolist()]
-        per_expert = {}
+            rows = [(e, n, hidden[n]) for n in range(index.shape[0]) for e in index[n].tolist() if e >= 0]
+        call["k"] = index.shape[1]
+        per_expert, real = {}, real_of(name)
         for e, n, x in rows:
             if real[n]:
                 pre, post, _ = _reference_expert(module, e, x[None])
@@ -262,17 +425,30 @@ def _reference(capture: _Capture, real):
 
 
 def _layer_of(name: str) -> int:
-    return int(name.split("layers.")[1].split(".")[0])
+    return int(re.search(r"\.(\d+)\.", name).group(1))  # the block index: layers.3 / blocks.3
 
 
 def _close(got: float, want: float, rel=2e-4, abs=1e-6) -> bool:
     return (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=rel, abs=abs)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_expert_matches_float64_reference(family):
-    model, batch = _build(family), _batch()
-    real = batch["attention_mask"].reshape(-1).bool()
+def _stack_of(name: str) -> str:
+    """The stack of an experts module: an encoder-decoder's "encoder" / "decoder", a vision-language
+    model's "text", else ""."""
+    head = name.split(".")[0]
+    return head if head in ("encoder", "decoder") else "text" if ".language_model." in name else ""
+
+
+def _real_of(batch):
+    """experts module name -> [N] bool: the real tokens of its stack (the decoder's mask for the decoder)."""
+    return lambda name: (
+        batch["decoder_attention_mask" if _stack_of(name) == "decoder" else "attention_mask"].reshape(-1).bool()
+    )
+
+
+def _check_against_reference(model, batch, every_slot: bool = True) -> dict:
+    """The tracker's expert and routing rows against the float64 reference; outputs bitwise unchanged.
+    ``every_slot``: every (real token, slot) reaches an expert (no capacity drop): tokens = real x top-k."""
     with torch.no_grad():
         plain = model(**batch).logits
     capture = _Capture(model)
@@ -283,22 +459,28 @@ def test_every_expert_matches_float64_reference(family):
     assert torch.equal(plain, tracked)  # the model's outputs are bitwise unchanged
     report = tracker.compute()
     assert all(row["kind"] in ("dense", "shared_expert", "expert") for row in report.rows)
-    reference = _reference(capture, real)
+    real_of = _real_of(batch)
+    reference = _reference(capture, real_of)
     assert reference, "the family has routed experts"
-    expert_rows = {(row["layer"], row["expert"]): row for row in report.rows if row["kind"] == "expert"}
-    routing = {row["layer"]: row for row in report.routing}
-    top_k = {}
+    routed = [row for row in report.rows if row["kind"] == "expert"]
+    expert_rows = {(row["site"].partition("[")[0], row["layer"], row["expert"]): row for row in routed}
+    routing = {(row["site"].rpartition(".")[0], row["layer"]): row for row in report.routing}
+    layers = {}
     for name, experts in reference.items():
-        layer, call = _layer_of(name), capture.calls[name]
-        k = call["router"][0].top_k if "router" in call else call["args"][1].shape[1]
-        n_experts = call["module"].down_proj.shape[0]
-        top_k[layer] = k
-        layer_rows = [expert_rows[(layer, e)] for e in range(n_experts)]
-        assert sum(row["tokens"] for row in layer_rows) == int(real.sum()) * k  # real tokens x top-k
-        assert routing[layer]["assignments"] == int(real.sum()) * k and routing[layer]["tokens"] == int(real.sum())
+        stack, call, real = _stack_of(name), capture.calls[name], real_of(name)
+        layer = (f"{stack}.experts" if stack else "experts", _layer_of(name))
+        k, n_experts = call["k"], _n_experts(call["module"])
+        layers[layer] = k
+        layer_rows = [expert_rows[(*layer, e)] for e in range(n_experts)]
+        assigned = sum(pre.shape[0] for pre, _ in experts.values())  # real (token, expert) assignments
+        assert sum(row["tokens"] for row in layer_rows) == routing[layer]["assignments"] == assigned
+        assert routing[layer]["tokens"] == int(real.sum())
+        if every_slot:
+            assert assigned == int(real.sum()) * k  # real tokens x top-k
         for e, row in enumerate(layer_rows):
             pre, post = experts.get(e, (torch.zeros(0, row["dim"]),) * 2)
             assert row["tokens"] == pre.shape[0] and row["dim"] == pre.shape[1]
+            assert row.get("stack") == (stack or None)
             assert routing[layer]["assignments_per_expert"][e] == pre.shape[0]
             if pre.shape[0] < 2:
                 assert all(math.isnan(row[m]) for m in METRIC_NAMES)
@@ -306,10 +488,49 @@ def test_every_expert_matches_float64_reference(family):
             want = activation_metrics(pre, post)
             for metric in METRIC_NAMES:
                 assert _close(row[metric], want[metric]), (name, e, metric, row[metric], want[metric])
-    assert set(top_k) == {row["layer"] for row in report.rows if row["kind"] == "expert"}
+    assert set(layers) == {(row["site"].partition("[")[0], row["layer"]) for row in routed}
+    return layers
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "jamba", "llama4"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_expert_matches_float64_reference(family):
+    model = _build(family)
+    _check_against_reference(model, _batch(model))
+
+
+def test_switch_tokens_dropped_over_capacity_are_not_counted():
+    """Switch Transformers' router drops the tokens over an expert's capacity (2 per sequence here): they
+    reach no expert, so they are in no expert's rows, though they are real tokens of the routing row."""
+    FAMILIES["switch_capacity"] = (tf.SwitchTransformersForConditionalGeneration, _switch(capacity=2))
+    try:
+        model = _build("switch_capacity")
+    finally:
+        del FAMILIES["switch_capacity"]
+    batch = _batch(model)
+    layers = _check_against_reference(model, batch, every_slot=False)
+    tracker = FFNTracker(model, flow=False)
+    with tracker, torch.no_grad():
+        model(**batch)
+    routing = {row["site"]: row for row in tracker.compute().routing}
+    assert set(routing) == {"encoder.experts.1", "decoder.experts.1"} and set(layers.values()) == {1}
+    assert routing["encoder.experts.1"]["assignments"] < routing["encoder.experts.1"]["tokens"]  # some dropped
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "deepseek_v3",
+        "deepseek_v32",
+        "glm_moe_dsa",
+        "qwen2_moe",
+        "jamba",
+        "llama4",
+        "nemotron_h",
+        "flint",
+        "beam",
+        "ergo",
+    ],
+)
 def test_dense_and_shared_rows_say_their_kind_and_are_never_averaged_together(family):
     model, batch = _build(family), _batch()
     tracker = FFNTracker(model, flow=False)
@@ -332,7 +553,7 @@ def test_dense_and_shared_rows_say_their_kind_and_are_never_averaged_together(fa
 
 
 @pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe", "ergo", "nemotron_h", "beam"])
 def test_every_experts_implementation_gives_the_same_numbers(family, implementation):
     rows = {}
     for impl in ("eager", implementation):
@@ -495,3 +716,44 @@ def test_trainer_run_logs_layer_summaries_and_records_every_expert(tmp_path):
         per_step[step] = sums.pop()
     assert per_step[1] + per_step[2] == sum(lengths) * 2  # real tokens x top-k, never a pad
     assert per_step[1] in {2 * sum(four) for four in itertools.combinations(lengths, 4)}
+
+
+def test_nllb_moe_is_refused_because_its_experts_ignore_the_router():
+    """The refusal's reason, observed: NLLB-MoE's experts module runs experts 0 and 1 only, whatever the
+    router chose (a transformers release that fixes it fails this test: then measure it instead)."""
+    import model_adapters
+
+    config = tf.NllbMoeConfig(
+        d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_experts=4, vocab_size=61, encoder_sparse_step=2,
+        decoder_sparse_step=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.NllbMoeForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match="does not run the experts its router chooses"):
+        model_adapters.get_adapter(model)
+    moe = model.model.encoder.layers[1].ffn
+    ran, chosen = {}, []
+    for e in range(4):
+        moe.experts[f"expert_{e}"].fc1.register_forward_hook(lambda m, a, o, e=e: ran.__setitem__(e, a[0].shape[0]))
+    moe.router.register_forward_hook(lambda m, a, out: chosen.append(out[0].sum(0)))
+    ids = torch.randint(3, 61, (2, 9))
+    with torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=ids[:, :5])
+    assert set(ran) <= {0, 1}  # only experts 0 and 1 ever run ...
+    assert chosen[0][2:].sum() > 0 and ran.get(0, 0) > chosen[0][0]  # ... though the router chose others
+
+
+def test_doge_dense_is_measured_and_its_single_neuron_experts_are_refused():
+    """Doge's dense form is a gated MLP (measured, as the coverage test checks); its MoE form's routed experts
+    are rows of two embeddings, one neuron each (refused: a 1 x 1 covariance has no spectrum)."""
+    import model_adapters
+
+    kwargs = dict(hidden_size=32, intermediate_size=48, num_experts=16, num_experts_per_tok=2, **ATTN)
+    dense = tf.DogeForCausalLM(tf.DogeConfig(is_moe=False, **kwargs))
+    assert [(s.pre, s.post) for s in model_adapters.get_adapter(dense).sites] == [("mlp.gate_proj", "mlp.down_proj")]
+    moe = tf.DogeForCausalLM(tf.DogeConfig(is_moe=True, **kwargs))
+    with pytest.raises(ValueError, match="is_moe=True is refused: DogeCDMoE routes each token to single-neuron"):
+        model_adapters.get_adapter(moe)
+    layer = moe.model.layers[0].mlp
+    assert layer.down_embed.weight.shape == layer.up_embed.weight.shape == (16, 32)  # [E, D]: one neuron per expert

@@ -84,7 +84,7 @@ class Experts(Measurement):
         self.sizes: dict[int, int] = {}  # site -> E
         for i, site in enumerate(table.sites):
             if site.kind == "expert":
-                self.sizes[i] = ExpertsLayout.of(site.pre, site.experts).sizes(site.pre)[0]
+                self.sizes[i] = ExpertsLayout.of(site.post, site.experts).sizes(site.post)[0]
                 if self.subset is not None and self.subset[-1] >= self.sizes[i]:
                     raise ExpertRangeError(
                         f"experts={list(self.subset)}: {site.site} has {self.sizes[i]} experts (0..{self.sizes[i] - 1})"
@@ -169,6 +169,7 @@ class Experts(Measurement):
                         **row_values,
                         "kind": "expert",
                         "expert": expert,
+                        **({"stack": site.stack} if site.stack else {}),  # models with several stacks
                     }
                 )
                 if spectra is not None:
