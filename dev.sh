@@ -22,6 +22,10 @@ setup() {
     if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
         "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
         "$PY" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+        # Quantization backends that log on stderr when imported: installed outside sys.path, for the tests
+        # that run them in a child process (tests/isolated_packages.py)
+        "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --upgrade \
+            --target "$VENV/isolated-packages" bitsandbytes torchao
         echo "$extras" > "$stamp"
     fi
 }

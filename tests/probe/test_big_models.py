@@ -1,6 +1,6 @@
 """Checkpoints that do not fit on one device (#31): device maps with CPU and disk offload, weights quantized
-by optimum-quanto (int8 weights, on the CPU; torchao and bitsandbytes 8- and 4-bit too where they are
-installed), quantized fused experts refused, and the memory plan made before the work. Every value is
+by optimum-quanto, torchao (int8 weights) and bitsandbytes (8- and 4-bit), all on the CPU, quantized fused
+experts refused, and the memory plan made before the work. Every value is
 checked against the whole, unquantized or own-hook float64 reference on the same tokens."""
 
 import json
@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from isolated_packages import run_in_child
 from reference import activation_metrics, assert_rows_equal
 
 from nerve_hf import FFNTracker
@@ -200,12 +201,11 @@ def test_prequantized_checkpoint_of_an_unreadable_method_refused_with_its_name(l
 # ------------------------------------------------------------------------------ quantized weights
 # method, its package, the config nerve probe is given, the FFN projections as loaded
 QUANTIZED = [
-    # torchao is not in the test extra (importing it makes torch log deprecation warnings on stderr in every
-    # process that imports transformers, which the one-line error tests forbid): this case runs where it is installed
+    # torchao and bitsandbytes are not in the test extra (importing them logs on stderr in every process that
+    # imports transformers, which the one-line error tests forbid): their cases skip here and run in a child
+    # process (test_quantization_backends_in_a_child_process)
     ("torchao", "torchao", INT8, "Linear(weight=Int8Tensor)"),
     ("quanto", "optimum.quanto", {"quant_method": "quanto", "weights": "int8"}, "QLinear(weight=WeightQBytesTensor)"),
-    # bitsandbytes' CPU backend: not in the test extra either (on CPUs with AVX512-BF16, importing it, which
-    # TrainingArguments does whenever it is installed, logs a failed kernel download on stderr); runs where installed
     (
         "bitsandbytes",
         "bitsandbytes",
@@ -283,6 +283,12 @@ def test_checkpoint_saved_quantized_probed_by_the_command(llama_dir, tmp_path):
     assert report["model"]["quantization"]["config"]["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
     assert report["model"]["quantization"]["ffn_modules"] == ["Linear(weight=Int8Tensor)"]
     assert [row["tokens"] for row in report["rows"]] == [200] * N_LAYERS
+
+
+def test_quantization_backends_in_a_child_process(request):
+    """torchao's and bitsandbytes' cases above (4 tests), where their packages import (tests/isolated_packages.py)."""
+    selection = [__file__, "-k", "quantized_ffn_projections and (torchao or bitsandbytes) or saved_quantized"]
+    run_in_child(request, ("torchao", "bitsandbytes"), selection, tests=4)
 
 
 # ------------------------------------------------------------------------------ the memory plan
