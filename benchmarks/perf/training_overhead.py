@@ -129,7 +129,7 @@ def _paper_callback_class():
 
 
 def _code_before_issue_29() -> None:
-    """Put back, in this worker process only, what issue #29 removed from a measurement's path: the finiteness
+    """Put back, in this worker process only, what issue #29 changed on a measurement's path: the finiteness
     test of every covariance by a ``[D, D]`` boolean temporary (now its extremes alone,
     :func:`nerve_hf.spectra.exact.all_finite`)."""
     from nerve_hf.spectra import exact
