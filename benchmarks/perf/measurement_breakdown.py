@@ -25,7 +25,8 @@ activations, and on those the paper's float32 floor is timed (concatenate and ca
 covariance, one fp32 ``eigvalsh`` per matrix), beside the float64 eigenvalue routines that could replace
 ``torch.linalg.eigvalsh`` for the same matrices: one batched call on ``[2L, D, D]``, and
 ``scipy.linalg.eigh(eigvals_only=True)`` with the ``ev``, ``evd``, ``evr`` and ``evx`` drivers (their
-largest deviation from ``torch.linalg.eigvalsh`` relative to λ_max is recorded).
+largest deviation from ``torch.linalg.eigvalsh`` relative to λ_max is recorded); and issue #29's change on
+the path, the covariances' finiteness test before (``isfinite(Σ).all()``) and after (``all_finite``).
 
 Run: ``python benchmarks/perf/measurement_breakdown.py --device cpu --threads 1 [--d-ff 512 1024]``;
 writes ``measurement_breakdown_<device>[_quick].json``.
@@ -257,6 +258,8 @@ def floor_and_routines(model, ids: torch.Tensor, repeats: int) -> dict:
     import numpy as np
     import scipy.linalg
 
+    from nerve_hf.spectra import exact
+
     kept: list[torch.Tensor] = []
     handles = []
     for block in model.transformer.h:
@@ -306,7 +309,12 @@ def floor_and_routines(model, ids: torch.Tensor, repeats: int) -> dict:
         limit = threadpool_limits(torch.get_num_threads())
     except ImportError:  # without threadpoolctl, OpenBLAS may oversubscribe the cores: the file says so
         limit = None
+    # issue #29's change on this path, before and after: the finiteness test of each covariance
+    routines["finite_test_before_isfinite_all"] = lambda: [bool(torch.isfinite(c).all()) for c in covs64]
+    routines["finite_test_after_all_finite"] = lambda: [bool(exact.all_finite(c)) for c in covs64]
     seconds, results = interleaved(routines, repeats)
+    finite_tests = {name: seconds.pop(name) for name in list(seconds) if name.startswith("finite_test")}
+    results = {name: value for name, value in results.items() if not name.startswith("finite_test")}
     for name, values in results.items():
         if not name.startswith("paper"):
             deviation[name] = max(float((v - r).abs().max() / r.abs().max()) for v, r in zip(values, reference))
@@ -320,6 +328,7 @@ def floor_and_routines(model, ids: torch.Tensor, repeats: int) -> dict:
             "eigvalsh_fp32": seconds.pop("paper_eigvalsh_fp32"),
         },
         "float64_eigenvalues_seconds": seconds,
+        "finiteness_test_seconds": finite_tests,
         "float64_eigenvalues_max_deviation_rel_lambda_max": deviation,
     }
 

