@@ -114,8 +114,83 @@ def _vs_paper(kinds: dict, kind: str):
 
 
 # Row order of the overhead tables: ours, then the paper's approach (fp32, the baseline) and its fp64 row.
-OVERHEAD_KINDS = ("nerve", "nerve_pr", "nerve_f32", "nerve_f32_noflow", "paper", "paper_f64", "naive")
+OVERHEAD_KINDS = ("nerve", "nerve_before", "nerve_pr", "nerve_f32", "nerve_f32_noflow", "paper", "paper_f64", "naive")
 LABELS = {"naive": "paper_f64 (naive)"}
+
+
+# Rows of the measurement breakdown, in the order of a measurement's path, with their labels.
+BREAKDOWN_ROWS = {
+    "hook_copies_selection": "hooks: detach, token selection, cap",
+    "batch_scatter": "pre/post: batch scatter (fp32, upper block triangle)",
+    "chan_merge": "pre/post: Chan merge into float64 moments",
+    "update_checks": "pre/post: update's checks and reshapes",
+    "flow_batch_scatter": "flow (input/output): batch scatter",
+    "flow_chan_merge": "flow: Chan merge",
+    "flow_update_checks": "flow: update's checks",
+    "covariance_build": "pre/post: M2 / (n - 1)",
+    "eigvalsh": "pre/post: float64 `eigvalsh`",
+    "metrics": "pre/post: `spectrum_metrics`",
+    "prepost_compute_other": "pre/post: rest of compute (finiteness test, rows)",
+    "flow_covariance_build": "flow: M2 / (n - 1)",
+    "flow_eigvalsh": "flow: float64 `eigvalsh`",
+    "flow_metrics": "flow: padded JS",
+    "flow_compute_other": "flow: rest of compute",
+    "compute_other": "tracker.compute, the rest",
+    "sinks_archive": "sink: spectra archive (.npz, fsync)",
+    "sinks_records": "sink: JSONL records (fsync)",
+    "sinks_histograms": "sink: histograms",
+    "log_dict": "logged keys",
+}
+
+
+def breakdown(r: dict) -> list[str]:
+    widths = [row["d_ff"] for row in r["results"]]
+    out = [
+        f"One measured step of the demo GPT-2 ({r['model']['n_layer']} layers, n_embd {r['model']['n_embd']}, "
+        f"{r['results'][0]['tokens_per_step']} tokens per step), NerveCallback's defaults; median ms over "
+        "measured steps of the library's own functions, timed in place (exclusive of what they call that has "
+        "a row of its own).",
+        "",
+        "| part | " + " | ".join(f"D = {d} ms | share" for d in widths) + " |",
+        "|---|" + "---|---|" * len(widths),
+    ]
+    for key, label in BREAKDOWN_ROWS.items():
+        cells = []
+        for row in r["results"]:
+            b = row["breakdown_seconds"]
+            cells.append(f"{b[key] * 1e3:.1f} | {100 * b[key] / b['sum']:.0f}%")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append(
+        "| **sum** | "
+        + " | ".join(f"**{row['breakdown_seconds']['sum'] * 1e3:.0f}** | " for row in r["results"])
+        + " |"
+    )
+    out.append(
+        "| measured step minus unmeasured step | "
+        + " | ".join(f"{row['breakdown_seconds']['measured_step_extra'] * 1e3:.0f} | " for row in r["results"])
+        + " |"
+    )
+    out += [
+        "",
+        "On the same step's activations (median of interleaved rounds, ms for all the step's matrices):",
+        "",
+        "| routine | " + " | ".join(f"D = {d} ms | max dev. / λ_max" for d in widths) + " |",
+        "|---|" + "---|---|" * len(widths),
+    ]
+    for name in ("covariances_fp32", "eigvalsh_fp32", "total"):
+        cells = [f"{row['paper_floor_seconds'][name] * 1e3:.1f} | " for row in r["results"]]
+        out.append(f"| paper's floor: {name} | " + " | ".join(cells) + " |")
+    for name in r["results"][0]["float64_eigenvalues_seconds"]:
+        cells = [
+            f"{row['float64_eigenvalues_seconds'][name] * 1e3:.1f} | "
+            f"{row['float64_eigenvalues_max_deviation_rel_lambda_max'][name]:.1e}"
+            for row in r["results"]
+        ]
+        out.append(f"| float64: {name} | " + " | ".join(cells) + " |")
+    for name in r["results"][0].get("finiteness_test_seconds", {}):
+        cells = [f"{row['finiteness_test_seconds'][name] * 1e3:.1f} | " for row in r["results"]]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def probe(r: dict) -> list[str]:
@@ -162,6 +237,7 @@ def scaling(r: dict) -> list[str]:
 SECTIONS = [
     ("accumulator_throughput", "Accumulator throughput vs the bare GEMM (target ratio >= 0.8)", accumulator),
     ("training_overhead", "Training overhead of the demo model", training),
+    ("measurement_breakdown", "Where one measurement's time goes", breakdown),
     ("probe_throughput", "Probe throughput (GPT-2-small shape, 12 x D=3072)", probe),
     ("eigendecomposition", "Eigendecomposition cost", eigen),
     ("scaling", "Growth with D and N", scaling),

@@ -9,6 +9,8 @@ corpus) that differ only in their callbacks:
 * ``nerve_pr``: ``NerveCallback(every_n_steps=N, metrics="pr")``: PR only, no eigendecomposition.
 * ``nerve_f32``: ``NerveCallback(every_n_steps=N, spectra_dtype="float32")``: float32 eigendecompositions.
 * ``nerve_f32_noflow``: the same without the variance flow (``flow=False``): pre/post only, as the paper.
+* ``nerve_before``: ``nerve`` with the library's code as it was before issue #29's clean-up (the finiteness test
+  of each covariance by ``isfinite(Σ).all()``), kept here only so that before and after are measured in one run.
 * ``paper`` (the baseline): a float32 re-implementation of the approach of the paper's released code: at a
   measured step it keeps a copy of every pre/post activation of that step's micro-batches, then concatenates
   them and computes one float32 covariance and one float32 ``eigvalsh`` per matrix: O(N·D) memory. (The
@@ -126,6 +128,15 @@ def _paper_callback_class():
     return PaperFullActivationCallback
 
 
+def _code_before_issue_29() -> None:
+    """Put back, in this worker process only, what issue #29 changed on a measurement's path: the finiteness
+    test of every covariance by a ``[D, D]`` boolean temporary (now its extremes alone,
+    :func:`nerve_hf.spectra.exact.all_finite`)."""
+    from nerve_hf.spectra import exact
+
+    exact.all_finite = lambda matrices: torch.isfinite(matrices).flatten(-2).all(dim=-1)
+
+
 # ----------------------------------------------------------------------------- one run (a subprocess)
 def worker(config: dict) -> dict:
     apply_threads(config.get("threads"))
@@ -167,6 +178,8 @@ def worker(config: dict) -> dict:
             self.measured.append(state.global_step % config["every_n"] == 0)
 
     kind = config["callback"]
+    if kind == "nerve_before":
+        _code_before_issue_29()
     callbacks = []
     if kind in NERVE_KINDS:
         callbacks.append(
@@ -239,7 +252,7 @@ def run_worker(config: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the two experiments
-NERVE_KINDS = ("nerve", "nerve_pr", "nerve_f32", "nerve_f32_noflow")
+NERVE_KINDS = ("nerve", "nerve_pr", "nerve_f32", "nerve_f32_noflow", "nerve_before")
 PAPER_KINDS = {"paper": torch.float32, "paper_f64": torch.float64}  # the baseline first
 KINDS = ("none", *NERVE_KINDS, *PAPER_KINDS)
 

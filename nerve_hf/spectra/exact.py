@@ -25,6 +25,7 @@ from torch import Tensor
 from nerve_hf.metrics import METRIC_NAMES, spectrum_metrics
 
 __all__ = [
+    "all_finite",
     "EIGEN_BATCH_BYTES",
     "METRIC_SETS",
     "eigenvalues_batched",
@@ -72,7 +73,7 @@ def eigenvalues_batched(covariances: Sequence[Tensor], keep_dtype: bool = False)
         groups.setdefault((cov.shape[0], cov.device), []).append(index)
     for (dim, device), indices in groups.items():
         stack = torch.stack([covariances[i] if keep_dtype else covariances[i].to(torch.float64) for i in indices])
-        finite = torch.isfinite(stack).flatten(1).all(dim=1)  # [L]
+        finite = all_finite(stack)  # [L]
         spectra = torch.full((len(indices), dim), float("nan"), dtype=stack.dtype, device=device)
         if bool(finite.any()):
             ascending = _eigvalsh(stack[finite])  # [L', D]
@@ -80,6 +81,25 @@ def eigenvalues_batched(covariances: Sequence[Tensor], keep_dtype: bool = False)
         for position, index in enumerate(indices):
             results[index] = spectra[position]
     return results  # type: ignore[return-value]
+
+
+def all_finite(matrices: Tensor) -> Tensor:
+    """Whether every entry of each matrix is finite, from its smallest and largest entry alone: a NaN
+    propagates into both, an infinity is one of them.  [..., D, D] -> [...] bool
+
+    One reduction pass and no ``[..., D, D]`` boolean temporary (``isfinite(Σ).all()`` builds one: at
+    D = 1024 it took as long as forming the covariance; ``measurement_breakdown.py``).
+
+    >>> m = torch.eye(3, dtype=torch.float64)
+    >>> stack = torch.stack([m, m.clone().fill_diagonal_(float("nan")), m.clone().fill_diagonal_(float("-inf"))])
+    >>> all_finite(stack).tolist(), bool(all_finite(m))
+    ([True, False, False], True)
+    """
+    if matrices.ndim == 2:  # one matrix: the whole-tensor reduction (on the CPU ~8x faster than along a dim)
+        low, high = torch.aminmax(matrices)
+    else:
+        low, high = torch.aminmax(matrices.flatten(-2), dim=-1)  # [...] each
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 def _eigvalsh(stack: Tensor) -> Tensor:
@@ -226,7 +246,7 @@ def spectra_of(accs: Sequence[HasCovariance], dtype: str = "float64") -> list[Te
 
     def decompose(acc: HasCovariance) -> Tensor:
         cov = acc.covariance().to(work)  # [D, D], the only matrix this worker holds
-        if not bool(torch.isfinite(cov).all()):
+        if not bool(all_finite(cov)):
             return torch.full((acc.dim,), float("nan"), dtype=torch.float64)
         return torch.linalg.eigvalsh(cov).flip(-1).to(torch.float64)
 

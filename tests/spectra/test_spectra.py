@@ -8,6 +8,7 @@ import torch
 
 from nerve_hf import spectra
 from nerve_hf.metrics import METRIC_NAMES
+from nerve_hf.spectra import exact as exact_module
 from nerve_hf.stats.covariance import CovarianceAccumulator
 
 
@@ -75,3 +76,14 @@ def test_nonfinite_covariance_gives_a_nan_spectrum():
     acc.update(torch.randn(1, 5))  # one row: the covariance is undefined
     (eig,) = spectra.spectra_of([acc])
     assert eig.shape == (5,) and torch.isnan(eig).all()
+
+
+def test_a_covariance_with_one_non_finite_entry_gets_a_nan_spectrum():
+    finite = accumulators(1)[0]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = CovarianceAccumulator(33)
+        broken.load_state_dict(finite.state_dict())
+        broken._m2[3, 7] = bad  # one off-diagonal entry
+        assert not bool(exact_module.all_finite(broken.covariance()))
+        good, nan = spectra.spectra_of([finite, broken])
+        assert torch.isfinite(good).all() and torch.isnan(nan).all()
