@@ -26,6 +26,11 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240) -> s
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo now and then aborts a process during interpreter finalisation on a loaded machine, after the
+        # worker's work is done and its process group destroyed (tests/test_examples.py meets the same): one
+        # rerun, whose own assertions decide
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
