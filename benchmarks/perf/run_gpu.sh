@@ -5,7 +5,8 @@
 #      a model split over the GPU and the CPU by device_map="auto", probed (tests/probe/test_big_models.py);
 #   2. accumulator throughput (split product vs IEEE fp32 vs one bf16 GEMM), eigendecomposition
 #      (batched vs side streams), probe throughput (GPT-2-small shape, tracked vs plain forward, bf16),
-#      training overhead (GPT-2 small's shape in bf16, 64k tokens per step: --shape gpt2-small --batch 512);
+#      training overhead (GPT-2 small's shape in bf16, 64k tokens per step: --shape gpt2-small --batch 512),
+#      routed-expert overhead (Mixtral- and Qwen3-MoE-shaped layers, all experts and a round-robin share);
 #   3. the CUDA scaling plot redrawn and SUMMARY.md regenerated.
 # Results go to benchmarks/results/perf/ (*_cuda-<gpu>.json, scaling_cuda-<gpu>.png, SUMMARY.md) and the
 # log to benchmarks/results/perf/run_gpu.log; commit what it wrote.
@@ -33,7 +34,8 @@ STEPS=(
     "50|$PYTHON benchmarks/perf/accumulator_throughput.py --device cuda"
     "70|$PYTHON benchmarks/perf/eigendecomposition.py --device cuda --quick"
     "60|$PYTHON benchmarks/perf/probe_throughput.py --device cuda"
-    "150|$PYTHON benchmarks/perf/training_overhead.py --device cuda --quick --skip-sweep --shape gpt2-small --batch 512"
+    "110|$PYTHON benchmarks/perf/training_overhead.py --device cuda --quick --skip-sweep --shape gpt2-small --batch 512"
+    "40|$PYTHON benchmarks/perf/moe_overhead.py --device cuda --quick"
     "40|$PYTHON benchmarks/perf/scaling_plot.py --device cuda --quick"
     "20|$PYTHON benchmarks/perf/summarize.py"
 )

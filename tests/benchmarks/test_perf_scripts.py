@@ -39,6 +39,7 @@ def test_the_plan_fits_eight_minutes_and_covers_every_gpu_benchmark():
         "eigendecomposition.py",
         "probe_throughput.py",
         "training_overhead.py",
+        "moe_overhead.py",
         "scaling_plot.py",
         "summarize.py",
     ]
