@@ -75,7 +75,8 @@ _T5_GEMMA2 = Adapter(
 
 
 # Switch Transformers' experts: a ModuleDict of T5 FFNs (expert_{e}.wi -> act -> wo), called with a one-hot
-# top-1 choice [N, 1, E] from which the router already dropped the tokens over an expert's capacity.
+# top-1 choice [N, 1, E] from which the router already dropped the tokens over an expert's capacity. An expert's
+# post is act(wi x), before the expert's dropout (the dense FFNs' post is wo's input, after it): equal in eval.
 _SWITCH_EXPERTS = ExpertsSpec(
     routing="one_hot", gated=False, transposed=False, bias=False, gate_up="expert_{}.wi", act="expert_{}.act"
 )

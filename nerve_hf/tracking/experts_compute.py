@@ -9,7 +9,10 @@ recomputes, for the real (token, expert) assignments only, what every expert com
   (gpt-oss: the gate columns with bias, before the clamp);
 * post = the down projection's input, before router weighting: the module's own ``_apply_gate`` on the
   gate/up output (so gpt-oss's clamped SwiGLU is its own), or its ``act_fn`` (or the activation the
-  spec names) for up-only experts.
+  spec names) for up-only experts. An expert whose FFN applies dropout between its activation and its
+  down projection (Switch Transformers' ``expert_{e}``) is recomputed without it: the same values in
+  evaluation, the activation before dropout in a training window (a dense FFN's post, read at its down
+  projection's input, is after its dropout).
 
 Other layouts are named by the spec: separate gate and up weights (DBRX), experts stacked ``[E*F, D]``,
 one ``nn.Linear`` per expert (Switch Transformers); and other routings: Llama 4's scaled rows, JetMoe's
@@ -73,15 +76,38 @@ class ExpertsLayout:
         return layout
 
     def check_readable(self, module: nn.Module) -> None:
-        """ValueError when the experts' weights are quantized (float8 or integer data, a quantized tensor
-        subclass, or scales next to them: transformers' ``FP8Experts``, fbgemm's FP8 experts ...): the
-        experts cannot be recomputed from such weights, so they are refused by their class and dtype."""
-        target = _get(module, self.gate_up.format(0))  # the fused parameter, or expert 0's own module
-        weight = target.weight if isinstance(target, nn.Module) else target
+        """ValueError when the experts' weights cannot be read as the values the model computes with:
+        quantized (float8 or integer data, a quantized tensor subclass, or scales next to them on the module
+        that holds them: transformers' ``FP8Experts``, fbgemm's FP8 experts ...), or offloaded (on ``meta``
+        until accelerate loads them inside the forward, after the hook that reads the call). Refused by
+        their class, dtype or device."""
+        for path in filter(None, (self.gate_up, self.up)):
+            target = _get(module, path.format(0))  # the fused parameter, or expert 0's own module
+            weight = target.weight if isinstance(target, nn.Module) else target
+            holder = (
+                target
+                if isinstance(target, nn.Module)
+                else _get(module, path.rsplit(".", 1)[0])
+                if "." in path
+                else module
+            )
+            self._check_weight(module, holder, weight)
+
+    @staticmethod
+    def _check_weight(module: nn.Module, holder: nn.Module, weight: Tensor) -> None:
         plain = type(weight) in (Tensor, nn.Parameter)
         real = weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-        scales = sorted(name for name, _ in module.named_parameters(recurse=False) if "scale" in name)
-        scales += sorted(name for name, _ in module.named_buffers(recurse=False) if "scale" in name)
+        owners = {id(m): m for m in (module, holder)}.values()
+        scales = sorted(
+            {name for m in owners for name, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))
+             if "scale" in name}
+        )  # fmt: skip
+        if weight.device.type == "meta":
+            raise ValueError(
+                f"the fused experts module {type(module).__name__} has its weights offloaded (on meta until the "
+                f"forward loads them): its routed experts cannot be recomputed; keep the MoE layers resident "
+                f"(a device map without disk offload for them), or pass layers= without its MoE layers"
+            )
         if plain and real and not scales:
             return
         kind = type(weight).__name__ if not plain else str(weight.dtype).replace("torch.", "")
@@ -116,6 +142,7 @@ class ExpertsLayout:
 
     def _project(self, module: nn.Module, path: str, expert: int, x: Tensor) -> Tensor:
         weight, bias = self._weight(module, path, expert)
+        x = x.to(weight.device)  # a device-mapped layer: its inputs are moved to its weights inside the forward
         out = x @ weight if self.transposed else nn.functional.linear(x, weight)  # [n, out]
         return out if bias is None else out + bias
 

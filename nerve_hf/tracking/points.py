@@ -217,6 +217,7 @@ class FFNHookPoints:
         for handle in handles:
             handle.remove()
         self._depth, self._window = 0, None
+        self._routers.clear()
         for source in self._distinct_sources:
             source.end()
         for window in self.windows.values():
@@ -321,14 +322,25 @@ class FFNHookPoints:
         return window
 
     def record_experts(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """One call of site ``index``'s experts module: its real assignments, recomputed, to the measurements."""
+        """One call of site ``index``'s experts module: its real assignments, recomputed, to the measurements.
+        Never raises into the model's forward: a failure loses the window with one warning, as
+        :meth:`_record_or_fail` does for the other stages."""
+        router_output = self._routers.pop(index, None)  # this call's router output, measured or not
         window = self._gate(index)
-        if window is None:
+        if window is None or window.failed is not None:
             return
+        try:
+            self._record_experts(index, window, args, kwargs, router_output)
+        except Exception as error:  # noqa: BLE001
+            reason = f"{self.table.sites[index].site} experts: {type(error).__name__}: {first_line(error)}"
+            window.fail(reason)
+            self._warn(f"hook:{type(error).__name__}", f"FFNTracker: recording failed ({reason}); this window is lost")
+
+    def _record_experts(self, index: int, window: Window, args: tuple, kwargs: dict, router_output) -> None:
         site = self.table.sites[index]
         # inference_mode(False) turns grad mode on: no_grad() inside it, so no graph reaches the parameters
         with torch.inference_mode(False), torch.no_grad():
-            call = read_call(site.experts, args, kwargs, site.router, self._routers.pop(index, None))
+            call = read_call(site.experts, args, kwargs, site.router, router_output)
             if call is None:
                 self._warn("experts-call", f"FFNTracker: cannot read the routing of {site.pre_path}; not counted")
                 return

@@ -757,3 +757,35 @@ def test_doge_dense_is_measured_and_its_single_neuron_experts_are_refused():
         model_adapters.get_adapter(moe)
     layer = moe.model.layers[0].mlp
     assert layer.down_embed.weight.shape == layer.up_embed.weight.shape == (16, 32)  # [E, D]: one neuron per expert
+
+
+def test_a_failure_in_the_experts_hook_loses_the_window_and_never_stops_the_forward(monkeypatch):
+    import warnings
+
+    import nerve_hf.tracking.points as points
+    from nerve_hf.tracking.windows import WindowLostError
+
+    model, batch = _build("mixtral"), _batch()
+    with torch.no_grad():
+        plain = model(**batch).logits
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the experts' recompute")
+
+    monkeypatch.setattr(points, "expert_rows", broken)
+    with FFNTracker(model, flow=False) as tracker, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits = model(**batch).logits
+        with pytest.raises(WindowLostError, match="experts: RuntimeError: out of memory"):
+            tracker.compute()  # nothing of the lost window is reported as measured
+    assert torch.equal(logits, plain)  # the forward ran to its end, unchanged
+    lost = [str(w.message) for w in caught if "recording failed" in str(w.message)]
+    assert len(lost) == 1 and "experts: RuntimeError: out of memory" in lost[0] and "window is lost" in lost[0]
+
+
+def test_offloaded_fused_experts_are_refused_by_their_device():
+    model = _build("mixtral")
+    experts = next(iter(_experts_modules(model).values()))
+    experts.to("meta")  # what accelerate leaves in place of weights offloaded to disk until the forward
+    with pytest.raises(ValueError, match="weights offloaded .* cannot be recomputed"):
+        FFNTracker(model, flow=False)
