@@ -214,10 +214,25 @@ class EncoderTokens(StackTokens):
 class WindowPaddedEncoderTokens(EncoderTokens):
     """An encoder that pads its input on the right inside the model (LED pads ``input_ids`` and the mask to
     a multiple of its attention window): rows ``[B, T_pad, D]`` past the call's ``[B, T]`` mask are that
-    padding and never count; the mask is extended with False to the activations' length."""
+    padding and never count; the mask is extended with False to the activations' length. A call without a
+    mask has every position of its ``input_ids`` (or ``inputs_embeds``) real, and still none of that padding."""
+
+    arguments = ("attention_mask", "input_ids", "inputs_embeds")
 
     def describe(self) -> str:
         return "the encoder's attention_mask (padded to the attention window)"
+
+    def stack_mask(self, args, kwargs):
+        mask, positions = super().stack_mask(args, kwargs)
+        if mask is not None:
+            return mask, positions
+        given = self.argument(args, kwargs, "input_ids")
+        if not isinstance(given, Tensor):
+            given = self.argument(args, kwargs, "inputs_embeds")
+        if not isinstance(given, Tensor) or given.ndim < 2:
+            return None, None
+        mask = torch.ones(given.shape[:2], dtype=torch.bool, device=given.device)  # [B, T]: every given token
+        return mask, _counted_positions(mask)
 
     def _fit(self, x: Tensor) -> None:
         mask = self._mask

@@ -267,3 +267,29 @@ def test_predict_with_generate_under_the_callback(tmp_path):
     for record in evals:
         select = encoder_rows if record["stack"] == "encoder" else decoder_rows
         assert_site(record, *capture.rows(record["site"], select, calls=teacher_forced(capture)))
+
+
+def test_led_without_a_mask_counts_every_given_token_and_none_of_its_window_padding():
+    """LED pads a source of 11 tokens to 12 (its attention window 4) inside the model, mask or no mask."""
+    model, sites = led()
+    model.eval()
+    capture = StackCapture(model, sites)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=generator)
+    targets = torch.randint(3, VOCAB, (2, 5), generator=generator)
+    with FFNTracker(model, flow=False) as tracker, torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=targets)
+    capture.remove()
+    report = tracker.compute()
+    assert [row["tokens"] for row in report.rows] == [22] * LAYERS + [10] * LAYERS
+    for row in report.rows:
+        stack = row["site"].split(".")[0]
+
+        def given(call, x, stack=stack):  # the reference: the call's own tokens, never the model's padding
+            return (
+                None
+                if stack == "decoder"
+                else torch.arange(x.shape[1]).expand(x.shape[:2]) < call["input_ids"].shape[1]
+            )
+
+        assert_site(row, *capture.rows(row["site"], given))
