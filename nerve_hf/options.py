@@ -162,6 +162,8 @@ class OptionFixedError(InputError, AttributeError):
 
 def _refuse(method: str):
     def refused(self, *args, **kwargs):
+        if self._option is None:  # a copy made by calling the class (dataclasses.asdict/replace): editable
+            return getattr(super(type(self), self), method)(*args, **kwargs)
         raise OptionFixedError(f"{self._option} cannot change: {self._reason}")
 
     refused.__name__ = method
@@ -171,9 +173,10 @@ def _refuse(method: str):
 class FixedList(list):
     """The list value of a fixed option: reads as the list it was (an equal ``list``); every in-place edit
     (``append``, ``x[0] = ...``, ``+=``, ``sort``, ...) raises :class:`OptionFixedError` naming the option.
-    Copies (``list(x)``, ``copy.deepcopy``, pickling) are plain lists."""
+    Copies (``list(x)``, ``copy.deepcopy``, pickling) are plain lists; one made by calling the class without
+    ``name`` (as ``dataclasses.asdict`` and ``dataclasses.replace`` do) is editable like a list."""
 
-    def __init__(self, items=(), *, name: str = "option", reason: str = "it is fixed") -> None:
+    def __init__(self, items=(), *, name: Optional[str] = None, reason: str = "it is fixed") -> None:
         super().__init__(items)
         self._option, self._reason = name, reason
 
@@ -192,7 +195,7 @@ class FixedList(list):
 class FixedDict(dict):
     """The dict value of a fixed option, as :class:`FixedList` for lists."""
 
-    def __init__(self, items=(), *, name: str = "option", reason: str = "it is fixed") -> None:
+    def __init__(self, items=(), *, name: Optional[str] = None, reason: str = "it is fixed") -> None:
         super().__init__(items)
         self._option, self._reason = name, reason
 
@@ -351,7 +354,7 @@ def mapping(name: str, value: Any) -> dict:
     """A dict with string keys."""
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
         raise OptionTypeError(name, "a dict with string keys", value)
-    return value
+    return dict(value)  # the option's own copy: never a fixed option's FixedDict, never the caller's dict
 
 
 # ----------------------------------------------------------------------------- command lines

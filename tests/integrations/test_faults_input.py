@@ -176,3 +176,23 @@ def test_in_place_edits_of_list_options_after_the_trainer_is_built_are_refused(t
     with pytest.raises(InputError, match=rf"^{name} cannot change"):
         option += [1]  # the augmented assignment's in-place step raises before any assignment
     assert getattr(callback.config, name) == kept and list(copy.deepcopy(callback.config).__dict__[name]) == kept
+
+
+def test_copies_of_fixed_options_made_by_dataclasses_are_editable_and_the_original_stays_fixed():
+    import dataclasses
+
+    from nerve_hf import NerveConfig
+    from nerve_hf.options import FixedList, OptionFixedError
+
+    fixed = FixedList([0, 1], name="layers", reason="the callback is attached")
+    with pytest.raises(OptionFixedError, match="layers cannot change"):
+        fixed.append(2)
+    copy = FixedList(fixed)  # what dataclasses.asdict builds for a list
+    copy.append(2)
+    copy[0] = 5
+    assert copy == [5, 1, 2] and fixed == [0, 1]
+    config = NerveConfig(layers=[0, 1])
+    config.fix("the callback is attached")
+    as_dict = dataclasses.asdict(config)
+    as_dict["layers"].append(3)
+    assert as_dict["layers"] == [0, 1, 3] and config.layers == [0, 1]
