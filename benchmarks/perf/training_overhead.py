@@ -259,7 +259,7 @@ KINDS = ("none", *NERVE_KINDS, *PAPER_KINDS)
 
 def overhead(device: torch.device, args, tmp: Path) -> dict:
     steps = {10: 30} if args.quick else {10: 50, 100: 200}
-    repeats = 1 if args.quick else 2
+    repeats = args.repeats or (1 if args.quick else 2)
     batch = args.batch
     results = {}
     for every_n, max_steps in steps.items():
@@ -405,6 +405,9 @@ def main() -> None:
         "--shape", choices=sorted(SHAPES), default="demo", help="model shape: the demo's GPT-2 or GPT-2 small's"
     )
     parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences per step (default: the demo's {BATCH})")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs of each kind, medians kept (default 2; --quick 1)"
+    )
     args = parser.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
