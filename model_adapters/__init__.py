@@ -5,7 +5,7 @@
 <function get_adapter at ...>
 """
 
-from .detect import detect_adapter, find_ffn, linear_dims
+from .detect import detect_adapter, find_ffn, linear_dims, other_towers
 from .registry import get_adapter, lookup_keys, register_adapter, supported_types
 from .resolve import LayerRangeError, ResolvedSite, resolve_sites
 from .spec import Adapter, ByConfig, ExpertsSpec, FFNSite
@@ -19,6 +19,7 @@ __all__ = [
     "LayerRangeError",
     "ResolvedSite",
     "detect_adapter",
+    "other_towers",
     "find_ffn",
     "get_adapter",
     "linear_dims",

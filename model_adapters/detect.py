@@ -104,6 +104,28 @@ def _split_block_path(path: str, index: dict[str, nn.Module]) -> tuple[str, int,
     return None
 
 
+def _in_other_tower(path: str, module: nn.Module) -> bool:
+    """An FFN-shaped module left out only because it is in a tower other than the text stack."""
+    parts = path.split(".")
+    return (
+        not _NOT_FFN.search(type(module).__name__)
+        and not any(_NOT_FFN.search(part) for part in parts)
+        and bool(any(_OTHER_TOWER.search(part) for part in parts) or _OTHER_TOWER.search(type(module).__name__))
+    )
+
+
+def other_towers(model: nn.Module) -> list[str]:
+    """Block containers of towers other than the text stack (vision, audio, ...) that hold FFN-shaped
+    modules: what detection leaves out, and what a table entry without that tower does not measure."""
+    index = module_index(unwrap_model(model))
+    found = {
+        split[0]
+        for path, module in index.items()
+        if _in_other_tower(path, module) and find_ffn(module) and (split := _split_block_path(path, index))
+    }
+    return sorted(found)
+
+
 def detect_adapter(model: nn.Module) -> Adapter | None:
     """Build an adapter from the structure of ``model``; None when no FFN-shaped block is found."""
     index = module_index(unwrap_model(model))

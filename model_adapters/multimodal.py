@@ -7,6 +7,9 @@ Paths read from the installed modeling files:
 * LLaVA: ``vision_tower`` (a CLIP/SigLIP vision model: ``encoder.layers.N.mlp.fc1/fc2``)
   and ``language_model.layers.N.mlp`` (gated ``gate_proj``/``down_proj``). A LLaVA with another
   vision tower does not fit this entry and is refused (pass an adapter).
+* Gemma3 and PaliGemma: a SigLIP ``vision_tower`` (``encoder.layers.N.mlp.fc1/fc2`` over every patch of
+  every image; its pooling head's MLP is not a block) beside a Gemma ``language_model`` (gated), whose
+  sequence holds the image tokens the projector fills.
 * Qwen2-VL: ``visual.blocks.N.mlp`` (``fc1`` -> act -> ``fc2`` on flat patch rows ``[patches, D]``);
   Qwen2.5-VL's are gated (``gate_proj``/``up_proj``/``down_proj``); ``language_model.layers.N.mlp``.
 """
@@ -20,10 +23,13 @@ def _vlm(vision: FFNSite) -> Adapter:
     return Adapter(sites=(vision, _TEXT), gated=True)
 
 
+_TOWER = FFNSite("vision.ffn", "vision_tower.encoder.layers", "mlp.fc1", "mlp.fc2", stack="vision", tokens="all")
+
 # config.model_type -> Adapter
 ADAPTERS = {
-    "llava": _vlm(FFNSite("vision.ffn", "vision_tower.encoder.layers", "mlp.fc1", "mlp.fc2",
-                          stack="vision", tokens="all")),
+    "llava": _vlm(_TOWER),
+    "gemma3": _vlm(_TOWER),
+    "paligemma": _vlm(_TOWER),
     "qwen2_vl": _vlm(FFNSite("vision.ffn", "visual.blocks", "mlp.fc1", "mlp.fc2", stack="vision", tokens="all")),
     "qwen2_5_vl": _vlm(FFNSite("vision.ffn", "visual.blocks", "mlp.gate_proj", "mlp.down_proj",
                                stack="vision", tokens="all")),

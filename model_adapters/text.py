@@ -2,7 +2,8 @@
 
 - CpmAnt: the FFN is nested, ``ffn.ffn.w_in.w_0`` (gate, GELU) and ``w_in.w_1`` (up) -> ``ffn.ffn.w_out``;
   detection would see attention's ``project_q`` -> softmax -> ``attention_out`` instead.
-- Gemma3/Gemma3n/Gemma4 text: ``mlp.gate_proj`` -> ``mlp.down_proj``; Gemma3n/Gemma4's
+- Gemma3 text (Gemma3 with its vision tower is in ``multimodal.py``), Gemma3n/Gemma4 text: ``mlp.gate_proj``
+  -> ``mlp.down_proj``; Gemma3n/Gemma4's
   ``per_layer_input_gate`` -> ``per_layer_projection`` gates a per-layer embedding, not an FFN.
 - Git: its text decoder is BERT-like (``git.encoder.layer``: ``intermediate.dense`` -> ``output.dense``);
   its image encoder (``encoder.layers``) runs only on pixels.
@@ -17,7 +18,6 @@ _GEMMA = ffn("layers", pre="mlp.gate_proj", post="mlp.down_proj", gated=True)
 # config.model_type -> Adapter
 ADAPTERS = {
     "cpmant": ffn("encoder.layers", pre="ffn.ffn.w_in.w_0", post="ffn.ffn.w_out", gated=True),
-    "gemma3": _GEMMA,
     "gemma3_text": _GEMMA,
     "gemma3n": _GEMMA,
     "gemma3n_text": _GEMMA,

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -166,6 +167,7 @@ class FFNTracker:
             raise ValueError(f"windows need distinct names, got {[w.name for w in windows]}")
         self._windows = {window.name: window for window in windows}
         self._table, layouts = resolve_sites(self.root, self.adapter, layers, state_device)
+        _warn_unmeasured_towers(self.root, self._table.sites)
         # Tensor-parallel FFNs: statistics are summed over the data-parallel group of their mesh.
         sharded = [layout for pair in layouts for layout in pair.values() if layout is not None]
         self.group = data_parallel_group(sharded) if sharded and group is None else group
@@ -345,3 +347,18 @@ def _instance(extra: Measurement | Callable[[], Measurement], window_index: int)
     if isinstance(extra, Measurement):
         return extra if window_index == 0 else copy.deepcopy(extra)
     return extra()
+
+
+def _warn_unmeasured_towers(root: nn.Module, sites) -> None:
+    """Say which towers with FFNs (a vision or audio tower beside the text stack) no site measures: the
+    adapter (or structural detection) names none of their blocks, so their rows are absent, not zero."""
+    measured = [site.pre_path for site in sites]
+    left_out = [c for c in model_adapters.other_towers(root) if not any(p.startswith(c + ".") for p in measured)]
+    if left_out:
+        warnings.warn(
+            f"FFNTracker: the FFNs of {', '.join(left_out)} ({type(root).__name__}'s other towers) are not measured: "
+            f"the adapter names only its text stack here (a tower's token source needs a table entry: "
+            f"model_adapters/multimodal.py shows how)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

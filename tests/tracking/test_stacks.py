@@ -127,6 +127,76 @@ def test_t5gemma2_counts_patches_source_tokens_and_target_tokens_each_in_its_own
     check_report(report, capture, {"vision": all_rows, "encoder": encoder_rows, "decoder": decoder_rows})
 
 
+def gemma_vlm(family: str):
+    """Gemma3 (4 image tokens an image, between begin/end tokens) or PaliGemma (16 image tokens an image first)
+    over a SigLIP tower of 16 patches; both with vision rows [2, 16, D] and a text mask [2, 16] on purpose."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=HIDDEN, intermediate_size=41, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)  # fmt: skip
+    vision = dict(image_size=16, patch_size=4, **{**SMALL, "intermediate_size": 43}, projection_dim=HIDDEN)
+    ids = torch.randint(3, 59, (2, 16), generator=torch.Generator().manual_seed(2))
+    if family == "gemma3":
+        config = transformers.Gemma3Config(
+            text_config={**text, "query_pre_attn_scalar": 16}, vision_config=vision, mm_tokens_per_image=4,
+            boi_token_index=60, eoi_token_index=61, image_token_index=63,
+        )  # fmt: skip
+        model = transformers.Gemma3ForConditionalGeneration(config).eval()
+        ids[:, 2:8] = torch.tensor([60, 63, 63, 63, 63, 61])
+    else:
+        config = transformers.PaliGemmaConfig(
+            text_config=dict(model_type="gemma", **text), vision_config=vision, image_token_index=63,
+            projection_dim=HIDDEN,
+        )  # fmt: skip
+        model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+        ids[:, :16] = 63
+        ids = torch.cat([ids, torch.randint(3, 59, (2, 4), generator=torch.Generator().manual_seed(3))], dim=1)
+    sites = {f"vision.ffn.{i}": (f"model.vision_tower.encoder.layers.{i}.mlp.fc1",
+                                 f"model.vision_tower.encoder.layers.{i}.mlp.fc2") for i in range(2)}  # fmt: skip
+    sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
+                                f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
+    return model, sites, ids
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_gemma_vlms_count_every_patch_in_the_tower_and_the_mask_in_the_text(family):
+    import warnings
+
+    model, sites, ids = gemma_vlm(family)
+    capture = StackCapture(model, sites)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # the second sample's last 3 positions are padding
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = FFNTracker(model, flow=False)
+    assert not [w for w in caught if "not measured" in str(w.message)]  # both stacks are in the table
+    with tracker, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 16, 16))
+    capture.remove()
+    report = tracker.compute()
+    by_site = {row["site"]: row["tokens"] for row in report.rows}
+    real = 2 * ids.shape[1] - 3
+    assert by_site == {"vision.ffn.0": 32, "vision.ffn.1": 32, "text.ffn.0": real, "text.ffn.1": real}
+    check_report(report, capture, {"vision": all_rows, "text": text_rows})
+
+
+def test_a_tower_no_site_measures_is_named_in_a_warning():
+    """A VLM whose tower the adapter does not describe: its text stack is measured, and the tracker says
+    which tower's FFNs are not (rather than leaving them out without a word)."""
+    from model_adapters.spec import ffn
+
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(image_size=16, patch_size=4, **SMALL),
+        text_config=transformers.LlamaConfig(hidden_size=HIDDEN, intermediate_size=41, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, vocab_size=64),
+        image_token_id=63,
+    )  # fmt: skip
+    model = transformers.LlavaForConditionalGeneration(config)
+    text_only = ffn("language_model.layers", pre="mlp.gate_proj", post="mlp.down_proj", gated=True)
+    with pytest.warns(RuntimeWarning, match=r"FFNs of model\.vision_tower\.encoder\.layers .* are not measured"):
+        tracker = FFNTracker(model, adapter=text_only, flow=False)
+    assert [site.site for site in tracker.sites] == ["ffn.0", "ffn.1"]
+
+
 def qwen2_vl(family: str = "qwen2_vl"):
     """Qwen2-VL (vision MLP fc1 -> act -> fc2) or Qwen2.5-VL (gated vision MLP), tiny, float64."""
     torch.manual_seed(0)
