@@ -7,6 +7,9 @@ Paths read from the installed modeling files:
 * LLaVA: ``vision_tower`` (a CLIP/SigLIP vision model: ``encoder.layers.N.mlp.fc1/fc2``)
   and ``language_model.layers.N.mlp`` (gated ``gate_proj``/``down_proj``). A LLaVA with another
   vision tower does not fit this entry and is refused (pass an adapter).
+* LLaVA-Next (and -Video) and LLaVA-OneVision: LLaVA's layout; the tower runs on each image's real crops
+  (any-resolution tiles and the base image; the crops that pad a batch are dropped before the tower), and
+  every patch row of those counts.
 * Gemma3 and PaliGemma: a SigLIP ``vision_tower`` (``encoder.layers.N.mlp.fc1/fc2`` over every patch of
   every image; its pooling head's MLP is not a block) beside a Gemma ``language_model`` (gated), whose
   sequence holds the image tokens the projector fills.
@@ -28,6 +31,9 @@ _TOWER = FFNSite("vision.ffn", "vision_tower.encoder.layers", "mlp.fc1", "mlp.fc
 # config.model_type -> Adapter
 ADAPTERS = {
     "llava": _vlm(_TOWER),
+    "llava_next": _vlm(_TOWER),
+    "llava_next_video": _vlm(_TOWER),
+    "llava_onevision": _vlm(_TOWER),
     "gemma3": _vlm(_TOWER),
     "paligemma": _vlm(_TOWER),
     "qwen2_vl": _vlm(FFNSite("vision.ffn", "visual.blocks", "mlp.fc1", "mlp.fc2", stack="vision", tokens="all")),

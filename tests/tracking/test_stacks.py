@@ -179,6 +179,54 @@ def test_gemma_vlms_count_every_patch_in_the_tower_and_the_mask_in_the_text(fami
     check_report(report, capture, {"vision": all_rows, "text": text_rows})
 
 
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_any_resolution_llavas_count_the_patches_of_every_real_crop(family):
+    """Two images of 16x32 and 16x16 pixels in crops of 16x16 (3 and 2 real crops with the base image, the
+    batch padded to 3): the tower sees the 5 real crops, every patch row counts; the text counts its mask."""
+    torch.manual_seed(0)
+    text = transformers.Qwen2Config(hidden_size=HIDDEN, intermediate_size=41, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=2, vocab_size=64)  # fmt: skip
+    tower = dict(image_size=16, patch_size=4, **SMALL)
+    if family == "llava_next":
+        config = transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(**tower), text_config=text, image_token_index=63,
+            image_grid_pinpoints=[[16, 16], [16, 32]], vision_feature_layer=-1,
+        )  # fmt: skip
+        model, rows_per_crop = transformers.LlavaNextForConditionalGeneration(config).eval(), 17  # + class token
+    else:
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=transformers.SiglipVisionConfig(**tower), text_config=text, image_token_index=63,
+            image_grid_pinpoints=[[16, 16], [16, 32]], vision_feature_layer=-1,
+        )  # fmt: skip
+        model, rows_per_crop = transformers.LlavaOnevisionForConditionalGeneration(config).eval(), 16
+    sites = {f"vision.ffn.{i}": (f"model.vision_tower.encoder.layers.{i}.mlp.fc1",
+                                 f"model.vision_tower.encoder.layers.{i}.mlp.fc2") for i in range(2)}  # fmt: skip
+    sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
+                                f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
+    generator = torch.Generator().manual_seed(4)
+    pixels, sizes = torch.randn(2, 3, 3, 16, 16, generator=generator), torch.tensor([[16, 32], [16, 16]])
+    with torch.no_grad():
+        n_image = [
+            f.shape[0] for f in model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+        ]
+    length = max(n_image) + 6
+    ids = torch.randint(3, 59, (2, length), generator=generator)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for i, n in enumerate(n_image):
+        ids[i, 1 : 1 + n] = 63
+        mask[i, : n + 6 - 3 * i] = 1  # the second sample right-padded
+    capture = StackCapture(model, sites)
+    with FFNTracker(model, flow=False) as tracker, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    capture.remove()
+    report = tracker.compute()
+    by_site = {row["site"]: row["tokens"] for row in report.rows}
+    real_text = int(mask.sum())
+    assert by_site == {"vision.ffn.0": 5 * rows_per_crop, "vision.ffn.1": 5 * rows_per_crop,
+                       "text.ffn.0": real_text, "text.ffn.1": real_text}  # fmt: skip
+    check_report(report, capture, {"vision": all_rows, "text": text_rows})
+
+
 def test_a_tower_no_site_measures_is_named_in_a_warning():
     """A VLM whose tower the adapter does not describe: its text stack is measured, and the tracker says
     which tower's FFNs are not (rather than leaving them out without a word)."""
