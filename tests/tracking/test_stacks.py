@@ -227,6 +227,46 @@ def test_any_resolution_llavas_count_the_patches_of_every_real_crop(family):
     check_report(report, capture, {"vision": all_rows, "text": text_rows})
 
 
+def test_mistral3_counts_the_patches_of_each_image_at_its_own_size():
+    """A 16x16 and a 16x8 image (the second padded to 16x16 in pixel_values): Pixtral cuts each image to its
+    size, so its one row holds 16 + 8 patches, all real; the text counts its mask."""
+    torch.manual_seed(0)
+    text = transformers.MistralConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=41,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+        head_dim=16,
+    )
+    vision = transformers.PixtralVisionConfig(
+        image_size=16, patch_size=4, **{**SMALL, "intermediate_size": 43}, head_dim=16
+    )
+    config = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_index=63,
+                                         spatial_merge_size=2, vision_feature_layer=-1)  # fmt: skip
+    model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    tower, language = "model.vision_tower.transformer.layers", "model.language_model.layers"
+    sites = {f"vision.ffn.{i}": (f"{tower}.{i}.feed_forward.gate_proj", f"{tower}.{i}.feed_forward.down_proj")
+             for i in range(2)}  # fmt: skip
+    sites |= {f"text.ffn.{i}": (f"{language}.{i}.mlp.gate_proj", f"{language}.{i}.mlp.down_proj") for i in range(2)}
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 59, (2, 9), generator=generator)
+    ids[0, 1:5] = 63  # 4 merged tokens of the 16x16 image, then 2 of the 16x8 one
+    ids[1, 1:3] = 63
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 7:] = 0
+    pixels, sizes = torch.randn(2, 3, 16, 16, generator=generator), torch.tensor([[16, 16], [16, 8]])
+    capture = StackCapture(model, sites)
+    with FFNTracker(model, flow=False) as tracker, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    capture.remove()
+    report = tracker.compute()
+    by_site = {row["site"]: row["tokens"] for row in report.rows}
+    assert by_site == {"vision.ffn.0": 24, "vision.ffn.1": 24, "text.ffn.0": 16, "text.ffn.1": 16}
+    check_report(report, capture, {"vision": all_rows, "text": text_rows})
+
+
 def test_a_tower_no_site_measures_is_named_in_a_warning():
     """A VLM whose tower the adapter does not describe: its text stack is measured, and the tracker says
     which tower's FFNs are not (rather than leaving them out without a word)."""
