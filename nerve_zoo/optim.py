@@ -87,10 +87,10 @@ def split_parameters(model: nn.Module) -> ParamSplit:
 
 
 class ExpertMuon(Optimizer):
-    """``torch.optim.Muon``'s update applied to each matrix of 3-D expert stacks ``[E, out, in]``: the momentum
-    buffer and weight decay are elementwise on the stack, the Newton-Schulz orthogonalisation and the shape
-    adjustment of the learning rate are per expert (``[out, in]``), with torch's own functions, so expert
-    ``e`` moves exactly as ``torch.optim.Muon`` moves a 2-D parameter holding ``stack[e]``."""
+    """``torch.optim.Muon``'s update applied to each matrix of 3-D expert stacks ``[E, out, in]``: torch's own
+    functional Muon step runs on the experts' views (``stack[e]``, its gradient and its slice of the stack's
+    momentum buffer), so expert ``e`` moves exactly as ``torch.optim.Muon`` moves a 2-D parameter holding
+    ``stack[e]``."""
 
     def __init__(
         self,
@@ -122,31 +122,25 @@ class ExpertMuon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+        from torch.optim._muon import muon
 
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum = float(group["lr"]), group["momentum"]
+            params, grads, buffers = [], [], []  # one [out, in] view per expert of every stack
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                grad = param.grad  # [E, out, in]
                 state = self.state[param]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]  # [E, out, in]
-                buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], param.shape[1:])
-                param.mul_(1 - lr * group["weight_decay"])
-                for expert in range(param.shape[0]):
-                    ortho = _zeropower_via_newtonschulz(
-                        update[expert], group["ns_coefficients"], group["ns_steps"], group["eps"]
-                    )  # [out, in] bfloat16
-                    param[expert].add_(ortho, alpha=-adjusted_lr)
+                    state["momentum_buffer"] = torch.zeros_like(param.grad, memory_format=torch.preserve_format)
+                params += param.unbind(0)
+                grads += param.grad.unbind(0)
+                buffers += state["momentum_buffer"].unbind(0)
+            options = ("weight_decay", "momentum", "nesterov", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn")
+            muon(params, grads, buffers, lr=group["lr"], has_complex=False, **{k: group[k] for k in options})
         return loss
 
 
