@@ -47,16 +47,15 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>")
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
+def _save_llama(path, hidden: int = 24, ffn: int = 37):
+    """A tiny random LLaMA with the corpus's tokenizer, saved with ``save_pretrained`` to ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("llama")
     tokenizer = _tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=24,
-        intermediate_size=37,
+        hidden_size=hidden,
+        intermediate_size=ffn,
         num_hidden_layers=N_LAYERS,
         num_attention_heads=2,
         num_key_value_heads=1,
@@ -67,8 +66,13 @@ def llama_dir(tmp_path_factory):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    text = path / "corpus.txt"
-    text.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = _save_llama(tmp_path_factory.mktemp("llama"))
+    (path / "corpus.txt").write_text(TEXT, encoding="utf-8")
     return path
 
 
@@ -225,25 +229,7 @@ QUANTIZED = [
 def wide_llama_dir(tmp_path_factory):
     """The checkpoint with widths that are multiples of 64: bitsandbytes' 4-bit CPU inference path reshapes
     each row's absmax into blocks of 64 input features (other widths fail in its own forward)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("wide_llama")
-    tokenizer = _tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_llama(tmp_path_factory.mktemp("wide_llama"), hidden=64, ffn=192)
 
 
 QUANTIZED_IDS = ["torchao", "quanto", "bitsandbytes-8bit", "bitsandbytes-4bit"]
