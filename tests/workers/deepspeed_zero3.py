@@ -22,6 +22,7 @@ import deepspeed.comm.torch  # noqa: E402, F401  (the package's ``torch`` attrib
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from distributed_helpers import capture_gpt2_ffn_rows, end_worker  # noqa: E402
 from trainer_helpers import VOCAB, tiny_gpt2  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
@@ -49,16 +50,13 @@ def dataset() -> Dataset:
 
 def main(out: str) -> None:
     model = tiny_gpt2()
-    seen = {f"{i}.{stage}": [] for i in range(len(model.transformer.h)) for stage in ("pre", "post")}
     real = []  # the running call's [B, T] mask
 
     def begin(module, args, kwargs):
         real.append(kwargs["attention_mask"].bool())
 
     model.register_forward_pre_hook(begin, with_kwargs=True)
-    for i, block in enumerate(model.transformer.h):
-        block.mlp.c_fc.register_forward_hook(lambda m, a, y, k=f"{i}.pre": seen[k].append(y[real[-1]].double()))
-        block.mlp.c_proj.register_forward_pre_hook(lambda m, a, k=f"{i}.post": seen[k].append(a[0][real[-1]].double()))
+    seen = capture_gpt2_ffn_rows(model, real)
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=2, max_steps=1, learning_rate=1e-3, save_strategy="no",
         report_to=[], seed=0, disable_tqdm=True, dataloader_num_workers=0, logging_steps=1, deepspeed=ZERO3,
@@ -76,11 +74,8 @@ def main(out: str) -> None:
     if rank == 0:
         np.savez(Path(out, "data.npz"), input_ids=np.array(data["input_ids"]), mask=np.array(data["attention_mask"]))
     np.savez(Path(out, f"rank{rank}.npz"), **{k: torch.cat(v).detach().numpy() for k, v in seen.items()})
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    del trainer, model  # the DeepSpeed engine holds the partitioned parameters' collectives (see end_worker)
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -3,9 +3,7 @@ batches with an attention mask, the tracker measuring both; beside it this worke
 rank's FFN pre (``c_fc`` output) and post (``c_proj`` input) rows of the real tokens in float64. Writes
 ``rank<r>.json`` (the tracker's rows) and ``rank<r>.npz`` (the captured rows) to the output folder."""
 
-import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for train
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from distributed_helpers import capture_gpt2_ffn_rows, end_worker  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from trainer_helpers import VOCAB, tiny_gpt2  # noqa: E402
 
@@ -39,11 +38,8 @@ def main(out: str) -> None:
             fully_shard(block)
         fully_shard(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    seen = {f"{i}.{stage}": [] for i in range(len(model.transformer.h)) for stage in ("pre", "post")}
     real = []  # the running call's [B, T] mask
-    for i, block in enumerate(model.transformer.h):
-        block.mlp.c_fc.register_forward_hook(lambda m, a, y, k=f"{i}.pre": seen[k].append(y[real[-1]].double()))
-        block.mlp.c_proj.register_forward_pre_hook(lambda m, a, k=f"{i}.post": seen[k].append(a[0][real[-1]].double()))
+    seen = capture_gpt2_ffn_rows(model, real)
     with FFNTracker(model, flow=False) as tracker:
         for ids, mask in batches():
             ids, mask = ids.chunk(world)[rank], mask.chunk(world)[rank]  # this process's share
@@ -55,14 +51,8 @@ def main(out: str) -> None:
     rows = tracker.compute().rows
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
     np.savez(Path(out, f"rank{rank}.npz"), **{k: torch.cat(v).detach().numpy() for k, v in seen.items()})
-    # as fsdp_loop.py: release what holds a collective while the group exists, end without finalisation
-    del tracker, optimizer, model
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    del tracker, optimizer, model  # FSDP2 keeps reduce-scatter work objects on the model (see end_worker)
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,7 @@
 """A hand-written training loop under FSDP2 (fully_shard per block and at the root) with the tracker
 measuring the second step; with one process the same loop runs unsharded on the whole global batch."""
 
-import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -11,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for train
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from distributed_helpers import end_worker  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from trainer_helpers import VOCAB, tiny_gpt2  # noqa: E402
 
@@ -40,18 +39,8 @@ def main(out: str) -> None:
     tracker.detach()
     rows = tracker.compute().rows
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
-    # FSDP2 keeps the last backward's reduce-scatter work objects alive on the model. Left to interpreter
-    # finalisation, gloo's worker threads release their tensors after Python is gone and the process
-    # aborts now and then ("terminate called without an active exception"), so everything that holds
-    # a collective is released while the process group still exists, and the process ends without
-    # finalisation once the group is gone.
-    del tracker, optimizer, model
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    del tracker, optimizer, model  # FSDP2 keeps reduce-scatter work objects on the model (see end_worker)
+    end_worker()
 
 
 if __name__ == "__main__":
