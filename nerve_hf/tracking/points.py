@@ -177,14 +177,13 @@ class FFNHookPoints:
         elif stage in ("pre", "output"):
 
             def hook(module: nn.Module, args: tuple, output) -> None:
-                self._record_or_fail(index, stage, lambda: first_tensor(output))
+                self._record_or_fail(index, stage, lambda: self.record(index, stage, first_tensor(output)))
 
         else:
 
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                self._record_or_fail(
-                    index, stage, lambda: args[0] if args and isinstance(args[0], Tensor) else first_tensor(kwargs)
-                )
+                x = args[0] if args and isinstance(args[0], Tensor) else first_tensor(kwargs)  # a lookup only
+                self._record_or_fail(index, stage, lambda: self.record(index, stage, x))
 
         return hook
 
@@ -253,14 +252,15 @@ class FFNHookPoints:
                     "compiled call, or set torch._dynamo.config.skip_nnmodule_hook_guards = False.",
                 )
 
-    def _record_or_fail(self, index: int, stage: str, tensor: Callable[[], Optional[Tensor]]) -> None:
-        """A hook never raises into the model's forward: a failure (an allocation that fails, ...) marks the
-        recording window as lost (:meth:`~nerve_hf.tracking.windows.Window.fail`) and warns once."""
+    def _record_or_fail(self, index: int, stage: str, record: Callable[[], None]) -> None:
+        """Run ``record`` (one firing of site ``index``'s ``stage``). A hook never raises into the model's
+        forward: a failure (an allocation that fails, ...) marks the recording window as lost
+        (:meth:`~nerve_hf.tracking.windows.Window.fail`) and warns once."""
         window = self._window
         if window is not None and window.failed is not None:
             return  # lost already: nothing more is recorded until its reset
         try:
-            self.record(index, stage, tensor())
+            record()
         except Exception as error:  # noqa: BLE001
             reason = f"{self.table.sites[index].site} {stage}: {type(error).__name__}: {first_line(error)}"
             if window is not None:
@@ -322,21 +322,15 @@ class FFNHookPoints:
         return window
 
     def record_experts(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """One call of site ``index``'s experts module: its real assignments, recomputed, to the measurements.
-        Never raises into the model's forward: a failure loses the window with one warning, as
-        :meth:`_record_or_fail` does for the other stages."""
+        """One call of site ``index``'s experts module: its real assignments, recomputed, to the measurements
+        (a failure loses the window with one warning, as for every stage: :meth:`_record_or_fail`)."""
         router_output = self._routers.pop(index, None)  # this call's router output, measured or not
-        window = self._gate(index)
-        if window is None or window.failed is not None:
-            return
-        try:
-            self._record_experts(index, window, args, kwargs, router_output)
-        except Exception as error:  # noqa: BLE001
-            reason = f"{self.table.sites[index].site} experts: {type(error).__name__}: {first_line(error)}"
-            window.fail(reason)
-            self._warn(f"hook:{type(error).__name__}", f"FFNTracker: recording failed ({reason}); this window is lost")
+        self._record_or_fail(index, "experts", lambda: self._record_experts(index, args, kwargs, router_output))
 
-    def _record_experts(self, index: int, window: Window, args: tuple, kwargs: dict, router_output) -> None:
+    def _record_experts(self, index: int, args: tuple, kwargs: dict, router_output) -> None:
+        window = self._gate(index)
+        if window is None:
+            return
         site = self.table.sites[index]
         # inference_mode(False) turns grad mode on: no_grad() inside it, so no graph reaches the parameters
         with torch.inference_mode(False), torch.no_grad():
