@@ -62,14 +62,19 @@ def _is_activation(module: nn.Module) -> bool:
     )
 
 
+def _not_ffn(path: str, module: nn.Module) -> bool:
+    """Attention, a router, a norm ... by its class or a segment of its path."""
+    return bool(_NOT_FFN.search(type(module).__name__) or any(_NOT_FFN.search(part) for part in path.split(".")))
+
+
+def _in_other_tower(path: str, module: nn.Module) -> bool:
+    """In a tower other than the text stack (vision, audio, ...), by its class or a segment of its path."""
+    return bool(_OTHER_TOWER.search(type(module).__name__) or any(_OTHER_TOWER.search(p) for p in path.split(".")))
+
+
 def _excluded(path: str, module: nn.Module) -> bool:
     """True for a module detection must not take for an FFN: attention, router, norm, another tower."""
-    parts = path.split(".")
-    return bool(
-        _NOT_FFN.search(type(module).__name__)
-        or any(_NOT_FFN.search(part) or _OTHER_TOWER.search(part) for part in parts)
-        or _OTHER_TOWER.search(type(module).__name__)
-    )
+    return _not_ffn(path, module) or _in_other_tower(path, module)
 
 
 def find_ffn(module: nn.Module) -> tuple[str, str, bool] | None:
@@ -104,16 +109,6 @@ def _split_block_path(path: str, index: dict[str, nn.Module]) -> tuple[str, int,
     return None
 
 
-def _in_other_tower(path: str, module: nn.Module) -> bool:
-    """An FFN-shaped module left out only because it is in a tower other than the text stack."""
-    parts = path.split(".")
-    return (
-        not _NOT_FFN.search(type(module).__name__)
-        and not any(_NOT_FFN.search(part) for part in parts)
-        and bool(any(_OTHER_TOWER.search(part) for part in parts) or _OTHER_TOWER.search(type(module).__name__))
-    )
-
-
 def other_towers(model: nn.Module) -> list[str]:
     """Block containers of towers other than the text stack (vision, audio, ...) that hold FFN-shaped
     modules: what detection leaves out, and what a table entry without that tower does not measure."""
@@ -121,7 +116,10 @@ def other_towers(model: nn.Module) -> list[str]:
     found = {
         split[0]
         for path, module in index.items()
-        if _in_other_tower(path, module) and find_ffn(module) and (split := _split_block_path(path, index))
+        if _in_other_tower(path, module)
+        and not _not_ffn(path, module)
+        and find_ffn(module)
+        and (split := _split_block_path(path, index))
     }
     return sorted(found)
 
