@@ -21,16 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference import activation_metrics  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_cache_and_one_thread(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NERVE_HF_CACHE", str(tmp_path_factory.mktemp("nerve_cache")))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_cache_and_one_thread")
 
 
 def test_llama_moe_has_the_dense_llamas_active_ffn_parameters():
