@@ -32,6 +32,16 @@ def check_report(report, capture: StackCapture, select_by_stack: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- vision–language models
+def vlm_sites(tower: str = "model.vision_tower.encoder.layers", pre: str = "mlp.fc1", post: str = "mlp.fc2"):
+    """Report name -> (pre path, post path) of a 2-block vision tower's FFNs and a 2-block gated language
+    model's (``model.language_model.layers.N.mlp``)."""
+    sites = {f"vision.ffn.{i}": (f"{tower}.{i}.{pre}", f"{tower}.{i}.{post}") for i in range(2)}
+    language = "model.language_model.layers"
+    return sites | {
+        f"text.ffn.{i}": (f"{language}.{i}.mlp.gate_proj", f"{language}.{i}.mlp.down_proj") for i in range(2)
+    }
+
+
 def llava():
     torch.manual_seed(0)
     config = transformers.LlavaConfig(
@@ -43,11 +53,7 @@ def llava():
         image_token_id=63, vision_feature_layer=-1, vision_feature_select_strategy="default",
     )  # fmt: skip
     model = transformers.LlavaForConditionalGeneration(config).eval()
-    sites = {f"vision.ffn.{i}": (f"model.vision_tower.encoder.layers.{i}.mlp.fc1",
-                                 f"model.vision_tower.encoder.layers.{i}.mlp.fc2") for i in range(2)}  # fmt: skip
-    sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
-                                f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
-    return model, sites
+    return model, vlm_sites()
 
 
 def test_llava_vision_tower_counts_every_patch_even_when_its_shape_is_the_text_masks():
@@ -150,11 +156,7 @@ def gemma_vlm(family: str):
         model = transformers.PaliGemmaForConditionalGeneration(config).eval()
         ids[:, :16] = 63
         ids = torch.cat([ids, torch.randint(3, 59, (2, 4), generator=torch.Generator().manual_seed(3))], dim=1)
-    sites = {f"vision.ffn.{i}": (f"model.vision_tower.encoder.layers.{i}.mlp.fc1",
-                                 f"model.vision_tower.encoder.layers.{i}.mlp.fc2") for i in range(2)}  # fmt: skip
-    sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
-                                f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
-    return model, sites, ids
+    return model, vlm_sites(), ids
 
 
 @pytest.mark.parametrize("family", ["gemma3", "paligemma"])
@@ -199,10 +201,7 @@ def test_any_resolution_llavas_count_the_patches_of_every_real_crop(family):
             image_grid_pinpoints=[[16, 16], [16, 32]], vision_feature_layer=-1,
         )  # fmt: skip
         model, rows_per_crop = transformers.LlavaOnevisionForConditionalGeneration(config).eval(), 16
-    sites = {f"vision.ffn.{i}": (f"model.vision_tower.encoder.layers.{i}.mlp.fc1",
-                                 f"model.vision_tower.encoder.layers.{i}.mlp.fc2") for i in range(2)}  # fmt: skip
-    sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
-                                f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
+    sites = vlm_sites()
     generator = torch.Generator().manual_seed(4)
     pixels, sizes = torch.randn(2, 3, 3, 16, 16, generator=generator), torch.tensor([[16, 32], [16, 16]])
     with torch.no_grad():
@@ -246,10 +245,7 @@ def test_mistral3_counts_the_patches_of_each_image_at_its_own_size():
     config = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_index=63,
                                          spatial_merge_size=2, vision_feature_layer=-1)  # fmt: skip
     model = transformers.Mistral3ForConditionalGeneration(config).eval()
-    tower, language = "model.vision_tower.transformer.layers", "model.language_model.layers"
-    sites = {f"vision.ffn.{i}": (f"{tower}.{i}.feed_forward.gate_proj", f"{tower}.{i}.feed_forward.down_proj")
-             for i in range(2)}  # fmt: skip
-    sites |= {f"text.ffn.{i}": (f"{language}.{i}.mlp.gate_proj", f"{language}.{i}.mlp.down_proj") for i in range(2)}
+    sites = vlm_sites("model.vision_tower.transformer.layers", "feed_forward.gate_proj", "feed_forward.down_proj")
     generator = torch.Generator().manual_seed(6)
     ids = torch.randint(3, 59, (2, 9), generator=generator)
     ids[0, 1:5] = 63  # 4 merged tokens of the 16x16 image, then 2 of the 16x8 one
@@ -303,11 +299,7 @@ def qwen2_vl(family: str = "qwen2_vl"):
         config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tokens)
         model, up, down = transformers.Qwen2_5_VLForConditionalGeneration(config), "gate_proj", "down_proj"
     model = model.eval().double()  # float64: exact spectra
-    blocks = "model.visual.blocks"
-    sites = {f"vision.ffn.{i}": (f"{blocks}.{i}.mlp.{up}", f"{blocks}.{i}.mlp.{down}") for i in range(2)}
-    sites |= {f"text.ffn.{i}": (f"model.language_model.layers.{i}.mlp.gate_proj",
-                                f"model.language_model.layers.{i}.mlp.down_proj") for i in range(2)}  # fmt: skip
-    return model, sites
+    return model, vlm_sites("model.visual.blocks", f"mlp.{up}", f"mlp.{down}")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
