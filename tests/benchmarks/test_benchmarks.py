@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -36,7 +37,17 @@ RUN_KEYS = {"variant", "optimizer", "final", "history", "nerve", "correlations",
 PROVENANCE_KEYS = {"dataset", "steps", "seed", "wall_time_s", "cpu_time_s", "parameters"}
 from nerve_hf.metrics import METRIC_NAMES as METRICS  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("offline_cache_and_one_thread")
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_cache_and_one_thread(tmp_path_factory):
+    """Tokenizers trained into a temporary cache; one torch thread (tiny models, shared CI cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NERVE_HF_CACHE", str(tmp_path_factory.mktemp("nerve_cache")))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- configs

@@ -20,8 +20,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference import activation_metrics  # noqa: E402
-
-pytestmark = pytest.mark.usefixtures("offline_cache_and_one_thread")
+from test_benchmarks import offline_cache_and_one_thread  # noqa: E402, F401  (autouse here too)
 
 
 def test_llama_moe_has_the_dense_llamas_active_ffn_parameters():
